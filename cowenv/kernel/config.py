@@ -1,0 +1,193 @@
+"""Kernel configuration: variant, flaws, geometry, limits and fault mode.
+
+A :class:`KernelConfig` is plain data. It is everything (besides the schedule) that a
+run depends on, so that a scenario file can carry it verbatim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: The flaw catalogue of BRIEF §4. Ids are stable public names; order is the catalogue's.
+FLAW_IDS: tuple[str, ...] = (
+    "fault-asserts-write-lock",
+    "pmd-clear-window",
+    "mprotect-ignores-break-failure",
+    "walker-skips-break",
+    "vma-lock-fault-breaks-shared",
+    "rmap-stale-table",
+    "zap-partial-shared",
+    "swapin-ignores-break-failure",
+    "nr-ptes-on-oom",
+    "wipeonfork-shared",
+    "gup-fast-fork-race",
+)
+
+#: Variant names. ``classic`` is upstream (>= 6.2) semantics; ``cowpte`` is COW PTE v4.
+VARIANTS: tuple[str, ...] = ("classic", "cowpte")
+
+#: Presets: a preset names a variant plus a flaw set.
+PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "classic": ("classic", ()),
+    "as-posted": ("cowpte", FLAW_IDS),
+    "fixed": ("cowpte", ()),
+}
+
+#: Geometry presets. ``x86_64`` is the real one (4 KiB pages, 512 PTEs per table, so one
+#: PTE table maps 2 MiB); ``small`` keeps 4 KiB pages but 8 entries per table so that RL
+#: episodes touch several tables with a handful of pages.
+GEOMETRIES: dict[str, int] = {"x86_64": 512, "small": 8, "tiny": 4}
+
+FAULT_MODES: tuple[str, ...] = ("mmap_lock", "vma_lock")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Everything the simulated kernel is parameterised by.
+
+    Attributes:
+        variant: ``classic`` (upstream) or ``cowpte`` (COW PTE v4).
+        flaws: Flaw ids switched on (only meaningful for ``cowpte``); kept sorted in
+            catalogue order so equal configs compare and serialise equally.
+        ptrs_per_pte: Entries per PTE table (``PTRS_PER_PTE``); 512 on x86-64.
+        page_size: Bytes per page (4096).
+        nr_frames: Size of the physical frame pool (pages and page-table pages alike).
+        nr_swap_slots: Size of the swap device in pages.
+        fault_mode: ``mmap_lock`` (faults take mmap_lock for read) or ``vma_lock``
+            (faults take only the per-VMA read lock, as since Linux 6.4).
+        split_ptl: ``USE_SPLIT_PTE_PTLOCKS``: a lock per PTE table (True) or the per-mm
+            ``page_table_lock`` for every table (False).
+        max_threads: Cap on user threads (tids 1..max_threads).
+        max_processes: Cap on live processes.
+    """
+
+    variant: str = "classic"
+    flaws: tuple[str, ...] = ()
+    ptrs_per_pte: int = 512
+    page_size: int = 4096
+    nr_frames: int = 4096
+    nr_swap_slots: int = 1024
+    fault_mode: str = "mmap_lock"
+    split_ptl: bool = True
+    max_threads: int = 8
+    max_processes: int = 8
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        unknown = [f for f in self.flaws if f not in FLAW_IDS]
+        if unknown:
+            raise ValueError(f"flaws: unknown flaw id {unknown[0]!r} (known: {', '.join(FLAW_IDS)})")
+        object.__setattr__(self, "flaws", tuple(f for f in FLAW_IDS if f in self.flaws))
+        if self.flaws and self.variant != "cowpte":
+            raise ValueError("flaws: flaws apply only to the cowpte variant")
+        if self.ptrs_per_pte < 2 or self.ptrs_per_pte & (self.ptrs_per_pte - 1):
+            raise ValueError(f"ptrs_per_pte: expected a power of two >= 2, got {self.ptrs_per_pte}")
+        if self.page_size != 4096:
+            raise ValueError("page_size: only 4096 is modelled")
+        if self.nr_frames < 16:
+            raise ValueError(f"nr_frames: expected >= 16, got {self.nr_frames}")
+        if self.nr_swap_slots < 0:
+            raise ValueError("nr_swap_slots: expected >= 0")
+        if self.fault_mode not in FAULT_MODES:
+            raise ValueError(f"fault_mode: expected one of {', '.join(FAULT_MODES)}")
+        if not 1 <= self.max_threads <= 64:
+            raise ValueError("max_threads: expected 1..64")
+        if not 1 <= self.max_processes <= 64:
+            raise ValueError("max_processes: expected 1..64")
+
+    def has(self, flaw: str) -> bool:
+        """Return whether flaw ``flaw`` is switched on."""
+        return flaw in self.flaws
+
+    @property
+    def pmd_size(self) -> int:
+        """Bytes mapped by one PTE table (one PMD entry)."""
+        return self.ptrs_per_pte * self.page_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (lists instead of tuples) for YAML/JSON."""
+        d = asdict(self)
+        d["flaws"] = list(self.flaws)
+        return d
+
+    @classmethod
+    def from_preset(cls, preset: str, **kw: Any) -> KernelConfig:
+        """Build a config from a preset name (``classic``, ``as-posted``, ``fixed``)."""
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+        variant, flaws = PRESETS[preset]
+        kw.setdefault("flaws", flaws)
+        return cls(variant=variant, **kw)
+
+
+def config_from_dict(d: dict[str, Any]) -> KernelConfig:
+    """Build a config from plain data (as found in a scenario file).
+
+    Accepts ``preset`` (sets variant and flaws), ``variant``, ``flaws``, ``geometry``
+    (a preset name from :data:`GEOMETRIES` or an int = entries per table) and the
+    other :class:`KernelConfig` fields.
+
+    Raises:
+        ValueError: naming the offending field.
+    """
+    d = dict(d)
+    kw: dict[str, Any] = {}
+    preset = d.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+        kw["variant"], kw["flaws"] = PRESETS[preset]
+    if "variant" in d:
+        v = d.pop("variant")
+        if v in PRESETS and v not in VARIANTS:
+            kw["variant"], kw["flaws"] = PRESETS[v]
+        else:
+            kw["variant"] = v
+    if "flaws" in d:
+        f = d.pop("flaws")
+        if isinstance(f, str):
+            if f in ("as-posted", "all"):
+                f = list(FLAW_IDS)
+            elif f in ("fixed", "none", ""):
+                f = []
+            else:
+                f = [x.strip() for x in f.split(",") if x.strip()]
+        if not isinstance(f, list | tuple) or not all(isinstance(x, str) for x in f):
+            raise ValueError("flaws: expected a list of flaw ids")
+        kw["flaws"] = tuple(f)
+    if "geometry" in d:
+        g = d.pop("geometry")
+        if isinstance(g, str):
+            if g not in GEOMETRIES:
+                raise ValueError(f"geometry: expected one of {', '.join(GEOMETRIES)} or an int")
+            kw["ptrs_per_pte"] = GEOMETRIES[g]
+        elif isinstance(g, int) and not isinstance(g, bool):
+            kw["ptrs_per_pte"] = g
+        else:
+            raise ValueError("geometry: expected a preset name or an int (entries per table)")
+    ints = ("ptrs_per_pte", "page_size", "nr_frames", "nr_swap_slots", "max_threads",
+            "max_processes")
+    for k in ints:
+        if k in d:
+            v = d.pop(k)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{k}: expected an integer, got {v!r}")
+            kw[k] = v
+    if "fault_mode" in d:
+        kw["fault_mode"] = d.pop("fault_mode")
+    if "split_ptl" in d:
+        v = d.pop("split_ptl")
+        if not isinstance(v, bool):
+            raise ValueError("split_ptl: expected true or false")
+        kw["split_ptl"] = v
+    if d:
+        raise ValueError(f"{sorted(d)[0]}: unknown config field")
+    if kw.get("flaws") and "variant" not in kw:
+        kw["variant"] = "cowpte"
+    return KernelConfig(**kw)
+
+
+__all__ = ["FLAW_IDS", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
+           "config_from_dict", "field"]

@@ -1,0 +1,188 @@
+"""Sleeping and spinning locks, with lockdep-style checking.
+
+Locks are tiny state records in the spirit of loom's ``rt/mutex.rs``: who holds them,
+who waits (FIFO), and a lockdep *class* used to detect lock-order inversions between
+classes (``mmap_lock`` → ``vma_lock`` → ``anon_vma`` → ``page_table_lock`` → ``ptl``,
+the kernel's documented order, see ``mm/rmap.c`` header comment).
+
+Acquisition is done by the kernel's generator helper (:meth:`Kernel.lock`): a thread
+that cannot take a lock is *blocked* and not runnable until :meth:`can_acquire` holds.
+"""
+
+from __future__ import annotations
+
+READ = "read"
+WRITE = "write"
+
+
+class Lock:
+    """Common state of a lock: name, lockdep class, FIFO wait queue.
+
+    Attributes:
+        name: Unique, stable name (e.g. ``mm1.mmap_lock``, ``ptl:37``).
+        cls: Lockdep class (``mmap_lock``, ``vma_lock``, ``anon_vma``,
+            ``page_table_lock``, ``ptl``).
+        waiters: FIFO list of ``(tid, mode)`` waiting for the lock.
+    """
+
+    __slots__ = ("name", "cls", "waiters")
+
+    def __init__(self, name: str, cls: str) -> None:
+        self.name = name
+        self.cls = cls
+        self.waiters: list[tuple[int, str]] = []
+
+    def _ahead(self, tid: int) -> list[tuple[int, str]]:
+        for i, (t, _) in enumerate(self.waiters):
+            if t == tid:
+                return self.waiters[:i]
+        return self.waiters
+
+    def holders(self) -> list[tuple[int, str]]:
+        """``(tid, mode)`` of every current holder."""
+        raise NotImplementedError
+
+    def can_acquire(self, tid: int, mode: str) -> bool:
+        """Whether ``tid`` may take the lock in ``mode`` now (fairness included)."""
+        raise NotImplementedError
+
+    def acquire(self, tid: int, mode: str) -> None:
+        """Take the lock (caller checked :meth:`can_acquire`)."""
+        raise NotImplementedError
+
+    def release(self, tid: int, mode: str) -> bool:
+        """Drop the lock; return False if ``tid`` did not hold it in ``mode``."""
+        raise NotImplementedError
+
+
+class SpinLock(Lock):
+    """``spinlock_t``: the split PTE lock (``pte_lockptr``) or ``mm->page_table_lock``."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, name: str, cls: str) -> None:
+        super().__init__(name, cls)
+        self.owner: int | None = None
+
+    def holders(self) -> list[tuple[int, str]]:  # noqa: D102
+        return [] if self.owner is None else [(self.owner, WRITE)]
+
+    def can_acquire(self, tid: int, mode: str) -> bool:  # noqa: D102
+        return self.owner is None and not self._ahead(tid)
+
+    def acquire(self, tid: int, mode: str) -> None:  # noqa: D102
+        self.owner = tid
+
+    def release(self, tid: int, mode: str) -> bool:  # noqa: D102
+        if self.owner != tid:
+            return False
+        self.owner = None
+        return True
+
+
+class RwSemaphore(Lock):
+    """``struct rw_semaphore``: ``mmap_lock``, the per-VMA lock, ``anon_vma->rwsem``.
+
+    Fair in FIFO order: a reader queues behind an earlier waiting writer, as the
+    kernel's rwsem hands off to waiting writers. ``downgrade`` models
+    ``mmap_write_downgrade``.
+    """
+
+    __slots__ = ("readers", "writer")
+
+    def __init__(self, name: str, cls: str) -> None:
+        super().__init__(name, cls)
+        self.readers: list[int] = []
+        self.writer: int | None = None
+
+    def holders(self) -> list[tuple[int, str]]:  # noqa: D102
+        h = [(t, READ) for t in self.readers]
+        if self.writer is not None:
+            h.append((self.writer, WRITE))
+        return h
+
+    def can_acquire(self, tid: int, mode: str) -> bool:  # noqa: D102
+        ahead = self._ahead(tid)
+        if mode == READ:
+            return self.writer is None and not any(m == WRITE for _, m in ahead)
+        return self.writer is None and not self.readers and not ahead
+
+    def try_acquire(self, tid: int, mode: str) -> bool:
+        """``down_read_trylock``/``down_write_trylock``: never waits."""
+        if self.writer is not None or (mode == WRITE and self.readers):
+            return False
+        if self.waiters and mode == WRITE:
+            return False
+        self.acquire(tid, mode)
+        return True
+
+    def acquire(self, tid: int, mode: str) -> None:  # noqa: D102
+        if mode == READ:
+            self.readers.append(tid)
+        else:
+            self.writer = tid
+
+    def release(self, tid: int, mode: str) -> bool:  # noqa: D102
+        if mode == READ:
+            if tid not in self.readers:
+                return False
+            self.readers.remove(tid)
+            return True
+        if self.writer != tid:
+            return False
+        self.writer = None
+        return True
+
+    def downgrade(self, tid: int) -> bool:
+        """``downgrade_write``: writer becomes a reader without a window."""
+        if self.writer != tid:
+            return False
+        self.writer = None
+        self.readers.append(tid)
+        return True
+
+    def is_locked(self) -> bool:
+        """``rwsem_is_locked``."""
+        return self.writer is not None or bool(self.readers)
+
+
+#: The kernel's lock order (outermost first), used to name inversions in messages.
+LOCK_ORDER = ("mmap_lock", "vma_lock", "anon_vma", "page_table_lock", "ptl")
+
+
+class Lockdep:
+    """Lock-order checking between lock classes, as ``kernel/locking/lockdep.c``.
+
+    Records an edge ``A -> B`` whenever a thread takes a lock of class ``B`` while holding
+    one of class ``A``; an acquisition that closes a cycle is an inversion. Nesting
+    within one class (``ptl`` → ``ptl`` in ``copy_pte_range`` with
+    ``SINGLE_DEPTH_NESTING``, two ``mmap_lock`` in ``dup_mmap``) is annotated in the
+    kernel and not reported here either.
+    """
+
+    def __init__(self) -> None:
+        self.edges: dict[str, set[str]] = {}
+
+    def _reaches(self, src: str, dst: str) -> bool:
+        seen = {src}
+        todo = [src]
+        while todo:
+            n = todo.pop()
+            if n == dst:
+                return True
+            for m in sorted(self.edges.get(n, ())):
+                if m not in seen:
+                    seen.add(m)
+                    todo.append(m)
+        return False
+
+    def acquire(self, held_classes: list[str], new: str) -> str | None:
+        """Record the acquisition; return a message if it inverts a known order."""
+        msg = None
+        for h in held_classes:
+            if h == new:
+                continue
+            if msg is None and self._reaches(new, h):
+                msg = f"possible circular locking: acquiring {new} while holding {h}"
+            self.edges.setdefault(h, set()).add(new)
+        return msg

@@ -1,0 +1,157 @@
+"""Physical memory: the frame pool (``struct page`` as arrays), swap, shmem objects.
+
+``struct page`` fields live in numpy arrays indexed by pfn (structure of arrays) so that
+fork and zap can update 512 pages with one vectorised operation.
+
+Simplifications (documented in the README's model section):
+
+* ``_mapcount`` is stored as the logical mapcount (the kernel stores it biased by -1).
+* A FOLL_PIN adds ``GUP_PIN_COUNTING_BIAS`` (1024) to ``_refcount`` exactly as for small
+  folios in the kernel; ``pincount`` is kept beside it only for renders and the
+  accounting oracle's exact recount.
+* There is no swap cache: swap-out writes the data to the slot and frees the page at
+  once (``__remove_mapping``); each swap-in allocates a fresh page. Two processes that
+  share a swap slot therefore swap in two equal copies instead of sharing one page.
+* Page-table pages come from the same pool as data pages, so ``fail_nth`` and pool
+  exhaustion hit both, as ``alloc_pages`` does in the kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: ``GUP_PIN_COUNTING_BIAS`` (include/linux/mm.h).
+GUP_PIN_COUNTING_BIAS = 1024
+
+# page->flags bits (the subset that matters; names follow include/linux/page-flags.h).
+PG_allocated = 1 << 0  # not in the buddy allocator
+PG_anon = 1 << 1  # PageAnon (folio->mapping & PAGE_MAPPING_ANON)
+PG_anon_exclusive = 1 << 2  # PageAnonExclusive
+PG_dirty = 1 << 3  # PG_dirty
+PG_swapbacked = 1 << 4  # PG_swapbacked; clear on an anon page = lazyfree (MADV_FREE)
+PG_table = 1 << 5  # PageTable
+PG_shmem = 1 << 6  # shmem page-cache page
+PG_zero = 1 << 7  # the shared zero page
+
+
+class PagePool:
+    """The frame pool: ``struct page`` fields of every frame plus the free list.
+
+    Attributes:
+        refcount: ``page_ref_count``.
+        mapcount: ``page_mapcount`` (logical, 0 = unmapped).
+        pincount: number of FOLL_PIN pins (each also counted as 1024 in refcount).
+        flags: ``PG_*`` bits above.
+        content: the data token the page holds (0 = zero-filled).
+        anon_vma: id of ``folio->mapping``'s anon_vma (rmap), -1 if none.
+        index: ``page->index`` (the virtual page number it was faulted at; linear).
+        shmem: (object id) for shmem pages, -1 otherwise.
+        gen: allocation generation, bumped at every allocation (use-after-free checks).
+    """
+
+    def __init__(self, nr_frames: int) -> None:
+        self.nr = nr_frames
+        self.refcount = np.zeros(nr_frames, dtype=np.int64)
+        self.mapcount = np.zeros(nr_frames, dtype=np.int64)
+        self.pincount = np.zeros(nr_frames, dtype=np.int64)
+        self.flags = np.zeros(nr_frames, dtype=np.int64)
+        self.content = np.zeros(nr_frames, dtype=np.int64)
+        self.anon_vma = np.full(nr_frames, -1, dtype=np.int64)
+        self.index = np.zeros(nr_frames, dtype=np.int64)
+        self.shmem = np.full(nr_frames, -1, dtype=np.int64)
+        self.gen = np.zeros(nr_frames, dtype=np.int64)
+        # Position on the (single, anon) LRU list: -1 = not on it; lower = older.
+        self.lru_seq = np.full(nr_frames, -1, dtype=np.int64)
+        self.lru_clock = 0
+        # Frame 0 is the zero page: allocated forever, never refcounted by mappings.
+        self.flags[0] = PG_allocated | PG_zero
+        self.refcount[0] = 1
+        # LIFO free list, highest pfn at the bottom so that allocation order is 1, 2, 3…
+        self.free: list[int] = list(range(nr_frames - 1, 0, -1))
+        self.nr_free = nr_frames - 1
+
+    def take(self, n: int) -> np.ndarray | None:
+        """Remove ``n`` frames from the free list (``alloc_pages`` bulk); None if short."""
+        if n > len(self.free):
+            return None
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        pfns = np.array(self.free[-n:][::-1], dtype=np.int64)
+        del self.free[-n:]
+        self.nr_free -= n
+        self.gen[pfns] += 1
+        self.refcount[pfns] = 1
+        self.mapcount[pfns] = 0
+        self.pincount[pfns] = 0
+        self.flags[pfns] = PG_allocated
+        self.content[pfns] = 0
+        self.anon_vma[pfns] = -1
+        self.index[pfns] = 0
+        self.shmem[pfns] = -1
+        self.lru_seq[pfns] = -1
+        return pfns
+
+    def give_back(self, pfns: np.ndarray) -> None:
+        """Return frames to the free list (``free_unref_page``), in pfn order."""
+        if len(pfns) == 0:
+            return
+        pfns = np.sort(pfns)
+        self.flags[pfns] = 0
+        self.lru_seq[pfns] = -1
+        self.free.extend(int(p) for p in pfns[::-1])
+        self.nr_free += len(pfns)
+
+    def lru_add(self, pfns: np.ndarray | list[int]) -> None:
+        """``folio_add_lru``: append to the LRU tail in the given order."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        self.lru_seq[pfns] = self.lru_clock + np.arange(len(pfns))
+        self.lru_clock += len(pfns)
+
+    def lru_order(self) -> list[int]:
+        """Pages on the LRU, oldest first."""
+        on = np.nonzero(self.lru_seq >= 0)[0]
+        return on[np.argsort(self.lru_seq[on], kind="stable")].tolist()
+
+    def on_lru(self, pfn: int) -> bool:
+        """``folio_test_lru``."""
+        return bool(self.lru_seq[pfn] >= 0)
+
+    def is_free(self, pfn: int) -> bool:
+        """Whether ``pfn`` is in the buddy allocator."""
+        return not (int(self.flags[pfn]) & PG_allocated)
+
+
+class SwapDevice:
+    """A swap device: ``swap_map`` counts and the data written to each slot.
+
+    ``swap_map[slot]`` is the number of swap PTEs referencing the slot (no swap cache,
+    so no extra cache reference).
+    """
+
+    def __init__(self, nr_slots: int) -> None:
+        self.nr = nr_slots
+        self.swap_map = np.zeros(max(nr_slots, 1), dtype=np.int64)
+        self.data = np.zeros(max(nr_slots, 1), dtype=np.int64)
+        self.free: list[int] = list(range(nr_slots - 1, -1, -1))
+
+    def get_swap_page(self) -> int | None:
+        """``folio_alloc_swap``: a free slot or None when swap is full."""
+        if not self.free:
+            return None
+        return self.free.pop()
+
+    def free_slot(self, slot: int) -> None:
+        """Return a slot whose ``swap_map`` dropped to 0 (``swap_entry_free``)."""
+        self.data[slot] = 0
+        self.free.append(slot)
+
+
+class ShmemObject:
+    """A shmem inode backing a ``MAP_SHARED|MAP_ANONYMOUS`` mapping: pgoff -> pfn."""
+
+    __slots__ = ("id", "pages", "nr_pages")
+
+    def __init__(self, oid: int, nr_pages: int) -> None:
+        self.id = oid
+        self.nr_pages = nr_pages
+        self.pages: dict[int, int] = {}

@@ -1,0 +1,499 @@
+"""Oracles: what counts as a violation (BRIEF §5).
+
+Two families, kept independent of the code they judge:
+
+* **Shadow oracles** (isolation, pin coherence, user-visible syscall contract) keep
+  their own model of what each process and each pin should see, computed from syscall
+  semantics alone — the ranges passed to mmap/munmap/madvise/mprotect/fork and the tokens
+  written — and never read the page tables under test.
+* **Recount oracles** (accounting, sharing, exclusivity, leaks, mprotect contract)
+  recount from the page tables and never trust the counters they check.
+
+Neither knows anything about flaws. The kernel itself reports what the real kernel
+would print at the site where it happens (``print_bad_pte``, ``check_mm``, lockdep
+splats, refcount underflow, use of freed pages/tables, DH's shared-table write check).
+
+Invariants checked by :meth:`Oracle.check_accounting` (at every quiescent point, i.e.
+no operation in progress on any thread, and at the end of a run):
+
+1. table refcount == number of PMD entries (over live mms) pointing at the table;
+   a table no PMD points at is leaked.
+2. a table with refcount > 1 is reached only through read-only PMDs.
+3. page mapcount == number of (mm, address) whose page tables map the page.
+4. page refcount == mapcount + 1024 × active pins (+1 for a shmem page-cache page);
+   an allocated page nobody references is leaked.
+5. PageAnonExclusive ⇒ mapcount == 1 and not reached through a shared table; a pinned
+   anon page is never in a shared table.
+6. rss counters (MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES) == what the tables hold;
+   nr_ptes == populated PMD entries.
+7. swap_map[slot] == number of swap PTEs naming the slot.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .memory import GUP_PIN_COUNTING_BIAS, PG_allocated, PG_anon, PG_anon_exclusive, PG_shmem, PG_table
+from .mm import MM_ANONPAGES, MM_COUNTER_NAMES, MM_SHMEMPAGES, MM_SWAPENTS, MmStruct
+from .pgtable import PFN_SHIFT, PTE_PRESENT, PTE_SWAP, PTE_USER, PTE_WRITE, ZERO_PFN
+
+if TYPE_CHECKING:
+    from .kernel import Kernel, Pin, Thread
+
+
+class Region:
+    """The shadow's idea of one mapped range of an mm (page numbers)."""
+
+    __slots__ = ("start", "end", "shm", "shm_base", "prot", "wipe", "dontcopy")
+
+    def __init__(self, start: int, end: int, shm: int | None, shm_base: int, prot: int,
+                 wipe: bool = False, dontcopy: bool = False) -> None:
+        self.start = start
+        self.end = end
+        self.shm = shm
+        self.shm_base = shm_base
+        self.prot = prot
+        self.wipe = wipe
+        self.dontcopy = dontcopy
+
+    def clone(self, start: int, end: int) -> Region:
+        r = Region(start, end, self.shm, self.shm_base + (start - self.start), self.prot,
+                   self.wipe, self.dontcopy)
+        return r
+
+
+Entry = tuple[tuple[int, ...], bool]  # (allowed values, collapse on observation)
+ZERO: Entry = ((0,), True)
+
+
+class Oracle:
+    """All oracles of one kernel instance. The kernel calls the ``on_*`` hooks."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.k = kernel
+        self.regions: dict[int, list[Region]] = {}
+        self.anon: dict[int, dict[int, Entry]] = {}
+        self.shm: dict[tuple[int, int], Entry] = {}
+        # Range operations in progress per mm: [kind, start, end, {vpn: [tokens]}].
+        self.flux: dict[int, list[list[Any]]] = {}
+        self.forking: dict[int, dict[int, set[int]]] = {}
+        self.pins: dict[int, dict[str, Any]] = {}
+        self.accounting_enabled = True
+
+    # ------------------------------------------------------------------ regions
+    def _regions(self, mm: MmStruct) -> list[Region]:
+        return self.regions.setdefault(mm.id, [])
+
+    def _carve(self, mm: MmStruct, start: int, end: int) -> list[Region]:
+        """Split regions at start/end; return those inside (like ``__split_vma``)."""
+        out: list[Region] = []
+        for r in self._regions(mm):
+            if r.end <= start or r.start >= end:
+                out.append(r)
+                continue
+            if r.start < start:
+                out.append(r.clone(r.start, start))
+            out.append(r.clone(max(r.start, start), min(r.end, end)))
+            if r.end > end:
+                out.append(r.clone(end, r.end))
+        out.sort(key=lambda r: r.start)
+        self.regions[mm.id] = out
+        return [r for r in out if r.start >= start and r.end <= end]
+
+    def _region_at(self, mm: MmStruct, vpn: int) -> Region | None:
+        for r in self._regions(mm):
+            if r.start <= vpn < r.end:
+                return r
+        return None
+
+    def _key(self, mm: MmStruct, vpn: int) -> tuple[Any, ...] | None:
+        r = self._region_at(mm, vpn)
+        if r is None:
+            return None
+        if r.shm is not None:
+            return ("s", r.shm, r.shm_base + vpn - r.start)
+        return ("a", mm.id, vpn)
+
+    def _get(self, key: tuple[Any, ...]) -> Entry:
+        if key[0] == "s":
+            return self.shm.get((key[1], key[2]), ZERO)
+        return self.anon.get(key[1], {}).get(key[2], ZERO)
+
+    def _set(self, key: tuple[Any, ...], e: Entry) -> None:
+        if key[0] == "s":
+            self.shm[(key[1], key[2])] = e
+        else:
+            d = self.anon.setdefault(key[1], {})
+            if e == ZERO:
+                d.pop(key[2], None)
+            else:
+                d[key[2]] = e
+
+    # ------------------------------------------------------------------ syscall hooks
+    def on_mmap(self, mm: MmStruct, start: int, end: int, prot: int, shm: int | None) -> None:
+        """A new mapping: zero-filled (anon) or a new shmem object."""
+        self._carve(mm, start, end)
+        regs = [r for r in self._regions(mm) if r.end <= start or r.start >= end]
+        regs.append(Region(start, end, shm, 0, prot))
+        regs.sort(key=lambda r: r.start)
+        self.regions[mm.id] = regs
+        d = self.anon.get(mm.id, {})
+        for v in [v for v in d if start <= v < end]:
+            del d[v]
+
+    def on_munmap_begin(self, mm: MmStruct, start: int, end: int) -> None:
+        """munmap detached the VMAs; data stays readable until zapped."""
+
+    def on_munmap(self, mm: MmStruct, start: int, end: int) -> None:
+        """The range is gone: forget it, detach pins on it."""
+        self._carve(mm, start, end)
+        self.regions[mm.id] = [r for r in self._regions(mm) if r.end <= start or r.start >= end]
+        d = self.anon.get(mm.id, {})
+        for v in [v for v in d if start <= v < end]:
+            del d[v]
+        self._detach_pins(mm, start, end)
+
+    def on_mprotect(self, t: Thread, mm: MmStruct, start: int, end: int, prot: int) -> None:
+        """mprotect succeeded: record the new protection and check the syscall contract
+        (every present PTE in range has at most the new permissions)."""
+        for r in self._carve(mm, start, end):
+            r.prot = prot
+        self.check_mprotect_contract(mm, start, end, prot)
+
+    def on_madvise_flags(self, mm: MmStruct, start: int, end: int, advice: str) -> None:
+        """MADV_WIPEONFORK/KEEPONFORK/DONTFORK/DOFORK."""
+        for r in self._carve(mm, start, end):
+            if advice == "WIPEONFORK":
+                r.wipe = r.shm is None
+            elif advice == "KEEPONFORK":
+                r.wipe = False
+            elif advice == "DONTFORK":
+                r.dontcopy = True
+            elif advice == "DOFORK":
+                r.dontcopy = False
+
+    def _anon_vpns(self, mm: MmStruct, start: int, end: int) -> list[tuple[int, int]]:
+        return [(max(r.start, start), min(r.end, end)) for r in self._regions(mm)
+                if r.shm is None and r.start < end and r.end > start]
+
+    def on_madvise_begin(self, mm: MmStruct, start: int, end: int, advice: str) -> None:
+        """DONTNEED/FREE: until the call returns, a page reads old data or zero."""
+        if advice not in ("DONTNEED", "FREE"):
+            return
+        rec = [advice, start, end, {}]
+        self.flux.setdefault(mm.id, []).append(rec)
+        d = self.anon.setdefault(mm.id, {})
+        for s, e in self._anon_vpns(mm, start, end):
+            for v, (allowed, _c) in list(d.items()):
+                if s <= v < e:
+                    d[v] = (tuple(sorted(set(allowed) | {0})), advice == "DONTNEED")
+
+    def on_madvise_end(self, mm: MmStruct, start: int, end: int, advice: str) -> None:
+        """DONTNEED: private anon reads back zero (or what was written meanwhile).
+        FREE: old data or zero, until the next write."""
+        if advice not in ("DONTNEED", "FREE"):
+            return
+        recs = self.flux.get(mm.id, [])
+        rec = next(r for r in recs if r[0] == advice and r[1] == start and r[2] == end)
+        recs.remove(rec)
+        if advice == "DONTNEED":
+            d = self.anon.setdefault(mm.id, {})
+            for s, e in self._anon_vpns(mm, start, end):
+                for v in [v for v in d if s <= v < e]:
+                    w = rec[3].get(v)
+                    if w:
+                        d[v] = (tuple(sorted({0, *w})), True)
+                    else:
+                        del d[v]
+            # Pages zapped lose their pins' link to the address.
+            for s, e in self._anon_vpns(mm, start, end):
+                self._detach_pins(mm, s, e)
+
+    def _flux_write(self, mm: MmStruct, vpn: int, tok: int) -> Entry:
+        e: Entry = ((tok,), True)
+        for kind, s, end, written in self.flux.get(mm.id, []):
+            if s <= vpn < end:
+                written.setdefault(vpn, []).append(tok)
+                if kind == "FREE":
+                    e = ((0, tok), False)
+                else:
+                    e = ((0, tok), True)
+        return e
+
+    def on_fork_begin(self, oldmm: MmStruct) -> None:
+        """Writes by other threads during fork may or may not reach the child."""
+        self.forking[oldmm.id] = {}
+
+    def on_fork_end(self, oldmm: MmStruct, mm: MmStruct | None) -> None:
+        """The child sees the parent's data (DONTCOPY: nothing; WIPEONFORK: zero)."""
+        extra = self.forking.pop(oldmm.id, {})
+        if mm is None:
+            return
+        regs: list[Region] = []
+        child: dict[int, Entry] = {}
+        pd = self.anon.get(oldmm.id, {})
+        for r in self._regions(oldmm):
+            if r.dontcopy:
+                continue
+            regs.append(r.clone(r.start, r.end))
+            if r.shm is not None or r.wipe:
+                continue
+            for v, ent in pd.items():
+                if r.start <= v < r.end:
+                    child[v] = ent
+        for v, vals in extra.items():
+            if v in child or any(r.start <= v < r.end and r.shm is None and not r.wipe
+                                 for r in regs):
+                allowed, c = child.get(v, ZERO)
+                child[v] = (tuple(sorted(set(allowed) | vals)), c)
+        self.regions[mm.id] = regs
+        self.anon[mm.id] = child
+
+    def on_exit(self, mm: MmStruct) -> None:
+        """The mm is gone."""
+        self._detach_pins(mm, 0, 1 << 62)
+        self.regions.pop(mm.id, None)
+        self.anon.pop(mm.id, None)
+        self.flux.pop(mm.id, None)
+
+    # ------------------------------------------------------------------ user access
+    def _contract_access(self, t: Thread, mm: MmStruct, vpn: int, write: bool) -> bool:
+        r = self._region_at(mm, vpn)
+        if r is None:
+            self.k.report("syscall-contract", "munmap",
+                          f"{'store' if write else 'load'} at page {vpn:#x} of mm{mm.id} "
+                          f"succeeded after munmap")
+            return False
+        need = 2 if write else 1
+        if not r.prot & need:
+            self.k.report("syscall-contract", "mprotect",
+                          f"{'store' if write else 'load'} at page {vpn:#x} of mm{mm.id} "
+                          f"succeeded although the range is PROT_{'NONE' if not r.prot else 'READ'}")
+        return True
+
+    def on_user_write(self, t: Thread, mm: MmStruct, vpn: int, tok: int) -> None:
+        """A store completed: the address now holds ``tok`` (and attached pins see it)."""
+        if not self._contract_access(t, mm, vpn, True):
+            return
+        key = self._key(mm, vpn)
+        assert key is not None
+        if key[0] == "a":
+            f = self.forking.get(mm.id)
+            if f is not None:
+                f.setdefault(vpn, set()).update(self._get(key)[0])
+                f[vpn].add(tok)
+            self._set(key, self._flux_write(mm, vpn, tok))
+        else:
+            self._set(key, ((tok,), True))
+        for p in self.pins.values():
+            if p["attached"] and p["key"] == key:
+                p["expect"] = ((tok,), True)
+
+    def on_user_read(self, t: Thread, mm: MmStruct, vpn: int, val: int, site: str) -> None:
+        """A load completed: it must return what this process last wrote there (or
+        inherited, or zero after DONTNEED/WIPEONFORK; old or zero after MADV_FREE)."""
+        if not self._contract_access(t, mm, vpn, False):
+            return
+        key = self._key(mm, vpn)
+        assert key is not None
+        allowed, collapse = self._get(key)
+        if val not in allowed:
+            self.k.report("isolation", site,
+                          f"mm{mm.id} read {val} at page {vpn:#x}, expected "
+                          f"{' or '.join(map(str, allowed))}")
+            self._set(key, ((val,), True))
+        elif collapse and len(allowed) > 1:
+            self._set(key, ((val,), True))
+
+    # ------------------------------------------------------------------ pins
+    def _detach_pins(self, mm: MmStruct, start: int, end: int) -> None:
+        for p in self.pins.values():
+            if p["mm"] == mm.id and start <= p["vpn"] < end:
+                p["attached"] = False
+
+    def on_pin(self, pin: Pin) -> None:
+        """A pin sees what the process sees at that address while the mapping stands."""
+        key = self._key(pin.mm, pin.vpn)
+        expect = self._get(key) if key is not None else ZERO
+        self.pins[pin.id] = {"mm": pin.mm.id, "vpn": pin.vpn, "key": key,
+                             "attached": key is not None, "expect": expect}
+
+    def on_unpin(self, pin: Pin) -> None:
+        """The pin is gone."""
+        self.pins.pop(pin.id, None)
+
+    def on_dev_read(self, pin: Pin, val: int) -> None:
+        """Data read through a pin must be what the pinning process wrote there."""
+        p = self.pins.get(pin.id)
+        if p is None:
+            return
+        allowed, collapse = p["expect"]
+        if val not in allowed:
+            self.k.report("pin-coherence", "dev_read",
+                          f"pin {pin.id} (mm{p['mm']} page {p['vpn']:#x}) read {val}, "
+                          f"expected {' or '.join(map(str, allowed))}")
+            p["expect"] = ((val,), True)
+        elif collapse and len(allowed) > 1:
+            p["expect"] = ((val,), True)
+
+    def on_dev_write(self, pin: Pin, tok: int) -> None:
+        """A DMA write must be visible at the address while the mapping stands."""
+        p = self.pins.get(pin.id)
+        if p is None:
+            return
+        p["expect"] = ((tok,), True)
+        if p["attached"] and p["key"] is not None:
+            self._set(p["key"], ((tok,), True))
+            for q in self.pins.values():
+                if q is not p and q["attached"] and q["key"] == p["key"]:
+                    q["expect"] = ((tok,), True)
+
+    # ------------------------------------------------------------------ scheduling hooks
+    def after_step(self, t: Thread) -> None:
+        """Called after every scheduler step (cheap checks live in the kernel paths)."""
+
+    def after_op(self, t: Thread, value: Any) -> None:
+        """Called when an operation returns: full recount at quiescent points."""
+        if self.accounting_enabled and self.k.quiescent():
+            self.check_accounting()
+
+    # ------------------------------------------------------------------ recount oracles
+    def check_mprotect_contract(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
+        """After a successful mprotect every present PTE in range has at most the new
+        permissions (writable only with PROT_WRITE, accessible only with PROT_READ)."""
+        P = self.k.P
+        for idx in range(start // P, (end - 1) // P + 1):
+            pmd = mm.pmd.get(idx)
+            if pmd is None:
+                continue
+            lo = max(start, idx * P) - idx * P
+            hi = min(end, (idx + 1) * P) - idx * P
+            e = pmd.table.entries[lo:hi]
+            pres = (e & PTE_PRESENT) != 0
+            bad = np.zeros(len(e), dtype=bool)
+            if not prot & 2:
+                bad |= pres & ((e & PTE_WRITE) != 0) & pmd.write
+            if not prot & 1:
+                bad |= pres & ((e & PTE_USER) != 0)
+            if bad.any():
+                i = int(np.nonzero(bad)[0][0])
+                self.k.report("syscall-contract", "mprotect",
+                              f"mprotect returned 0 but {int(bad.sum())} PTE(s) keep old "
+                              f"permissions (mm{mm.id} page {idx * P + lo + i:#x})")
+                return
+
+    def check_accounting(self) -> None:
+        """Recount invariants 1-7 from the page tables (see module docstring)."""
+        k = self.k
+        pool = k.pool
+        rep = k.report
+        mms = k.live_mms()
+        table_refs: dict[int, int] = {}
+        table_obj: dict[int, Any] = {}
+        ro_refs: dict[int, int] = {}
+        mapped: list[np.ndarray] = []
+        shared_mapped: list[np.ndarray] = []
+        swaps: list[np.ndarray] = []
+        for mm in mms:
+            anon = shm = swp = 0
+            for idx in sorted(mm.pmd):
+                pmd = mm.pmd[idx]
+                tb = pmd.table
+                if tb.freed:
+                    rep("memory-safety", "pmd_none_or_clear_bad",
+                        f"mm{mm.id} PMD {idx} points at freed table {tb.pfn}")
+                    continue
+                table_refs[tb.pfn] = table_refs.get(tb.pfn, 0) + 1
+                table_obj[tb.pfn] = tb
+                if not pmd.write:
+                    ro_refs[tb.pfn] = ro_refs.get(tb.pfn, 0) + 1
+                e = tb.entries
+                pres = (e & PTE_PRESENT) != 0
+                pf = e[pres] >> PFN_SHIFT
+                pf = pf[pf != ZERO_PFN]
+                mapped.append(pf)
+                fl = pool.flags[pf]
+                anon += int(((fl & PG_anon) != 0).sum())
+                shm += int(((fl & PG_shmem) != 0).sum())
+                sw = e[(e & PTE_SWAP) != 0] >> PFN_SHIFT
+                swaps.append(sw)
+                swp += len(sw)
+            for i, n in ((MM_ANONPAGES, anon), (MM_SHMEMPAGES, shm), (MM_SWAPENTS, swp)):
+                if mm.rss[i] != n:
+                    rep("accounting", "get_mm_counter",
+                        f"mm{mm.id} {MM_COUNTER_NAMES[i]} is {mm.rss[i]}, tables hold {n}")
+            if mm.nr_ptes != len(mm.pmd):
+                rep("accounting", "mm_pgtables_bytes",
+                    f"mm{mm.id} nr_ptes is {mm.nr_ptes}, {len(mm.pmd)} PMDs populated")
+        for pfn in sorted(table_refs):
+            tb = table_obj[pfn]
+            if tb.refcount != table_refs[pfn]:
+                rep("accounting", "cow_pte_count",
+                    f"table {pfn} refcount {tb.refcount}, {table_refs[pfn]} PMD(s) point at it")
+            if table_refs[pfn] > 1 and ro_refs.get(pfn, 0) != table_refs[pfn]:
+                rep("accounting", "cow_pte_count",
+                    f"table {pfn} shared by {table_refs[pfn]} PMDs, one of them writable")
+            if table_refs[pfn] > 1:
+                e = tb.entries
+                pf = e[(e & PTE_PRESENT) != 0] >> PFN_SHIFT
+                shared_mapped.append(pf[pf != ZERO_PFN])
+        for pfn in sorted(k.tables):
+            if pfn not in table_refs:
+                rep("accounting", "pte_free", f"page table {pfn} leaked (no PMD points at it)")
+        nr = pool.nr
+        mc = np.bincount(np.concatenate(mapped) if mapped else np.zeros(0, np.int64),
+                         minlength=nr)[:nr]
+        alloc = (pool.flags & PG_allocated) != 0
+        alloc[ZERO_PFN] = False
+        data = alloc & ((pool.flags & PG_table) == 0)
+        bad = data & (mc != pool.mapcount)
+        if bad.any():
+            p = int(np.nonzero(bad)[0][0])
+            rep("accounting", "page_mapcount",
+                f"page {p} mapcount {int(pool.mapcount[p])}, mapped {int(mc[p])} time(s)")
+        unalloc_mapped = (~alloc) & (mc > 0)
+        unalloc_mapped[ZERO_PFN] = False
+        if unalloc_mapped.any():
+            p = int(np.nonzero(unalloc_mapped)[0][0])
+            rep("memory-safety", "page_mapcount", f"free page {p} is still mapped")
+        pins = np.zeros(nr, dtype=np.int64)
+        for _, pin in sorted(k.pins.items()):
+            if pin.active:
+                pins[pin.pfn] += 1
+        cache = np.zeros(nr, dtype=np.int64)
+        for _, obj in sorted(k.shmem.items()):
+            for p in obj.pages.values():
+                cache[p] += 1
+        expect = mc + GUP_PIN_COUNTING_BIAS * pins + cache
+        bad = data & (pool.refcount != expect)
+        if bad.any():
+            p = int(np.nonzero(bad)[0][0])
+            what = "leaked (nothing references it)" if expect[p] == 0 else "wrong"
+            rep("accounting", "page_ref_count",
+                f"page {p} refcount {int(pool.refcount[p])}, expected {int(expect[p])}: {what}")
+        excl = data & ((pool.flags & PG_anon_exclusive) != 0)
+        bad = excl & (mc > 1)
+        if bad.any():
+            p = int(np.nonzero(bad)[0][0])
+            rep("accounting", "PageAnonExclusive",
+                f"exclusive page {p} mapped {int(mc[p])} times")
+        if shared_mapped:
+            sm = np.unique(np.concatenate(shared_mapped))
+            bad = sm[(pool.flags[sm] & PG_anon_exclusive) != 0]
+            if len(bad):
+                rep("accounting", "PageAnonExclusive",
+                    f"exclusive page {int(bad[0])} in a shared page table")
+            bad = sm[pins[sm] > 0]
+            if len(bad):
+                rep("accounting", "page_maybe_dma_pinned",
+                    f"pinned page {int(bad[0])} in a shared page table")
+        sw = np.bincount(np.concatenate(swaps) if swaps else np.zeros(0, np.int64),
+                         minlength=len(k.swap.swap_map))[:len(k.swap.swap_map)]
+        bad = sw != k.swap.swap_map
+        if bad.any():
+            s = int(np.nonzero(bad)[0][0])
+            rep("accounting", "swap_map",
+                f"swap slot {s} swap_map {int(k.swap.swap_map[s])}, {int(sw[s])} PTE(s) name it")
+        _ = PG_allocated

@@ -1,0 +1,130 @@
+"""Page-table entries, PTE tables and PMD entries.
+
+A PTE is an ``int64``; a PTE table is a numpy array of them so that bulk walkers
+(``copy_pte_range``, ``zap_pte_range``, ``change_pte_range``) are vectorised.
+
+Encoding (a simplification of x86-64's ``pte_t``; only the bits the model needs):
+
+====================  ====  ===========================================================
+bit                   name  meaning
+====================  ====  ===========================================================
+0                     P     ``_PAGE_PRESENT``
+1                     RW    ``_PAGE_RW`` (writable)
+2                     D     ``_PAGE_DIRTY``
+3                     A     ``_PAGE_ACCESSED`` ("young")
+4                     U     user-accessible; clear for ``PROT_NONE`` (``_PAGE_PROTNONE``)
+5                     SWP   a non-present swap entry (payload = swap slot)
+6                     SWX   ``pte_swp_exclusive`` marker of a swap entry
+8..                   pfn   page frame number, or swap slot for SWP entries
+====================  ====  ===========================================================
+
+``0`` is ``pte_none``. Frame 0 is the shared zero page (``ZERO_PFN``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PTE_PRESENT = 1 << 0
+PTE_WRITE = 1 << 1
+PTE_DIRTY = 1 << 2
+PTE_YOUNG = 1 << 3
+PTE_USER = 1 << 4
+PTE_SWAP = 1 << 5
+PTE_SWP_EXCLUSIVE = 1 << 6
+PFN_SHIFT = 8
+FLAG_MASK = (1 << PFN_SHIFT) - 1
+
+#: The shared zero page: ``my_zero_pfn()``; never refcounted by mappings.
+ZERO_PFN = 0
+
+
+def mk_pte(pfn: int, write: bool, dirty: bool = False, young: bool = True,
+           user: bool = True) -> int:
+    """Build a present PTE (``mk_pte`` + ``pte_mkwrite``/``pte_mkdirty``/``pte_mkyoung``)."""
+    v = (pfn << PFN_SHIFT) | PTE_PRESENT
+    if write:
+        v |= PTE_WRITE
+    if dirty:
+        v |= PTE_DIRTY
+    if young:
+        v |= PTE_YOUNG
+    if user:
+        v |= PTE_USER
+    return v
+
+
+def swp_entry_to_pte(slot: int, exclusive: bool) -> int:
+    """Build a swap PTE (``swp_entry_to_pte``, optionally ``pte_swp_mkexclusive``)."""
+    return (slot << PFN_SHIFT) | PTE_SWAP | (PTE_SWP_EXCLUSIVE if exclusive else 0)
+
+
+def pte_pfn(pte: int) -> int:
+    """Return the frame (or swap slot) of ``pte``."""
+    return pte >> PFN_SHIFT
+
+
+def pte_present(pte: int) -> bool:
+    """``pte_present``."""
+    return bool(pte & PTE_PRESENT)
+
+
+def is_swap_pte(pte: int) -> bool:
+    """``is_swap_pte``: a non-none, non-present entry."""
+    return bool(pte & PTE_SWAP)
+
+
+def describe_pte(pte: int) -> str:
+    """Human-readable form of a PTE for traces and renders."""
+    if pte == 0:
+        return "none"
+    if pte & PTE_SWAP:
+        return f"swap:{pte >> PFN_SHIFT}{'x' if pte & PTE_SWP_EXCLUSIVE else ''}"
+    bits = "".join(c for c, b in (("w", PTE_WRITE), ("d", PTE_DIRTY), ("a", PTE_YOUNG),
+                                  ("u", PTE_USER)) if pte & b)
+    return f"pfn:{pte >> PFN_SHIFT}/{bits}"
+
+
+class PteTable:
+    """A PTE table page (``pgtable_t``): its entries, refcount and split PTL.
+
+    The table's identity is the frame it occupies (``pfn``), as in the kernel where a
+    page table is a ``struct page``. ``refcount`` models the table page's ``_refcount``,
+    which COW PTE uses as the number of PMD entries that point at the table
+    (``cow_pte_count``); upstream it is always 1 while the table is installed.
+    """
+
+    __slots__ = ("pfn", "entries", "refcount", "ptl", "freed", "gen")
+
+    def __init__(self, pfn: int, nr: int, ptl: object, gen: int) -> None:
+        self.pfn = pfn
+        self.entries = np.zeros(nr, dtype=np.int64)
+        self.refcount = 1
+        self.ptl = ptl
+        self.freed = False
+        self.gen = gen
+
+    def __repr__(self) -> str:
+        return f"PteTable(pfn={self.pfn}, ref={self.refcount}{', freed' if self.freed else ''})"
+
+
+class PmdEntry:
+    """A populated PMD entry pointing at a PTE table.
+
+    ``write`` is the PMD's ``_PAGE_RW``. Upstream it is always set for a PTE-table
+    PMD; COW PTE write-protects it to mark the table shared (``!pmd_write(*pmd)``).
+    ``pmd_none`` is modelled by the absence of the entry in ``mm.pmd``.
+    """
+
+    __slots__ = ("table", "write")
+
+    def __init__(self, table: PteTable, write: bool = True) -> None:
+        self.table = table
+        self.write = write
+
+    def same(self, other: PmdEntry | None) -> bool:
+        """``pmd_same``."""
+        return other is not None and other.table is self.table and other.write == self.write
+
+    def __repr__(self) -> str:
+        return f"pmd({self.table.pfn}{'' if self.write else ',ro'})"
