@@ -1,0 +1,3 @@
+from cowenv.cli import run_main
+
+run_main()
