@@ -60,6 +60,10 @@ class KernelConfig:
             ``page_table_lock`` for every table (False).
         max_threads: Cap on user threads (tids 1..max_threads).
         max_processes: Cap on live processes.
+        lockdep: ``CONFIG_PROVE_LOCKING``: ``mmap_assert_*`` splats and lock-order
+            inversion reports. Off, ``mmap_assert_write_locked`` only checks that the
+            lock is held at all (``VM_BUG_ON_MM(!rwsem_is_locked)``), as in a
+            production kernel like the one the v4 author ran cow.c on.
     """
 
     variant: str = "classic"
@@ -72,6 +76,7 @@ class KernelConfig:
     split_ptl: bool = True
     max_threads: int = 8
     max_processes: int = 8
+    lockdep: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -177,11 +182,12 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
             kw[k] = v
     if "fault_mode" in d:
         kw["fault_mode"] = d.pop("fault_mode")
-    if "split_ptl" in d:
-        v = d.pop("split_ptl")
-        if not isinstance(v, bool):
-            raise ValueError("split_ptl: expected true or false")
-        kw["split_ptl"] = v
+    for b in ("split_ptl", "lockdep"):
+        if b in d:
+            v = d.pop(b)
+            if not isinstance(v, bool):
+                raise ValueError(f"{b}: expected true or false")
+            kw[b] = v
     if d:
         raise ValueError(f"{sorted(d)[0]}: unknown config field")
     if kw.get("flaws") and "variant" not in kw:

@@ -193,6 +193,12 @@ class Kernel:
         self.tracing = trace
         self.fail_nth = 0
         self.shmem: dict[int, ShmemObject] = {}
+        # shmem object id -> VMAs referencing its file (``f_count`` held by vm_file).
+        self.shmem_users: dict[int, int] = {}
+        # GUP-fast walkers inside their IRQs-off section, and page tables whose freeing
+        # waits for them (``tlb_remove_table`` / RCU table free).
+        self.gup_fast_walkers = 0
+        self.deferred_tables: list[PteTable] = []
         self.pins: dict[int, Pin] = {}
         self.anon_vmas: dict[int, AnonVma] = {}
         self.tables: dict[int, PteTable] = {}
@@ -448,9 +454,10 @@ class Kernel:
             if h is lk:
                 self._report("lock-discipline", site, f"recursive acquisition of {lk.name}")
                 break
-        msg = self.lockdep.acquire([h.cls for h, _ in t.held], lk.cls)
-        if msg:
-            self._report("lock-discipline", site, msg)
+        if self.config.lockdep:
+            msg = self.lockdep.acquire([h.cls for h, _ in t.held], lk.cls)
+            if msg:
+                self._report("lock-discipline", site, msg)
         if not lk.can_acquire(t.tid, mode):
             lk.waiters.append((t.tid, mode))
             t.waiting = (lk, mode)
@@ -478,12 +485,17 @@ class Kernel:
         return any(h is lk and (mode is None or m == mode) for h, m in t.held)
 
     def mmap_assert_locked(self, t: Thread, mm: MmStruct, site: str) -> None:
-        """``mmap_assert_locked``: lockdep splat unless mmap_lock is held (any mode)."""
+        """``mmap_assert_locked``: splat unless mmap_lock is held (any mode)."""
         if not self.holds(t, mm.mmap_lock):
             self._report("lock-discipline", site, "mmap_assert_locked: mmap_lock not held")
 
     def mmap_assert_write_locked(self, t: Thread, mm: MmStruct, site: str) -> None:
-        """``mmap_assert_write_locked``: lockdep splat unless held for write."""
+        """``mmap_assert_write_locked``: a lockdep splat unless held for write; without
+        lockdep only ``VM_BUG_ON_MM(!rwsem_is_locked(&mm->mmap_lock))`` remains."""
+        if not self.config.lockdep:
+            if not mm.mmap_lock.is_locked():
+                self._report("lock-discipline", site, "VM_BUG_ON_MM: mmap_lock not locked")
+            return
         if not self.holds(t, mm.mmap_lock, WRITE):
             held = "held for read" if self.holds(t, mm.mmap_lock) else "not held"
             self._report("lock-discipline", site, f"mmap_assert_write_locked: mmap_lock {held}")
@@ -538,8 +550,14 @@ class Kernel:
     # =================================================================================
     # Page and table primitives
     # =================================================================================
-    def alloc_pages(self, n: int, site: str) -> np.ndarray | None:
-        """``alloc_pages``: ``n`` frames, honouring ``fail_nth`` and pool exhaustion."""
+    def alloc_pages(self, n: int, site: str, nofail: bool = False) -> np.ndarray | None:
+        """``alloc_pages``: ``n`` frames, honouring ``fail_nth`` and pool exhaustion.
+
+        ``nofail`` models ``__GFP_NOFAIL``: fault injection does not apply (as
+        ``should_fail_alloc_page`` skips it) and the memory reserve may be used.
+        """
+        if nofail:
+            return self.pool.take(n, reserve_ok=True)
         if self.fail_nth > 0:
             self.fail_nth -= 1
             if self.fail_nth == 0:
@@ -547,14 +565,14 @@ class Kernel:
                 return None
         return self.pool.take(n)
 
-    def alloc_page(self, site: str) -> int | None:
+    def alloc_page(self, site: str, nofail: bool = False) -> int | None:
         """One frame or None."""
-        p = self.alloc_pages(1, site)
+        p = self.alloc_pages(1, site, nofail)
         return None if p is None else int(p[0])
 
-    def pte_alloc_one(self, mm: MmStruct, site: str) -> PteTable | None:
+    def pte_alloc_one(self, mm: MmStruct, site: str, nofail: bool = False) -> PteTable | None:
         """``pte_alloc_one`` + ``pgtable_pte_page_ctor``: a zeroed table, refcount 1."""
-        pfn = self.alloc_page(site)
+        pfn = self.alloc_page(site, nofail)
         if pfn is None:
             return None
         self.pool.flags[pfn] |= PG_table
@@ -570,6 +588,11 @@ class Kernel:
             return
         table.freed = True
         self.tables.pop(table.pfn, None)
+        if self.gup_fast_walkers:
+            # tlb_remove_table() (mm/mmu_gather.c): a page table is freed only after an
+            # RCU grace period / IPI, which a GUP-fast walker (IRQs off) holds off.
+            self.deferred_tables.append(table)
+            return
         self.pool.refcount[table.pfn] = 0
         self.pool.give_back(np.array([table.pfn], dtype=np.int64))
 
@@ -725,10 +748,15 @@ class Kernel:
         """``free_pte_range`` with COW PTE: returns True if the table is still in use."""
         return False
 
-    def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable) -> Gen:
-        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE``: returns the table to use
-        (after breaking COW), or None to skip this mapping."""
+    def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable,
+                       site: str) -> Gen:
+        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (``try_to_unmap_one``
+        only): returns the table to use (after breaking COW), or None to skip."""
         return (yield from _done(table))
+
+    def cow_mprotect_prepare(self, t: Thread, mm: MmStruct, start: int, end: int) -> Gen:
+        """Before ``mprotect`` changes anything; returns 0 or -errno."""
+        return (yield from _done(0))
 
     def cow_gup_fast_seq(self, mm: MmStruct) -> bool:
         """Whether fork's write-protection of this mm is visible to GUP-fast."""
@@ -837,9 +865,11 @@ class Kernel:
         ``FAULT_FLAG_VMA_LOCK``.
         """
         mm = vma.mm
+        # arch/x86/mm/fault.c access_error(): a write needs VM_WRITE; a read only needs
+        # vma_is_accessible() (VM_READ|VM_WRITE|VM_EXEC): x86 has no write-only pages.
         if flags & FAULT_FLAG_WRITE and not vma.flags & VM_WRITE:
             return VM_FAULT_SIGSEGV
-        if not flags & FAULT_FLAG_WRITE and not vma.flags & VM_READ:
+        if not flags & FAULT_FLAG_WRITE and not vma.flags & (VM_READ | VM_WRITE):
             return VM_FAULT_SIGSEGV
         ret = yield from self.cow_fault_hook(t, vma, vpn, flags)
         if ret != VM_FAULT_OK:
@@ -881,7 +911,7 @@ class Kernel:
             if not (orig & PTE_WRITE and pmd.write) or flags & FAULT_FLAG_UNSHARE:
                 return (yield from self.do_wp_page(t, vma, vpn, orig, flags))
         # Spurious fault (e.g. PROT_NONE PTE after mprotect back): fix the entry.
-        if not orig & PTE_USER and vma.flags & VM_READ:
+        if not orig & PTE_USER and vma.flags & (VM_READ | VM_WRITE):
             got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_pte_fault")
             if got is not None:
                 table, ptl = got
@@ -1101,7 +1131,7 @@ class Kernel:
         self.pool.flags[pfn] |= PG_dirty
         write = bool(flags & FAULT_FLAG_WRITE) and bool(vma.flags & VM_WRITE)
         entry = mk_pte(pfn, write=write, dirty=write, young=True,
-                       user=bool(vma.flags & VM_READ))
+                       user=bool(vma.flags & (VM_READ | VM_WRITE)))
         self.set_ptes(t, mm, table, off, entry, "do_swap_page")
         self.unlock(t, ptl, WRITE, "do_swap_page")
         return VM_FAULT_OK
@@ -1130,6 +1160,7 @@ class Kernel:
         """
         new = Vma(self._id("vma"), mm, at, vma.end, vma.flags, vma.shmem,
                   vma.pgoff + (at - vma.start))
+        self.get_file(new.shmem)
         new.anon_vma = vma.anon_vma
         new.chain = list(vma.chain)
         for av in vma.chain:
@@ -1171,6 +1202,7 @@ class Kernel:
             obj = ShmemObject(self._id("shmem"), end - start)
             self.shmem[obj.id] = obj
         vma = Vma(self._id("vma"), mm, start, end, flags, obj, 0)
+        self.get_file(obj)
         mm.insert_vma(vma)
         if self.oracle is not None:
             self.oracle.on_mmap(mm, start, end, bits, obj.id if obj else None)
@@ -1271,9 +1303,35 @@ class Kernel:
             self.mmap_write_downgrade(t, mm)
             yield "do_vmi_munmap:downgraded"
         yield from self.unmap_region(t, mm, vmas)
+        for v in vmas:
+            self.fput(v.shmem)  # remove_vma
         if self.oracle is not None:
             self.oracle.on_munmap(mm, start, end)
         return 0
+
+    def get_file(self, obj: ShmemObject | None) -> None:
+        """``get_file``: a new VMA (mmap, ``__split_vma``, ``dup_mmap``) takes a reference
+        on its shmem file."""
+        if obj is not None:
+            self.shmem_users[obj.id] = self.shmem_users.get(obj.id, 0) + 1
+
+    def fput(self, obj: ShmemObject | None) -> None:
+        """``fput`` from ``remove_vma``. The last reference releases the shmem inode:
+        ``shmem_evict_inode`` → ``shmem_truncate_range`` drops the page cache's
+        reference on every page (mm/shmem.c, mm/truncate.c); a page still pinned lives
+        on until it is unpinned. Nothing maps the object any more at this point.
+        """
+        if obj is None:
+            return
+        n = self.shmem_users.get(obj.id, 0) - 1
+        if n > 0:
+            self.shmem_users[obj.id] = n
+            return
+        self.shmem_users.pop(obj.id, None)
+        self.shmem.pop(obj.id, None)
+        pages = np.array([obj.pages[i] for i in sorted(obj.pages)], dtype=np.int64)
+        obj.pages.clear()
+        self.put_pages(pages, "shmem_undo_range")
 
     def unmap_region(self, t: Thread, mm: MmStruct, vmas: list[Vma]) -> Gen:
         """``unmap_region``: ``unmap_vmas`` then ``free_pgtables``.
@@ -1401,9 +1459,13 @@ class Kernel:
             self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
             return -ENOMEM
         vmas = self._split_range(t, mm, start, end)
-        ret = 0
         for v in vmas:
             yield from self.vma_start_write(t, v)
+        ret = yield from self.cow_mprotect_prepare(t, mm, start, end)
+        if ret:
+            self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
+            return ret
+        for v in vmas:
             r = yield from self.change_protection(t, v, bits)
             if r < 0:
                 ret = r
@@ -1418,7 +1480,8 @@ class Kernel:
     def change_protection(self, t: Thread, vma: Vma, bits: int) -> Gen:
         """``change_protection`` → ``change_pte_range`` per table (vectorised).
 
-        New permissions: USER iff PROT_READ; WRITE only where PROT_WRITE and
+        New permissions: USER iff PROT_READ or PROT_WRITE (x86 ``protection_map``:
+        ``VM_WRITE`` alone is ``PAGE_COPY``, readable); WRITE only where PROT_WRITE and
         ``can_change_pte_writable`` (private: exclusive anon pages — the "mprotect()
         optimization" cow.c tests; shared: dirty PTEs); the zero page is never writable.
         Returns 0 or -errno.
@@ -1448,7 +1511,7 @@ class Kernel:
             if present.any():
                 new = e.copy()
                 new[present] &= ~np.int64(PTE_WRITE | PTE_USER)
-                if bits & 1:
+                if bits & 3:
                     new[present] |= PTE_USER
                 if bits & 2:
                     pfn = e >> PFN_SHIFT
@@ -1663,6 +1726,7 @@ class Kernel:
                 continue
             tmp = Vma(self._id("vma"), mm, mpnt.start, mpnt.end, mpnt.flags, mpnt.shmem,
                       mpnt.pgoff)
+            self.get_file(tmp.shmem)
             tmp.flags &= ~0  # vm_flags copied as is
             if mpnt.flags & VM_WIPEONFORK:
                 pass  # tmp->anon_vma = NULL: the child starts with an empty range
@@ -1676,6 +1740,12 @@ class Kernel:
         self.unlock(t, mm.mmap_lock, WRITE, "dup_mmap")
         mm.mm_lock_seq += 1
         self.mmap_write_unlock(t, oldmm, "dup_mmap")
+        if not ret and (len(self.live_procs()) >= self.config.max_processes
+                        or self._free_tid() is None):
+            # The caps checked on entry are racy (as copy_process's nr_threads check
+            # is): a concurrent fork/clone may have taken the last slot meanwhile. Like a
+            # failing alloc_pid() after copy_mm() (kernel/fork.c), undo: mmput the child.
+            ret = -EAGAIN
         if ret:
             # dup_mmap failed: mmput() the half-built child.
             yield from self.exit_mmap(t, mm)
@@ -1775,16 +1845,19 @@ class Kernel:
         return ret
 
     def copy_pte_entries(self, t: Thread, dst_vma: Vma, src_vma: Vma, dst_t: PteTable,
-                         src_t: PteTable, lo: int, hi: int) -> Gen:
+                         src_t: PteTable, lo: int, hi: int,
+                         dst_mm: MmStruct | None = None) -> Gen:
         """The per-entry body of ``copy_pte_range`` (``copy_present_pte`` and
         ``copy_nonpresent_pte``) over ``[lo, hi)``. ``dst_t`` may be ``src_t`` (COW PTE
         v4 calls it with ``dst_pte == src_pte``).
 
         Lock contract: the src (and dst) PTL held. Returns 0, -ENOMEM, or -EAGAIN
         (only when ``dst_t is src_t``: a page may be pinned, so the table cannot be
-        shared — ``page_try_dup_anon_rmap`` failed).
+        shared — ``page_try_dup_anon_rmap`` failed). ``dst_mm`` overrides the mm rss
+        is charged to (COW PTE passes ``dst_vma == src_vma`` and the child's mm).
         """
-        dst_mm, src_mm = dst_vma.mm, src_vma.mm
+        src_mm = src_vma.mm
+        dst_mm = dst_mm or dst_vma.mm
         pool = self.pool
         e = src_t.entries[lo:hi].copy()
         if not e.any():
@@ -1894,6 +1967,8 @@ class Kernel:
         # Tables the VMAs never covered (should not exist) are freed too.
         for idx in sorted(mm.pmd):
             yield from self.free_pte_range(t, mm, idx, mm.pmd[idx])
+        for v in vmas:
+            self.fput(v.shmem)  # remove_vma
         self.mmap_write_unlock(t, mm, "exit_mmap")
         mm.dead = True
         self.check_mm(mm)
@@ -1937,7 +2012,9 @@ class Kernel:
         ret = -EFAULT
         for _ in range(16):
             vma = mm.find_vma(vpn)
-            if vma is None or (write and not vma.flags & VM_WRITE) or not vma.flags & VM_READ:
+            # mm/gup.c check_vma_flags(): FOLL_WRITE needs VM_WRITE, a read needs VM_READ.
+            if vma is None or (write and not vma.flags & VM_WRITE) or (
+                    not write and not vma.flags & VM_READ):
                 ret = -EFAULT
                 break
             r = yield from self.follow_page_pte(t, vma, vpn, write)
@@ -2003,7 +2080,22 @@ class Kernel:
         return pid
 
     def gup_fast(self, t: Thread, mm: MmStruct, vpn: int, write: bool) -> Gen:
-        """``lockless_pages_from_mm`` → ``gup_pte_range`` for one page; None = fall back."""
+        """``lockless_pages_from_mm``: ``local_irq_save`` … ``local_irq_restore`` around
+        :meth:`gup_pte_range`. While any walker is inside, page tables freed meanwhile stay
+        allocated (``tlb_remove_table`` waits for the grace period / IPI)."""
+        self.gup_fast_walkers += 1
+        try:
+            return (yield from self.gup_pte_range(t, mm, vpn, write))
+        finally:
+            self.gup_fast_walkers -= 1
+            if not self.gup_fast_walkers and self.deferred_tables:
+                pfns = np.array(sorted(tb.pfn for tb in self.deferred_tables), dtype=np.int64)
+                self.deferred_tables = []
+                self.pool.refcount[pfns] = 0
+                self.pool.give_back(pfns)
+
+    def gup_pte_range(self, t: Thread, mm: MmStruct, vpn: int, write: bool) -> Gen:
+        """``gup_pte_range`` for one page, IRQs off; returns a pin id or None = fall back."""
         seq = mm.write_protect_seq
         if seq & 1:
             return None
@@ -2015,9 +2107,10 @@ class Kernel:
         pte = int(table.entries[off])
         yield "gup_fast:pte_read"
         if table.freed:
-            self._report("memory-safety", "gup_pte_range",
-                         f"GUP-fast walked freed page table {table.pfn}")
-            return None
+            if not any(tb is table for tb in self.deferred_tables):
+                self._report("memory-safety", "gup_pte_range",
+                             f"GUP-fast walked freed page table {table.pfn}")
+            return None  # unlinked but not yet freed: the PMD re-check fails
         if not pte & PTE_PRESENT or not pte & PTE_USER or (write and not pte & PTE_WRITE):
             return None
         pfn = pte >> PFN_SHIFT
@@ -2032,8 +2125,10 @@ class Kernel:
         cur = mm.pmd.get(vpn // self.P)
         changed = cur is None or cur.table is not table or int(table.entries[off]) != pte
         if changed or (self.cow_gup_fast_seq(mm) and mm.write_protect_seq != seq):
+            # gup_put_folio: the page may have lost its last other reference meanwhile.
             self.pool.pincount[pfn] -= 1
-            self.pool.refcount[pfn] -= GUP_PIN_COUNTING_BIAS
+            self.pool.refcount[pfn] -= GUP_PIN_COUNTING_BIAS - 1
+            self.put_page(pfn, "gup_put_folio")
             return None
         self.pool.refcount[pfn] -= GUP_PIN_COUNTING_BIAS
         self.pool.pincount[pfn] -= 1
@@ -2195,7 +2290,7 @@ class Kernel:
             return None
         table = pmd.table
         yield "page_vma_mapped_walk:table_found"
-        table = yield from self.cow_rmap_table(t, vma, idx, table)
+        table = yield from self.cow_rmap_table(t, vma, idx, table, site)
         if table is None:
             return None
         ptl = self.pte_lockptr(mm, table)

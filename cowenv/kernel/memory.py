@@ -70,9 +70,16 @@ class PagePool:
         self.free: list[int] = list(range(nr_frames - 1, 0, -1))
         self.nr_free = nr_frames - 1
 
-    def take(self, n: int) -> np.ndarray | None:
-        """Remove ``n`` frames from the free list (``alloc_pages`` bulk); None if short."""
-        if n > len(self.free):
+    #: Frames only ``__GFP_NOFAIL``/``PF_MEMALLOC`` allocations may use (memory reserves).
+    RESERVE = 8
+
+    def take(self, n: int, reserve_ok: bool = False) -> np.ndarray | None:
+        """Remove ``n`` frames from the free list (``alloc_pages`` bulk); None if short.
+
+        Ordinary allocations leave :attr:`RESERVE` frames free; ``reserve_ok`` (a
+        ``__GFP_NOFAIL`` allocation) may use them.
+        """
+        if n > len(self.free) - (0 if reserve_ok else self.RESERVE):
             return None
         if n == 0:
             return np.zeros(0, dtype=np.int64)

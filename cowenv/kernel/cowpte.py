@@ -1,0 +1,592 @@
+"""COW PTE v4 ("Introduce Copy-On-Write to Page Table", Chih-En Lin, Feb 2023).
+
+:class:`CowPteKernel` overrides the ``cow_*`` hooks of the upstream kernel with the
+functions of the patch series, named as in the patches: ``copy_cow_pte_range``,
+``recover_pte_range``, ``handle_cow_pte_fault``, ``break_cow_pte``,
+``break_cow_pte_range``, ``pmd_get_pte``/``pmd_put_pte``, ``cow_pte_count``.
+
+Design (BRIEF §3, reference notes §1): enabled per process by ``prctl(PR_SET_COW_PTE)``
+(``MMF_COW_PTE_READY``, turned into ``MMF_COW_PTE`` at the next fork, inherited, never
+cleared). At fork every populated PMD of an ``MMF_COW_PTE`` mm is shared: the child's
+PMD points at the parent's table (table refcount + 1) and both PMD entries are
+write-protected, while the per-page accounting of ``copy_present_pte`` is still done
+for every entry. A write/unshare fault, or a walker that modifies entries, breaks the
+COW first: a table with refcount 1 is just made writable again; otherwise the entries
+are copied into a new table for this mm.
+
+Every flaw of the catalogue (BRIEF §4) is the flawed code path itself, chosen by
+``config.has(flaw)``; a comment above each says what v4 does, where the flaw comes
+from, and what the fixed path does instead. Oracles know nothing of flaws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .kernel import (
+    FAULT_FLAG_UNSHARE,
+    FAULT_FLAG_VMA_LOCK,
+    FAULT_FLAG_WRITE,
+    VM_FAULT_OK,
+    VM_FAULT_OOM,
+    VM_FAULT_RETRY,
+    Gen,
+    Kernel,
+    Thread,
+    _done,
+)
+from .locks import WRITE
+from .mm import MMF_COW_PTE, VM_DONTCOPY, VM_WIPEONFORK, MmStruct, Vma
+from .ops import EAGAIN, ENOMEM
+from .pgtable import PmdEntry, PteTable
+
+
+class CowPteKernel(Kernel):
+    """The ``cowpte`` variant: upstream plus COW PTE v4, with switchable flaws."""
+
+    variant = "cowpte"
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        # (dst mm id, pmd idx) -> first offset not yet copied after recover_pte_range.
+        self._recovered: dict[tuple[int, int], int] = {}
+
+    # ------------------------------------------------------------------ table refcount
+    @staticmethod
+    def cow_pte_count(table: PteTable) -> int:
+        """``cow_pte_count``: the table page's refcount = number of sharing PMDs."""
+        return table.refcount
+
+    @staticmethod
+    def pmd_get_pte(pmd: PmdEntry) -> int:
+        """``pmd_get_pte``: ``page_ref_inc_return`` on the table page."""
+        pmd.table.refcount += 1
+        return pmd.table.refcount
+
+    @staticmethod
+    def pmd_put_pte(pmd: PmdEntry) -> bool:
+        """``pmd_put_pte``: ``page_ref_add_unless(page, -1, 1)``; True only if it
+        decremented (the count was above 1)."""
+        if pmd.table.refcount > 1:
+            pmd.table.refcount -= 1
+            return True
+        return False
+
+    def _flush_tlb_range(self, t: Thread, mm: MmStruct, idx: int) -> None:
+        """``flush_tlb_range`` over the PMD: the model has no TLB; recorded in the trace."""
+        self._ev(t.tid, "event", "flush_tlb_range", {"mm": mm.id, "pmd": idx})
+
+    # ------------------------------------------------------------------ fork
+    def copy_page_range(self, t: Thread, dst: Vma, src: Vma) -> Gen:
+        """``copy_page_range`` with COW PTE.
+
+        Flaw ``gup-fast-fork-race`` (review R8, DH: "GUP-fast can race with pretty much
+        anything, even with concurrent fork"): v4 shares tables without the
+        ``write_protect_seq`` handshake, so GUP-fast does not back off while fork clears
+        PageAnonExclusive and write-protects the shared entries; a pin taken in that
+        window ends up in a shared table. Fixed: the seqcount brackets the COW PTE path
+        exactly as it brackets ``copy_pte_range`` upstream.
+        """
+        src_mm = src.mm
+        if not (src_mm.flags & MMF_COW_PTE) or not self.config.has("gup-fast-fork-race"):
+            return (yield from super().copy_page_range(t, dst, src))
+        P = self.P
+        ret = 0
+        for idx in range(src.start // P, (src.end - 1) // P + 1):
+            if idx not in src_mm.pmd:
+                continue
+            lo = max(src.start, idx * P) - idx * P
+            hi = min(src.end, (idx + 1) * P) - idx * P
+            status, resume = yield from self.cow_copy_pmd(t, dst, src, idx, lo, hi)
+            if isinstance(status, int):
+                ret = status
+                break
+            if status == "copy":
+                cow = src.is_cow_mapping()
+                if cow:
+                    src_mm.write_protect_seq += 1
+                ret = yield from self.copy_pte_range(t, dst, src, idx, resume, hi)
+                if cow:
+                    src_mm.write_protect_seq += 1
+                if ret:
+                    break
+        return ret
+
+    def cow_copy_pmd(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int, lo: int,
+                     hi: int) -> Gen:
+        """``copy_pmd_range`` with COW PTE (v4 02/14): for an ``MMF_COW_PTE`` mm, skip a
+        PMD the child already shares, otherwise try ``copy_cow_pte_range``; on -EAGAIN
+        ``recover_pte_range`` and fall back to ``copy_pte_range`` from ``recover_end``
+        if it lies inside ``src_vma``."""
+        src_mm, dst_mm = src_vma.mm, dst_vma.mm
+        if not src_mm.flags & MMF_COW_PTE:
+            return ("copy", lo)
+        dpmd = dst_mm.pmd.get(idx)
+        if dpmd is not None and not dpmd.write:
+            return ("done", lo)
+        mark = self._recovered.get((dst_mm.id, idx))
+        if dpmd is not None:
+            # The child already has a private table here (after recover_pte_range):
+            # copy this VMA's part that was not copied yet. (v4 would call
+            # copy_cow_pte_range again here — double accounting, reference notes C7;
+            # not modelled as a flaw.)
+            start = lo if mark is None else max(lo, mark)
+            return ("copy", start) if start < hi else ("done", lo)
+        ret, recover_end = yield from self.copy_cow_pte_range(t, dst_vma, src_vma, idx)
+        if ret == 0:
+            return ("done", lo)
+        if ret != -EAGAIN:
+            return (ret, lo)
+        ret = yield from self.recover_pte_range(t, dst_vma, src_vma, idx, recover_end)
+        if ret:
+            return (ret, lo)
+        self._recovered[(dst_mm.id, idx)] = recover_end
+        if lo <= recover_end < hi:
+            return ("copy", recover_end)
+        return ("done", lo)
+
+    def copy_cow_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int) -> Gen:
+        """``copy_cow_pte_range``: share the whole PMD's table with the child.
+
+        Under the source PTL, for **every VMA overlapping the PMD** (``for_each_vma_range``)
+        the per-entry work of ``copy_present_pte``/``copy_nonpresent_pte`` with
+        ``dst_pte == src_pte`` and rss charged to the child; a ``VM_DONTCOPY`` VMA, or a
+        page that may be pinned, gives -EAGAIN with ``recover_end``. On success
+        ``pmd_get_pte`` + ``pmd_install`` into the child and both PMDs are write-protected.
+
+        Simplification: v4 takes the table reference and installs the child's PMD before
+        processing the entries; the model does it after. Under the source PTL, with the
+        child not yet running, the order is invisible except to DH's shared-table-write
+        sanity check, which would otherwise fire on fork's own write-protection.
+
+        Flaw ``wipeonfork-shared`` (analysis C4): v4 checks only ``VM_DONTCOPY``, so a
+        ``VM_WIPEONFORK`` VMA inside the PMD is shared and the child sees the parent's
+        data. Fixed: ``VM_WIPEONFORK`` also refuses sharing (-EAGAIN).
+
+        Returns ``(0 | -EAGAIN | -ENOMEM, recover_end offset)``.
+        Lock contract: both mmap_locks write; takes the src PTL (+ the child's
+        page_table_lock for ``pmd_install``).
+        """
+        src_mm, dst_mm = src_vma.mm, dst_vma.mm
+        P = self.P
+        spmd = src_mm.pmd[idx]
+        table = spmd.table
+        ptl = self.pte_lockptr(src_mm, table)
+        yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
+        ret, recover_end = 0, 0
+        for curr in src_mm.vmas_in(idx * P, (idx + 1) * P):
+            vlo = max(curr.start, idx * P) - idx * P
+            vhi = min(curr.end, (idx + 1) * P) - idx * P
+            refuse = bool(curr.flags & VM_DONTCOPY)
+            if not self.config.has("wipeonfork-shared"):
+                refuse = refuse or bool(curr.flags & VM_WIPEONFORK)
+            if refuse:
+                ret, recover_end = -EAGAIN, vlo
+                break
+            self._recover_at = -1
+            r = yield from self.copy_pte_entries(t, curr, curr, table, table, vlo, vhi,
+                                                 dst_mm=dst_mm)
+            if r == -EAGAIN:
+                ret, recover_end = -EAGAIN, self._recover_at
+                break
+            if r:
+                ret = r
+                recover_end = vlo
+                break
+        if ret == 0:
+            self.pmd_get_pte(spmd)
+            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+            dst_mm.pmd[idx] = PmdEntry(table, False)  # set_pmd_at(dst, pmd_wrprotect(src))
+            dst_mm.mm_inc_nr_ptes()
+            self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+            spmd.write = False  # pmdp_set_wrprotect(src)
+        self.unlock(t, ptl, WRITE, "copy_cow_pte_range")
+        yield "copy_cow_pte_range:done"
+        return ret, recover_end
+
+    def recover_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int,
+                          recover_end: int) -> Gen:
+        """``recover_pte_range``: give the child a private table holding the entries
+        ``[PMD start, recover_end)`` already processed (accounted, write-protected).
+
+        v4 leaks the parent's table reference if this ``pte_alloc`` fails (reference
+        notes C3); the model instead undoes the child's accounting of the processed
+        entries and fails the fork with -ENOMEM (not catalogued as a flaw).
+        Lock contract: both mmap_locks write; takes both PTLs.
+        """
+        src_mm, dst_mm = src_vma.mm, dst_vma.mm
+        table = src_mm.pmd[idx].table
+        new = self.pte_alloc_one(dst_mm, "recover_pte_range")
+        if new is None:
+            sptl = self.pte_lockptr(src_mm, table)
+            yield from self.lock(t, sptl, WRITE, "recover_pte_range")
+            self.zap_pte_range(t, _VmaView(dst_mm, src_vma), table, idx, 0, recover_end,
+                               clear=False)
+            self.unlock(t, sptl, WRITE, "recover_pte_range")
+            return -ENOMEM
+        yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        self.pmd_populate(dst_mm, idx, new)
+        self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        dptl = self.pte_lockptr(dst_mm, new)
+        sptl = self.pte_lockptr(src_mm, table)
+        yield from self.lock(t, dptl, WRITE, "recover_pte_range")
+        yield from self.lock(t, sptl, WRITE, "recover_pte_range")
+        if recover_end:
+            self.set_ptes(t, dst_mm, new, 0, table.entries[:recover_end].copy(),
+                          "recover_pte_range")
+        self.unlock(t, sptl, WRITE, "recover_pte_range")
+        self.unlock(t, dptl, WRITE, "recover_pte_range")
+        return 0
+
+    # ------------------------------------------------------------------ breaking COW
+    def break_cow_pte(self, t: Thread, vma: Vma, idx: int, site: str,
+                      nofail: bool = False) -> Gen:
+        """``break_cow_pte``: unshare the table behind ``vma``'s PMD ``idx``.
+
+        Returns 0 (not shared, reused, or broken) or -ENOMEM.
+        """
+        return (yield from self.handle_cow_pte_fault(t, vma, idx, 0, site, nofail))
+
+    def break_cow_pte_range(self, t: Thread, vma: Vma, start: int, end: int) -> Gen:
+        """``break_cow_pte_range``: break every PMD of ``[start, end)``; returns the
+        number of failures, or -EINVAL if the range is not inside the VMA."""
+        if start < vma.start or end > vma.end:
+            return -22
+        fails = 0
+        for idx in range(start // self.P, (end - 1) // self.P + 1):
+            r = yield from self.break_cow_pte(t, vma, idx, "break_cow_pte_range")
+            fails += r != 0
+        return fails
+
+    def handle_cow_pte_fault(self, t: Thread, vma: Vma, idx: int, flags: int, site: str,
+                             nofail: bool = False) -> Gen:
+        """``handle_cow_pte_fault`` (v4 03/14): returns 0, -ENOMEM or VM_FAULT_RETRY.
+
+        Entry: nothing to do if ``pmd_none`` or ``pmd_write``. Fast path (under the
+        table's PTL): ``cow_pte_count == 1`` → make the PMD writable. Slow path: copy the
+        entries (already accounted and write-protected) into a new table for this mm
+        and drop the old table's reference; flush the TLB.
+        """
+        mm = vma.mm
+        pmd = mm.pmd.get(idx)
+        if pmd is None or pmd.write:
+            return 0
+        # Flaw fault-asserts-write-lock (seed thread, review R3): v4 asserts
+        # mmap_assert_write_locked() here although faults, MADV_DONTNEED/FREE and
+        # rmap callers do not hold mmap_lock for write — a lockdep splat (DH: "you
+        # didn't test with lockdep enabled"). Fixed: assert what callers hold
+        # (mmap_lock in any mode, or the VMA lock, or the rmap/anon_vma lock).
+        if self.config.has("fault-asserts-write-lock"):
+            self.mmap_assert_write_locked(t, mm, "handle_cow_pte_fault")
+        # Flaw vma-lock-fault-breaks-shared (seed, review R4): under a per-VMA lock v4
+        # breaks a table that also maps neighbouring VMAs which that lock does not
+        # cover, with the same slow path it uses under mmap_lock; munmap/mprotect of a
+        # neighbour (mmap_lock write) runs concurrently. Fixed: a fault that meets a
+        # shared table under the VMA lock returns VM_FAULT_RETRY and is retried under
+        # mmap_lock.
+        if flags & FAULT_FLAG_VMA_LOCK and not self.config.has("vma-lock-fault-breaks-shared"):
+            return VM_FAULT_RETRY
+        mm.write_protect_seq += 1  # raw_write_seqcount_begin: GUP-fast backs off
+        try:
+            ret = yield from self._break_table(t, vma, idx, nofail,
+                                               racy=bool(flags & FAULT_FLAG_VMA_LOCK))
+        finally:
+            mm.write_protect_seq += 1
+        return ret
+
+    def _break_table(self, t: Thread, vma: Vma, idx: int, nofail: bool, racy: bool) -> Gen:
+        mm = vma.mm
+        pmd = mm.pmd.get(idx)
+        if pmd is None or pmd.write:
+            return 0
+        table = pmd.table
+        ptl = self.pte_lockptr(mm, table)
+        yield from self.lock(t, ptl, WRITE, "handle_cow_pte_fault")
+        cur = mm.pmd.get(idx)
+        if cur is not pmd or pmd.write:
+            self.unlock(t, ptl, WRITE, "handle_cow_pte_fault")
+            return 0
+        if self.cow_pte_count(table) == 1:
+            pmd.write = True  # fast path: reuse the table
+            self.unlock(t, ptl, WRITE, "handle_cow_pte_fault")
+            self._flush_tlb_range(t, mm, idx)
+            return 0
+        self.unlock(t, ptl, WRITE, "handle_cow_pte_fault")
+        if self.config.has("pmd-clear-window") or (
+                racy and self.config.has("vma-lock-fault-breaks-shared")):
+            return (yield from self._break_slow_v4(t, vma, idx, pmd, nofail))
+        return (yield from self._break_slow_fixed(t, vma, idx, pmd, nofail))
+
+    def _break_slow_v4(self, t: Thread, vma: Vma, idx: int, cowed: PmdEntry,
+                       nofail: bool) -> Gen:
+        """v4's slow path.
+
+        Flaw ``pmd-clear-window`` (seed, review R3; DH: "what stops another page fault
+        stumbling over that pmd_none() and allocating an empty page table?"): v4 does
+        ``mm_dec_nr_ptes`` and ``pmd_clear`` and allocates the new table with **no lock
+        held**; a concurrent fault in the same mm sees ``pmd_none``, installs an empty
+        table and maps a page; v4 then sets the PMD to its copy without re-checking it:
+        the concurrent mapping is lost, its table and page leaked. Fixed
+        (:meth:`_break_slow_fixed`): allocate first, then copy and install under the PMD
+        lock and the old table's PTL after re-checking ``pmd_same``; the PMD is never
+        none in between.
+
+        Flaw ``nr-ptes-on-oom`` (analysis C3): if that allocation fails v4 restores the
+        old PMD but not ``nr_ptes``, so ``pgtables_bytes`` is off at teardown. Fixed:
+        re-charge it.
+        """
+        mm = vma.mm
+        old = cowed.table
+        mm.mm_dec_nr_ptes()
+        if mm.pmd.get(idx) is cowed:
+            del mm.pmd[idx]  # pmd_clear
+        yield "handle_cow_pte_fault:pmd_cleared"
+        new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
+        if new is None:
+            mm.pmd[idx] = cowed  # set_pmd_at(..., cowed)
+            if not self.config.has("nr-ptes-on-oom"):
+                mm.mm_inc_nr_ptes()
+            return -ENOMEM
+        yield "handle_cow_pte_fault:allocated"
+        # pte_alloc_map_lock as v4 uses it: the PMD is set to the new table without
+        # looking at what a concurrent fault may have installed meanwhile.
+        mm.pmd[idx] = PmdEntry(new, True)
+        mm.mm_inc_nr_ptes()
+        nptl = self.pte_lockptr(mm, new)
+        optl = self.pte_lockptr(mm, old)
+        yield from self.lock(t, nptl, WRITE, "handle_cow_pte_fault")
+        yield from self.lock(t, optl, WRITE, "handle_cow_pte_fault")
+        if not self.check_table_live(old, "handle_cow_pte_fault"):
+            self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
+            self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
+            return 0
+        self.set_ptes(t, mm, new, 0, old.entries.copy(), "handle_cow_pte_fault")
+        if not self.pmd_put_pte(cowed):
+            # The count was 1: someone else dropped theirs meanwhile. Clear and free the
+            # new table and re-install the old one as writable.
+            self.set_ptes(t, mm, new, 0, np.zeros(self.P, dtype=np.int64),
+                          "handle_cow_pte_fault")
+            mm.pmd[idx] = PmdEntry(old, True)
+            self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
+            self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
+            self.pte_free(new, "handle_cow_pte_fault")
+        else:
+            self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
+            self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
+        self._flush_tlb_range(t, mm, idx)
+        return 0
+
+    def _break_slow_fixed(self, t: Thread, vma: Vma, idx: int, cowed: PmdEntry,
+                          nofail: bool) -> Gen:
+        """The fixed slow path: allocate, then under ``page_table_lock`` (the PMD lock)
+        and the old table's PTL re-check ``pmd_same`` and either reuse (count fell to
+        1), or copy, install and drop the reference. No ``pmd_none`` window; an
+        allocation failure changes nothing."""
+        mm = vma.mm
+        new = self.pte_alloc_one(mm, "break_cow_pte", nofail)
+        if new is None:
+            return -ENOMEM
+        yield "break_cow_pte:allocated"
+        old = cowed.table
+        optl = self.pte_lockptr(mm, old)
+        # Same nesting as copy_cow_pte_range (table PTL, then the PMD lock).
+        yield from self.lock(t, optl, WRITE, "break_cow_pte")
+        yield from self.lock(t, mm.page_table_lock, WRITE, "break_cow_pte")
+        cur = mm.pmd.get(idx)
+        if cur is not cowed or cur.write or old.freed:
+            pass  # somebody else broke or unmapped it meanwhile
+        elif self.cow_pte_count(old) == 1:
+            cowed.write = True
+        else:
+            new.entries[:] = old.entries  # populating a private, unreachable table
+            mm.pmd[idx] = PmdEntry(new, True)
+            old.refcount -= 1
+            new = None
+        self.unlock(t, mm.page_table_lock, WRITE, "break_cow_pte")
+        self.unlock(t, optl, WRITE, "break_cow_pte")
+        if new is not None:
+            self.pte_free(new, "break_cow_pte")
+        self._flush_tlb_range(t, mm, idx)
+        return 0
+
+    # ------------------------------------------------------------------ fault hooks
+    def cow_fault_hook(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
+        """``__handle_mm_fault`` hook: break on write/unshare faults and on any fault
+        in a VMA with ``vm_ops`` (shmem); anonymous read faults do not break."""
+        if not (flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE) or vma.shared):
+            return VM_FAULT_OK
+        idx = vpn // self.P
+        ret = yield from self.handle_cow_pte_fault(t, vma, idx, flags, "handle_mm_fault")
+        if ret == VM_FAULT_RETRY:
+            return VM_FAULT_RETRY
+        return VM_FAULT_OOM if ret == -ENOMEM else VM_FAULT_OK
+
+    def cow_swapin_hook(self, t: Thread, vma: Vma, vpn: int) -> Gen:
+        """``handle_pte_fault`` breaks COW before ``do_swap_page``.
+
+        Flaw ``swapin-ignores-break-failure`` (analysis C2): v4 ignores the result, so
+        when the break fails ``do_swap_page`` installs a present PTE in the shared
+        table: the other process's rss (MM_SWAPENTS/MM_ANONPAGES) drifts. Fixed: the
+        failure becomes VM_FAULT_OOM.
+        """
+        ret = yield from self.handle_cow_pte_fault(t, vma, vpn // self.P, 0, "do_swap_page")
+        if ret == VM_FAULT_RETRY:
+            return VM_FAULT_RETRY
+        if ret and not self.config.has("swapin-ignores-break-failure"):
+            return VM_FAULT_OOM
+        return VM_FAULT_OK
+
+    # ------------------------------------------------------------------ walkers
+    def cow_break_for_walker(self, t: Thread, vma: Vma, idx: int, site: str) -> Gen:
+        """Walkers that modify entries call ``break_cow_pte`` first."""
+        return (yield from self.break_cow_pte(t, vma, idx, site))
+
+    def cow_madvise_break(self, t: Thread, vma: Vma, idx: int, site: str) -> Gen:
+        """``madvise_free_pte_range``'s break.
+
+        Flaw ``walker-skips-break`` (seed, review R1; DH: "forgetting to break COW on a
+        PTE in some pgtable walker feels quite likely"): the MADV_FREE walker modifies
+        the shared table without breaking it, so the other process's PTEs lose their
+        dirty bits and its pages become lazyfree; reclaim then discards its data.
+        Fixed: break first (a failure skips the PMD: MADV_FREE is only a hint).
+        """
+        if self.config.has("walker-skips-break"):
+            return 0
+        return (yield from self.break_cow_pte(t, vma, idx, site))
+
+    def cow_mprotect_prepare(self, t: Thread, mm: MmStruct, start: int, end: int) -> Gen:
+        """Fixed mprotect is all-or-nothing: every shared table in the range is broken
+        before any entry or VMA changes; a failure returns -ENOMEM with nothing
+        changed. (As posted there is no such pass; see :meth:`cow_change_prot_failed`.)"""
+        if self.config.has("mprotect-ignores-break-failure"):
+            return 0
+        P = self.P
+        for v in mm.vmas_in(start, end):
+            s, e = max(v.start, start), min(v.end, end)
+            for idx in range(s // P, (e - 1) // P + 1):
+                r = yield from self.break_cow_pte(t, v, idx, "change_protection")
+                if r:
+                    return -ENOMEM
+        return 0
+
+    def cow_change_prot_failed(self, t: Thread, vma: Vma, idx: int, err: int) -> int:
+        """``change_pte_range`` after ``break_cow_pte`` failed.
+
+        Flaw ``mprotect-ignores-break-failure`` (seed, review R2; DH: "looking at your
+        change_pte_range() change, I suspect it's wrong"): v4 returns 0 for the PMD,
+        skipping it, and mprotect still succeeds and updates the VMA: the PTEs keep
+        their old protection. Fixed: cannot happen (tables were broken up front by
+        :meth:`cow_mprotect_prepare`); if it does, the error propagates.
+        """
+        if self.config.has("mprotect-ignores-break-failure"):
+            return 0
+        return err
+
+    def cow_zap_hook(self, t: Thread, vma: Vma, idx: int, lo: int, hi: int) -> Gen:
+        """``zap_pte_range`` on a COW-ed PMD.
+
+        Flaw ``zap-partial-shared`` (analysis C1): v4 tests whether the *VMA* covers
+        the whole PMD, not whether the *zap range* does. If it does and the table is
+        shared, v4 leaves the entries in place (``pte_is_shared``) while still doing
+        rmap, rss and page-put per entry — correct for munmap/exit, where
+        ``free_pgtables`` then drops the PMD, but MADV_DONTNEED keeps the PMD: the
+        caller keeps reading old data and a later zap decrements again. Otherwise v4
+        breaks and ignores a failure. Fixed: a zap covering the whole PMD drops this
+        mm's reference (accounting, then ``pmd_put_pte`` + ``pmd_clear``); a partial zap
+        breaks COW first with a ``__GFP_NOFAIL`` allocation.
+
+        Returns True if the entries must not be zapped by the caller.
+        """
+        mm = vma.mm
+        P = self.P
+        pmd = mm.pmd.get(idx)
+        if pmd is None or pmd.write:
+            return False
+        if self.config.has("zap-partial-shared"):
+            covers = vma.start <= idx * P and vma.end >= (idx + 1) * P
+            if not covers:
+                yield from self.break_cow_pte(t, vma, idx, "zap_pte_range")
+                return False
+            got = yield from self.pte_offset_map_lock(t, mm, idx, "zap_pte_range")
+            if got is None:
+                return True
+            table, ptl = got
+            cur = mm.pmd.get(idx)
+            if self.cow_pte_count(table) == 1:
+                cur.write = True
+                self.unlock(t, ptl, WRITE, "zap_pte_range")
+                return False
+            self.zap_pte_range(t, vma, table, idx, lo, hi, clear=False)
+            self.unlock(t, ptl, WRITE, "zap_pte_range")
+            return True
+        if lo == 0 and hi == P:
+            got = yield from self.pte_offset_map_lock(t, mm, idx, "zap_pte_range")
+            if got is None:
+                return True
+            table, ptl = got
+            cur = mm.pmd.get(idx)
+            if cur.write or self.cow_pte_count(table) == 1:
+                cur.write = True
+                self.unlock(t, ptl, WRITE, "zap_pte_range")
+                return False
+            self.zap_pte_range(t, vma, table, idx, lo, hi, clear=False)
+            self.pmd_put_pte(cur)
+            del mm.pmd[idx]
+            mm.mm_dec_nr_ptes()
+            self.unlock(t, ptl, WRITE, "zap_pte_range")
+            self._flush_tlb_range(t, mm, idx)
+            return True
+        yield from self.break_cow_pte(t, vma, idx, "zap_pte_range", nofail=True)
+        return False
+
+    def cow_free_table(self, t: Thread, mm: MmStruct, idx: int, pmd: PmdEntry) -> bool:
+        """``free_pmd_range`` with COW PTE: if ``pmd_put_pte`` succeeds the table lives
+        on for its other sharers (only this PMD is cleared)."""
+        return self.pmd_put_pte(pmd)
+
+    def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable,
+                       site: str) -> Gen:
+        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (``try_to_unmap_one``;
+        ``folio_referenced_one`` may clear young bits in a shared table).
+
+        Flaw ``rmap-stale-table`` (review R5; DH: "when a page table gets replaced and
+        modified, while rmap code still walks the shared copy"): the walker found the
+        table before a concurrent break replaced it; v4 decides whether to break from
+        the PMD it sees now but keeps the table it found, and does not re-validate the
+        PMD under the PTL, so it modifies the old table on behalf of this mm. Fixed: use
+        the table the PMD points at after breaking, and re-validate under the PTL
+        (:meth:`rmap_table_still_valid`).
+        """
+        mm = vma.mm
+        if site == "try_to_unmap_one":
+            pmd = mm.pmd.get(idx)
+            if pmd is not None and not pmd.write:
+                r = yield from self.break_cow_pte(t, vma, idx, "page_vma_mapped_walk")
+                if r:
+                    return None  # not_found()
+        if self.config.has("rmap-stale-table"):
+            return table
+        cur = mm.pmd.get(idx)
+        return None if cur is None else cur.table
+
+    def rmap_table_still_valid(self, mm: MmStruct, idx: int, table: PteTable) -> bool:
+        """See :meth:`cow_rmap_table` (flaw ``rmap-stale-table``: no re-validation)."""
+        if self.config.has("rmap-stale-table"):
+            return True
+        return super().rmap_table_still_valid(mm, idx, table)
+
+
+class _VmaView:
+    """A VMA as seen from another mm (for undoing the child's accounting)."""
+
+    def __init__(self, mm: MmStruct, vma: Vma) -> None:
+        self.mm = mm
+        self.start = vma.start
+        self.end = vma.end
+        self.flags = vma.flags
+        self.shared = vma.shared
+
+
+_ = (_done, EAGAIN, ENOMEM)
