@@ -21,6 +21,9 @@ Format (``version: 1``)::
       - {tid: 1, step: 2}                                           # two preemption points
       - {tid: 1, until: "wp_page_copy:copied"}                      # step to a label
       - {tid: 1, finish: true}                                      # run to completion
+      - {tid: 2, run: true}         # step while runnable: stops when done or blocked,
+                                    # a no-op on an idle thread (schedules that must
+                                    # run on several variants whose locking differs)
       - {event: fail_nth, n: 1}                                     # pressure event
     expect:
       violation: null       # or {kind, site[, step]} or a list of them
@@ -49,7 +52,7 @@ from .kernel.ops import ERRNO_NAMES, OPS, validate_args
 from .kernel.trace import KINDS, Violation, trace_hash
 
 FORMAT_VERSION = 1
-STEP_KINDS = ("do", "start", "step", "until", "finish", "event")
+STEP_KINDS = ("do", "start", "step", "until", "finish", "run", "event")
 MAX_UNTIL = 10_000
 
 
@@ -166,7 +169,8 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int) -> dict[str, An
     allowed = {"do": {"tid", "do", "args", "as", "expect", "check"},
                "start": {"tid", "start", "args", "as", "expect", "check"},
                "step": {"tid", "step"}, "until": {"tid", "until"},
-               "finish": {"tid", "finish"}, "event": {"event", "n"}}[kind]
+               "finish": {"tid", "finish"}, "run": {"tid", "run"},
+               "event": {"event", "n"}}[kind]
     extra = set(s) - allowed
     if extra:
         raise ValueError(f"{w}.{sorted(extra)[0]}: unknown field for a '{kind}' step")
@@ -183,7 +187,7 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int) -> dict[str, An
     out["tid"] = _tid(s["tid"], f"{w}.tid")
     if kind in ("do", "start"):
         op = s[kind]
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:
             raise ValueError(f"{w}.{kind}: unknown operation {op!r} (known: {', '.join(OPS)})")
         if OPS[op].kthread != (out["tid"] == 0):
             who = "kswapd (tid 0)" if OPS[op].kthread else "a user thread (tid >= 1)"
@@ -211,7 +215,8 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int) -> dict[str, An
             ok = isinstance(ev, int) and not isinstance(ev, bool)
             ok = ok or (isinstance(ev, str) and (ev in bound or ev == "zero"
                                                  or ev.lstrip("-") in ERRNO_NAMES.values()))
-            ok = ok or (isinstance(ev, dict) and set(ev) == {"not"} and ev["not"] in bound)
+            ok = ok or (isinstance(ev, dict) and set(ev) == {"not"} and isinstance(ev["not"], str)
+                        and ev["not"] in bound)
             if not ok:
                 raise ValueError(f"{w}.expect: expected an int, 'zero', an errno like -EFAULT, "
                                  f"a bound name or {{not: NAME}}, got {ev!r}")
@@ -226,7 +231,45 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int) -> dict[str, An
             raise ValueError(f"{w}.until: expected a preemption label 'function:point'")
     elif kind == "finish" and s["finish"] is not True:
         raise ValueError(f"{w}.finish: expected true")
+    elif kind == "run" and s["run"] is not True:
+        raise ValueError(f"{w}.run: expected true")
     return out
+
+
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def _check_extras(extra: dict[str, Any], nsteps: int) -> None:
+    """Validate the recording fields ``outcome`` and ``recorded`` (see cowenv.replay)."""
+    if "outcome" in extra:
+        o = extra["outcome"]
+        if not isinstance(o, dict):
+            raise ValueError("outcome: expected a mapping with trace_hash, steps, events, labels")
+        unknown = set(o) - {"trace_hash", "steps", "events", "labels"}
+        if unknown:
+            raise ValueError(f"outcome.{sorted(unknown)[0]}: unknown field "
+                             "(expected trace_hash, steps, events, labels)")
+        h = o.get("trace_hash")
+        if h is not None and not (isinstance(h, str) and len(h) == 64 and set(h) <= _HEX64):
+            raise ValueError(f"outcome.trace_hash: expected 64 lowercase hex digits (SHA-256), "
+                             f"got {h!r}")
+        for k in ("steps", "events"):
+            if k in o and _int(o[k], f"outcome.{k}") < 0:
+                raise ValueError(f"outcome.{k}: expected >= 0")
+        if "labels" in o:
+            lab = o["labels"]
+            if not isinstance(lab, list) or not all(x is None or isinstance(x, str) for x in lab):
+                raise ValueError("outcome.labels: expected a list of preemption labels or null")
+            if len(lab) != nsteps:
+                raise ValueError(f"outcome.labels: expected one entry per step ({nsteps}), "
+                                 f"got {len(lab)}")
+    if "recorded" in extra:
+        r = extra["recorded"]
+        if not isinstance(r, dict):
+            raise ValueError("recorded: expected a mapping of provenance fields")
+        for k, v in r.items():
+            if not isinstance(k, str) or not (v is None or isinstance(v, str | int | float | bool)):
+                raise ValueError(f"recorded.{k}: expected a plain value (string or number)")
 
 
 def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
@@ -259,6 +302,9 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
         cfg_d = data.get("config", {}) or {}
         if not isinstance(cfg_d, dict):
             raise ValueError("config: expected a mapping")
+        for key in ("preset", "variant", "fault_mode"):
+            if key in cfg_d and not isinstance(cfg_d[key], str):
+                raise ValueError(f"config.{key}: expected a name, got {cfg_d[key]!r}")
         try:
             cfg = config_from_dict(cfg_d)
         except ValueError as e:
@@ -278,10 +324,17 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
             if k not in PRESETS:
                 raise ValueError(f"expect_by_variant.{k}: expected one of {', '.join(PRESETS)}")
             ebv[k] = _parse_expectation(v, f"expect_by_variant.{k}")
+        for i, st in enumerate(steps):
+            if st.get("tid", 0) > cfg.max_threads:
+                raise ValueError(f"steps[{i}].tid: expected 0 (kswapd) to {cfg.max_threads} "
+                                 f"(config.max_threads), got {st['tid']}")
         extra_d = {k: data[k] for k in ("outcome", "recorded") if k in data}
+        _check_extras(extra_d, len(steps))
         return Scenario(name, desc, cfg, steps, expect, ebv, seed, path, version, extra_d)
     except ValueError as e:
         raise ScenarioError(f"{path}: {e}") from None
+    except (TypeError, KeyError, AttributeError) as e:  # last resort: still one line
+        raise ScenarioError(f"{path}: malformed scenario ({type(e).__name__}: {e})") from None
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -291,6 +344,8 @@ def load_scenario(path: str | Path) -> Scenario:
         text = p.read_text()
     except OSError as e:
         raise ScenarioError(f"{p}: cannot read file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"{p}: byte {e.start}: not UTF-8 text (expected a YAML file)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -315,13 +370,31 @@ def collect(paths: list[str]) -> list[Path]:
     return out
 
 
+def dump_scenario(data: dict[str, Any]) -> str:
+    """Return readable YAML for scenario data: block style, one flow-style line per step.
+
+    ``yaml.safe_load(dump_scenario(d)) == d`` for any plain scenario data.
+    """
+    out = []
+    for key, v in data.items():
+        if key == "steps" and isinstance(v, list) and v:
+            out.append("steps:")
+            out.extend("  - " + yaml.safe_dump(s, sort_keys=False, default_flow_style=True,
+                                               width=1 << 20).rstrip("\n") for s in v)
+        else:
+            flow = None if isinstance(v, dict | list) and v else False
+            out.append(yaml.safe_dump({key: v}, sort_keys=False, default_flow_style=flow,
+                                      width=100).rstrip("\n"))
+    return "\n".join(out) + "\n"
+
+
 def save_scenario(sc: Scenario | dict[str, Any], path: str | Path) -> None:
     """Write a scenario atomically (temp file + rename), readable YAML."""
     import os
     import tempfile
 
     data = sc.to_data() if isinstance(sc, Scenario) else sc
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    text = dump_scenario(data)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
@@ -478,6 +551,13 @@ def apply_step(k: Kernel, s: dict[str, Any], names: dict[str, Any], pending: dic
             if k.threads[tid].label == s["until"]:
                 return
         raise StepError(f"thread {tid} did not reach {s['until']}")
+    if "run" in s:
+        for _ in range(MAX_UNTIL):
+            t = k.threads.get(tid)
+            if t is None or t.gen is None or not k.is_runnable(t):
+                return
+            step_once(tid)
+        raise StepError(f"thread {tid} did not finish or block")
     if "finish" in s:
         for _ in range(MAX_UNTIL):
             t = k.threads.get(tid)

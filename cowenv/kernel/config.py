@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: The flaw catalogue of BRIEF §4. Ids are stable public names; order is the catalogue's.
+#: ``read-fault-fills-shared`` (reference notes C8) was added by cowenv: an anonymous read
+#: fault on ``pte_none`` installs the zero-page PTE into the shared table.
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -22,6 +24,7 @@ FLAW_IDS: tuple[str, ...] = (
     "nr-ptes-on-oom",
     "wipeonfork-shared",
     "gup-fast-fork-race",
+    "read-fault-fills-shared",
 )
 
 #: Variant names. ``classic`` is upstream (>= 6.2) semantics; ``cowpte`` is COW PTE v4.

@@ -317,6 +317,13 @@ class CowPteKernel(Kernel):
         if self.config.has("pmd-clear-window") or (
                 racy and self.config.has("vma-lock-fault-breaks-shared")):
             return (yield from self._break_slow_v4(t, vma, idx, pmd, nofail))
+        if self.config.has("nr-ptes-on-oom"):
+            # v4 uncharges the table before allocating (see _break_slow_v4).
+            mm.mm_dec_nr_ptes()
+            ret = yield from self._break_slow_fixed(t, vma, idx, pmd, nofail)
+            if ret == 0:
+                mm.mm_inc_nr_ptes()
+            return ret
         return (yield from self._break_slow_fixed(t, vma, idx, pmd, nofail))
 
     def _break_slow_v4(self, t: Thread, vma: Vma, idx: int, cowed: PmdEntry,
@@ -388,7 +395,7 @@ class CowPteKernel(Kernel):
         new = self.pte_alloc_one(mm, "break_cow_pte", nofail)
         if new is None:
             return -ENOMEM
-        yield "break_cow_pte:allocated"
+        yield "handle_cow_pte_fault:allocated"
         old = cowed.table
         optl = self.pte_lockptr(mm, old)
         # Same nesting as copy_cow_pte_range (table PTL, then the PMD lock).
@@ -415,9 +422,17 @@ class CowPteKernel(Kernel):
     def cow_fault_hook(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
         """``__handle_mm_fault`` hook: break on write/unshare faults and on any fault
         in a VMA with ``vm_ops`` (shmem); anonymous read faults do not break."""
-        if not (flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE) or vma.shared):
-            return VM_FAULT_OK
         idx = vpn // self.P
+        if not (flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE) or vma.shared):
+            # Flaw read-fault-fills-shared (reference notes C8): v4 does not break on an
+            # anonymous read fault, so do_anonymous_page installs the zero-page PTE into
+            # the shared table (DH's shared-table-write check fires; harmless only while
+            # every sharer's VMA is identical). Fixed: a read fault that would fill a
+            # pte_none entry of a shared table breaks COW first.
+            pmd = vma.mm.pmd.get(idx)
+            if (self.config.has("read-fault-fills-shared") or pmd is None or pmd.write
+                    or int(pmd.table.entries[vpn % self.P]) != 0):
+                return VM_FAULT_OK
         ret = yield from self.handle_cow_pte_fault(t, vma, idx, flags, "handle_mm_fault")
         if ret == VM_FAULT_RETRY:
             return VM_FAULT_RETRY

@@ -1170,6 +1170,20 @@ class Kernel:
         mm.insert_vma(new)
         return new
 
+    def vma_split_range(self, t: Thread, mm: MmStruct, start: int, end: int) -> Gen:
+        """Write-lock every VMA overlapping ``[start, end)`` (``vma_start_write``), then
+        split at the boundaries; returns the VMAs inside.
+
+        ``__split_vma`` write-locks the VMA it shrinks and the new one (mm/mmap.c), so a
+        fault holding the old VMA's read lock (per-VMA-lock mode) finishes before the
+        boundary moves under it.
+
+        Lock contract: mmap_lock write.
+        """
+        for v in mm.vmas_in(start, end):
+            yield from self.vma_start_write(t, v)
+        return self._split_range(t, mm, start, end)
+
     def _split_range(self, t: Thread, mm: MmStruct, start: int, end: int) -> list[Vma]:
         """Split VMAs at ``start``/``end``; return the VMAs inside ``[start, end)``."""
         for v in mm.vmas_in(start, end):
@@ -1291,9 +1305,7 @@ class Kernel:
                       downgrade: bool) -> Gen:
         """``do_vmi_munmap``. With ``downgrade`` the caller's write lock becomes a read
         lock before the zap (the caller then releases READ)."""
-        vmas = self._split_range(t, mm, start, end)
-        for v in vmas:
-            yield from self.vma_start_write(t, v)
+        vmas = yield from self.vma_split_range(t, mm, start, end)
         for v in vmas:
             mm.vmas.remove(v)
             v.detached = True
@@ -1458,9 +1470,7 @@ class Kernel:
         if covered != end - start:
             self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
             return -ENOMEM
-        vmas = self._split_range(t, mm, start, end)
-        for v in vmas:
-            yield from self.vma_start_write(t, v)
+        vmas = yield from self.vma_split_range(t, mm, start, end)
         ret = yield from self.cow_mprotect_prepare(t, mm, start, end)
         if ret:
             self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
@@ -1551,9 +1561,8 @@ class Kernel:
             elif advice == "WIPEONFORK" and any(v.shared for v in vmas):
                 ret = -EINVAL  # madvise_vma_behavior: only private anonymous
             else:
-                vmas = self._split_range(t, mm, start, end)
+                vmas = yield from self.vma_split_range(t, mm, start, end)
                 for v in vmas:
-                    yield from self.vma_start_write(t, v)
                     if advice == "WIPEONFORK":
                         v.flags |= VM_WIPEONFORK
                     elif advice == "KEEPONFORK":
@@ -1888,18 +1897,25 @@ class Kernel:
         fl = pool.flags[pfn]
         anon = normal & ((fl & PG_anon) != 0)
         shm = normal & ((fl & PG_shmem) != 0)
-        share = normal & ~pinned
-        # Eager copies for maybe-pinned pages (copy_present_page).
+        # Eager copies for maybe-pinned pages (copy_present_page). If the allocation
+        # fails at entry i, copy_pte_range returns -ENOMEM with entries [lo, lo + i)
+        # already copied (mm/memory.c: -EAGAIN, page_copy_prealloc fails); the caller
+        # tears the half-built child down, so those entries must be fully accounted.
         dst = e.copy()
+        err = 0
         for i in np.nonzero(pinned)[0].tolist():
             new = self.alloc_page("copy_present_page")
             if new is None:
-                return -ENOMEM
+                err = -ENOMEM
+                e, dst, present, pfn = e[:i], dst[:i], present[:i], pfn[:i]
+                normal, anon, shm, pinned = normal[:i], anon[:i], shm[:i], pinned[:i]
+                break
             pool.content[new] = pool.content[int(pfn[i])]
             self.page_add_new_anon_rmap(new, dst_vma, int(pool.index[int(pfn[i])]))
             dst[i] = mk_pte(new, write=bool(dst_vma.flags & VM_WRITE), dirty=True,
                             young=True, user=bool(e[i] & PTE_USER))
             dst_mm.rss[MM_ANONPAGES] += 1
+        share = normal & ~pinned
         sp = pfn[share]
         if len(sp):
             self.get_pages(sp)
@@ -1925,11 +1941,11 @@ class Kernel:
             # COW PTE: one entry serves both; the parent's PTE is made old/clean too.
             if (dst != e).any():
                 self.set_ptes(t, src_mm, src_t, lo, dst, "copy_present_pte")
-        else:
+        elif len(e):
             if (src_new != e).any():
                 self.set_ptes(t, src_mm, src_t, lo, src_new, "copy_present_pte")
             self.set_ptes(t, dst_mm, dst_t, lo, dst, "copy_present_pte")
-        return 0
+        return err
 
     def sys_exit(self, t: Thread) -> Gen:
         """``do_exit``: the last thread of a process runs ``exit_mmap`` (``mmput``) and
@@ -2289,7 +2305,7 @@ class Kernel:
         if pmd is None:
             return None
         table = pmd.table
-        yield "page_vma_mapped_walk:table_found"
+        yield f"{site}:table_found"
         table = yield from self.cow_rmap_table(t, vma, idx, table, site)
         if table is None:
             return None
