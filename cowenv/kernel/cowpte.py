@@ -398,9 +398,11 @@ class CowPteKernel(Kernel):
         yield "handle_cow_pte_fault:allocated"
         old = cowed.table
         optl = self.pte_lockptr(mm, old)
-        # Same nesting as copy_cow_pte_range (table PTL, then the PMD lock).
+        # Same nesting as copy_cow_pte_range (table PTL, then the PMD lock); without
+        # split PTLs both are mm->page_table_lock.
         yield from self.lock(t, optl, WRITE, "break_cow_pte")
-        yield from self.lock(t, mm.page_table_lock, WRITE, "break_cow_pte")
+        if optl is not mm.page_table_lock:
+            yield from self.lock(t, mm.page_table_lock, WRITE, "break_cow_pte")
         cur = mm.pmd.get(idx)
         if cur is not cowed or cur.write or old.freed:
             pass  # somebody else broke or unmapped it meanwhile
@@ -411,7 +413,8 @@ class CowPteKernel(Kernel):
             mm.pmd[idx] = PmdEntry(new, True)
             old.refcount -= 1
             new = None
-        self.unlock(t, mm.page_table_lock, WRITE, "break_cow_pte")
+        if optl is not mm.page_table_lock:
+            self.unlock(t, mm.page_table_lock, WRITE, "break_cow_pte")
         self.unlock(t, optl, WRITE, "break_cow_pte")
         if new is not None:
             self.pte_free(new, "break_cow_pte")

@@ -1043,9 +1043,11 @@ class Kernel:
                                   orig | PTE_WRITE | PTE_DIRTY | PTE_YOUNG, "wp_page_reuse")
                 self.unlock(t, ptl, WRITE, "do_wp_page")
                 return VM_FAULT_OK
-        elif pfn == ZERO_PFN and unshare:
-            self.unlock(t, ptl, WRITE, "do_wp_page")
-            return VM_FAULT_OK
+        # The shared zero page has no struct page to reuse (vm_normal_page() is NULL), so
+        # an unshare fault on it -- which follow_page_pte requests for a FOLL_LONGTERM R/O
+        # pin -- copies it into a fresh R/O-mapped anon page like any other (mm/memory.c
+        # do_wp_page -> wp_page_copy, is_zero_pfn branch). Treating it as "nothing to do"
+        # made GUP retry until it gave up with -EFAULT.
         # wp_page_copy
         if pfn != ZERO_PFN:
             self.get_pages(np.array([pfn]))
@@ -1224,7 +1226,15 @@ class Kernel:
         if populate:
             yield "do_mmap:populate"
             yield from self.lock(t, mm.mmap_lock, READ, "__mm_populate")
-            ret = yield from self.populate_range(t, mm, vma, start, end)
+            # __mm_populate (mm/gup.c) works on the *range*: it looks the VMAs up again
+            # under the read lock, since the one just created may have been split,
+            # unmapped or replaced while no lock was held.
+            ret = 0
+            for v in mm.vmas_in(start, end):
+                ret = yield from self.populate_range(t, mm, v, max(start, v.start),
+                                                     min(end, v.end))
+                if ret:
+                    break
             self.unlock(t, mm.mmap_lock, READ, "__mm_populate")
             if ret:
                 return ret
@@ -1475,6 +1485,8 @@ class Kernel:
         if ret:
             self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
             return ret
+        if self.oracle is not None:
+            self.oracle.on_mprotect_begin(mm, start, end, bits)
         for v in vmas:
             r = yield from self.change_protection(t, v, bits)
             if r < 0:
@@ -1482,8 +1494,11 @@ class Kernel:
                 break
             v.flags = (v.flags & ~(VM_READ | VM_WRITE)) | (VM_READ if bits & 1 else 0) | (
                 VM_WRITE if bits & 2 else 0)
-        if self.oracle is not None and ret == 0:
-            self.oracle.on_mprotect(t, mm, start, end, bits)
+        if self.oracle is not None:
+            if ret == 0:
+                self.oracle.on_mprotect(t, mm, start, end, bits)
+            else:
+                self.oracle.on_mprotect_failed(mm, start, end, bits)
         self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
         return ret
 
@@ -1885,8 +1900,11 @@ class Kernel:
         else:
             pinned = np.zeros(len(e), dtype=bool)
         if pinned.any() and dst_t is src_t:
-            first = int(np.nonzero(pinned)[0][0])
-            self._recover_at = lo + first
+            # v4 processes entry by entry and stops at the first maybe-pinned page; the
+            # vectorised model checks the whole range first and processes none of it,
+            # so recovery starts at ``lo`` (the entries before the pinned one are then
+            # copied by the copy_pte_range fallback, with the same accounting).
+            self._recover_at = lo
             return -EAGAIN
         yield "copy_present_pte:checked"
         # Re-read: entries may have changed only through lockless paths (hardware A/D).
@@ -2270,7 +2288,6 @@ class Kernel:
             if slot is None:
                 self.folio_putback_lru(pfn)
                 return 0
-            self.swap.data[slot] = pool.content[pfn]
         yield from self.try_to_unmap(t, pfn, slot)
         if slot is not None and self.swap.swap_map[slot] == 0:
             self.swap.free_slot(slot)
@@ -2387,7 +2404,17 @@ class Kernel:
                 self.unlock(t, ptl, WRITE, "try_to_unmap_one")
                 break
             excl = bool(int(pool.flags[pfn]) & PG_anon_exclusive)
+            if excl and int(pool.refcount[pfn]) >= GUP_PIN_COUNTING_BIAS:
+                # page_try_share_anon_rmap() fails on a maybe-pinned exclusive page (a
+                # pin taken since shrink_folio checked): restore and stop (mm/rmap.c).
+                self.unlock(t, ptl, WRITE, "try_to_unmap_one")
+                break
             self.set_ptes(t, mm, table, off, swp_entry_to_pte(slot, excl), "try_to_unmap_one")
+            # With no swap cache in the model, the slot must hold the data from the first
+            # swap PTE on (a later fault reads it at once): the page can no longer change
+            # here -- this was its last writable mapping, or it is COW-shared (read-only
+            # everywhere) -- so writing it now equals pageout() after the unmap.
+            self.swap.data[slot] = pool.content[pfn]
             self.swap.swap_map[slot] += 1
             mm.rss[MM_ANONPAGES] -= 1
             mm.rss[MM_SWAPENTS] += 1

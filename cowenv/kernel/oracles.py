@@ -80,6 +80,10 @@ class Oracle:
         self.flux: dict[int, list[list[Any]]] = {}
         self.forking: dict[int, dict[int, set[int]]] = {}
         self.pins: dict[int, dict[str, Any]] = {}
+        # mprotect calls in progress per mm: (start, end, new prot). While one runs, user
+        # accesses may see the old or the new protection (PTEs change table by table).
+        self.mprotecting: dict[int, list[tuple[int, int, int]]] = {}
+        self.pin_seq = 0
         self.accounting_enabled = True
 
     # ------------------------------------------------------------------ regions
@@ -155,9 +159,28 @@ class Oracle:
             del d[v]
         self._detach_pins(mm, start, end)
 
+    def on_mprotect_begin(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
+        """mprotect starts changing PTEs: until it returns, an access in the range may
+        see the old or the new protection."""
+        self.mprotecting.setdefault(mm.id, []).append((start, end, prot))
+
+    def _end_mprotect(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
+        lst = self.mprotecting.get(mm.id, [])
+        if (start, end, prot) in lst:
+            lst.remove((start, end, prot))
+
+    def on_mprotect_failed(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
+        """mprotect returned an error after changing part of the range (as
+        ``do_mprotect_pkey`` does when a later VMA fails): each page now has either the
+        old or the new protection, and the caller cannot tell which."""
+        self._end_mprotect(mm, start, end, prot)
+        for r in self._carve(mm, start, end):
+            r.prot |= prot
+
     def on_mprotect(self, t: Thread, mm: MmStruct, start: int, end: int, prot: int) -> None:
         """mprotect succeeded: record the new protection and check the syscall contract
         (every present PTE in range has at most the new permissions)."""
+        self._end_mprotect(mm, start, end, prot)
         for r in self._carve(mm, start, end):
             r.prot = prot
         self.check_mprotect_contract(mm, start, end, prot)
@@ -182,7 +205,7 @@ class Oracle:
         """DONTNEED/FREE: until the call returns, a page reads old data or zero."""
         if advice not in ("DONTNEED", "FREE"):
             return
-        rec = [advice, start, end, {}]
+        rec = [advice, start, end, {}, self.pin_seq]
         self.flux.setdefault(mm.id, []).append(rec)
         d = self.anon.setdefault(mm.id, {})
         for s, e in self._anon_vpns(mm, start, end):
@@ -207,13 +230,15 @@ class Oracle:
                         d[v] = (tuple(sorted({0, *w})), True)
                     else:
                         del d[v]
-            # Pages zapped lose their pins' link to the address.
+            # Pages zapped lose their pins' link to the address. Pins taken while the
+            # zap ran may be on a page faulted in after it: they stay (loosely) attached.
             for s, e in self._anon_vpns(mm, start, end):
-                self._detach_pins(mm, s, e)
+                self._detach_pins(mm, s, e, max_seq=rec[4])
 
-    def _flux_write(self, mm: MmStruct, vpn: int, tok: int) -> Entry:
+    def _flux_write(self, mm_id: int, vpn: int, tok: int) -> Entry:
         e: Entry = ((tok,), True)
-        for kind, s, end, written in self.flux.get(mm.id, []):
+        for rec in self.flux.get(mm_id, []):
+            kind, s, end, written = rec[0], rec[1], rec[2], rec[3]
             if s <= vpn < end:
                 written.setdefault(vpn, []).append(tok)
                 if kind == "FREE":
@@ -221,6 +246,19 @@ class Oracle:
                 else:
                     e = ((0, tok), True)
         return e
+
+    def _in_dontneed(self, key: tuple[Any, ...] | None) -> bool:
+        """Whether a MADV_DONTNEED in progress covers anon ``key`` (its page may or may
+        not have been zapped yet)."""
+        if key is None or key[0] != "a":
+            return False
+        return any(rec[0] == "DONTNEED" and rec[1] <= key[2] < rec[2]
+                   for rec in self.flux.get(key[1], []))
+
+    @staticmethod
+    def _add(e: Entry, tok: int) -> Entry:
+        """Entry ``e`` that may also hold ``tok`` now."""
+        return (tuple(sorted(set(e[0]) | {tok})), e[1])
 
     def on_fork_begin(self, oldmm: MmStruct) -> None:
         """Writes by other threads during fork may or may not reach the child."""
@@ -257,6 +295,7 @@ class Oracle:
         self.regions.pop(mm.id, None)
         self.anon.pop(mm.id, None)
         self.flux.pop(mm.id, None)
+        self.mprotecting.pop(mm.id, None)
 
     # ------------------------------------------------------------------ user access
     def _contract_access(self, t: Thread, mm: MmStruct, vpn: int, write: bool) -> bool:
@@ -266,8 +305,14 @@ class Oracle:
                           f"{'store' if write else 'load'} at page {vpn:#x} of mm{mm.id} "
                           f"succeeded after munmap")
             return False
-        need = 2 if write else 1
-        if not r.prot & need:
+        # x86 semantics (arch/x86/mm/fault.c access_error, vma_is_accessible): a store
+        # needs PROT_WRITE; a load needs any of PROT_READ/PROT_WRITE (no write-only pages).
+        need = 2 if write else 3
+        prot = r.prot
+        for s, e, p in self.mprotecting.get(mm.id, []):
+            if s <= vpn < e:
+                prot |= p
+        if not prot & need:
             self.k.report("syscall-contract", "mprotect",
                           f"{'store' if write else 'load'} at page {vpn:#x} of mm{mm.id} "
                           f"succeeded although the range is PROT_{'NONE' if not r.prot else 'READ'}")
@@ -284,12 +329,15 @@ class Oracle:
             if f is not None:
                 f.setdefault(vpn, set()).update(self._get(key)[0])
                 f[vpn].add(tok)
-            self._set(key, self._flux_write(mm, vpn, tok))
+            self._set(key, self._flux_write(mm.id, vpn, tok))
         else:
             self._set(key, ((tok,), True))
         for p in self.pins.values():
-            if p["attached"] and p["key"] == key:
+            c = self._coupling(p, key)
+            if c == "exact":
                 p["expect"] = ((tok,), True)
+            elif c == "loose":
+                p["expect"] = self._add(p["expect"], tok)
 
     def on_user_read(self, t: Thread, mm: MmStruct, vpn: int, val: int, site: str) -> None:
         """A load completed: it must return what this process last wrote there (or
@@ -308,17 +356,57 @@ class Oracle:
             self._set(key, ((val,), True))
 
     # ------------------------------------------------------------------ pins
-    def _detach_pins(self, mm: MmStruct, start: int, end: int) -> None:
+    def _detach_pins(self, mm: MmStruct, start: int, end: int,
+                     max_seq: int | None = None) -> None:
+        """Anonymous pins lose their link to the address when it is unmapped or zapped
+        (only pins taken up to ``max_seq``, if given).
+
+        A pin of a shmem page stays attached: the pinned page is the shmem object's
+        page-cache page, which every other mapping of the object keeps reading and
+        writing (until the object is truncated, when nothing maps it any more).
+        """
         for p in self.pins.values():
+            key = p["key"]
+            if key is not None and key[0] == "s":
+                continue
+            if max_seq is not None and p["seq"] > max_seq:
+                continue
             if p["mm"] == mm.id and start <= p["vpn"] < end:
                 p["attached"] = False
+
+    def _coupling(self, p: dict[str, Any], key: tuple[Any, ...] | None) -> str | None:
+        """How pin ``p`` relates to address ``key``: None (not at all), ``exact`` (the
+        pin's page is the page mapped there) or ``loose`` (it may or may not be: the pin
+        was taken, or the access happens, while a MADV_DONTNEED of the address runs, so
+        the zap may fall before or after it -- a race the kernel does not order and the
+        shadow cannot see). Loose couplings add possible values instead of replacing."""
+        if key is None or not p["attached"] or p["key"] != key:
+            return None
+        return "loose" if p["loose"] or self._in_dontneed(key) else "exact"
 
     def on_pin(self, pin: Pin) -> None:
         """A pin sees what the process sees at that address while the mapping stands."""
         key = self._key(pin.mm, pin.vpn)
         expect = self._get(key) if key is not None else ZERO
+        # Pins taken at the same address while the mapping stands must all be pins of the
+        # one page mapped there (pin coherence), so they form a group that keeps seeing
+        # each other's DMA writes even after the address is unmapped. While a DONTNEED
+        # of the address runs, that is only possibly so ("loose_groups").
+        in_dn = self._in_dontneed(key)
+        group = pin.id
+        loose_groups: list[int] = []
+        for _, q in sorted(self.pins.items()):
+            c = self._coupling(q, key)
+            if c == "exact" and not in_dn and group == pin.id:
+                group = q["group"]
+            elif c is not None and q["group"] not in loose_groups:
+                loose_groups.append(q["group"])
+        self.pin_seq += 1
         self.pins[pin.id] = {"mm": pin.mm.id, "vpn": pin.vpn, "key": key,
-                             "attached": key is not None, "expect": expect}
+                             "attached": key is not None, "expect": expect, "group": group,
+                             "loose": in_dn, "loose_groups": [g for g in loose_groups
+                                                              if g != group],
+                             "seq": self.pin_seq}
 
     def on_unpin(self, pin: Pin) -> None:
         """The pin is gone."""
@@ -344,11 +432,33 @@ class Oracle:
         if p is None:
             return
         p["expect"] = ((tok,), True)
-        if p["attached"] and p["key"] is not None:
-            self._set(p["key"], ((tok,), True))
-            for q in self.pins.values():
-                if q is not p and q["attached"] and q["key"] == p["key"]:
-                    q["expect"] = ((tok,), True)
+        for q in self.pins.values():
+            if q is p:
+                continue
+            if q["group"] == p["group"]:
+                q["expect"] = ((tok,), True)
+            elif p["group"] in q["loose_groups"] or q["group"] in p["loose_groups"]:
+                q["expect"] = self._add(q["expect"], tok)
+        key = p["key"]
+        c = self._coupling(p, key)
+        if c is None:
+            return
+        assert key is not None
+        if key[0] == "a":
+            e = self._flux_write(key[1], key[2], tok)
+            if c == "loose":
+                e = self._add(self._get(key), tok)
+            self._set(key, e)
+        else:
+            self._set(key, ((tok,), True))
+        for q in self.pins.values():
+            if q is p or q["group"] == p["group"]:
+                continue
+            cq = self._coupling(q, key)
+            if cq == "exact" and c == "exact":
+                q["expect"] = ((tok,), True)
+            elif cq is not None:
+                q["expect"] = self._add(q["expect"], tok)
 
     # ------------------------------------------------------------------ scheduling hooks
     def after_step(self, t: Thread) -> None:
@@ -362,7 +472,8 @@ class Oracle:
     # ------------------------------------------------------------------ recount oracles
     def check_mprotect_contract(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
         """After a successful mprotect every present PTE in range has at most the new
-        permissions (writable only with PROT_WRITE, accessible only with PROT_READ)."""
+        permissions (writable only with PROT_WRITE, accessible only with PROT_READ or
+        PROT_WRITE: on x86 a write-only mapping is readable)."""
         P = self.k.P
         for idx in range(start // P, (end - 1) // P + 1):
             pmd = mm.pmd.get(idx)
@@ -375,7 +486,7 @@ class Oracle:
             bad = np.zeros(len(e), dtype=bool)
             if not prot & 2:
                 bad |= pres & ((e & PTE_WRITE) != 0) & pmd.write
-            if not prot & 1:
+            if not prot & 3:
                 bad |= pres & ((e & PTE_USER) != 0)
             if bad.any():
                 i = int(np.nonzero(bad)[0][0])
@@ -485,7 +596,7 @@ class Oracle:
             if len(bad):
                 rep("accounting", "PageAnonExclusive",
                     f"exclusive page {int(bad[0])} in a shared page table")
-            bad = sm[pins[sm] > 0]
+            bad = sm[(pins[sm] > 0) & ((pool.flags[sm] & PG_anon) != 0)]
             if len(bad):
                 rep("accounting", "page_maybe_dma_pinned",
                     f"pinned page {int(bad[0])} in a shared page table")
