@@ -1173,10 +1173,10 @@ class Kernel:
         return new
 
     def vma_split_range(self, t: Thread, mm: MmStruct, start: int, end: int) -> Gen:
-        """Write-lock every VMA overlapping ``[start, end)`` (``vma_start_write``), then
-        split at the boundaries; returns the VMAs inside.
+        """Write-lock the VMAs overlapping ``[start, end)``, then split at its boundaries.
 
-        ``__split_vma`` write-locks the VMA it shrinks and the new one (mm/mmap.c), so a
+        Returns the VMAs inside. ``vma_start_write`` comes first because ``__split_vma``
+        write-locks the VMA it shrinks and the new one (mm/mmap.c), so a
         fault holding the old VMA's read lock (per-VMA-lock mode) finishes before the
         boundary moves under it.
 
@@ -1332,14 +1332,15 @@ class Kernel:
         return 0
 
     def get_file(self, obj: ShmemObject | None) -> None:
-        """``get_file``: a new VMA (mmap, ``__split_vma``, ``dup_mmap``) takes a reference
-        on its shmem file."""
+        """``get_file``: a new VMA (mmap, split, ``dup_mmap``) references its shmem file."""
         if obj is not None:
             self.shmem_users[obj.id] = self.shmem_users.get(obj.id, 0) + 1
 
     def fput(self, obj: ShmemObject | None) -> None:
-        """``fput`` from ``remove_vma``. The last reference releases the shmem inode:
-        ``shmem_evict_inode`` → ``shmem_truncate_range`` drops the page cache's
+        """``fput`` from ``remove_vma``: drop a VMA's reference on its shmem file.
+
+        The last reference releases the shmem inode: ``shmem_evict_inode`` →
+        ``shmem_truncate_range`` drops the page cache's
         reference on every page (mm/shmem.c, mm/truncate.c); a page still pinned lives
         on until it is unpinned. Nothing maps the object any more at this point.
         """
@@ -2114,9 +2115,11 @@ class Kernel:
         return pid
 
     def gup_fast(self, t: Thread, mm: MmStruct, vpn: int, write: bool) -> Gen:
-        """``lockless_pages_from_mm``: ``local_irq_save`` … ``local_irq_restore`` around
-        :meth:`gup_pte_range`. While any walker is inside, page tables freed meanwhile stay
-        allocated (``tlb_remove_table`` waits for the grace period / IPI)."""
+        """``lockless_pages_from_mm``: :meth:`gup_pte_range` with IRQs disabled.
+
+        While any walker is inside its ``local_irq_save`` section, page tables freed
+        meanwhile stay allocated (``tlb_remove_table`` waits for the grace period / IPI).
+        """
         self.gup_fast_walkers += 1
         try:
             return (yield from self.gup_pte_range(t, mm, vpn, write))
@@ -2288,9 +2291,13 @@ class Kernel:
             if slot is None:
                 self.folio_putback_lru(pfn)
                 return 0
+            # SWAP_HAS_CACHE: the swap cache holds the slot while the folio is unmapped
+            # and written out, so a swap-in + free of one swap PTE meanwhile cannot free
+            # (and recycle) the slot under the other mappings (mm/swap_state.c).
+            self.swap.swap_map[slot] += 1
         yield from self.try_to_unmap(t, pfn, slot)
-        if slot is not None and self.swap.swap_map[slot] == 0:
-            self.swap.free_slot(slot)
+        if slot is not None:
+            self.swap_free(slot, "delete_from_swap_cache")
         if int(pool.mapcount[pfn]) > 0 or int(pool.refcount[pfn]) > 1:
             self.folio_putback_lru(pfn)
             return 0

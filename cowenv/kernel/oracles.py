@@ -160,8 +160,10 @@ class Oracle:
         self._detach_pins(mm, start, end)
 
     def on_mprotect_begin(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
-        """mprotect starts changing PTEs: until it returns, an access in the range may
-        see the old or the new protection."""
+        """Note an mprotect that starts changing PTEs.
+
+        Until it returns, an access in the range may see the old or the new protection.
+        """
         self.mprotecting.setdefault(mm.id, []).append((start, end, prot))
 
     def _end_mprotect(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
@@ -170,9 +172,11 @@ class Oracle:
             lst.remove((start, end, prot))
 
     def on_mprotect_failed(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
-        """mprotect returned an error after changing part of the range (as
-        ``do_mprotect_pkey`` does when a later VMA fails): each page now has either the
-        old or the new protection, and the caller cannot tell which."""
+        """Note an mprotect that failed after changing part of the range.
+
+        ``do_mprotect_pkey`` stops at the first failing VMA: each page now has either the
+        old or the new protection, and the caller cannot tell which.
+        """
         self._end_mprotect(mm, start, end, prot)
         for r in self._carve(mm, start, end):
             r.prot |= prot
@@ -248,8 +252,7 @@ class Oracle:
         return e
 
     def _in_dontneed(self, key: tuple[Any, ...] | None) -> bool:
-        """Whether a MADV_DONTNEED in progress covers anon ``key`` (its page may or may
-        not have been zapped yet)."""
+        """Whether a MADV_DONTNEED in progress covers anon ``key`` (zapped or not yet)."""
         if key is None or key[0] != "a":
             return False
         return any(rec[0] == "DONTNEED" and rec[1] <= key[2] < rec[2]
@@ -358,8 +361,9 @@ class Oracle:
     # ------------------------------------------------------------------ pins
     def _detach_pins(self, mm: MmStruct, start: int, end: int,
                      max_seq: int | None = None) -> None:
-        """Anonymous pins lose their link to the address when it is unmapped or zapped
-        (only pins taken up to ``max_seq``, if given).
+        """Detach anonymous pins from addresses that are unmapped or zapped.
+
+        With ``max_seq``, only pins taken up to that sequence number are detached.
 
         A pin of a shmem page stays attached: the pinned page is the shmem object's
         page-cache page, which every other mapping of the object keeps reading and
@@ -375,11 +379,14 @@ class Oracle:
                 p["attached"] = False
 
     def _coupling(self, p: dict[str, Any], key: tuple[Any, ...] | None) -> str | None:
-        """How pin ``p`` relates to address ``key``: None (not at all), ``exact`` (the
-        pin's page is the page mapped there) or ``loose`` (it may or may not be: the pin
-        was taken, or the access happens, while a MADV_DONTNEED of the address runs, so
-        the zap may fall before or after it -- a race the kernel does not order and the
-        shadow cannot see). Loose couplings add possible values instead of replacing."""
+        """How pin ``p`` relates to address ``key``.
+
+        None (not at all), ``exact`` (the pin's page is the page mapped there) or
+        ``loose`` (it may or may not be: the pin was taken, or the access happens, while
+        a MADV_DONTNEED of the address runs, so the zap may fall before or after it -- a
+        race the kernel does not order and the shadow cannot see). Loose couplings add
+        possible values instead of replacing them.
+        """
         if key is None or not p["attached"] or p["key"] != key:
             return None
         return "loose" if p["loose"] or self._in_dontneed(key) else "exact"
