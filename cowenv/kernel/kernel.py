@@ -1374,10 +1374,10 @@ class Kernel:
         """
         for v in vmas:
             for av in list(v.chain):
-                yield from self.lock(t, av.lock, WRITE, "unlink_anon_vmas")
+                yield from self.lock(t, av.root.lock, WRITE, "unlink_anon_vmas")
                 if v in av.vmas:
                     av.vmas.remove(v)
-                self.unlock(t, av.lock, WRITE, "unlink_anon_vmas")
+                self.unlock(t, av.root.lock, WRITE, "unlink_anon_vmas")
             v.chain = []
         P = self.P
         idxs = sorted({i for v in vmas for i in range(v.start // P, (v.end - 1) // P + 1)})
@@ -1756,7 +1756,7 @@ class Kernel:
             if mpnt.flags & VM_WIPEONFORK:
                 pass  # tmp->anon_vma = NULL: the child starts with an empty range
             elif mpnt.anon_vma is not None:
-                self.anon_vma_fork(tmp, mpnt)
+                yield from self.anon_vma_fork(t, tmp, mpnt)
             mm.insert_vma(tmp)
             if not mpnt.flags & VM_WIPEONFORK and self.vma_needs_copy(tmp, mpnt):
                 ret = yield from self.copy_page_range(t, tmp, mpnt)
@@ -1783,17 +1783,27 @@ class Kernel:
             self.oracle.on_fork_end(oldmm, mm)
         return child.pid
 
-    def anon_vma_fork(self, vma: Vma, pvma: Vma) -> None:
+    def anon_vma_fork(self, t: Thread, vma: Vma, pvma: Vma) -> Gen:
         """``anon_vma_fork``: link the child VMA into every anon_vma of the parent's,
-        then give it its own anon_vma for pages it faults in later."""
+        then give it its own anon_vma (same root) for pages it faults in later.
+
+        Lock contract: mmap_lock write; takes the root anon_vma's rwsem for write
+        (``anon_vma_clone`` → ``lock_anon_vma_root``, then ``anon_vma_lock_write``), so
+        fork waits for rmap walkers (reclaim) of the parent's pages to finish.
+        """
+        root = pvma.anon_vma.root if pvma.anon_vma is not None else None
+        if root is not None:
+            yield from self.lock(t, root.lock, WRITE, "anon_vma_fork")
         for av in pvma.chain:
             av.vmas.append(vma)
             vma.chain.append(av)
-        av = AnonVma(self._id("anon_vma"))
+        av = AnonVma(self._id("anon_vma"), root)
         self.anon_vmas[av.id] = av
         av.vmas.append(vma)
         vma.chain.append(av)
         vma.anon_vma = av
+        if root is not None:
+            self.unlock(t, root.lock, WRITE, "anon_vma_fork")
 
     @staticmethod
     def vma_needs_copy(dst: Vma, src: Vma) -> bool:
@@ -2315,10 +2325,11 @@ class Kernel:
         av = self.anon_vmas.get(int(self.pool.anon_vma[pfn]))
         if av is None:
             return []
-        yield from self.lock(t, av.lock, READ, site)
+        # anon_vma_lock_read: the root's rwsem (returned for the caller to release).
+        yield from self.lock(t, av.root.lock, READ, site)
         vpn = int(self.pool.index[pfn])
         cands = [(v, vpn) for v in list(av.vmas) if v.start <= vpn < v.end and not v.detached]
-        return av, cands
+        return av.root, cands
 
     def _rmap_map_pte(self, t: Thread, vma: Vma, vpn: int, pfn: int, site: str) -> Gen:
         """``page_vma_mapped_walk``: find the table (no lock), preemption point, then

@@ -38,14 +38,20 @@ PROT_WRITE = 2
 
 
 class AnonVma:
-    """``struct anon_vma``: the rmap root for anonymous pages; its VMAs via the chain."""
+    """``struct anon_vma``: the rmap root for anonymous pages; its VMAs via the chain.
 
-    __slots__ = ("id", "vmas", "lock")
+    ``root`` is ``anon_vma->root``: the anon_vma of the oldest ancestor process. The
+    kernel's ``anon_vma_lock_read/write`` take ``root->rwsem``, so one lock serialises
+    rmap walks and ``anon_vma_fork``/``unlink_anon_vmas`` over a whole fork tree.
+    """
 
-    def __init__(self, aid: int) -> None:
+    __slots__ = ("id", "vmas", "lock", "root")
+
+    def __init__(self, aid: int, root: AnonVma | None = None) -> None:
         self.id = aid
         self.vmas: list[Vma] = []
         self.lock = RwSemaphore(f"anon_vma{aid}.rwsem", "anon_vma")
+        self.root: AnonVma = root if root is not None else self
 
 
 class Vma:
