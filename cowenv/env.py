@@ -275,7 +275,7 @@ def build_templates(regions: list[tuple[int, int]], ptrs_per_pte: int, page_size
         for op in _PIN_OPS:
             out.append(_tmpl(op, pin_slot=j))
     for r in big + halves:
-        for prot in ("r", "rw"):
+        for prot in ("none", "r", "rw"):
             out.append(_tmpl("mprotect", addr=r[0] * ps, length=r[1] * ps, prot=prot))
     for r in big + halves + singles:
         for adv in ("DONTNEED", "FREE"):
@@ -382,7 +382,8 @@ class Objective:
 class ViolationObjective(Objective):
     """The ``violation`` objective.
 
-    ``violation_reward`` per signature new in this episode (and the episode ends, if
+    ``violation_reward`` for a step that reports a violation signature new in this
+    episode (once per step, however many oracles fire; the episode ends if
     ``terminate_on_violation``), plus ``novelty_coef`` per preemption label reached for
     the first time this episode.
     """
@@ -391,7 +392,7 @@ class ViolationObjective(Objective):
 
     def step(self, kernel: Kernel, outcome: StepOutcome) -> tuple[float, bool, dict[str, Any]]:  # noqa: D102
         env = self.env
-        r = env.violation_reward * len(outcome.new_signatures)
+        r = env.violation_reward if outcome.new_signatures else 0.0
         r += env.novelty_coef * outcome.new_labels
         done = bool(outcome.new_signatures) and env.terminate_on_violation
         return float(r), done, {}
@@ -443,7 +444,7 @@ class CowEnv(gym.Env):
     region inside one PMD): ``read``/``write`` of the first, second and last page of
     each portion; ``pin`` of each portion's first page (R/O or R/W, slow or GUP-fast);
     ``unpin``/``dev_read``/``dev_write`` of pin slot 0 or 1 (the thread's process's
-    oldest active pins); ``mprotect`` r / rw, ``madvise`` DONTNEED / FREE / PAGEOUT /
+    oldest active pins); ``mprotect`` none / r / rw, ``madvise`` DONTNEED / FREE / PAGEOUT /
     WIPEONFORK / DONTFORK and ``munmap`` over regions, portions, half-portions (partial
     PMDs) and first pages; ``mmap`` of each region again (populated or not); ``fork``,
     ``clone``, ``exit``, ``prctl_cow_pte``.
@@ -478,8 +479,9 @@ class CowEnv(gym.Env):
 
     ## Rewards
 
-    ``objective="violation"``: ``violation_reward`` (default 10) for each violation
-    signature new in this episode (``simulator`` defects excluded), plus
+    ``objective="violation"``: ``violation_reward`` (default 10) for a step that reports a
+    violation signature new in this episode (once per step, however many oracles fire;
+    ``simulator`` defects excluded), plus
     ``novelty_coef`` (default 0, off) per label reached for the first time this
     episode. Illegal actions earn 0. ``info["violations"]`` lists the step's violations
     (kind, site, signature, step, message, tid, new); ``info["events"]`` the step's
@@ -714,11 +716,13 @@ class CowEnv(gym.Env):
         return self._user_lo + (int(tid) - 1) * self._n_user + int(template)
 
     def find_actions(self, op: str | None = None, tid: int | None = None,
+                     pin_slot: int | None = None, proc_slot: int | None = None,
                      **args: Any) -> list[int]:
-        """Catalogue indices of ``start`` actions matching ``op``, ``tid`` and ``args``.
+        """Return the catalogue indices of actions matching ``op``, ``tid`` and ``args``.
 
         Example: ``env.find_actions("write", tid=1, addr=0x2000000)``. Arguments not
-        given match anything; ``op="run"`` finds run actions.
+        given match anything; ``op="run"`` finds run actions; ``pin_slot`` and
+        ``proc_slot`` select the late-bound pin / process of a template.
         """
         out = []
         for i, sp in enumerate(self.catalogue):
@@ -728,7 +732,9 @@ class CowEnv(gym.Env):
                 continue
             if sp.kind != "start" or (op is not None and sp.op != op):
                 continue
-            if tid is not None and sp.tid != tid:
+            if (tid is not None and sp.tid != tid) or (
+                    pin_slot is not None and sp.pin_slot != pin_slot) or (
+                    proc_slot is not None and sp.proc_slot != proc_slot):
                 continue
             a = dict(sp.args)
             if all(a.get(key) == v for key, v in args.items()):

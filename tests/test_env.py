@@ -474,3 +474,99 @@ def test_render_ansi_and_rgb():
     img = env.render()
     assert img.dtype == np.uint8 and img.shape == (600, 800, 3)
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 4
+
+
+# ----------------------------------------------------------------------------- reachability
+# Each flaw of the catalogue, driven through catalogue actions only on the default workload
+# (A = two populated tables, B = one table's worth straddling two PMDs, C = the rest of B's
+# second PMD, one page written). Steps: (tid, op, args) starts an operation; ("run", tid[,
+# label]) steps tid until its operation ends, it blocks, or it reaches label; ("fail_nth", n).
+def _flaw_scripts(A, B, C, T, ps):
+    fork = [(1, "fork", {}), ("run", 1)]
+    return {
+        "fault-asserts-write-lock": ({}, fork + [(1, "write", {"addr": A}), ("run", 1)]),
+        "pmd-clear-window": ({}, fork + [
+            (1, "write", {"addr": A}), (2, "write", {"addr": A + ps}),
+            ("run", 1, "handle_cow_pte_fault:pmd_cleared"), ("run", 2), ("run", 1),
+            (1, "read", {"addr": A + ps}), ("run", 1)]),
+        "mprotect-ignores-break-failure": ({}, fork + [
+            ("fail_nth", 1), (1, "mprotect", {"addr": A, "length": 2 * T, "prot": "none"}),
+            ("run", 1), (1, "read", {"addr": A}), ("run", 1)]),
+        "walker-skips-break": ({}, fork + [
+            (1, "madvise", {"addr": A, "length": T, "advice": "FREE"}), ("run", 1),
+            (0, "reclaim", {"nr": 8}), ("run", 0), (3, "read", {"addr": A}), ("run", 3)]),
+        "vma-lock-fault-breaks-shared": ({"fault_mode": "vma_lock"}, fork + [
+            (1, "write", {"addr": B + T - ps}), ("run", 1, "handle_cow_pte_fault:allocated"),
+            (2, "munmap", {"addr": C, "length": 22 * T - C}), ("run", 2), ("run", 1),
+            ("run", 2), (3, "exit", {}), ("run", 3), (2, "exit", {}), ("run", 2), (1, "exit", {}),
+            ("run", 1)]),
+        "rmap-stale-table": ({}, [(1, "write", {"addr": A}), ("run", 1)] + fork + [
+            (0, "reclaim", {"nr": 1, "addr": A, "proc_slot": 0}),
+            ("run", 0, "try_to_unmap_one:table_found"),
+            (1, "write", {"addr": A}), ("run", 1), ("run", 0), (1, "read", {"addr": A}),
+            ("run", 1)]),
+        "zap-partial-shared": ({}, fork + [
+            (1, "madvise", {"addr": A, "length": T // 2, "advice": "DONTNEED"}), ("run", 1),
+            (1, "read", {"addr": A}), ("run", 1)]),
+        "swapin-ignores-break-failure": ({}, [
+            (1, "madvise", {"addr": A, "length": T, "advice": "PAGEOUT"}), ("run", 1)] + fork
+            + [("fail_nth", 1), (3, "read", {"addr": A}), ("run", 3)]),
+        "nr-ptes-on-oom": ({}, fork + [("fail_nth", 1), (1, "write", {"addr": A}),
+                                       ("run", 1)]),
+        "wipeonfork-shared": ({}, [
+            (1, "madvise", {"addr": C, "length": 22 * T - C, "advice": "WIPEONFORK"}),
+            ("run", 1)] + fork + [
+            (3, "read", {"addr": C}), ("run", 3)]),
+        "gup-fast-fork-race": ({}, [
+            (2, "pin", {"addr": A, "write": True, "fast": True}), ("run", 2, "gup_fast:pte_read"),
+            (1, "fork", {}), ("run", 1, "copy_present_pte:checked"), ("run", 2), ("run", 1),
+            ("run", 2), (1, "write", {"addr": A}), ("run", 1),
+            (2, "dev_read", {"pin_slot": 0}), ("run", 2)]),
+        "read-fault-fills-shared": ({}, fork + [(3, "read", {"addr": C + ps}), ("run", 3)]),
+    }
+
+
+def _play(env: CowEnv, script) -> list:
+    """Carry out a script; returns the violations' signatures and total reward."""
+    sigs, total = [], 0.0
+    for st in script:
+        if env._done:
+            break
+        if st[0] == "fail_nth":
+            results = [env.step(len(env.catalogue) - 3 + st[1] - 1)]
+        elif st[0] == "run":
+            results = []
+            # Lenient, like the scenario format's "run": stops early if the thread blocks.
+            while env.action_masks()[env.run_action(st[1])]:
+                results.append(env.step(env.run_action(st[1])))
+                if len(st) > 2 and results[-1][4]["label"] == st[2]:
+                    break
+        else:
+            tid, op, args = st
+            idx = env.find_actions(op, tid=tid, **args)
+            assert len(idx) == 1, (op, args)
+            results = [env.step(idx[0])]
+        for _, r, _, _, info in results:
+            assert not info["illegal_action"], (st, info["action"])
+            sigs += [v["signature"] for v in info["violations"]]
+            total += r
+    return sigs, total
+
+
+@pytest.mark.skipif(not HAVE_COWPTE, reason="needs the cowpte variant")
+@pytest.mark.parametrize("flaw", sorted(_flaw_scripts(0, 0, 0, 0, 0)))
+def test_each_flaw_reachable_through_the_catalogue(flaw):
+    env = small(variant="cowpte", flaws=[flaw], violation_reward=5.0,
+                **_flaw_scripts(0, 0, 0, 0, 0)[flaw][0])
+    env.reset(seed=0)
+    (A, _), (B, _), (C, _) = env.regions
+    kw, script = _flaw_scripts(A, B, C, env.config.pmd_size, env.config.page_size)[flaw]
+    sigs, total = _play(env, script)
+    assert sigs and total == 5.0 and env._done
+    data = env.get_schedule()
+    assert run_scenario(parse_scenario(copy.deepcopy(data))).passed
+    # The same actions on the fixed patch find nothing.
+    fixed = small(preset="fixed", **kw)
+    fixed.reset(seed=0)
+    sigs, total = _play(fixed, script)
+    assert sigs == [] and total == 0.0
