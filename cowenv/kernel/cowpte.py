@@ -77,6 +77,7 @@ class CowPteKernel(Kernel):
     def _flush_tlb_range(self, t: Thread, mm: MmStruct, idx: int) -> None:
         """``flush_tlb_range`` over the PMD: the model has no TLB; recorded in the trace."""
         self._ev(t.tid, "event", "flush_tlb_range", {"mm": mm.id, "pmd": idx})
+        self.cost.charge("tlb_flush_range")
 
     # ------------------------------------------------------------------ fork
     def copy_page_range(self, t: Thread, dst: Vma, src: Vma) -> Gen:
@@ -202,6 +203,8 @@ class CowPteKernel(Kernel):
             dst_mm.mm_inc_nr_ptes()
             self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
             spmd.write = False  # pmdp_set_wrprotect(src)
+            self.cost.charge("table_ref")
+            self.cost.charge("pmd_update", 2)
         self.unlock(t, ptl, WRITE, "copy_cow_pte_range")
         yield "copy_cow_pte_range:done"
         return ret, recover_end
@@ -234,6 +237,8 @@ class CowPteKernel(Kernel):
         yield from self.lock(t, dptl, WRITE, "recover_pte_range")
         yield from self.lock(t, sptl, WRITE, "recover_pte_range")
         if recover_end:
+            self.cost.charge("fork_pte_copy",
+                             int(np.count_nonzero(table.entries[:recover_end])))
             self.set_ptes(t, dst_mm, new, 0, table.entries[:recover_end].copy(),
                           "recover_pte_range")
         self.unlock(t, sptl, WRITE, "recover_pte_range")
@@ -289,10 +294,12 @@ class CowPteKernel(Kernel):
         if flags & FAULT_FLAG_VMA_LOCK and not self.config.has("vma-lock-fault-breaks-shared"):
             return VM_FAULT_RETRY
         mm.write_protect_seq += 1  # raw_write_seqcount_begin: GUP-fast backs off
+        self.cost.enter(t, "deferred")  # a break is a cost the fork deferred
         try:
             ret = yield from self._break_table(t, vma, idx, nofail,
                                                racy=bool(flags & FAULT_FLAG_VMA_LOCK))
         finally:
+            self.cost.leave(t)
             mm.write_protect_seq += 1
         return ret
 
@@ -310,6 +317,7 @@ class CowPteKernel(Kernel):
             return 0
         if self.cow_pte_count(table) == 1:
             pmd.write = True  # fast path: reuse the table
+            self.cost.charge("pmd_update")
             self.unlock(t, ptl, WRITE, "handle_cow_pte_fault")
             self._flush_tlb_range(t, mm, idx)
             return 0
@@ -369,6 +377,7 @@ class CowPteKernel(Kernel):
             self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
             self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
             return 0
+        self._charge_break_copy(old)
         self.set_ptes(t, mm, new, 0, old.entries.copy(), "handle_cow_pte_fault")
         if not self.pmd_put_pte(cowed):
             # The count was 1: someone else dropped theirs meanwhile. Clear and free the
@@ -408,7 +417,9 @@ class CowPteKernel(Kernel):
             pass  # somebody else broke or unmapped it meanwhile
         elif self.cow_pte_count(old) == 1:
             cowed.write = True
+            self.cost.charge("pmd_update")
         else:
+            self._charge_break_copy(old)
             new.entries[:] = old.entries  # populating a private, unreachable table
             mm.pmd[idx] = PmdEntry(new, True)
             old.refcount -= 1
@@ -420,6 +431,16 @@ class CowPteKernel(Kernel):
             self.pte_free(new, "break_cow_pte")
         self._flush_tlb_range(t, mm, idx)
         return 0
+
+    def _charge_break_copy(self, old: PteTable) -> None:
+        """Charge the copy of a shared table into the breaker's new one.
+
+        The fixed work, a ``pte_none`` test per slot and a ``set_pte_at`` per non-none
+        entry.
+        """
+        self.cost.charge("cow_break_fixed")
+        self.cost.charge("cow_break_scan", len(old.entries))
+        self.cost.charge("cow_break_copy", int(np.count_nonzero(old.entries)))
 
     # ------------------------------------------------------------------ fault hooks
     def cow_fault_hook(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
@@ -551,6 +572,8 @@ class CowPteKernel(Kernel):
                 return False
             self.zap_pte_range(t, vma, table, idx, lo, hi, clear=False)
             self.pmd_put_pte(cur)
+            self.cost.charge("table_ref")
+            self.cost.charge("pmd_update")
             del mm.pmd[idx]
             mm.mm_dec_nr_ptes()
             self.unlock(t, ptl, WRITE, "zap_pte_range")
@@ -562,6 +585,7 @@ class CowPteKernel(Kernel):
     def cow_free_table(self, t: Thread, mm: MmStruct, idx: int, pmd: PmdEntry) -> bool:
         """``free_pmd_range`` with COW PTE: if ``pmd_put_pte`` succeeds the table lives
         on for its other sharers (only this PMD is cleared)."""
+        self.cost.charge("table_ref")
         return self.pmd_put_pte(pmd)
 
     def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable,

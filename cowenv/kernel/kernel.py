@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import KernelConfig
+from .cost import CostMeter
 from .locks import READ, WRITE, Lock, Lockdep, RwSemaphore, SpinLock
 from .memory import (
     GUP_PIN_COUNTING_BIAS,
@@ -209,6 +210,8 @@ class Kernel:
         self.coverage: dict[str, int] = {}
         self.op_count = 0
         self.defects: list[str] = []
+        #: Simulated time by cost category, with fork attribution (cost.py).
+        self.cost = CostMeter(self)
         self.oracle = Oracle(self) if oracles else None
         # The initial process (pid 1, tid 1), like init.
         mm = self._new_mm()
@@ -468,6 +471,7 @@ class Kernel:
             t.waiting = None
         lk.acquire(t.tid, mode)
         t.held.append((lk, mode))
+        self.cost.charge_lock(lk.cls)
         self._ev(t.tid, "lock", lk.name, mode)
 
     def unlock(self, t: Thread, lk: Lock, mode: str, site: str) -> None:
@@ -576,6 +580,7 @@ class Kernel:
         if pfn is None:
             return None
         self.pool.flags[pfn] |= PG_table
+        self.cost.charge("table_alloc")
         ptl = SpinLock(f"ptl:{pfn}.{int(self.pool.gen[pfn])}", "ptl")
         table = PteTable(pfn, self.P, ptl, int(self.pool.gen[pfn]))
         self.tables[pfn] = table
@@ -587,6 +592,7 @@ class Kernel:
             self._report("memory-safety", site, f"double free of page table {table.pfn}")
             return
         table.freed = True
+        self.cost.charge("table_free")
         self.tables.pop(table.pfn, None)
         if self.gup_fast_walkers:
             # tlb_remove_table() (mm/mmu_gather.c): a page table is freed only after an
@@ -603,6 +609,7 @@ class Kernel:
         """
         mm.pmd[idx] = PmdEntry(table, True)
         mm.mm_inc_nr_ptes()
+        self.cost.charge("pmd_update")
 
     def check_table_live(self, table: PteTable, site: str) -> bool:
         """Memory safety: a table about to be used must not have been freed."""
@@ -675,6 +682,7 @@ class Kernel:
                 del obj.pages[int(pool.index[p])]
         pool.refcount[pfns] = 0
         pool.give_back(pfns)
+        self.cost.charge("page_free", len(pfns))
 
     def page_remove_rmap(self, pfns: np.ndarray, site: str) -> None:
         """``page_remove_rmap`` on each pfn; a negative mapcount is ``print_bad_pte``."""
@@ -810,8 +818,10 @@ class Kernel:
                 if self.oracle is not None:
                     self.oracle.on_user_read(t, mm, vpn, val, t.fault_site or "user_access")
                 return val
+            self.cost.begin_fault(t)
             ret = yield from self.do_user_addr_fault(t, mm, vpn,
                                                      FAULT_FLAG_WRITE if write else 0)
+            self.cost.end_fault(t)
             if ret == VM_FAULT_SIGSEGV:
                 return -EFAULT
             if ret == VM_FAULT_OOM:
@@ -940,6 +950,8 @@ class Kernel:
             pfn = self.alloc_page("do_anonymous_page")
             if pfn is None:
                 return VM_FAULT_OOM
+            self.cost.charge("page_alloc")
+            self.cost.charge("page_zero")
             yield "do_anonymous_page:allocated"
         got = yield from self.pte_offset_map_lock(t, mm, idx, "do_anonymous_page")
         if got is None:
@@ -958,6 +970,8 @@ class Kernel:
             self.page_add_new_anon_rmap(pfn, vma, vpn)
             mm.rss[MM_ANONPAGES] += 1
             entry = mk_pte(pfn, write=bool(vma.flags & VM_WRITE), dirty=True, young=True)
+            self.cost.charge("page_account")
+        self.cost.charge("pte_write")
         self.set_ptes(t, mm, table, off, entry, "do_anonymous_page")
         self.unlock(t, ptl, WRITE, "do_anonymous_page")
         return VM_FAULT_OK
@@ -983,6 +997,8 @@ class Kernel:
             self.pool.shmem[pfn] = obj.id
             self.pool.index[pfn] = pgoff
             obj.pages[pgoff] = pfn  # the page cache's reference is the allocation's
+            self.cost.charge("page_alloc")
+            self.cost.charge("page_zero")
             yield "shmem_get_folio:allocated"
         got = yield from self.pte_offset_map_lock(t, mm, idx, "do_shared_fault")
         if got is None:
@@ -994,6 +1010,8 @@ class Kernel:
         self.get_pages(np.array([pfn]))
         self.pool.mapcount[pfn] += 1
         mm.rss[MM_SHMEMPAGES] += 1
+        self.cost.charge("page_account")
+        self.cost.charge("pte_write")
         write = bool(flags & FAULT_FLAG_WRITE) and bool(vma.flags & VM_WRITE)
         self.set_ptes(t, mm, table, off, mk_pte(pfn, write=write, dirty=write),
                       "do_shared_fault")
@@ -1025,12 +1043,15 @@ class Kernel:
         pool = self.pool
         if vma.shared and pfn != ZERO_PFN:
             if not unshare:
+                self.cost.charge("pte_write")
                 self.set_ptes(t, mm, table, off, orig | PTE_WRITE | PTE_DIRTY | PTE_YOUNG,
                               "wp_page_shared")
             self.unlock(t, ptl, WRITE, "do_wp_page")
             return VM_FAULT_OK
         if pfn != ZERO_PFN and self.is_anon(pfn):
             fl = int(pool.flags[pfn])
+            if not fl & PG_anon_exclusive:
+                self.cost.mark_fork_fault(t)  # fork made the page non-exclusive
             reuse = bool(fl & PG_anon_exclusive) or int(pool.refcount[pfn]) == 1
             if reuse:
                 if not fl & PG_anon_exclusive:
@@ -1039,6 +1060,7 @@ class Kernel:
                         pool.anon_vma[pfn] = vma.anon_vma.id
                     pool.flags[pfn] |= PG_anon_exclusive
                 if not unshare:
+                    self.cost.charge("pte_write")
                     self.set_ptes(t, mm, table, off,
                                   orig | PTE_WRITE | PTE_DIRTY | PTE_YOUNG, "wp_page_reuse")
                 self.unlock(t, ptl, WRITE, "do_wp_page")
@@ -1072,6 +1094,8 @@ class Kernel:
                 self.put_page(old, "wp_page_copy")
             return VM_FAULT_OOM
         pool.content[new] = 0 if old == ZERO_PFN else pool.content[old]
+        self.cost.charge("page_alloc")
+        self.cost.charge("page_zero" if old == ZERO_PFN else "page_copy")
         yield "wp_page_copy:copied"
         got = yield from self.pte_offset_map_lock(t, mm, idx, "wp_page_copy")
         if got is None or int(got[0].entries[off]) != orig:
@@ -1088,6 +1112,10 @@ class Kernel:
         entry = mk_pte(new, write=not unshare and bool(vma.flags & VM_WRITE),
                        dirty=not unshare, young=True)
         self.set_ptes(t, mm, table, off, entry, "wp_page_copy")
+        # ptep_clear_flush + set_pte_at; the new page's rmap, the old one's removal.
+        self.cost.charge("pte_write")
+        self.cost.charge("tlb_flush_page")
+        self.cost.charge("page_account", 1 if old == ZERO_PFN else 2)
         if old != ZERO_PFN:
             self.page_remove_rmap(np.array([old]), "wp_page_copy")
         self.unlock(t, ptl, WRITE, "wp_page_copy")
@@ -1116,6 +1144,8 @@ class Kernel:
         if pfn is None:
             return VM_FAULT_OOM
         self.pool.content[pfn] = self.swap.data[slot]
+        self.cost.charge("page_alloc")
+        self.cost.charge("swap_io")
         yield "do_swap_page:read"
         got = yield from self.pte_offset_map_lock(t, mm, idx, "do_swap_page")
         if got is None or int(got[0].entries[off]) != orig:
@@ -1134,6 +1164,8 @@ class Kernel:
         write = bool(flags & FAULT_FLAG_WRITE) and bool(vma.flags & VM_WRITE)
         entry = mk_pte(pfn, write=write, dirty=write, young=True,
                        user=bool(vma.flags & (VM_READ | VM_WRITE)))
+        self.cost.charge("page_account")
+        self.cost.charge("pte_write")
         self.set_ptes(t, mm, table, off, entry, "do_swap_page")
         self.unlock(t, ptl, WRITE, "do_swap_page")
         return VM_FAULT_OK
@@ -1294,6 +1326,8 @@ class Kernel:
                              | PTE_YOUNG | PTE_USER)
                 self.set_ptes(t, mm, table, lo, new, "populate_range")
                 mm.rss[MM_ANONPAGES] += len(none)
+                for c in ("page_alloc", "page_zero", "page_account", "pte_write"):
+                    self.cost.charge(c, len(none))
             self.unlock(t, ptl, WRITE, "populate_range")
             yield "populate_range:table_done"
         return 0
@@ -1402,6 +1436,7 @@ class Kernel:
         if mm.pmd.get(idx) is pmd:
             del mm.pmd[idx]
         mm.mm_dec_nr_ptes()
+        self.cost.charge("pmd_update")
         self.unlock(t, ptl, WRITE, "free_pte_range")
         if not still_used:
             live = np.count_nonzero(table.entries)
@@ -1432,6 +1467,7 @@ class Kernel:
             self.zap_pte_range(t, vma, table, idx, lo, hi)
             self.unlock(t, ptl, WRITE, "zap_pte_range")
             yield "zap_pte_range:table_done"
+        self.cost.charge("tlb_flush_range")  # tlb_finish_mmu
 
     def zap_pte_range(self, t: Thread, vma: Vma, table: PteTable, idx: int, lo: int,
                       hi: int, clear: bool = True) -> None:
@@ -1461,7 +1497,9 @@ class Kernel:
         for s in swaps.tolist():
             self.swap_free(int(s), "zap_pte_range")
         mm.rss[MM_SWAPENTS] -= len(swaps)
+        self.cost.charge("page_account", len(pfns) + len(swaps))
         if clear and e.any():
+            self.cost.charge("pte_write", int(np.count_nonzero(e)))
             self.set_ptes(t, mm, table, lo, np.zeros(hi - lo, dtype=np.int64), "zap_pte_range")
         if len(pfns):
             self.put_pages(pfns, "zap_pte_range")
@@ -1548,6 +1586,7 @@ class Kernel:
                         ok = present & (pfn != ZERO_PFN) & ((fl & PG_anon_exclusive) != 0)
                     new[ok] |= PTE_WRITE
                 if (new != e).any():
+                    self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
                     self.set_ptes(t, mm, table, lo, new, "change_pte_range")
             self.unlock(t, ptl, WRITE, "change_pte_range")
             yield "change_pte_range:table_done"
@@ -1656,6 +1695,7 @@ class Kernel:
                 ps = pfn[sel]
                 pool.flags[ps] &= ~np.int64(PG_dirty | PG_swapbacked)
             if (new != e).any():
+                self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
                 self.set_ptes(t, mm, table, lo, new, "madvise_free_pte_range")
             self.unlock(t, ptl, WRITE, "madvise_free_pte_range")
             yield "madvise_free_pte_range:table_done"
@@ -1758,12 +1798,14 @@ class Kernel:
             elif mpnt.anon_vma is not None:
                 yield from self.anon_vma_fork(t, tmp, mpnt)
             mm.insert_vma(tmp)
+            self.cost.charge("fork_vma")
             if not mpnt.flags & VM_WIPEONFORK and self.vma_needs_copy(tmp, mpnt):
                 ret = yield from self.copy_page_range(t, tmp, mpnt)
                 if ret:
                     break
         self.unlock(t, mm.mmap_lock, WRITE, "dup_mmap")
         mm.mm_lock_seq += 1
+        self.cost.charge("tlb_flush_range")  # flush_tlb_mm(oldmm)
         self.mmap_write_unlock(t, oldmm, "dup_mmap")
         if not ret and (len(self.live_procs()) >= self.config.max_processes
                         or self._free_tid() is None):
@@ -1940,6 +1982,8 @@ class Kernel:
                 normal, anon, shm, pinned = normal[:i], anon[:i], shm[:i], pinned[:i]
                 break
             pool.content[new] = pool.content[int(pfn[i])]
+            for c in ("page_alloc", "page_copy", "page_account"):
+                self.cost.charge(c)
             self.page_add_new_anon_rmap(new, dst_vma, int(pool.index[int(pfn[i])]))
             dst[i] = mk_pte(new, write=bool(dst_vma.flags & VM_WRITE), dirty=True,
                             young=True, user=bool(e[i] & PTE_USER))
@@ -1953,6 +1997,10 @@ class Kernel:
         dst_mm.rss[MM_ANONPAGES] += int((share & anon).sum())
         dst_mm.rss[MM_SHMEMPAGES] += int((share & shm).sum())
         swp = (e & PTE_SWAP) != 0
+        # copy_present_pte / copy_nonpresent_pte: every entry copied, every page and
+        # swap entry accounted (get_page + page_try_dup_anon_rmap + rss, swap_duplicate).
+        self.cost.charge("fork_pte_copy", int(np.count_nonzero(e)))
+        self.cost.charge("fork_page_account", len(sp) + int(swp.sum()))
         if swp.any():
             for s in (e[swp] >> PFN_SHIFT).tolist():
                 self.swap.swap_map[s] += 1
@@ -2067,7 +2115,9 @@ class Kernel:
                 ret = r
                 break
             flags = FAULT_FLAG_WRITE if write else (FAULT_FLAG_UNSHARE if r == "unshare" else 0)
+            self.cost.begin_fault(t)
             fr = yield from self.handle_mm_fault(t, vma, vpn, flags)
+            self.cost.end_fault(t, entry_exit=False)
             if fr == VM_FAULT_OOM:
                 ret = -ENOMEM
                 break
@@ -2413,6 +2463,8 @@ class Kernel:
                 if lazy and int(pool.refcount[pfn]) == 1 + int(pool.mapcount[pfn]) and not (
                         int(pool.flags[pfn]) & PG_dirty):
                     self.set_ptes(t, mm, table, off, 0, "try_to_unmap_one")
+                    self.cost.charge("pte_write")
+                    self.cost.charge("page_account")
                     mm.rss[MM_ANONPAGES] -= 1
                     self.page_remove_rmap(np.array([pfn]), "try_to_unmap_one")
                     self.put_page(pfn, "try_to_unmap_one")
@@ -2428,11 +2480,14 @@ class Kernel:
                 self.unlock(t, ptl, WRITE, "try_to_unmap_one")
                 break
             self.set_ptes(t, mm, table, off, swp_entry_to_pte(slot, excl), "try_to_unmap_one")
+            self.cost.charge("pte_write")
+            self.cost.charge("page_account")
             # With no swap cache in the model, the slot must hold the data from the first
             # swap PTE on (a later fault reads it at once): the page can no longer change
             # here -- this was its last writable mapping, or it is COW-shared (read-only
             # everywhere) -- so writing it now equals pageout() after the unmap.
             self.swap.data[slot] = pool.content[pfn]
+            self.cost.charge("swap_io")
             self.swap.swap_map[slot] += 1
             mm.rss[MM_ANONPAGES] -= 1
             mm.rss[MM_SWAPENTS] += 1
