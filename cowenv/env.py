@@ -517,7 +517,9 @@ class CowEnv(gym.Env):
     * ``max_threads`` (4), ``max_processes`` (3), ``max_steps`` (256),
       ``pin_slots`` (2), ``pmd_slots`` (8, cap on observed PMDs);
     * ``objective`` (``violation``), ``objective_kwargs``, ``violation_reward`` (10.0),
-      ``terminate_on_violation`` (True), ``novelty_coef`` (0.0);
+      ``terminate_on_violation`` (True), ``novelty_coef`` (0.0), ``ignore_signatures``
+      (signatures that count as already found: no reward, no termination — a campaign
+      passes what it has found so far);
     * ``render_mode`` — ``ansi`` or ``rgb_array``.
     """
 
@@ -535,7 +537,8 @@ class CowEnv(gym.Env):
                  pmd_slots: int = 8, objective: str = "violation",
                  objective_kwargs: dict[str, Any] | None = None,
                  violation_reward: float = 10.0, terminate_on_violation: bool = True,
-                 novelty_coef: float = 0.0, render_mode: str | None = None) -> None:
+                 novelty_coef: float = 0.0, ignore_signatures: list[str] | None = None,
+                 render_mode: str | None = None) -> None:
         self._init_kwargs: dict[str, Any] = {
             k: copy.deepcopy(v) for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -556,6 +559,10 @@ class CowEnv(gym.Env):
         self.violation_reward = float(violation_reward)
         self.terminate_on_violation = bool(terminate_on_violation)
         self.novelty_coef = float(novelty_coef)
+        self.ignore_signatures: tuple[str, ...] = tuple(ignore_signatures or ())
+        for sig in self.ignore_signatures:
+            if not isinstance(sig, str) or "@" not in sig:
+                raise ValueError(f"ignore_signatures: expected 'kind@site' strings, got {sig!r}")
         P, ps = self.config.ptrs_per_pte, self.config.page_size
         wl = default_workload(P, ps) if workload is None else copy.deepcopy(list(workload))
         try:
@@ -634,6 +641,8 @@ class CowEnv(gym.Env):
         self._swap_nr = max(1, self.config.nr_swap_slots)
         self._pins_active = 0
 
+        if objective == "fork_cost" and objective not in OBJECTIVES:
+            from . import objectives  # noqa: F401  (registers fork_cost with the cost model)
         if objective not in OBJECTIVES:
             hint = " (added by the fork-cost model once it lands)" if objective == "fork_cost" \
                 else ""
@@ -787,7 +796,7 @@ class CowEnv(gym.Env):
         self._elapsed = 0
         self._done = False
         self._last_label = ""
-        self._seen = {}
+        self._seen = dict.fromkeys(self.ignore_signatures)
         for v in k.violations:
             if v.kind != "simulator":
                 self._seen[v.signature] = None
@@ -1160,7 +1169,13 @@ class CowEnv(gym.Env):
 
         """
         k = self.kernel
-        steps: list[dict[str, Any]] = [copy.deepcopy(s) for s in self.workload]
+        steps: list[dict[str, Any]] = []
+        for s in self.workload:
+            s = copy.deepcopy(s)
+            op = s.get("do") or s.get("start")
+            if op in OPS and isinstance(s.get("args"), dict):
+                s["args"] = _readable_args(op, s["args"])
+            steps.append(s)
         labels: list[str | None] = list(self._wl_labels)
         nwl = len(steps)
         for s, lab in zip(self._recorded, self._labels, strict=True):

@@ -320,6 +320,17 @@ def test_violation_reward_terminates_and_is_once_per_signature():
     assert sum(r for _, r, *_ in res2) == 0.0  # ... but not new in this episode
 
 
+@pytest.mark.skipif(not HAVE_COWPTE, reason="needs the cowpte variant")
+def test_ignored_signatures_neither_pay_nor_terminate():
+    env = small(ignore_signatures=["lock-discipline@handle_cow_pte_fault"])
+    res = _fork_then_write(env)
+    assert any(i["violations"] for *_, i in res)
+    assert not any(i["violation"] for *_, i in res)
+    assert all(r == 0.0 and not t for _, r, t, *_ in res)
+    with pytest.raises(ValueError, match="ignore_signatures"):
+        small(ignore_signatures=["no-at-sign"])
+
+
 def test_classic_kernel_same_schedule_is_clean():
     env = small(preset="classic")
     res = _fork_then_write(env)
