@@ -2396,7 +2396,7 @@ class Kernel:
             return None
         ptl = self.pte_lockptr(mm, table)
         yield from self.lock(t, ptl, WRITE, site)
-        if not self.rmap_table_still_valid(mm, idx, table):
+        if not self.rmap_table_still_valid(mm, idx, table, site):
             self.unlock(t, ptl, WRITE, site)
             return None
         if not self.check_table_live(table, site):
@@ -2408,7 +2408,8 @@ class Kernel:
             return None
         return table, ptl, off
 
-    def rmap_table_still_valid(self, mm: MmStruct, idx: int, table: PteTable) -> bool:
+    def rmap_table_still_valid(self, mm: MmStruct, idx: int, table: PteTable,
+                               site: str = "") -> bool:
         """Re-validate under the PTL that the PMD still points at ``table``
         (``pte_offset_map_nolock`` + ``pmd_same``). Upstream this always holds for rmap
         because tables are freed only after ``unlink_anon_vmas``."""
