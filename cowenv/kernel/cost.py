@@ -395,6 +395,10 @@ class CostMeter:
         """Everything charged so far."""
         return self.ns("total")
 
+    def total(self) -> float:
+        """Return everything charged so far, in nanoseconds (same as :attr:`total_ns`)."""
+        return self.ns("total")
+
     @property
     def immediate_ns(self) -> float:
         """Fork-attributable cost spent inside fork."""
@@ -413,6 +417,14 @@ class CostMeter:
     def pending(self) -> bool:
         """Whether some fault's charges are still waiting for attribution."""
         return any(bool(b) for b in self._fault.values())
+
+    def buffered(self) -> dict[str, int]:
+        """Return the charges of faults in progress, still waiting for attribution."""
+        out: dict[str, int] = {}
+        for _, buf in sorted(self._fault.items()):
+            for c, n in buf.items():
+                out[c] = out.get(c, 0) + n
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         """Plain-data summary: ns totals and the counts per category and attribution."""

@@ -1,0 +1,280 @@
+"""The ``fork_cost`` objective: reward an agent for making COW PTE slow relative to fork.
+
+The env's kernel runs the configured variant (normally ``cowpte``) under the agent's
+interleaving. Beside it, :class:`ClassicShadow` keeps a *classic* kernel that executes
+the **same sequence of operations**: when the agent starts an operation on the env's
+kernel, the shadow starts the same operation on the corresponding thread and runs it to
+completion at once. Interleaving choices (which thread runs next) and memory-pressure
+events (``fail_nth``) do not apply to the shadow: it answers "what would plain fork have
+cost for these operations", not "for this schedule".
+
+Both kernels account simulated time with :class:`cowenv.kernel.cost.CostMeter`; the
+quantity compared is the **fork-attributable** cost (``immediate`` inside fork +
+``deferred``: COW PTE table breaks and the faults that copy or reuse pages fork shared).
+With ``V`` the variant's and ``C`` the shadow's fork-attributable nanoseconds and ``N``
+the normaliser (default: what classic fork spends on one fully populated PTE table of
+the env's geometry, ``fork_table_ns("classic", P)``), the per-step reward is
+
+* ``mode="difference"`` (default): ``Δ(V − C) / N`` — the episode return is the extra
+  time COW PTE cost, in units of "one table's worth of plain fork";
+* ``mode="ratio"``: ``Δ((V + N) / (C + N))`` — the return is the (smoothed) ratio minus
+  its starting value, for agents that should maximise the ratio itself.
+
+Operation identities are mapped, not assumed: threads, processes and pins created by an
+operation are paired when the env's operation completes (fork's child pid and thread,
+clone's tid, pin ids). An operation whose thread (or pin) has no counterpart in the shadow
+is skipped there and counted in ``info["fork_cost"]["shadow_skipped"]``; skipping can only
+lower ``C``, so a run that relies on it is visible.
+
+:class:`ForkCost` holds the logic without depending on gymnasium;
+:class:`ForkCostObjective` adapts it to :class:`cowenv.env.Objective` and is registered as
+``objective="fork_cost"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from .kernel.config import KernelConfig
+from .kernel.cost import fork_table_ns
+from .kernel.kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
+from .scenario import StepError, apply_step, parse_scenario
+
+MODES: tuple[str, ...] = ("difference", "ratio")
+
+
+class ClassicShadow:
+    """A classic kernel that executes the operations started on another kernel.
+
+    Args:
+        config: The env kernel's configuration; the shadow uses the same geometry and
+            limits with ``variant="classic"`` and no flaws.
+        workload: Scenario steps (as parsed by :func:`cowenv.scenario.parse_scenario`) to
+            run first, exactly as the env runs its workload at reset.
+
+    Raises:
+        RuntimeError: The workload cannot run on the classic kernel.
+
+    """
+
+    def __init__(self, config: KernelConfig, workload: list[dict[str, Any]]) -> None:
+        cfg = dataclasses.replace(config, variant="classic", flaws=())
+        self.kernel: Kernel = make_kernel(cfg, oracles=False, trace=False)
+        names: dict[str, Any] = {}
+        pending: dict[int, dict] = {}
+        for i, s in enumerate(workload):
+            try:
+                apply_step(self.kernel, copy.deepcopy(s), names, pending, i)
+            except (StepError, KernelUsageError) as e:
+                raise RuntimeError(f"shadow workload step {i}: {e}") from None
+        # env id -> shadow id; identity for what both kernels hold after the workload.
+        self.tids: dict[int, int] = {}
+        self.pids: dict[int, int] = {}
+        self.pins: dict[int, int] = {}
+        self._started: dict[int, tuple[str, Any]] = {}
+        #: Operations the shadow could not run (no counterpart thread/pin, or refused).
+        self.skipped = 0
+
+    def pair_existing(self, env_kernel: Kernel) -> None:
+        """Pair threads, processes and pins that exist in both kernels (same ids)."""
+        k = self.kernel
+        for tid, t in sorted(env_kernel.threads.items()):
+            st = k.threads.get(tid)
+            if st is not None and not t.exited and not st.exited:
+                self.tids[tid] = tid
+        for pid, p in sorted(env_kernel.procs.items()):
+            sp = k.procs.get(pid)
+            if sp is not None and p.alive and sp.alive:
+                self.pids[pid] = pid
+        for pin, p in sorted(env_kernel.pins.items()):
+            sp = k.pins.get(pin)
+            if sp is not None and p.active and sp.active:
+                self.pins[pin] = pin
+
+    def start(self, tid: int, op: str, args: dict[str, Any]) -> bool:
+        """Run operation ``op`` of env thread ``tid`` to completion on the shadow.
+
+        Args:
+            tid: The env thread that started it.
+            op: Operation name.
+            args: Its arguments as the env bound them (pin ids, pids of the env).
+
+        Returns:
+            Whether the shadow ran it.
+
+        """
+        stid = KSWAPD_TID if tid == KSWAPD_TID else self.tids.get(tid)
+        self._started[tid] = (op, None)
+        a = dict(args)
+        if "pin" in a and op in ("unpin", "dev_read", "dev_write"):
+            a["pin"] = self.pins.get(a["pin"], -1)
+        if op == "reclaim" and a.get("pid"):
+            a["pid"] = self.pids.get(a["pid"], 0)
+        k = self.kernel
+        if stid is None or a.get("pin", 0) == -1 or not k.can_start(stid, op):
+            self.skipped += 1
+            return False
+        try:
+            res = k.do(stid, op, **a)
+        except KernelUsageError:
+            self.skipped += 1
+            return False
+        self._started[tid] = (op, res)
+        return True
+
+    def finished(self, tid: int, env_kernel: Kernel) -> None:
+        """Env thread ``tid`` completed its operation: pair what it created."""
+        op, sres = self._started.pop(tid, ("", None))
+        eres = env_kernel.threads[tid].result
+        if not isinstance(eres, int) or not isinstance(sres, int) or eres <= 0 or sres <= 0:
+            return
+        k = self.kernel
+        if op == "fork":
+            self.pids[eres] = sres
+            ep, sp = env_kernel.procs.get(eres), k.procs.get(sres)
+            if ep is not None and sp is not None and ep.tids and sp.tids:
+                self.tids[ep.tids[0]] = sp.tids[0]
+        elif op == "clone":
+            self.tids[eres] = sres
+        elif op == "pin":
+            self.pins[eres] = sres
+
+    def pending(self, tid: int) -> bool:
+        """Whether env thread ``tid`` has an operation the shadow has already run."""
+        return tid in self._started
+
+
+class ForkCost:
+    """Fork-attributable cost of a kernel relative to its classic shadow.
+
+    Args:
+        config: The env kernel's configuration.
+        workload: The env's parsed workload steps.
+        mode: ``difference`` or ``ratio`` (see the module docstring).
+        normaliser_ns: ``N``; default ``fork_table_ns("classic", config.ptrs_per_pte)``.
+
+    Raises:
+        ValueError: Unknown ``mode`` or a non-positive ``normaliser_ns``.
+
+    """
+
+    def __init__(self, config: KernelConfig, workload: list[dict[str, Any]],
+                 mode: str = "difference", normaliser_ns: float | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        n = (fork_table_ns("classic", config.ptrs_per_pte) if normaliser_ns is None
+             else float(normaliser_ns))
+        if not n > 0:
+            raise ValueError(f"normaliser_ns: expected > 0, got {normaliser_ns!r}")
+        self.config = config
+        self.workload = workload
+        self.mode = mode
+        self.normaliser_ns = n
+        self.shadow: ClassicShadow | None = None
+        self._score = 0.0
+
+    def _value(self, kernel: Kernel) -> float:
+        assert self.shadow is not None
+        v = kernel.cost.fork_attributable_ns
+        c = self.shadow.kernel.cost.fork_attributable_ns
+        if self.mode == "difference":
+            return (v - c) / self.normaliser_ns
+        return (v + self.normaliser_ns) / (c + self.normaliser_ns)
+
+    def reset(self, kernel: Kernel) -> dict[str, Any]:
+        """Start an episode on ``kernel`` (its workload has run): build the shadow.
+
+        Returns:
+            ``{"fork_cost": summary}``.
+
+        """
+        self.shadow = ClassicShadow(self.config, self.workload)
+        self.shadow.pair_existing(kernel)
+        self._score = self._value(kernel)
+        return {"fork_cost": self.summary(kernel)}
+
+    def step(self, kernel: Kernel, record: dict[str, Any] | None) -> tuple[float, dict]:
+        """Mirror one env action on the shadow and score it.
+
+        Args:
+            kernel: The env's kernel, after the action.
+            record: The scenario step the env recorded for the action (``start`` runs
+                the operation on the shadow; a ``step`` that completed an operation
+                pairs what it created; events are not mirrored).
+
+        Returns:
+            ``(reward, {"fork_cost": summary})``.
+
+        """
+        if self.shadow is None:
+            raise RuntimeError("call reset() first")
+        if record is not None and "start" in record:
+            self.shadow.start(int(record["tid"]), record["start"], record.get("args") or {})
+        elif record is not None and "step" in record:
+            tid = int(record["tid"])
+            t = kernel.threads.get(tid)
+            if t is not None and t.gen is None and self.shadow.pending(tid):
+                self.shadow.finished(tid, kernel)
+        new = self._value(kernel)
+        reward = new - self._score
+        self._score = new
+        return float(reward), {"fork_cost": self.summary(kernel)}
+
+    def summary(self, kernel: Kernel) -> dict[str, Any]:
+        """Plain-data state: both kernels' fork-attributable costs and their ratio.
+
+        ``ratio`` is ``variant / classic`` (1.0 while classic has no fork cost yet).
+        """
+        assert self.shadow is not None
+        kc, sc = kernel.cost, self.shadow.kernel.cost
+        v, c = kc.fork_attributable_ns, sc.fork_attributable_ns
+        return {
+            "variant_ns": v, "classic_ns": c,
+            "variant_immediate_ns": kc.immediate_ns, "variant_deferred_ns": kc.deferred_ns,
+            "classic_immediate_ns": sc.immediate_ns, "classic_deferred_ns": sc.deferred_ns,
+            "ratio": v / c if c > 0 else 1.0,
+            "shadow_skipped": self.shadow.skipped,
+        }
+
+
+def _make_objective_class() -> type | None:
+    """Define and register :class:`ForkCostObjective` if the env module is importable."""
+    try:
+        from .env import Objective, StepOutcome, register_objective
+    except ImportError:  # the env is optional for the standalone logic
+        return None
+
+    class ForkCostObjective(Objective):
+        """The ``fork_cost`` objective (see :mod:`cowenv.objectives`).
+
+        ``objective_kwargs``: ``mode`` (``difference`` | ``ratio``) and
+        ``normaliser_ns``. Never terminates an episode by itself; ``info["fork_cost"]``
+        carries both kernels' costs and their ratio after every step.
+        """
+
+        name = "fork_cost"
+
+        def __init__(self, env: Any, mode: str = "difference",
+                     normaliser_ns: float | None = None) -> None:
+            super().__init__(env)
+            steps = parse_scenario({"config": env.config.to_dict(), "steps": env.workload},
+                                   "<workload>").steps
+            self.logic = ForkCost(env.config, steps, mode, normaliser_ns)
+
+        def reset(self, kernel: Kernel) -> dict[str, Any]:  # noqa: D102
+            return self.logic.reset(kernel)
+
+        def step(self, kernel: Kernel,  # noqa: D102
+                 outcome: StepOutcome) -> tuple[float, bool, dict[str, Any]]:
+            reward, info = self.logic.step(kernel, outcome.record)
+            return reward, False, info
+
+    register_objective(ForkCostObjective)
+    return ForkCostObjective
+
+
+ForkCostObjective = _make_objective_class()
+
+__all__ = ["MODES", "ClassicShadow", "ForkCost", "ForkCostObjective"]
