@@ -999,7 +999,6 @@ class CowEnv(gym.Env):
         assert k is not None
         o = self._obs
         if spec is None or spec.kind == "run":
-            t0, t1 = self.obs_layout["threads"]
             o[:self._cov0] = self._blank
             procs = k.live_procs()[:self.config.max_processes]
             pslot = {p.pid: i for i, p in enumerate(procs)}
