@@ -12,6 +12,8 @@ from typing import Any
 #: The flaw catalogue of BRIEF §4. Ids are stable public names; order is the catalogue's.
 #: ``read-fault-fills-shared`` (reference notes C8) was added by cowenv: an anonymous read
 #: fault on ``pte_none`` installs the zero-page PTE into the shared table.
+#: ``recover-skips-vma`` was found by cowenv's soak test: after ``recover_pte_range`` v4
+#: falls back to ``copy_pte_range`` only if ``recover_end`` lies inside ``src_vma``.
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -25,6 +27,7 @@ FLAW_IDS: tuple[str, ...] = (
     "wipeonfork-shared",
     "gup-fast-fork-race",
     "read-fault-fills-shared",
+    "recover-skips-vma",
 )
 
 #: Variant names. ``classic`` is upstream (>= 6.2) semantics; ``cowpte`` is COW PTE v4.
