@@ -31,11 +31,6 @@ EPISODES_PER_CHUNK = 9
 STEPS_PER_EPISODE = 2000
 MIN_STEPS_PER_CHUNK = 100_000 // CHUNKS
 
-#: Known open findings on ``fixed`` (COW PTE with every flaw switched off), reported to
-#: the cowpte owner: writes into shared tables from do_shared_fault/do_anonymous_page and
-#: try_to_unmap_one racing with fork's copy_cow_pte_range, with the accounting fallout.
-#: strict: once they are fixed this XPASSes and fails, so the marker must come off.
-FIXED_OPEN = pytest.mark.xfail(strict=True, reason="open fixed-variant findings (see docstring)")
 
 
 
@@ -64,7 +59,6 @@ def test_soak_classic(chunk: int) -> None:
 
 
 @pytest.mark.skipif(not HAVE_COWPTE, reason="cowenv/kernel/cowpte.py absent")
-@FIXED_OPEN
 def test_soak_fixed() -> None:
     steps = 0
     failures = []
