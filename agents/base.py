@@ -1,0 +1,195 @@
+"""The agent interface, deterministic seed streams and the episode loop.
+
+Every agent drives :class:`cowenv.env.CowEnv` through its public API only: the action
+catalogue (``env.catalogue``), the legal-action mask (``env.action_masks()``), the
+observation, and the read-only ``env.kernel`` view. An agent is a small state machine::
+
+    agent.begin_episode(env, rng)        # after env.reset()
+    a = agent.act(env, obs, mask)        # one catalogue index, legal under ``mask``
+    agent.observe(env, a, obs, reward, terminated, truncated, info)
+    agent.end_episode(env)
+
+Randomness comes only from the ``numpy.random.Generator`` handed to
+:meth:`Agent.begin_episode`; campaigns derive it from ``(seed, worker, episode)`` with
+:func:`episode_seed_sequence`, so an episode is reproducible on its own and a campaign
+can resume at any episode boundary. Agents that learn across episodes (Q-learning) keep
+that state in :meth:`Agent.state_dict`, which is plain JSON-able data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from cowenv.env import CowEnv
+
+
+def episode_seed_sequence(seed: int, worker: int, episode: int) -> np.random.SeedSequence:
+    """Return the seed sequence of one episode of one worker of a campaign.
+
+    Args:
+        seed: Campaign seed.
+        worker: Worker index (0-based).
+        episode: Episode index within the worker (0-based).
+
+    Returns:
+        ``SeedSequence([seed, worker, episode])``: independent streams per worker and
+        episode, derived without any global state.
+
+    """
+    return np.random.SeedSequence([int(seed), int(worker), int(episode)])
+
+
+def episode_rng(seed: int, worker: int, episode: int) -> tuple[np.random.Generator, int]:
+    """Agent generator and env reset seed for one episode (see :func:`episode_seed_sequence`).
+
+    Returns:
+        ``(rng, reset_seed)``: the agent's generator and a 31-bit seed for
+        ``env.reset(seed=...)`` (recorded in the schedule).
+
+    """
+    ss = episode_seed_sequence(seed, worker, episode)
+    reset_seed = int(ss.generate_state(1, dtype=np.uint32)[0] & 0x7FFF_FFFF)
+    return np.random.Generator(np.random.PCG64(ss)), reset_seed
+
+
+class Agent:
+    """Base class: a scheduler that picks one legal catalogue action per step.
+
+    Subclasses set :attr:`name` and implement :meth:`act`; the other hooks default to
+    doing nothing.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.rng: np.random.Generator = np.random.default_rng(0)
+
+    def begin_episode(self, env: CowEnv, rng: np.random.Generator) -> None:
+        """Start of an episode (``env`` has just been reset).
+
+        Args:
+            env: The environment (unwrapped).
+            rng: The episode's only source of randomness.
+
+        """
+        self.rng = rng
+
+    def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:
+        """Choose a legal action.
+
+        Args:
+            env: The environment (unwrapped).
+            obs: The current observation.
+            mask: ``env.action_masks()`` (never all False).
+
+        Returns:
+            A catalogue index with ``mask[index]`` True.
+
+        """
+        raise NotImplementedError
+
+    def observe(self, env: CowEnv, action: int, obs: np.ndarray, reward: float,
+                terminated: bool, truncated: bool, info: dict[str, Any]) -> None:
+        """Feedback after ``env.step(action)`` (learning agents update here)."""
+
+    def end_episode(self, env: CowEnv) -> None:
+        """End of an episode (after the last :meth:`observe`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried across episodes, as JSON-able data (empty for stateless agents)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (campaign resume)."""
+        if state:
+            raise ValueError(f"{self.name}: unexpected agent state {sorted(state)[:3]}")
+
+
+def uniform_legal(rng: np.random.Generator, mask: np.ndarray) -> int:
+    """Return a uniformly random legal action."""
+    legal = np.flatnonzero(mask)
+    return int(legal[rng.integers(len(legal))])
+
+
+@dataclass
+class EpisodeResult:
+    """What :func:`run_episode` saw.
+
+    Attributes:
+        steps: Actions taken.
+        ret: Sum of rewards.
+        terminated: The episode ended by termination (not truncation or stop).
+        stopped: ``on_step`` asked to stop early.
+        signatures: ``signature -> action index`` (1-based, 0 = during reset) of the
+            first report of each violation signature in this episode, simulator
+            defects included.
+
+    """
+
+    steps: int = 0
+    ret: float = 0.0
+    terminated: bool = False
+    stopped: bool = False
+    signatures: dict[str, int] = field(default_factory=dict)
+
+
+#: ``on_violation(step, violation_dict)``; return True to stop the episode now.
+ViolationHook = Callable[[int, dict[str, Any]], bool]
+
+
+def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed: int,
+                max_actions: int | None = None,
+                on_violation: ViolationHook | None = None) -> EpisodeResult:
+    """Reset ``env`` and let ``agent`` play one episode.
+
+    Args:
+        env: The environment (unwrapped :class:`~cowenv.env.CowEnv`).
+        agent: The agent.
+        rng: The agent's generator for this episode.
+        reset_seed: Seed for ``env.reset``.
+        max_actions: Stop after this many actions even if the episode goes on (the
+            campaign's remaining budget).
+        on_violation: Called once per violation signature, the first time it is
+            reported in this episode, with the action index (0 = during reset) and the
+            violation (``kind``, ``site``, ``signature``, ``step``, ``message``, ...);
+            returning True stops the episode after this action.
+
+    Returns:
+        The :class:`EpisodeResult`.
+
+    """
+    obs, info = env.reset(seed=reset_seed)
+    agent.begin_episode(env, rng)
+    res = EpisodeResult()
+    stop = False
+    for v in info.get("violations", []):
+        if v["signature"] not in res.signatures:
+            res.signatures[v["signature"]] = 0
+            if on_violation is not None and on_violation(0, v):
+                stop = True
+    limit = env.max_steps if max_actions is None else min(max_actions, env.max_steps)
+    terminated = truncated = False
+    while not stop and res.steps < limit:
+        mask = env.action_masks()
+        a = agent.act(env, obs, mask)
+        obs, reward, terminated, truncated, info = env.step(a)
+        res.steps += 1
+        res.ret += float(reward)
+        agent.observe(env, a, obs, float(reward), terminated, truncated, info)
+        for v in info["violations"]:
+            sig = v["signature"]
+            if sig not in res.signatures:
+                res.signatures[sig] = res.steps
+                if on_violation is not None and on_violation(res.steps, v):
+                    stop = True
+        if terminated or truncated:
+            break
+    res.terminated = bool(terminated)
+    res.stopped = stop
+    agent.end_episode(env)
+    return res

@@ -1,0 +1,257 @@
+"""MaskablePPO (sb3-contrib): training, and a fuzzing agent sampling a trained policy.
+
+Training logs to TensorBoard and writes checkpoints and evaluations.
+
+Saved models are Stable-Baselines3 zip files, which contain **pickled** Python objects:
+load only models you trust (ones you trained yourself). :class:`PPOAgent` refuses a
+model whose observation or action space does not match the env.
+
+Training (:func:`train_ppo`) runs ``n_envs`` copies of the env in a ``DummyVecEnv``
+(one per entry of ``env_configs``, cycled: a policy can be trained on several flaw sets
+at once) and writes, under ``log_dir/run_name``: TensorBoard events (``tb/``),
+checkpoints every ``checkpoint_freq`` steps (``checkpoints/``), and periodic evaluation
+on a separate env (``eval/evaluations.npz``, best model in ``best/``). A small callback
+also logs how many distinct violation signatures each training episode found
+(``cowenv/signatures_per_episode``).
+
+This module imports torch and stable-baselines3; ``cowenv_agents`` imports it only when
+the ``ppo`` agent or training is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .base import Agent
+
+if TYPE_CHECKING:
+    from sb3_contrib import MaskablePPO
+
+    from cowenv.env import CowEnv
+
+#: Env settings used for training unless overridden: keep going after a violation so
+#: that an episode can earn several signatures, and pay a little for every preemption
+#: label reached for the first time in the episode (a flaw-agnostic exploration bonus).
+TRAIN_ENV_DEFAULTS: dict[str, Any] = {"terminate_on_violation": False, "novelty_coef": 1.0}
+
+
+def _make_env(kwargs: dict[str, Any]) -> Any:
+    import gymnasium as gym
+    from stable_baselines3.common.monitor import Monitor
+
+    import cowenv
+
+    return Monitor(gym.make(cowenv.ENV_ID, **kwargs))
+
+
+def _env_factory(kwargs: dict[str, Any]) -> Any:
+    return lambda: _make_env(kwargs)
+
+
+def _callback_class() -> type:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class SignatureLogger(BaseCallback):
+        """Log distinct violation signatures per finished training episode."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._seen: dict[int, set[str]] = {}
+            self._done: list[int] = []
+
+        def _on_step(self) -> bool:
+            infos = self.locals.get("infos", [])
+            dones = self.locals.get("dones", [])
+            for i, info in enumerate(infos):
+                s = self._seen.setdefault(i, set())
+                for v in info.get("violations", []):
+                    if v.get("kind") != "simulator":
+                        s.add(v["signature"])
+                if i < len(dones) and dones[i]:
+                    self._done.append(len(s))
+                    s.clear()
+            if self._done and len(self._done) >= 8:
+                self.logger.record("cowenv/signatures_per_episode", float(np.mean(self._done)))
+                self._done.clear()
+            return True
+
+    return SignatureLogger
+
+
+def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int,
+              out: str | Path, *, seed: int = 0, n_envs: int | None = None,
+              log_dir: str | Path = "runs", run_name: str = "ppo",
+              checkpoint_freq: int = 20_000, eval_freq: int = 10_000, eval_episodes: int = 4,
+              net_arch: Sequence[int] = (256, 256), n_steps: int = 256,
+              learning_rate: float = 3e-4, ent_coef: float = 0.01,
+              torch_threads: int = 1, verbose: int = 0) -> Path:
+    """Train a MaskablePPO agent and save it (atomically) to ``out``.
+
+    Args:
+        env_configs: ``cowenv/CowPte-v0`` keyword arguments, or a list of them (one
+            vector-env slot each, cycled up to ``n_envs``); :data:`TRAIN_ENV_DEFAULTS`
+            fill in what is not given. All must give the same spaces.
+        steps: Environment steps to train for (total over the vector env).
+        out: Model path (``.zip`` is added if missing).
+        seed: Seed of the model, the envs and the evaluation.
+        n_envs: Vector env size (default: ``len(env_configs)``, at least 2).
+        log_dir: Root for TensorBoard logs, checkpoints and evaluations.
+        run_name: Sub-folder of ``log_dir`` for this run.
+        checkpoint_freq: Save a checkpoint every this many steps (0 = never).
+        eval_freq: Evaluate every this many steps (0 = never).
+        eval_episodes: Episodes per evaluation.
+        net_arch: Hidden layer sizes of the policy and value networks.
+        n_steps: Rollout length per env.
+        learning_rate: Adam learning rate.
+        ent_coef: Entropy bonus (keeps the policy exploring).
+        torch_threads: ``torch.set_num_threads``.
+        verbose: SB3 verbosity.
+
+    Returns:
+        The path of the saved model.
+
+    """
+    import torch
+    from sb3_contrib import MaskablePPO
+    from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
+    from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    torch.set_num_threads(max(1, int(torch_threads)))
+    configs = [env_configs] if isinstance(env_configs, dict) else list(env_configs)
+    if not configs:
+        raise ValueError("env_configs: expected at least one configuration")
+    configs = [{**TRAIN_ENV_DEFAULTS, **c} for c in configs]
+    n = max(2, len(configs)) if n_envs is None else int(n_envs)
+    if n < 1:
+        raise ValueError("n_envs: expected >= 1")
+    slots = [configs[i % len(configs)] for i in range(n)]
+    venv = DummyVecEnv([_env_factory(c) for c in slots])
+    venv.seed(seed)
+    root = Path(log_dir) / run_name
+    model = MaskablePPO("MlpPolicy", venv, n_steps=n_steps, batch_size=min(256, n_steps * n),
+                        n_epochs=4, learning_rate=learning_rate, ent_coef=ent_coef,
+                        gamma=0.99, seed=seed, device="cpu", verbose=verbose,
+                        policy_kwargs={"net_arch": list(net_arch)},
+                        tensorboard_log=str(root / "tb"))
+    callbacks: list[Any] = [_callback_class()()]
+    if checkpoint_freq > 0:
+        callbacks.append(CheckpointCallback(save_freq=max(1, checkpoint_freq // n),
+                                            save_path=str(root / "checkpoints"),
+                                            name_prefix="ppo"))
+    if eval_freq > 0:
+        eval_env = DummyVecEnv([_env_factory(configs[0])])
+        eval_env.seed(seed + 1)
+        callbacks.append(MaskableEvalCallback(
+            eval_env, n_eval_episodes=eval_episodes, eval_freq=max(1, eval_freq // n),
+            log_path=str(root / "eval"), best_model_save_path=str(root / "best"),
+            deterministic=False, verbose=verbose))
+    model.learn(total_timesteps=int(steps), callback=CallbackList(callbacks),
+                tb_log_name="ppo", progress_bar=False)
+    return save_model(model, out)
+
+
+def save_model(model: MaskablePPO, out: str | Path) -> Path:
+    """Save ``model`` atomically (temp file in the same folder, then rename)."""
+    p = Path(out)
+    if p.suffix != ".zip":
+        p = p.with_name(p.name + ".zip")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".zip", dir=p.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def load_model(path: str | Path) -> MaskablePPO:
+    """Load a saved model on the CPU. **Trusted input only** (the zip is pickle-based).
+
+    Raises:
+        FileNotFoundError: no such file.
+
+    """
+    from sb3_contrib import MaskablePPO
+
+    p = Path(path)
+    if not p.exists() and p.with_name(p.name + ".zip").exists():
+        p = p.with_name(p.name + ".zip")
+    if not p.is_file():
+        raise FileNotFoundError(f"model: no such file: {path}")
+    return MaskablePPO.load(str(p), device="cpu")
+
+
+class PPOAgent(Agent):
+    """Sample actions from a trained MaskablePPO policy (masked), with the episode's rng.
+
+    The policy's action probabilities (illegal actions masked out) are computed with
+    torch, and the action is drawn with the episode's numpy generator, so episodes are
+    reproducible from the campaign seed and diverse across episodes (the env is
+    deterministic: a greedy policy would replay one schedule forever).
+
+    Args:
+        model: A model path (trusted input) or a loaded ``MaskablePPO``.
+        temperature: Divide the logits by this (1 = the policy as trained).
+        torch_threads: ``torch.set_num_threads`` for inference.
+
+    """
+
+    name = "ppo"
+
+    def __init__(self, model: str | Path | MaskablePPO, temperature: float = 1.0,
+                 torch_threads: int = 1) -> None:
+        super().__init__()
+        import torch
+
+        if temperature <= 0.0:
+            raise ValueError("temperature: expected > 0")
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.model = load_model(model) if isinstance(model, str | Path) else model
+        self.temperature = float(temperature)
+        self._checked = 0
+
+    def check_env(self, env: CowEnv) -> None:
+        """Raise ValueError if the model was trained for other spaces than ``env``'s."""
+        ms, es = self.model.observation_space, env.observation_space
+        if ms.shape != es.shape:
+            raise ValueError(f"model: observation shape {ms.shape} does not match the env's "
+                             f"{es.shape} (trained on another workload or limits?)")
+        ma, ea = self.model.action_space, env.action_space
+        if getattr(ma, "n", None) != getattr(ea, "n", None):
+            raise ValueError(f"model: {getattr(ma, 'n', '?')} actions, the env has "
+                             f"{getattr(ea, 'n', '?')}")
+
+    def probabilities(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Return the policy's masked action distribution (float64, sums to 1)."""
+        import torch
+
+        policy = self.model.policy
+        with torch.no_grad():
+            ot, _ = policy.obs_to_tensor(obs)
+            dist = policy.get_distribution(ot, action_masks=mask)
+            logits = dist.distribution.logits[0].double().numpy()
+        z = logits / self.temperature
+        z = np.where(mask, z, -np.inf)
+        z -= z[mask].max()
+        p = np.exp(z)
+        return p / p.sum()
+
+    def begin_episode(self, env: CowEnv, rng: np.random.Generator) -> None:  # noqa: D102
+        super().begin_episode(env, rng)
+        if self._checked != id(env):
+            self.check_env(env)
+            self._checked = id(env)
+
+    def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
+        p = self.probabilities(obs, mask)
+        return int(self.rng.choice(len(p), p=p))

@@ -1,0 +1,758 @@
+"""Fuzzing campaigns: ``cowenv fuzz`` and ``cowenv train``.
+
+A campaign runs one agent (``random``, ``pct``, ``ql`` or ``ppo``, from the
+``cowenv_agents`` package, imported only here and only when a campaign runs) in ``N``
+worker processes (``multiprocessing``, *spawn* context) against ``cowenv/CowPte-v0``.
+
+Determinism: worker ``w`` plays episode ``e`` with the generator of
+``SeedSequence([seed, w, e])`` (:func:`cowenv_agents.episode_rng`) and gets a fixed share
+of the step budget (``budget // N``, the first ``budget % N`` workers one more), so a
+worker's episodes, and the signatures it finds at which of its steps, depend only on
+``(seed, w, agent, env settings, budget)``. The wall clock is used for reporting (the
+progress bar, "seconds to first finding") and for *when* checkpoints are written, never
+for a decision.
+
+Findings: the first time a worker sees a violation signature (``kind@site``; simulator
+defects included) it sends the episode's schedule so far (``env.get_schedule``, with the
+expectation set to that violation) to the main process, which files it at once in
+``DIR/<signature>.yaml`` (atomic write, :class:`cowenv.findings.FindingStore`) unless the
+signature is already known. A separate process then minimises it
+(:func:`cowenv.minimize.minimize`), checks that the result replays
+(:func:`cowenv.replay.replay`) and atomically replaces the file, so the progress bar keeps
+moving while schedules shrink. Every file replays with ``cowenv replay FILE``.
+
+Resume: ``DIR/campaign.json`` (atomic) records the campaign settings, steps and episodes
+done per worker, and where and when each signature was first found. Each worker writes
+its own checkpoint ``DIR/.campaign/worker-<w>.json`` (atomic) at episode boundaries:
+episodes and steps done, the agent's cross-episode state (the Q-table of ``ql``) and the
+signatures it has reported. Running ``cowenv fuzz --out DIR`` again with the same settings
+continues every worker from its last checkpoint (episodes are replayed exactly from
+there), keeps the findings already in ``DIR`` (they are not reported as new again) and
+re-minimises any that were interrupted mid-minimisation. A larger ``--budget`` extends a
+finished campaign.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_NAME = "campaign.json"
+CHECKPOINT_DIR = ".campaign"
+STATE_VERSION = 1
+#: Seconds between worker checkpoints (when, not what: results do not depend on it).
+CHECKPOINT_SECONDS = 3.0
+AGENT_CHOICES = ("random", "pct", "ql", "ppo")
+
+
+class CampaignError(Exception):
+    """A campaign cannot run as asked (one line; the CLI exits 2)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def worker_budget(budget: int, workers: int, w: int) -> int:
+    """Return the steps of ``budget`` that worker ``w`` of ``workers`` runs."""
+    return budget // workers + (1 if w < budget % workers else 0)
+
+
+@dataclass
+class CampaignConfig:
+    """What a campaign is (everything but ``budget`` must match to resume one).
+
+    Attributes:
+        agent: Agent name.
+        seed: Campaign seed.
+        workers: Number of worker processes.
+        budget: Total env steps over all workers.
+        env_kwargs: Keyword arguments of ``cowenv/CowPte-v0``.
+        agent_kwargs: Keyword arguments of the agent.
+        model: Saved PPO model (``ppo`` only).
+        minimise: Minimise findings before keeping them.
+
+    """
+
+    agent: str = "random"
+    seed: int = 0
+    workers: int = 2
+    budget: int = 100_000
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    agent_kwargs: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    minimise: bool = True
+
+    def identity(self) -> dict[str, Any]:
+        """Return the settings a resumed campaign must share."""
+        d = asdict(self)
+        d.pop("budget")
+        d.pop("minimise")
+        return json.loads(json.dumps(d, sort_keys=True))
+
+
+def default_env_kwargs() -> dict[str, Any]:
+    """Return the campaign's env settings: the env's defaults, but episodes go on.
+
+    With ``as-posted``, the lockdep splat of the first COW break would otherwise end
+    every episode before any deeper flaw could show.
+    """
+    return {"terminate_on_violation": False}
+
+
+# ----------------------------------------------------------------------------- worker
+def _checkpoint_path(out: Path, w: int) -> Path:
+    return out / CHECKPOINT_DIR / f"worker-{w}.json"
+
+
+def _parent_alive() -> bool:
+    p = mp.parent_process()
+    return p is None or p.is_alive()
+
+
+def worker_main(cfg: dict[str, Any], w: int, out: str, q: Any, stop: Any,
+                known: list[str]) -> None:
+    """Body of worker process ``w`` (spawn entry point; see the module docstring).
+
+    Messages put on ``q``: ``("progress", w, steps, episodes)``, ``("finding", w, sig,
+    schedule, worker_step, episode)``, ``("checkpoint", w, steps, episodes)``,
+    ``("done", w, steps, episodes)``, ``("error", w, text)``.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    try:
+        _worker_loop(CampaignConfig(**cfg), w, Path(out), q, stop, set(known))
+    except BaseException:  # report everything, including a bad model or env setting
+        q.put(("error", w, traceback.format_exc()))
+
+
+def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
+                 known: set[str]) -> None:
+    import cowenv_agents as ca
+
+    from .env import CowEnv
+
+    env = CowEnv(**cfg.env_kwargs)
+    agent = ca.make_agent(cfg.agent, model=cfg.model, **cfg.agent_kwargs)
+    budget = worker_budget(cfg.budget, cfg.workers, w)
+    steps = episodes = 0
+    reported: set[str] = set()
+    ck = _checkpoint_path(out, w)
+    if ck.exists():
+        st = json.loads(ck.read_text())
+        steps, episodes = int(st["steps"]), int(st["episodes"])
+        reported = set(st.get("reported", []))
+        agent.load_state_dict(st.get("agent_state", {}))
+
+    def checkpoint() -> None:
+        atomic_write_text(ck, json.dumps({
+            "worker": w, "seed": [cfg.seed, w], "steps": steps, "episodes": episodes,
+            "reported": sorted(reported), "agent_state": agent.state_dict()}) + "\n")
+        q.put(("checkpoint", w, steps, episodes))
+
+    last_ck = time.monotonic()
+    while steps < budget and not stop.is_set():
+        rng, reset_seed = ca.episode_rng(cfg.seed, w, episodes)
+        base = steps
+
+        def on_violation(i: int, v: dict[str, Any], base: int = base,
+                         ep: int = episodes) -> bool:
+            sig = v["signature"]
+            if sig in reported or sig in known:
+                reported.add(sig)
+                return False
+            reported.add(sig)
+            data = env.get_schedule(name=f"{cfg.agent}-seed{cfg.seed}-w{w}-e{ep}")
+            data["description"] = (
+                f"Found by `cowenv fuzz --agent {cfg.agent}` (seed {cfg.seed}, worker {w}, "
+                f"episode {ep}, worker step {base + i}): {v.get('message', '')}").strip()
+            data["expect"] = {"violation": {"kind": v["kind"], "site": v["site"],
+                                            "step": int(v["step"])}}
+            q.put(("finding", w, sig, data, base + i, ep))
+            return False
+
+        res = ca.run_episode(env, agent, rng, reset_seed, max_actions=budget - steps,
+                             on_violation=on_violation)
+        steps += res.steps
+        episodes += 1
+        q.put(("progress", w, steps, episodes))
+        now = time.monotonic()
+        if now - last_ck >= CHECKPOINT_SECONDS:
+            checkpoint()
+            last_ck = now
+        if not _parent_alive():
+            return
+    checkpoint()
+    q.put(("done", w, steps, episodes))
+
+
+# ----------------------------------------------------------------------------- minimiser
+def minimise_finding(path: str, signature: str) -> tuple[str, dict[str, Any] | None, str]:
+    """Minimise the schedule in ``path`` for ``signature`` (runs in the minimiser process).
+
+    Returns:
+        ``(signature, minimised data or None, note)``: None when minimisation failed or its
+        result does not replay; the note says why.
+
+    """
+    from .minimize import NotReproducible, minimize
+    from .replay import replay
+    from .scenario import load_scenario, parse_scenario
+
+    try:
+        sc = load_scenario(path)
+        res = minimize(sc, [signature])
+        rep = replay(parse_scenario(res.data, path))
+        if not rep.reproduced:
+            return signature, None, f"minimised schedule does not replay: {rep.divergence}"
+        return signature, res.data, f"{res.original_len} -> {res.minimal_len} steps"
+    except NotReproducible as e:
+        return signature, None, f"not reproducible: {e}"
+    except Exception as e:  # keep the raw schedule; say why
+        return signature, None, f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------- campaign
+@dataclass
+class CampaignResult:
+    """Outcome of :func:`run_campaign`.
+
+    Attributes:
+        out: The findings folder.
+        steps: Env steps done over all workers.
+        episodes: Episodes over all workers.
+        findings: One row per signature, in discovery order (``signature``, ``file``,
+            ``worker``, ``worker_step``, ``campaign_step``, ``seconds``, ``agent``,
+            ``steps`` (schedule length), ``minimised``, ``hits``).
+        interrupted: Stopped before the budget was spent.
+        seconds: Wall time of the whole campaign (all sessions).
+        errors: Worker errors (tracebacks).
+
+    """
+
+    out: str
+    steps: int
+    episodes: int
+    findings: list[dict[str, Any]]
+    interrupted: bool
+    seconds: float
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+class _Display:
+    """Live progress (rich) on a terminal, one line every few seconds otherwise."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.live = enabled and self.console.is_terminal
+        self.total = total
+        self.last_line = 0.0
+        self.progress: Any = None
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]fuzz[/bold]"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("steps"), TextColumn("{task.fields[episodes]} episodes"),
+                TextColumn("[green]{task.fields[findings]} findings[/green]"),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                TimeRemainingColumn(), console=self.console, transient=False)
+            self.task = self.progress.add_task("fuzz", total=total, completed=done,
+                                               episodes=0, findings=0, rate="")
+            self.progress.start()
+
+    def update(self, steps: int, episodes: int, findings: int, rate: float) -> None:
+        if not self.enabled:
+            return
+        if self.live:
+            self.progress.update(self.task, completed=steps, episodes=episodes,
+                                 findings=findings, rate=f"{rate:,.0f} steps/s")
+            return
+        now = time.monotonic()
+        if now - self.last_line >= 5.0:
+            self.last_line = now
+            self.console.print(f"fuzz: {steps:,}/{self.total:,} steps, {episodes:,} episodes, "
+                               f"{findings} findings, {rate:,.0f} steps/s", highlight=False)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False)
+
+    def close(self) -> None:
+        if self.live:
+            self.progress.stop()
+
+
+def _load_state(out: Path) -> dict[str, Any] | None:
+    p = out / STATE_NAME
+    if not p.exists():
+        return None
+    try:
+        st = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise CampaignError(f"{p}: unreadable campaign state: {e}") from None
+    if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+        raise CampaignError(f"{p}: not a campaign state file of version {STATE_VERSION}")
+    return st
+
+
+def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> CampaignResult:
+    """Run (or resume) a campaign writing its findings to ``out``.
+
+    Args:
+        cfg: The campaign settings.
+        out: Findings folder (created; resumed if it holds a campaign).
+        show: Print progress and new findings on stderr.
+
+    Returns:
+        The :class:`CampaignResult`; a KeyboardInterrupt (or SIGTERM) stops the workers,
+        keeps everything found so far and returns with ``interrupted`` set.
+
+    Raises:
+        CampaignError: bad settings, or ``out`` holds a campaign with other settings.
+
+    """
+    from .findings import FindingStore
+
+    if cfg.agent not in AGENT_CHOICES:
+        raise CampaignError(f"--agent: expected one of {', '.join(AGENT_CHOICES)}")
+    if cfg.workers < 1:
+        raise CampaignError("--workers: expected >= 1")
+    if cfg.budget < 0:
+        raise CampaignError("--budget: expected >= 0")
+    _check_setup(cfg)
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    prev = _load_state(outp)
+    if prev is not None and prev.get("config") != cfg.identity():
+        diff = sorted(k for k in set(prev.get("config", {})) | set(cfg.identity())
+                      if prev.get("config", {}).get(k) != cfg.identity().get(k))
+        raise CampaignError(f"{outp}: holds a campaign with other settings ({', '.join(diff)}); "
+                            f"use another --out or the same settings to resume it")
+    store = FindingStore(outp, minimise=False)
+    meta: dict[str, dict[str, Any]] = dict(prev.get("findings", {})) if prev else {}
+    elapsed0 = float(prev.get("elapsed", 0.0)) if prev else 0.0
+    wsteps = [0] * cfg.workers
+    weps = [0] * cfg.workers
+    for w in range(cfg.workers):
+        ck = _checkpoint_path(outp, w)
+        if ck.exists():
+            st = json.loads(ck.read_text())
+            wsteps[w], weps[w] = int(st["steps"]), int(st["episodes"])
+    t0 = time.monotonic()
+    errors: list[str] = []
+
+    def elapsed() -> float:
+        return elapsed0 + time.monotonic() - t0
+
+    def save_state(status: str) -> None:
+        atomic_write_text(outp / STATE_NAME, json.dumps({
+            "version": STATE_VERSION, "config": cfg.identity(), "budget": cfg.budget,
+            "status": status, "elapsed": round(elapsed(), 3),
+            "workers": [{"worker": w, "seed": [cfg.seed, w],
+                         "budget": worker_budget(cfg.budget, cfg.workers, w),
+                         "steps": wsteps[w], "episodes": weps[w]} for w in range(cfg.workers)],
+            "findings": meta}, indent=1, sort_keys=True) + "\n")
+
+    save_state("running")
+    display = _Display(show, cfg.budget, sum(wsteps))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    stop = ctx.Event()
+    todo = [w for w in range(cfg.workers)
+            if wsteps[w] < worker_budget(cfg.budget, cfg.workers, w)]
+    procs = {w: ctx.Process(target=worker_main, daemon=True, name=f"cowenv-fuzz-{w}",
+                            args=(asdict(cfg), w, str(outp), q, stop, store.signatures))
+             for w in todo}
+    pool: ProcessPoolExecutor | None = None
+    futures: dict[str, Future] = {}
+
+    def submit(sig: str) -> None:
+        nonlocal pool
+        if not cfg.minimise or sig in futures:
+            return
+        if pool is None:
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        futures[sig] = pool.submit(minimise_finding, str(store.path_for(sig)), sig)
+
+    def collect(block: bool) -> None:
+        for sig, fut in list(futures.items()):
+            if not (block or fut.done()):
+                continue
+            try:
+                _, data, note = fut.result()
+            except Exception as e:  # the minimiser process died
+                data, note = None, f"{type(e).__name__}: {e}"
+            del futures[sig]
+            f = store.findings[sig]
+            if data is not None:
+                from .scenario import save_scenario
+
+                save_scenario(data, store.path_for(sig))
+                f["steps"], f["minimised"] = len(data["steps"]), True
+            else:
+                f["minimised"] = False
+            meta.setdefault(sig, {})["minimise_note"] = note
+            store.flush()
+
+    for sig in store.signatures:
+        if store.findings[sig].get("minimised") is not True and cfg.minimise:
+            submit(sig)
+
+    old_term = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    in_main = mp.current_process().name == "MainProcess"
+    if in_main:
+        signal.signal(signal.SIGTERM, on_term)
+    interrupted = False
+    rate_t, rate_s, rate = time.monotonic(), sum(wsteps), 0.0
+    try:
+        for p in procs.values():
+            p.start()
+        live = set(procs)
+        while live:
+            try:
+                msg = q.get(timeout=0.25)
+            except queue_mod.Empty:
+                msg = None
+            if msg is not None:
+                kind, w = msg[0], msg[1]
+                if kind in ("progress", "checkpoint", "done"):
+                    wsteps[w], weps[w] = msg[2], msg[3]
+                    if kind == "checkpoint":
+                        save_state("running")
+                    if kind == "done":
+                        live.discard(w)
+                elif kind == "finding":
+                    _, _, sig, data, wstep, ep = msg
+                    if sig not in store:
+                        path = store.add(data, sig)
+                        meta[sig] = {"worker": w, "worker_step": wstep, "episode": ep,
+                                     "campaign_step": sum(wsteps) - wsteps[w] + wstep,
+                                     "seconds": round(elapsed(), 3), "agent": cfg.agent,
+                                     "file": path.name if path else None}
+                        save_state("running")
+                        display.note(f"[{elapsed():7.1f}s] new finding {sig} (worker {w}, "
+                                     f"step {wstep:,}) -> {store.path_for(sig)}")
+                        submit(sig)
+                    else:
+                        store.findings[sig]["hits"] += 1
+                elif kind == "error":
+                    errors.append(f"worker {w}: {msg[2]}")
+                    live.discard(w)
+                    display.note(f"worker {w} failed:\n{msg[2]}")
+            for w in list(live):
+                if not procs[w].is_alive() and msg is None:
+                    live.discard(w)
+                    errors.append(f"worker {w}: exited with code {procs[w].exitcode}")
+            collect(False)
+            now = time.monotonic()
+            if now - rate_t >= 1.0:
+                rate = (sum(wsteps) - rate_s) / (now - rate_t)
+                rate_t, rate_s = now, sum(wsteps)
+            display.update(sum(wsteps), sum(weps), len(store), rate)
+        display.update(sum(wsteps), sum(weps), len(store), rate)
+        if futures:
+            display.note(f"minimising {len(futures)} finding(s)...")
+        collect(True)
+    except KeyboardInterrupt:
+        interrupted = True
+        stop.set()
+        for p in procs.values():
+            p.join(timeout=5.0)
+            if p.is_alive():
+                p.terminate()
+        _drain(q, wsteps, weps)
+        for fut in futures.values():
+            fut.cancel()
+    finally:
+        display.close()
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
+        if pool is not None:
+            pool.shutdown(wait=not interrupted, cancel_futures=True)
+        for p in procs.values():
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=5.0)
+    if errors and not interrupted:
+        interrupted = any(wsteps[w] < worker_budget(cfg.budget, cfg.workers, w)
+                          for w in range(cfg.workers))
+    store.flush()
+    save_state("interrupted" if interrupted else "finished")
+    rows = []
+    for sig in store.signatures:
+        f, m = store.findings[sig], meta.get(sig, {})
+        rows.append({"signature": sig, "file": str(outp / f["file"]),
+                     "worker": m.get("worker"), "worker_step": m.get("worker_step"),
+                     "campaign_step": m.get("campaign_step"), "seconds": m.get("seconds"),
+                     "agent": m.get("agent", cfg.agent), "steps": f["steps"],
+                     "minimised": f.get("minimised"), "hits": f.get("hits", 1)})
+    return CampaignResult(str(outp), sum(wsteps), sum(weps), rows, interrupted,
+                          round(elapsed(), 3), errors)
+
+
+def _drain(q: Any, wsteps: list[int], weps: list[int]) -> None:
+    """Take the last progress/checkpoint counts left in the queue after a stop."""
+    while True:
+        try:
+            msg = q.get(timeout=0.1)
+        except (queue_mod.Empty, OSError, ValueError):
+            return
+        if msg[0] in ("checkpoint", "done"):
+            wsteps[msg[1]], weps[msg[1]] = msg[2], msg[3]
+
+
+def _check_setup(cfg: CampaignConfig) -> None:
+    """Fail early (in the main process) on settings a worker would choke on."""
+    try:
+        import cowenv_agents as ca
+    except ImportError as e:  # pragma: no cover - installation problem
+        raise CampaignError(f"the agents package is not installed ({e}); run "
+                            f"`pip install -e .` in the repository") from None
+
+    from .env import CowEnv
+
+    try:
+        env = CowEnv(**cfg.env_kwargs)
+    except (TypeError, ValueError) as e:
+        raise CampaignError(f"env settings: {e}") from None
+    if cfg.agent == "ppo":
+        if not cfg.model:
+            raise CampaignError("--agent ppo needs --model PATH (a model saved by `cowenv train`)")
+        try:
+            agent = ca.make_agent("ppo", model=cfg.model, **cfg.agent_kwargs)
+            agent.check_env(env)  # type: ignore[attr-defined]
+        except (OSError, ValueError) as e:
+            raise CampaignError(f"--model: {e}") from None
+    else:
+        if cfg.model:
+            raise CampaignError("--model applies to --agent ppo only")
+        try:
+            ca.make_agent(cfg.agent, **cfg.agent_kwargs)
+        except (TypeError, ValueError) as e:
+            raise CampaignError(f"agent settings: {e}") from None
+
+
+# ----------------------------------------------------------------------------- CLI
+def _env_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--preset", help="as-posted (default), fixed or classic")
+    sp.add_argument("--flaws", help="comma-separated flaw ids (implies the cowpte variant), "
+                                    "'all' or 'none'")
+    sp.add_argument("--geometry", help="x86_64 (default), small, tiny or entries per table")
+    sp.add_argument("--fault-mode", choices=("mmap_lock", "vma_lock"),
+                    help="page faults under mmap_lock (default) or per-VMA locks")
+    sp.add_argument("--max-steps", type=int, help="actions per episode (default 256)")
+
+
+def env_kwargs_from_args(a: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
+    """Env keyword arguments from ``--preset/--flaws/--geometry/--fault-mode/--max-steps``."""
+    from .cli import BadInput, _flaws_arg
+    from .kernel.config import GEOMETRIES, PRESETS
+
+    kw = dict(base)
+    if a.preset is not None:
+        if a.preset not in PRESETS:
+            raise BadInput(f"--preset: expected one of {', '.join(PRESETS)}")
+        kw["preset"] = a.preset
+    if a.flaws is not None:
+        kw["flaws"] = _flaws_arg(a.flaws)
+        if a.preset is None:
+            kw["variant"] = "cowpte"
+    if a.geometry is not None:
+        g: Any = a.geometry
+        if g not in GEOMETRIES:
+            try:
+                g = int(g)
+            except ValueError:
+                raise BadInput(f"--geometry: expected one of {', '.join(GEOMETRIES)} or an "
+                               f"int") from None
+        kw["geometry"] = g
+    if a.fault_mode is not None:
+        kw["fault_mode"] = a.fault_mode
+    if a.max_steps is not None:
+        if a.max_steps < 1:
+            raise BadInput("--max-steps: expected >= 1")
+        kw["max_steps"] = a.max_steps
+    return kw
+
+
+def _setup_fuzz(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--agent", default="random", choices=AGENT_CHOICES, help="default: random")
+    sp.add_argument("--model", help="saved MaskablePPO model for --agent ppo (trusted input "
+                                    "only: SB3 models are pickle-based)")
+    sp.add_argument("--budget", type=int, default=100_000,
+                    help="env steps over all workers (default 100000)")
+    sp.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                    help="worker processes (default: 2, or 1 on one CPU)")
+    sp.add_argument("--seed", type=int, default=0, help="campaign seed (default 0)")
+    sp.add_argument("--out", default="findings", help="findings folder (default findings/); "
+                                                      "an existing campaign there is resumed")
+    sp.add_argument("--depth", type=int, help="PCT bug depth d (default 3)")
+    sp.add_argument("--no-minimise", action="store_true", help="keep schedules as recorded")
+    sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    sp.add_argument("--quiet", action="store_true", help="no progress output")
+    _env_args(sp)
+
+
+def _print_summary(res: CampaignResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console(width=max(110, Console().width))
+    state = "interrupted" if res.interrupted else "finished"
+    t = Table(title=f"{len(res.findings)} finding(s); {res.steps:,} steps, {res.episodes:,} "
+                    f"episodes, {res.seconds:.1f}s ({state})")
+    for col in ("signature", "first found (worker:step)", "campaign step", "seconds", "agent",
+                "steps", "file"):
+        t.add_column(col, overflow="fold")
+    for r in res.findings:
+        where = f"{r['worker']}:{r['worker_step']:,}" if r["worker"] is not None else "-"
+        cstep = f"{r['campaign_step']:,}" if r["campaign_step"] is not None else "-"
+        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
+        mark = "" if r["minimised"] else " (raw)"
+        t.add_row(r["signature"], where, cstep, secs, r["agent"], f"{r['steps']}{mark}",
+                  Path(r["file"]).name)
+    c.print(t)
+    for e in res.errors:
+        print(f"error: {e.strip().splitlines()[-1]}", file=sys.stderr)
+    if res.findings:
+        print(f"schedules: {res.out}/  (one minimised, replayable scenario per signature)")
+        print(f"replay one: cowenv replay {res.findings[0]['file']} --trace")
+    if res.interrupted:
+        print(f"resume: run the same command again with --out {res.out}")
+
+
+def _run_fuzz(a: argparse.Namespace) -> int:
+    from .cli import EXIT_FAIL, EXIT_OK, BadInput
+
+    if a.budget < 0:
+        raise BadInput("--budget: expected >= 0")
+    if a.workers < 1:
+        raise BadInput("--workers: expected >= 1")
+    akw: dict[str, Any] = {}
+    if a.depth is not None:
+        if a.agent != "pct":
+            raise BadInput("--depth applies to --agent pct only")
+        if a.depth < 1:
+            raise BadInput("--depth: expected >= 1")
+        akw["depth"] = a.depth
+    model = str(Path(a.model).resolve()) if a.model else None
+    cfg = CampaignConfig(agent=a.agent, seed=a.seed, workers=a.workers, budget=a.budget,
+                         env_kwargs=env_kwargs_from_args(a, default_env_kwargs()),
+                         agent_kwargs=akw, model=model, minimise=not a.no_minimise)
+    try:
+        res = run_campaign(cfg, a.out, show=not a.quiet)
+    except CampaignError as e:
+        raise BadInput(str(e)) from None
+    if a.json:
+        print(json.dumps(res.to_dict(), sort_keys=True))
+    else:
+        _print_summary(res)
+    if res.interrupted:
+        return 130 if not res.errors else EXIT_FAIL
+    return EXIT_FAIL if res.errors else EXIT_OK
+
+
+def _setup_train(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--steps", type=int, default=200_000, help="training steps (default 200000)")
+    sp.add_argument("--out", default="runs/ppo.zip", help="model path (default runs/ppo.zip)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--log-dir", default="runs",
+                    help="TensorBoard logs, checkpoints, evaluations (default runs/)")
+    sp.add_argument("--each-flaw", action="store_true",
+                    help="one vector-env slot per flaw of --flaws/--preset, each with that "
+                         "flaw alone (a policy for finding any of them, not all at once)")
+    sp.add_argument("--n-envs", type=int, help="vector env size (default 2, or one per flaw)")
+    sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _env_args(sp)
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    from .cli import EXIT_OK, BadInput
+    from .kernel.config import PRESETS
+
+    if a.steps < 1:
+        raise BadInput("--steps: expected >= 1")
+    if a.n_envs is not None and a.n_envs < 1:
+        raise BadInput("--n-envs: expected >= 1")
+    kw = env_kwargs_from_args(a, {})
+    configs: list[dict[str, Any]] = [kw]
+    if a.each_flaw:
+        flaws = kw.get("flaws")
+        if flaws is None:
+            flaws = list(PRESETS[kw.get("preset", "as-posted")][1])
+        if not flaws:
+            raise BadInput("--each-flaw: the configuration has no flaws")
+        base = {k: v for k, v in kw.items() if k not in ("preset", "flaws", "variant")}
+        configs = [{**base, "variant": "cowpte", "flaws": [f]} for f in flaws]
+    try:
+        from .env import CowEnv
+
+        for c in configs:
+            CowEnv(**c)
+    except ValueError as e:
+        raise BadInput(f"env settings: {e}") from None
+    import cowenv_agents.ppo as ppo
+
+    t0 = time.monotonic()
+    run_name = Path(a.out).stem
+    path = ppo.train_ppo(configs, a.steps, a.out, seed=a.seed, n_envs=a.n_envs,
+                         log_dir=a.log_dir, run_name=run_name)
+    secs = time.monotonic() - t0
+    info = {"model": str(path), "steps": a.steps, "seconds": round(secs, 1),
+            "log_dir": str(Path(a.log_dir) / run_name), "env_configs": configs}
+    if a.json:
+        print(json.dumps(info, sort_keys=True))
+    else:
+        print(f"trained {a.steps:,} steps in {secs:.0f}s -> {path}")
+        print(f"TensorBoard: tensorboard --logdir {Path(a.log_dir) / run_name / 'tb'}")
+        print(f"fuzz with it: cowenv fuzz --agent ppo --model {path}")
+    return EXIT_OK
+
+
+CLI_COMMANDS = {
+    "fuzz": (_setup_fuzz, _run_fuzz, "run a fuzzing campaign; findings become replayable "
+                                     "schedules"),
+    "train": (_setup_train, _run_train, "train a MaskablePPO fuzzing agent"),
+}
