@@ -95,7 +95,7 @@ def bench_cowenv(env_id: str, seconds: float, seed: int) -> dict:
     kernel_share = (t_kernel / env_steps) * env_rate if env_steps else float("nan")
     return {"env": env_id, "steps": n, "seconds": dt, "steps_per_s": env_rate,
             "episodes": episodes, "violations": violations,
-            "actions": u.action_space.n, "obs_dim": int(u.observation_space.shape[0]),
+            "actions": int(u.action_space.n), "obs_dim": int(u.observation_space.shape[0]),
             "kernel_share": kernel_share}
 
 

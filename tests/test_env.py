@@ -581,3 +581,16 @@ def test_each_flaw_reachable_through_the_catalogue(flaw):
     fixed.reset(seed=0)
     sigs, total = _play(fixed, script)
     assert sigs == [] and total == 0.0
+
+
+def test_throughput_benchmark_runs(capsys):
+    import importlib.util as iu
+    import json
+
+    spec = iu.spec_from_file_location("env_throughput", ROOT / "benchmarks" / "env_throughput.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--seconds", "0.05", "--rounds", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {r["env"] for r in out["cowenv"]} == set(mod.TARGETS)
+    assert all(r["steps_per_s"] > 0 and 0 < r["kernel_share"] for r in out["cowenv"])
