@@ -27,6 +27,7 @@ from cowenv.env import (
     register_envs,
     register_objective,
 )
+from cowenv.kernel.config import FLAW_IDS
 from cowenv.kernel.trace import trace_hash
 from cowenv.scenario import load_scenario, parse_scenario, run_scenario, save_scenario
 
@@ -534,6 +535,9 @@ def _flaw_scripts(A, B, C, T, ps):
             ("run", 2), (1, "write", {"addr": A}), ("run", 1),
             (2, "dev_read", {"pin_slot": 0}), ("run", 2)]),
         "read-fault-fills-shared": ({}, fork + [(3, "read", {"addr": C + ps}), ("run", 3)]),
+        "recover-skips-vma": ({}, [
+            (1, "madvise", {"addr": B, "length": T, "advice": "DONTFORK"}), ("run", 1)] + fork
+            + [(3, "read", {"addr": C}), ("run", 3)]),
     }
 
 
@@ -565,8 +569,9 @@ def _play(env: CowEnv, script) -> list:
 
 
 @pytest.mark.skipif(not HAVE_COWPTE, reason="needs the cowpte variant")
-@pytest.mark.parametrize("flaw", sorted(_flaw_scripts(0, 0, 0, 0, 0)))
+@pytest.mark.parametrize("flaw", FLAW_IDS)
 def test_each_flaw_reachable_through_the_catalogue(flaw):
+    assert flaw in _flaw_scripts(0, 0, 0, 0, 0), f"no catalogue script for flaw {flaw}"
     env = small(variant="cowpte", flaws=[flaw], violation_reward=5.0,
                 **_flaw_scripts(0, 0, 0, 0, 0)[flaw][0])
     env.reset(seed=0)
