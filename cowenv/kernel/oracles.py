@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 class Region:
     """The shadow's idea of one mapped range of an mm (page numbers)."""
 
-    __slots__ = ("start", "end", "shm", "shm_base", "prot", "wipe", "dontcopy")
+    __slots__ = ("start", "end", "shm", "shm_base", "prot", "wipe", "dontcopy", "dying")
 
     def __init__(self, start: int, end: int, shm: int | None, shm_base: int, prot: int,
                  wipe: bool = False, dontcopy: bool = False) -> None:
@@ -57,10 +57,14 @@ class Region:
         self.prot = prot
         self.wipe = wipe
         self.dontcopy = dontcopy
+        # munmap in progress: the VMAs are detached (no syscall finds them) but the
+        # pages stay mapped, and readable through the old PTEs, until the zap.
+        self.dying = False
 
     def clone(self, start: int, end: int) -> Region:
         r = Region(start, end, self.shm, self.shm_base + (start - self.start), self.prot,
                    self.wipe, self.dontcopy)
+        r.dying = self.dying
         return r
 
 
@@ -148,7 +152,13 @@ class Oracle:
             del d[v]
 
     def on_munmap_begin(self, mm: MmStruct, start: int, end: int) -> None:
-        """munmap detached the VMAs; data stays readable until zapped."""
+        """Note that munmap detached the VMAs of ``[start, end)``.
+
+        The data stays readable until zapped, but no other syscall (a concurrent
+        MADV_DONTNEED, say) finds the range any more.
+        """
+        for r in self._carve(mm, start, end):
+            r.dying = True
 
     def on_munmap(self, mm: MmStruct, start: int, end: int) -> None:
         """The range is gone: forget it, detach pins on it."""
@@ -203,7 +213,7 @@ class Oracle:
 
     def _anon_vpns(self, mm: MmStruct, start: int, end: int) -> list[tuple[int, int]]:
         return [(max(r.start, start), min(r.end, end)) for r in self._regions(mm)
-                if r.shm is None and r.start < end and r.end > start]
+                if r.shm is None and not r.dying and r.start < end and r.end > start]
 
     def on_madvise_begin(self, mm: MmStruct, start: int, end: int, advice: str) -> None:
         """DONTNEED/FREE: until the call returns, a page reads old data or zero."""
