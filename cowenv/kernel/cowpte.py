@@ -139,13 +139,15 @@ class CowPteKernel(Kernel):
             # not modelled as a flaw.)
             start = lo if mark is None else max(lo, mark)
             return ("copy", start) if start < hi else ("done", lo)
-        ret, recover_end = yield from self.copy_cow_pte_range(t, dst_vma, src_vma, idx)
+        ret, recover_end, snapshot = yield from self.copy_cow_pte_range(t, dst_vma, src_vma,
+                                                                        idx)
         if ret == 0:
             self._recovered[(dst_mm.id, idx)] = -1
             return ("done", lo)
         if ret != -EAGAIN:
             return (ret, lo)
-        ret = yield from self.recover_pte_range(t, dst_vma, src_vma, idx, recover_end)
+        ret = yield from self.recover_pte_range(t, dst_vma, src_vma, idx, recover_end,
+                                                snapshot)
         if ret:
             return (ret, lo)
         self._recovered[(dst_mm.id, idx)] = recover_end
@@ -180,7 +182,8 @@ class CowPteKernel(Kernel):
         ``VM_WIPEONFORK`` VMA inside the PMD is shared and the child sees the parent's
         data. Fixed: ``VM_WIPEONFORK`` also refuses sharing (-EAGAIN).
 
-        Returns ``(0 | -EAGAIN | -ENOMEM, recover_end offset)``.
+        Returns ``(0 | -EAGAIN | -ENOMEM, recover_end offset, snapshot)``, the snapshot being
+        the processed entries ``[0, recover_end)`` taken under the src PTL.
         Lock contract: both mmap_locks write; takes the src PTL (+ the child's
         page_table_lock for ``pmd_install``).
         """
@@ -199,6 +202,7 @@ class CowPteKernel(Kernel):
         ptl = self.pte_lockptr(src_mm, table)
         yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
         ret, recover_end = 0, 0
+        snapshot = np.zeros(0, dtype=np.int64)
         for curr in src_mm.vmas_in(idx * P, (idx + 1) * P):
             vlo = max(curr.start, idx * P) - idx * P
             vhi = min(curr.end, (idx + 1) * P) - idx * P
@@ -208,11 +212,11 @@ class CowPteKernel(Kernel):
             if refuse:
                 ret, recover_end = -EAGAIN, vlo
                 break
-            self._recover_at = -1
             r = yield from self.copy_pte_entries(t, curr, curr, table, table, vlo, vhi,
                                                  dst_mm=dst_mm)
             if r == -EAGAIN:
-                ret, recover_end = -EAGAIN, self._recover_at
+                # copy_pte_entries processed none of [vlo, vhi) (see its docstring).
+                ret, recover_end = -EAGAIN, vlo
                 break
             if r:
                 ret = r
@@ -224,7 +228,7 @@ class CowPteKernel(Kernel):
             # parent's entries meanwhile. v4 copies them again in recover_pte_range,
             # which then hands the child entries its accounting never saw (a v4 race,
             # not modelled as a flaw).
-            self._recover_snapshot = table.entries[:recover_end].copy()
+            snapshot = table.entries[:recover_end].copy()
         if ret == 0:
             self.pmd_get_pte(spmd)
             yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
@@ -236,10 +240,10 @@ class CowPteKernel(Kernel):
             self.cost.charge("pmd_update", 2)
         self.unlock(t, ptl, WRITE, "copy_cow_pte_range")
         yield "copy_cow_pte_range:done"
-        return ret, recover_end
+        return ret, recover_end, snapshot
 
     def recover_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int,
-                          recover_end: int) -> Gen:
+                          recover_end: int, snapshot: np.ndarray) -> Gen:
         """``recover_pte_range``: give the child a private table holding the entries
         ``[PMD start, recover_end)`` already processed (accounted, write-protected).
 
@@ -255,7 +259,7 @@ class CowPteKernel(Kernel):
             sptl = self.pte_lockptr(src_mm, table)
             yield from self.lock(t, sptl, WRITE, "recover_pte_range")
             snap = PteTable(-1, self.P, None, -1)
-            snap.entries[:recover_end] = self._recover_snapshot
+            snap.entries[:recover_end] = snapshot
             self.zap_pte_range(t, _VmaView(dst_mm, src_vma), snap, idx, 0, recover_end,
                                clear=False)
             self.unlock(t, sptl, WRITE, "recover_pte_range")
@@ -268,7 +272,7 @@ class CowPteKernel(Kernel):
         yield from self.lock(t, dptl, WRITE, "recover_pte_range")
         yield from self.lock(t, sptl, WRITE, "recover_pte_range")
         if recover_end:
-            snap = self._recover_snapshot
+            snap = snapshot
             self.cost.charge("fork_pte_copy", int(np.count_nonzero(snap)))
             self.set_ptes(t, dst_mm, new, 0, snap, "recover_pte_range")
         self.unlock(t, sptl, WRITE, "recover_pte_range")

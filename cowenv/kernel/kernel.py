@@ -1721,7 +1721,9 @@ class Kernel:
                 continue
             ret = yield from self.cow_break_for_walker(t, vma, idx, "madvise_cold_or_pageout")
             if ret:
-                return 0  # v4: "return 0" on failure
+                # v4: madvise_cold_or_pageout_pte_range "return 0" on failure: this PMD
+                # is skipped and walk_page_range goes on with the next one.
+                continue
             lo = max(start, idx * P) - idx * P
             hi = min(end, (idx + 1) * P) - idx * P
             got = yield from self.pte_offset_map_lock(t, mm, idx, "madvise_cold_or_pageout")
@@ -1957,7 +1959,6 @@ class Kernel:
             # vectorised model checks the whole range first and processes none of it,
             # so recovery starts at ``lo`` (the entries before the pinned one are then
             # copied by the copy_pte_range fallback, with the same accounting).
-            self._recover_at = lo
             return -EAGAIN
         yield "copy_present_pte:checked"
         # Re-read: entries may have changed only through lockless paths (hardware A/D).
