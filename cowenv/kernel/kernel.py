@@ -665,8 +665,17 @@ class Kernel:
             self.free_pages(dead, site)
 
     def put_page(self, pfn: int, site: str) -> None:
-        """``put_page`` on one page."""
-        self.put_pages(np.array([pfn], dtype=np.int64), site)
+        """``put_page`` on one page (scalar fast path of :meth:`put_pages`)."""
+        pool = self.pool
+        if not int(pool.flags[pfn]) & 1:
+            self._report("memory-safety", site, f"put_page on free page {pfn}")
+            return
+        rc = int(pool.refcount[pfn]) - 1
+        pool.refcount[pfn] = rc
+        if rc < 0:
+            self._report("memory-safety", site, f"refcount underflow on page {pfn}")
+        if rc <= 0:
+            self.free_pages(np.array([pfn], dtype=np.int64), site)
 
     def free_pages(self, pfns: np.ndarray, site: str) -> None:
         """``free_unref_page``: drop from LRU, release swap-less state, return to pool."""
@@ -2501,6 +2510,15 @@ class Kernel:
     # =================================================================================
     def _check_deadlock(self) -> None:
         """Deadlock: nobody runnable while somebody is blocked (loom's rule)."""
+        waiting = False
+        for t in self.threads.values():
+            if t.gen is None or t.exited:
+                continue
+            if t.waiting is None or t.waiting[0].can_acquire(t.tid, t.waiting[1]):
+                return  # somebody can run
+            waiting = True
+        if not waiting:
+            return
         blocked = self.blocked_tids()
         if blocked and not self.runnable_tids():
             sig = "deadlock@" + (self.threads[blocked[0]].label.rsplit(":", 1)[0] or "lock")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Violation kinds (BRIEF §5), plus ``simulator`` for Python exceptions inside the
 #: simulation, which are defects of cowenv itself, never kernel findings.
@@ -43,9 +43,8 @@ class Violation:
         return d
 
 
-@dataclass(frozen=True)
-class Event:
-    """A trace event.
+class Event(NamedTuple):
+    """A trace event (a named tuple: cheap to create on every step).
 
     Attributes:
         step: Scheduler step.
