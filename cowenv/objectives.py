@@ -4,9 +4,10 @@ The env's kernel runs the configured variant (normally ``cowpte``) under the age
 interleaving. Beside it, :class:`ClassicShadow` keeps a *classic* kernel that executes
 the **same sequence of operations**: when the agent starts an operation on the env's
 kernel, the shadow starts the same operation on the corresponding thread and runs it to
-completion at once. Interleaving choices (which thread runs next) and memory-pressure
-events (``fail_nth``) do not apply to the shadow: it answers "what would plain fork have
-cost for these operations", not "for this schedule".
+completion at once. Interleaving choices (which thread runs next) and memory pressure
+— BRIEF §1's third kind of action: kswapd's ``reclaim`` and ``fail_nth`` — do not apply to
+the shadow: it answers "what would plain fork have cost for these system calls", not "for
+this schedule under this pressure". (Pressure is counted in ``info["fork_cost"]["pressure"]``.)
 
 Both kernels account simulated time with :class:`cowenv.kernel.cost.CostMeter`; the
 quantity compared is the **fork-attributable** cost (``immediate`` inside fork +
@@ -23,8 +24,18 @@ the env's geometry, ``fork_table_ns("classic", P)``), the per-step reward is
 Operation identities are mapped, not assumed: threads, processes and pins created by an
 operation are paired when the env's operation completes (fork's child pid and thread,
 clone's tid, pin ids). An operation whose thread (or pin) has no counterpart in the shadow
-is skipped there and counted in ``info["fork_cost"]["shadow_skipped"]``; skipping can only
-lower ``C``, so a run that relies on it is visible.
+is skipped there and counted in ``info["fork_cost"]["shadow_skipped"]``; an operation
+that succeeded on one kernel and failed on the other is counted in ``diverged``. The
+shadow gets generous process/thread caps and frames (:data:`SHADOW_LIMITS`) so that its
+operations do not fail where the env's succeed merely because it runs them earlier.
+
+Because the shadow runs every operation at its start, an agent can profit from the
+*order* in which operations take effect on the env's kernel (e.g. start a write, then
+fork and finish the fork before the write: the env's write pays a COW copy, the shadow's
+did not). ``twin=True`` adds a second shadow running the configured variant on the same
+start-ordered sequence; ``info["fork_cost"]["sequential_ratio"]`` (twin / classic shadow)
+is then the ratio of the *operations alone*, which interleaving cannot inflate. The
+benchmark judges schedules by it.
 
 :class:`ForkCost` holds the logic without depending on gymnasium;
 :class:`ForkCostObjective` adapts it to :class:`cowenv.env.Objective` and is registered as
@@ -43,24 +54,29 @@ from .kernel.kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
 from .scenario import StepError, apply_step, parse_scenario
 
 MODES: tuple[str, ...] = ("difference", "ratio")
+#: Limits of a shadow kernel: caps high enough that a shadow operation does not fail
+#: where the env's (run later, or never) succeeds; frames ``FRAME_FACTOR`` × the env's.
+SHADOW_LIMITS: dict[str, int] = {"max_processes": 64, "max_threads": 64}
+FRAME_FACTOR = 4
 
 
-class ClassicShadow:
-    """A classic kernel that executes the operations started on another kernel.
+class ShadowKernel:
+    """A kernel that executes, each to completion, the operations started on another.
 
     Args:
-        config: The env kernel's configuration; the shadow uses the same geometry and
-            limits with ``variant="classic"`` and no flaws.
+        config: The configuration to run (geometry and flaws as given; the caps of
+            :data:`SHADOW_LIMITS` and ``FRAME_FACTOR`` × the frames are applied).
         workload: Scenario steps (as parsed by :func:`cowenv.scenario.parse_scenario`) to
             run first, exactly as the env runs its workload at reset.
 
     Raises:
-        RuntimeError: The workload cannot run on the classic kernel.
+        RuntimeError: The workload cannot run on the shadow.
 
     """
 
     def __init__(self, config: KernelConfig, workload: list[dict[str, Any]]) -> None:
-        cfg = dataclasses.replace(config, variant="classic", flaws=())
+        cfg = dataclasses.replace(config, nr_frames=config.nr_frames * FRAME_FACTOR,
+                                  **SHADOW_LIMITS)
         self.kernel: Kernel = make_kernel(cfg, oracles=False, trace=False)
         names: dict[str, Any] = {}
         pending: dict[int, dict] = {}
@@ -76,6 +92,10 @@ class ClassicShadow:
         self._started: dict[int, tuple[str, Any]] = {}
         #: Operations the shadow could not run (no counterpart thread/pin, or refused).
         self.skipped = 0
+        #: Operations that succeeded on one kernel and failed on the other.
+        self.diverged = 0
+        #: kswapd operations (memory pressure) seen and, by design, not run.
+        self.pressure = 0
 
     def pair_existing(self, env_kernel: Kernel) -> None:
         """Pair threads, processes and pins that exist in both kernels (same ids)."""
@@ -97,21 +117,22 @@ class ClassicShadow:
         """Run operation ``op`` of env thread ``tid`` to completion on the shadow.
 
         Args:
-            tid: The env thread that started it.
+            tid: The env thread that started it (kswapd's reclaim is not run).
             op: Operation name.
-            args: Its arguments as the env bound them (pin ids, pids of the env).
+            args: Its arguments as the env bound them (pin ids of the env).
 
         Returns:
             Whether the shadow ran it.
 
         """
-        stid = KSWAPD_TID if tid == KSWAPD_TID else self.tids.get(tid)
+        if tid == KSWAPD_TID:
+            self.pressure += 1  # reclaim is memory pressure, not a system call
+            return False
+        stid = self.tids.get(tid)
         self._started[tid] = (op, None)
         a = dict(args)
         if "pin" in a and op in ("unpin", "dev_read", "dev_write"):
             a["pin"] = self.pins.get(a["pin"], -1)
-        if op == "reclaim" and a.get("pid"):
-            a["pid"] = self.pids.get(a["pid"], 0)
         k = self.kernel
         if stid is None or a.get("pin", 0) == -1 or not k.can_start(stid, op):
             self.skipped += 1
@@ -128,7 +149,11 @@ class ClassicShadow:
         """Env thread ``tid`` completed its operation: pair what it created."""
         op, sres = self._started.pop(tid, ("", None))
         eres = env_kernel.threads[tid].result
-        if not isinstance(eres, int) or not isinstance(sres, int) or eres <= 0 or sres <= 0:
+        if not isinstance(eres, int) or not isinstance(sres, int):
+            return
+        if (eres < 0) != (sres < 0):
+            self.diverged += 1
+        if eres <= 0 or sres <= 0:
             return
         k = self.kernel
         if op == "fork":
@@ -146,6 +171,13 @@ class ClassicShadow:
         return tid in self._started
 
 
+class ClassicShadow(ShadowKernel):
+    """The classic shadow: ``config`` with ``variant="classic"`` and no flaws."""
+
+    def __init__(self, config: KernelConfig, workload: list[dict[str, Any]]) -> None:
+        super().__init__(dataclasses.replace(config, variant="classic", flaws=()), workload)
+
+
 class ForkCost:
     """Fork-attributable cost of a kernel relative to its classic shadow.
 
@@ -154,6 +186,7 @@ class ForkCost:
         workload: The env's parsed workload steps.
         mode: ``difference`` or ``ratio`` (see the module docstring).
         normaliser_ns: ``N``; default ``fork_table_ns("classic", config.ptrs_per_pte)``.
+        twin: Also run the configured variant sequentially (``sequential_ratio``).
 
     Raises:
         ValueError: Unknown ``mode`` or a non-positive ``normaliser_ns``.
@@ -161,7 +194,8 @@ class ForkCost:
     """
 
     def __init__(self, config: KernelConfig, workload: list[dict[str, Any]],
-                 mode: str = "difference", normaliser_ns: float | None = None) -> None:
+                 mode: str = "difference", normaliser_ns: float | None = None,
+                 twin: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         n = (fork_table_ns("classic", config.ptrs_per_pte) if normaliser_ns is None
@@ -172,7 +206,9 @@ class ForkCost:
         self.workload = workload
         self.mode = mode
         self.normaliser_ns = n
+        self.use_twin = bool(twin)
         self.shadow: ClassicShadow | None = None
+        self.twin: ShadowKernel | None = None
         self._score = 0.0
 
     def _value(self, kernel: Kernel) -> float:
@@ -192,6 +228,10 @@ class ForkCost:
         """
         self.shadow = ClassicShadow(self.config, self.workload)
         self.shadow.pair_existing(kernel)
+        self.twin = None
+        if self.use_twin:
+            self.twin = ShadowKernel(self.config, self.workload)
+            self.twin.pair_existing(kernel)
         self._score = self._value(kernel)
         return {"fork_cost": self.summary(kernel)}
 
@@ -210,13 +250,17 @@ class ForkCost:
         """
         if self.shadow is None:
             raise RuntimeError("call reset() first")
+        shadows = [self.shadow] + ([self.twin] if self.twin is not None else [])
         if record is not None and "start" in record:
-            self.shadow.start(int(record["tid"]), record["start"], record.get("args") or {})
+            for sh in shadows:
+                sh.start(int(record["tid"]), record["start"], record.get("args") or {})
         elif record is not None and "step" in record:
             tid = int(record["tid"])
             t = kernel.threads.get(tid)
-            if t is not None and t.gen is None and self.shadow.pending(tid):
-                self.shadow.finished(tid, kernel)
+            if t is not None and t.gen is None:
+                for sh in shadows:
+                    if sh.pending(tid):
+                        sh.finished(tid, kernel)
         new = self._value(kernel)
         reward = new - self._score
         self._score = new
@@ -225,18 +269,26 @@ class ForkCost:
     def summary(self, kernel: Kernel) -> dict[str, Any]:
         """Plain-data state: both kernels' fork-attributable costs and their ratio.
 
-        ``ratio`` is ``variant / classic`` (1.0 while classic has no fork cost yet).
+        ``ratio`` is ``variant / classic`` (1.0 while classic has no fork cost yet); with
+        the twin, ``twin_ns`` and ``sequential_ratio`` (twin / classic) too.
         """
         assert self.shadow is not None
         kc, sc = kernel.cost, self.shadow.kernel.cost
         v, c = kc.fork_attributable_ns, sc.fork_attributable_ns
-        return {
+        out = {
             "variant_ns": v, "classic_ns": c,
             "variant_immediate_ns": kc.immediate_ns, "variant_deferred_ns": kc.deferred_ns,
             "classic_immediate_ns": sc.immediate_ns, "classic_deferred_ns": sc.deferred_ns,
             "ratio": v / c if c > 0 else 1.0,
             "shadow_skipped": self.shadow.skipped,
+            "diverged": self.shadow.diverged,
+            "pressure": self.shadow.pressure,
         }
+        if self.twin is not None:
+            w = self.twin.kernel.cost.fork_attributable_ns
+            out["twin_ns"] = w
+            out["sequential_ratio"] = w / c if c > 0 else 1.0
+        return out
 
 
 def _make_objective_class() -> type | None:
@@ -249,19 +301,19 @@ def _make_objective_class() -> type | None:
     class ForkCostObjective(Objective):
         """The ``fork_cost`` objective (see :mod:`cowenv.objectives`).
 
-        ``objective_kwargs``: ``mode`` (``difference`` | ``ratio``) and
-        ``normaliser_ns``. Never terminates an episode by itself; ``info["fork_cost"]``
+        ``objective_kwargs``: ``mode`` (``difference`` | ``ratio``), ``normaliser_ns``
+        and ``twin`` (bool). Never terminates an episode by itself; ``info["fork_cost"]``
         carries both kernels' costs and their ratio after every step.
         """
 
         name = "fork_cost"
 
         def __init__(self, env: Any, mode: str = "difference",
-                     normaliser_ns: float | None = None) -> None:
+                     normaliser_ns: float | None = None, twin: bool = False) -> None:
             super().__init__(env)
             steps = parse_scenario({"config": env.config.to_dict(), "steps": env.workload},
                                    "<workload>").steps
-            self.logic = ForkCost(env.config, steps, mode, normaliser_ns)
+            self.logic = ForkCost(env.config, steps, mode, normaliser_ns, twin)
 
         def reset(self, kernel: Kernel) -> dict[str, Any]:  # noqa: D102
             return self.logic.reset(kernel)
@@ -277,4 +329,5 @@ def _make_objective_class() -> type | None:
 
 ForkCostObjective = _make_objective_class()
 
-__all__ = ["MODES", "ClassicShadow", "ForkCost", "ForkCostObjective"]
+__all__ = ["FRAME_FACTOR", "MODES", "SHADOW_LIMITS", "ClassicShadow", "ForkCost",
+           "ForkCostObjective", "ShadowKernel"]

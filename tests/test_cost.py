@@ -320,3 +320,39 @@ def test_fork_cost_shadow_follows_the_child() -> None:
     assert fc["classic_deferred_ns"] > 0  # the child's COW faults happened on the shadow
     shadow = env.objective.logic.shadow.kernel
     assert len(shadow.live_procs()) == len(k.live_procs())
+
+
+def test_sequential_twin_is_immune_to_the_order_of_effects() -> None:
+    """The shadow runs a write at its start; if the agent then forks and only afterwards
+    lets the write run, the env's kernel pays a COW break and copy the shadow never saw.
+    The twin (the variant on the same start-ordered operations) does not."""
+    from cowenv.env import CowEnv
+
+    env = CowEnv(preset="fixed", geometry="small", objective="fork_cost",
+                 objective_kwargs={"twin": True}, max_steps=400)
+    env.reset(seed=0)
+    k = env.kernel
+    assert k.threads[2].gen is None  # the workload's second thread of the parent
+    addr = min(dict(t.args)["addr"] for t in env.user_templates if t.op == "write")
+    env.step(env.start_action(2, _template(env, "write", addr=addr)))  # started, not run
+    _, info = _run_op(env, 1, _template(env, "fork"))
+    while k.threads[2].gen is not None:
+        _, _, _, _, info = env.step(env.run_action(2))
+    fc = info["fork_cost"]
+    assert fc["diverged"] == 0 and fc["shadow_skipped"] == 0
+    assert fc["variant_deferred_ns"] > 0 and fc["classic_deferred_ns"] == 0
+    assert fc["ratio"] > fc["sequential_ratio"]
+    # Sequentially, COW PTE's fork is the cheaper one at this geometry.
+    assert fc["sequential_ratio"] < 1.0
+
+
+def test_memory_pressure_is_not_mirrored() -> None:
+    from cowenv.env import CowEnv
+
+    env = CowEnv(preset="fixed", geometry="small", objective="fork_cost", max_steps=400)
+    env.reset(seed=0)
+    reclaim = next(i for i, s in enumerate(env.catalogue)
+                   if s.kind == "start" and s.op == "reclaim" and s.proc_slot < 0)
+    _, _, _, _, info = env.step(reclaim)
+    assert info["fork_cost"]["pressure"] == 1
+    assert env.objective.logic.shadow.kernel.threads[0].gen is None
