@@ -462,6 +462,13 @@ class Oracle:
             return
         assert key is not None
         if key[0] == "a":
+            # A DMA write during a fork of this mm may or may not reach the child (the
+            # eager copy of the pinned page is taken at some point of the fork), exactly
+            # like a store by another thread (on_user_write).
+            f = self.forking.get(key[1])
+            if f is not None:
+                f.setdefault(key[2], set()).update(self._get(key)[0])
+                f[key[2]].add(tok)
             e = self._flux_write(key[1], key[2], tok)
             if c == "loose":
                 e = self._add(self._get(key), tok)
