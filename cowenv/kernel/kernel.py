@@ -2210,6 +2210,7 @@ class Kernel:
         if pmd is None or (write and not pmd.write):
             return None
         table = pmd.table
+        pmd_write = pmd.write
         off = vpn % self.P
         pte = int(table.entries[off])
         yield "gup_fast:pte_read"
@@ -2230,7 +2231,10 @@ class Kernel:
         self.pool.pincount[pfn] += 1
         yield "gup_fast:grabbed"
         cur = mm.pmd.get(vpn // self.P)
-        changed = cur is None or cur.table is not table or int(table.entries[off]) != pte
+        # gup_pte_range: the whole PMD value (table and write bit) and the PTE must be
+        # unchanged.
+        changed = (cur is None or cur.table is not table or cur.write != pmd_write
+                   or int(table.entries[off]) != pte)
         if changed or (self.cow_gup_fast_seq(mm) and mm.write_protect_seq != seq):
             # gup_put_folio: the page may have lost its last other reference meanwhile.
             self.pool.pincount[pfn] -= 1
