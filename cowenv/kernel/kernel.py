@@ -381,7 +381,7 @@ class Kernel:
             self.events.append(Event(self.step_no, tid, kind, label, data))
 
     def _report(self, kind: str, site: str, message: str, tid: int | None = None) -> None:
-        """Record a violation (deduplicated per signature and step)."""
+        """Record a violation (every occurrence; consumers deduplicate by signature)."""
         if tid is None:
             tid = self._cur.tid if self._cur is not None else -1
         v = Violation(kind, site, message, self.step_no, tid)
