@@ -53,7 +53,8 @@ def _run_scenario(a: argparse.Namespace) -> int:
     from .scenario import ScenarioError, collect, load_scenario, run_scenario
 
     if a.variant is not None and a.variant not in VARIANTS and a.variant not in PRESETS:
-        raise BadInput(f"--variant: expected one of {', '.join(sorted(set(VARIANTS) | set(PRESETS)))}")
+        raise BadInput("--variant: expected one of "
+                       f"{', '.join(sorted(set(VARIANTS) | set(PRESETS)))}")
     flaws = _flaws_arg(a.flaws) if a.flaws is not None else None
     try:
         files = collect(a.paths)

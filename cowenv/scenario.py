@@ -139,7 +139,8 @@ def _parse_expectation(d: Any, where: str) -> Expectation:
         if extra:
             raise ValueError(f"{w}.{sorted(extra)[0]}: unknown field (expected kind, site, step)")
         if it.get("kind") not in KINDS:
-            raise ValueError(f"{w}.kind: expected one of {', '.join(KINDS)}, got {it.get('kind')!r}")
+            raise ValueError(f"{w}.kind: expected one of {', '.join(KINDS)}, "
+                             f"got {it.get('kind')!r}")
         if not isinstance(it.get("site"), str) or not it["site"]:
             raise ValueError(f"{w}.site: expected a kernel function name")
         e = {"kind": it["kind"], "site": it["site"]}
@@ -515,7 +516,8 @@ def apply_step(k: Kernel, s: dict[str, Any], names: dict[str, Any], pending: dic
             ok = (res == want) if how == "eq" else (res != want)
             if not ok:
                 site = spec.get("check") or f"{spec.get('do') or spec.get('start')}"
-                k.report("selftest", site, f"step {spec['_i']}: {spec.get('do') or spec.get('start')}"
+                k.report("selftest", site,
+                         f"step {spec['_i']}: {spec.get('do') or spec.get('start')}"
                          f" returned {res}, expected {'not ' if how == 'ne' else ''}{want}")
 
     def step_once(tid: int) -> str:

@@ -86,10 +86,12 @@ class KernelConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
+            raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, "
+                             f"got {self.variant!r}")
         unknown = [f for f in self.flaws if f not in FLAW_IDS]
         if unknown:
-            raise ValueError(f"flaws: unknown flaw id {unknown[0]!r} (known: {', '.join(FLAW_IDS)})")
+            raise ValueError(f"flaws: unknown flaw id {unknown[0]!r} "
+                             f"(known: {', '.join(FLAW_IDS)})")
         object.__setattr__(self, "flaws", tuple(f for f in FLAW_IDS if f in self.flaws))
         if self.flaws and self.variant != "cowpte":
             raise ValueError("flaws: flaws apply only to the cowpte variant")

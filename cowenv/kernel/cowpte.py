@@ -68,8 +68,10 @@ class CowPteKernel(Kernel):
 
     @staticmethod
     def pmd_put_pte(pmd: PmdEntry) -> bool:
-        """``pmd_put_pte``: ``page_ref_add_unless(page, -1, 1)``; True only if it
-        decremented (the count was above 1)."""
+        """``pmd_put_pte``: ``page_ref_add_unless(page, -1, 1)`` on the table's refcount.
+
+        True only if it decremented (the count was above 1).
+        """
         if pmd.table.refcount > 1:
             pmd.table.refcount -= 1
             return True
@@ -118,10 +120,12 @@ class CowPteKernel(Kernel):
 
     def cow_copy_pmd(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int, lo: int,
                      hi: int) -> Gen:
-        """``copy_pmd_range`` with COW PTE (v4 02/14): for an ``MMF_COW_PTE`` mm, skip a
-        PMD the child already shares, otherwise try ``copy_cow_pte_range``; on -EAGAIN
-        ``recover_pte_range`` and fall back to ``copy_pte_range`` from ``recover_end``
-        if it lies inside ``src_vma``."""
+        """``copy_pmd_range`` with COW PTE (v4 02/14): share the table, or fall back to copying.
+
+        For an ``MMF_COW_PTE`` mm, skip a PMD the child already shares, otherwise try
+        ``copy_cow_pte_range``; on -EAGAIN ``recover_pte_range`` and fall back to
+        ``copy_pte_range`` from ``recover_end`` if it lies inside ``src_vma``.
+        """
         src_mm, dst_mm = src_vma.mm, dst_vma.mm
         if not src_mm.flags & MMF_COW_PTE:
             return ("copy", lo)
@@ -244,8 +248,10 @@ class CowPteKernel(Kernel):
 
     def recover_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int,
                           recover_end: int, snapshot: np.ndarray) -> Gen:
-        """``recover_pte_range``: give the child a private table holding the entries
-        ``[PMD start, recover_end)`` already processed (accounted, write-protected).
+        """``recover_pte_range``: give the child a private table holding the processed entries.
+
+        The table holds the entries ``[PMD start, recover_end)`` already processed (accounted,
+        write-protected).
 
         v4 leaks the parent's table reference if this ``pte_alloc`` fails (reference
         notes C3); the model instead undoes the child's accounting of the processed
@@ -289,8 +295,10 @@ class CowPteKernel(Kernel):
         return (yield from self.handle_cow_pte_fault(t, vma, idx, 0, site, nofail))
 
     def break_cow_pte_range(self, t: Thread, vma: Vma, start: int, end: int) -> Gen:
-        """``break_cow_pte_range``: break every PMD of ``[start, end)``; returns the
-        number of failures, or -EINVAL if the range is not inside the VMA."""
+        """``break_cow_pte_range``: break every PMD of ``[start, end)``.
+
+        Returns the number of failures, or -EINVAL if the range is not inside the VMA.
+        """
         if start < vma.start or end > vma.end:
             return -22
         fails = 0
@@ -430,10 +438,12 @@ class CowPteKernel(Kernel):
 
     def _break_slow_fixed(self, t: Thread, vma: Vma, idx: int, cowed: PmdEntry,
                           nofail: bool) -> Gen:
-        """The fixed slow path: allocate, then under ``page_table_lock`` (the PMD lock)
-        and the old table's PTL re-check ``pmd_same`` and either reuse (count fell to
-        1), or copy, install and drop the reference. No ``pmd_none`` window; an
-        allocation failure changes nothing."""
+        """The fixed slow path: allocate, re-check ``pmd_same``, then reuse or copy the table.
+
+        Allocate, then under ``page_table_lock`` (the PMD lock) and the old table's PTL
+        re-check ``pmd_same`` and either reuse (count fell to 1), or copy, install and drop
+        the reference. No ``pmd_none`` window; an allocation failure changes nothing.
+        """
         mm = vma.mm
         new = self.pte_alloc_one(mm, "break_cow_pte", nofail)
         if new is None:
@@ -478,8 +488,11 @@ class CowPteKernel(Kernel):
 
     # ------------------------------------------------------------------ fault hooks
     def cow_fault_hook(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
-        """``__handle_mm_fault`` hook: break on write/unshare faults and on any fault
-        in a VMA with ``vm_ops`` (shmem); anonymous read faults do not break."""
+        """``__handle_mm_fault`` hook: break on write/unshare faults and on shmem faults.
+
+        Break on write/unshare faults and on any fault in a VMA with ``vm_ops`` (shmem);
+        anonymous read faults do not break.
+        """
         idx = vpn // self.P
         if not (flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE) or vma.shared):
             # Flaw read-fault-fills-shared (reference notes C8): v4 does not break on an
@@ -530,9 +543,12 @@ class CowPteKernel(Kernel):
         return (yield from self.break_cow_pte(t, vma, idx, site))
 
     def cow_mprotect_prepare(self, t: Thread, mm: MmStruct, start: int, end: int) -> Gen:
-        """Fixed mprotect is all-or-nothing: every shared table in the range is broken
-        before any entry or VMA changes; a failure returns -ENOMEM with nothing
-        changed. (As posted there is no such pass; see :meth:`cow_change_prot_failed`.)"""
+        """Fixed mprotect is all-or-nothing: first break every shared table in the range.
+
+        Every shared table in the range is broken before any entry or VMA changes; a failure
+        returns -ENOMEM with nothing changed. (As posted there is no such pass; see
+        :meth:`cow_change_prot_failed`.)
+        """
         if self.config.has("mprotect-ignores-break-failure"):
             return 0
         P = self.P
@@ -617,15 +633,19 @@ class CowPteKernel(Kernel):
         return False
 
     def cow_free_table(self, t: Thread, mm: MmStruct, idx: int, pmd: PmdEntry) -> bool:
-        """``free_pmd_range`` with COW PTE: if ``pmd_put_pte`` succeeds the table lives
-        on for its other sharers (only this PMD is cleared)."""
+        """``free_pmd_range`` with COW PTE: a shared table may outlive this PMD.
+
+        If ``pmd_put_pte`` succeeds the table lives on for its other sharers (only this PMD
+        is cleared).
+        """
         self.cost.charge("table_ref")
         return self.pmd_put_pte(pmd)
 
     def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable,
                        site: str) -> Gen:
-        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (``try_to_unmap_one``;
-        ``folio_referenced_one`` may clear young bits in a shared table).
+        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (``try_to_unmap_one``).
+
+        ``folio_referenced_one`` may clear young bits in a shared table.
 
         Flaw ``rmap-stale-table`` (review R5; DH: "when a page table gets replaced and
         modified, while rmap code still walks the shared copy"): the walker found the

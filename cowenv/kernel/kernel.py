@@ -22,16 +22,16 @@ import numpy as np
 
 from .config import KernelConfig
 from .cost import CostMeter
-from .locks import READ, WRITE, Lock, Lockdep, RwSemaphore, SpinLock
+from .locks import READ, WRITE, Lock, Lockdep, SpinLock
 from .memory import (
     GUP_PIN_COUNTING_BIAS,
+    PagePool,
     PG_anon,
     PG_anon_exclusive,
     PG_dirty,
     PG_shmem,
     PG_swapbacked,
     PG_table,
-    PagePool,
     ShmemObject,
     SwapDevice,
 )
@@ -436,7 +436,7 @@ class Kernel:
         return [p for _, p in sorted(self.procs.items()) if p.alive]
 
     def live_mms(self) -> list[MmStruct]:
-        """mms of live processes, by pid."""
+        """The mms of live processes, by pid."""
         return [p.mm for p in self.live_procs()]
 
     def new_token(self) -> int:
@@ -494,8 +494,10 @@ class Kernel:
             self._report("lock-discipline", site, "mmap_assert_locked: mmap_lock not held")
 
     def mmap_assert_write_locked(self, t: Thread, mm: MmStruct, site: str) -> None:
-        """``mmap_assert_write_locked``: a lockdep splat unless held for write; without
-        lockdep only ``VM_BUG_ON_MM(!rwsem_is_locked(&mm->mmap_lock))`` remains."""
+        """``mmap_assert_write_locked``: a lockdep splat unless held for write.
+
+        Without lockdep only ``VM_BUG_ON_MM(!rwsem_is_locked(&mm->mmap_lock))`` remains.
+        """
         if not self.config.lockdep:
             if not mm.mmap_lock.is_locked():
                 self._report("lock-discipline", site, "VM_BUG_ON_MM: mmap_lock not locked")
@@ -521,8 +523,10 @@ class Kernel:
         self._report("lock-discipline", "mmap_write_downgrade", "mmap_lock not write-held")
 
     def vma_start_write(self, t: Thread, vma: Vma) -> Gen:
-        """``vma_start_write``: wait out VMA readers, mark the VMA write-locked until the
-        mmap_lock write section ends (``vm_lock_seq = mm_lock_seq``).
+        """``vma_start_write``: wait out VMA readers, mark the VMA write-locked.
+
+        The VMA stays write-locked until the mmap_lock write section ends
+        (``vm_lock_seq = mm_lock_seq``).
 
         Lock contract: mmap_lock held for write.
         """
@@ -535,9 +539,11 @@ class Kernel:
         return table.ptl if self.config.split_ptl else mm.page_table_lock
 
     def pte_offset_map_lock(self, t: Thread, mm: MmStruct, idx: int, site: str) -> Gen:
-        """``pte_offset_map_lock`` (6.5 semantics): lock the table the PMD points at and
-        re-check the PMD under the lock; returns ``(table, ptl)`` or None if the PMD is
-        none (the caller retries or bails out, as ``pte_offset_map`` failing does).
+        """``pte_offset_map_lock`` (6.5 semantics): lock the PMD's table, re-check the PMD.
+
+        Lock the table the PMD points at and re-check the PMD under the lock; returns
+        ``(table, ptl)`` or None if the PMD is none (the caller retries or bails out, as
+        ``pte_offset_map`` failing does).
         """
         while True:
             pmd = mm.pmd.get(idx)
@@ -755,9 +761,10 @@ class Kernel:
 
     def cow_copy_pmd(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int, lo: int,
                      hi: int) -> Gen:
-        """``copy_pmd_range`` per PMD; COW PTE may share the table. Returns
-        ``(status, resume_vpn)``: status ``"done"`` (handled), ``"copy"`` (fall back to
-        ``copy_pte_range`` from ``resume_vpn``) or an ``-errno``.
+        """``copy_pmd_range`` per PMD; COW PTE may share the table.
+
+        Returns ``(status, resume_vpn)``: status ``"done"`` (handled), ``"copy"`` (fall back
+        to ``copy_pte_range`` from ``resume_vpn``) or an ``-errno``.
         """
         return (yield from _done(("copy", lo)))
 
@@ -767,8 +774,10 @@ class Kernel:
 
     def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable,
                        site: str) -> Gen:
-        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (``try_to_unmap_one``
-        only): returns the table to use (after breaking COW), or None to skip."""
+        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (``try_to_unmap_one`` only).
+
+        Returns the table to use (after breaking COW), or None to skip.
+        """
         return (yield from _done(table))
 
     def cow_mprotect_prepare(self, t: Thread, mm: MmStruct, start: int, end: int) -> Gen:
@@ -877,8 +886,10 @@ class Kernel:
         return ret
 
     def handle_mm_fault(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
-        """``handle_mm_fault`` → ``__handle_mm_fault``: access check, PTE table
-        allocation (``__pte_alloc``), then ``handle_pte_fault``.
+        """``handle_mm_fault``: access check, PTE table allocation, ``handle_pte_fault``.
+
+        ``handle_mm_fault`` → ``__handle_mm_fault``: access check, PTE table allocation
+        (``__pte_alloc``), then ``handle_pte_fault``.
 
         Lock contract: mmap_lock held for read, or the VMA's lock for read with
         ``FAULT_FLAG_VMA_LOCK``.
@@ -941,8 +952,9 @@ class Kernel:
         return VM_FAULT_OK
 
     def do_anonymous_page(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
-        """``do_anonymous_page``: a read maps the shared zero page; a write allocates an
-        exclusive zero-filled page (``page_add_new_anon_rmap``).
+        """``do_anonymous_page``: a read maps the shared zero page; a write allocates a page.
+
+        A write allocates an exclusive zero-filled page (``page_add_new_anon_rmap``).
 
         Lock contract: mmap_lock (or VMA lock) read; takes the PTL.
         """
@@ -986,8 +998,10 @@ class Kernel:
         return VM_FAULT_OK
 
     def do_shared_fault(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
-        """``do_read_fault``/``do_shared_fault`` on shmem: find or allocate the page-cache
-        page (``shmem_get_folio``) and map it; writable only for write faults.
+        """``do_read_fault``/``do_shared_fault`` on shmem: find or allocate the page, map it.
+
+        Find or allocate the page-cache page (``shmem_get_folio``) and map it; writable only
+        for write faults.
 
         Lock contract: mmap_lock (or VMA lock) read; takes the PTL.
         """
@@ -1282,9 +1296,10 @@ class Kernel:
         return addr
 
     def populate_range(self, t: Thread, mm: MmStruct, vma: Vma, start: int, end: int) -> Gen:
-        """``populate_vma_page_range`` for a private writable anon VMA, vectorised per
-        table: every ``pte_none`` entry gets a fresh exclusive page, exactly as a write
-        fault through ``do_anonymous_page`` would leave it. Other VMAs fault page by page.
+        """``populate_vma_page_range`` for a private writable anon VMA, vectorised per table.
+
+        Every ``pte_none`` entry gets a fresh exclusive page, exactly as a write fault through
+        ``do_anonymous_page`` would leave it. Other VMAs fault page by page.
 
         Lock contract: mmap_lock read.
         """
@@ -1342,8 +1357,10 @@ class Kernel:
         return 0
 
     def sys_munmap(self, t: Thread, addr: int, length: int) -> Gen:
-        """``munmap``: detach VMAs under the write lock, then downgrade to read for
-        ``unmap_region`` (zap + ``free_pgtables``), as ``do_vmi_align_munmap`` does.
+        """``munmap``: detach VMAs under the write lock, then downgrade to read for the zap.
+
+        Detach VMAs under the write lock, then downgrade to read for ``unmap_region``
+        (zap + ``free_pgtables``), as ``do_vmi_align_munmap`` does.
 
         Lock contract: mmap_lock write, downgraded to read.
         """
@@ -1356,8 +1373,11 @@ class Kernel:
 
     def do_vmi_munmap(self, t: Thread, mm: MmStruct, start: int, end: int,
                       downgrade: bool) -> Gen:
-        """``do_vmi_munmap``. With ``downgrade`` the caller's write lock becomes a read
-        lock before the zap (the caller then releases READ)."""
+        """``do_vmi_munmap``.
+
+        With ``downgrade`` the caller's write lock becomes a read lock before the zap (the
+        caller then releases READ).
+        """
         vmas = yield from self.vma_split_range(t, mm, start, end)
         for v in vmas:
             mm.vmas.remove(v)
@@ -1409,9 +1429,11 @@ class Kernel:
         yield from self.free_pgtables(t, mm, vmas)
 
     def free_pgtables(self, t: Thread, mm: MmStruct, vmas: list[Vma]) -> Gen:
-        """``free_pgtables``: unlink the VMAs from rmap (``unlink_anon_vmas`` under the
-        anon_vma write lock), then free every PTE table whose whole PMD range no
-        remaining VMA covers (the floor/ceiling rule).
+        """``free_pgtables``: unlink the VMAs from rmap, then free the PTE tables left unused.
+
+        Unlink the VMAs from rmap (``unlink_anon_vmas`` under the anon_vma write lock), then
+        free every PTE table whose whole PMD range no remaining VMA covers (the floor/ceiling
+        rule).
 
         Lock contract: mmap_lock held; takes anon_vma write locks and the PTL.
         """
@@ -1606,8 +1628,10 @@ class Kernel:
         return err
 
     def sys_madvise(self, t: Thread, addr: int, length: int, advice: str) -> Gen:
-        """``madvise``: DONTNEED/FREE/PAGEOUT under mmap_lock read (``madvise_need_mmap_write``
-        is 0 for them); WIPEONFORK/KEEPONFORK/DONTFORK/DOFORK change vm_flags under write.
+        """``madvise``: DONTNEED/FREE/PAGEOUT under mmap_lock read, the fork advice under write.
+
+        DONTNEED/FREE/PAGEOUT run under mmap_lock read (``madvise_need_mmap_write`` is 0 for
+        them); WIPEONFORK/KEEPONFORK/DONTFORK/DOFORK change vm_flags under write.
 
         Returns -ENOMEM if the range has holes, -EINVAL for advice not applicable.
         """
@@ -1715,9 +1739,10 @@ class Kernel:
         return (yield from self.cow_break_for_walker(t, vma, idx, site))
 
     def madvise_pageout_range(self, t: Thread, vma: Vma, start: int, end: int) -> Gen:
-        """``madvise_cold_or_pageout_pte_range`` + ``reclaim_pages``: isolate every
-        present anon page mapped only here (``folio_mapcount == 1``) and reclaim it
-        ignoring references.
+        """``madvise_cold_or_pageout_pte_range`` + ``reclaim_pages``: reclaim unshared pages.
+
+        Isolate every present anon page mapped only here (``folio_mapcount == 1``) and
+        reclaim it ignoring references.
 
         Lock contract: mmap_lock read; takes the PTL, then reclaim takes anon_vma locks.
         """
@@ -1756,9 +1781,10 @@ class Kernel:
     # fork / clone / exit / prctl
     # =================================================================================
     def sys_prctl_cow_pte(self, t: Thread) -> Gen:
-        """``prctl(PR_SET_COW_PTE)`` (v4 01/14): -EINVAL if MMF_COW_PTE is already set,
-        else set MMF_COW_PTE_READY. Upstream has no such prctl; the classic variant
-        records the flag and never acts on it.
+        """``prctl(PR_SET_COW_PTE)`` (v4 01/14): set MMF_COW_PTE_READY.
+
+        -EINVAL if MMF_COW_PTE is already set, else set MMF_COW_PTE_READY. Upstream has no
+        such prctl; the classic variant records the flag and never acts on it.
         """
         mm = self.mm_of(t)
         if mm.flags & MMF_COW_PTE:
@@ -1767,8 +1793,10 @@ class Kernel:
         return (yield from _done(0))
 
     def sys_clone(self, t: Thread) -> Gen:
-        """``clone(CLONE_VM|CLONE_THREAD)``: a new thread in this process; returns its tid
-        or -EAGAIN at the thread cap."""
+        """``clone(CLONE_VM|CLONE_THREAD)``: a new thread in this process.
+
+        Returns its tid or -EAGAIN at the thread cap.
+        """
         p = self.procs[t.pid]
         nt = self._new_thread(p)
         return (yield from _done(-EAGAIN if nt is None else nt.tid))
@@ -1837,8 +1865,9 @@ class Kernel:
         return child.pid
 
     def anon_vma_fork(self, t: Thread, vma: Vma, pvma: Vma) -> Gen:
-        """``anon_vma_fork``: link the child VMA into every anon_vma of the parent's,
-        then give it its own anon_vma (same root) for pages it faults in later.
+        """``anon_vma_fork``: link the child VMA into every anon_vma of the parent's.
+
+        Then give it its own anon_vma (same root) for pages it faults in later.
 
         Lock contract: mmap_lock write; takes the root anon_vma's rwsem for write
         (``anon_vma_clone`` → ``lock_anon_vma_root``, then ``anon_vma_lock_write``), so
@@ -1860,12 +1889,16 @@ class Kernel:
 
     @staticmethod
     def vma_needs_copy(dst: Vma, src: Vma) -> bool:
-        """``vma_needs_copy``: copy page tables only for anonymous content (anon_vma);
-        shared/shmem VMAs without one are refaulted lazily by the child."""
+        """``vma_needs_copy``: copy page tables only for anonymous content (anon_vma).
+
+        Shared/shmem VMAs without one are refaulted lazily by the child.
+        """
         return src.anon_vma is not None
 
     def copy_page_range(self, t: Thread, dst: Vma, src: Vma) -> Gen:
-        """``copy_page_range``: brackets a COW mapping's copy with
+        """``copy_page_range``: ``copy_pmd_range`` per populated PMD, seqcount-bracketed.
+
+        Brackets a COW mapping's copy with
         ``raw_write_seqcount_begin/end(&src_mm->write_protect_seq)`` for GUP-fast, then
         ``copy_pmd_range`` per populated PMD.
 
@@ -1935,9 +1968,10 @@ class Kernel:
     def copy_pte_entries(self, t: Thread, dst_vma: Vma, src_vma: Vma, dst_t: PteTable,
                          src_t: PteTable, lo: int, hi: int,
                          dst_mm: MmStruct | None = None) -> Gen:
-        """The per-entry body of ``copy_pte_range`` (``copy_present_pte`` and
-        ``copy_nonpresent_pte``) over ``[lo, hi)``. ``dst_t`` may be ``src_t`` (COW PTE
-        v4 calls it with ``dst_pte == src_pte``).
+        """The per-entry body of ``copy_pte_range`` over ``[lo, hi)``.
+
+        That is ``copy_present_pte`` and ``copy_nonpresent_pte``. ``dst_t`` may be ``src_t``
+        (COW PTE v4 calls it with ``dst_pte == src_pte``).
 
         Lock contract: the src (and dst) PTL held. Returns 0, -ENOMEM, or -EAGAIN
         (only when ``dst_t is src_t``: a page may be pinned, so the table cannot be
@@ -2035,8 +2069,10 @@ class Kernel:
         return err
 
     def sys_exit(self, t: Thread) -> Gen:
-        """``do_exit``: the last thread of a process runs ``exit_mmap`` (``mmput``) and
-        releases the process's pins (the device objects are closed after the mm)."""
+        """``do_exit``: the last thread of a process runs ``exit_mmap`` (``mmput``).
+
+        It then releases the process's pins (the device objects are closed after the mm).
+        """
         p = self.procs[t.pid]
         mm = p.mm
         p.tids.remove(t.tid)
@@ -2052,8 +2088,10 @@ class Kernel:
         return 0
 
     def exit_mmap(self, t: Thread, mm: MmStruct) -> Gen:
-        """``exit_mmap``: zap every VMA under mmap_lock read, then ``free_pgtables`` and
-        remove the VMAs under the write lock; finally ``check_mm``.
+        """``exit_mmap``: zap under mmap_lock read, free and remove under write, ``check_mm``.
+
+        Zap every VMA under mmap_lock read, then ``free_pgtables`` and remove the VMAs under
+        the write lock; finally ``check_mm``.
 
         Lock contract: takes mmap_lock read, then write.
         """
@@ -2138,8 +2176,9 @@ class Kernel:
         return ret
 
     def follow_page_pte(self, t: Thread, vma: Vma, vpn: int, write: bool) -> Gen:
-        """``follow_page_pte`` + ``try_grab_page``: returns a pin id, or ``"fault"`` /
-        ``"unshare"`` when a fault is needed first.
+        """``follow_page_pte`` + ``try_grab_page``: returns a pin id, or the fault needed.
+
+        Returns ``"fault"`` / ``"unshare"`` when a fault is needed first.
 
         Lock contract: mmap_lock read; takes the PTL.
         """
@@ -2312,8 +2351,9 @@ class Kernel:
         self.put_page(pfn, "folio_putback_lru")
 
     def sys_reclaim(self, t: Thread, nr: int = 1, pid: int = 0, addr: int = -1) -> Gen:
-        """kswapd's ``shrink_inactive_list`` → ``shrink_folio_list`` over the anon LRU,
-        oldest first, until ``nr`` pages are reclaimed or the list was scanned once.
+        """Reclaim as kswapd: ``shrink_inactive_list`` → ``shrink_folio_list`` over the anon LRU.
+
+        Oldest first, until ``nr`` pages are reclaimed or the list was scanned once.
 
         ``pid``/``addr`` (a scenario convenience) move the anon page currently mapped
         there to the head of the LRU first, so that it is the next one scanned.
@@ -2344,8 +2384,10 @@ class Kernel:
         return reclaimed
 
     def shrink_folio(self, t: Thread, pfn: int, ignore_references: bool) -> Gen:
-        """``shrink_folio_list`` for one isolated anon folio: referenced → rotate;
-        pinned → keep; lazyfree → discard via ``try_to_unmap``; else swap out.
+        """``shrink_folio_list`` for one isolated anon folio.
+
+        Referenced → rotate; pinned → keep; lazyfree → discard via ``try_to_unmap``; else
+        swap out.
 
         Returns 1 if the folio was freed. The isolation reference is dropped here.
         """
@@ -2379,9 +2421,10 @@ class Kernel:
         return 1
 
     def rmap_walk_anon(self, t: Thread, pfn: int, site: str) -> Gen:
-        """``rmap_walk_anon`` under ``anon_vma_lock_read``: yields each candidate
-        mapping as ``(vma, idx, off, table, ptl)`` with the PTL held; the caller must
-        release the PTL (via :meth:`rmap_done`).
+        """``rmap_walk_anon`` under ``anon_vma_lock_read``: the candidate mappings of ``pfn``.
+
+        Yields each candidate mapping as ``(vma, idx, off, table, ptl)`` with the PTL held;
+        the caller must release the PTL (via :meth:`rmap_done`).
 
         Implemented as a generator of generators is awkward; instead this returns the
         list of ``(vma, vpn)`` candidates, computed under the anon_vma lock.
@@ -2396,8 +2439,11 @@ class Kernel:
         return av.root, cands
 
     def _rmap_map_pte(self, t: Thread, vma: Vma, vpn: int, pfn: int, site: str) -> Gen:
-        """``page_vma_mapped_walk``: find the table (no lock), preemption point, then
-        lock it and check the PTE maps ``pfn``. Returns ``(table, ptl, off)`` or None."""
+        """``page_vma_mapped_walk``: find the table, then lock it and check the PTE maps ``pfn``.
+
+        Find the table (no lock), preemption point, then lock it and check the PTE maps
+        ``pfn``. Returns ``(table, ptl, off)`` or None.
+        """
         mm = vma.mm
         idx, off = divmod(vpn, self.P)
         pmd = mm.pmd.get(idx)
@@ -2424,15 +2470,19 @@ class Kernel:
 
     def rmap_table_still_valid(self, mm: MmStruct, idx: int, table: PteTable,
                                site: str = "") -> bool:
-        """Re-validate under the PTL that the PMD still points at ``table``
-        (``pte_offset_map_nolock`` + ``pmd_same``). Upstream this always holds for rmap
-        because tables are freed only after ``unlink_anon_vmas``."""
+        """Re-validate under the PTL that the PMD still points at ``table``.
+
+        As ``pte_offset_map_nolock`` + ``pmd_same`` do. Upstream this always holds for rmap
+        because tables are freed only after ``unlink_anon_vmas``.
+        """
         cur = mm.pmd.get(idx)
         return cur is not None and cur.table is table
 
     def folio_referenced(self, t: Thread, pfn: int) -> Gen:
-        """``folio_referenced``: test-and-clear the young bit of every mapping (allowed
-        in shared tables: COW PTE v4 does not break COW here)."""
+        """``folio_referenced``: test-and-clear the young bit of every mapping.
+
+        This is allowed in shared tables: COW PTE v4 does not break COW here.
+        """
         r = yield from self.rmap_walk_anon(t, pfn, "folio_referenced")
         if not r:
             return 0

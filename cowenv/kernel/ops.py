@@ -118,7 +118,8 @@ def validate_args(op: str, args: dict[str, Any], page_size: int = 4096) -> dict[
     known = {a.name for a in spec.args}
     for k in args:
         if k not in known:
-            raise ValueError(f"args.{k}: not an argument of {op} (takes {', '.join(known) or 'none'})")
+            raise ValueError(f"args.{k}: not an argument of {op} "
+                             f"(takes {', '.join(known) or 'none'})")
     out: dict[str, Any] = {}
     for a in spec.args:
         if a.name not in args:

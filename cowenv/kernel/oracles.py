@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .memory import GUP_PIN_COUNTING_BIAS, PG_allocated, PG_anon, PG_anon_exclusive, PG_shmem, PG_table
+from .memory import (
+    GUP_PIN_COUNTING_BIAS,
+    PG_allocated,
+    PG_anon,
+    PG_anon_exclusive,
+    PG_shmem,
+    PG_table,
+)
 from .mm import MM_ANONPAGES, MM_COUNTER_NAMES, MM_SHMEMPAGES, MM_SWAPENTS, MmStruct
 from .pgtable import PFN_SHIFT, PTE_PRESENT, PTE_SWAP, PTE_USER, PTE_WRITE, ZERO_PFN
 
@@ -62,6 +69,7 @@ class Region:
         self.dying = False
 
     def clone(self, start: int, end: int) -> Region:
+        """A copy of this region restricted to ``[start, end)``."""
         r = Region(start, end, self.shm, self.shm_base + (start - self.start), self.prot,
                    self.wipe, self.dontcopy)
         r.dying = self.dying
@@ -192,8 +200,10 @@ class Oracle:
             r.prot |= prot
 
     def on_mprotect(self, t: Thread, mm: MmStruct, start: int, end: int, prot: int) -> None:
-        """mprotect succeeded: record the new protection and check the syscall contract
-        (every present PTE in range has at most the new permissions)."""
+        """On mprotect success: record the new protection and check the syscall contract.
+
+        The contract: every present PTE in range has at most the new permissions.
+        """
         self._end_mprotect(mm, start, end, prot)
         for r in self._carve(mm, start, end):
             r.prot = prot
@@ -228,8 +238,11 @@ class Oracle:
                     d[v] = (tuple(sorted(set(allowed) | {0})), advice == "DONTNEED")
 
     def on_madvise_end(self, mm: MmStruct, start: int, end: int, advice: str) -> None:
-        """DONTNEED: private anon reads back zero (or what was written meanwhile).
-        FREE: old data or zero, until the next write."""
+        """End of a DONTNEED or FREE madvise: update what private anon pages may read back.
+
+        DONTNEED: private anon reads back zero (or what was written meanwhile).
+        FREE: old data or zero, until the next write.
+        """
         if advice not in ("DONTNEED", "FREE"):
             return
         recs = self.flux.get(mm.id, [])
@@ -328,7 +341,8 @@ class Oracle:
         if not prot & need:
             self.k.report("syscall-contract", "mprotect",
                           f"{'store' if write else 'load'} at page {vpn:#x} of mm{mm.id} "
-                          f"succeeded although the range is PROT_{'NONE' if not r.prot else 'READ'}")
+                          "succeeded although the range is "
+                          f"PROT_{'NONE' if not r.prot else 'READ'}")
         return True
 
     def on_user_write(self, t: Thread, mm: MmStruct, vpn: int, tok: int) -> None:
@@ -353,8 +367,11 @@ class Oracle:
                 p["expect"] = self._add(p["expect"], tok)
 
     def on_user_read(self, t: Thread, mm: MmStruct, vpn: int, val: int, site: str) -> None:
-        """A load completed: it must return what this process last wrote there (or
-        inherited, or zero after DONTNEED/WIPEONFORK; old or zero after MADV_FREE)."""
+        """A load completed: it must return what this process last wrote there.
+
+        Or what it inherited, or zero after DONTNEED/WIPEONFORK; old or zero after
+        MADV_FREE.
+        """
         if not self._contract_access(t, mm, vpn, False):
             return
         key = self._key(mm, vpn)
@@ -495,9 +512,11 @@ class Oracle:
 
     # ------------------------------------------------------------------ recount oracles
     def check_mprotect_contract(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
-        """After a successful mprotect every present PTE in range has at most the new
-        permissions (writable only with PROT_WRITE, accessible only with PROT_READ or
-        PROT_WRITE: on x86 a write-only mapping is readable)."""
+        """After a successful mprotect every present PTE in range has at most the new rights.
+
+        Writable only with PROT_WRITE, accessible only with PROT_READ or PROT_WRITE: on x86 a
+        write-only mapping is readable.
+        """
         P = self.k.P
         for idx in range(start // P, (end - 1) // P + 1):
             pmd = mm.pmd.get(idx)
