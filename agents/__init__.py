@@ -17,6 +17,7 @@ from typing import Any
 from .base import (
     Agent,
     EpisodeResult,
+    Teardown,
     episode_rng,
     episode_seed_sequence,
     run_episode,
@@ -62,5 +63,5 @@ def make_agent(name: str, model: str | None = None, **kwargs: Any) -> Agent:
 
 
 __all__ = ["AGENT_NAMES", "Agent", "EpisodeResult", "PCTAgent", "QLearningAgent", "RandomAgent",
-           "abstract_state", "episode_rng", "episode_seed_sequence", "make_agent", "run_episode",
-           "state_hash", "uniform_legal"]
+           "Teardown", "abstract_state", "episode_rng", "episode_seed_sequence", "make_agent",
+           "run_episode", "state_hash", "uniform_legal"]

@@ -116,6 +116,42 @@ def uniform_legal(rng: np.random.Generator, mask: np.ndarray) -> int:
     return int(legal[rng.integers(len(legal))])
 
 
+class Teardown:
+    """The harness's end of an episode: finish every operation, then exit every thread.
+
+    Like a test program's end (and the leak checks that run then: ``check_mm``,
+    ``free_pgtables``), the last ``reserve`` actions of an episode are not the agent's:
+    the harness runs runnable threads (lowest tid first) until every operation is done,
+    then exits idle user threads (highest tid first: children before their parents), one
+    preemption point at a time, through ordinary env actions (so the schedule records
+    and replays them). It stops when nothing is left to run or exit, or when only blocked
+    threads remain.
+    """
+
+    def __init__(self) -> None:
+        self._env = 0
+        self._exit: dict[int, int] = {}
+
+    def action(self, env: CowEnv) -> int | None:
+        """Return the next teardown action, or None when the teardown is over."""
+        if self._env != id(env):
+            self._exit = {sp.tid: i for i, sp in enumerate(env.catalogue)
+                          if sp.kind == "start" and sp.op == "exit"}
+            self._env = id(env)
+        mask = env.action_masks()
+        k = env.kernel
+        tids = sorted(k.threads)
+        for tid in tids:
+            if 0 <= tid < len(mask) and env.catalogue[tid].kind == "run" and mask[tid]:
+                return tid
+        for tid in reversed(tids):
+            t = k.threads[tid]
+            a = self._exit.get(tid)
+            if a is not None and not t.exited and t.gen is None and mask[a]:
+                return a
+        return None
+
+
 @dataclass
 class EpisodeResult:
     """What :func:`run_episode` saw.
@@ -144,7 +180,8 @@ ViolationHook = Callable[[int, dict[str, Any]], bool]
 
 def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed: int,
                 max_actions: int | None = None,
-                on_violation: ViolationHook | None = None) -> EpisodeResult:
+                on_violation: ViolationHook | None = None,
+                teardown: int = 0) -> EpisodeResult:
     """Reset ``env`` and let ``agent`` play one episode.
 
     Args:
@@ -158,6 +195,8 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
             reported in this episode, with the action index (0 = during reset) and the
             violation (``kind``, ``site``, ``signature``, ``step``, ``message``, ...);
             returning True stops the episode after this action.
+        teardown: The last ``teardown`` actions of the episode (of ``env.max_steps``)
+            are the harness's :class:`Teardown`, not the agent's (0 = none).
 
     Returns:
         The :class:`EpisodeResult`.
@@ -173,14 +212,23 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
             if on_violation is not None and on_violation(0, v):
                 stop = True
     limit = env.max_steps if max_actions is None else min(max_actions, env.max_steps)
+    agent_limit = env.max_steps - max(0, int(teardown))
+    harness = Teardown() if teardown > 0 else None
     terminated = truncated = False
     while not stop and res.steps < limit:
-        mask = env.action_masks()
-        a = agent.act(env, obs, mask)
+        if res.steps < agent_limit or harness is None:
+            a = agent.act(env, obs, env.action_masks())
+            mine = True
+        else:
+            td = harness.action(env)
+            if td is None:
+                break
+            a, mine = td, False
         obs, reward, terminated, truncated, info = env.step(a)
         res.steps += 1
         res.ret += float(reward)
-        agent.observe(env, a, obs, float(reward), terminated, truncated, info)
+        if mine:
+            agent.observe(env, a, obs, float(reward), terminated, truncated, info)
         for v in info["violations"]:
             sig = v["signature"]
             if sig not in res.signatures:

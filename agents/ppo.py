@@ -41,17 +41,67 @@ if TYPE_CHECKING:
 TRAIN_ENV_DEFAULTS: dict[str, Any] = {"terminate_on_violation": False, "novelty_coef": 1.0}
 
 
-def _make_env(kwargs: dict[str, Any]) -> Any:
+def _make_env(kwargs: dict[str, Any], teardown: int = 0) -> Any:
     import gymnasium as gym
     from stable_baselines3.common.monitor import Monitor
 
     import cowenv
 
-    return Monitor(gym.make(cowenv.ENV_ID, **kwargs))
+    env = gym.make(cowenv.ENV_ID, **kwargs)
+    if teardown > 0:
+        env = _teardown_wrapper_class()(env, teardown)
+    return Monitor(env)
 
 
-def _env_factory(kwargs: dict[str, Any]) -> Any:
-    return lambda: _make_env(kwargs)
+def _teardown_wrapper_class() -> type:
+    import gymnasium as gym
+
+    from .base import Teardown
+
+    class TeardownWrapper(gym.Wrapper):
+        """Play the harness's teardown inside the agent's last step of an episode.
+
+        Training then sees the episodes that :func:`~cowenv_agents.base.run_episode`
+        plays (:class:`~cowenv_agents.base.Teardown`; rewards summed, violations merged).
+        """
+
+        def __init__(self, env: Any, reserve: int) -> None:
+            super().__init__(env)
+            self.reserve = int(reserve)
+            self._n = 0
+            self._td = Teardown()
+
+        def reset(self, **kwargs: Any) -> Any:
+            self._n = 0
+            return self.env.reset(**kwargs)
+
+        def action_masks(self) -> np.ndarray:
+            return self.env.unwrapped.action_masks()
+
+        def step(self, action: Any) -> Any:
+            obs, r, term, trunc, info = self.env.step(action)
+            self._n += 1
+            base = self.env.unwrapped
+            if term or trunc or self._n < base.max_steps - self.reserve:
+                return obs, r, term, trunc, info
+            vs = list(info.get("violations", []))
+            total = float(r)
+            while not (term or trunc):
+                a = self._td.action(base)
+                if a is None:
+                    trunc = True
+                    break
+                obs, r2, term, trunc, info = self.env.step(a)
+                total += float(r2)
+                vs.extend(info.get("violations", []))
+            info = dict(info, violations=vs)
+            return obs, total, term, trunc, info
+
+    return TeardownWrapper
+
+
+def _env_factory(kwargs: dict[str, Any], teardown: int = 0) -> Any:
+    return lambda: _make_env(kwargs, teardown)
 
 
 def _callback_class() -> type:
@@ -89,7 +139,7 @@ def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int
               log_dir: str | Path = "runs", run_name: str = "ppo",
               checkpoint_freq: int = 20_000, eval_freq: int = 10_000, eval_episodes: int = 4,
               net_arch: Sequence[int] = (256, 256), n_steps: int = 256,
-              learning_rate: float = 3e-4, ent_coef: float = 0.01,
+              learning_rate: float = 3e-4, ent_coef: float = 0.01, teardown: int = 0,
               torch_threads: int = 1, verbose: int = 0) -> Path:
     """Train a MaskablePPO agent and save it (atomically) to ``out``.
 
@@ -110,6 +160,8 @@ def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int
         n_steps: Rollout length per env.
         learning_rate: Adam learning rate.
         ent_coef: Entropy bonus (keeps the policy exploring).
+        teardown: Actions at the end of each episode played by the harness's teardown
+            (as :func:`~cowenv_agents.base.run_episode` with the same ``teardown``).
         torch_threads: ``torch.set_num_threads``.
         verbose: SB3 verbosity.
 
@@ -132,7 +184,7 @@ def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int
     if n < 1:
         raise ValueError("n_envs: expected >= 1")
     slots = [configs[i % len(configs)] for i in range(n)]
-    venv = DummyVecEnv([_env_factory(c) for c in slots])
+    venv = DummyVecEnv([_env_factory(c, teardown) for c in slots])
     venv.seed(seed)
     root = Path(log_dir) / run_name
     model = MaskablePPO("MlpPolicy", venv, n_steps=n_steps, batch_size=min(256, n_steps * n),
@@ -146,7 +198,7 @@ def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int
                                             save_path=str(root / "checkpoints"),
                                             name_prefix="ppo"))
     if eval_freq > 0:
-        eval_env = DummyVecEnv([_env_factory(configs[0])])
+        eval_env = DummyVecEnv([_env_factory(configs[0], teardown)])
         eval_env.seed(seed + 1)
         callbacks.append(MaskableEvalCallback(
             eval_env, n_eval_episodes=eval_episodes, eval_freq=max(1, eval_freq // n),
@@ -236,10 +288,13 @@ class PPOAgent(Agent):
         import torch
 
         policy = self.model.policy
-        with torch.no_grad():
-            ot, _ = policy.obs_to_tensor(obs)
-            dist = policy.get_distribution(ot, action_masks=mask)
-            logits = dist.distribution.logits[0].double().numpy()
+        with torch.inference_mode():
+            # The actor path of MaskableActorCriticPolicy.get_distribution, without
+            # building distribution objects (4x faster per step); masking is done below.
+            x = torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1)
+            features = policy.pi_features_extractor(x)
+            logits = policy.action_net(policy.mlp_extractor.forward_actor(features))
+            logits = logits[0].double().numpy()
         z = logits / self.temperature
         z = np.where(mask, z, -np.inf)
         z -= z[mask].max()

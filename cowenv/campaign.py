@@ -44,7 +44,6 @@ import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +93,9 @@ class CampaignConfig:
         env_kwargs: Keyword arguments of ``cowenv/CowPte-v0``.
         agent_kwargs: Keyword arguments of the agent.
         model: Saved PPO model (``ppo`` only).
+        teardown: The last actions of every episode are the harness's teardown (every
+            operation finished, every thread exited: exit-time checks run), see
+            :class:`cowenv_agents.Teardown`; 0 = none.
         minimise: Minimise findings before keeping them.
 
     """
@@ -105,6 +107,7 @@ class CampaignConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     agent_kwargs: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
+    teardown: int = 32
     minimise: bool = True
 
     def identity(self) -> dict[str, Any]:
@@ -195,7 +198,7 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
             return False
 
         res = ca.run_episode(env, agent, rng, reset_seed, max_actions=budget - steps,
-                             on_violation=on_violation)
+                             on_violation=on_violation, teardown=cfg.teardown)
         steps += res.steps
         episodes += 1
         q.put(("progress", w, steps, episodes))
@@ -204,35 +207,95 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
             checkpoint()
             last_ck = now
         if not _parent_alive():
+            q.cancel_join_thread()  # nobody reads the queue any more: do not hang at exit
             return
     checkpoint()
     q.put(("done", w, steps, episodes))
 
 
 # ----------------------------------------------------------------------------- minimiser
-def minimise_finding(path: str, signature: str) -> tuple[str, dict[str, Any] | None, str]:
+def minimiser_main(tasks: Any, results: Any) -> None:
+    """Body of the minimiser process: ``(path, signature)`` in, :func:`minimise_finding` out.
+
+    Ends on a ``None`` task, or when the main process has gone (checked every 0.5 s).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            task = tasks.get(timeout=0.5)
+        except queue_mod.Empty:
+            if not _parent_alive():
+                results.cancel_join_thread()
+                return
+            continue
+        if task is None:
+            return
+        results.put(minimise_finding(*task))
+
+
+def attribute_flaws(sc: Any, signature: str) -> list[str] | None:
+    """Which flaws of ``sc``'s configuration, each switched on alone, reproduce ``signature``.
+
+    The schedule is run leniently (:func:`cowenv.minimize.run_lenient`) once per flaw with
+    only that flaw on, and once on ``fixed``. Returns the flaws that show the signature
+    (``[]``: none alone does, a combination is needed), ``["fixed"]`` when the fixed
+    variant shows it too (not a flaw: a simulator or upstream problem), or None when the
+    configuration has no flaws to attribute to.
+    """
+    from .minimize import run_lenient
+    from .scenario import override_config
+
+    cfg = sc.config
+    if cfg.variant != "cowpte" or not cfg.flaws:
+        return None
+    target = {signature}
+
+    def shows(flaws: list[str]) -> bool:
+        c = override_config(cfg, "cowpte", flaws) if flaws else override_config(cfg, "fixed",
+                                                                                None)
+        return signature in run_lenient(c, sc.steps, stop_on=target).kernel.signatures
+
+    if shows([]):
+        return ["fixed"]
+    return [f for f in cfg.flaws if shows([f])]
+
+
+def minimise_finding(path: str, signature: str
+                     ) -> tuple[str, dict[str, Any] | None, str, list[str] | None]:
     """Minimise the schedule in ``path`` for ``signature`` (runs in the minimiser process).
 
     Returns:
-        ``(signature, minimised data or None, note)``: None when minimisation failed or its
-        result does not replay; the note says why.
+        ``(signature, minimised data or None, note, flaws)``: data is None when
+        minimisation failed or its result does not replay (the note says why); ``flaws``
+        is :func:`attribute_flaws` of the schedule kept.
 
     """
     from .minimize import NotReproducible, minimize
     from .replay import replay
     from .scenario import load_scenario, parse_scenario
 
+    data: dict[str, Any] | None = None
     try:
         sc = load_scenario(path)
+    except Exception as e:  # the raw file is unreadable: nothing to do
+        return signature, None, f"{type(e).__name__}: {e}", None
+    try:
         res = minimize(sc, [signature])
         rep = replay(parse_scenario(res.data, path))
-        if not rep.reproduced:
-            return signature, None, f"minimised schedule does not replay: {rep.divergence}"
-        return signature, res.data, f"{res.original_len} -> {res.minimal_len} steps"
+        if rep.reproduced:
+            data, note = res.data, f"{res.original_len} -> {res.minimal_len} steps"
+        else:
+            note = f"minimised schedule does not replay: {rep.divergence}"
     except NotReproducible as e:
-        return signature, None, f"not reproducible: {e}"
+        note = f"not reproducible: {e}"
     except Exception as e:  # keep the raw schedule; say why
-        return signature, None, f"{type(e).__name__}: {e}"
+        note = f"{type(e).__name__}: {e}"
+    try:
+        flaws = attribute_flaws(parse_scenario(data, path) if data is not None else sc,
+                                signature)
+    except Exception:  # attribution is a courtesy; never lose the finding over it
+        flaws = None
+    return signature, data, note, flaws
 
 
 # ----------------------------------------------------------------------------- campaign
@@ -246,7 +309,8 @@ class CampaignResult:
         episodes: Episodes over all workers.
         findings: One row per signature, in discovery order (``signature``, ``file``,
             ``worker``, ``worker_step``, ``campaign_step``, ``seconds``, ``agent``,
-            ``steps`` (schedule length), ``minimised``, ``hits``).
+            ``steps`` (schedule length), ``flaws`` (:func:`attribute_flaws`, after
+            minimisation), ``minimised``, ``hits``).
         interrupted: Stopped before the budget was spent.
         seconds: Wall time of the whole campaign (all sessions).
         errors: Worker errors (tracebacks).
@@ -357,6 +421,8 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
         raise CampaignError("--workers: expected >= 1")
     if cfg.budget < 0:
         raise CampaignError("--budget: expected >= 0")
+    if cfg.teardown < 0:
+        raise CampaignError("--teardown: expected >= 0")
     _check_setup(cfg)
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
@@ -401,36 +467,53 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
     procs = {w: ctx.Process(target=worker_main, daemon=True, name=f"cowenv-fuzz-{w}",
                             args=(asdict(cfg), w, str(outp), q, stop, store.signatures))
              for w in todo}
-    pool: ProcessPoolExecutor | None = None
-    futures: dict[str, Future] = {}
+    min_tasks: Any = None
+    min_results: Any = None
+    minimiser: Any = None
+    pending_min: list[str] = []
 
     def submit(sig: str) -> None:
-        nonlocal pool
-        if not cfg.minimise or sig in futures:
+        nonlocal min_tasks, min_results, minimiser
+        if not cfg.minimise or sig in pending_min:
             return
-        if pool is None:
-            pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
-        futures[sig] = pool.submit(minimise_finding, str(store.path_for(sig)), sig)
+        if minimiser is None:
+            min_tasks, min_results = ctx.Queue(), ctx.Queue()
+            minimiser = ctx.Process(target=minimiser_main, args=(min_tasks, min_results),
+                                    daemon=True, name="cowenv-minimise")
+            minimiser.start()
+        pending_min.append(sig)
+        min_tasks.put((str(store.path_for(sig)), sig))
+
+    def apply(sig: str, data: dict[str, Any] | None, note: str,
+              flaws: list[str] | None = None) -> None:
+        from .scenario import save_scenario
+
+        if sig in pending_min:
+            pending_min.remove(sig)
+        f = store.findings[sig]
+        if data is not None:
+            save_scenario(data, store.path_for(sig))
+            f["steps"], f["minimised"] = len(data["steps"]), True
+        else:
+            f["minimised"] = False
+        meta.setdefault(sig, {})["minimise_note"] = note
+        if flaws is not None:
+            meta[sig]["flaws"] = flaws
+        store.flush()
 
     def collect(block: bool) -> None:
-        for sig, fut in list(futures.items()):
-            if not (block or fut.done()):
-                continue
+        while pending_min:
             try:
-                _, data, note = fut.result()
-            except Exception as e:  # the minimiser process died
-                data, note = None, f"{type(e).__name__}: {e}"
-            del futures[sig]
-            f = store.findings[sig]
-            if data is not None:
-                from .scenario import save_scenario
-
-                save_scenario(data, store.path_for(sig))
-                f["steps"], f["minimised"] = len(data["steps"]), True
-            else:
-                f["minimised"] = False
-            meta.setdefault(sig, {})["minimise_note"] = note
-            store.flush()
+                sig, data, note, flaws = min_results.get(timeout=0.5 if block else 0.001)
+            except queue_mod.Empty:
+                if not block:
+                    return
+                if not minimiser.is_alive():
+                    for sig in list(pending_min):
+                        apply(sig, None, f"minimiser exited with code {minimiser.exitcode}")
+                    return
+                continue
+            apply(sig, data, note, flaws)
 
     for sig in store.signatures:
         if store.findings[sig].get("minimised") is not True and cfg.minimise:
@@ -492,26 +575,33 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
                 rate_t, rate_s = now, sum(wsteps)
             display.update(sum(wsteps), sum(weps), len(store), rate)
         display.update(sum(wsteps), sum(weps), len(store), rate)
-        if futures:
-            display.note(f"minimising {len(futures)} finding(s)...")
+        if pending_min:
+            display.note(f"minimising {len(pending_min)} finding(s)...")
         collect(True)
     except KeyboardInterrupt:
         interrupted = True
         stop.set()
         for p in procs.values():
+            if p.pid is None:
+                continue
             p.join(timeout=5.0)
             if p.is_alive():
                 p.terminate()
         _drain(q, wsteps, weps)
-        for fut in futures.values():
-            fut.cancel()
     finally:
         display.close()
         if in_main:
             signal.signal(signal.SIGTERM, old_term)
-        if pool is not None:
-            pool.shutdown(wait=not interrupted, cancel_futures=True)
+        if minimiser is not None:
+            if minimiser.is_alive() and not interrupted:
+                min_tasks.put(None)
+                minimiser.join(timeout=5.0)
+            if minimiser.is_alive():
+                minimiser.terminate()
+            minimiser.join(timeout=5.0)
         for p in procs.values():
+            if p.pid is None:  # never started
+                continue
             if p.is_alive():
                 p.terminate()
             p.join(timeout=5.0)
@@ -527,6 +617,7 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
                      "worker": m.get("worker"), "worker_step": m.get("worker_step"),
                      "campaign_step": m.get("campaign_step"), "seconds": m.get("seconds"),
                      "agent": m.get("agent", cfg.agent), "steps": f["steps"],
+                     "flaws": m.get("flaws"),
                      "minimised": f.get("minimised"), "hits": f.get("hits", 1)})
     return CampaignResult(str(outp), sum(wsteps), sum(weps), rows, interrupted,
                           round(elapsed(), 3), errors)
@@ -629,6 +720,10 @@ def _setup_fuzz(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--out", default="findings", help="findings folder (default findings/); "
                                                       "an existing campaign there is resumed")
     sp.add_argument("--depth", type=int, help="PCT bug depth d (default 3)")
+    sp.add_argument("--teardown", type=int, default=32,
+                    help="last actions of each episode that the harness uses to finish every "
+                         "operation and exit every thread (exit-time checks); 0 = none "
+                         "(default 32)")
     sp.add_argument("--no-minimise", action="store_true", help="keep schedules as recorded")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     sp.add_argument("--quiet", action="store_true", help="no progress output")
@@ -639,21 +734,34 @@ def _print_summary(res: CampaignResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    c = Console(width=max(110, Console().width))
+    c = Console(width=max(140, Console().width))
     state = "interrupted" if res.interrupted else "finished"
     t = Table(title=f"{len(res.findings)} finding(s); {res.steps:,} steps, {res.episodes:,} "
                     f"episodes, {res.seconds:.1f}s ({state})")
-    for col in ("signature", "first found (worker:step)", "campaign step", "seconds", "agent",
-                "steps", "file"):
+    for col in ("signature", "flaw(s) alone", "first found: step (worker:step)", "seconds",
+                "agent", "steps", "file"):
         t.add_column(col, overflow="fold")
+    shown: dict[str, None] = {}
     for r in res.findings:
-        where = f"{r['worker']}:{r['worker_step']:,}" if r["worker"] is not None else "-"
-        cstep = f"{r['campaign_step']:,}" if r["campaign_step"] is not None else "-"
+        if r["worker"] is not None:
+            where = f"{r['campaign_step']:,} ({r['worker']}:{r['worker_step']:,})"
+        else:
+            where = "-"
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
         mark = "" if r["minimised"] else " (raw)"
-        t.add_row(r["signature"], where, cstep, secs, r["agent"], f"{r['steps']}{mark}",
+        fl = r.get("flaws")
+        flaws = "-" if fl is None else (", ".join(fl) if fl else "(combination)")
+        for f in fl or []:
+            if f != "fixed":
+                shown[f] = None
+        t.add_row(r["signature"], flaws, where, secs, r["agent"], f"{r['steps']}{mark}",
                   Path(r["file"]).name)
     c.print(t)
+    if shown:
+        from .kernel.config import FLAW_IDS
+
+        print(f"flaws demonstrated (switched on alone, the flaw reproduces a finding): "
+              f"{len(shown)} of {len(FLAW_IDS)}: {', '.join(sorted(shown))}")
     for e in res.errors:
         print(f"error: {e.strip().splitlines()[-1]}", file=sys.stderr)
     if res.findings:
@@ -678,9 +786,12 @@ def _run_fuzz(a: argparse.Namespace) -> int:
             raise BadInput("--depth: expected >= 1")
         akw["depth"] = a.depth
     model = str(Path(a.model).resolve()) if a.model else None
+    if a.teardown < 0:
+        raise BadInput("--teardown: expected >= 0")
     cfg = CampaignConfig(agent=a.agent, seed=a.seed, workers=a.workers, budget=a.budget,
                          env_kwargs=env_kwargs_from_args(a, default_env_kwargs()),
-                         agent_kwargs=akw, model=model, minimise=not a.no_minimise)
+                         agent_kwargs=akw, model=model, teardown=a.teardown,
+                         minimise=not a.no_minimise)
     try:
         res = run_campaign(cfg, a.out, show=not a.quiet)
     except CampaignError as e:
@@ -704,6 +815,9 @@ def _setup_train(sp: argparse.ArgumentParser) -> None:
                     help="one vector-env slot per flaw of --flaws/--preset, each with that "
                          "flaw alone (a policy for finding any of them, not all at once)")
     sp.add_argument("--n-envs", type=int, help="vector env size (default 2, or one per flaw)")
+    sp.add_argument("--teardown", type=int, default=32,
+                    help="harness teardown actions at the end of each episode, as in "
+                         "`cowenv fuzz` (default 32)")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _env_args(sp)
 
@@ -716,6 +830,8 @@ def _run_train(a: argparse.Namespace) -> int:
         raise BadInput("--steps: expected >= 1")
     if a.n_envs is not None and a.n_envs < 1:
         raise BadInput("--n-envs: expected >= 1")
+    if not 0 <= a.teardown < 256:
+        raise BadInput("--teardown: expected 0..255")
     kw = env_kwargs_from_args(a, {})
     configs: list[dict[str, Any]] = [kw]
     if a.each_flaw:
@@ -738,7 +854,7 @@ def _run_train(a: argparse.Namespace) -> int:
     t0 = time.monotonic()
     run_name = Path(a.out).stem
     path = ppo.train_ppo(configs, a.steps, a.out, seed=a.seed, n_envs=a.n_envs,
-                         log_dir=a.log_dir, run_name=run_name)
+                         log_dir=a.log_dir, run_name=run_name, teardown=a.teardown)
     secs = time.monotonic() - t0
     info = {"model": str(path), "steps": a.steps, "seconds": round(secs, 1),
             "log_dir": str(Path(a.log_dir) / run_name), "env_configs": configs}
