@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cowenv_agents as ca
 import numpy as np
 import pytest
-
-import cowenv_agents as ca
-from cowenv.env import CowEnv
 from cowenv_agents.pct import PCTAgent
 from cowenv_agents.qlearning import QLearningAgent, abstract_state, state_hash
+
+from cowenv.env import CowEnv
 
 SMALL = {"geometry": "small", "terminate_on_violation": False}
 
