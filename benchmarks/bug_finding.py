@@ -1,0 +1,384 @@
+"""Bug-finding benchmark: steps and seconds until each agent first detects each flaw.
+
+    .venv/bin/python benchmarks/bug_finding.py [--json] [--budget N] [--seeds S]
+        [--agents random,pct,ql,ppo] [--flaws ...] [--train-steps N] [--jobs 2]
+
+For every flaw of ``FLAW_IDS``, switched on *alone* (variant ``cowpte``), every agent
+plays with ``S`` seeds until it first detects *that flaw's* violation or has spent the
+step budget. Writes ``benchmarks/out/bug_finding.{json,md,png}``.
+
+* **Which signatures belong to a flaw** is measured, not written down: the flaw's
+  scenario ``scenarios/flaws/<flaw>.yaml`` is run with the flaw alone and every
+  signature it reports (scenario ``selftest`` checks excluded) counts for that flaw.
+* **Attribution**: a detection counts only if the schedule so far, replayed on the
+  ``fixed`` variant (:func:`cowenv.minimize.run_lenient`, illegal steps skipped), does
+  *not* report the same signature, i.e. the flaw's code path is what made it happen.
+  Non-attributable reports (simulator soundness problems) are counted separately.
+* **Env**: ``cowenv/CowPte-v0`` with the small geometry (8 entries per table; the
+  default workload, catalogue and limits otherwise), episodes of 256 actions that go on
+  after a violation. Per-flaw *reachability prefixes* (:data:`PREFIXES`, documented
+  below) only change the configuration or the starting layout, never the interleaving.
+* **PPO is never measured on a flaw it was trained on**: the flaws are split into
+  ``FOLDS`` groups (flaw ``i`` in group ``i % FOLDS``); one MaskablePPO model per group is
+  trained on the other groups' flaws (one vector-env slot per flaw, each alone, with its
+  prefix), and measured on its own group's flaws. Training time is reported apart.
+* Per run: steps (and wall seconds, this machine) to the first attributed detection.
+  Table: median over seeds (not-found seeds count as the budget, so a median at the
+  budget means "not found by most seeds"), found/total. Summary: geometric mean over
+  flaws of those medians per agent.
+* Seeds: run ``(flaw, agent, seed)`` plays episode ``e`` with
+  ``cowenv_agents.episode_rng(seed, flaw index, e)``: everything is deterministic except
+  the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+AGENTS = ("random", "pct", "ql", "ppo")
+FOLDS = 3
+BASE_ENV: dict[str, Any] = {"geometry": "small", "terminate_on_violation": False}
+#: The last actions of every episode are the harness's teardown (cowenv_agents.Teardown).
+TEARDOWN = 32
+
+GEOMETRY_P = 8  # entries per table of the "small" geometry
+PAGE = 4096
+
+
+def _layout_prefix(advice: str, start_t: float, end_t: float) -> dict[str, Any]:
+    """Default workload plus one ``madvise`` by the parent over ``[start_t, end_t)`` tables."""
+    from cowenv.env import default_workload, table_bytes
+
+    T = table_bytes(GEOMETRY_P, PAGE)
+    lo, hi = int(start_t * T), int(end_t * T)
+    return {"workload": [*default_workload(GEOMETRY_P, PAGE),
+                         {"tid": 1, "do": "madvise",
+                          "args": {"addr": lo, "length": hi - lo, "advice": advice}}]}
+
+
+#: Per-flaw reachability prefixes: env settings added to the flaw's benchmark env.
+#: Each is documented in README ("Fuzzing campaigns"); none forks or schedules an
+#: interleaving: the agent still has to fork, and to run the right operations in the
+#: right order, on its own.
+PREFIXES: dict[str, dict[str, Any]] = {
+    # The flaw lives in the per-VMA-lock fault path: with the default mmap_lock fault
+    # mode that code never runs. Config only; the workload is the default one.
+    "vma-lock-fault-breaks-shared": {"fault_mode": "vma_lock"},
+    # Corner-layout flaws: the default workload's region C ([21.5T, 22T), one page
+    # written) shares a PMD with the end of region B. The prefix gives the layout the
+    # flaw is about (a VM_WIPEONFORK VMA in a shared PMD; a VM_DONTCOPY VMA before an
+    # ordinary one in a PMD); the agent must still fork and read C from the child.
+    "wipeonfork-shared": _layout_prefix("WIPEONFORK", 21.5, 22),
+    "recover-skips-vma": _layout_prefix("DONTFORK", 21, 21.5),
+}
+
+
+def flaw_signatures(flaw: str) -> list[str]:
+    """Signatures the flaw's own scenario reports with the flaw alone (sorted).
+
+    Raises:
+        FileNotFoundError: the flaw has no scenario.
+
+    """
+    from cowenv.scenario import load_scenario, run_scenario
+
+    sc = load_scenario(ROOT / "scenarios" / "flaws" / f"{flaw}.yaml")
+    on = run_scenario(sc, "cowpte", [flaw])
+    off = run_scenario(sc, "fixed")
+    bad = {v.signature for v in off.violations}
+    return sorted({v.signature for v in on.violations if v.kind != "selftest"} - bad)
+
+
+def env_kwargs(flaw: str) -> dict[str, Any]:
+    """The benchmark env of ``flaw``: ``BASE_ENV``, the flaw alone, and its prefix."""
+    return {**BASE_ENV, "variant": "cowpte", "flaws": [flaw], **PREFIXES.get(flaw, {})}
+
+
+def attributable(env: Any, signature: str) -> bool:
+    """Whether the episode so far does *not* report ``signature`` on ``fixed``."""
+    from cowenv.minimize import run_lenient
+    from cowenv.scenario import override_config, parse_scenario
+
+    sc = parse_scenario(env.get_schedule())
+    cfg = override_config(sc.config, "fixed", None)
+    run = run_lenient(cfg, sc.steps, stop_on={signature})
+    return signature not in run.kernel.signatures
+
+
+def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: list[str],
+            model: str | None) -> dict[str, Any]:
+    """One (flaw, agent, seed) run: play until an attributed detection or the budget."""
+    import cowenv_agents as ca
+
+    from cowenv.env import CowEnv
+
+    env = CowEnv(**env_kwargs(flaw))
+    ag = ca.make_agent(agent, model=model)
+    tset = set(targets)
+    t0 = time.perf_counter()
+    steps = episodes = 0
+    found: dict[str, Any] | None = None
+    unattributed: dict[str, int] = {}
+    while steps < budget and found is None:
+        rng, reset_seed = ca.episode_rng(seed, fi, episodes)
+        base = steps
+
+        def hook(i: int, v: dict[str, Any], base: int = base) -> bool:
+            nonlocal found
+            sig = v["signature"]
+            if sig not in tset or v["kind"] == "simulator":
+                return False
+            if not attributable(env, sig):
+                unattributed[sig] = unattributed.get(sig, 0) + 1
+                return False
+            found = {"step": base + i, "signature": sig,
+                     "seconds": time.perf_counter() - t0}
+            return True
+
+        res = ca.run_episode(env, ag, rng, reset_seed, max_actions=budget - steps,
+                             on_violation=hook, teardown=TEARDOWN)
+        steps += res.steps
+        episodes += 1
+    return {"flaw": flaw, "agent": agent, "seed": seed, "found": found is not None,
+            "steps": found["step"] if found else None,
+            "seconds": round(found["seconds"], 3) if found else None,
+            "signature": found["signature"] if found else None,
+            "steps_run": steps, "episodes": episodes,
+            "run_seconds": round(time.perf_counter() - t0, 3), "unattributed": unattributed}
+
+
+def train_fold(fold: int, flaws: list[str], steps: int, seed: int, model_dir: str) -> dict:
+    """Train the PPO model of ``fold`` on ``flaws`` (each alone, one env slot each)."""
+    import cowenv_agents.ppo as ppo
+
+    t0 = time.perf_counter()
+    path = ppo.train_ppo([env_kwargs(f) for f in flaws], steps,
+                         Path(model_dir) / f"ppo-fold{fold}.zip", seed=seed,
+                         log_dir=Path(model_dir) / "runs", run_name=f"fold{fold}",
+                         checkpoint_freq=max(steps // 4, 1), eval_freq=max(steps // 4, 1),
+                         eval_episodes=2, teardown=TEARDOWN)
+    return {"fold": fold, "model": str(path), "trained_on": flaws, "steps": steps,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------- report
+def summarise(runs: list[dict[str, Any]], flaws: list[str], agents: list[str],
+              budget: int) -> dict[str, Any]:
+    """Per (flaw, agent): found count, median steps/seconds; per agent: geometric mean."""
+    cells: dict[str, dict[str, Any]] = {}
+    for f in flaws:
+        for a in agents:
+            rs = [r for r in runs if r["flaw"] == f and r["agent"] == a]
+            if not rs:
+                continue
+            st = sorted(r["steps"] if r["found"] else budget for r in rs)
+            secs = [r["seconds"] for r in rs if r["found"]]
+            cells[f"{f}|{a}"] = {
+                "found": sum(r["found"] for r in rs), "n": len(rs),
+                "median_steps": float(np.median(st)),
+                "median_seconds": float(np.median(secs)) if secs else None,
+                "unattributed": sum(sum(r["unattributed"].values()) for r in rs)}
+    geo = {}
+    for a in agents:
+        vals = [cells[f"{f}|{a}"]["median_steps"] for f in flaws if f"{f}|{a}" in cells]
+        if vals:
+            geo[a] = float(math.exp(np.mean([math.log(max(v, 1.0)) for v in vals])))
+    found_by_any = {f: any(cells.get(f"{f}|{a}", {}).get("found", 0) for a in agents)
+                    for f in flaws}
+    return {"cells": cells, "geomean_steps": geo, "found_by_any": found_by_any}
+
+
+def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budget: int,
+             seeds: int) -> str:
+    """The results as a markdown table (median steps (seconds), found/seeds)."""
+    head = "| flaw | " + " | ".join(agents) + " |"
+    lines = [head, "|" + "---|" * (len(agents) + 1)]
+    cells = summary["cells"]
+    for f in flaws:
+        row = [f"`{f}`" + (" *" if f in PREFIXES else "")]
+        for a in agents:
+            c = cells.get(f"{f}|{a}")
+            if c is None:
+                row.append("-")
+                continue
+            if c["found"] == 0:
+                row.append(f"not found (0/{c['n']})")
+                continue
+            med = c["median_steps"]
+            ms = "≥ budget" if med >= budget else f"{med:,.0f}"
+            sec = f" ({c['median_seconds']:.1f}s)" if c["median_seconds"] is not None else ""
+            row.append(f"{ms}{sec}, {c['found']}/{c['n']}")
+        lines.append("| " + " | ".join(row) + " |")
+    geo = summary["geomean_steps"]
+    lines.append("| **geometric mean of medians** | "
+                 + " | ".join(f"**{geo[a]:,.0f}**" if a in geo else "-" for a in agents) + " |")
+    lines.append("")
+    lines.append(f"Median steps to the first attributed detection over {seeds} seeds "
+                 f"(median wall seconds of the found runs), found/seeds; budget "
+                 f"{budget:,} steps per run; not-found runs count as the budget in the medians "
+                 f"and geometric means. `*`: reachability prefix (see README).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict[str, Any]], flaws: list[str], agents: list[str], budget: int,
+         path: Path) -> None:
+    """Detection curves: fraction of seeds that found the flaw vs steps, per agent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(flaws) + 1
+    cols = 4
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    xs = np.geomspace(1, budget, 200)
+    colors = {"random": "tab:gray", "pct": "tab:blue", "ql": "tab:green", "ppo": "tab:red"}
+    for i, f in enumerate([*flaws, "all flaws"]):
+        ax = axes[i // cols][i % cols]
+        for a in agents:
+            rs = [r for r in runs if r["agent"] == a and (f == "all flaws" or r["flaw"] == f)]
+            if not rs:
+                continue
+            hits = np.array([r["steps"] if r["found"] else np.inf for r in rs])
+            ys = [(hits <= x).mean() for x in xs]
+            ax.plot(xs, ys, label=a, color=colors.get(a))
+        ax.set_title(f, fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xscale("log")
+        ax.set_xlim(10, budget)
+        ax.tick_params(labelsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("fraction found", fontsize=8)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.supxlabel("env steps (log scale)", fontsize=9)
+    fig.suptitle("cowenv bug-finding: detection curves per flaw (each flaw alone)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cowenv.kernel.config import FLAW_IDS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--budget", type=int, default=100_000,
+                   help="steps per run (default 100000)")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per (flaw, agent) (default 8)")
+    p.add_argument("--agents", default=",".join(AGENTS))
+    p.add_argument("--flaws", default="all", help="comma-separated flaw ids (default all)")
+    p.add_argument("--train-steps", type=int, default=200_000,
+                   help="PPO training steps per held-out group (default 200000)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--model-dir", default=str(ROOT / "runs" / "bench"),
+                   help="where PPO models, TensorBoard logs and checkpoints go")
+    a = p.parse_args(argv)
+    agents = [x for x in a.agents.split(",") if x]
+    for x in agents:
+        if x not in AGENTS:
+            p.error(f"--agents: unknown agent {x!r}")
+    flaws = list(FLAW_IDS) if a.flaws == "all" else [x for x in a.flaws.split(",") if x]
+    missing = [f for f in flaws if not (ROOT / "scenarios" / "flaws" / f"{f}.yaml").exists()]
+    if missing:
+        p.error(f"no scenario for flaw(s) {', '.join(missing)}")
+    t_start = time.perf_counter()
+    targets = {f: flaw_signatures(f) for f in flaws}
+    fidx = {f: FLAW_IDS.index(f) for f in flaws}
+    folds = {k: [f for f in FLAW_IDS if FLAW_IDS.index(f) % FOLDS == k] for k in range(FOLDS)}
+    ctx = get_context("spawn")
+    runs: list[dict[str, Any]] = []
+    trainings: list[dict[str, Any]] = []
+    pending: dict[Future, tuple[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as pool:
+        if "ppo" in agents:
+            for k in range(FOLDS):
+                test = [f for f in folds[k] if f in flaws]
+                if not test:
+                    continue
+                train = [f for f in FLAW_IDS if f not in folds[k]]
+                fut = pool.submit(train_fold, k, train, a.train_steps, 1000 + k, a.model_dir)
+                pending[fut] = ("train", k)
+        for f in flaws:
+            for ag in agents:
+                if ag == "ppo":
+                    continue
+                for s in range(a.seeds):
+                    fut = pool.submit(run_one, f, fidx[f], ag, s, a.budget, targets[f], None)
+                    pending[fut] = ("run", (f, ag, s))
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                kind, key = pending.pop(fut)
+                r = fut.result()
+                if kind == "train":
+                    trainings.append(r)
+                    print(f"trained PPO fold {key} in {r['seconds']:.0f}s "
+                          f"(held out: {', '.join(folds[key])})", file=sys.stderr)
+                    for f in folds[key]:
+                        if f not in flaws:
+                            continue
+                        for s in range(a.seeds):
+                            nf = pool.submit(run_one, f, fidx[f], "ppo", s, a.budget, targets[f],
+                                             r["model"])
+                            pending[nf] = ("run", (f, "ppo", s))
+                else:
+                    runs.append(r)
+                    res = f"step {r['steps']:,}" if r["found"] else "not found"
+                    print(f"{r['flaw']:32s} {r['agent']:6s} seed {r['seed']}: {res} "
+                          f"({r['run_seconds']:.1f}s)", file=sys.stderr)
+    runs.sort(key=lambda r: (flaws.index(r["flaw"]), agents.index(r["agent"]), r["seed"]))
+    summary = summarise(runs, flaws, agents, a.budget)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(summary, flaws, agents, a.budget, a.seeds)
+    result = {"budget": a.budget, "seeds": a.seeds, "agents": agents, "flaws": flaws,
+              "base_env": BASE_ENV, "prefixes": {f: PREFIXES[f] for f in flaws if f in PREFIXES},
+              "flaw_signatures": targets, "folds": folds, "trainings": trainings,
+              "summary": summary, "runs": runs,
+              "wall_seconds": round(time.perf_counter() - t_start, 1),
+              "commit": _commit(),
+              "cpus": os.cpu_count(), "jobs": a.jobs}
+    for name, text in (("bug_finding.json", json.dumps(result, indent=1, sort_keys=True) + "\n"),
+                       ("bug_finding.md", md)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    plot(runs, flaws, agents, a.budget, out / "bug_finding.png")
+    if a.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(md)
+        print(f"wall time {result['wall_seconds']:.0f}s; wrote {out}/bug_finding.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
