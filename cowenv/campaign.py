@@ -42,6 +42,7 @@ import queue as queue_mod
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -524,7 +525,8 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    in_main = mp.current_process().name == "MainProcess"
+    in_main = (mp.current_process().name == "MainProcess"
+               and threading.current_thread() is threading.main_thread())
     if in_main:
         signal.signal(signal.SIGTERM, on_term)
     interrupted = False
