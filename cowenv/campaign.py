@@ -41,13 +41,14 @@ import os
 import queue as queue_mod
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .fileio import atomic_write_text
 
 STATE_NAME = "campaign.json"
 CHECKPOINT_DIR = ".campaign"
@@ -62,21 +63,6 @@ class CampaignError(Exception):
 
 
 # ----------------------------------------------------------------------------- helpers
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def worker_budget(budget: int, workers: int, w: int) -> int:
     """Return the steps of ``budget`` that worker ``w`` of ``workers`` runs."""
     return budget // workers + (1 if w < budget % workers else 0)

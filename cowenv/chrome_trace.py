@@ -24,11 +24,10 @@ operation started after step ``s`` begins at ``s·U``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text
 from .kernel.kernel import KSWAPD_TID
 from .kernel.trace import Event, trace_hash
 from .replay import Execution
@@ -210,16 +209,4 @@ def validate_chrome_trace(doc: Any) -> list[str]:
 
 def write_json(doc: dict[str, Any], path: str | Path) -> None:
     """Write ``doc`` as JSON atomically (temp file + rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, separators=(",", ":"), sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(doc, separators=(",", ":"), sort_keys=True) + "\n")

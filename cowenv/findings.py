@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text
 from .scenario import Scenario, ScenarioError, load_scenario, parse_scenario, save_scenario
 
 INDEX_NAME = "index.json"
@@ -36,19 +35,6 @@ def _signature_of(sc: Scenario) -> str | None:
         return None
     v = sc.expect.violations[0]
     return f"{v['kind']}@{v['site']}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FindingStore:
@@ -165,7 +151,7 @@ class FindingStore:
     def flush(self) -> None:
         """Write ``index.json`` atomically."""
         rows = [{"signature": s, **self.findings[s]} for s in self.signatures]
-        _atomic_write(self.dir / INDEX_NAME,
+        atomic_write_text(self.dir / INDEX_NAME,
                       json.dumps({"version": 1, "findings": rows}, indent=1, sort_keys=True)
                       + "\n")
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from .fileio import atomic_write_text
 from .kernel.config import FLAW_IDS, PRESETS, KernelConfig, config_from_dict
 from .kernel.kernel import Kernel, KernelUsageError, make_kernel
 from .kernel.ops import ERRNO_NAMES, OPS, validate_args
@@ -401,23 +402,8 @@ def dump_scenario(data: dict[str, Any]) -> str:
 
 def save_scenario(sc: Scenario | dict[str, Any], path: str | Path) -> None:
     """Write a scenario atomically (temp file + rename), readable YAML."""
-    import os
-    import tempfile
-
     data = sc.to_data() if isinstance(sc, Scenario) else sc
-    text = dump_scenario(data)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, dump_scenario(data))
 
 
 # ------------------------------------------------------------------------------ running

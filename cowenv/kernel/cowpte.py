@@ -83,8 +83,8 @@ class CowPteKernel(Kernel):
         self.cost.charge("tlb_flush_range")
 
     # ------------------------------------------------------------------ fork
-    def copy_page_range(self, t: Thread, dst: Vma, src: Vma) -> Gen:
-        """``copy_page_range`` with COW PTE.
+    def cow_fork_seq_brackets_sharing(self, src_mm: MmStruct) -> bool:
+        """Whether ``copy_page_range``'s seqcount section covers table sharing.
 
         Flaw ``gup-fast-fork-race`` (review R8, DH: "GUP-fast can race with pretty much
         anything, even with concurrent fork"): v4 shares tables without the
@@ -93,30 +93,7 @@ class CowPteKernel(Kernel):
         window ends up in a shared table. Fixed: the seqcount brackets the COW PTE path
         exactly as it brackets ``copy_pte_range`` upstream.
         """
-        src_mm = src.mm
-        if not (src_mm.flags & MMF_COW_PTE) or not self.config.has("gup-fast-fork-race"):
-            return (yield from super().copy_page_range(t, dst, src))
-        P = self.P
-        ret = 0
-        for idx in range(src.start // P, (src.end - 1) // P + 1):
-            if idx not in src_mm.pmd:
-                continue
-            lo = max(src.start, idx * P) - idx * P
-            hi = min(src.end, (idx + 1) * P) - idx * P
-            status, resume = yield from self.cow_copy_pmd(t, dst, src, idx, lo, hi)
-            if isinstance(status, int):
-                ret = status
-                break
-            if status == "copy":
-                cow = src.is_cow_mapping()
-                if cow:
-                    src_mm.write_protect_seq += 1
-                ret = yield from self.copy_pte_range(t, dst, src, idx, resume, hi)
-                if cow:
-                    src_mm.write_protect_seq += 1
-                if ret:
-                    break
-        return ret
+        return not (src_mm.flags & MMF_COW_PTE and self.config.has("gup-fast-fork-race"))
 
     def cow_copy_pmd(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int, lo: int,
                      hi: int) -> Gen:

@@ -784,13 +784,6 @@ class Kernel:
         """Before ``mprotect`` changes anything; returns 0 or -errno."""
         return (yield from _done(0))
 
-    def cow_gup_fast_seq(self, mm: MmStruct) -> bool:
-        """Whether fork's write-protection of this mm is visible to GUP-fast."""
-        return True
-
-    # =================================================================================
-    # User memory access and page faults  (mm/memory.c, arch/x86/mm/fault.c)
-    # =================================================================================
     def _hw_walk(self, mm: MmStruct, vpn: int, write: bool) -> tuple[PteTable, int, int] | None:
         """The MMU's walk: returns (table, off, pte) if the access may proceed."""
         pmd = mm.pmd.get(vpn // self.P)
@@ -1906,7 +1899,9 @@ class Kernel:
         """
         src_mm = src.mm
         cow = src.is_cow_mapping()
-        if cow:
+        # Upstream brackets the whole copy; COW PTE's flawed fork only the plain copies.
+        whole = cow and self.cow_fork_seq_brackets_sharing(src_mm)
+        if whole:
             src_mm.write_protect_seq += 1  # odd: GUP-fast backs off
         P = self.P
         ret = 0
@@ -1920,12 +1915,21 @@ class Kernel:
                 ret = status
                 break
             if status == "copy":
+                local = cow and not whole
+                if local:
+                    src_mm.write_protect_seq += 1
                 ret = yield from self.copy_pte_range(t, dst, src, idx, resume, hi)
+                if local:
+                    src_mm.write_protect_seq += 1
                 if ret:
                     break
-        if cow:
+        if whole:
             src_mm.write_protect_seq += 1
         return ret
+
+    def cow_fork_seq_brackets_sharing(self, src_mm: MmStruct) -> bool:
+        """Whether fork's ``write_protect_seq`` section also covers COW PTE sharing."""
+        return True
 
     def copy_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int, lo: int,
                        hi: int) -> Gen:
@@ -2274,7 +2278,7 @@ class Kernel:
         # unchanged.
         changed = (cur is None or cur.table is not table or cur.write != pmd_write
                    or int(table.entries[off]) != pte)
-        if changed or (self.cow_gup_fast_seq(mm) and mm.write_protect_seq != seq):
+        if changed or mm.write_protect_seq != seq:
             # gup_put_folio: the page may have lost its last other reference meanwhile.
             self.pool.pincount[pfn] -= 1
             self.pool.refcount[pfn] -= GUP_PIN_COUNTING_BIAS - 1
