@@ -27,6 +27,7 @@ no operation in progress on any thread, and at the end of a run):
 6. rss counters (MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES) == what the tables hold;
    nr_ptes == populated PMD entries.
 7. swap_map[slot] == number of swap PTEs naming the slot.
+8. no mm has a live (present or swap) entry outside its VMAs.
 """
 
 from __future__ import annotations
@@ -574,6 +575,18 @@ class Oracle:
                 sw = e[(e & PTE_SWAP) != 0] >> PFN_SHIFT
                 swaps.append(sw)
                 swp += len(sw)
+                # 8. No entry outside the mm's VMAs: unmap_region zaps what it unmaps.
+                live = e != 0
+                if live.any():
+                    covered = np.zeros(len(e), dtype=bool)
+                    base = idx * len(e)
+                    for v in mm.vmas_in(base, base + len(e)):
+                        covered[max(v.start, base) - base:min(v.end, base + len(e)) - base] = True
+                    stray = live & ~covered
+                    if stray.any():
+                        rep("accounting", "unmap_region",
+                            f"mm{mm.id} maps page {base + int(np.nonzero(stray)[0][0]):#x} "
+                            f"outside any VMA ({int(stray.sum())} entr(ies) left behind)")
             for i, n in ((MM_ANONPAGES, anon), (MM_SHMEMPAGES, shm), (MM_SWAPENTS, swp)):
                 if mm.rss[i] != n:
                     rep("accounting", "get_mm_counter",
