@@ -607,6 +607,9 @@ class CowEnv(gym.Env):
                             for h in range(pin_slots + 1)]
         self._ks_masks = [np.array([tp.proc_slot < n for tp in self._ks_templates])
                           for n in range(self.config.max_processes + 1)]
+        self._user_any = [bool(x.any()) for x in self._user_masks]
+        self._ks_any = [bool(x.any()) for x in self._ks_masks]
+        self._ncat = len(cat)
         self.action_space = spaces.Discrete(len(cat))
 
         # Labels.
@@ -632,6 +635,9 @@ class CowEnv(gym.Env):
         self.observation_space = spaces.Box(0.0, 1.0, (off,), dtype=np.float32)
         self._obs = np.zeros(off, dtype=np.float32)
         self._cov0 = layout["coverage"][0]
+        self._p0 = layout["processes"][0]
+        self._m0 = layout["pmds"][0]
+        self._x0 = layout["pressure"][0]
         # Blank state of everything but the coverage: every thread slot "absent".
         self._blank = np.zeros(self._cov0, dtype=np.float32)
         self._blank[0:(NT + 1) * self._ft:self._ft] = 1.0
@@ -840,8 +846,9 @@ class CowEnv(gym.Env):
             a = -1
         self._actions.append(a)
         self._elapsed += 1
-        legal = 0 <= a < len(self.catalogue) and bool(self._mask[a])
-        spec = self.catalogue[a] if 0 <= a < len(self.catalogue) else ActionSpec("invalid")
+        in_range = 0 <= a < self._ncat
+        legal = in_range and bool(self._mask[a])
+        spec = self.catalogue[a] if in_range else ActionSpec("invalid")
         record: dict[str, Any] | None = None
         label = ""
         if legal:
@@ -873,7 +880,7 @@ class CowEnv(gym.Env):
                 self._seen[v.signature] = None
                 new_sigs.append(v.signature)
         events = k.events
-        step_events = [e.to_list() for e in events[self._ne:]]
+        step_events = [list(e) for e in events[self._ne:]]  # == e.to_list()
         self._ne = len(events)
         reward, terminated, extra = 0.0, False, None
         if illegal:
@@ -957,13 +964,14 @@ class CowEnv(gym.Env):
     def _compute_mask(self) -> None:
         k = self._kernel
         assert k is not None
-        m = np.zeros(len(self.catalogue), dtype=bool)
+        m = np.zeros(self._ncat, dtype=bool)
         self._mask = m
         if self._done:
             m[self._ev_lo:] = True  # never an empty mask; events are harmless no-ops here
             return
         nu = self._n_user
         pins: dict[int, int] | None = None
+        some = False  # whether any entry of m is set (m.any(), tracked in Python)
         for tid, t in k.threads.items():
             if t.exited:
                 continue
@@ -971,10 +979,18 @@ class CowEnv(gym.Env):
                 w = t.waiting
                 if w is None or w[0].can_acquire(tid, w[1]):
                     m[tid] = True
+                    some = True
                 continue
             if tid == KSWAPD_TID:
-                n = sum(1 for p in k.procs.values() if p.alive)
-                m[self._ks_lo:self._ev_lo] = self._ks_masks[min(n, len(self._ks_masks) - 1)]
+                n = 0
+                for p in k.procs.values():
+                    if p.alive:
+                        n += 1
+                ks = self._ks_masks
+                i = n if n < len(ks) else len(ks) - 1
+                m[self._ks_lo:self._ev_lo] = ks[i]
+                if not some and self._ks_any[i]:
+                    some = True
                 continue
             if pins is None:
                 pins = {}
@@ -982,9 +998,15 @@ class CowEnv(gym.Env):
                     if p.active:
                         pins[p.pid] = pins.get(p.pid, 0) + 1
             lo = self._user_lo + (tid - 1) * nu
-            m[lo:lo + nu] = self._user_masks[min(pins.get(t.pid, 0), len(self._user_masks) - 1)]
+            um = self._user_masks
+            i = pins.get(t.pid, 0)
+            if i >= len(um):
+                i = len(um) - 1
+            m[lo:lo + nu] = um[i]
+            if not some and self._user_any[i]:
+                some = True
         # Pressure events are legal while none is pending, and whenever nothing else is.
-        if k.fail_nth == 0 or not m.any():
+        if k.fail_nth == 0 or not some:
             m[self._ev_lo:] = True
 
     # ----------------------------------------------------------------- observations
@@ -1064,7 +1086,7 @@ class CowEnv(gym.Env):
         inv_rp = 1.0 / self.region_pages
         NS = len(self.pmd_indices)
         inv_nt = 1.0 / NT
-        b = self.obs_layout["processes"][0]
+        b = self._p0
         fp = self._fp
         for p in procs:
             mm = p.mm
@@ -1105,13 +1127,14 @@ class CowEnv(gym.Env):
             if mm.write_protect_seq & 1:
                 o[b + 14] = 1.0
             b += fp
-        m0 = self.obs_layout["pmds"][0]
+        m0 = self._m0
         fm = self._fm
         n = len(procs)
         inv_np = 1.0 / NP
         split = self.config.split_ptl
+        pmd_maps = [p.mm.pmd for p in procs]
         for j, idx in enumerate(self.pmd_indices):
-            row = [p.mm.pmd.get(idx) for p in procs]
+            row = [d.get(idx) for d in pmd_maps]
             for i, pmd in enumerate(row):
                 if pmd is None:
                     continue
@@ -1133,14 +1156,19 @@ class CowEnv(gym.Env):
                             o[b + 5 + q] = 1.0
 
     def _enc_pressure(self, k: Kernel, o: np.ndarray) -> None:
-        x0 = self.obs_layout["pressure"][0]
+        x0 = self._x0
         fn = k.fail_nth
         o[x0] = 1.0 if fn >= 3 else fn / 3
         o[x0 + 1] = k.pool.nr_free / k.pool.nr
         o[x0 + 2] = len(k.swap.free) / self._swap_nr
         x = self._pins_active / 4
         o[x0 + 3] = x if x < 1.0 else 1.0
-        o[x0 + 4] = 1.0 if all(t.gen is None for t in k.threads.values()) else 0.0
+        idle = 1.0
+        for t in k.threads.values():
+            if t.gen is not None:
+                idle = 0.0
+                break
+        o[x0 + 4] = idle
         x = self._elapsed / self.max_steps
         o[x0 + 5] = x if x < 1.0 else 1.0
 

@@ -302,13 +302,16 @@ class CostMeter:
             KeyError: ``category`` is not a known cost category.
 
         """
-        n = int(n)
+        if n.__class__ is not int:
+            n = int(n)
         if n <= 0:
             return
         if category not in self.costs:
             raise KeyError(f"unknown cost category {category!r}")
-        self.counts[category] = self.counts.get(category, 0) + n
-        t = self._k._cur if self._k is not None else None
+        counts = self.counts
+        counts[category] = counts.get(category, 0) + n
+        k = self._k
+        t = k._cur if k is not None else None
         if t is None:
             bucket = self.unattributed
         else:

@@ -70,6 +70,8 @@ from .pgtable import (
 )
 from .trace import Event, Violation
 
+_tuple_new = tuple.__new__
+
 Gen = Generator[str, None, Any]
 
 # vm_fault_t results (include/linux/mm_types.h), as small ints.
@@ -377,8 +379,8 @@ class Kernel:
     _cur: Thread | None = None
 
     def _ev(self, tid: int, kind: str, label: str, data: Any = None) -> None:
-        if self.tracing:
-            self.events.append(Event(self.step_no, tid, kind, label, data))
+        if self.tracing:  # tuple.__new__ == Event(...) without the Python-level __new__
+            self.events.append(_tuple_new(Event, (self.step_no, tid, kind, label, data)))
 
     def _report(self, kind: str, site: str, message: str, tid: int | None = None) -> None:
         """Record a violation (every occurrence; consumers deduplicate by signature)."""

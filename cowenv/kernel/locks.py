@@ -68,7 +68,11 @@ class SpinLock(Lock):
         return [] if self.owner is None else [(self.owner, WRITE)]
 
     def can_acquire(self, tid: int, mode: str) -> bool:  # noqa: D102
-        return self.owner is None and not self._ahead(tid)
+        # == owner is None and not self._ahead(tid): nobody queued before tid
+        if self.owner is not None:
+            return False
+        w = self.waiters
+        return not w or w[0][0] == tid
 
     def acquire(self, tid: int, mode: str) -> None:  # noqa: D102
         self.owner = tid
@@ -102,10 +106,20 @@ class RwSemaphore(Lock):
         return h
 
     def can_acquire(self, tid: int, mode: str) -> bool:  # noqa: D102
-        ahead = self._ahead(tid)
+        # Same as: ahead = self._ahead(tid); READ: no WRITE ahead; WRITE: nothing ahead.
+        if self.writer is not None:
+            return False
         if mode == READ:
-            return self.writer is None and not any(m == WRITE for _, m in ahead)
-        return self.writer is None and not self.readers and not ahead
+            for t, m in self.waiters:
+                if t == tid:
+                    return True
+                if m == WRITE:
+                    return False
+            return True
+        if self.readers:
+            return False
+        w = self.waiters
+        return not w or w[0][0] == tid
 
     def try_acquire(self, tid: int, mode: str) -> bool:
         """``down_read_trylock``/``down_write_trylock``: never waits."""
@@ -170,7 +184,7 @@ class Lockdep:
             n = todo.pop()
             if n == dst:
                 return True
-            for m in sorted(self.edges.get(n, ())):
+            for m in self.edges.get(n, ()):  # reachability does not depend on the order
                 if m not in seen:
                     seen.add(m)
                     todo.append(m)
