@@ -634,6 +634,9 @@ class CowEnv(gym.Env):
         self.obs_layout = layout
         self.observation_space = spaces.Box(0.0, 1.0, (off,), dtype=np.float32)
         self._obs = np.zeros(off, dtype=np.float32)
+        # Scalar stores and loads go through a memoryview of the same buffer: same float32
+        # rounding as numpy's, about twice as fast on single elements.
+        self._ov = memoryview(self._obs)
         self._cov0 = layout["coverage"][0]
         self._p0 = layout["processes"][0]
         self._m0 = layout["pmds"][0]
@@ -811,10 +814,11 @@ class CowEnv(gym.Env):
         self._cov_n = 0
         self._pins_active = 0
         cov0, _ = self.obs_layout["coverage"]
+        ov = self._ov
         for lb in k.coverage:
             s = self._slot(lb)
-            if self._obs[cov0 + s] == 0.0:
-                self._obs[cov0 + s] = 1.0
+            if ov[cov0 + s] == 0.0:
+                ov[cov0 + s] = 1.0
                 self._cov_n += 1
         info = self.objective.reset(k)
         self._compute_mask()
@@ -858,13 +862,14 @@ class CowEnv(gym.Env):
                 record = None  # the mask said legal; treat a refusal as illegal
         illegal = record is None
         cov0 = self._cov0
+        ov = self._ov
         new_labels = 0
         if label:
             s = self._label_slot.get(label)
             if s is None:
                 s = self._slot(label)
-            if self._obs[cov0 + s] == 0.0:
-                self._obs[cov0 + s] = 1.0
+            if ov[cov0 + s] == 0.0:
+                ov[cov0 + s] = 1.0
                 self._cov_n += 1
                 new_labels = 1
         vs = k.violations
@@ -1020,23 +1025,26 @@ class CowEnv(gym.Env):
         k = self._kernel
         assert k is not None
         o = self._obs
+        ov = self._ov
         if spec is None or spec.kind == "run":
             o[:self._cov0] = self._blank
             procs = k.live_procs()[:self.config.max_processes]
             pslot = {p.pid: i for i, p in enumerate(procs)}
+            enc_thread = self._enc_thread
             for tid, t in k.threads.items():
-                self._enc_thread(k, o, tid, t, pslot)
-            self._enc_mms(k, o, procs)
+                if not t.exited:
+                    enc_thread(k, ov, tid, t, pslot)
+            self._enc_mms(k, ov, procs)
         elif spec.kind == "start":
             t = k.threads[spec.tid]
             procs = k.live_procs()[:self.config.max_processes]
             b = spec.tid * self._ft
             o[b:b + self._ft] = self._blank[b:b + self._ft]
-            self._enc_thread(k, o, spec.tid, t, {p.pid: i for i, p in enumerate(procs)})
-        self._enc_pressure(k, o)
+            self._enc_thread(k, ov, spec.tid, t, {p.pid: i for i, p in enumerate(procs)})
+        self._enc_pressure(k, ov)
         return o.copy()
 
-    def _enc_thread(self, k: Kernel, o: np.ndarray, tid: int, t: Any,
+    def _enc_thread(self, k: Kernel, o: Any, tid: int, t: Any,
                     pslot: dict[int, int]) -> None:
         if t.exited or tid > self.config.max_threads:
             return
@@ -1075,7 +1083,7 @@ class CowEnv(gym.Env):
                 if mode == WRITE:
                     o[hb + 2 * nl] = 1.0
 
-    def _enc_mms(self, k: Kernel, o: np.ndarray, procs: list[Any]) -> None:
+    def _enc_mms(self, k: Kernel, o: Any, procs: list[Any]) -> None:
         """Encode per-process summaries and per-PMD-slot sharing state (sparse stores)."""
         NT, NP = self.config.max_threads, self.config.max_processes
         pincount: dict[int, int] = {}
@@ -1155,7 +1163,7 @@ class CowEnv(gym.Env):
                         if q != i and other is not None and other.table is tb:
                             o[b + 5 + q] = 1.0
 
-    def _enc_pressure(self, k: Kernel, o: np.ndarray) -> None:
+    def _enc_pressure(self, k: Kernel, o: Any) -> None:
         x0 = self._x0
         fn = k.fail_nth
         o[x0] = 1.0 if fn >= 3 else fn / 3
