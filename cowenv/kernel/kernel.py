@@ -450,7 +450,7 @@ class Kernel:
     # =================================================================================
     # Locking helpers (lockdep-checked)
     # =================================================================================
-    def lock(self, t: Thread, lk: Lock, mode: str, site: str) -> Gen:
+    def lock(self, t: Thread, lk: Lock, mode: str, site: str) -> Gen | tuple[()]:
         """Acquire ``lk``; yields ``site:wait`` while blocked.
 
         Lock contract: none (this is the primitive).
@@ -464,13 +464,25 @@ class Kernel:
             if msg:
                 self._report("lock-discipline", site, msg)
         if not lk.can_acquire(t.tid, mode):
-            lk.waiters.append((t.tid, mode))
-            t.waiting = (lk, mode)
-            self._ev(t.tid, "wait", lk.name, mode)
-            while not lk.can_acquire(t.tid, mode):
-                yield f"{site}:wait"
-            lk.waiters.remove((t.tid, mode))
-            t.waiting = None
+            return self._lock_wait(t, lk, mode, site)
+        # Uncontended: take it now and hand ``yield from`` an empty iterable (no
+        # generator to create and run); every caller does ``yield from self.lock(...)``
+        # at once, so the effects happen at the same point as in a generator body.
+        lk.acquire(t.tid, mode)
+        t.held.append((lk, mode))
+        self.cost.charge_lock(lk.cls)
+        self._ev(t.tid, "lock", lk.name, mode)
+        return ()
+
+    def _lock_wait(self, t: Thread, lk: Lock, mode: str, site: str) -> Gen:
+        """The contended half of :meth:`lock`: queue, yield ``site:wait``, then acquire."""
+        lk.waiters.append((t.tid, mode))
+        t.waiting = (lk, mode)
+        self._ev(t.tid, "wait", lk.name, mode)
+        while not lk.can_acquire(t.tid, mode):
+            yield f"{site}:wait"
+        lk.waiters.remove((t.tid, mode))
+        t.waiting = None
         lk.acquire(t.tid, mode)
         t.held.append((lk, mode))
         self.cost.charge_lock(lk.cls)
