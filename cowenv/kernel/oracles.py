@@ -570,18 +570,22 @@ class Oracle:
                 pf = pf[pf != ZERO_PFN]
                 mapped.append(pf)
                 fl = pool.flags[pf]
-                anon += int(((fl & PG_anon) != 0).sum())
-                shm += int(((fl & PG_shmem) != 0).sum())
+                anon += int(np.count_nonzero(fl & PG_anon))
+                shm += int(np.count_nonzero(fl & PG_shmem))
                 sw = e[(e & PTE_SWAP) != 0] >> PFN_SHIFT
                 swaps.append(sw)
                 swp += len(sw)
                 # 8. No entry outside the mm's VMAs: unmap_region zaps what it unmaps.
-                live = e != 0
-                if live.any():
-                    covered = np.zeros(len(e), dtype=bool)
-                    base = idx * len(e)
-                    for v in mm.vmas_in(base, base + len(e)):
-                        covered[max(v.start, base) - base:min(v.end, base + len(e)) - base] = True
+                ne = len(e)
+                base = idx * ne
+                vs = mm.vmas_in(base, base + ne) if e.any() else None
+                # (A VMA spanning the whole table leaves nothing to look at.)
+                if vs is not None and not any(v.start <= base and v.end >= base + ne
+                                              for v in vs):
+                    live = e != 0
+                    covered = np.zeros(ne, dtype=bool)
+                    for v in vs:
+                        covered[max(v.start, base) - base:min(v.end, base + ne) - base] = True
                     stray = live & ~covered
                     if stray.any():
                         rep("accounting", "unmap_region",
