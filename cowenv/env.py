@@ -1140,13 +1140,15 @@ class CowEnv(gym.Env):
         n = len(procs)
         inv_np = 1.0 / NP
         split = self.config.split_ptl
-        pmd_maps = [p.mm.pmd for p in procs]
-        for j, idx in enumerate(self.pmd_indices):
-            row = [d.get(idx) for d in pmd_maps]
-            for i, pmd in enumerate(row):
+        pmd_idx = self.pmd_indices
+        rows = [[d.get(idx) for idx in pmd_idx] for d in [p.mm.pmd for p in procs]]
+        b = m0
+        for i, row in enumerate(rows):
+            ptl_i = None if split else procs[i].mm.page_table_lock
+            for j, pmd in enumerate(row):
                 if pmd is None:
+                    b += fm
                     continue
-                b = m0 + (i * NS + j) * fm
                 tb = pmd.table
                 o[b] = 1.0
                 if pmd.write:
@@ -1154,14 +1156,17 @@ class CowEnv(gym.Env):
                 rc = tb.refcount
                 if rc > 0:
                     o[b + 2] = 1.0 if rc >= NP else rc * inv_np
-                if (tb.ptl if split else procs[i].mm.page_table_lock).owner is not None:
+                if (tb.ptl if split else ptl_i).owner is not None:
                     o[b + 3] = 1.0
                 if tb.freed:
                     o[b + 4] = 1.0
                 if n > 1:
-                    for q, other in enumerate(row):
-                        if q != i and other is not None and other.table is tb:
-                            o[b + 5 + q] = 1.0
+                    for q, other_row in enumerate(rows):
+                        if q != i:
+                            other = other_row[j]
+                            if other is not None and other.table is tb:
+                                o[b + 5 + q] = 1.0
+                b += fm
 
     def _enc_pressure(self, k: Kernel, o: Any) -> None:
         x0 = self._x0
