@@ -553,6 +553,7 @@ class Oracle:
         swaps: list[np.ndarray] = []
         for mm in mms:
             anon = shm = swp = 0
+            live_tables: list[np.ndarray] = []
             for idx in sorted(mm.pmd):
                 pmd = mm.pmd[idx]
                 tb = pmd.table
@@ -565,16 +566,7 @@ class Oracle:
                 if not pmd.write:
                     ro_refs[tb.pfn] = ro_refs.get(tb.pfn, 0) + 1
                 e = tb.entries
-                pres = (e & PTE_PRESENT) != 0
-                pf = e[pres] >> PFN_SHIFT
-                pf = pf[pf != ZERO_PFN]
-                mapped.append(pf)
-                fl = pool.flags[pf]
-                anon += int(np.count_nonzero(fl & PG_anon))
-                shm += int(np.count_nonzero(fl & PG_shmem))
-                sw = e[(e & PTE_SWAP) != 0] >> PFN_SHIFT
-                swaps.append(sw)
-                swp += len(sw)
+                live_tables.append(e)  # counted below, all of this mm's tables at once
                 # 8. No entry outside the mm's VMAs: unmap_region zaps what it unmaps.
                 ne = len(e)
                 base = idx * ne
@@ -591,6 +583,18 @@ class Oracle:
                         rep("accounting", "unmap_region",
                             f"mm{mm.id} maps page {base + int(np.nonzero(stray)[0][0]):#x} "
                             f"outside any VMA ({int(stray.sum())} entr(ies) left behind)")
+            if live_tables:
+                e = live_tables[0] if len(live_tables) == 1 else np.concatenate(live_tables)
+                pres = (e & PTE_PRESENT) != 0
+                pf = e[pres] >> PFN_SHIFT
+                pf = pf[pf != ZERO_PFN]
+                mapped.append(pf)
+                fl = pool.flags[pf]
+                anon = int(np.count_nonzero(fl & PG_anon))
+                shm = int(np.count_nonzero(fl & PG_shmem))
+                sw = e[(e & PTE_SWAP) != 0] >> PFN_SHIFT
+                swaps.append(sw)
+                swp = len(sw)
             for i, n in ((MM_ANONPAGES, anon), (MM_SHMEMPAGES, shm), (MM_SWAPENTS, swp)):
                 if mm.rss[i] != n:
                     rep("accounting", "get_mm_counter",
