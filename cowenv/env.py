@@ -1030,10 +1030,7 @@ class CowEnv(gym.Env):
             o[:self._cov0] = self._blank
             procs = k.live_procs()[:self.config.max_processes]
             pslot = {p.pid: i for i, p in enumerate(procs)}
-            enc_thread = self._enc_thread
-            for tid, t in k.threads.items():
-                if not t.exited:
-                    enc_thread(k, ov, tid, t, pslot)
+            self._enc_threads(k, ov, k.threads.items(), pslot)
             self._enc_mms(k, ov, procs)
         elif spec.kind == "start":
             t = k.threads[spec.tid]
@@ -1046,42 +1043,54 @@ class CowEnv(gym.Env):
 
     def _enc_thread(self, k: Kernel, o: Any, tid: int, t: Any,
                     pslot: dict[int, int]) -> None:
-        if t.exited or tid > self.config.max_threads:
-            return
-        base = tid * self._ft
-        o[base] = 0.0
-        if t.gen is None:
-            o[base + 1] = 1.0
-        else:
+        self._enc_threads(k, o, ((tid, t),), pslot)
+
+    def _enc_threads(self, k: Kernel, o: Any, items: Any, pslot: dict[int, int]) -> None:
+        """Encode the ``(tid, thread)`` pairs of ``items`` (sparse stores)."""
+        max_threads = self.config.max_threads
+        ft = self._ft
+        op_index = self._op_index
+        label_slot = self._label_slot
+        inv_L = self._inv_L
+        t_proc = self._t_proc
+        for tid, t in items:
+            if t.exited or tid > max_threads:
+                continue
+            base = tid * ft
+            o[base] = 0.0
             w = t.waiting
-            o[base + (2 if w is None or w[0].can_acquire(tid, w[1]) else 3)] = 1.0
-            o[base + 5 + self._op_index[t.op]] = 1.0
-        if t.label:
-            s = self._label_slot.get(t.label)
-            if s is None:
-                s = self._slot(t.label)
-            o[base + 4] = (s + 1) * self._inv_L
-        ps = pslot.get(t.pid)
-        if ps is not None:
-            o[base + self._t_proc + ps] = 1.0
-        if t.held or t.waiting is not None:
-            hb = base + self._t_held
-            lock_class = self._lock_class
-            for lk, mode in t.held:
-                c = lock_class.get(lk.cls)
-                if c is not None:
+            if t.gen is None:
+                o[base + 1] = 1.0
+            else:
+                o[base + (2 if w is None or w[0].can_acquire(tid, w[1]) else 3)] = 1.0
+                o[base + 5 + op_index[t.op]] = 1.0
+            label = t.label
+            if label:
+                s = label_slot.get(label)
+                if s is None:
+                    s = self._slot(label)
+                o[base + 4] = (s + 1) * inv_L
+            ps = pslot.get(t.pid)
+            if ps is not None:
+                o[base + t_proc + ps] = 1.0
+            if t.held or w is not None:
+                hb = base + self._t_held
+                lock_class = self._lock_class
+                for lk, mode in t.held:
+                    c = lock_class.get(lk.cls)
+                    if c is not None:
+                        if mode == WRITE:
+                            o[hb + c] = 1.0
+                        elif o[hb + c] == 0.0:
+                            o[hb + c] = 0.5
+                if w is not None:
+                    lk, mode = w
+                    c = lock_class.get(lk.cls)
+                    nl = len(LOCK_ORDER)
+                    if c is not None:
+                        o[hb + nl + c] = 1.0
                     if mode == WRITE:
-                        o[hb + c] = 1.0
-                    elif o[hb + c] == 0.0:
-                        o[hb + c] = 0.5
-            if t.waiting is not None:
-                lk, mode = t.waiting
-                c = lock_class.get(lk.cls)
-                nl = len(LOCK_ORDER)
-                if c is not None:
-                    o[hb + nl + c] = 1.0
-                if mode == WRITE:
-                    o[hb + 2 * nl] = 1.0
+                        o[hb + 2 * nl] = 1.0
 
     def _enc_mms(self, k: Kernel, o: Any, procs: list[Any]) -> None:
         """Encode per-process summaries and per-PMD-slot sharing state (sparse stores)."""
