@@ -6,7 +6,7 @@ run depends on, so that a scenario file can carry it verbatim.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 #: The flaw catalogue of BRIEF §4. Ids are stable public names; order is the catalogue's.
@@ -204,4 +204,4 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
 
 
 __all__ = ["FLAW_IDS", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
-           "config_from_dict", "field"]
+           "config_from_dict"]

@@ -35,11 +35,10 @@ from .kernel import (
     Gen,
     Kernel,
     Thread,
-    _done,
 )
 from .locks import WRITE
 from .mm import MMF_COW_PTE, VM_DONTCOPY, VM_WIPEONFORK, MmStruct, Vma
-from .ops import EAGAIN, ENOMEM
+from .ops import EAGAIN, EINVAL, ENOMEM
 from .pgtable import PmdEntry, PteTable
 
 
@@ -277,7 +276,7 @@ class CowPteKernel(Kernel):
         Returns the number of failures, or -EINVAL if the range is not inside the VMA.
         """
         if start < vma.start or end > vma.end:
-            return -22
+            return -EINVAL
         fails = 0
         for idx in range(start // self.P, (end - 1) // self.P + 1):
             r = yield from self.break_cow_pte(t, vma, idx, "break_cow_pte_range")
@@ -673,5 +672,3 @@ class _VmaView:
         self.flags = vma.flags
         self.shared = vma.shared
 
-
-_ = (_done, EAGAIN, ENOMEM)

@@ -324,8 +324,6 @@ class Kernel:
             self._ev(tid, "point", label)
         self.coverage[label] = self.coverage.get(label, 0) + 1
         self._cur = None
-        if self.oracle is not None:
-            self.oracle.after_step(t)
         self._check_deadlock()
         return label
 
@@ -1838,7 +1836,6 @@ class Kernel:
             tmp = Vma(self._id("vma"), mm, mpnt.start, mpnt.end, mpnt.flags, mpnt.shmem,
                       mpnt.pgoff)
             self.get_file(tmp.shmem)
-            tmp.flags &= ~0  # vm_flags copied as is
             if mpnt.flags & VM_WIPEONFORK:
                 pass  # tmp->anon_vma = NULL: the child starts with an empty range
             elif mpnt.anon_vma is not None:
@@ -2441,11 +2438,10 @@ class Kernel:
     def rmap_walk_anon(self, t: Thread, pfn: int, site: str) -> Gen:
         """``rmap_walk_anon`` under ``anon_vma_lock_read``: the candidate mappings of ``pfn``.
 
-        Yields each candidate mapping as ``(vma, idx, off, table, ptl)`` with the PTL held;
-        the caller must release the PTL (via :meth:`rmap_done`).
-
-        Implemented as a generator of generators is awkward; instead this returns the
-        list of ``(vma, vpn)`` candidates, computed under the anon_vma lock.
+        Takes the anon_vma root's rwsem for read and returns ``(root, candidates)``, the
+        candidates being ``(vma, vpn)`` for every VMA of the anon_vma that covers the
+        page's index; the caller visits each with :meth:`_rmap_map_pte` and then releases
+        ``root.lock``. Returns ``[]`` (no lock taken) for a page with no anon_vma.
         """
         av = self.anon_vmas.get(int(self.pool.anon_vma[pfn]))
         if av is None:

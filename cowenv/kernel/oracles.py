@@ -503,9 +503,6 @@ class Oracle:
                 q["expect"] = self._add(q["expect"], tok)
 
     # ------------------------------------------------------------------ scheduling hooks
-    def after_step(self, t: Thread) -> None:
-        """Called after every scheduler step (cheap checks live in the kernel paths)."""
-
     def after_op(self, t: Thread, value: Any) -> None:
         """Called when an operation returns: full recount at quiescent points."""
         if self.accounting_enabled and self.k.quiescent():
