@@ -486,8 +486,10 @@ class CowEnv(gym.Env):
     ``novelty_coef`` (default 0, off) per label reached for the first time this
     episode. Illegal actions earn 0. ``info["violations"]`` lists the step's violations
     (kind, site, signature, step, message, tid, new); ``info["events"]`` the step's
-    kernel trace events (``[step, tid, kind, label, data]``). Other objectives plug in
-    through :func:`register_objective` (``fork_cost`` lives with the cost model).
+    kernel trace events (:class:`cowenv.kernel.trace.Event` named tuples
+    ``(step, tid, kind, label, data)``, shared with the kernel's trace: do not mutate).
+    Other objectives plug in through :func:`register_objective` (``fork_cost`` lives
+    with the cost model).
 
     ## Starting State
 
@@ -910,7 +912,7 @@ class CowEnv(gym.Env):
                 self._seen[v.signature] = None
                 new_sigs.append(v.signature)
         events = k.events
-        step_events = [list(e) for e in events[self._ne:]]  # == e.to_list()
+        step_events = events[self._ne:]  # Event named tuples (immutable, no copy)
         self._ne = len(events)
         reward, terminated, extra = 0.0, False, None
         if illegal:

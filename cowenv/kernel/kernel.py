@@ -432,8 +432,8 @@ class Kernel:
         return self.procs[t.pid].mm
 
     def live_procs(self) -> list[Process]:
-        """Live processes by pid."""
-        return [p for _, p in sorted(self.procs.items()) if p.alive]
+        """Live processes by pid (``procs`` is in pid order: pids are never reused)."""
+        return [p for p in self.procs.values() if p.alive]
 
     def live_mms(self) -> list[MmStruct]:
         """The mms of live processes, by pid."""
