@@ -20,7 +20,6 @@ import ast
 import copy
 import functools
 import json
-import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -526,9 +525,6 @@ class CowEnv(gym.Env):
     * ``render_mode`` — ``ansi`` or ``rgb_array``.
     """
 
-    #: Reset from a pickled post-workload kernel (see :meth:`_run_workload`); False
-    #: re-runs the workload every reset (the tests compare the two).
-    reset_snapshot: ClassVar[bool] = True
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "rgb_array"],
                                           "render_fps": 4}
 
@@ -667,7 +663,6 @@ class CowEnv(gym.Env):
         self.objective = OBJECTIVES[objective](self, **dict(objective_kwargs or {}))
 
         # Episode state (set by reset).
-        self._reset_snapshot: bytes | None = None
         self._kernel: Kernel | None = None
         self._actions: list[int] = []
         self._recorded: list[dict[str, Any]] = []
@@ -794,12 +789,19 @@ class CowEnv(gym.Env):
         """
         super().reset(seed=seed)
         self._episode_seed = int(self.np_random_seed) if self.np_random_seed >= 0 else 0
-        if self._reset_snapshot is not None:
-            k, self._names, self._wl_labels = pickle.loads(self._reset_snapshot)
-            self._pending = {}
-        else:
-            k = self._run_workload()
+        k = make_kernel(self.config)
         self._kernel = k
+        self._names, self._pending = {}, {}
+        self._wl_labels = []
+        for i, s in enumerate(self._workload_steps):
+            before = k.step_no
+            try:
+                apply_step(k, copy.deepcopy(s), self._names, self._pending, i)
+            except (StepError, KernelUsageError) as e:
+                raise RuntimeError(f"workload step {i}: {e}") from None
+            tid = s.get("tid")
+            self._wl_labels.append(_thread_label(k, tid) if tid is not None
+                                   and k.step_no != before else None)
         self._actions, self._recorded, self._labels = [], [], []
         self._illegal_n, self._return = 0, 0.0
         self._elapsed = 0
@@ -827,33 +829,6 @@ class CowEnv(gym.Env):
                      "violations": [v.to_dict() for v in k.violations],
                      "coverage": self._cov_n})
         return obs, info
-
-    def _run_workload(self) -> Kernel:
-        """Run the workload on a fresh kernel (the slow half of :meth:`reset`).
-
-        The workload is deterministic and independent of the episode seed, so its end
-        state is the same every episode: when every thread is idle afterwards (no live
-        generator, nothing bound for later), that state is pickled once and later resets
-        unpickle it, about 5x faster than re-running the workload. A test checks that
-        episodes from the snapshot equal episodes from a fresh run, step for step.
-        """
-        k = make_kernel(self.config)
-        self._names, self._pending = {}, {}
-        self._wl_labels = []
-        for i, s in enumerate(self._workload_steps):
-            before = k.step_no
-            try:
-                apply_step(k, copy.deepcopy(s), self._names, self._pending, i)
-            except (StepError, KernelUsageError) as e:
-                raise RuntimeError(f"workload step {i}: {e}") from None
-            tid = s.get("tid")
-            self._wl_labels.append(_thread_label(k, tid) if tid is not None
-                                   and k.step_no != before else None)
-        if self.reset_snapshot and not self._pending and all(
-                t.gen is None for t in k.threads.values()):
-            self._reset_snapshot = pickle.dumps((k, self._names, self._wl_labels),
-                                                protocol=pickle.HIGHEST_PROTOCOL)
-        return k
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Take catalogue action ``action`` (see the class docstring).

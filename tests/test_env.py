@@ -179,25 +179,6 @@ def test_determinism_across_processes_and_hash_seeds():
         assert out.stdout.strip().splitlines()[-1] == here
 
 
-@pytest.mark.parametrize("env_id", [SMALL, cowenv.ENV_ID])
-def test_reset_snapshot_equals_running_the_workload(env_id):
-    """Episodes after a reset from the pickled post-workload kernel equal episodes after
-    re-running the workload: observations, rewards, info, masks, schedules, trace."""
-    snap = gym.make(env_id, **DEFAULT_KW).unwrapped
-    fresh = gym.make(env_id, **DEFAULT_KW).unwrapped
-    fresh.reset_snapshot = False
-    ra = list(rollout(snap, 700, seed=2, rng_seed=9))
-    assert snap._reset_snapshot is not None and fresh._reset_snapshot is None
-    rb = list(rollout(fresh, 700, seed=2, rng_seed=9))
-    assert sum(1 for r in ra if r[3] or r[4]) >= 2  # several resets were exercised
-    for x, y in zip(ra, rb, strict=True):
-        assert x[0] == y[0] and np.array_equal(x[1], y[1]) and x[2:5] == y[2:5]
-        assert np.array_equal(x[5].pop("action_mask"), y[5].pop("action_mask"))
-        assert x[5] == y[5]
-    assert snap.get_schedule() == fresh.get_schedule()
-    assert trace_hash(snap.kernel.events) == trace_hash(fresh.kernel.events)
-
-
 def test_incremental_observation_equals_full_encoding():
     env = small()
     for _, obs, *_ in rollout(env, 500, seed=0, rng_seed=1):
