@@ -10,7 +10,12 @@ Measures, in one run and one process:
   random choice among the legal actions (``action_masks()``), resetting at episode end;
 * for each cowenv id, the *kernel share*: the same episodes' schedules replayed on the bare
   kernel (``cowenv.scenario.apply_step``, no env), as a fraction of the env's time. The
-  rest is the env's own cost (observation, mask, reward, info).
+  rest is the env's own cost (observation, mask, reward, info);
+* for each cowenv id, a per-step budget: the microseconds one step may take at the target
+  ratio, against what the parts of a step take — the random legal choice (``harness``),
+  ``reset`` spread over the episode, the kernel replaying the episodes' actions (workload
+  excluded) with its oracles and trace (``kernel``) and with neither (``kernel floor``,
+  ``make_kernel(config, oracles=False, trace=False)``), and the env's own share (the rest).
 
 Measurements are interleaved in rounds (CartPole, small, default, CartPole, …) and the
 medians reported, so that a busy machine affects all three alike. Prints steps/s and the
@@ -25,6 +30,7 @@ import json
 import platform
 import sys
 import time
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -54,6 +60,25 @@ def bench_cartpole(seconds: float, seed: int) -> dict:
     return {"env": "CartPole-v1", "steps": n, "seconds": dt, "steps_per_s": n / dt}
 
 
+def _replay(scs: list, n_workload: int, **kernel_kw: Any) -> tuple[float, float]:
+    """Replay scenarios on the bare kernel; return (seconds for all steps, for actions)."""
+    t_all = t_act = 0.0
+    for sc in scs:
+        k = make_kernel(sc.config, **kernel_kw)
+        names: dict = {}
+        pending: dict = {}
+        t0 = time.perf_counter()
+        for i, st in enumerate(sc.steps[:n_workload]):
+            apply_step(k, st, names, pending, i)
+        t1 = time.perf_counter()
+        for i, st in enumerate(sc.steps[n_workload:], n_workload):
+            apply_step(k, st, names, pending, i)
+        t2 = time.perf_counter()
+        t_all += t2 - t0
+        t_act += t2 - t1
+    return t_all, t_act
+
+
 def bench_cowenv(env_id: str, seconds: float, seed: int) -> dict:
     env = gym.make(env_id)
     u = env.unwrapped
@@ -61,8 +86,9 @@ def bench_cowenv(env_id: str, seconds: float, seed: int) -> dict:
     env.reset(seed=seed)
     n = episodes = violations = 0
     schedules = []
+    masks = []
     t0 = time.perf_counter()
-    t_sched = 0.0
+    t_sched = t_reset = 0.0
     while True:
         for _ in range(200):
             legal = np.flatnonzero(u.action_masks())
@@ -74,29 +100,40 @@ def bench_cowenv(env_id: str, seconds: float, seed: int) -> dict:
                 ts = time.perf_counter()
                 if len(schedules) < 64:
                     schedules.append(u.get_schedule())
-                t_sched += time.perf_counter() - ts
+                    masks.append(u.action_masks())
+                tr = time.perf_counter()
+                t_sched += tr - ts
                 episodes += 1
                 env.reset()
+                t_reset += time.perf_counter() - tr
         dt = time.perf_counter() - t0 - t_sched
         if dt >= seconds:
             break
-    # Kernel share: replay whole recorded episodes on the bare kernel.
+    env_rate = n / dt
+    # Kernel share: replay whole recorded episodes (workload included, as reset runs it)
+    # on the bare kernel; the budget split replays only the actions.
     env_steps = sum(s["recorded"]["actions"] for s in schedules)
     scs = [parse_scenario(copy.deepcopy(s)) for s in schedules]
-    t1 = time.perf_counter()
-    for sc in scs:
-        k = make_kernel(sc.config)
-        names: dict = {}
-        pending: dict = {}
-        for i, st in enumerate(sc.steps):
-            apply_step(k, st, names, pending, i)
-    t_kernel = time.perf_counter() - t1
-    env_rate = n / dt
+    n_wl = len(u.workload)
+    t_kernel, t_act = _replay(scs, n_wl)
+    _, t_floor = _replay(scs, n_wl, oracles=False, trace=False)
+    # Harness: the random legal choice alone, on masks the episodes produced.
+    reps = max(1, 20_000 // max(1, len(masks)))
+    th = time.perf_counter()
+    for _ in range(reps):
+        for m in masks:
+            legal = np.flatnonzero(m.copy())
+            int(legal[rng.integers(len(legal))])
+    t_harness = (time.perf_counter() - th) / max(1, reps * len(masks))
+    us = 1e6 / env_steps if env_steps else float("nan")
+    parts = {"step": 1e6 / env_rate, "harness": t_harness * 1e6,
+             "reset": t_reset / n * 1e6, "kernel": t_act * us, "kernel_floor": t_floor * us}
+    parts["env"] = parts["step"] - parts["harness"] - parts["reset"] - parts["kernel"]
     kernel_share = (t_kernel / env_steps) * env_rate if env_steps else float("nan")
     return {"env": env_id, "steps": n, "seconds": dt, "steps_per_s": env_rate,
             "episodes": episodes, "violations": violations,
             "actions": int(u.action_space.n), "obs_dim": int(u.observation_space.shape[0]),
-            "kernel_share": kernel_share}
+            "kernel_share": kernel_share, "us_per_step": parts}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                "rounds": [x["steps_per_s"] for x in rs], "round_ratios": ratios,
                "target_ratio": TARGETS[env_id]}
         row["meets_target"] = row["ratio_to_cartpole"] >= row["target_ratio"]
+        row["us_per_step"] = {key: float(np.median([x["us_per_step"][key] for x in rs]))
+                              for key in rs[0]["us_per_step"]}
+        row["us_per_step"]["budget"] = 1e6 / (row["target_ratio"] * cp_rate)
         rows.append(row)
     out = {"cartpole": cp, "cowenv": rows, "python": sys.version.split()[0],
            "machine": platform.machine(), "seconds": a.seconds, "rounds": a.rounds,
@@ -144,6 +184,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['target_ratio']:>7.2f} {r['kernel_share']:>13.2f} {r['episodes']:>9} "
               f"{r['violations']:>10}")
     print(f"(medians of {a.rounds} interleaved rounds of {a.seconds:g} s each)")
+    print()
+    print("microseconds per step: the budget at the target ratio against the parts")
+    print(f"{'env':<24} {'budget':>7} {'step':>7} {'harness':>8} {'reset':>7} "
+          f"{'kernel':>7} {'env':>7} {'kernel floor':>13}")
+    for r in rows:
+        p = r["us_per_step"]
+        print(f"{r['env']:<24} {p['budget']:>7.1f} {p['step']:>7.1f} {p['harness']:>8.1f} "
+              f"{p['reset']:>7.1f} {p['kernel']:>7.1f} {p['env']:>7.1f} "
+              f"{p['kernel_floor']:>13.1f}")
+    print("(kernel: the episodes' actions replayed on the bare kernel with oracles and trace;"
+          " kernel floor: with neither)")
     return 0
 
 

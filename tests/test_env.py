@@ -599,3 +599,8 @@ def test_throughput_benchmark_runs(capsys):
     out = json.loads(capsys.readouterr().out)
     assert {r["env"] for r in out["cowenv"]} == set(mod.TARGETS)
     assert all(r["steps_per_s"] > 0 and 0 < r["kernel_share"] for r in out["cowenv"])
+    for r in out["cowenv"]:
+        p = r["us_per_step"]
+        assert set(p) == {"budget", "step", "harness", "reset", "kernel", "kernel_floor", "env"}
+        assert 0 < p["kernel_floor"] and 0 < p["harness"] < p["step"] and p["budget"] > 0
+        assert abs(p["harness"] + p["reset"] + p["kernel"] + p["env"] - p["step"]) < 1e-6
