@@ -32,6 +32,7 @@ from cowenv.replay import (  # noqa: E402
     replay_in_subprocess,
     source_digest,
 )
+from cowenv.workload import random_config  # noqa: E402
 
 DIGEST = source_digest()  # of the sources this process imported
 
@@ -45,12 +46,7 @@ def presets() -> list[str]:
 
 
 def config(preset: str, i: int) -> KernelConfig:
-    rng = np.random.default_rng(50_000 + i)
-    return KernelConfig.from_preset(
-        preset, ptrs_per_pte=int(rng.choice([8, 4])), nr_frames=int(rng.choice([64, 256])),
-        nr_swap_slots=int(rng.choice([8, 64])),
-        fault_mode=str(rng.choice(["mmap_lock", "vma_lock"])),
-        split_ptl=bool(rng.random() < 0.8))
+    return random_config(np.random.default_rng(50_000 + i), preset)
 
 
 def main(argv: list[str] | None = None) -> int:

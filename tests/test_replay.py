@@ -33,6 +33,7 @@ from cowenv.replay import (
     source_digest,
 )
 from cowenv.scenario import dump_scenario, load_scenario, parse_scenario, save_scenario
+from cowenv.workload import random_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "cow-pte-fault-lock.yaml"
@@ -54,12 +55,7 @@ needs_cowpte = pytest.mark.skipif(not COWPTE, reason="cowenv.kernel.cowpte not a
 
 def _config(preset: str, i: int) -> KernelConfig:
     """Configs varied over geometry, fault mode, split PTL and pool size."""
-    rng = np.random.default_rng(1000 + i)
-    return KernelConfig.from_preset(
-        preset, ptrs_per_pte=int(rng.choice([8, 4])), nr_frames=int(rng.choice([64, 256])),
-        nr_swap_slots=int(rng.choice([8, 64])),
-        fault_mode=str(rng.choice(["mmap_lock", "vma_lock"])),
-        split_ptl=bool(rng.random() < 0.8))
+    return random_config(np.random.default_rng(1000 + i), preset)
 
 
 def _schedules(n: int) -> list[dict]:
