@@ -296,8 +296,8 @@ def teardown(k: Kernel, rng: np.random.Generator, max_steps: int = 200_000
         apply(k, s)
         out.append(s)
         for _ in range(max_steps):
-            if k.threads[t.tid].gen is None:
-                break
+            if k.threads[t.tid].gen is None or not k.is_runnable(k.threads[t.tid]):
+                break  # done, or blocked for good (a deadlock the kernel reported)
             s = {"tid": t.tid, "step": 1}
             apply(k, s)
             out.append(s)
