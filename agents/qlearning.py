@@ -39,7 +39,7 @@ from .base import Agent
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
-    from cowenv.kernel.kernel import Kernel
+    from cowenv.kernel import Kernel
 
 # mm->flags bits, read through the kernel's mm module at first use (kept lazy so that
 # importing the agents does not import the kernel).

@@ -36,7 +36,7 @@ import gymnasium as gym
 import numpy as np
 
 import cowenv  # noqa: F401  (registers the ids)
-from cowenv.kernel.kernel import make_kernel
+from cowenv.kernel import make_kernel
 from cowenv.scenario import apply_step, parse_scenario
 
 TARGETS = {"cowenv/CowPteSmall-v0": 0.5, "cowenv/CowPte-v0": 0.25}

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from cowenv.kernel import cost as C
+from cowenv.kernel import make_kernel
 from cowenv.kernel.config import KernelConfig
-from cowenv.kernel.kernel import make_kernel
 
 SIZES_MIB = (2, 8, 32, 128, 512, 1024)
 QUICK_SIZES_MIB = (2, 8, 32)

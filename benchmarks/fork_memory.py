@@ -15,8 +15,8 @@ import argparse
 import json
 import time
 
+from cowenv.kernel import make_kernel
 from cowenv.kernel.config import KernelConfig
-from cowenv.kernel.kernel import make_kernel
 from cowenv.kernel.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES
 
 #: The v3/v4 cover letters' table ("Memory after forking with 1 GB mapped", kB).

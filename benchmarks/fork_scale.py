@@ -22,8 +22,8 @@ import sys
 import time
 import tracemalloc
 
+from cowenv.kernel import make_kernel
 from cowenv.kernel.config import KernelConfig
-from cowenv.kernel.kernel import make_kernel
 from cowenv.kernel.mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES
 
 WALL_TARGET_S = 0.25

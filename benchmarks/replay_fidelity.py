@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cowenv.kernel import make_kernel  # noqa: E402
 from cowenv.kernel.config import KernelConfig  # noqa: E402
-from cowenv.kernel.kernel import make_kernel  # noqa: E402
 from cowenv.replay import (  # noqa: E402
     hash_probe,
     random_schedule,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import atomic_write_text
-from .kernel.kernel import KSWAPD_TID
+from .kernel import KSWAPD_TID
 from .kernel.trace import Event, trace_hash
 from .replay import Execution
 

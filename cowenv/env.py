@@ -30,8 +30,8 @@ import numpy as np
 from gymnasium import spaces
 
 from . import ENV_ID, SMALL_ENV_ID, SMALL_KWARGS
+from .kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
 from .kernel.config import GEOMETRIES, PRESETS, KernelConfig
-from .kernel.kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
 from .kernel.locks import LOCK_ORDER, WRITE
 from .kernel.mm import (
     MM_ANONPAGES,

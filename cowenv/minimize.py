@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from .kernel import KSWAPD_TID, Kernel, make_kernel
 from .kernel.config import PRESETS, KernelConfig
-from .kernel.kernel import KSWAPD_TID, Kernel, make_kernel
 from .kernel.ops import ERRNO_NAMES
 from .kernel.trace import trace_hash
 from .replay import execute, outcome_of, readable_args

@@ -48,9 +48,9 @@ import copy
 import dataclasses
 from typing import Any
 
+from .kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
 from .kernel.config import KernelConfig
 from .kernel.cost import fork_table_ns
-from .kernel.kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
 from .scenario import StepError, apply_step, parse_scenario
 
 MODES: tuple[str, ...] = ("difference", "ratio")

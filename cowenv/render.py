@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .kernel.kernel import KSWAPD_TID, Kernel
+from .kernel import KSWAPD_TID, Kernel
 from .kernel.locks import WRITE
 from .kernel.mm import (
     MM_ANONPAGES,

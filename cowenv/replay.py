@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from .kernel import KSWAPD_TID, Kernel, make_kernel
 from .kernel.config import KernelConfig
-from .kernel.kernel import KSWAPD_TID, Kernel, make_kernel
 from .kernel.ops import ADVICES, OPS
 from .kernel.trace import Event, Violation, trace_hash
 from .scenario import (

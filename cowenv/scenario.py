@@ -47,8 +47,8 @@ from typing import Any
 import yaml
 
 from .fileio import atomic_write_text
+from .kernel import Kernel, KernelUsageError, make_kernel
 from .kernel.config import FLAW_IDS, PRESETS, KernelConfig, config_from_dict
-from .kernel.kernel import Kernel, KernelUsageError, make_kernel
 from .kernel.ops import ERRNO_NAMES, OPS, validate_args
 from .kernel.trace import KINDS, Violation, trace_hash
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .kernel import KSWAPD_TID, Kernel, make_kernel
 from .kernel.config import KernelConfig
-from .kernel.kernel import KSWAPD_TID, Kernel, make_kernel
 from .kernel.ops import ADVICES
 
 #: Relative weights of the operations a user thread starts (0 disables one).

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import cowenv.scenario as scenario_mod
-from cowenv.kernel.kernel import Kernel
+from cowenv.kernel import Kernel
 from cowenv.kernel.memory import PG_anon, PG_anon_exclusive
 from cowenv.kernel.mm import MMF_HAS_PINNED
 from cowenv.kernel.pgtable import PTE_SWAP

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cowenv.kernel import make_kernel
 from cowenv.kernel.config import config_from_dict
-from cowenv.kernel.kernel import make_kernel
 from cowenv.kernel.ops import OPS
 from cowenv.scenario import apply_step
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cowenv.kernel import Kernel, make_kernel
 from cowenv.kernel import cost as C
 from cowenv.kernel.config import KernelConfig
-from cowenv.kernel.kernel import Kernel, make_kernel
 from cowenv.workload import random_config, run_random_schedule, teardown
 
 MIB = 1 << 20

@@ -13,8 +13,8 @@ import yaml
 from cowenv import cli
 from cowenv.chrome_trace import chrome_trace, validate_chrome_trace
 from cowenv.findings import FindingStore, signature_slug
+from cowenv.kernel import make_kernel
 from cowenv.kernel.config import KernelConfig
-from cowenv.kernel.kernel import make_kernel
 from cowenv.kernel.trace import trace_hash
 from cowenv.minimize import (
     context_switches,

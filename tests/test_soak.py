@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from cowenv import workload
+from cowenv.kernel import Kernel, make_kernel
 from cowenv.kernel.config import KernelConfig
-from cowenv.kernel.kernel import Kernel, make_kernel
 from cowenv.kernel.trace import trace_hash
 from cowenv.scenario import parse_scenario, run_scenario
 from cowenv.workload import Knobs, Layout, run_episode

@@ -22,8 +22,8 @@ from hypothesis.stateful import (
     rule,
 )
 
+from cowenv.kernel import KSWAPD_TID, Kernel, make_kernel
 from cowenv.kernel.config import KernelConfig
-from cowenv.kernel.kernel import KSWAPD_TID, Kernel, make_kernel
 from cowenv.kernel.ops import ADVICES, OPS
 from cowenv.workload import leak_report, own_pins
 

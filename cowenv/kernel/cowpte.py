@@ -25,21 +25,20 @@ from typing import Any
 
 import numpy as np
 
-from .kernel import (
+from .fault import (
     FAULT_FLAG_UNSHARE,
     FAULT_FLAG_VMA_LOCK,
     FAULT_FLAG_WRITE,
     VM_FAULT_OK,
     VM_FAULT_OOM,
     VM_FAULT_RETRY,
-    Gen,
-    Kernel,
-    Thread,
 )
+from .kernel import Kernel
 from .locks import WRITE
 from .mm import MMF_COW_PTE, VM_DONTCOPY, VM_WIPEONFORK, MmStruct, Vma
 from .ops import EAGAIN, EINVAL, ENOMEM
 from .pgtable import PmdEntry, PteTable
+from .sched import Gen, Thread
 
 
 class CowPteKernel(Kernel):

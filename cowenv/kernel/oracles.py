@@ -32,7 +32,7 @@ no operation in progress on any thread, and at the end of a run):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -48,7 +48,29 @@ from .mm import MM_ANONPAGES, MM_COUNTER_NAMES, MM_SHMEMPAGES, MM_SWAPENTS, MmSt
 from .pgtable import PFN_SHIFT, PTE_PRESENT, PTE_SWAP, PTE_USER, PTE_WRITE, ZERO_PFN
 
 if TYPE_CHECKING:
-    from .kernel import Kernel, Pin, Thread
+    from .memory import PagePool, ShmemObject, SwapDevice
+    from .pgtable import PteTable
+    from .sched import Pin, Thread
+
+
+class KernelView(Protocol):
+    """What the oracles read of a kernel (they never import the kernel they judge)."""
+
+    P: int
+    pool: PagePool
+    swap: SwapDevice
+    tables: dict[int, PteTable]
+    shmem: dict[int, ShmemObject]
+    pins: dict[int, Pin]
+
+    def report(self, kind: str, site: str, message: str) -> None:
+        """Record a violation."""
+
+    def quiescent(self) -> bool:
+        """No operation in progress."""
+
+    def live_mms(self) -> list[MmStruct]:
+        """The mms of live processes."""
 
 
 class Region:
@@ -84,7 +106,7 @@ ZERO: Entry = ((0,), True)
 class Oracle:
     """All oracles of one kernel instance. The kernel calls the ``on_*`` hooks."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: KernelView) -> None:
         self.k = kernel
         self.regions: dict[int, list[Region]] = {}
         self.anon: dict[int, dict[int, Entry]] = {}

@@ -43,8 +43,8 @@ FAULT_MODES = ("mmap_lock", "vma_lock")
 def kernel_entry(seed: int, preset: str, ptrs: int, fault_mode: str, split_ptl: bool,
                  nr_steps: int) -> dict[str, Any]:
     """Run one recorded random schedule and return its corpus entry."""
+    from cowenv.kernel import make_kernel
     from cowenv.kernel.config import KernelConfig
-    from cowenv.kernel.kernel import make_kernel
     from cowenv.workload import Layout, run_random_schedule, teardown
 
     rng = np.random.default_rng(seed)

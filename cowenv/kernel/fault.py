@@ -1,0 +1,457 @@
+"""Page faults: the fault half of ``mm/memory.c`` and ``arch/x86/mm/fault.c``.
+
+``do_user_addr_fault`` → ``handle_mm_fault`` → ``handle_pte_fault`` →
+``do_anonymous_page`` / ``do_shared_fault`` / ``do_wp_page`` (``wp_page_copy``) /
+``do_swap_page``, with user loads and stores (``sys_read`` / ``sys_write``) walking the
+tables like the MMU first (``_hw_walk``). Semantics of 6.2, with the per-VMA-lock fault
+path of 6.4 (``lock_vma_under_rcu``) as the ``vma_lock`` fault mode. The COW PTE patch
+enters through ``cow_fault_hook`` and ``cow_swapin_hook`` (no-ops upstream).
+
+Also the ``vm_fault_t`` results and ``FAULT_FLAG_*`` bits (``include/linux/mm_types.h``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .locks import READ, WRITE
+from .memory import (
+    PG_anon_exclusive,
+    PG_dirty,
+    PG_shmem,
+    PG_swapbacked,
+    ShmemObject,
+)
+from .mm import (
+    MM_ANONPAGES,
+    MM_SHMEMPAGES,
+    MM_SWAPENTS,
+    VM_READ,
+    VM_WRITE,
+    MmStruct,
+    Vma,
+)
+from .ops import EAGAIN, EFAULT, ENOMEM
+from .pgtable import (
+    PFN_SHIFT,
+    PTE_DIRTY,
+    PTE_PRESENT,
+    PTE_SWAP,
+    PTE_USER,
+    PTE_WRITE,
+    PTE_YOUNG,
+    ZERO_PFN,
+    PteTable,
+    mk_pte,
+)
+from .sched import Gen, Thread
+
+# vm_fault_t results (include/linux/mm_types.h), as small ints.
+VM_FAULT_OK = 0
+
+VM_FAULT_OOM = 1
+
+VM_FAULT_SIGSEGV = 2
+
+VM_FAULT_RETRY = 3
+
+FAULT_FLAG_WRITE = 1
+
+FAULT_FLAG_UNSHARE = 2
+
+FAULT_FLAG_VMA_LOCK = 4
+
+
+class FaultMixin:
+    """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
+
+    def _hw_walk(self, mm: MmStruct, vpn: int, write: bool) -> tuple[PteTable, int, int] | None:
+        """The MMU's walk: returns (table, off, pte) if the access may proceed."""
+        pmd = mm.pmd.get(vpn // self.P)
+        if pmd is None:
+            return None
+        table = pmd.table
+        off = vpn % self.P
+        pte = int(table.entries[off])
+        if not (pte & PTE_PRESENT) or not (pte & PTE_USER):
+            return None
+        if write and not (pte & PTE_WRITE and pmd.write):
+            return None
+        return table, off, pte
+    def _user_access(self, t: Thread, addr: int, write: bool) -> Gen:
+        """A user load/store at ``addr``: the MMU access, faulting until it succeeds.
+
+        Returns the content token read (load), the token written (store), or -errno.
+        The model has no TLB: the MMU walks the live page tables on every access.
+        """
+        mm = self.mm_of(t)
+        vpn = addr // self.config.page_size
+        t.fault_site = ""
+        for _ in range(64):
+            w = self._hw_walk(mm, vpn, write)
+            if w is not None:
+                table, off, pte = w
+                pfn = pte >> PFN_SHIFT
+                if not self.check_table_live(table, "user_access"):
+                    return -EFAULT
+                if self.pool.is_free(pfn):
+                    self._report("memory-safety", "user_access",
+                                 f"access to freed page {pfn} at {addr:#x} (mm{mm.id})")
+                bits = PTE_YOUNG | (PTE_DIRTY if write else 0)
+                self.set_ptes(t, mm, table, off, pte | bits, "user_access", hw=True)
+                if write:
+                    tok = self.new_token()
+                    self.pool.content[pfn] = tok
+                    if self.oracle is not None:
+                        self.oracle.on_user_write(t, mm, vpn, tok)
+                    return tok
+                val = int(self.pool.content[pfn])
+                if self.oracle is not None:
+                    self.oracle.on_user_read(t, mm, vpn, val, t.fault_site or "user_access")
+                return val
+            self.cost.begin_fault(t)
+            ret = yield from self.do_user_addr_fault(t, mm, vpn,
+                                                     FAULT_FLAG_WRITE if write else 0)
+            self.cost.end_fault(t)
+            if ret == VM_FAULT_SIGSEGV:
+                return -EFAULT
+            if ret == VM_FAULT_OOM:
+                return -ENOMEM
+        return -EAGAIN
+    def sys_read(self, t: Thread, addr: int) -> Gen:
+        """A user load. Returns the token read or -EFAULT/-ENOMEM."""
+        return (yield from self._user_access(t, addr, False))
+    def sys_write(self, t: Thread, addr: int) -> Gen:
+        """A user store of a fresh token. Returns the token or -errno."""
+        return (yield from self._user_access(t, addr, True))
+    def do_user_addr_fault(self, t: Thread, mm: MmStruct, vpn: int, flags: int) -> Gen:
+        """``do_user_addr_fault``: per-VMA lock first (6.4) if configured, else mmap_lock.
+
+        Lock contract: takes ``vma->vm_lock`` for read (``lock_vma_under_rcu``) or
+        ``mmap_lock`` for read; releases it before returning.
+        """
+        if self.config.fault_mode == "vma_lock":
+            vma = mm.find_vma(vpn)
+            # lock_vma_under_rcu: anonymous VMAs without anon_vma fall back (6.4), and so
+            # does a VMA write-locked in the current mmap_lock write cycle.
+            usable = vma is not None and (vma.anon_vma is not None or vma.shared)
+            if usable and vma.lock_seq != mm.mm_lock_seq and vma.lock.try_acquire(t.tid, READ):
+                t.held.append((vma.lock, READ))
+                self._ev(t.tid, "lock", vma.lock.name, READ)
+                if vma.detached:
+                    ret = VM_FAULT_RETRY
+                else:
+                    ret = yield from self.handle_mm_fault(t, vma, vpn, flags | FAULT_FLAG_VMA_LOCK)
+                self.unlock(t, vma.lock, READ, "do_user_addr_fault")
+                if ret != VM_FAULT_RETRY:
+                    return ret
+                yield "do_user_addr_fault:vma_lock_retry"
+        yield from self.lock(t, mm.mmap_lock, READ, "do_user_addr_fault")
+        vma = mm.find_vma(vpn)
+        if vma is None:
+            ret = VM_FAULT_SIGSEGV
+        else:
+            ret = yield from self.handle_mm_fault(t, vma, vpn, flags)
+        self.unlock(t, mm.mmap_lock, READ, "do_user_addr_fault")
+        return ret
+    def handle_mm_fault(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
+        """``handle_mm_fault``: access check, PTE table allocation, ``handle_pte_fault``.
+
+        ``handle_mm_fault`` → ``__handle_mm_fault``: access check, PTE table allocation
+        (``__pte_alloc``), then ``handle_pte_fault``.
+
+        Lock contract: mmap_lock held for read, or the VMA's lock for read with
+        ``FAULT_FLAG_VMA_LOCK``.
+        """
+        mm = vma.mm
+        # arch/x86/mm/fault.c access_error(): a write needs VM_WRITE; a read only needs
+        # vma_is_accessible() (VM_READ|VM_WRITE|VM_EXEC): x86 has no write-only pages.
+        if flags & FAULT_FLAG_WRITE and not vma.flags & VM_WRITE:
+            return VM_FAULT_SIGSEGV
+        if not flags & FAULT_FLAG_WRITE and not vma.flags & (VM_READ | VM_WRITE):
+            return VM_FAULT_SIGSEGV
+        ret = yield from self.cow_fault_hook(t, vma, vpn, flags)
+        if ret != VM_FAULT_OK:
+            return ret
+        idx = vpn // self.P
+        if idx not in mm.pmd:
+            # __pte_alloc: allocate outside the lock, install under page_table_lock.
+            table = self.pte_alloc_one(mm, "__pte_alloc")
+            if table is None:
+                return VM_FAULT_OOM
+            yield "__pte_alloc:allocated"
+            yield from self.lock(t, mm.page_table_lock, WRITE, "pmd_install")
+            if idx not in mm.pmd:
+                self.pmd_populate(mm, idx, table)
+                table = None
+            self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
+            if table is not None:
+                self.pte_free(table, "pmd_install")
+        return (yield from self.handle_pte_fault(t, vma, vpn, flags))
+    def handle_pte_fault(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
+        """``handle_pte_fault``: dispatch on the (locklessly read) PTE."""
+        mm = vma.mm
+        idx, off = divmod(vpn, self.P)
+        pmd = mm.pmd.get(idx)
+        if pmd is None:
+            return VM_FAULT_RETRY if flags & FAULT_FLAG_VMA_LOCK else VM_FAULT_OK
+        orig = int(pmd.table.entries[off])
+        if orig == 0:
+            if vma.shared:
+                return (yield from self.do_shared_fault(t, vma, vpn, flags))
+            return (yield from self.do_anonymous_page(t, vma, vpn, flags))
+        if orig & PTE_SWAP:
+            ret = yield from self.cow_swapin_hook(t, vma, vpn)
+            if ret != VM_FAULT_OK:
+                return ret
+            return (yield from self.do_swap_page(t, vma, vpn, orig, flags))
+        if flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE):
+            if not (orig & PTE_WRITE and pmd.write) or flags & FAULT_FLAG_UNSHARE:
+                return (yield from self.do_wp_page(t, vma, vpn, orig, flags))
+        # Spurious fault (e.g. PROT_NONE PTE after mprotect back): fix the entry.
+        if not orig & PTE_USER and vma.flags & (VM_READ | VM_WRITE):
+            got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_pte_fault")
+            if got is not None:
+                table, ptl = got
+                if int(table.entries[off]) == orig:
+                    self.set_ptes(t, mm, table, off, orig | PTE_USER | PTE_YOUNG,
+                                  "handle_pte_fault")
+                self.unlock(t, ptl, WRITE, "handle_pte_fault")
+        return VM_FAULT_OK
+    def do_anonymous_page(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
+        """``do_anonymous_page``: a read maps the shared zero page; a write allocates a page.
+
+        A write allocates an exclusive zero-filled page (``page_add_new_anon_rmap``).
+
+        Lock contract: mmap_lock (or VMA lock) read; takes the PTL.
+        """
+        mm = vma.mm
+        idx, off = divmod(vpn, self.P)
+        write = bool(flags & FAULT_FLAG_WRITE)
+        t.fault_site = "do_anonymous_page"
+        pfn = None
+        if write:
+            if vma.anon_vma is None:
+                if flags & FAULT_FLAG_VMA_LOCK:
+                    return VM_FAULT_RETRY
+                self.anon_vma_prepare(vma)
+            pfn = self.alloc_page("do_anonymous_page")
+            if pfn is None:
+                return VM_FAULT_OOM
+            self.cost.charge("page_alloc")
+            self.cost.charge("page_zero")
+            yield "do_anonymous_page:allocated"
+        got = yield from self.pte_offset_map_lock(t, mm, idx, "do_anonymous_page")
+        if got is None:
+            if pfn is not None:
+                self.put_page(pfn, "do_anonymous_page")
+            return VM_FAULT_OK
+        table, ptl = got
+        if int(table.entries[off]) != 0:
+            self.unlock(t, ptl, WRITE, "do_anonymous_page")
+            if pfn is not None:
+                self.put_page(pfn, "do_anonymous_page")
+            return VM_FAULT_OK
+        if pfn is None:
+            entry = mk_pte(ZERO_PFN, write=False, young=True)
+        else:
+            self.page_add_new_anon_rmap(pfn, vma, vpn)
+            mm.rss[MM_ANONPAGES] += 1
+            entry = mk_pte(pfn, write=bool(vma.flags & VM_WRITE), dirty=True, young=True)
+            self.cost.charge("page_account")
+        self.cost.charge("pte_write")
+        self.set_ptes(t, mm, table, off, entry, "do_anonymous_page")
+        self.unlock(t, ptl, WRITE, "do_anonymous_page")
+        return VM_FAULT_OK
+    def do_shared_fault(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
+        """``do_read_fault``/``do_shared_fault`` on shmem: find or allocate the page, map it.
+
+        Find or allocate the page-cache page (``shmem_get_folio``) and map it; writable only
+        for write faults.
+
+        Lock contract: mmap_lock (or VMA lock) read; takes the PTL.
+        """
+        mm = vma.mm
+        idx, off = divmod(vpn, self.P)
+        obj = vma.shmem
+        assert isinstance(obj, ShmemObject)
+        pgoff = vma.pgoff + (vpn - vma.start)
+        t.fault_site = "do_shared_fault"
+        pfn = obj.pages.get(pgoff)
+        if pfn is None:
+            pfn = self.alloc_page("shmem_get_folio")
+            if pfn is None:
+                return VM_FAULT_OOM
+            self.pool.flags[pfn] |= PG_shmem | PG_swapbacked
+            self.pool.shmem[pfn] = obj.id
+            self.pool.index[pfn] = pgoff
+            obj.pages[pgoff] = pfn  # the page cache's reference is the allocation's
+            self.cost.charge("page_alloc")
+            self.cost.charge("page_zero")
+            yield "shmem_get_folio:allocated"
+        got = yield from self.pte_offset_map_lock(t, mm, idx, "do_shared_fault")
+        if got is None:
+            return VM_FAULT_OK
+        table, ptl = got
+        if int(table.entries[off]) != 0 or obj.pages.get(pgoff) != pfn:
+            self.unlock(t, ptl, WRITE, "do_shared_fault")
+            return VM_FAULT_OK
+        self.get_pages(np.array([pfn]))
+        self.pool.mapcount[pfn] += 1
+        mm.rss[MM_SHMEMPAGES] += 1
+        self.cost.charge("page_account")
+        self.cost.charge("pte_write")
+        write = bool(flags & FAULT_FLAG_WRITE) and bool(vma.flags & VM_WRITE)
+        self.set_ptes(t, mm, table, off, mk_pte(pfn, write=write, dirty=write),
+                      "do_shared_fault")
+        self.unlock(t, ptl, WRITE, "do_shared_fault")
+        return VM_FAULT_OK
+    def do_wp_page(self, t: Thread, vma: Vma, vpn: int, orig: int, flags: int) -> Gen:
+        """``do_wp_page`` (6.2): write (or unshare) fault on a present PTE.
+
+        Shared mappings are made writable (``wp_page_shared``). An anonymous page is
+        reused if ``PageAnonExclusive``, or if its refcount is 1 (then
+        ``page_move_anon_rmap`` makes it exclusive); otherwise ``wp_page_copy``. For an
+        unshare fault, reuse means "nothing to do" and a copy is mapped read-only.
+
+        Lock contract: mmap_lock (or VMA lock) read; takes the PTL.
+        """
+        mm = vma.mm
+        idx, off = divmod(vpn, self.P)
+        unshare = bool(flags & FAULT_FLAG_UNSHARE) and not flags & FAULT_FLAG_WRITE
+        t.fault_site = "do_wp_page"
+        got = yield from self.pte_offset_map_lock(t, mm, idx, "do_wp_page")
+        if got is None:
+            return VM_FAULT_OK
+        table, ptl = got
+        if int(table.entries[off]) != orig:
+            self.unlock(t, ptl, WRITE, "do_wp_page")
+            return VM_FAULT_OK
+        pfn = orig >> PFN_SHIFT
+        pool = self.pool
+        if vma.shared and pfn != ZERO_PFN:
+            if not unshare:
+                self.cost.charge("pte_write")
+                self.set_ptes(t, mm, table, off, orig | PTE_WRITE | PTE_DIRTY | PTE_YOUNG,
+                              "wp_page_shared")
+            self.unlock(t, ptl, WRITE, "do_wp_page")
+            return VM_FAULT_OK
+        if pfn != ZERO_PFN and self.is_anon(pfn):
+            fl = int(pool.flags[pfn])
+            if not fl & PG_anon_exclusive:
+                self.cost.mark_fork_fault(t)  # fork made the page non-exclusive
+            reuse = bool(fl & PG_anon_exclusive) or int(pool.refcount[pfn]) == 1
+            if reuse:
+                if not fl & PG_anon_exclusive:
+                    # page_move_anon_rmap: the page now belongs to this VMA's anon_vma.
+                    if vma.anon_vma is not None:
+                        pool.anon_vma[pfn] = vma.anon_vma.id
+                    pool.flags[pfn] |= PG_anon_exclusive
+                if not unshare:
+                    self.cost.charge("pte_write")
+                    self.set_ptes(t, mm, table, off,
+                                  orig | PTE_WRITE | PTE_DIRTY | PTE_YOUNG, "wp_page_reuse")
+                self.unlock(t, ptl, WRITE, "do_wp_page")
+                return VM_FAULT_OK
+        # The shared zero page has no struct page to reuse (vm_normal_page() is NULL), so
+        # an unshare fault on it -- which follow_page_pte requests for a FOLL_LONGTERM R/O
+        # pin -- copies it into a fresh R/O-mapped anon page like any other (mm/memory.c
+        # do_wp_page -> wp_page_copy, is_zero_pfn branch). Treating it as "nothing to do"
+        # made GUP retry until it gave up with -EFAULT.
+        # wp_page_copy
+        if pfn != ZERO_PFN:
+            self.get_pages(np.array([pfn]))
+        self.unlock(t, ptl, WRITE, "do_wp_page")
+        return (yield from self.wp_page_copy(t, vma, vpn, orig, unshare))
+    def wp_page_copy(self, t: Thread, vma: Vma, vpn: int, orig: int, unshare: bool) -> Gen:
+        """``wp_page_copy``: allocate, copy, and replace the mapping if the PTE is unchanged.
+
+        Lock contract: mmap_lock (or VMA lock) read; caller holds a reference on the
+        old page (dropped here); takes the PTL.
+        """
+        mm = vma.mm
+        idx, off = divmod(vpn, self.P)
+        old = orig >> PFN_SHIFT
+        pool = self.pool
+        if vma.anon_vma is None:
+            self.anon_vma_prepare(vma)
+        new = self.alloc_page("wp_page_copy")
+        if new is None:
+            if old != ZERO_PFN:
+                self.put_page(old, "wp_page_copy")
+            return VM_FAULT_OOM
+        pool.content[new] = 0 if old == ZERO_PFN else pool.content[old]
+        self.cost.charge("page_alloc")
+        self.cost.charge("page_zero" if old == ZERO_PFN else "page_copy")
+        yield "wp_page_copy:copied"
+        got = yield from self.pte_offset_map_lock(t, mm, idx, "wp_page_copy")
+        if got is None or int(got[0].entries[off]) != orig:
+            if got is not None:
+                self.unlock(t, got[1], WRITE, "wp_page_copy")
+            self.put_page(new, "wp_page_copy")
+            if old != ZERO_PFN:
+                self.put_page(old, "wp_page_copy")
+            return VM_FAULT_OK
+        table, ptl = got
+        if old == ZERO_PFN:
+            mm.rss[MM_ANONPAGES] += 1
+        self.page_add_new_anon_rmap(new, vma, vpn)
+        entry = mk_pte(new, write=not unshare and bool(vma.flags & VM_WRITE),
+                       dirty=not unshare, young=True)
+        self.set_ptes(t, mm, table, off, entry, "wp_page_copy")
+        # ptep_clear_flush + set_pte_at; the new page's rmap, the old one's removal.
+        self.cost.charge("pte_write")
+        self.cost.charge("tlb_flush_page")
+        self.cost.charge("page_account", 1 if old == ZERO_PFN else 2)
+        if old != ZERO_PFN:
+            self.page_remove_rmap(np.array([old]), "wp_page_copy")
+        self.unlock(t, ptl, WRITE, "wp_page_copy")
+        if old != ZERO_PFN:
+            self.put_page(old, "wp_page_copy")  # the mapping's reference
+            self.put_page(old, "wp_page_copy")  # do_wp_page's get_page
+        return VM_FAULT_OK
+    def do_swap_page(self, t: Thread, vma: Vma, vpn: int, orig: int, flags: int) -> Gen:
+        """``do_swap_page``: read the slot into a new page and map it exclusively.
+
+        In the 6.4 per-VMA-lock mode swap-in returns ``VM_FAULT_RETRY``. Without a swap
+        cache the new page is always exclusive (see memory.py).
+
+        Lock contract: mmap_lock read; takes the PTL.
+        """
+        if flags & FAULT_FLAG_VMA_LOCK:
+            return VM_FAULT_RETRY
+        mm = vma.mm
+        idx, off = divmod(vpn, self.P)
+        slot = orig >> PFN_SHIFT
+        t.fault_site = "do_swap_page"
+        if vma.anon_vma is None:
+            self.anon_vma_prepare(vma)
+        pfn = self.alloc_page("do_swap_page")
+        if pfn is None:
+            return VM_FAULT_OOM
+        self.pool.content[pfn] = self.swap.data[slot]
+        self.cost.charge("page_alloc")
+        self.cost.charge("swap_io")
+        yield "do_swap_page:read"
+        got = yield from self.pte_offset_map_lock(t, mm, idx, "do_swap_page")
+        if got is None or int(got[0].entries[off]) != orig:
+            if got is not None:
+                self.unlock(t, got[1], WRITE, "do_swap_page")
+            self.put_page(pfn, "do_swap_page")
+            return VM_FAULT_OK
+        table, ptl = got
+        mm.rss[MM_SWAPENTS] -= 1
+        mm.rss[MM_ANONPAGES] += 1
+        self.swap_free(slot, "do_swap_page")
+        self.page_add_new_anon_rmap(pfn, vma, vpn)
+        # folio_free_swap: with the slot released, memory holds the only copy of the
+        # data, so the folio is marked dirty (mm/swapfile.c).
+        self.pool.flags[pfn] |= PG_dirty
+        write = bool(flags & FAULT_FLAG_WRITE) and bool(vma.flags & VM_WRITE)
+        entry = mk_pte(pfn, write=write, dirty=write, young=True,
+                       user=bool(vma.flags & (VM_READ | VM_WRITE)))
+        self.cost.charge("page_account")
+        self.cost.charge("pte_write")
+        self.set_ptes(t, mm, table, off, entry, "do_swap_page")
+        self.unlock(t, ptl, WRITE, "do_swap_page")
+        return VM_FAULT_OK

@@ -1,0 +1,138 @@
+"""Lock glue: lockdep-checked acquire/release, mmap_lock and VMA-lock helpers, PTL lookup.
+
+Models ``include/linux/mmap_lock.h`` (``mmap_read_lock`` … ``mmap_write_downgrade``,
+``mmap_assert_locked`` / ``mmap_assert_write_locked``), ``vma_start_write`` of
+``include/linux/mm.h`` (6.4 per-VMA locks) and ``pte_lockptr`` / ``pte_offset_map_lock``
+of ``include/linux/mm.h`` and ``mm/pgtable-generic.c``. The lock objects themselves and
+lockdep live in :mod:`cowenv.kernel.locks`.
+
+Version note: ``pte_offset_map_lock`` re-checks the PMD under the PTL and retries, as
+``__pte_offset_map_lock`` does since 6.5; on 6.2 it cannot fail.
+"""
+
+from __future__ import annotations
+
+from .locks import READ, WRITE, Lock
+from .mm import (
+    MmStruct,
+    Vma,
+)
+from .pgtable import (
+    PteTable,
+)
+from .sched import Gen, Thread
+
+
+class LockingMixin:
+    """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
+
+    def lock(self, t: Thread, lk: Lock, mode: str, site: str) -> Gen | tuple[()]:
+        """Acquire ``lk``; yields ``site:wait`` while blocked.
+
+        Lock contract: none (this is the primitive).
+        """
+        for h, _ in t.held:
+            if h is lk:
+                self._report("lock-discipline", site, f"recursive acquisition of {lk.name}")
+                break
+        if self.config.lockdep:
+            msg = self.lockdep.acquire([h.cls for h, _ in t.held], lk.cls)
+            if msg:
+                self._report("lock-discipline", site, msg)
+        if not lk.can_acquire(t.tid, mode):
+            return self._lock_wait(t, lk, mode, site)
+        # Uncontended: take it now and hand ``yield from`` an empty iterable (no
+        # generator to create and run); every caller does ``yield from self.lock(...)``
+        # at once, so the effects happen at the same point as in a generator body.
+        lk.acquire(t.tid, mode)
+        t.held.append((lk, mode))
+        self.cost.charge_lock(lk.cls)
+        self._ev(t.tid, "lock", lk.name, mode)
+        return ()
+    def _lock_wait(self, t: Thread, lk: Lock, mode: str, site: str) -> Gen:
+        """The contended half of :meth:`lock`: queue, yield ``site:wait``, then acquire."""
+        lk.waiters.append((t.tid, mode))
+        t.waiting = (lk, mode)
+        self._ev(t.tid, "wait", lk.name, mode)
+        while not lk.can_acquire(t.tid, mode):
+            yield f"{site}:wait"
+        lk.waiters.remove((t.tid, mode))
+        t.waiting = None
+        lk.acquire(t.tid, mode)
+        t.held.append((lk, mode))
+        self.cost.charge_lock(lk.cls)
+        self._ev(t.tid, "lock", lk.name, mode)
+    def unlock(self, t: Thread, lk: Lock, mode: str, site: str) -> None:
+        """Release ``lk``; releasing a lock not held is a lock-discipline violation."""
+        for i, (h, m) in enumerate(t.held):
+            if h is lk and m == mode:
+                del t.held[i]
+                lk.release(t.tid, mode)
+                self._ev(t.tid, "unlock", lk.name, mode)
+                return
+        self._report("lock-discipline", site, f"releasing {lk.name} ({mode}) not held")
+    def holds(self, t: Thread, lk: Lock, mode: str | None = None) -> bool:
+        """Whether ``t`` holds ``lk`` (in ``mode`` if given)."""
+        return any(h is lk and (mode is None or m == mode) for h, m in t.held)
+    def mmap_assert_locked(self, t: Thread, mm: MmStruct, site: str) -> None:
+        """``mmap_assert_locked``: splat unless mmap_lock is held (any mode)."""
+        if not self.holds(t, mm.mmap_lock):
+            self._report("lock-discipline", site, "mmap_assert_locked: mmap_lock not held")
+    def mmap_assert_write_locked(self, t: Thread, mm: MmStruct, site: str) -> None:
+        """``mmap_assert_write_locked``: a lockdep splat unless held for write.
+
+        Without lockdep only ``VM_BUG_ON_MM(!rwsem_is_locked(&mm->mmap_lock))`` remains.
+        """
+        if not self.config.lockdep:
+            if not mm.mmap_lock.is_locked():
+                self._report("lock-discipline", site, "VM_BUG_ON_MM: mmap_lock not locked")
+            return
+        if not self.holds(t, mm.mmap_lock, WRITE):
+            held = "held for read" if self.holds(t, mm.mmap_lock) else "not held"
+            self._report("lock-discipline", site, f"mmap_assert_write_locked: mmap_lock {held}")
+    def mmap_write_unlock(self, t: Thread, mm: MmStruct, site: str) -> None:
+        """``mmap_write_unlock`` + ``vma_end_write_all`` (bumps ``mm_lock_seq``)."""
+        mm.mm_lock_seq += 1
+        self.unlock(t, mm.mmap_lock, WRITE, site)
+    def mmap_write_downgrade(self, t: Thread, mm: MmStruct) -> None:
+        """``mmap_write_downgrade`` (also ends VMA write locks, as 6.4 does)."""
+        mm.mm_lock_seq += 1
+        for i, (h, m) in enumerate(t.held):
+            if h is mm.mmap_lock and m == WRITE:
+                t.held[i] = (h, READ)
+                mm.mmap_lock.downgrade(t.tid)
+                self._ev(t.tid, "downgrade", mm.mmap_lock.name)
+                return
+        self._report("lock-discipline", "mmap_write_downgrade", "mmap_lock not write-held")
+    def vma_start_write(self, t: Thread, vma: Vma) -> Gen:
+        """``vma_start_write``: wait out VMA readers, mark the VMA write-locked.
+
+        The VMA stays write-locked until the mmap_lock write section ends
+        (``vm_lock_seq = mm_lock_seq``).
+
+        Lock contract: mmap_lock held for write.
+        """
+        yield from self.lock(t, vma.lock, WRITE, "vma_start_write")
+        vma.lock_seq = vma.mm.mm_lock_seq
+        self.unlock(t, vma.lock, WRITE, "vma_start_write")
+    def pte_lockptr(self, mm: MmStruct, table: PteTable) -> Lock:
+        """``pte_lockptr``: the table's split PTL, or ``mm->page_table_lock``."""
+        return table.ptl if self.config.split_ptl else mm.page_table_lock
+    def pte_offset_map_lock(self, t: Thread, mm: MmStruct, idx: int, site: str) -> Gen:
+        """``pte_offset_map_lock`` (6.5 semantics): lock the PMD's table, re-check the PMD.
+
+        Lock the table the PMD points at and re-check the PMD under the lock; returns
+        ``(table, ptl)`` or None if the PMD is none (the caller retries or bails out, as
+        ``pte_offset_map`` failing does).
+        """
+        while True:
+            pmd = mm.pmd.get(idx)
+            if pmd is None:
+                return None
+            table = pmd.table
+            ptl = self.pte_lockptr(mm, table)
+            yield from self.lock(t, ptl, WRITE, site)
+            cur = mm.pmd.get(idx)
+            if cur is not None and cur.table is table:
+                return table, ptl
+            self.unlock(t, ptl, WRITE, site)

@@ -1,0 +1,123 @@
+"""mprotect: ``mm/mprotect.c`` of 6.2.
+
+``do_mprotect_pkey`` → ``change_protection`` → ``change_pte_range``.
+mmap_lock held for write; VMAs split at the range's ends; PTEs changed under the PTL.
+The COW PTE patch breaks shared tables first (``cow_mprotect_prepare``,
+``cow_break_for_walker``) and decides what a failed break does
+(``cow_change_prot_failed``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .locks import WRITE
+from .memory import (
+    PG_anon_exclusive,
+)
+from .mm import (
+    VM_READ,
+    VM_WRITE,
+    Vma,
+)
+from .ops import ENOMEM, parse_prot
+from .pgtable import (
+    PFN_SHIFT,
+    PTE_DIRTY,
+    PTE_PRESENT,
+    PTE_USER,
+    PTE_WRITE,
+    ZERO_PFN,
+)
+from .sched import Gen, Thread
+
+
+class MprotectMixin:
+    """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
+
+    def sys_mprotect(self, t: Thread, addr: int, length: int, prot: str) -> Gen:
+        """``mprotect`` → ``mprotect_fixup`` → ``change_protection`` per VMA.
+
+        Returns -ENOMEM if part of the range is unmapped (as the kernel does).
+
+        Lock contract: mmap_lock write; takes each table's PTL.
+        """
+        mm = self.mm_of(t)
+        start, end = self._vpn_range(addr, length)
+        bits = parse_prot(prot)
+        yield from self.lock(t, mm.mmap_lock, WRITE, "do_mprotect_pkey")
+        covered = sum(min(v.end, end) - max(v.start, start) for v in mm.vmas_in(start, end))
+        if covered != end - start:
+            self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
+            return -ENOMEM
+        vmas = yield from self.vma_split_range(t, mm, start, end)
+        ret = yield from self.cow_mprotect_prepare(t, mm, start, end)
+        if ret:
+            self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
+            return ret
+        if self.oracle is not None:
+            self.oracle.on_mprotect_begin(mm, start, end, bits)
+        for v in vmas:
+            r = yield from self.change_protection(t, v, bits)
+            if r < 0:
+                ret = r
+                break
+            v.flags = (v.flags & ~(VM_READ | VM_WRITE)) | (VM_READ if bits & 1 else 0) | (
+                VM_WRITE if bits & 2 else 0)
+        if self.oracle is not None:
+            if ret == 0:
+                self.oracle.on_mprotect(t, mm, start, end, bits)
+            else:
+                self.oracle.on_mprotect_failed(mm, start, end, bits)
+        self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
+        return ret
+    def change_protection(self, t: Thread, vma: Vma, bits: int) -> Gen:
+        """``change_protection`` → ``change_pte_range`` per table (vectorised).
+
+        New permissions: USER iff PROT_READ or PROT_WRITE (x86 ``protection_map``:
+        ``VM_WRITE`` alone is ``PAGE_COPY``, readable); WRITE only where PROT_WRITE and
+        ``can_change_pte_writable`` (private: exclusive anon pages — the "mprotect()
+        optimization" cow.c tests; shared: dirty PTEs); the zero page is never writable.
+        Returns 0 or -errno.
+
+        Lock contract: mmap_lock write; takes the PTL.
+        """
+        mm = vma.mm
+        P = self.P
+        pool = self.pool
+        for idx in range(vma.start // P, (vma.end - 1) // P + 1):
+            if idx not in mm.pmd:
+                continue
+            ret = yield from self.cow_break_for_walker(t, vma, idx, "change_pte_range")
+            if ret:
+                r = self.cow_change_prot_failed(t, vma, idx, ret)
+                if r:
+                    return r
+                continue
+            lo = max(vma.start, idx * P) - idx * P
+            hi = min(vma.end, (idx + 1) * P) - idx * P
+            got = yield from self.pte_offset_map_lock(t, mm, idx, "change_pte_range")
+            if got is None:
+                continue
+            table, ptl = got
+            e = table.entries[lo:hi]
+            present = (e & PTE_PRESENT) != 0
+            if present.any():
+                new = e.copy()
+                new[present] &= ~np.int64(PTE_WRITE | PTE_USER)
+                if bits & 3:
+                    new[present] |= PTE_USER
+                if bits & 2:
+                    pfn = e >> PFN_SHIFT
+                    if vma.shared:
+                        ok = present & ((e & PTE_DIRTY) != 0) & (pfn != ZERO_PFN)
+                    else:
+                        fl = pool.flags[np.where(present, pfn, 0)]
+                        ok = present & (pfn != ZERO_PFN) & ((fl & PG_anon_exclusive) != 0)
+                    new[ok] |= PTE_WRITE
+                if (new != e).any():
+                    self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
+                    self.set_ptes(t, mm, table, lo, new, "change_pte_range")
+            self.unlock(t, ptl, WRITE, "change_pte_range")
+            yield "change_pte_range:table_done"
+        return 0

@@ -1,0 +1,169 @@
+"""Page and page-table primitives: allocate, free, reference, write PTEs.
+
+Models ``alloc_pages`` / ``__free_pages`` (``mm/page_alloc.c``), ``put_page`` /
+``folio_put`` (``mm/swap.c``), ``pte_alloc_one`` / ``pte_free`` (``include/asm-generic/
+pgalloc.h``, with ``tlb_remove_table``'s RCU deferral while a GUP-fast walker is inside),
+``pmd_populate``, ``set_ptes`` (``include/linux/pgtable.h``) and
+``page_maybe_dma_pinned`` (``include/linux/mm.h``). Semantics of 6.2. Data pages and
+table pages come from one frame pool (:mod:`cowenv.kernel.memory`), so ``fail_nth`` and
+pool exhaustion hit both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .locks import SpinLock
+from .memory import (
+    GUP_PIN_COUNTING_BIAS,
+    PG_anon,
+    PG_table,
+)
+from .mm import (
+    MmStruct,
+)
+from .pgtable import (
+    PTE_YOUNG,
+    PmdEntry,
+    PteTable,
+)
+from .sched import Thread
+
+
+class PageAllocMixin:
+    """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
+
+    def alloc_pages(self, n: int, site: str, nofail: bool = False) -> np.ndarray | None:
+        """``alloc_pages``: ``n`` frames, honouring ``fail_nth`` and pool exhaustion.
+
+        ``nofail`` models ``__GFP_NOFAIL``: fault injection does not apply (as
+        ``should_fail_alloc_page`` skips it) and the memory reserve may be used.
+        """
+        if nofail:
+            return self.pool.take(n, reserve_ok=True)
+        if self.fail_nth > 0:
+            self.fail_nth -= 1
+            if self.fail_nth == 0:
+                self._ev(self._cur.tid if self._cur else -1, "event", "alloc_fail", site)
+                return None
+        return self.pool.take(n)
+    def alloc_page(self, site: str, nofail: bool = False) -> int | None:
+        """One frame or None."""
+        p = self.alloc_pages(1, site, nofail)
+        return None if p is None else int(p[0])
+    def pte_alloc_one(self, mm: MmStruct, site: str, nofail: bool = False) -> PteTable | None:
+        """``pte_alloc_one`` + ``pgtable_pte_page_ctor``: a zeroed table, refcount 1."""
+        pfn = self.alloc_page(site, nofail)
+        if pfn is None:
+            return None
+        self.pool.flags[pfn] |= PG_table
+        self.cost.charge("table_alloc")
+        ptl = SpinLock(f"ptl:{pfn}.{int(self.pool.gen[pfn])}", "ptl")
+        table = PteTable(pfn, self.P, ptl, int(self.pool.gen[pfn]))
+        self.tables[pfn] = table
+        return table
+    def pte_free(self, table: PteTable, site: str) -> None:
+        """``pte_free``: return a table page to the allocator."""
+        if table.freed:
+            self._report("memory-safety", site, f"double free of page table {table.pfn}")
+            return
+        table.freed = True
+        self.cost.charge("table_free")
+        self.tables.pop(table.pfn, None)
+        if self.gup_fast_walkers:
+            # tlb_remove_table() (mm/mmu_gather.c): a page table is freed only after an
+            # RCU grace period / IPI, which a GUP-fast walker (IRQs off) holds off.
+            self.deferred_tables.append(table)
+            return
+        self.pool.refcount[table.pfn] = 0
+        self.pool.give_back(np.array([table.pfn], dtype=np.int64))
+    def pmd_populate(self, mm: MmStruct, idx: int, table: PteTable) -> None:
+        """``pmd_populate`` + ``mm_inc_nr_ptes`` (``pmd_install``).
+
+        Lock contract: caller holds ``mm->page_table_lock``.
+        """
+        mm.pmd[idx] = PmdEntry(table, True)
+        mm.mm_inc_nr_ptes()
+        self.cost.charge("pmd_update")
+    def check_table_live(self, table: PteTable, site: str) -> bool:
+        """Memory safety: a table about to be used must not have been freed."""
+        if table.freed:
+            self._report("memory-safety", site, f"use of freed page table {table.pfn}")
+            return False
+        return True
+    def set_ptes(self, t: Thread | None, mm: MmStruct, table: PteTable, lo: int,
+                 new: np.ndarray | int, site: str, hw: bool = False) -> None:
+        """``set_pte_at`` for one or more consecutive entries starting at ``lo``.
+
+        Checks, independently of any flaw: the table is alive (memory safety), the
+        writer holds the table's PTL (lock discipline; ``hw`` = a hardware A/D-bit update,
+        which needs no lock), and — DH's suggested sanity check — that a table with
+        refcount > 1 is not modified except for the young bit.
+        """
+        if not self.check_table_live(table, site):
+            return
+        if not hw and t is not None and not self.holds(t, self.pte_lockptr(mm, table)):
+            self._report("lock-discipline", site, f"PTE write to table {table.pfn} without its PTL")
+        if isinstance(new, int | np.integer):
+            new = np.array([new], dtype=np.int64)
+        old = table.entries[lo:lo + len(new)]
+        if table.refcount > 1:
+            changed = (old ^ new) & ~np.int64(PTE_YOUNG)
+            if changed.any():
+                self._report("shared-table-write", site,
+                             f"modified {int(np.count_nonzero(changed))} PTE(s) of table "
+                             f"{table.pfn} shared by {table.refcount} PMDs")
+        table.entries[lo:lo + len(new)] = new
+    def get_pages(self, pfns: np.ndarray, n: int = 1) -> None:
+        """``get_page`` / ``folio_ref_add`` on each pfn."""
+        np.add.at(self.pool.refcount, pfns, n)
+    def put_pages(self, pfns: np.ndarray, site: str) -> None:
+        """``put_page`` on each pfn; frees pages whose refcount reaches 0."""
+        if len(pfns) == 0:
+            return
+        pool = self.pool
+        bad = pfns[(pool.flags[pfns] & 1) == 0]
+        if len(bad):
+            self._report("memory-safety", site, f"put_page on free page {int(bad[0])}")
+            pfns = pfns[(pool.flags[pfns] & 1) != 0]
+        np.subtract.at(pool.refcount, pfns, 1)
+        rc = pool.refcount[pfns]
+        if (rc < 0).any():
+            self._report("memory-safety", site,
+                         f"refcount underflow on page {int(pfns[rc < 0][0])}")
+        dead = np.unique(pfns[rc <= 0])
+        if len(dead):
+            self.free_pages(dead, site)
+    def put_page(self, pfn: int, site: str) -> None:
+        """``put_page`` on one page (scalar fast path of :meth:`put_pages`)."""
+        pool = self.pool
+        if not int(pool.flags[pfn]) & 1:
+            self._report("memory-safety", site, f"put_page on free page {pfn}")
+            return
+        rc = int(pool.refcount[pfn]) - 1
+        pool.refcount[pfn] = rc
+        if rc < 0:
+            self._report("memory-safety", site, f"refcount underflow on page {pfn}")
+        if rc <= 0:
+            self.free_pages(np.array([pfn], dtype=np.int64), site)
+    def free_pages(self, pfns: np.ndarray, site: str) -> None:
+        """``free_unref_page``: drop from LRU, release swap-less state, return to pool."""
+        pool = self.pool
+        mapped = pfns[pool.mapcount[pfns] > 0]
+        if len(mapped):
+            p = int(mapped[0])
+            self._report("memory-safety", site, f"page {p} freed while mapped "
+                         f"{int(pool.mapcount[p])} time(s)")
+        for p in pfns[pool.shmem[pfns] >= 0].tolist():
+            obj = self.shmem.get(int(pool.shmem[p]))
+            if obj is not None and obj.pages.get(int(pool.index[p])) == p:
+                del obj.pages[int(pool.index[p])]
+        pool.refcount[pfns] = 0
+        pool.give_back(pfns)
+        self.cost.charge("page_free", len(pfns))
+    def is_anon(self, pfn: int) -> bool:
+        """``PageAnon``."""
+        return bool(int(self.pool.flags[pfn]) & PG_anon)
+    def page_maybe_dma_pinned(self, pfns: np.ndarray) -> np.ndarray:
+        """``page_maybe_dma_pinned`` for small folios: refcount >= GUP_PIN_COUNTING_BIAS."""
+        return self.pool.refcount[pfns] >= GUP_PIN_COUNTING_BIAS

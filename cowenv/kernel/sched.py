@@ -1,0 +1,322 @@
+"""Tasks and the scheduler: threads as generators, start/step, quiescence, deadlock.
+
+Models the parts of ``kernel/sched/`` and ``include/linux/sched.h`` the simulation needs,
+in the shape of a cooperative scheduler whose policy is the caller (a scenario, the env,
+an agent): every kernel function that can be preempted is a generator; each ``yield``
+hands back a stable preemption label ``function:point``; a thread that cannot take a
+lock yields ``function:wait`` and is *blocked* until the lock is free (see
+:mod:`cowenv.kernel.locking`). ``step`` runs one thread to its next preemption point.
+Deadlock follows loom's rule: nobody runnable while somebody is blocked.
+
+Also here: the task structures (:class:`Thread`, :class:`Process`), violation
+reporting and the event trace, and id allocation. ``fail_nth`` models
+``/proc/<pid>/fail-nth`` (``lib/fault-inject.c``) kernel-wide instead of per task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from .locks import Lock
+from .mm import (
+    MmStruct,
+)
+from .ops import OPS, validate_args
+from .trace import Event, Violation
+
+_tuple_new = tuple.__new__
+
+Gen = Generator[str, None, Any]
+
+KSWAPD_TID = 0
+
+class KernelUsageError(Exception):
+    """The scheduler asked for something illegal (e.g. stepping an idle thread)."""
+
+class Thread:
+    """A task: a user thread of a process, or kswapd.
+
+    Attributes:
+        tid: Thread id (0 = kswapd).
+        pid: Owning process id (0 for kswapd).
+        gen: The running operation's generator, or None when idle.
+        op: Name of the running operation.
+        args: Its arguments.
+        label: Preemption label the thread is stopped at ("" = not started).
+        waiting: ``(lock, mode)`` the thread is blocked on, if any.
+        held: Locks held, in acquisition order.
+        exited: The thread has exited.
+        result: Return value of the last completed operation.
+    """
+
+    __slots__ = ("tid", "pid", "gen", "op", "args", "label", "waiting", "held", "exited",
+                 "result", "op_index", "fault_site")
+
+    def __init__(self, tid: int, pid: int) -> None:
+        self.tid = tid
+        self.pid = pid
+        self.gen: Gen | None = None
+        self.op = ""
+        self.args: dict[str, Any] = {}
+        self.label = ""
+        self.waiting: tuple[Lock, str] | None = None
+        self.held: list[tuple[Lock, str]] = []
+        self.exited = False
+        self.result: Any = None
+        self.op_index = -1
+        self.fault_site = ""
+
+    @property
+    def idle(self) -> bool:
+        """No operation in progress."""
+        return self.gen is None and not self.exited
+
+class Process:
+    """A process: an mm and its threads."""
+
+    __slots__ = ("pid", "mm", "tids", "alive")
+
+    def __init__(self, pid: int, mm: MmStruct) -> None:
+        self.pid = pid
+        self.mm = mm
+        self.tids: list[int] = []
+        self.alive = True
+
+class Pin:
+    """A FOLL_PIN reference held by a device (an io_uring fixed buffer, a pipe page)."""
+
+    __slots__ = ("id", "pid", "mm", "vpn", "pfn", "write", "active")
+
+    def __init__(self, pid: int, pin_id: int, mm: MmStruct, vpn: int, pfn: int,
+                 write: bool) -> None:
+        self.id = pin_id
+        self.pid = pid
+        self.mm = mm
+        self.vpn = vpn
+        self.pfn = pfn
+        self.write = write
+        self.active = True
+
+def _done(value: Any = 0) -> Gen:
+    """A generator that returns at once (a hook with nothing to do)."""
+    return value
+    yield  # pragma: no cover
+
+
+class SchedMixin:
+    """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
+
+    _cur: Thread | None = None
+
+    def live_threads(self) -> list[Thread]:
+        """All threads that have not exited, by tid."""
+        return [t for _, t in sorted(self.threads.items()) if not t.exited]
+    def is_runnable(self, t: Thread) -> bool:
+        """Has an operation in progress and is not blocked on a lock."""
+        if t.gen is None or t.exited:
+            return False
+        if t.waiting is None:
+            return True
+        lk, mode = t.waiting
+        return lk.can_acquire(t.tid, mode)
+    def thread_state(self, tid: int) -> str:
+        """``idle``, ``runnable``, ``blocked`` or ``exited``."""
+        t = self.threads.get(tid)
+        if t is None or t.exited:
+            return "exited"
+        if t.gen is None:
+            return "idle"
+        return "runnable" if self.is_runnable(t) else "blocked"
+    def idle_tids(self) -> list[int]:
+        """Threads that can start an operation."""
+        return [t.tid for t in self.live_threads() if t.gen is None]
+    def runnable_tids(self) -> list[int]:
+        """Threads that can be stepped."""
+        return [t.tid for t in self.live_threads() if self.is_runnable(t)]
+    def blocked_tids(self) -> list[int]:
+        """Threads waiting for a lock."""
+        return [t.tid for t in self.live_threads() if t.gen is not None and not self.is_runnable(t)]
+    def can_start(self, tid: int, op: str) -> bool:
+        """Whether ``op`` may be started on ``tid`` now."""
+        t = self.threads.get(tid)
+        if t is None or t.exited or t.gen is not None or op not in OPS:
+            return False
+        return OPS[op].kthread == (tid == KSWAPD_TID)
+    def start(self, tid: int, op: str, args: dict[str, Any] | None = None) -> None:
+        """Start operation ``op`` on idle thread ``tid`` (it runs only when stepped).
+
+        Raises:
+            KernelUsageError: the thread is not idle, the op is unknown, or the
+                arguments are invalid.
+        """
+        if not self.can_start(tid, op):
+            raise KernelUsageError(f"cannot start {op} on thread {tid} "
+                                   f"(state {self.thread_state(tid)})")
+        try:
+            a = validate_args(op, dict(args or {}), self.config.page_size)
+        except ValueError as e:
+            raise KernelUsageError(str(e)) from None
+        t = self.threads[tid]
+        t.op, t.args, t.label = op, a, ""
+        t.result = None
+        t.op_index = self.op_count
+        self.op_count += 1
+        t.gen = getattr(self, f"sys_{op}")(t, **a)
+        self._ev(tid, "start", op, a)
+    def step(self, tid: int) -> str:
+        """Run thread ``tid`` to its next preemption point (or to completion).
+
+        Returns:
+            The label it stopped at, or ``"<op>:done"`` when the operation returned.
+
+        Raises:
+            KernelUsageError: the thread is not runnable.
+        """
+        t = self.threads.get(tid)
+        if t is None or not self.is_runnable(t):
+            raise KernelUsageError(f"thread {tid} is not runnable ({self.thread_state(tid)})")
+        self.step_no += 1
+        self._cur = t
+        assert t.gen is not None
+        try:
+            label = next(t.gen)
+        except StopIteration as stop:
+            self._finish(t, stop.value)
+            label = f"{t.op}:done"
+        except Exception as e:  # noqa: BLE001 — a simulator defect, never a kernel finding
+            import traceback
+
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            msg = f"{type(e).__name__}: {e} at {tb.filename.rsplit('/', 1)[-1]}:{tb.lineno}"
+            self.defects.append(msg)
+            self._report("simulator", t.op, msg)
+            for lk, mode in reversed(t.held):
+                lk.release(t.tid, mode)
+            t.held.clear()
+            t.waiting = None
+            self._finish(t, None)
+            label = f"{t.op}:defect"
+        else:
+            t.label = label
+            self._ev(tid, "point", label)
+        self.coverage[label] = self.coverage.get(label, 0) + 1
+        self._cur = None
+        self._check_deadlock()
+        return label
+    def _finish(self, t: Thread, value: Any) -> None:
+        t.gen = None
+        t.result = value
+        t.label = ""
+        if t.held and not t.exited:
+            names = ", ".join(lk.name for lk, _ in t.held)
+            self._report("lock-discipline", t.op, f"returned to user space holding {names}",
+                         tid=t.tid)
+        self._ev(t.tid, "end", t.op, value)
+        if self.oracle is not None:
+            self.oracle.after_op(t, value)
+    def run(self, tid: int, max_steps: int = 100_000) -> Any:
+        """Step ``tid`` until its operation completes; return its result.
+
+        Raises:
+            KernelUsageError: the thread blocks (nobody else is stepped here).
+        """
+        for _ in range(max_steps):
+            if self.threads[tid].gen is None:
+                return self.threads[tid].result
+            self.step(tid)
+        raise KernelUsageError(f"thread {tid} did not finish in {max_steps} steps")
+    def do(self, tid: int, op: str, **args: Any) -> Any:
+        """Start ``op`` on ``tid`` and run it to completion (convenience)."""
+        self.start(tid, op, args)
+        return self.run(tid)
+    def event(self, name: str, **args: Any) -> None:
+        """Fire a memory-pressure event.
+
+        ``fail_nth`` (``n``): the n-th next page or page-table allocation fails, with
+        syzkaller's ``/proc/thread-self/fail-nth`` meaning (1 = the very next one).
+        """
+        if name == "fail_nth":
+            n = args.get("n", 1)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise KernelUsageError("n: expected an integer >= 0")
+            self.fail_nth = n
+        else:
+            raise KernelUsageError(f"unknown event {name!r} (known: fail_nth)")
+        self._ev(-1, "event", name, args)
+    def _ev(self, tid: int, kind: str, label: str, data: Any = None) -> None:
+        if self.tracing:  # tuple.__new__ == Event(...) without the Python-level __new__
+            self.events.append(_tuple_new(Event, (self.step_no, tid, kind, label, data)))
+    def _report(self, kind: str, site: str, message: str, tid: int | None = None) -> None:
+        """Record a violation (every occurrence; consumers deduplicate by signature)."""
+        if tid is None:
+            tid = self._cur.tid if self._cur is not None else -1
+        v = Violation(kind, site, message, self.step_no, tid)
+        self.violations.append(v)
+        self.signatures.add(v.signature)
+        self._ev(tid, "violation", v.signature, message)
+    def report(self, kind: str, site: str, message: str) -> None:
+        """Public entry for oracles."""
+        self._report(kind, site, message)
+    def _id(self, what: str) -> int:
+        v = self.next_ids[what]
+        self.next_ids[what] = v + 1
+        return v
+    def _new_mm(self) -> MmStruct:
+        return MmStruct(self._id("mm"), self.P)
+    def _new_process(self, mm: MmStruct) -> Process:
+        p = Process(self._id("pid"), mm)
+        mm.pid = p.pid
+        self.procs[p.pid] = p
+        return p
+    def _free_tid(self) -> int | None:
+        for tid in range(1, self.config.max_threads + 1):
+            if tid not in self.threads or (self.threads[tid].exited
+                                           and self.threads[tid].gen is None):
+                return tid
+        return None
+    def _new_thread(self, p: Process) -> Thread | None:
+        tid = self._free_tid()
+        if tid is None:
+            return None
+        t = Thread(tid, p.pid)
+        self.threads[tid] = t
+        p.tids.append(tid)
+        p.mm.users += 1
+        return t
+    def mm_of(self, t: Thread) -> MmStruct:
+        """The mm a user thread runs in."""
+        return self.procs[t.pid].mm
+    def live_procs(self) -> list[Process]:
+        """Live processes by pid (``procs`` is in pid order: pids are never reused)."""
+        return [p for p in self.procs.values() if p.alive]
+    def live_mms(self) -> list[MmStruct]:
+        """The mms of live processes, by pid."""
+        return [p.mm for p in self.live_procs()]
+    def new_token(self) -> int:
+        """A fresh, unique content token for a write."""
+        v = self.next_token
+        self.next_token += 1
+        return v
+    def _check_deadlock(self) -> None:
+        """Deadlock: nobody runnable while somebody is blocked (loom's rule)."""
+        waiting = False
+        for t in self.threads.values():
+            if t.gen is None or t.exited:
+                continue
+            if t.waiting is None or t.waiting[0].can_acquire(t.tid, t.waiting[1]):
+                return  # somebody can run
+            waiting = True
+        if not waiting:
+            return
+        blocked = self.blocked_tids()
+        if blocked and not self.runnable_tids():
+            sig = "deadlock@" + (self.threads[blocked[0]].label.rsplit(":", 1)[0] or "lock")
+            if sig not in self.signatures:
+                desc = "; ".join(f"t{b} waits {self.threads[b].waiting[0].name}"
+                                 for b in blocked if self.threads[b].waiting)
+                self._report("deadlock", sig.split("@", 1)[1], f"no runnable thread: {desc}",
+                             tid=blocked[0])
+    def quiescent(self) -> bool:
+        """No operation in progress on any thread."""
+        return all(t.gen is None for t in self.threads.values())
