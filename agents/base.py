@@ -1,8 +1,13 @@
 """The agent interface, deterministic seed streams and the episode loop.
 
-Every agent drives :class:`cowenv.env.CowEnv` through its public API only: the action
-catalogue (``env.catalogue``), the legal-action mask (``env.action_masks()``), the
-observation, and the read-only ``env.kernel`` view. An agent is a small state machine::
+Every agent drives an episode through a public surface only: the action catalogue
+(``env.catalogue``), the legal-action mask (``env.action_masks()``), the read-only
+``env.kernel`` view and, for learning agents, the observation. Two hosts offer that
+surface: :class:`cowenv.env.CowEnv` (Gymnasium, with observations) and
+:class:`cowenv.harness.Harness` (the same episodes without observations; ``obs`` is
+None). An agent whose :attr:`Agent.needs_observation` is False is driven on the
+harness by campaigns, which skips the observation encoding. An agent is a small state
+machine::
 
     agent.begin_episode(env, rng)        # after env.reset()
     a = agent.act(env, obs, mask)        # one catalogue index, legal under ``mask``
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+from cowenv.harness import Harness
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -65,6 +72,8 @@ class Agent:
     """
 
     name: ClassVar[str] = ""
+    #: Whether :meth:`act` reads ``obs``; False lets campaigns drive the harness directly.
+    needs_observation: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.rng: np.random.Generator = np.random.default_rng(0)
@@ -185,7 +194,10 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
     """Reset ``env`` and let ``agent`` play one episode.
 
     Args:
-        env: The environment (unwrapped :class:`~cowenv.env.CowEnv`).
+        env: The environment (unwrapped :class:`~cowenv.env.CowEnv`) or a
+            :class:`~cowenv.harness.Harness` (no observations: ``obs`` is None; ``info``
+            has only ``action_mask`` and ``violations``). Both give the same episode,
+            rewards and violations for the same actions.
         agent: The agent.
         rng: The agent's generator for this episode.
         reset_seed: Seed for ``env.reset``.
@@ -202,11 +214,17 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
         The :class:`EpisodeResult`.
 
     """
-    obs, info = env.reset(seed=reset_seed)
+    h = env if isinstance(env, Harness) else None
+    if h is None:
+        obs, info = env.reset(seed=reset_seed)
+        first = info.get("violations", [])
+    else:
+        obs, info = None, {}
+        first = [v.to_dict() for v in h.reset(reset_seed)]
     agent.begin_episode(env, rng)
     res = EpisodeResult()
     stop = False
-    for v in info.get("violations", []):
+    for v in first:
         if v["signature"] not in res.signatures:
             res.signatures[v["signature"]] = 0
             if on_violation is not None and on_violation(0, v):
@@ -217,19 +235,26 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
     terminated = truncated = False
     while not stop and res.steps < limit:
         if res.steps < agent_limit or harness is None:
-            a = agent.act(env, obs, env.action_masks())
+            a = agent.act(env, obs, env.action_masks() if h is None else h.mask)
             mine = True
         else:
             td = harness.action(env)
             if td is None:
                 break
             a, mine = td, False
-        obs, reward, terminated, truncated, info = env.step(a)
+        if h is None:
+            obs, reward, terminated, truncated, info = env.step(a)
+            violations = info["violations"]
+        else:
+            st = h.step(a)
+            reward, terminated, truncated = st.reward, st.terminated, st.truncated
+            violations = st.violation_dicts() if st.outcome.violations else []
+            info = {"action_mask": h.mask, "violations": violations}
         res.steps += 1
         res.ret += float(reward)
         if mine:
             agent.observe(env, a, obs, float(reward), terminated, truncated, info)
-        for v in info["violations"]:
+        for v in violations:
             sig = v["signature"]
             if sig not in res.signatures:
                 res.signatures[sig] = res.steps

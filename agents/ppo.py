@@ -259,6 +259,7 @@ class PPOAgent(Agent):
     """
 
     name = "ppo"
+    needs_observation = True
 
     def __init__(self, model: str | Path | MaskablePPO, temperature: float = 1.0,
                  torch_threads: int = 1) -> None:

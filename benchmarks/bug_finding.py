@@ -60,7 +60,7 @@ PAGE = 4096
 
 def _layout_prefix(advice: str, start_t: float, end_t: float) -> dict[str, Any]:
     """Default workload plus one ``madvise`` by the parent over ``[start_t, end_t)`` tables."""
-    from cowenv.env import default_workload, table_bytes
+    from cowenv.catalogue import default_workload, table_bytes
 
     T = table_bytes(GEOMETRY_P, PAGE)
     lo, hi = int(start_t * T), int(end_t * T)

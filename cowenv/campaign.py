@@ -144,9 +144,12 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
     import cowenv_agents as ca
 
     from .env import CowEnv
+    from .harness import Harness
 
-    env = CowEnv(**cfg.env_kwargs)
     agent = ca.make_agent(cfg.agent, model=cfg.model, **cfg.agent_kwargs)
+    # Agents that read no observation run on the harness: same episodes, no encoding.
+    env: CowEnv | Harness = CowEnv(**cfg.env_kwargs) if agent.needs_observation \
+        else Harness(**cfg.env_kwargs)
     budget = worker_budget(cfg.budget, cfg.workers, w)
     steps = episodes = 0
     reported: set[str] = set()

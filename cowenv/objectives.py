@@ -37,20 +37,27 @@ start-ordered sequence; ``info["fork_cost"]["sequential_ratio"]`` (twin / classi
 is then the ratio of the *operations alone*, which interleaving cannot inflate. The
 benchmark judges schedules by it.
 
-:class:`ForkCost` holds the logic without depending on gymnasium;
-:class:`ForkCostObjective` adapts it to :class:`cowenv.env.Objective` and is registered as
-``objective="fork_cost"``.
+:class:`ForkCost` holds the logic; :class:`ForkCostObjective` adapts it to
+:class:`Objective` and is registered as ``objective="fork_cost"``.
+
+This module is also the objective framework: :class:`Objective`, the default
+:class:`ViolationObjective`, :func:`register_objective` and :func:`make_objective`.
+The harness (:mod:`cowenv.harness`) scores every legal action with its objective; it
+does not depend on gymnasium.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from .catalogue import ActionSpec
 from .kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
 from .kernel.config import KernelConfig
 from .kernel.cost import fork_table_ns
+from .kernel.trace import Violation
 from .scenario import StepError, apply_step, parse_scenario
 
 MODES: tuple[str, ...] = ("difference", "ratio")
@@ -291,43 +298,142 @@ class ForkCost:
         return out
 
 
-def _make_objective_class() -> type | None:
-    """Define and register :class:`ForkCostObjective` if the env module is importable."""
-    try:
-        from .env import Objective, StepOutcome, register_objective
-    except ImportError:  # the env is optional for the standalone logic
-        return None
+@dataclass
+class StepOutcome:
+    """What one harness step did, handed to the objective.
 
-    class ForkCostObjective(Objective):
-        """The ``fork_cost`` objective (see :mod:`cowenv.objectives`).
+    Attributes:
+        spec: The catalogue entry taken.
+        record: The scenario step recorded for it (None for an illegal action).
+        label: Preemption label reached (``run`` actions), else "".
+        violations: Violations reported during this step (all, in order).
+        new_signatures: Signatures first seen in this episode during this step
+            (``simulator`` defects excluded).
+        new_labels: Number of preemption labels reached for the first time this
+            episode during this step.
+        illegal: The action was illegal (a no-op).
 
-        ``objective_kwargs``: ``mode`` (``difference`` | ``ratio``), ``normaliser_ns``
-        and ``twin`` (bool). Never terminates an episode by itself; ``info["fork_cost"]``
-        carries both kernels' costs and their ratio after every step.
+    """
+
+    spec: ActionSpec
+    record: dict[str, Any] | None
+    label: str
+    violations: list[Violation]
+    new_signatures: list[str]
+    new_labels: int
+    illegal: bool
+
+
+class Objective:
+    """What the agent is rewarded for. Subclass and :func:`register_objective` it.
+
+    The harness calls :meth:`reset` after the workload has run and :meth:`step` after every
+    action (never for an illegal one: those always earn 0). An objective reads the
+    kernel through its public API; it must be deterministic.
+
+    Args:
+        env: The host: the :class:`cowenv.harness.Harness` (read its settings --
+            ``config``, ``workload``, ``violation_reward``, ``terminate_on_violation``,
+            ``novelty_coef`` -- but do not step it). Named ``env`` for compatibility.
+        **kwargs: Objective-specific settings (the env's ``objective_kwargs``).
+
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, env: Any, **kwargs: Any) -> None:
+        if kwargs:
+            raise ValueError(f"objective_kwargs: {self.name} takes no {sorted(kwargs)[0]!r}")
+        self.env = env
+
+    def reset(self, kernel: Kernel) -> dict[str, Any]:
+        """Start of an episode; returns extra reset ``info`` entries."""
+        return {}
+
+    def step(self, kernel: Kernel, outcome: StepOutcome) -> tuple[float, bool, dict[str, Any]]:
+        """Score one legal action.
+
+        Returns:
+            ``(reward, terminated, extra info)``.
+
         """
-
-        name = "fork_cost"
-
-        def __init__(self, env: Any, mode: str = "difference",
-                     normaliser_ns: float | None = None, twin: bool = False) -> None:
-            super().__init__(env)
-            steps = parse_scenario({"config": env.config.to_dict(), "steps": env.workload},
-                                   "<workload>").steps
-            self.logic = ForkCost(env.config, steps, mode, normaliser_ns, twin)
-
-        def reset(self, kernel: Kernel) -> dict[str, Any]:  # noqa: D102
-            return self.logic.reset(kernel)
-
-        def step(self, kernel: Kernel,  # noqa: D102
-                 outcome: StepOutcome) -> tuple[float, bool, dict[str, Any]]:
-            reward, info = self.logic.step(kernel, outcome.record)
-            return reward, False, info
-
-    register_objective(ForkCostObjective)
-    return ForkCostObjective
+        raise NotImplementedError
 
 
-ForkCostObjective = _make_objective_class()
+class ViolationObjective(Objective):
+    """The ``violation`` objective.
 
-__all__ = ["FRAME_FACTOR", "MODES", "SHADOW_LIMITS", "ClassicShadow", "ForkCost",
-           "ForkCostObjective", "ShadowKernel"]
+    ``violation_reward`` for a step that reports a violation signature new in this
+    episode (once per step, however many oracles fire; the episode ends if
+    ``terminate_on_violation``), plus ``novelty_coef`` per preemption label reached for
+    the first time this episode.
+    """
+
+    name = "violation"
+
+    def step(self, kernel: Kernel, outcome: StepOutcome) -> tuple[float, bool, dict[str, Any]]:  # noqa: D102
+        env = self.env
+        r = env.violation_reward if outcome.new_signatures else 0.0
+        r += env.novelty_coef * outcome.new_labels
+        done = bool(outcome.new_signatures) and env.terminate_on_violation
+        return float(r), done, {}
+
+
+#: Objective name -> class (``fork_cost`` is registered below).
+OBJECTIVES: dict[str, type[Objective]] = {"violation": ViolationObjective}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Make ``cls`` available as ``objective=cls.name`` (usable as a decorator)."""
+    if not cls.name:
+        raise ValueError("objective classes need a non-empty name")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+# ------------------------------------------------------------------------ the env
+
+
+@register_objective
+class ForkCostObjective(Objective):
+    """The ``fork_cost`` objective (see the module docstring).
+
+    ``objective_kwargs``: ``mode`` (``difference`` | ``ratio``), ``normaliser_ns``
+    and ``twin`` (bool). Never terminates an episode by itself; ``info["fork_cost"]``
+    carries both kernels' costs and their ratio after every step.
+    """
+
+    name = "fork_cost"
+
+    def __init__(self, env: Any, mode: str = "difference",
+                 normaliser_ns: float | None = None, twin: bool = False) -> None:
+        super().__init__(env)
+        steps = parse_scenario({"config": env.config.to_dict(), "steps": env.workload},
+                               "<workload>").steps
+        self.logic = ForkCost(env.config, steps, mode, normaliser_ns, twin)
+
+    def reset(self, kernel: Kernel) -> dict[str, Any]:  # noqa: D102
+        return self.logic.reset(kernel)
+
+    def step(self, kernel: Kernel,  # noqa: D102
+             outcome: StepOutcome) -> tuple[float, bool, dict[str, Any]]:
+        reward, info = self.logic.step(kernel, outcome.record)
+        return reward, False, info
+
+
+def make_objective(name: str, host: Any, kwargs: dict[str, Any] | None = None) -> Objective:
+    """Instantiate the objective registered as ``name`` for ``host`` (a harness).
+
+    Raises:
+        ValueError: Unknown name, or a keyword the objective does not take.
+
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {', '.join(sorted(OBJECTIVES))}, "
+                         f"got {name!r}")
+    return OBJECTIVES[name](host, **dict(kwargs or {}))
+
+
+__all__ = ["FRAME_FACTOR", "MODES", "OBJECTIVES", "SHADOW_LIMITS", "ClassicShadow", "ForkCost",
+           "ForkCostObjective", "Objective", "ShadowKernel", "StepOutcome",
+           "ViolationObjective", "make_objective", "register_objective"]

@@ -19,16 +19,11 @@ import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
 import cowenv
-from cowenv.env import (
-    OBJECTIVES,
-    CowEnv,
-    Objective,
-    label_vocabulary,
-    register_envs,
-    register_objective,
-)
+from cowenv.catalogue import label_vocabulary
+from cowenv.env import CowEnv, register_envs
 from cowenv.kernel.config import FLAW_IDS
 from cowenv.kernel.trace import trace_hash
+from cowenv.objectives import OBJECTIVES, Objective, register_objective
 from cowenv.scenario import load_scenario, parse_scenario, run_scenario, save_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +177,7 @@ def test_determinism_across_processes_and_hash_seeds():
 def test_incremental_observation_equals_full_encoding():
     env = small()
     for _, obs, *_ in rollout(env, 500, seed=0, rng_seed=1):
-        assert np.array_equal(obs, env._encode(None))
+        assert np.array_equal(obs, env.encoder.encode(env.kernel, None, env.harness.elapsed))
 
 
 # ----------------------------------------------------------------------------- pickling
@@ -439,7 +434,7 @@ def test_observation_contents():
     env = small()
     obs, _ = env.reset(seed=0)
     lay = env.obs_layout
-    ft = env._ft
+    ft = env.encoder.thread_width
     t = obs[lay["threads"][0]:lay["threads"][1]].reshape(env.config.max_threads + 1, ft)
     assert t[0, 1] == 1 and t[1, 1] == 1 and t[2, 1] == 1  # kswapd, t1, t2 idle
     assert t[3, 0] == 1 and t[4, 0] == 1  # t3, t4 absent
@@ -449,7 +444,7 @@ def test_observation_contents():
                                                      len(env.pmd_indices), -1)
     assert (pm[0, :, 0] == 1).all() and (pm[0, :, 1] == 1).all() and (pm[1:] == 0).all()
     cov = obs[lay["coverage"][0]:]
-    assert cov.sum() == len({env._slot(lb) for lb in env.kernel.coverage})
+    assert cov.sum() == len({env.harness.coverage.slot(lb) for lb in env.kernel.coverage})
     # Fork: the child appears and (with COW PTE) shares the parent's tables.
     act(env, env.find_actions("fork", tid=1)[0])
     *_, (obs, *_) = run_to_end(env, 1)
@@ -545,7 +540,7 @@ def _play(env: CowEnv, script) -> list:
     """Carry out a script; returns the violations' signatures and total reward."""
     sigs, total = [], 0.0
     for st in script:
-        if env._done:
+        if env.harness.done:
             break
         if st[0] == "fail_nth":
             results = [env.step(len(env.catalogue) - 3 + st[1] - 1)]
@@ -578,7 +573,7 @@ def test_each_flaw_reachable_through_the_catalogue(flaw):
     (A, _), (B, _), (C, _) = env.regions
     kw, script = _flaw_scripts(A, B, C, env.config.pmd_size, env.config.page_size)[flaw]
     sigs, total = _play(env, script)
-    assert sigs and total == 5.0 and env._done
+    assert sigs and total == 5.0 and env.harness.done
     data = env.get_schedule()
     assert run_scenario(parse_scenario(copy.deepcopy(data))).passed
     # The same actions on the fixed patch find nothing.
@@ -601,6 +596,7 @@ def test_throughput_benchmark_runs(capsys):
     assert all(r["steps_per_s"] > 0 and 0 < r["kernel_share"] for r in out["cowenv"])
     for r in out["cowenv"]:
         p = r["us_per_step"]
-        assert set(p) == {"budget", "step", "harness", "reset", "kernel", "kernel_floor", "env"}
-        assert 0 < p["kernel_floor"] and 0 < p["harness"] < p["step"] and p["budget"] > 0
-        assert abs(p["harness"] + p["reset"] + p["kernel"] + p["env"] - p["step"]) < 1e-6
+        assert set(p) == {"budget", "step", "choice", "reset", "kernel", "kernel_floor", "env"}
+        assert 0 < p["kernel_floor"] and 0 < p["choice"] < p["step"] and p["budget"] > 0
+        assert r["harness_steps_per_s"] > 0
+        assert abs(p["choice"] + p["reset"] + p["kernel"] + p["env"] - p["step"]) < 1e-6

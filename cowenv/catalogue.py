@@ -1,0 +1,281 @@
+"""The action catalogue: operation templates over a workload's regions, and the workload.
+
+A catalogue is a fixed, numbered list of :class:`ActionSpec` entries derived from the
+kernel configuration and the workload's regions: run thread ``t`` one preemption
+point, start a user template on an idle thread, start a kswapd template, or fire a
+``fail_nth`` pressure event. It is plain data, built once per harness
+(:class:`cowenv.harness.Harness`), and shared by the env, the campaigns, the agents
+and the search tools. Also here: the default starting workload and the vocabulary of
+preemption labels (for coverage).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .kernel import KSWAPD_TID
+from .kernel.ops import OPS
+
+_PIN_OPS = ("unpin", "dev_read", "dev_write")
+_PIN_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
+_RECLAIM_NR = (1, 8)
+FAIL_NTH = (1, 2, 3)
+#: Hash buckets for preemption labels not found by the source scan.
+LABEL_OVERFLOW_BUCKETS = 16
+#: Calls whose last (string constant) argument is a lock site ``s`` that yields ``s:wait``.
+_WAIT_SITE_CALLS = ("lock", "pte_offset_map_lock", "rmap_walk_anon", "_rmap_map_pte")
+
+
+# ------------------------------------------------------------------------ labels
+@functools.lru_cache(maxsize=1)
+def label_vocabulary() -> tuple[str, ...]:
+    """Every preemption label the kernel source can yield, sorted.
+
+    Found by parsing ``cowenv/kernel/*.py``: string constants yielded by a generator
+    (``yield "copy_pte_range:table_done"``), ``<site>:wait`` for each constant lock site
+    passed to the lock helpers, and ``<op>:done`` for every operation. Labels built at
+    run time from a variable site are not found here; they fall into
+    :data:`LABEL_OVERFLOW_BUCKETS` CRC-32 buckets.
+
+    Returns:
+        The sorted vocabulary (deterministic for a given kernel source).
+
+    """
+    found: dict[str, None] = {}
+    root = Path(__file__).resolve().parent / "kernel"
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Yield) and isinstance(node.value, ast.Constant):
+                v = node.value.value
+                if isinstance(v, str) and ":" in v:
+                    found[v] = None
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in _WAIT_SITE_CALLS and node.args):
+                last = node.args[-1]
+                if isinstance(last, ast.Constant) and isinstance(last.value, str):
+                    found[f"{last.value}:wait"] = None
+    for op in OPS:
+        found[f"{op}:done"] = None
+    return tuple(sorted(found))
+
+
+# ------------------------------------------------------------------------ workload
+def table_bytes(ptrs_per_pte: int, page_size: int = 4096) -> int:
+    """Bytes one PTE table maps (one PMD entry)."""
+    return ptrs_per_pte * page_size
+
+
+def default_workload(ptrs_per_pte: int, page_size: int = 4096) -> list[dict[str, Any]]:
+    """Return the default starting workload: scenario steps run to completion at reset.
+
+    The parent (tid 1) maps three private anonymous regions laid out so that the
+    interesting page-table shapes exist from the start (``T`` = bytes per PTE table):
+
+    * ``A`` = ``[16T, 18T)``: two whole tables, populated (MAP_POPULATE);
+    * ``B`` = ``[20.5T, 21.5T)``: one table's worth straddling two PMDs, populated;
+    * ``C`` = ``[21.5T, 22T)``: the rest of ``B``'s second PMD (two VMAs in one
+      table), one page written.
+
+    then enables COW PTE (``prctl(PR_SET_COW_PTE)``) and clones a second thread (tid 2)
+    so that faults, walkers and fork can interleave within one mm. Nothing is forked:
+    that (and everything after it) is the agent's choice.
+
+    Args:
+        ptrs_per_pte: Entries per PTE table.
+        page_size: Bytes per page.
+
+    Returns:
+        A list of scenario steps (``{tid, do, args}``).
+
+    """
+    T = table_bytes(ptrs_per_pte, page_size)
+    half = max(page_size, (ptrs_per_pte // 2) * page_size)
+    a, b = 16 * T, 20 * T + half
+    c = b + T
+    return [
+        {"tid": 1, "do": "mmap", "args": {"addr": a, "length": 2 * T, "populate": True}},
+        {"tid": 1, "do": "mmap", "args": {"addr": b, "length": T, "populate": True}},
+        {"tid": 1, "do": "mmap", "args": {"addr": c, "length": 22 * T - c}},
+        {"tid": 1, "do": "write", "args": {"addr": c}},
+        {"tid": 1, "do": "prctl_cow_pte"},
+        {"tid": 1, "do": "clone"},
+    ]
+
+
+def _as_int(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        try:
+            return int(v, 0)
+        except ValueError:
+            return None
+    return None
+
+
+def workload_regions(steps: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Return the ``(addr, length)`` of every ``mmap`` in a workload, in order, once."""
+    out: list[tuple[int, int]] = []
+    for s in steps:
+        if (s.get("do") or s.get("start")) != "mmap":
+            continue
+        args = s.get("args") or {}
+        addr, length = _as_int(args.get("addr")), _as_int(args.get("length"))
+        if addr is None or length is None or (addr, length) in out:
+            continue
+        out.append((addr, length))
+    return out
+
+
+# ------------------------------------------------------------------------ actions
+@dataclass(frozen=True)
+class ActionSpec:
+    """One entry of the action catalogue.
+
+    Attributes:
+        kind: ``run`` (step thread ``tid``), ``start`` (start ``op`` on idle ``tid``)
+            or ``event`` (``fail_nth`` with ``n``).
+        tid: Thread id (0 = kswapd); -1 for events.
+        op: Operation name for ``start``.
+        args: Fixed arguments, as sorted ``(name, value)`` pairs.
+        pin_slot: For unpin/dev_read/dev_write: index of the pin among the thread's
+            process's active pins (oldest first); the pin id is bound when the action
+            is taken. -1 otherwise.
+        proc_slot: For targeted reclaim: the live process (by pid order) whose page
+            at ``addr`` is reclaimed first; its pid is bound when the action is taken.
+        n: ``fail_nth`` argument.
+
+    """
+
+    kind: str
+    tid: int = -1
+    op: str = ""
+    args: tuple[tuple[str, Any], ...] = ()
+    pin_slot: int = -1
+    proc_slot: int = -1
+    n: int = 0
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``t1 start madvise(addr=0x..., ...)``."""
+        if self.kind == "run":
+            return f"t{self.tid} run"
+        if self.kind == "event":
+            return f"fail_nth n={self.n}"
+        parts = [f"{k}={v:#x}" if k in ("addr", "length") and isinstance(v, int) and v >= 0
+                 else f"{k}={v}" for k, v in self.args]
+        if self.pin_slot >= 0:
+            parts.append(f"pin=<slot {self.pin_slot}>")
+        if self.proc_slot >= 0:
+            parts.append(f"pid=<slot {self.proc_slot}>")
+        who = f"t{self.tid} " if self.tid >= 0 else ""
+        return f"{who}start {self.op}({', '.join(parts)})"
+
+
+#: Stands for an illegal action (nothing changed but the episode clock).
+NOOP = ActionSpec("noop")
+
+
+def _tmpl(op: str, pin_slot: int = -1, proc_slot: int = -1, **args: Any) -> ActionSpec:
+    return ActionSpec("start", -1, op, tuple(sorted(args.items())), pin_slot, proc_slot)
+
+
+def build_templates(regions: list[tuple[int, int]], ptrs_per_pte: int, page_size: int,
+                    pin_slots: int) -> list[ActionSpec]:
+    """User-thread operation templates drawn from the workload's regions.
+
+    Per region the pages are grouped into *portions* (the part of the region inside
+    one PMD). Addresses: the first, second and last page of every portion. Ranges:
+    every region, every portion, the first half of every portion (a partial PMD) and
+    its first page.
+
+    Returns:
+        Templates (``tid`` unset), in catalogue order.
+
+    """
+    P, ps = ptrs_per_pte, page_size
+    portions: list[tuple[int, int]] = []
+    for addr, length in regions:
+        s, e = addr // ps, (addr + length) // ps
+        for idx in range(s // P, (e - 1) // P + 1):
+            p = (max(s, idx * P), min(e, (idx + 1) * P))
+            if p not in portions:
+                portions.append(p)
+    pts: list[int] = []
+    for lo, hi in portions:
+        for v in (lo, lo + 1, hi - 1):
+            if lo <= v < hi and v not in pts:
+                pts.append(v)
+    firsts = [lo for lo, _ in portions]
+    big: list[tuple[int, int]] = []
+    for addr, length in regions:
+        r = (addr // ps, length // ps)
+        if r not in big:
+            big.append(r)
+    for lo, hi in portions:
+        if (lo, hi - lo) not in big:
+            big.append((lo, hi - lo))
+    halves = [(lo, (hi - lo) // 2) for lo, hi in portions if hi - lo >= 2]
+    halves = [r for i, r in enumerate(halves) if r not in big and r not in halves[:i]]
+    singles = [(lo, 1) for lo, hi in portions if (lo, 1) not in big and (lo, 1) not in halves]
+    out: list[ActionSpec] = []
+    for v in pts:
+        out.append(_tmpl("read", addr=v * ps))
+        out.append(_tmpl("write", addr=v * ps))
+    for v in firsts:
+        for w, f in _PIN_VARIANTS:
+            out.append(_tmpl("pin", addr=v * ps, write=w, fast=f))
+    for j in range(pin_slots):
+        for op in _PIN_OPS:
+            out.append(_tmpl(op, pin_slot=j))
+    for r in big + halves:
+        for prot in ("none", "r", "rw"):
+            out.append(_tmpl("mprotect", addr=r[0] * ps, length=r[1] * ps, prot=prot))
+    for r in big + halves + singles:
+        for adv in ("DONTNEED", "FREE"):
+            out.append(_tmpl("madvise", addr=r[0] * ps, length=r[1] * ps, advice=adv))
+    for r in big:
+        out.append(_tmpl("madvise", addr=r[0] * ps, length=r[1] * ps, advice="PAGEOUT"))
+    for r in big + halves:
+        for adv in ("WIPEONFORK", "DONTFORK"):
+            out.append(_tmpl("madvise", addr=r[0] * ps, length=r[1] * ps, advice=adv))
+    for r in big + halves:
+        out.append(_tmpl("munmap", addr=r[0] * ps, length=r[1] * ps))
+    for addr, length in regions:
+        out.append(_tmpl("mmap", addr=addr, length=length, populate=True))
+        out.append(_tmpl("mmap", addr=addr, length=length))
+    for op in ("fork", "clone", "exit", "prctl_cow_pte"):
+        out.append(_tmpl(op))
+    return out
+
+
+def build_kswapd_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
+                           page_size: int, max_processes: int) -> list[ActionSpec]:
+    """Build the kswapd templates.
+
+    ``reclaim`` of 1 or 8 pages, and a 1-page reclaim that starts with the page mapped
+    at the first page of each portion in each process slot.
+    """
+    P, ps = ptrs_per_pte, page_size
+    out = [ActionSpec("start", KSWAPD_TID, "reclaim", (("nr", n),)) for n in _RECLAIM_NR]
+    firsts: list[int] = []
+    for addr, length in regions:
+        s, e = addr // ps, (addr + length) // ps
+        for idx in range(s // P, (e - 1) // P + 1):
+            v = max(s, idx * P)
+            if v not in firsts:
+                firsts.append(v)
+    for slot in range(max_processes):
+        for v in firsts:
+            out.append(ActionSpec("start", KSWAPD_TID, "reclaim",
+                                  (("addr", v * ps), ("nr", 1)), proc_slot=slot))
+    return out
+
+
+# ------------------------------------------------------------------------ objectives
