@@ -1,5 +1,9 @@
 """``mm_struct``, ``vm_area_struct`` and ``anon_vma``.
 
+Models ``include/linux/mm_types.h`` (``struct mm_struct``, ``struct vm_area_struct``,
+the ``MM_*`` rss counters, ``MMF_*`` flags) and ``struct anon_vma`` of
+``include/linux/rmap.h``, as of 6.2; ``VM_*`` flags from ``include/linux/mm.h``.
+
 Upper page-table levels are collapsed: an mm maps a PMD index (virtual address divided
 by the bytes one PTE table maps) straight to a :class:`PmdEntry`. ``pgtables_bytes``
 still counts PMD and PUD table pages the way ``mm_inc_nr_pmds``/``mm_inc_nr_puds`` would,

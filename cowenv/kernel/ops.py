@@ -1,5 +1,9 @@
 """The operation catalogue: names, argument specs and validation.
 
+The system calls and events a thread can start: the user API of ``mm/mmap.c``,
+``mm/mprotect.c``, ``mm/madvise.c``, ``kernel/fork.c``, the v4 ``prctl``, pins as
+``pin_user_pages``/io_uring fixed buffers, and kswapd's reclaim (6.2 semantics).
+
 This is plain data shared by the kernel (dispatch), the scenario loader (validation) and
 the environment (action templates). Addresses and lengths are bytes; they must be
 page-aligned. ``prot`` is a string of ``r``/``w`` letters or ``none``.

@@ -1,5 +1,10 @@
 """Page-table entries, PTE tables and PMD entries.
 
+Models the x86-64 PTE bits of ``arch/x86/include/asm/pgtable_types.h`` (present, RW,
+USER, accessed, dirty; the swap-entry encoding and ``_PAGE_SWP_EXCLUSIVE`` of 6.2), a PTE
+table page with its split PTL and refcount (``struct ptdesc``/``struct page``), and PMD
+entries (with COW PTE v4's write-protected "shared" PMD).
+
 A PTE is an ``int64``; a PTE table is a numpy array of them so that bulk walkers
 (``copy_pte_range``, ``zap_pte_range``, ``change_pte_range``) are vectorised.
 

@@ -1,4 +1,8 @@
-"""Violations and the event trace."""
+"""Violations and the event trace.
+
+Not a kernel file: the simulation's own record. Every preemption point, lock event and
+violation is an :class:`Event`; :func:`trace_hash` fingerprints a run for replay.
+"""
 
 from __future__ import annotations
 
