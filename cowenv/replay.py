@@ -56,6 +56,7 @@ from .scenario import (
     apply_step,
     dedup,
     load_scenario,
+    resolve_tid,
 )
 
 # ------------------------------------------------------------------------------ recording
@@ -360,6 +361,11 @@ def execute(config: KernelConfig, steps: list[dict[str, Any]], *, trace: bool = 
                     t = k.threads.get(e.tid)
                     pids.append(int(t.pid) if t is not None else 0)
         tid = s.get("tid")
+        if isinstance(tid, str):  # a fork/clone ``as`` name; bound once the step ran
+            try:
+                tid = resolve_tid(tid, names)
+            except StepError:
+                tid = None
         labels.append(thread_label(k, tid) if tid is not None and k.step_no != before else None)
         executed = i + 1
         if stop_on and stop_on <= k.signatures:
