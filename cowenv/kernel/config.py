@@ -216,5 +216,6 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
     return KernelConfig(**kw)
 
 
-__all__ = ["MAX_FRAMES", "MAX_SWAP_SLOTS", "MAX_PTRS_PER_PTE", "FLAW_IDS", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
+__all__ = ["MAX_FRAMES", "MAX_SWAP_SLOTS", "MAX_PTRS_PER_PTE",
+           "FLAW_IDS", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
            "config_from_dict"]
