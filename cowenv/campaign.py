@@ -584,6 +584,10 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool) -> CampaignResult:
             prev["status"] = "interrupted"
             atomic_write_text(outp / STATE_NAME, json.dumps(prev, indent=1, sort_keys=True)
                               + "\n")
+    cpus = usable_cpus()  # every check passed: a warning now is not mixed with an error
+    if cfg.workers > cpus:
+        print(f"warning: --workers {cfg.workers} is more than the {cpus} CPU(s) this process "
+              "may use; the workers share them (same results, no faster)", file=sys.stderr)
     store = FindingStore(outp, minimise=False)
     meta: dict[str, dict[str, Any]] = dict(prev.get("findings", {})) if prev else {}
     elapsed0 = float(prev.get("elapsed", 0.0)) if prev else 0.0
@@ -970,10 +974,6 @@ def _run_fuzz(a: argparse.Namespace) -> int:
         akw["depth"] = a.depth
     model = str(Path(a.model).resolve()) if a.model else None
     env_kw = env_kwargs_from_args(a, default_env_kwargs())
-    cpus = usable_cpus()
-    if a.workers > cpus:
-        print(f"warning: --workers {a.workers} is more than the {cpus} CPU(s) this process may "
-              "use; the workers share them (same results, no faster)", file=sys.stderr)
     cfg = CampaignConfig(agent=a.agent, seed=a.seed, workers=a.workers, budget=a.budget,
                          env_kwargs=env_kw, agent_kwargs=akw, model=model,
                          teardown=a.teardown, minimise=not a.no_minimise)

@@ -55,6 +55,10 @@ from .kernel.trace import KINDS, Violation, trace_hash
 FORMAT_VERSION = 1
 #: Words with a meaning of their own in ``tid``/``expect``; not usable as ``as`` names.
 RESERVED_NAMES = ("kswapd", "zero", "ok", "any-errno")
+#: Cap on the page tables a ``length`` may span: the simulated kernel walks a range one
+#: PMD at a time, so a range of the whole address space (2**24 tables at 8 entries per
+#: table) would take minutes; 65536 tables is 128 GiB at x86-64 geometry.
+MAX_RANGE_TABLES = 1 << 16
 #: Prefix of the key under which a fork/clone ``as`` name's thread id is kept at run time.
 TID_KEY = "\x00tid:"
 STEP_KINDS = ("do", "start", "step", "until", "finish", "run", "event")
@@ -187,7 +191,7 @@ def _expect_ok(ev: Any, bound: set[str]) -> bool:
 
 
 def _parse_step(s: Any, i: int, bound: set[str], page_size: int,
-                threads: set[str] | None = None) -> dict[str, Any]:
+                threads: set[str] | None = None, pmd_size: int = 0) -> dict[str, Any]:
     if threads is None:
         threads = set()
     w = f"steps[{i}]"
@@ -237,9 +241,14 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int,
                 raise ValueError(f"{w}.args.{k}: {v!r} is neither a number nor a name bound "
                                  "by an earlier step's 'as'")
         try:
-            validate_args(op, concrete, page_size)
+            checked = validate_args(op, concrete, page_size)
         except ValueError as e:
             raise ValueError(f"{w}.{e}") from None
+        n = checked.get("length")
+        if pmd_size and isinstance(n, int) and n > MAX_RANGE_TABLES * pmd_size:
+            raise ValueError(f"{w}.args.length: expected at most {MAX_RANGE_TABLES} page "
+                             f"tables' worth ({MAX_RANGE_TABLES * pmd_size:#x} bytes at this "
+                             f"geometry), got {n:#x}")
         out["args"] = dict(args)
         if "as" in s:
             if (not isinstance(s["as"], str) or not s["as"].isidentifier()
@@ -349,7 +358,7 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
             raise ValueError("steps: expected a list")
         bound: set[str] = set()
         threads: set[str] = set()
-        steps = [_parse_step(s, i, bound, cfg.page_size, threads)
+        steps = [_parse_step(s, i, bound, cfg.page_size, threads, cfg.pmd_size)
                  for i, s in enumerate(steps_d)]
         expect = _parse_expectation(data.get("expect"), "expect")
         ebv: dict[str, Expectation] = {}
