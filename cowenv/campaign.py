@@ -793,6 +793,19 @@ def _drain(q: Any, wsteps: list[int], weps: list[int]) -> None:
             wsteps[msg[1]], weps[msg[1]] = msg[2], msg[3]
 
 
+#: The flag that sets each env/kernel setting (for error lines).
+_FLAG_OF = {"ptrs_per_pte": "--geometry", "geometry": "--geometry", "fault_mode": "--fault-mode",
+            "max_steps": "--max-steps", "flaws": "--flaws", "variant": "--preset",
+            "preset": "--preset"}
+
+
+def env_error(e: Exception) -> str:
+    """One line for an invalid env setting, naming the flag that set it when there is one."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    flag = _FLAG_OF.get(msg.split(":", 1)[0].strip())
+    return f"{flag}: {msg}" if flag else f"env settings: {msg}"
+
+
 def _check_setup(cfg: CampaignConfig) -> None:
     """Fail early (in the main process) on settings a worker would choke on."""
     try:
@@ -806,7 +819,7 @@ def _check_setup(cfg: CampaignConfig) -> None:
     try:
         env = CowEnv(**cfg.env_kwargs)
     except (TypeError, ValueError) as e:
-        raise CampaignError(f"env settings: {e}") from None
+        raise CampaignError(env_error(e)) from None
     if cfg.agent == "ppo":
         if not cfg.model:
             raise CampaignError("--agent ppo needs --model PATH (a model saved by `cowenv train`)")
@@ -1040,8 +1053,8 @@ def _run_train(a: argparse.Namespace) -> int:
 
         for c in configs:
             CowEnv(**c)
-    except ValueError as e:
-        raise BadInput(f"env settings: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise BadInput(env_error(e)) from None
     import cowenv_agents.ppo as ppo
 
     t0 = time.monotonic()

@@ -309,7 +309,7 @@ def flag_list(draw: Any, flags: list[str], switches: list[str]) -> list[str]:
 
 @pytest.fixture
 def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep validation, drop the work: no workers, no training."""
+    """Keep validation, drop the work: no workers, no training; run in the scratch folder."""
     import cowenv_agents.ppo as ppo
 
     import cowenv.campaign as camp
@@ -322,6 +322,7 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(camp, "_run_locked", fake_locked)
     monkeypatch.setattr(ppo, "train_ppo", fake_train)
+    monkeypatch.chdir(WORK)  # relative --out values (folders are created) land here
 
 
 @pytest.mark.parametrize("cmd", ["fuzz", "train"])

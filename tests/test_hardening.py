@@ -448,3 +448,47 @@ def test_labels_command(capsys: pytest.CaptureFixture) -> None:
     assert set(every) == set(label_vocabulary())
     assert cli.main(["labels", "--variant", "newest"]) == 2
     assert "--variant: expected one of" in _one_line(capsys)
+
+
+# ------------------------------------------------------------------ README usage lines
+def _readme_usage() -> dict[str, list[set[str]]]:
+    """Flags of each README usage line ``    .venv/bin/cowenv CMD ...`` (with continuations)."""
+    import re
+
+    out: dict[str, list[set[str]]] = {}
+    lines = (ROOT / "README.md").read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"    \.venv/bin/cowenv (scenario run|[a-z]+)\b(.*)", line)
+        if not m:
+            continue
+        text = m.group(2).split("#")[0]
+        j = i + 1
+        while j < len(lines) and re.match(r"        \[", lines[j]):
+            text += " " + lines[j]
+            j += 1
+        out.setdefault(m.group(1), []).append(set(re.findall(r"(?<![\w-])(--[a-z-]+|-o)\b",
+                                                             text)))
+    return out
+
+
+def _help_flags(cmd: str, capsys: pytest.CaptureFixture) -> set[str]:
+    import re
+
+    with pytest.raises(SystemExit):
+        cli.main([*cmd.split(), "--help"])
+    text = capsys.readouterr().out
+    return set(re.findall(r"(?<![\w-])(--[a-z-]+|-o)\b", text)) - {"--help"}
+
+
+def test_readme_usage_lines_match_help(capsys: pytest.CaptureFixture) -> None:
+    usage = _readme_usage()
+    cmds = ["scenario run", "replay", "minimize", "trace", "labels", "fuzz", "train"]
+    assert set(usage) == set(cmds)
+    for cmd in cmds:
+        helped = _help_flags(cmd, capsys)
+        if cmd in ("minimize", "trace"):
+            helped -= {"--output"}  # -o is the spelling the README uses
+        full = max(usage[cmd], key=len)
+        assert full == helped, (cmd, full ^ helped)  # the complete line: every flag
+        for flags in usage[cmd]:  # and no line names a flag --help does not know
+            assert flags <= helped | {"--output"}, (cmd, flags - helped)
