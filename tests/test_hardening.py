@@ -492,3 +492,17 @@ def test_readme_usage_lines_match_help(capsys: pytest.CaptureFixture) -> None:
         assert full == helped, (cmd, full ^ helped)  # the complete line: every flag
         for flags in usage[cmd]:  # and no line names a flag --help does not know
             assert flags <= helped | {"--output"}, (cmd, flags - helped)
+
+
+# ------------------------------------------------------------------ benchmarks' quick mode
+def test_fork_cost_quick_never_writes_committed_results(tmp_path: Path) -> None:
+    committed = ROOT / "benchmarks" / "out" / "fork_cost.png"
+    before = committed.stat().st_mtime_ns if committed.exists() else None
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fork_cost.py"), "--quick",
+                        "--no-ppo", "--budget", "2", "--json"], capture_output=True, text=True,
+                       env=dict(_env(), TMPDIR=str(tmp_path)), timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    plot = Path(json.loads(r.stdout)["plot"])
+    assert plot.exists() and tmp_path in plot.parents
+    after = committed.stat().st_mtime_ns if committed.exists() else None
+    assert after == before
