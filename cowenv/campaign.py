@@ -29,7 +29,13 @@ signatures it has reported. Running ``cowenv fuzz --out DIR`` again with the sam
 continues every worker from its last checkpoint (episodes are replayed exactly from
 there), keeps the findings already in ``DIR`` (they are not reported as new again) and
 re-minimises any that were interrupted mid-minimisation. A larger ``--budget`` extends a
-finished campaign.
+finished campaign; a smaller one is refused.
+
+Safety: a campaign holds ``flock`` on ``DIR/.lock`` (:class:`CampaignLock`, its pid written
+in the file), so a second campaign on the same folder exits 2 naming that pid. Workers and
+the minimiser call :func:`die_with_parent` (``PR_SET_PDEATHSIG``) first, so they die with
+the main process even when it is SIGKILLed; :func:`campaign_status` then reports the
+``running`` left in ``campaign.json`` as ``interrupted``, and so does the next start.
 """
 
 from __future__ import annotations

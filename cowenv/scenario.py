@@ -30,11 +30,18 @@ Format (``version: 1``)::
     expect_by_variant:      # optional: expectation when run as another preset
       fixed: {violation: null}
 
-``tid`` is an int or ``kswapd`` (0). Argument values and ``expect`` may name a result
-bound earlier with ``as``. ``expect`` is an int, a bound name, ``zero``, or an errno such
-as ``-EFAULT``; a mismatch is a ``selftest`` violation whose site is the step's ``check``
-text (the selftest's own message). Files are loaded with ``yaml.safe_load`` and
-validated field by field; they can never run code.
+``version`` is required in a file. ``tid`` is an int, ``kswapd`` (0), or a name bound by
+an earlier ``fork``/``clone`` step's ``as`` (the child's thread: ``{tid: 1, do: fork, as:
+CHILD}`` then ``{tid: CHILD, do: read, ...}``). Argument values and ``expect`` may name a
+result bound earlier with ``as``. ``expect`` is an int, a bound name, ``{not: NAME}``,
+``zero``, ``ok`` (>= 0), ``any-errno`` (< 0), an errno such as ``-EFAULT``, or a range
+``{min: A, max: B}`` (inclusive, either end optional); a mismatch is a ``selftest``
+violation whose site is the step's ``check`` text (the selftest's own message).
+``expect_by_variant`` applies when a run uses another preset than the file's own; an entry
+for the file's own preset must equal ``expect``. Resource sizes are capped
+(:data:`cowenv.kernel.config.MAX_FRAMES`, :data:`MAX_RANGE_TABLES`). Files are loaded with
+``yaml.safe_load`` and validated field by field; they can never run code. The README's
+"Scenario format reference" lists every field.
 """
 
 from __future__ import annotations
