@@ -38,6 +38,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -297,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=200_000,
                    help="PPO training steps per held-out group (default 200000)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--out", default=None,
+                   help="output folder (default benchmarks/out for a full run with the default "
+                        "settings; any smaller run writes to a new temporary folder, so it "
+                        "never overwrites the committed results)")
     p.add_argument("--model-dir", default=str(ROOT / "runs" / "bench"),
                    help="where PPO models, TensorBoard logs and checkpoints go")
     a = p.parse_args(argv)
@@ -356,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"({r['run_seconds']:.1f}s)", file=sys.stderr)
     runs.sort(key=lambda r: (flaws.index(r["flaw"]), agents.index(r["agent"]), r["seed"]))
     summary = summarise(runs, flaws, agents, a.budget)
+    if a.out is None:
+        full = all(getattr(a, k) == p.get_default(k) for k in
+                   ("budget", "seeds", "agents", "flaws", "train_steps"))
+        a.out = str(OUT) if full else tempfile.mkdtemp(prefix="cowenv-bug-finding-")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(summary, flaws, agents, a.budget, a.seeds)

@@ -22,7 +22,8 @@ Gymnasium env's ``fork_cost`` objective within a budget, as a fraction of it:
 Usage: ``python benchmarks/fork_cost.py [--json] [--markdown] [--quick] [--budget N]
 [--ppo-steps N] [--no-ppo] [--out DIR]``
 
-Writes ``<out>/fork_cost.png`` (default ``benchmarks/out``).
+Writes ``<out>/fork_cost.png`` (default ``benchmarks/out``; with ``--quick`` and no
+``--out``, a new temporary folder: quick runs never overwrite committed results).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -379,8 +381,13 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=None,
                     help="MaskablePPO timesteps (default 20000; 2048 with --quick)")
     ap.add_argument("--no-ppo", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--out", default=None,
+                    help="folder for fork_cost.png (default benchmarks/out; with --quick a new "
+                         "temporary folder, so a quick run never overwrites committed results)")
     a = ap.parse_args()
+    if a.out is None:
+        a.out = (tempfile.mkdtemp(prefix="cowenv-fork-cost-") if a.quick
+                 else str(Path(__file__).resolve().parent / "out"))
     budget = a.budget if a.budget is not None else (60 if a.quick else 1000)
     ppo_steps = a.ppo_steps if a.ppo_steps is not None else (2048 if a.quick else 20000)
     t0 = time.perf_counter()

@@ -29,7 +29,13 @@ signatures it has reported. Running ``cowenv fuzz --out DIR`` again with the sam
 continues every worker from its last checkpoint (episodes are replayed exactly from
 there), keeps the findings already in ``DIR`` (they are not reported as new again) and
 re-minimises any that were interrupted mid-minimisation. A larger ``--budget`` extends a
-finished campaign.
+finished campaign; a smaller one is refused.
+
+Safety: a campaign holds ``flock`` on ``DIR/.lock`` (:class:`CampaignLock`, its pid written
+in the file), so a second campaign on the same folder exits 2 naming that pid. Workers and
+the minimiser call :func:`die_with_parent` (``PR_SET_PDEATHSIG``) first, so they die with
+the main process even when it is SIGKILLed; :func:`campaign_status` then reports the
+``running`` left in ``campaign.json`` as ``interrupted``, and so does the next start.
 """
 
 from __future__ import annotations
@@ -51,11 +57,18 @@ from typing import Any
 from .fileio import atomic_write_text
 
 STATE_NAME = "campaign.json"
+LOCK_NAME = ".lock"
 CHECKPOINT_DIR = ".campaign"
 STATE_VERSION = 1
 #: Seconds between worker checkpoints (when, not what: results do not depend on it).
 CHECKPOINT_SECONDS = 3.0
 AGENT_CHOICES = ("random", "pct", "ql", "ppo")
+#: Caps on campaign flags (checked before anything is created).
+MAX_BUDGET = 10**12
+MAX_WORKERS = 256
+MAX_EPISODE_STEPS = 1_000_000
+MAX_TRAIN_STEPS = 10**9
+MAX_SEED = 2**63 - 1
 
 
 class CampaignError(Exception):
@@ -124,6 +137,111 @@ def _parent_alive() -> bool:
     return p is None or p.is_alive()
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Make this child process die with its parent, even if the parent is SIGKILLed.
+
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (Linux, through ctypes) asks the kernel to kill
+    this process when the thread that created it exits; then, in case the parent died
+    before the call, a parent-alive check exits at once. Elsewhere only the check runs
+    (workers and the minimiser also poll :func:`_parent_alive`).
+    """
+    import ctypes
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+            pass
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(0)  # already orphaned: the parent died before prctl
+
+
+class CampaignLock:
+    """An OS lock on a campaign folder: ``flock`` on ``DIR/.lock``, holder's pid inside.
+
+    The lock is released by the kernel when the holder exits, however it exits (SIGKILL
+    included), so a stale lock file never blocks a later campaign; the pid in it only
+    serves the error message.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock without waiting.
+
+        Raises:
+            CampaignError: another live process holds it (naming its pid).
+            OSError: the lock file cannot be created.
+        """
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise CampaignError(
+                f"--out: {self.path.parent} is in use by another campaign (pid {holder}); "
+                f"wait for it to end or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would race with a new holder)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_holder(folder: str | Path) -> int | None:
+    """Return the pid of the live process holding ``folder``'s campaign lock, or None."""
+    import fcntl
+
+    p = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            txt = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(txt) if txt.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def campaign_status(folder: str | Path) -> str | None:
+    """The true status of the campaign in ``folder`` (None if there is none).
+
+    ``campaign.json`` says ``running`` from the start of a session until it ends; a
+    session that was killed (SIGKILL, power loss) never rewrites it. So ``running`` is
+    believed only while a live process holds the folder's lock; otherwise the campaign
+    was ``interrupted``.
+    """
+    p = Path(folder) / STATE_NAME
+    try:
+        st = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    status = st.get("status") if isinstance(st, dict) else None
+    if status == "running" and lock_holder(folder) is None:
+        return "interrupted"
+    return status
+
+
 def worker_main(cfg: dict[str, Any], w: int, out: str, q: Any, stop: Any,
                 known: list[str]) -> None:
     """Body of worker process ``w`` (spawn entry point; see the module docstring).
@@ -133,6 +251,7 @@ def worker_main(cfg: dict[str, Any], w: int, out: str, q: Any, stop: Any,
     ``("done", w, steps, episodes)``, ``("error", w, text)``.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+    die_with_parent()
     try:
         _worker_loop(CampaignConfig(**cfg), w, Path(out), q, stop, set(known))
     except BaseException:  # report everything, including a bad model or env setting
@@ -207,9 +326,11 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
 def minimiser_main(tasks: Any, results: Any) -> None:
     """Body of the minimiser process: ``(path, signature)`` in, :func:`minimise_finding` out.
 
-    Ends on a ``None`` task, or when the main process has gone (checked every 0.5 s).
+    Ends on a ``None`` task, or when the main process has gone (``PR_SET_PDEATHSIG``, and
+    checked every 0.5 s).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     while True:
         try:
             task = tasks.get(timeout=0.5)
@@ -403,25 +524,79 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
         CampaignError: bad settings, or ``out`` holds a campaign with other settings.
 
     """
-    from .findings import FindingStore
-
     if cfg.agent not in AGENT_CHOICES:
         raise CampaignError(f"--agent: expected one of {', '.join(AGENT_CHOICES)}")
-    if cfg.workers < 1:
-        raise CampaignError("--workers: expected >= 1")
-    if cfg.budget < 0:
-        raise CampaignError("--budget: expected >= 0")
+    if not 1 <= cfg.workers <= MAX_WORKERS:
+        raise CampaignError(f"--workers: expected 1 to {MAX_WORKERS}, got {cfg.workers}")
+    if not 0 <= cfg.budget <= MAX_BUDGET:
+        raise CampaignError(f"--budget: expected 0 to {MAX_BUDGET:.0e}, got {cfg.budget}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise CampaignError(f"--seed: expected 0 to 2**63-1, got {cfg.seed}")
     if cfg.teardown < 0:
         raise CampaignError("--teardown: expected >= 0")
     _check_setup(cfg)
     outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
+    lock = _lock_folder(outp)
+    try:
+        return _run_locked(cfg, outp, show)
+    finally:
+        lock.release()
+
+
+def _lock_folder(outp: Path) -> CampaignLock:
+    """Create (if needed) and lock the campaign folder ``outp``.
+
+    Raises:
+        CampaignError: not a folder, cannot be created or written, or locked by a live
+            campaign (one line naming ``--out`` and what was expected).
+    """
+    if outp.exists() and not outp.is_dir():
+        raise CampaignError(f"--out: {outp} is a file (expected a folder: new, or holding a "
+                            "campaign to resume)")
+    try:
+        outp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CampaignError(f"--out: cannot create folder {outp} ({e.strerror or e}; "
+                            "expected a writable place)") from None
+    if not os.access(outp, os.W_OK | os.X_OK):
+        raise CampaignError(f"--out: folder {outp} is not writable (expected a writable "
+                            "folder)")
+    lock = CampaignLock(outp)
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise CampaignError(f"--out: cannot write in folder {outp} ({e.strerror or e}; "
+                            "expected a writable folder)") from None
+    return lock
+
+
+def _run_locked(cfg: CampaignConfig, outp: Path, show: bool) -> CampaignResult:
+    """:func:`run_campaign` once ``outp`` is locked."""
+    from .findings import FindingStore
+
     prev = _load_state(outp)
     if prev is not None and prev.get("config") != cfg.identity():
         diff = sorted(k for k in set(prev.get("config", {})) | set(cfg.identity())
                       if prev.get("config", {}).get(k) != cfg.identity().get(k))
         raise CampaignError(f"{outp}: holds a campaign with other settings ({', '.join(diff)}); "
                             f"use another --out or the same settings to resume it")
+    notes: list[str] = []
+    if prev is not None:
+        prev_budget = prev.get("budget")
+        if isinstance(prev_budget, int) and cfg.budget < prev_budget:
+            raise CampaignError(f"--budget: expected >= {prev_budget} (the campaign in {outp} "
+                                f"has --budget {prev_budget}; a resumed campaign can only "
+                                f"grow), got {cfg.budget}")
+        if prev.get("status") == "running":  # we hold the lock: that session is dead
+            notes.append(f"note: the previous session (pid {prev.get('pid', '?')}) was killed "
+                         "while running; its campaign is resumed as interrupted")
+            prev["status"] = "interrupted"
+            atomic_write_text(outp / STATE_NAME, json.dumps(prev, indent=1, sort_keys=True)
+                              + "\n")
+    cpus = usable_cpus()  # every check passed: a warning now is not mixed with an error
+    if cfg.workers > cpus:
+        print(f"warning: --workers {cfg.workers} is more than the {cpus} CPU(s) this process "
+              "may use; the workers share them (same results, no faster)", file=sys.stderr)
     store = FindingStore(outp, minimise=False)
     meta: dict[str, dict[str, Any]] = dict(prev.get("findings", {})) if prev else {}
     elapsed0 = float(prev.get("elapsed", 0.0)) if prev else 0.0
@@ -441,7 +616,7 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
     def save_state(status: str) -> None:
         atomic_write_text(outp / STATE_NAME, json.dumps({
             "version": STATE_VERSION, "config": cfg.identity(), "budget": cfg.budget,
-            "status": status, "elapsed": round(elapsed(), 3),
+            "status": status, "pid": os.getpid(), "elapsed": round(elapsed(), 3),
             "workers": [{"worker": w, "seed": [cfg.seed, w],
                          "budget": worker_budget(cfg.budget, cfg.workers, w),
                          "steps": wsteps[w], "episodes": weps[w]} for w in range(cfg.workers)],
@@ -449,6 +624,8 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
 
     save_state("running")
     display = _Display(show, cfg.budget, sum(wsteps))
+    for n in notes:
+        display.note(n)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     stop = ctx.Event()
@@ -625,6 +802,19 @@ def _drain(q: Any, wsteps: list[int], weps: list[int]) -> None:
             wsteps[msg[1]], weps[msg[1]] = msg[2], msg[3]
 
 
+#: The flag that sets each env/kernel setting (for error lines).
+_FLAG_OF = {"ptrs_per_pte": "--geometry", "geometry": "--geometry", "fault_mode": "--fault-mode",
+            "max_steps": "--max-steps", "flaws": "--flaws", "variant": "--preset",
+            "preset": "--preset"}
+
+
+def env_error(e: Exception) -> str:
+    """One line for an invalid env setting, naming the flag that set it when there is one."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    flag = _FLAG_OF.get(msg.split(":", 1)[0].strip())
+    return f"{flag}: {msg}" if flag else f"env settings: {msg}"
+
+
 def _check_setup(cfg: CampaignConfig) -> None:
     """Fail early (in the main process) on settings a worker would choke on."""
     try:
@@ -638,7 +828,7 @@ def _check_setup(cfg: CampaignConfig) -> None:
     try:
         env = CowEnv(**cfg.env_kwargs)
     except (TypeError, ValueError) as e:
-        raise CampaignError(f"env settings: {e}") from None
+        raise CampaignError(env_error(e)) from None
     if cfg.agent == "ppo":
         if not cfg.model:
             raise CampaignError("--agent ppo needs --model PATH (a model saved by `cowenv train`)")
@@ -673,6 +863,9 @@ def env_kwargs_from_args(a: argparse.Namespace, base: dict[str, Any]) -> dict[st
     from .kernel.config import GEOMETRIES, PRESETS
 
     kw = dict(base)
+    if a.preset is not None and a.flaws is not None:
+        raise BadInput(f"--flaws: cannot be combined with --preset {a.preset} (a preset fixes "
+                       "the flaws); use --flaws alone (the cowpte variant) or --preset alone")
     if a.preset is not None:
         if a.preset not in PRESETS:
             raise BadInput(f"--preset: expected one of {', '.join(PRESETS)}")
@@ -693,10 +886,33 @@ def env_kwargs_from_args(a: argparse.Namespace, base: dict[str, Any]) -> dict[st
     if a.fault_mode is not None:
         kw["fault_mode"] = a.fault_mode
     if a.max_steps is not None:
-        if a.max_steps < 1:
-            raise BadInput("--max-steps: expected >= 1")
+        if not 1 <= a.max_steps <= MAX_EPISODE_STEPS:
+            raise BadInput(f"--max-steps: expected 1 to {MAX_EPISODE_STEPS}, got {a.max_steps}")
         kw["max_steps"] = a.max_steps
+    if a.teardown < 0:
+        raise BadInput(f"--teardown: expected >= 0, got {a.teardown}")
+    max_steps = kw.get("max_steps", _env_default("max_steps"))
+    if a.teardown and a.teardown >= max_steps:
+        raise BadInput(f"--teardown: expected less than --max-steps ({max_steps}: the episode "
+                       f"length), got {a.teardown}")
     return kw
+
+
+def _env_default(name: str) -> Any:
+    """Default of a ``CowEnv`` keyword argument (read from its signature)."""
+    import inspect
+
+    from .env import CowEnv
+
+    return inspect.signature(CowEnv.__init__).parameters[name].default
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _setup_fuzz(sp: argparse.ArgumentParser) -> None:
@@ -722,10 +938,10 @@ def _setup_fuzz(sp: argparse.ArgumentParser) -> None:
 
 
 def _print_summary(res: CampaignResult) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    c = Console(width=max(140, Console().width))
+    from .cli import print_table
+
     state = "interrupted" if res.interrupted else "finished"
     t = Table(title=f"{len(res.findings)} finding(s); {res.steps:,} steps, {res.episodes:,} "
                     f"episodes, {res.seconds:.1f}s ({state})")
@@ -747,7 +963,7 @@ def _print_summary(res: CampaignResult) -> None:
                 shown[f] = None
         t.add_row(r["signature"], flaws, where, secs, r["agent"], f"{r['steps']}{mark}",
                   Path(r["file"]).name)
-    c.print(t)
+    print_table(t)
     if shown:
         from .kernel.config import FLAW_IDS
 
@@ -765,10 +981,12 @@ def _print_summary(res: CampaignResult) -> None:
 def _run_fuzz(a: argparse.Namespace) -> int:
     from .cli import EXIT_FAIL, EXIT_OK, BadInput
 
-    if a.budget < 0:
-        raise BadInput("--budget: expected >= 0")
-    if a.workers < 1:
-        raise BadInput("--workers: expected >= 1")
+    if not 0 <= a.budget <= MAX_BUDGET:
+        raise BadInput(f"--budget: expected 0 to {MAX_BUDGET:.0e}, got {a.budget}")
+    if not 1 <= a.workers <= MAX_WORKERS:
+        raise BadInput(f"--workers: expected 1 to {MAX_WORKERS}, got {a.workers}")
+    if not 0 <= a.seed <= MAX_SEED:
+        raise BadInput(f"--seed: expected 0 to 2**63-1, got {a.seed}")
     akw: dict[str, Any] = {}
     if a.depth is not None:
         if a.agent != "pct":
@@ -777,12 +995,10 @@ def _run_fuzz(a: argparse.Namespace) -> int:
             raise BadInput("--depth: expected >= 1")
         akw["depth"] = a.depth
     model = str(Path(a.model).resolve()) if a.model else None
-    if a.teardown < 0:
-        raise BadInput("--teardown: expected >= 0")
+    env_kw = env_kwargs_from_args(a, default_env_kwargs())
     cfg = CampaignConfig(agent=a.agent, seed=a.seed, workers=a.workers, budget=a.budget,
-                         env_kwargs=env_kwargs_from_args(a, default_env_kwargs()),
-                         agent_kwargs=akw, model=model, teardown=a.teardown,
-                         minimise=not a.no_minimise)
+                         env_kwargs=env_kw, agent_kwargs=akw, model=model,
+                         teardown=a.teardown, minimise=not a.no_minimise)
     try:
         res = run_campaign(cfg, a.out, show=not a.quiet)
     except CampaignError as e:
@@ -817,13 +1033,21 @@ def _run_train(a: argparse.Namespace) -> int:
     from .cli import EXIT_OK, BadInput
     from .kernel.config import PRESETS
 
-    if a.steps < 1:
-        raise BadInput("--steps: expected >= 1")
-    if a.n_envs is not None and a.n_envs < 1:
-        raise BadInput("--n-envs: expected >= 1")
-    if not 0 <= a.teardown < 256:
-        raise BadInput("--teardown: expected 0..255")
+    if not 1 <= a.steps <= MAX_TRAIN_STEPS:
+        raise BadInput(f"--steps: expected 1 to {MAX_TRAIN_STEPS:.0e}, got {a.steps}")
+    if a.n_envs is not None and not 1 <= a.n_envs <= MAX_WORKERS:
+        raise BadInput(f"--n-envs: expected 1 to {MAX_WORKERS}, got {a.n_envs}")
+    if not 0 <= a.seed <= MAX_SEED:
+        raise BadInput(f"--seed: expected 0 to 2**63-1, got {a.seed}")
     kw = env_kwargs_from_args(a, {})
+    from .fileio import check_output_path
+
+    why = check_output_path(a.out)
+    if why is not None and "no such folder" not in why:  # the model's folder is created
+        raise BadInput(f"--out: {a.out}: cannot write ({why})")
+    log = Path(a.log_dir)
+    if log.exists() and not log.is_dir():
+        raise BadInput(f"--log-dir: {log} is a file (expected a folder)")
     configs: list[dict[str, Any]] = [kw]
     if a.each_flaw:
         flaws = kw.get("flaws")
@@ -838,8 +1062,8 @@ def _run_train(a: argparse.Namespace) -> int:
 
         for c in configs:
             CowEnv(**c)
-    except ValueError as e:
-        raise BadInput(f"env settings: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise BadInput(env_error(e)) from None
     import cowenv_agents.ppo as ppo
 
     t0 = time.monotonic()

@@ -207,6 +207,13 @@ def validate_chrome_trace(doc: Any) -> list[str]:
     return errs
 
 
-def write_json(doc: dict[str, Any], path: str | Path) -> None:
-    """Write ``doc`` as JSON atomically (temp file + rename)."""
-    atomic_write_text(path, json.dumps(doc, separators=(",", ":"), sort_keys=True) + "\n")
+def write_json(doc: dict[str, Any], path: str | Path, *, mkdir: bool = False) -> None:
+    """Write ``doc`` as JSON atomically (temp file + rename).
+
+    Args:
+        doc: The trace document.
+        path: Destination file.
+        mkdir: Create missing folders (off: a user's ``-o`` names an existing folder).
+    """
+    atomic_write_text(path, json.dumps(doc, separators=(",", ":"), sort_keys=True) + "\n",
+                      mkdir=mkdir)

@@ -38,14 +38,47 @@ def _flaws_arg(s: str) -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------- tables
+def print_table(table: Any, *, stderr: bool = False) -> None:
+    """Print a rich table; names are never broken when the output is not a terminal.
+
+    On a terminal the table fits the window (long cells fold). Into a pipe or a file every
+    column is ``no_wrap`` and the width unbounded, so signatures and file names stay whole
+    and a ``grep`` finds them.
+    """
+    from rich.console import Console
+
+    c = Console(stderr=stderr)
+    if not c.is_terminal:
+        for col in table.columns:
+            col.no_wrap, col.overflow = True, "ignore"
+        c = Console(stderr=stderr, width=100_000, no_color=True, highlight=False)
+    c.print(table)
+
+
 # ----------------------------------------------------------------------------- scenario
 def _setup_scenario(sp: argparse.ArgumentParser) -> None:
     sub = sp.add_subparsers(dest="action", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run scenario files or folders")
     r.add_argument("paths", nargs="+")
     r.add_argument("--variant", help="classic, cowpte, or a preset: as-posted, fixed")
-    r.add_argument("--flaws", help="comma-separated flaw ids (implies cowpte)")
+    r.add_argument("--flaws", help="comma-separated flaw ids (implies cowpte; not with a "
+                                   "preset as --variant)")
     r.add_argument("--json", action="store_true", help="one JSON object per scenario")
+
+
+def check_variant_flaws(variant: str | None, flaws: str | None, flag: str = "--variant"
+                        ) -> None:
+    """Refuse ``--flaws`` together with a preset (the preset fixes the flaw set).
+
+    Raises:
+        BadInput: naming both flags.
+    """
+    from .kernel.config import PRESETS
+
+    if flaws is not None and variant is not None and variant in PRESETS:
+        raise BadInput(f"--flaws: cannot be combined with {flag} {variant} (a preset fixes "
+                       f"the flaws); use --flaws alone (the cowpte variant) or drop --flaws")
 
 
 def _run_scenario(a: argparse.Namespace) -> int:
@@ -55,45 +88,128 @@ def _run_scenario(a: argparse.Namespace) -> int:
     if a.variant is not None and a.variant not in VARIANTS and a.variant not in PRESETS:
         raise BadInput("--variant: expected one of "
                        f"{', '.join(sorted(set(VARIANTS) | set(PRESETS)))}")
+    check_variant_flaws(a.variant, a.flaws)
     flaws = _flaws_arg(a.flaws) if a.flaws is not None else None
-    try:
-        files = collect(a.paths)
-        scs = [load_scenario(f) for f in files]
-    except ScenarioError as e:
-        raise BadInput(str(e)) from None
-    if not scs:
-        raise BadInput(f"no scenario files (*.yaml) under {' '.join(a.paths)}")
-    results = []
-    for sc in scs:
+    # Every bad path or file is an error row; the good ones still run; exit 2 at the end.
+    rows: list[tuple[str, Any]] = []  # (path, RunResult or error line)
+    for path in a.paths:
         try:
-            results.append(run_scenario(sc, a.variant, flaws))
-        except ValueError as e:
-            raise BadInput(f"{sc.path}: {e}") from None
+            files = collect([path])
+        except ScenarioError as e:
+            rows.append((path, str(e)))
+            continue
+        if not files:
+            rows.append((path, f"{path}: no scenario files (*.yaml, *.yml) in this folder"))
+        for f in files:
+            try:
+                sc = load_scenario(f)
+            except ScenarioError as e:
+                rows.append((str(f), str(e)))
+                continue
+            try:
+                rows.append((str(f), run_scenario(sc, a.variant, flaws)))
+            except ValueError as e:  # the override makes an invalid configuration
+                rows.append((str(f), f"{sc.path}: {e}"))
+    bad = [msg for _p, msg in rows if isinstance(msg, str)]
+    results = [r for _p, r in rows if not isinstance(r, str)]
+    for msg in bad:
+        print(msg, file=sys.stderr)
+    if not results:  # nothing ran: the error lines are the whole output
+        return EXIT_BADINPUT
     if a.json:
-        for r in results:
-            print(json.dumps(r.to_dict(), sort_keys=True))
+        for path, r in rows:
+            d = {"path": path, "error": r, "bad_input": True, "passed": False} \
+                if isinstance(r, str) else r.to_dict()
+            print(json.dumps(d, sort_keys=True))
     else:
-        from rich.console import Console
         from rich.table import Table
 
-        t = Table(title=f"{len(results)} scenario(s)")
+        t = Table(title=f"{len(rows)} scenario(s)")
         for c in ("scenario", "expected", "observed", "pass"):
             t.add_column(c)
-        for r in results:
+        for path, r in rows:
+            if isinstance(r, str):
+                t.add_row(path, "-", f"[red]bad input: {r.removeprefix(path + ': ')}[/red]",
+                          "[red]ERROR[/red]")
+                continue
             obs = ", ".join(v.signature for v in r.violations) or "none"
             if r.error:
                 obs = f"[red]error: {r.error}[/red]"
             t.add_row(r.path or r.name, r.expected.describe(), obs,
                       "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]")
-        Console(width=200).print(t)
+        print_table(t)
         n = sum(r.passed for r in results)
-        print(f"{n} passed, {len(results) - n} failed")
+        tail = f", {len(bad)} bad input" if bad else ""
+        print(f"{n} passed, {len(results) - n} failed{tail}")
+    if bad:
+        return EXIT_BADINPUT
     return EXIT_OK if all(r.passed for r in results) else EXIT_FAIL
+
+
+# ----------------------------------------------------------------------------- labels
+def label_sources() -> dict[str, set[str]]:
+    """Map each preemption label of the kernel source to the files that yield it.
+
+    The same scan as :func:`cowenv.env.label_vocabulary` (string constants yielded by a
+    generator, ``<site>:wait`` for constant lock sites), kept per file so that the labels
+    only COW PTE code reaches (``cowpte.py``) can be told apart; ``<op>:done`` is listed
+    under ``ops``.
+    """
+    import ast
+    from pathlib import Path
+
+    from .env import _WAIT_SITE_CALLS
+    from .kernel.ops import OPS
+
+    found: dict[str, set[str]] = {}
+    root = Path(__file__).resolve().parent / "kernel"
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            label = None
+            if isinstance(node, ast.Yield) and isinstance(node.value, ast.Constant):
+                v = node.value.value
+                if isinstance(v, str) and ":" in v:
+                    label = v
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in _WAIT_SITE_CALLS and node.args):
+                last = node.args[-1]
+                if isinstance(last, ast.Constant) and isinstance(last.value, str):
+                    label = f"{last.value}:wait"
+            if label is not None:
+                found.setdefault(label, set()).add(path.stem)
+    for op in OPS:
+        found.setdefault(f"{op}:done", set()).add("ops")
+    return found
+
+
+def _setup_labels(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--variant", help="classic, cowpte or a preset (as-posted, fixed); "
+                                      "default: every label")
+    sp.add_argument("--json", action="store_true", help="print one JSON list")
+
+
+def _run_labels(a: argparse.Namespace) -> int:
+    from .kernel.config import PRESETS, VARIANTS
+
+    if a.variant is not None and a.variant not in VARIANTS and a.variant not in PRESETS:
+        raise BadInput("--variant: expected one of "
+                       f"{', '.join(sorted(set(VARIANTS) | set(PRESETS)))}")
+    variant = PRESETS[a.variant][0] if a.variant in PRESETS else a.variant
+    src = label_sources()
+    labels = sorted(lab for lab, files in src.items()
+                    if variant != "classic" or files - {"cowpte"})
+    if a.json:
+        print(json.dumps(labels))
+    else:
+        print("\n".join(labels))
+    return EXIT_OK
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int], str]] = {
     "scenario": (_setup_scenario, _run_scenario, "run scripted scenarios"),
+    "labels": (_setup_labels, _run_labels, "list the preemption labels (for until: steps)"),
 }
 
 

@@ -62,6 +62,7 @@ from .scenario import (
     apply_step,
     matches,
     override_config,
+    resolve_tid,
 )
 
 #: Step kinds that run a thread (used to count context switches).
@@ -131,8 +132,9 @@ def _names_in(s: dict[str, Any]) -> list[str]:
 def _expect_names(ev: Any) -> list[str]:
     """Bound names an ``expect`` value uses (not ``zero`` and not an errno)."""
     if isinstance(ev, dict):
-        return [ev["not"]]
-    if isinstance(ev, str) and ev != "zero" and ev.lstrip("-") not in ERRNO_NAMES.values():
+        return [ev["not"]] if "not" in ev else []
+    if (isinstance(ev, str) and ev not in ("zero", "ok", "any-errno")
+            and ev.lstrip("-") not in ERRNO_NAMES.values()):
         return [ev]
     return []
 
@@ -172,7 +174,12 @@ def run_lenient(config: KernelConfig, steps: Sequence[dict[str, Any]], *,
             apply_step(k, s, names, pending, i)
             out.append(dict(s))
             continue
-        tid = s["tid"]
+        try:  # a fork/clone ``as`` name: its thread id, or skip if the fork did not happen
+            tid = resolve_tid(s["tid"], names)
+        except StepError:
+            continue
+        if tid != s["tid"]:
+            s = dict(s, tid=tid)
         if "do" in s or "start" in s:
             op = s.get("do") or s.get("start")
             if not k.can_start(tid, op) or any(n not in names for n in _names_in(s)):

@@ -56,6 +56,8 @@ from .scenario import (
     apply_step,
     dedup,
     load_scenario,
+    preset_of,
+    resolve_tid,
 )
 
 # ------------------------------------------------------------------------------ recording
@@ -360,6 +362,11 @@ def execute(config: KernelConfig, steps: list[dict[str, Any]], *, trace: bool = 
                     t = k.threads.get(e.tid)
                     pids.append(int(t.pid) if t is not None else 0)
         tid = s.get("tid")
+        if isinstance(tid, str):  # a fork/clone ``as`` name; bound once the step ran
+            try:
+                tid = resolve_tid(tid, names)
+            except StepError:
+                tid = None
         labels.append(thread_label(k, tid) if tid is not None and k.step_no != before else None)
         executed = i + 1
         if stop_on and stop_on <= k.signatures:
@@ -397,12 +404,38 @@ class ReplayReport:
     divergence: str | None
     execution: Execution
     checks: list[str]
+    expected: list[dict[str, Any]] = field(default_factory=list)
+
+    def expected_seen(self) -> list[Violation]:
+        """The observed violations that the file's expectation names, in its order."""
+        vs = self.execution.violations
+        out = []
+        for e in self.expected:
+            hit = [v for v in vs if v.kind == e["kind"] and v.site == e["site"]
+                   and ("step" not in e or v.step == e["step"])]
+            if hit:
+                out.append(hit[0])
+        return out
 
     def summary(self) -> str:
-        """One line: what was reproduced."""
+        """One line: the file's own expectation as reproduced, then the first violation.
+
+        The verdict names the signature the file expects (a finding file's own), not
+        whichever violation happened first; the first one seen is listed after it when it
+        is another signature.
+        """
         k = self.execution.kernel
         vs = self.execution.violations
-        what = f"{vs[0].signature} at step {vs[0].step}" if vs else "no violation"
+        seen = self.expected_seen()
+        if self.expected and seen:
+            what = ", ".join(f"{v.signature} at step {v.step}" for v in seen)
+            if vs and vs[0].signature not in {v.signature for v in seen}:
+                what += f"; first violation seen: {vs[0].signature} at step {vs[0].step}"
+        elif self.expected:
+            what = "expected violation not seen"
+        else:
+            what = "no violation, as expected" if not vs else (
+                f"first violation seen: {vs[0].signature} at step {vs[0].step}")
         h = trace_hash(k.events)[:12] if k.tracing else "-"
         return f"{what}; {k.step_no} scheduler steps, trace {h}… (checked {', '.join(self.checks)})"
 
@@ -462,7 +495,7 @@ def replay(sc: Scenario) -> ReplayReport:
                    f"{h[:12]}…{more}; the schedule, labels and violations agree")
     if div is None and k.defects:
         div = f"simulator defect: {k.defects[0]}"
-    return ReplayReport(div is None, div, ex, checks)
+    return ReplayReport(div is None, div, ex, checks, [dict(e) for e in sc.expect.violations])
 
 
 def replay_hint(path: str | Path) -> str:
@@ -561,6 +594,16 @@ def _load(path: str) -> Scenario:
         raise BadInput(str(e)) from None
 
 
+def _check_output(path: str) -> None:
+    """Refuse an ``-o`` that cannot be written, before any work (folders are not created)."""
+    from .cli import BadInput
+    from .fileio import check_output_path
+
+    why = check_output_path(path)
+    if why is not None:
+        raise BadInput(f"{path}: cannot write (-o: {why})")
+
+
 def _setup_replay(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("file", help="a recorded schedule or scenario (.yaml)")
     sp.add_argument("--trace", action="store_true", help="print a per-thread timeline")
@@ -579,6 +622,10 @@ def _run_replay(a: argparse.Namespace) -> int:
         print(json.dumps({"file": a.file, "reproduced": rep.reproduced,
                           "divergence": rep.divergence, "checks": rep.checks,
                           "steps": k.step_no, "trace_hash": trace_hash(k.events),
+                          "config": sc.config.to_dict(), "preset": preset_of(sc.config),
+                          "expected": [v.to_dict() for v in rep.expected_seen()],
+                          "first_violation": (rep.execution.violations[0].to_dict()
+                                              if rep.execution.violations else None),
                           "violations": [v.to_dict() for v in rep.execution.violations]},
                          sort_keys=True))
     elif rep.reproduced:
@@ -602,6 +649,7 @@ def _run_minimize(a: argparse.Namespace) -> int:
     from .scenario import save_scenario
 
     sc = _load(a.file)
+    _check_output(a.output)
     sigs = None
     if a.signature is not None:
         if not re.fullmatch(r"[a-z-]+@\S+", a.signature):
@@ -617,7 +665,7 @@ def _run_minimize(a: argparse.Namespace) -> int:
         print(replay_hint(a.file))
         return EXIT_FAIL
     try:
-        save_scenario(res.data, a.output)
+        save_scenario(res.data, a.output, mkdir=False)
     except OSError as e:
         raise BadInput(f"{a.output}: cannot write ({e.strerror})") from None
     if a.json:
@@ -643,6 +691,7 @@ def _run_trace(a: argparse.Namespace) -> int:
     from .cli import EXIT_OK, BadInput
 
     sc = _load(a.file)
+    _check_output(a.output)
     ex = execute(sc.config, sc.steps, trace=True, track_pids=True)
     doc = chrome_trace(ex, name=sc.name)
     try:

@@ -30,11 +30,18 @@ Format (``version: 1``)::
     expect_by_variant:      # optional: expectation when run as another preset
       fixed: {violation: null}
 
-``tid`` is an int or ``kswapd`` (0). Argument values and ``expect`` may name a result
-bound earlier with ``as``. ``expect`` is an int, a bound name, ``zero``, or an errno such
-as ``-EFAULT``; a mismatch is a ``selftest`` violation whose site is the step's ``check``
-text (the selftest's own message). Files are loaded with ``yaml.safe_load`` and
-validated field by field; they can never run code.
+``version`` is required in a file. ``tid`` is an int, ``kswapd`` (0), or a name bound by
+an earlier ``fork``/``clone`` step's ``as`` (the child's thread: ``{tid: 1, do: fork, as:
+CHILD}`` then ``{tid: CHILD, do: read, ...}``). Argument values and ``expect`` may name a
+result bound earlier with ``as``. ``expect`` is an int, a bound name, ``{not: NAME}``,
+``zero``, ``ok`` (>= 0), ``any-errno`` (< 0), an errno such as ``-EFAULT``, or a range
+``{min: A, max: B}`` (inclusive, either end optional); a mismatch is a ``selftest``
+violation whose site is the step's ``check`` text (the selftest's own message).
+``expect_by_variant`` applies when a run uses another preset than the file's own; an entry
+for the file's own preset must equal ``expect``. Resource sizes are capped
+(:data:`cowenv.kernel.config.MAX_FRAMES`, :data:`MAX_RANGE_TABLES`). Files are loaded with
+``yaml.safe_load`` and validated field by field; they can never run code. The README's
+"Scenario format reference" lists every field.
 """
 
 from __future__ import annotations
@@ -53,6 +60,14 @@ from .kernel.ops import ERRNO_NAMES, OPS, validate_args
 from .kernel.trace import KINDS, Violation, trace_hash
 
 FORMAT_VERSION = 1
+#: Words with a meaning of their own in ``tid``/``expect``; not usable as ``as`` names.
+RESERVED_NAMES = ("kswapd", "zero", "ok", "any-errno")
+#: Cap on the page tables a ``length`` may span: the simulated kernel walks a range one
+#: PMD at a time, so a range of the whole address space (2**24 tables at 8 entries per
+#: table) would take minutes; 65536 tables is 128 GiB at x86-64 geometry.
+MAX_RANGE_TABLES = 1 << 16
+#: Prefix of the key under which a fork/clone ``as`` name's thread id is kept at run time.
+TID_KEY = "\x00tid:"
 STEP_KINDS = ("do", "start", "step", "until", "finish", "run", "event")
 MAX_UNTIL = 10_000
 
@@ -151,16 +166,41 @@ def _parse_expectation(d: Any, where: str) -> Expectation:
     return Expectation(out)
 
 
-def _tid(v: Any, where: str) -> int:
+def _tid(v: Any, where: str, threads: set[str] | None = None) -> int | str:
     if v == "kswapd":
         return 0
+    if isinstance(v, str) and threads is not None and v in threads:
+        return v
+    if isinstance(v, str) and v.isidentifier():
+        raise ValueError(f"{where}: {v!r} is not a thread name bound by an earlier fork or "
+                         "clone step's 'as' (expected a thread id, 'kswapd' or such a name)")
     t = _int(v, where)
     if t < 0:
         raise ValueError(f"{where}: expected a thread id >= 0 or 'kswapd'")
     return t
 
 
-def _parse_step(s: Any, i: int, bound: set[str], page_size: int) -> dict[str, Any]:
+def _expect_ok(ev: Any, bound: set[str]) -> bool:
+    """Whether ``ev`` is a valid step ``expect`` (see the module docstring)."""
+    if isinstance(ev, int) and not isinstance(ev, bool):
+        return True
+    if isinstance(ev, str):
+        return (ev in bound or ev in ("zero", "ok", "any-errno")
+                or ev.lstrip("-") in ERRNO_NAMES.values())
+    if isinstance(ev, dict) and set(ev) == {"not"}:
+        return isinstance(ev["not"], str) and ev["not"] in bound
+    if isinstance(ev, dict) and ev and set(ev) <= {"min", "max"}:
+        vals = [ev[k] for k in ("min", "max") if k in ev]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
+            return False
+        return len(vals) < 2 or ev["min"] <= ev["max"]
+    return False
+
+
+def _parse_step(s: Any, i: int, bound: set[str], page_size: int,
+                threads: set[str] | None = None, pmd_size: int = 0) -> dict[str, Any]:
+    if threads is None:
+        threads = set()
     w = f"steps[{i}]"
     if not isinstance(s, dict):
         raise ValueError(f"{w}: expected a mapping")
@@ -186,7 +226,7 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int) -> dict[str, An
         return out
     if "tid" not in s:
         raise ValueError(f"{w}.tid: required")
-    out["tid"] = _tid(s["tid"], f"{w}.tid")
+    out["tid"] = _tid(s["tid"], f"{w}.tid", threads)
     if kind in ("do", "start"):
         op = s[kind]
         if not isinstance(op, str) or op not in OPS:
@@ -208,24 +248,28 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int) -> dict[str, An
                 raise ValueError(f"{w}.args.{k}: {v!r} is neither a number nor a name bound "
                                  "by an earlier step's 'as'")
         try:
-            validate_args(op, concrete, page_size)
+            checked = validate_args(op, concrete, page_size)
         except ValueError as e:
             raise ValueError(f"{w}.{e}") from None
+        n = checked.get("length")
+        if pmd_size and isinstance(n, int) and n > MAX_RANGE_TABLES * pmd_size:
+            raise ValueError(f"{w}.args.length: expected at most {MAX_RANGE_TABLES} page "
+                             f"tables' worth ({MAX_RANGE_TABLES * pmd_size:#x} bytes at this "
+                             f"geometry), got {n:#x}")
         out["args"] = dict(args)
         if "as" in s:
-            if not isinstance(s["as"], str) or not s["as"].isidentifier():
-                raise ValueError(f"{w}.as: expected a name")
+            if (not isinstance(s["as"], str) or not s["as"].isidentifier()
+                    or s["as"] in RESERVED_NAMES):
+                raise ValueError(f"{w}.as: expected a name (not {', '.join(RESERVED_NAMES)})")
             bound.add(s["as"])
+            if op in ("fork", "clone"):
+                threads.add(s["as"])
         if "expect" in s:
             ev = s["expect"]
-            ok = isinstance(ev, int) and not isinstance(ev, bool)
-            ok = ok or (isinstance(ev, str) and (ev in bound or ev == "zero"
-                                                 or ev.lstrip("-") in ERRNO_NAMES.values()))
-            ok = ok or (isinstance(ev, dict) and set(ev) == {"not"} and isinstance(ev["not"], str)
-                        and ev["not"] in bound)
-            if not ok:
-                raise ValueError(f"{w}.expect: expected an int, 'zero', an errno like -EFAULT, "
-                                 f"a bound name or {{not: NAME}}, got {ev!r}")
+            if not _expect_ok(ev, bound):
+                raise ValueError(f"{w}.expect: expected an int, zero, ok, any-errno, an errno "
+                                 f"like -EFAULT, a bound name, {{not: NAME}} or {{min: A, max: "
+                                 f"B}}, got {ev!r}")
         if "check" in s and not isinstance(s["check"], str):
             raise ValueError(f"{w}.check: expected a string")
     elif kind == "step":
@@ -320,7 +364,9 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
         if not isinstance(steps_d, list):
             raise ValueError("steps: expected a list")
         bound: set[str] = set()
-        steps = [_parse_step(s, i, bound, cfg.page_size) for i, s in enumerate(steps_d)]
+        threads: set[str] = set()
+        steps = [_parse_step(s, i, bound, cfg.page_size, threads, cfg.pmd_size)
+                 for i, s in enumerate(steps_d)]
         expect = _parse_expectation(data.get("expect"), "expect")
         ebv: dict[str, Expectation] = {}
         e2 = data.get("expect_by_variant", {}) or {}
@@ -330,8 +376,13 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
             if k not in PRESETS:
                 raise ValueError(f"expect_by_variant.{k}: expected one of {', '.join(PRESETS)}")
             ebv[k] = _parse_expectation(v, f"expect_by_variant.{k}")
+        own = preset_of(cfg)
+        if own in ebv and ebv[own].violations != expect.violations:
+            raise ValueError(f"expect_by_variant.{own}: the file's own preset; when it runs "
+                             f"as {own} the expectation is `expect` (expected this entry to "
+                             f"equal `expect`, or no entry)")
         for i, st in enumerate(steps):
-            if st.get("tid", 0) > cfg.max_threads:
+            if isinstance(st.get("tid"), int) and st["tid"] > cfg.max_threads:
                 raise ValueError(f"steps[{i}].tid: expected 0 (kswapd) to {cfg.max_threads} "
                                  f"(config.max_threads), got {st['tid']}")
         extra_d = {k: data[k] for k in ("outcome", "recorded") if k in data}
@@ -359,6 +410,9 @@ def load_scenario(path: str | Path) -> Scenario:
         where = f"line {mark.line + 1}" if mark is not None else "document"
         prob = getattr(e, "problem", None) or "invalid YAML"
         raise ScenarioError(f"{p}: {where}: not valid YAML ({prob})") from None
+    if isinstance(data, dict) and "version" not in data:
+        raise ScenarioError(f"{p}: version: required in a file (expected `version: "
+                            f"{FORMAT_VERSION}` as the first line)")
     return parse_scenario(data, str(p))
 
 
@@ -400,10 +454,18 @@ def dump_scenario(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def save_scenario(sc: Scenario | dict[str, Any], path: str | Path) -> None:
-    """Write a scenario atomically (temp file + rename), readable YAML."""
+def save_scenario(sc: Scenario | dict[str, Any], path: str | Path, *, mkdir: bool = True
+                  ) -> None:
+    """Write a scenario atomically (temp file + rename), readable YAML.
+
+    Args:
+        sc: The scenario or its plain data.
+        path: Destination file.
+        mkdir: Create missing folders (False for a user's ``-o``: a missing folder is an
+            ``OSError``).
+    """
     data = sc.to_data() if isinstance(sc, Scenario) else sc
-    atomic_write_text(path, dump_scenario(data))
+    atomic_write_text(path, dump_scenario(data), mkdir=mkdir)
 
 
 # ------------------------------------------------------------------------------ running
@@ -449,10 +511,18 @@ class RunResult:
     steps: int
     trace_hash: str
     kernel: Kernel | None = None
+    config: KernelConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary."""
+        """JSON-able summary.
+
+        ``config`` is the kernel configuration that ran (after ``--variant``/``--flaws``),
+        ``preset`` its preset name (None for another flaw set).
+        """
+        cfg = self.config.to_dict() if self.config is not None else None
+        pre = preset_of(self.config) if self.config is not None else None
         return {"name": self.name, "path": self.path, "expected": self.expected.describe(),
+                "config": cfg, "preset": pre,
                 "passed": self.passed, "error": self.error, "steps": self.steps,
                 "trace_hash": self.trace_hash,
                 "violations": [{"kind": v.kind, "site": v.site, "signature": v.signature,
@@ -466,10 +536,16 @@ def _resolve(v: Any, names: dict[str, Any]) -> Any:
 
 
 def _expected_value(ev: Any, names: dict[str, Any]) -> tuple[str, Any]:
-    if isinstance(ev, dict):
+    if isinstance(ev, dict) and "not" in ev:
         return "ne", names[ev["not"]]
+    if isinstance(ev, dict):
+        return "range", (ev.get("min"), ev.get("max"))
     if ev == "zero":
         return "eq", 0
+    if ev == "ok":
+        return "range", (0, None)
+    if ev == "any-errno":
+        return "range", (None, -1)
     if isinstance(ev, str) and ev in names:
         return "eq", names[ev]
     if isinstance(ev, str):
@@ -480,6 +556,21 @@ def _expected_value(ev: Any, names: dict[str, Any]) -> tuple[str, Any]:
 
 class StepError(Exception):
     """A schedule step that cannot be carried out (illegal at that point)."""
+
+
+def resolve_tid(tid: int | str, names: dict[str, Any]) -> int:
+    """The thread id a step's ``tid`` stands for (an int, or a fork/clone ``as`` name).
+
+    Raises:
+        StepError: the name's fork or clone failed or has not completed.
+    """
+    if isinstance(tid, int):
+        return tid
+    try:
+        return int(names[TID_KEY + tid])
+    except KeyError:
+        raise StepError(f"thread {tid!r} does not exist (its fork or clone failed or has "
+                        "not finished)") from None
 
 
 def apply_step(k: Kernel, s: dict[str, Any], names: dict[str, Any], pending: dict[int, dict],
@@ -497,14 +588,25 @@ def apply_step(k: Kernel, s: dict[str, Any], names: dict[str, Any], pending: dic
         res = k.threads[tid].result
         if "as" in spec:
             names[spec["as"]] = res
+        op = spec.get("do") or spec.get("start")
+        if "as" in spec and op in ("fork", "clone") and isinstance(res, int) and res > 0:
+            proc = k.procs.get(res) if op == "fork" else None
+            names[TID_KEY + spec["as"]] = proc.tids[0] if proc is not None else res
         if "expect" in spec:
             how, want = _expected_value(spec["expect"], names)
-            ok = (res == want) if how == "eq" else (res != want)
+            if how == "range":
+                lo, hi = want
+                ok = isinstance(res, int) and (lo is None or res >= lo) and (
+                    hi is None or res <= hi)
+                text = {(0, None): "ok (>= 0)", (None, -1): "any errno (< 0)"}.get(
+                    want, f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}")
+            else:
+                ok = (res == want) if how == "eq" else (res != want)
+                text = f"{'not ' if how == 'ne' else ''}{want}"
             if not ok:
-                site = spec.get("check") or f"{spec.get('do') or spec.get('start')}"
-                k.report("selftest", site,
-                         f"step {spec['_i']}: {spec.get('do') or spec.get('start')}"
-                         f" returned {res}, expected {'not ' if how == 'ne' else ''}{want}")
+                site = spec.get("check") or f"{op}"
+                k.report("selftest", site, f"step {spec['_i']}: {op} returned {res}, "
+                                           f"expected {text}")
 
     def step_once(tid: int) -> str:
         try:
@@ -518,7 +620,7 @@ def apply_step(k: Kernel, s: dict[str, Any], names: dict[str, Any], pending: dic
     if "event" in s:
         k.event("fail_nth", n=s["n"])
         return
-    tid = s["tid"]
+    tid = resolve_tid(s["tid"], names)
     if "do" in s or "start" in s:
         op = s.get("do") or s.get("start")
         args = {a: _resolve(v, names) for a, v in (s.get("args") or {}).items()}
@@ -606,7 +708,7 @@ def run_scenario(sc: Scenario, variant: str | None = None, flaws: list[str] | No
     vs = dedup(k.violations)
     passed = error is None and matches(exp, vs) and not k.defects
     return RunResult(sc.name, sc.path, exp, vs, passed, error, k.step_no,
-                     trace_hash(k.events), k if keep_kernel else None)
+                     trace_hash(k.events), k if keep_kernel else None, cfg)
 
 
 def dedup(vs: list[Violation]) -> list[Violation]:

@@ -314,6 +314,7 @@ steps:
 expect: {violation: {kind: selftest, site: leak expected}}
 """)
     out = tmp_path / "out" / "min.yaml"
+    out.parent.mkdir()  # -o never creates folders
     assert cli.main(["minimize", str(src), "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "steps: 9 -> 4" in text and "context switches left: 1" in text

@@ -47,6 +47,15 @@ GEOMETRIES: dict[str, int] = {"x86_64": 512, "small": 8, "tiny": 4}
 
 FAULT_MODES: tuple[str, ...] = ("mmap_lock", "vma_lock")
 
+#: Resource caps, checked when a config is built (so a scenario file or a flag asking for
+#: more fails with one line instead of a numpy ``MemoryError``). The frame pool costs about
+#: 150 bytes per frame in arrays and free lists, so 2**22 frames (16 GiB simulated) is
+#: about 600 MB; the swap device costs less per slot. ``PTRS_PER_PTE`` above 4096 is no
+#: real geometry.
+MAX_FRAMES = 1 << 22
+MAX_SWAP_SLOTS = 1 << 22
+MAX_PTRS_PER_PTE = 4096
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -95,14 +104,18 @@ class KernelConfig:
         object.__setattr__(self, "flaws", tuple(f for f in FLAW_IDS if f in self.flaws))
         if self.flaws and self.variant != "cowpte":
             raise ValueError("flaws: flaws apply only to the cowpte variant")
-        if self.ptrs_per_pte < 2 or self.ptrs_per_pte & (self.ptrs_per_pte - 1):
-            raise ValueError(f"ptrs_per_pte: expected a power of two >= 2, got {self.ptrs_per_pte}")
+        if (self.ptrs_per_pte < 2 or self.ptrs_per_pte & (self.ptrs_per_pte - 1)
+                or self.ptrs_per_pte > MAX_PTRS_PER_PTE):
+            raise ValueError(f"ptrs_per_pte: expected a power of two from 2 to "
+                             f"{MAX_PTRS_PER_PTE}, got {self.ptrs_per_pte}")
         if self.page_size != 4096:
             raise ValueError("page_size: only 4096 is modelled")
-        if self.nr_frames < 16:
-            raise ValueError(f"nr_frames: expected >= 16, got {self.nr_frames}")
-        if self.nr_swap_slots < 0:
-            raise ValueError("nr_swap_slots: expected >= 0")
+        if not 16 <= self.nr_frames <= MAX_FRAMES:
+            raise ValueError(f"nr_frames: expected 16 to {MAX_FRAMES} (the frame pool is "
+                             f"held in memory), got {self.nr_frames}")
+        if not 0 <= self.nr_swap_slots <= MAX_SWAP_SLOTS:
+            raise ValueError(f"nr_swap_slots: expected 0 to {MAX_SWAP_SLOTS}, "
+                             f"got {self.nr_swap_slots}")
         if self.fault_mode not in FAULT_MODES:
             raise ValueError(f"fault_mode: expected one of {', '.join(FAULT_MODES)}")
         if not 1 <= self.max_threads <= 64:
@@ -203,5 +216,6 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
     return KernelConfig(**kw)
 
 
-__all__ = ["FLAW_IDS", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
+__all__ = ["MAX_FRAMES", "MAX_SWAP_SLOTS", "MAX_PTRS_PER_PTE",
+           "FLAW_IDS", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
            "config_from_dict"]
