@@ -899,12 +899,12 @@ def env_kwargs_from_args(a: argparse.Namespace, base: dict[str, Any]) -> dict[st
 
 
 def _env_default(name: str) -> Any:
-    """Default of a ``CowEnv`` keyword argument (read from its signature)."""
+    """Default of an env keyword argument (read from the harness's signature)."""
     import inspect
 
-    from .env import CowEnv
+    from .harness import Harness
 
-    return inspect.signature(CowEnv.__init__).parameters[name].default
+    return inspect.signature(Harness.__init__).parameters[name].default
 
 
 def usable_cpus() -> int:

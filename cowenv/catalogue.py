@@ -32,36 +32,51 @@ _WAIT_SITE_CALLS = ("lock", "pte_offset_map_lock", "rmap_walk_anon", "_rmap_map_
 
 # ------------------------------------------------------------------------ labels
 @functools.lru_cache(maxsize=1)
-def label_vocabulary() -> tuple[str, ...]:
-    """Every preemption label the kernel source can yield, sorted.
+def _label_sources() -> tuple[tuple[str, frozenset[str]], ...]:
+    found: dict[str, set[str]] = {}
+    root = Path(__file__).resolve().parent / "kernel"
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            label = None
+            if isinstance(node, ast.Yield) and isinstance(node.value, ast.Constant):
+                v = node.value.value
+                if isinstance(v, str) and ":" in v:
+                    label = v
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in _WAIT_SITE_CALLS and node.args):
+                last = node.args[-1]
+                if isinstance(last, ast.Constant) and isinstance(last.value, str):
+                    label = f"{last.value}:wait"
+            if label is not None:
+                found.setdefault(label, set()).add(path.stem)
+    for op in OPS:
+        found.setdefault(f"{op}:done", set()).add("ops")
+    return tuple((lb, frozenset(fs)) for lb, fs in sorted(found.items()))
+
+
+def label_sources() -> dict[str, set[str]]:
+    """Map each preemption label of the kernel source to the modules that yield it.
 
     Found by parsing ``cowenv/kernel/*.py``: string constants yielded by a generator
     (``yield "copy_pte_range:table_done"``), ``<site>:wait`` for each constant lock site
-    passed to the lock helpers, and ``<op>:done`` for every operation. Labels built at
-    run time from a variable site are not found here; they fall into
+    passed to the lock helpers, and ``<op>:done`` for every operation (listed under
+    ``ops``). Labels only COW PTE code reaches are those whose only module is ``cowpte``.
+    """
+    return {lb: set(fs) for lb, fs in _label_sources()}
+
+
+def label_vocabulary() -> tuple[str, ...]:
+    """Every preemption label the kernel source can yield, sorted (see :func:`label_sources`).
+
+    Labels built at run time from a variable site are not found here; they fall into
     :data:`LABEL_OVERFLOW_BUCKETS` CRC-32 buckets.
 
     Returns:
         The sorted vocabulary (deterministic for a given kernel source).
 
     """
-    found: dict[str, None] = {}
-    root = Path(__file__).resolve().parent / "kernel"
-    for path in sorted(root.glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Yield) and isinstance(node.value, ast.Constant):
-                v = node.value.value
-                if isinstance(v, str) and ":" in v:
-                    found[v] = None
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                  and node.func.attr in _WAIT_SITE_CALLS and node.args):
-                last = node.args[-1]
-                if isinstance(last, ast.Constant) and isinstance(last.value, str):
-                    found[f"{last.value}:wait"] = None
-    for op in OPS:
-        found[f"{op}:done"] = None
-    return tuple(sorted(found))
+    return tuple(lb for lb, _ in _label_sources())
 
 
 # ------------------------------------------------------------------------ workload

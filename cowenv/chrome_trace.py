@@ -23,6 +23,7 @@ operation started after step ``s`` begins at ``s·U``.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 from .fileio import atomic_write_text
 from .kernel import KSWAPD_TID
 from .kernel.trace import Event, trace_hash
-from .replay import Execution
+from .replay import Execution, execute
 
 #: Microseconds per scheduler step.
 STEP_US = 1000
@@ -217,3 +218,34 @@ def write_json(doc: dict[str, Any], path: str | Path, *, mkdir: bool = False) ->
     """
     atomic_write_text(path, json.dumps(doc, separators=(",", ":"), sort_keys=True) + "\n",
                       mkdir=mkdir)
+
+
+# ------------------------------------------------------------------------------ CLI
+def _setup_trace(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("file", help="a schedule or scenario (.yaml)")
+    sp.add_argument("-o", "--output", required=True, help="Chrome trace-event JSON to write")
+
+
+def _run_trace(a: argparse.Namespace) -> int:
+    from .cli import EXIT_OK, BadInput
+    from .replay import _check_output, _load
+
+    sc = _load(a.file)
+    _check_output(a.output)
+    ex = execute(sc.config, sc.steps, trace=True, track_pids=True)
+    doc = chrome_trace(ex, name=sc.name)
+    try:
+        write_json(doc, a.output)
+    except OSError as e:
+        raise BadInput(f"{a.output}: cannot write ({e.strerror})") from None
+    n = len(doc["traceEvents"])
+    note = f"; stopped at illegal step {ex.error[0]}: {ex.error[1]}" if ex.error else ""
+    print(f"wrote {a.output}: {n} trace events, {ex.kernel.step_no} scheduler steps{note} "
+          "(open in https://ui.perfetto.dev or chrome://tracing)")
+    return EXIT_OK
+
+
+#: Subcommands registered with :mod:`cowenv.cli`.
+CLI_COMMANDS = {
+    "trace": (_setup_trace, _run_trace, "export a schedule's trace as Chrome trace JSON"),
+}

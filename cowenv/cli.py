@@ -147,40 +147,6 @@ def _run_scenario(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- labels
-def label_sources() -> dict[str, set[str]]:
-    """Map each preemption label of the kernel source to the files that yield it.
-
-    The same scan as :func:`cowenv.env.label_vocabulary` (string constants yielded by a
-    generator, ``<site>:wait`` for constant lock sites), kept per file so that the labels
-    only COW PTE code reaches (``cowpte.py``) can be told apart; ``<op>:done`` is listed
-    under ``ops``.
-    """
-    import ast
-    from pathlib import Path
-
-    from .env import _WAIT_SITE_CALLS
-    from .kernel.ops import OPS
-
-    found: dict[str, set[str]] = {}
-    root = Path(__file__).resolve().parent / "kernel"
-    for path in sorted(root.glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        for node in ast.walk(tree):
-            label = None
-            if isinstance(node, ast.Yield) and isinstance(node.value, ast.Constant):
-                v = node.value.value
-                if isinstance(v, str) and ":" in v:
-                    label = v
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                  and node.func.attr in _WAIT_SITE_CALLS and node.args):
-                last = node.args[-1]
-                if isinstance(last, ast.Constant) and isinstance(last.value, str):
-                    label = f"{last.value}:wait"
-            if label is not None:
-                found.setdefault(label, set()).add(path.stem)
-    for op in OPS:
-        found.setdefault(f"{op}:done", set()).add("ops")
-    return found
 
 
 def _setup_labels(sp: argparse.ArgumentParser) -> None:
@@ -190,6 +156,7 @@ def _setup_labels(sp: argparse.ArgumentParser) -> None:
 
 
 def _run_labels(a: argparse.Namespace) -> int:
+    from .catalogue import label_sources
     from .kernel.config import PRESETS, VARIANTS
 
     if a.variant is not None and a.variant not in VARIANTS and a.variant not in PRESETS:
@@ -217,7 +184,7 @@ def _register_optional() -> None:
     """Subcommands living in other modules register here (imported lazily)."""
     import importlib
 
-    for mod in ("cowenv.replay", "cowenv.campaign"):
+    for mod in ("cowenv.replay", "cowenv.minimize", "cowenv.chrome_trace", "cowenv.campaign"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -42,6 +42,9 @@ violating.
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -512,6 +515,58 @@ def padded_scenario(sc: Scenario, n: int, seed: int) -> Scenario:
     exp = Expectation([{"kind": v["kind"], "site": v["site"]} for v in sc.expect.violations])
     return Scenario(f"{sc.name}-padded", sc.description, sc.config, steps, exp,
                     dict(sc.expect_by_variant), sc.seed, "", sc.version, {})
+
+
+# ------------------------------------------------------------------------------ CLI
+def _setup_minimize(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("file", help="a schedule whose expectation names a violation")
+    sp.add_argument("-o", "--output", required=True, help="where to write the minimised schedule")
+    sp.add_argument("--signature", help="kind@site to keep (default: the file's expectation)")
+    sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _run_minimize(a: argparse.Namespace) -> int:
+    from .cli import EXIT_FAIL, EXIT_OK, BadInput
+    from .replay import _check_output, _load, replay_hint
+    from .scenario import save_scenario
+
+    sc = _load(a.file)
+    _check_output(a.output)
+    sigs = None
+    if a.signature is not None:
+        if not re.fullmatch(r"[a-z-]+@\S+", a.signature):
+            raise BadInput(f"--signature: expected kind@site, got {a.signature!r}")
+        sigs = [a.signature]
+    elif not sc.expect.violations:
+        raise BadInput(f"{a.file}: expect.violation: expected a violation to keep "
+                       "(nothing to minimise for violation: null; or pass --signature)")
+    try:
+        res = minimize(sc, sigs)
+    except NotReproducible as e:
+        print(f"DOES NOT REPRODUCE: {a.file}: {e}")
+        print(replay_hint(a.file))
+        return EXIT_FAIL
+    try:
+        save_scenario(res.data, a.output, mkdir=False)
+    except OSError as e:
+        raise BadInput(f"{a.output}: cannot write ({e.strerror})") from None
+    if a.json:
+        print(json.dumps(res.to_dict() | {"file": a.file, "output": a.output}, sort_keys=True))
+    else:
+        print(f"minimised {a.file}: {res.signature}")
+        print(f"  steps: {res.original_len} -> {res.minimal_len}"
+              f"  (context switches left: {res.context_switches})")
+        print(f"  1-minimal: removing any one of the {res.minimal_len} steps loses the "
+              f"violation ({res.tests} runs, {res.cache_hits} cached, {res.seconds:.2f} s)")
+        print(f"  expect: {res.expect_text}")
+        print(f"  wrote {a.output}; {replay_hint(a.output)}")
+    return EXIT_OK
+
+
+#: Subcommands registered with :mod:`cowenv.cli`.
+CLI_COMMANDS = {
+    "minimize": (_setup_minimize, _run_minimize, "delta-debug a schedule to a 1-minimal one"),
+}
 
 
 __all__ = ["ddmin", "minimize", "run_lenient", "context_switches", "pad_schedule",

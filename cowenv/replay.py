@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -636,80 +635,9 @@ def _run_replay(a: argparse.Namespace) -> int:
     return EXIT_OK if rep.reproduced else EXIT_FAIL
 
 
-def _setup_minimize(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("file", help="a schedule whose expectation names a violation")
-    sp.add_argument("-o", "--output", required=True, help="where to write the minimised schedule")
-    sp.add_argument("--signature", help="kind@site to keep (default: the file's expectation)")
-    sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
-
-
-def _run_minimize(a: argparse.Namespace) -> int:
-    from .cli import EXIT_FAIL, EXIT_OK, BadInput
-    from .minimize import NotReproducible, minimize
-    from .scenario import save_scenario
-
-    sc = _load(a.file)
-    _check_output(a.output)
-    sigs = None
-    if a.signature is not None:
-        if not re.fullmatch(r"[a-z-]+@\S+", a.signature):
-            raise BadInput(f"--signature: expected kind@site, got {a.signature!r}")
-        sigs = [a.signature]
-    elif not sc.expect.violations:
-        raise BadInput(f"{a.file}: expect.violation: expected a violation to keep "
-                       "(nothing to minimise for violation: null; or pass --signature)")
-    try:
-        res = minimize(sc, sigs)
-    except NotReproducible as e:
-        print(f"DOES NOT REPRODUCE: {a.file}: {e}")
-        print(replay_hint(a.file))
-        return EXIT_FAIL
-    try:
-        save_scenario(res.data, a.output, mkdir=False)
-    except OSError as e:
-        raise BadInput(f"{a.output}: cannot write ({e.strerror})") from None
-    if a.json:
-        print(json.dumps(res.to_dict() | {"file": a.file, "output": a.output}, sort_keys=True))
-    else:
-        print(f"minimised {a.file}: {res.signature}")
-        print(f"  steps: {res.original_len} -> {res.minimal_len}"
-              f"  (context switches left: {res.context_switches})")
-        print(f"  1-minimal: removing any one of the {res.minimal_len} steps loses the "
-              f"violation ({res.tests} runs, {res.cache_hits} cached, {res.seconds:.2f} s)")
-        print(f"  expect: {res.expect_text}")
-        print(f"  wrote {a.output}; {replay_hint(a.output)}")
-    return EXIT_OK
-
-
-def _setup_trace(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("file", help="a schedule or scenario (.yaml)")
-    sp.add_argument("-o", "--output", required=True, help="Chrome trace-event JSON to write")
-
-
-def _run_trace(a: argparse.Namespace) -> int:
-    from .chrome_trace import chrome_trace, write_json
-    from .cli import EXIT_OK, BadInput
-
-    sc = _load(a.file)
-    _check_output(a.output)
-    ex = execute(sc.config, sc.steps, trace=True, track_pids=True)
-    doc = chrome_trace(ex, name=sc.name)
-    try:
-        write_json(doc, a.output)
-    except OSError as e:
-        raise BadInput(f"{a.output}: cannot write ({e.strerror})") from None
-    n = len(doc["traceEvents"])
-    note = f"; stopped at illegal step {ex.error[0]}: {ex.error[1]}" if ex.error else ""
-    print(f"wrote {a.output}: {n} trace events, {ex.kernel.step_no} scheduler steps{note} "
-          "(open in https://ui.perfetto.dev or chrome://tracing)")
-    return EXIT_OK
-
-
 #: Subcommands registered with :mod:`cowenv.cli`.
 CLI_COMMANDS = {
     "replay": (_setup_replay, _run_replay, "replay a recorded schedule and check its outcome"),
-    "minimize": (_setup_minimize, _run_minimize, "delta-debug a schedule to a 1-minimal one"),
-    "trace": (_setup_trace, _run_trace, "export a schedule's trace as Chrome trace JSON"),
 }
 
 

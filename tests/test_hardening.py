@@ -443,7 +443,7 @@ def test_labels_command(capsys: pytest.CaptureFixture) -> None:
     assert "wp_page_copy:copied" in classic
     assert "handle_cow_pte_fault:pmd_cleared" in cow
     assert "handle_cow_pte_fault:pmd_cleared" not in classic
-    from cowenv.env import label_vocabulary
+    from cowenv.catalogue import label_vocabulary
 
     assert set(every) == set(label_vocabulary())
     assert cli.main(["labels", "--variant", "newest"]) == 2
