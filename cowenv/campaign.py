@@ -175,13 +175,7 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
                 reported.add(sig)
                 return False
             reported.add(sig)
-            data = env.get_schedule(name=f"{cfg.agent}-seed{cfg.seed}-w{w}-e{ep}")
-            data["description"] = (
-                f"Found by `cowenv fuzz --agent {cfg.agent}` (seed {cfg.seed}, worker {w}, "
-                f"episode {ep}, worker step {base + i}): {v.get('message', '')}").strip()
-            data["expect"] = {"violation": {"kind": v["kind"], "site": v["site"],
-                                            "step": int(v["step"])}}
-            q.put(("finding", w, sig, data, base + i, ep))
+            q.put(("finding", w, sig, finding_data(env, cfg, w, ep, base + i, v), base + i, ep))
             return False
 
         res = ca.run_episode(env, agent, rng, reset_seed, max_actions=budget - steps,
@@ -198,6 +192,68 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
             return
     checkpoint()
     q.put(("done", w, steps, episodes))
+
+
+def finding_data(env: Any, cfg: CampaignConfig, w: int, episode: int, worker_step: int,
+                 v: dict[str, Any]) -> dict[str, Any]:
+    """The scenario a worker reports for violation ``v``: the episode's schedule so far.
+
+    Args:
+        env: The worker's env, at the step that reported ``v``.
+        cfg: The campaign settings.
+        w: The worker.
+        episode: The worker's episode number.
+        worker_step: The worker's step count at the violation.
+        v: The violation (``kind``, ``site``, ``step``, ``message``, ...).
+
+    Returns:
+        Scenario data (``env.get_schedule``) expecting ``v``.
+
+    """
+    data = env.get_schedule(name=f"{cfg.agent}-seed{cfg.seed}-w{w}-e{episode}")
+    data["description"] = (
+        f"Found by `cowenv fuzz --agent {cfg.agent}` (seed {cfg.seed}, worker {w}, "
+        f"episode {episode}, worker step {worker_step}): {v.get('message', '')}").strip()
+    data["expect"] = {"violation": {"kind": v["kind"], "site": v["site"],
+                                    "step": int(v["step"])}}
+    return data
+
+
+# ----------------------------------------------------------------------------- backends
+class LocalBackend:
+    """Where a campaign runs its workers and minimiser: processes on this machine.
+
+    :func:`run_campaign` talks to workers through this small seam: :meth:`queue` and
+    :meth:`event` make the message queue and stop flag, :meth:`worker` and
+    :meth:`minimiser` make unstarted process-like handles (``start``, ``is_alive``,
+    ``exitcode``, ``pid``, ``join``, ``terminate``) that speak the message protocol of
+    :func:`worker_main` and :func:`minimiser_main`. :class:`cowenv.ray_backend.RayBackend`
+    is the other implementation.
+    """
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+
+    def queue(self) -> Any:
+        """A queue the workers and the minimiser can put on."""
+        return self.ctx.Queue()
+
+    def event(self) -> Any:
+        """The stop flag the workers watch."""
+        return self.ctx.Event()
+
+    def worker(self, cfg: dict[str, Any], w: int, out: str, q: Any, stop: Any,
+               known: list[str]) -> Any:
+        """An unstarted worker ``w`` (arguments of :func:`worker_main`)."""
+        return self.ctx.Process(target=worker_main, daemon=True, name=f"cowenv-fuzz-{w}",
+                                args=(cfg, w, out, q, stop, known))
+
+    def minimiser(self, tasks: Any, results: Any) -> Any:
+        """An unstarted minimiser (arguments of :func:`minimiser_main`)."""
+        return self.ctx.Process(target=minimiser_main, args=(tasks, results), daemon=True,
+                                name="cowenv-minimise")
 
 
 # ----------------------------------------------------------------------------- minimiser
@@ -384,13 +440,17 @@ def _load_state(out: Path) -> dict[str, Any] | None:
     return st
 
 
-def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> CampaignResult:
+def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True,
+                 backend: Any = None) -> CampaignResult:
     """Run (or resume) a campaign writing its findings to ``out``.
 
     Args:
         cfg: The campaign settings.
         out: Findings folder (created; resumed if it holds a campaign).
         show: Print progress and new findings on stderr.
+        backend: Where workers and the minimiser run: :class:`LocalBackend` (default) or
+            a :class:`cowenv.ray_backend.RayBackend` (connected). Results do not depend
+            on it.
 
     Returns:
         The :class:`CampaignResult`; a KeyboardInterrupt (or SIGTERM) stops the workers,
@@ -446,14 +506,12 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
 
     save_state("running")
     display = _Display(show, cfg.budget, sum(wsteps))
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    stop = ctx.Event()
+    be = backend if backend is not None else LocalBackend()
+    q = be.queue()
+    stop = be.event()
     todo = [w for w in range(cfg.workers)
             if wsteps[w] < worker_budget(cfg.budget, cfg.workers, w)]
-    procs = {w: ctx.Process(target=worker_main, daemon=True, name=f"cowenv-fuzz-{w}",
-                            args=(asdict(cfg), w, str(outp), q, stop, store.signatures))
-             for w in todo}
+    procs = {w: be.worker(asdict(cfg), w, str(outp), q, stop, store.signatures) for w in todo}
     min_tasks: Any = None
     min_results: Any = None
     minimiser: Any = None
@@ -464,9 +522,8 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
         if not cfg.minimise or sig in pending_min:
             return
         if minimiser is None:
-            min_tasks, min_results = ctx.Queue(), ctx.Queue()
-            minimiser = ctx.Process(target=minimiser_main, args=(min_tasks, min_results),
-                                    daemon=True, name="cowenv-minimise")
+            min_tasks, min_results = be.queue(), be.queue()
+            minimiser = be.minimiser(min_tasks, min_results)
             minimiser.start()
         pending_min.append(sig)
         min_tasks.put((str(store.path_for(sig)), sig))
@@ -715,7 +772,34 @@ def _setup_fuzz(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--no-minimise", action="store_true", help="keep schedules as recorded")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     sp.add_argument("--quiet", action="store_true", help="no progress output")
+    _backend_args(sp, "workers as Ray actors, minimisation as Ray tasks")
     _env_args(sp)
+
+
+def _backend_args(sp: argparse.ArgumentParser, ray_help: str) -> None:
+    sp.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help=f"local: processes on this machine (default); ray: {ray_help} "
+                         f"(needs pip install 'cowenv[ray]')")
+    sp.add_argument("--address", help="with --backend ray: join the Ray cluster at this "
+                                      "address (default: start a local Ray instance)")
+
+
+def _backend_from_args(a: argparse.Namespace, workers: int) -> Any:
+    """A context manager giving the backend ``--backend/--address`` ask for (None: local)."""
+    import contextlib
+
+    from .cli import BadInput
+
+    if a.backend != "ray":
+        if a.address is not None:
+            raise BadInput("--address applies to --backend ray only")
+        return contextlib.nullcontext(None)
+    from .ray_backend import RayBackend
+
+    try:
+        return RayBackend(a.address, workers=workers, show=not getattr(a, "quiet", False))
+    except CampaignError as e:
+        raise BadInput(str(e)) from None
 
 
 def _print_summary(res: CampaignResult) -> None:
@@ -781,7 +865,8 @@ def _run_fuzz(a: argparse.Namespace) -> int:
                          agent_kwargs=akw, model=model, teardown=a.teardown,
                          minimise=not a.no_minimise)
     try:
-        res = run_campaign(cfg, a.out, show=not a.quiet)
+        with _backend_from_args(a, cfg.workers) as be:
+            res = run_campaign(cfg, a.out, show=not a.quiet, backend=be)
     except CampaignError as e:
         raise BadInput(str(e)) from None
     if a.json:

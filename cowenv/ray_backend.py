@@ -1,0 +1,416 @@
+"""Campaigns and training on Ray: ``cowenv fuzz --backend ray`` and ``cowenv train --backend ray``.
+
+Fuzzing (:class:`RayBackend`, the other implementation of the seam
+:class:`cowenv.campaign.LocalBackend`): worker ``w`` is a Ray actor (:class:`FuzzWorker`,
+one CPU) that plays exactly the episodes a local worker process plays (same
+``SeedSequence([seed, w, e])``, same share of the budget, same "report each signature the
+first time this worker sees it"), so a Ray campaign finds what a local one finds. The actor
+plays whole episodes in *chunks* (:data:`CHUNK_SECONDS`, or until a new signature shows
+up, so findings reach the driver at once) and returns the chunk's findings with the
+worker's state after it (steps, episodes, signatures reported, the agent's cross-episode
+state). A thread of the driver per worker feeds those to :func:`cowenv.campaign.run_campaign`
+as the messages a local worker sends, and writes the worker's checkpoint
+``DIR/.campaign/worker-<w>.json`` on the driver's disk, so every file of a campaign lands
+on the machine that runs ``cowenv fuzz``, whatever node did the work.
+
+Fault tolerance is Ray's: each chunk call carries the state it starts from, the actor has
+``max_restarts`` and ``max_task_retries``, so when a node dies Ray restarts its actors on
+another node and re-runs the lost chunk call with the same arguments: the worker continues
+from its last chunk, replays the lost episodes exactly and reports the same findings. A
+chunk's findings only leave the actor with its result, so none is reported twice or lost.
+
+Minimisation runs as Ray tasks (:func:`minimise_text`, at most ``minimisers`` at once; the
+schedule travels as text, the result comes back to the driver, which writes the file).
+
+Training (:func:`ray_vec_env`): SB3's MaskablePPO learns in the driver process while its
+vector environment's slots step in Ray actors (:class:`RayVecEnv`), so checkpoints and
+TensorBoard logs land where they do with ``--backend local``.
+
+Ray is optional (``pip install 'cowenv[ray]'``); this module imports it only when used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue as queue_mod
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .campaign import (
+    CampaignConfig,
+    CampaignError,
+    _checkpoint_path,
+    finding_data,
+    minimise_finding,
+    worker_budget,
+)
+from .fileio import atomic_write_text
+
+#: One line for users without Ray (the CLI prints it and exits 2).
+INSTALL_HINT = ("--backend ray needs Ray, which is not installed: pip install 'cowenv[ray]' "
+                "(or pip install 'ray[default]')")
+#: Seconds of episodes per actor call (whole episodes; results do not depend on it).
+CHUNK_SECONDS = 0.5
+#: Times Ray restarts a lost worker actor (and retries its lost call) before giving up.
+MAX_RESTARTS = 16
+#: Seconds between checkpoint files written by the driver (as the local backend).
+CHECKPOINT_SECONDS = 3.0
+
+
+def require_ray() -> Any:
+    """Import Ray.
+
+    Returns:
+        The ``ray`` module.
+
+    Raises:
+        CampaignError: Ray is not installed (the message says how to install it).
+
+    """
+    try:
+        import ray
+    except ImportError:
+        raise CampaignError(INSTALL_HINT) from None
+    return ray
+
+
+# ----------------------------------------------------------------------------- fuzz worker
+class FuzzWorker:
+    """Worker ``w`` of a campaign, as a Ray actor (see the module docstring).
+
+    Args:
+        cfg: :class:`~cowenv.campaign.CampaignConfig` as a dict.
+        w: The worker number.
+        known: Signatures known when the campaign (session) started: not reported.
+
+    """
+
+    def __init__(self, cfg: dict[str, Any], w: int, known: list[str]) -> None:
+        from .env import CowEnv
+
+        self.cfg = CampaignConfig(**cfg)
+        self.w = w
+        self.known = set(known)
+        self.env = CowEnv(**self.cfg.env_kwargs)
+        self.budget = worker_budget(self.cfg.budget, self.cfg.workers, w)
+        self.agent: Any = None
+        self.at: tuple[int, int] | None = None  # (steps, episodes) of the live agent
+        self.reported: set[str] = set()
+
+    def _agent(self) -> Any:
+        import cowenv_agents as ca
+
+        return ca.make_agent(self.cfg.agent, model=self.cfg.model, **self.cfg.agent_kwargs)
+
+    def run(self, state: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Play whole episodes from ``state`` for about ``seconds`` or up to a new finding.
+
+        Args:
+            state: Where the worker is: ``steps``, ``episodes``, ``reported`` and
+                ``agent_state`` (a checkpoint; the actor's live agent is used when it is
+                already there, the checkpoint is loaded otherwise, e.g. after a restart).
+            seconds: Stop at the first episode boundary after this long.
+
+        Returns:
+            The state after the chunk (same keys), plus ``findings`` (``[signature,
+            scenario data, worker step, episode]`` in the order found) and ``node`` (the
+            Ray node id this ran on).
+
+        """
+        import cowenv_agents as ca
+        import ray
+
+        cfg, w = self.cfg, self.w
+        steps, episodes = int(state["steps"]), int(state["episodes"])
+        if self.at != (steps, episodes):  # first call, or a restart: start from `state`
+            self.agent = self._agent()
+            if state.get("agent_state"):
+                self.agent.load_state_dict(state["agent_state"])
+            self.reported = set(state.get("reported", []))
+        reported, found = self.reported, []
+        deadline = time.monotonic() + seconds
+        while steps < self.budget:
+            rng, reset_seed = ca.episode_rng(cfg.seed, w, episodes)
+
+            def on_violation(i: int, v: dict[str, Any], base: int = steps,
+                             ep: int = episodes) -> bool:
+                sig = v["signature"]
+                if sig in reported or sig in self.known:
+                    reported.add(sig)
+                    return False
+                reported.add(sig)
+                found.append([sig, finding_data(self.env, cfg, w, ep, base + i, v), base + i,
+                              ep])
+                return False
+
+            res = ca.run_episode(self.env, self.agent, rng, reset_seed,
+                                 max_actions=self.budget - steps, on_violation=on_violation,
+                                 teardown=cfg.teardown)
+            steps += res.steps
+            episodes += 1
+            if found or time.monotonic() >= deadline:
+                break
+        self.at = (steps, episodes)
+        return {"steps": steps, "episodes": episodes, "reported": sorted(reported),
+                "agent_state": self.agent.state_dict(), "findings": found,
+                "node": ray.get_runtime_context().get_node_id()}
+
+
+class _RayWorker:
+    """Driver-side handle of worker ``w``: a thread that drives its actor (process-like)."""
+
+    def __init__(self, be: RayBackend, cfg: dict[str, Any], w: int, out: str, q: Any,
+                 stop: threading.Event, known: list[str]) -> None:
+        self.be, self.cfg, self.w, self.out = be, cfg, w, Path(out)
+        self.q, self.stop, self.known = q, stop, list(known)
+        self.thread = threading.Thread(target=self._main, daemon=True,
+                                       name=f"cowenv-ray-worker-{w}")
+        self.actor: Any = None
+        self.exitcode: int | None = None
+        self.killed = False
+
+    @property
+    def pid(self) -> int | None:
+        """Not None once started (the driver thread's id)."""
+        return self.thread.native_id
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        # Alive until its last message has been read (a thread ends right after it puts).
+        return self.thread.is_alive() or not self.q.empty()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def terminate(self) -> None:
+        self.killed = True
+        if self.actor is not None:
+            self.be.ray.kill(self.actor, no_restart=True)
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+            self.exitcode = 0
+        except BaseException:
+            self.exitcode = 1
+            if not self.killed:
+                self.q.put(("error", self.w, traceback.format_exc()))
+
+    def _loop(self) -> None:
+        ray, w = self.be.ray, self.w
+        cfg = CampaignConfig(**self.cfg)
+        budget = worker_budget(cfg.budget, cfg.workers, w)
+        ck = _checkpoint_path(self.out, w)
+        state: dict[str, Any] = {"steps": 0, "episodes": 0, "reported": [], "agent_state": {}}
+        nodes: list[str] = []
+        if ck.exists():
+            st = json.loads(ck.read_text())
+            state = {"steps": int(st["steps"]), "episodes": int(st["episodes"]),
+                     "reported": st.get("reported", []),
+                     "agent_state": st.get("agent_state", {})}
+            nodes = list(st.get("nodes", []))
+
+        def checkpoint() -> None:
+            atomic_write_text(ck, json.dumps({
+                "worker": w, "seed": [cfg.seed, w], "steps": state["steps"],
+                "episodes": state["episodes"], "reported": state["reported"],
+                "agent_state": state["agent_state"], "nodes": nodes}) + "\n")
+            self.q.put(("checkpoint", w, state["steps"], state["episodes"]))
+
+        self.actor = self.be.actor_class.remote(self.cfg, w, self.known)
+        last_ck = None
+        while state["steps"] < budget and not self.stop.is_set():
+            res = ray.get(self.actor.run.remote(state, self.be.chunk_seconds))
+            for sig, data, wstep, ep in res.pop("findings"):
+                self.q.put(("finding", w, sig, data, wstep, ep))
+            node = res.pop("node")
+            if not nodes or nodes[-1] != node:
+                nodes.append(node)
+            state = res
+            self.q.put(("progress", w, state["steps"], state["episodes"]))
+            now = time.monotonic()
+            if last_ck is None or now - last_ck >= CHECKPOINT_SECONDS:
+                checkpoint()
+                last_ck = now
+        checkpoint()
+        ray.kill(self.actor, no_restart=True)  # frees its CPU for restarted or other actors
+        self.q.put(("done", w, state["steps"], state["episodes"]))
+
+
+# ----------------------------------------------------------------------------- minimiser
+def minimise_text(name: str, text: str, signature: str
+                  ) -> tuple[str, dict[str, Any] | None, str, list[str] | None]:
+    """:func:`cowenv.campaign.minimise_finding` of a scenario given as YAML text.
+
+    The body of the Ray minimisation task: the node that runs it need not see the
+    driver's disk, so the schedule travels as text and the result as data.
+    """
+    with tempfile.TemporaryDirectory(prefix="cowenv-min-") as d:
+        p = Path(d) / name
+        p.write_text(text)
+        return minimise_finding(str(p), signature)
+
+
+class _RayMinimiser:
+    """Driver-side minimiser: ``(path, signature)`` tasks in, Ray tasks out, results back."""
+
+    def __init__(self, be: RayBackend, tasks: queue_mod.Queue, results: queue_mod.Queue
+                 ) -> None:
+        self.be, self.tasks, self.results = be, tasks, results
+        self.thread = threading.Thread(target=self._main, daemon=True,
+                                       name="cowenv-ray-minimise")
+        self.exitcode: int | None = None
+        self.inflight: dict[Any, str] = {}
+        self.killed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.thread.native_id
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def terminate(self) -> None:
+        self.killed = True
+        for ref in list(self.inflight):
+            self.be.ray.cancel(ref, force=True)
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+            self.exitcode = 0
+        except BaseException:
+            self.exitcode = 1
+            traceback.print_exc()
+
+    def _loop(self) -> None:
+        ray = self.be.ray
+        ending = False
+        while not self.killed and not (ending and not self.inflight):
+            if not ending and len(self.inflight) < self.be.minimisers:
+                try:
+                    task = self.tasks.get(timeout=0.05 if self.inflight else 0.5)
+                except queue_mod.Empty:
+                    task = False
+                if task is None:
+                    ending = True
+                elif task:
+                    path, sig = task
+                    ref = self.be.minimise_task.remote(Path(path).name, Path(path).read_text(),
+                                                       sig)
+                    self.inflight[ref] = sig
+            if not self.inflight:
+                continue
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.05)
+            for ref in ready:
+                sig = self.inflight.pop(ref)
+                try:
+                    self.results.put(tuple(ray.get(ref)))
+                except Exception as e:  # the task failed for good: keep the raw schedule
+                    self.results.put((sig, None, f"minimisation task failed: "
+                                                 f"{type(e).__name__}: {e}", None))
+
+
+# ----------------------------------------------------------------------------- backend
+class RayBackend:
+    """Campaign workers as Ray actors, minimisation as Ray tasks (see the module docstring).
+
+    Use as a context manager: entering connects to Ray (joins the cluster at ``address``,
+    or starts a local instance when ``address`` is None) unless the process is already
+    connected; leaving disconnects if it connected.
+
+    Args:
+        address: A running cluster (``ray start --head`` prints it; ``auto`` finds the one
+            on this machine); None starts a local Ray instance for the campaign.
+        num_cpus: CPUs of a local instance (default: the machine's, at least ``workers``).
+        workers: The campaign's worker count (sizes a local instance).
+        minimisers: Minimisation tasks at once (1, like the local backend's one process).
+        chunk_seconds: Seconds of episodes per actor call.
+        show: Say on stderr where the cluster and its dashboard are.
+        include_dashboard: Start the dashboard with a local instance (None: if installed).
+
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
+                 workers: int = 1, minimisers: int = 1, chunk_seconds: float = CHUNK_SECONDS,
+                 show: bool = False, include_dashboard: bool | None = None) -> None:
+        self.ray = require_ray()
+        self.address = address
+        self.num_cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1,
+                                                                   workers)
+        self.minimisers = max(1, minimisers)
+        self.chunk_seconds = chunk_seconds
+        self.show = show
+        self.include_dashboard = include_dashboard
+        self._connected = False
+        self.dashboard_url: str | None = None
+        self.actor_class = self.ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS,
+                                           max_task_retries=MAX_RESTARTS)(FuzzWorker)
+        # Minimisation is short and bursty: it shares the CPUs of the workers (num_cpus=0)
+        # as the local backend's minimiser process does, instead of waiting for one.
+        self.minimise_task = self.ray.remote(num_cpus=0)(minimise_text)
+
+    def __enter__(self) -> RayBackend:
+        ray = self.ray
+        if not ray.is_initialized():
+            try:
+                if self.address is None:
+                    ctx = ray.init(address="local", num_cpus=self.num_cpus,
+                                   include_dashboard=self.include_dashboard,
+                                   log_to_driver=True, configure_logging=False)
+                else:
+                    ctx = ray.init(address=self.address, log_to_driver=True,
+                                   configure_logging=False)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                where = self.address or "a local instance"
+                raise CampaignError(f"--address: cannot connect to Ray at {where}: "
+                                    f"{str(e).strip().splitlines()[0]}") from None
+            self._connected = True
+            self.dashboard_url = getattr(ctx, "dashboard_url", None) or None
+        if self.show:
+            import sys
+
+            res = ray.cluster_resources()
+            where = (f"joined the Ray cluster at {self.address}" if self.address
+                     else "started a local Ray instance")
+            dash = f"; dashboard: http://{self.dashboard_url}" if self.dashboard_url else ""
+            print(f"ray: {where}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU(s)"
+                  f"{dash}", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._connected:
+            self.ray.shutdown()
+            self._connected = False
+
+    def queue(self) -> queue_mod.Queue:
+        """Driver threads put on it; the campaign loop reads it."""
+        return queue_mod.Queue()
+
+    def event(self) -> threading.Event:
+        """The stop flag (the driver threads check it between chunks)."""
+        return threading.Event()
+
+    def worker(self, cfg: dict[str, Any], w: int, out: str, q: Any, stop: Any,
+               known: list[str]) -> _RayWorker:
+        """An unstarted worker ``w`` (arguments of :func:`cowenv.campaign.worker_main`)."""
+        return _RayWorker(self, cfg, w, out, q, stop, known)
+
+    def minimiser(self, tasks: Any, results: Any) -> _RayMinimiser:
+        """An unstarted minimiser (arguments of :func:`cowenv.campaign.minimiser_main`)."""
+        return _RayMinimiser(self, tasks, results)
