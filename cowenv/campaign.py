@@ -353,7 +353,9 @@ class CampaignResult:
         findings: One row per signature, in discovery order (``signature``, ``file``,
             ``worker``, ``worker_step``, ``campaign_step``, ``seconds``, ``agent``,
             ``steps`` (schedule length), ``flaws`` (:func:`attribute_flaws`, after
-            minimisation), ``minimised``, ``hits``).
+            minimisation), ``minimised``, ``hits``, ``reports``: ``{worker: worker
+            step}`` of each worker's first report of the signature in this folder; the
+            first of these to reach the main process gives ``worker``/``worker_step``).
         interrupted: Stopped before the budget was spent.
         seconds: Wall time of the whole campaign (all sessions).
         errors: Worker errors (tracebacks).
@@ -598,13 +600,17 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True,
                         meta[sig] = {"worker": w, "worker_step": wstep, "episode": ep,
                                      "campaign_step": sum(wsteps) - wsteps[w] + wstep,
                                      "seconds": round(elapsed(), 3), "agent": cfg.agent,
-                                     "file": path.name if path else None}
+                                     "file": path.name if path else None,
+                                     "reports": {str(w): wstep}}
                         save_state("running")
                         display.note(f"[{elapsed():7.1f}s] new finding {sig} (worker {w}, "
                                      f"step {wstep:,}) -> {store.path_for(sig)}")
                         submit(sig)
                     else:
                         store.findings[sig]["hits"] += 1
+                        # Every worker's first report (which one arrives first is timing).
+                        meta.setdefault(sig, {}).setdefault("reports", {}).setdefault(
+                            str(w), wstep)
                 elif kind == "error":
                     errors.append(f"worker {w}: {msg[2]}")
                     live.discard(w)
@@ -662,7 +668,7 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True,
                      "worker": m.get("worker"), "worker_step": m.get("worker_step"),
                      "campaign_step": m.get("campaign_step"), "seconds": m.get("seconds"),
                      "agent": m.get("agent", cfg.agent), "steps": f["steps"],
-                     "flaws": m.get("flaws"),
+                     "flaws": m.get("flaws"), "reports": m.get("reports"),
                      "minimised": f.get("minimised"), "hits": f.get("hits", 1)})
     return CampaignResult(str(outp), sum(wsteps), sum(weps), rows, interrupted,
                           round(elapsed(), 3), errors)
@@ -797,9 +803,19 @@ def _backend_from_args(a: argparse.Namespace, workers: int) -> Any:
     from .ray_backend import RayBackend
 
     try:
-        return RayBackend(a.address, workers=workers, show=not getattr(a, "quiet", False))
+        quiet = getattr(a, "quiet", False) or a.json
+        be = RayBackend(a.address, workers=workers, show=not quiet, log_to_driver=not quiet)
     except CampaignError as e:
         raise BadInput(str(e)) from None
+
+    @contextlib.contextmanager
+    def session() -> Any:
+        # Ray prints cluster errors (a raylet died, ...) on sys.stdout: keep stdout for
+        # the command's result (--json).
+        with contextlib.redirect_stdout(sys.stderr), be:
+            yield be
+
+    return session()
 
 
 def _print_summary(res: CampaignResult) -> None:
@@ -892,6 +908,7 @@ def _setup_train(sp: argparse.ArgumentParser) -> None:
                     help="harness teardown actions at the end of each episode, as in "
                          "`cowenv fuzz` (default 32)")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _backend_args(sp, "the vector env's slots step in Ray actors, the learner stays here")
     _env_args(sp)
 
 
@@ -926,8 +943,13 @@ def _run_train(a: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     run_name = Path(a.out).stem
-    path = ppo.train_ppo(configs, a.steps, a.out, seed=a.seed, n_envs=a.n_envs,
-                         log_dir=a.log_dir, run_name=run_name, teardown=a.teardown)
+    try:
+        with _backend_from_args(a, a.n_envs or max(2, len(configs))) as be:
+            path = ppo.train_ppo(configs, a.steps, a.out, seed=a.seed, n_envs=a.n_envs,
+                                 log_dir=a.log_dir, run_name=run_name, teardown=a.teardown,
+                                 vec_env=be.vec_env if be is not None else None)
+    except CampaignError as e:
+        raise BadInput(str(e)) from None
     secs = time.monotonic() - t0
     info = {"model": str(path), "steps": a.steps, "seconds": round(secs, 1),
             "log_dir": str(Path(a.log_dir) / run_name), "env_configs": configs}

@@ -341,6 +341,8 @@ class RayBackend:
         chunk_seconds: Seconds of episodes per actor call.
         show: Say on stderr where the cluster and its dashboard are.
         include_dashboard: Start the dashboard with a local instance (None: if installed).
+        log_to_driver: Ray prints its workers' and raylets' output here (off for
+            ``--json`` and ``--quiet``: stdout stays one JSON object).
 
     """
 
@@ -348,7 +350,8 @@ class RayBackend:
 
     def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
                  workers: int = 1, minimisers: int = 1, chunk_seconds: float = CHUNK_SECONDS,
-                 show: bool = False, include_dashboard: bool | None = None) -> None:
+                 show: bool = False, include_dashboard: bool | None = None,
+                 log_to_driver: bool = True) -> None:
         self.ray = require_ray()
         self.address = address
         self.num_cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1,
@@ -357,6 +360,7 @@ class RayBackend:
         self.chunk_seconds = chunk_seconds
         self.show = show
         self.include_dashboard = include_dashboard
+        self.log_to_driver = log_to_driver
         self._connected = False
         self.dashboard_url: str | None = None
         self.actor_class = self.ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS,
@@ -372,9 +376,9 @@ class RayBackend:
                 if self.address is None:
                     ctx = ray.init(address="local", num_cpus=self.num_cpus,
                                    include_dashboard=self.include_dashboard,
-                                   log_to_driver=True, configure_logging=False)
+                                   log_to_driver=self.log_to_driver, configure_logging=False)
                 else:
-                    ctx = ray.init(address=self.address, log_to_driver=True,
+                    ctx = ray.init(address=self.address, log_to_driver=self.log_to_driver,
                                    configure_logging=False)
             except (ConnectionError, ValueError, RuntimeError) as e:
                 where = self.address or "a local instance"
@@ -414,3 +418,141 @@ class RayBackend:
     def minimiser(self, tasks: Any, results: Any) -> _RayMinimiser:
         """An unstarted minimiser (arguments of :func:`cowenv.campaign.minimiser_main`)."""
         return _RayMinimiser(self, tasks, results)
+
+    def vec_env(self, env_fns: list[Any]) -> Any:
+        """A training vector env whose slots step in Ray actors (see :class:`RayVecEnv`)."""
+        return ray_vec_env(self.ray, env_fns)
+
+
+# ----------------------------------------------------------------------------- training
+class EnvSlots:
+    """Ray actor: some consecutive slots of a training vector env, as an SB3 ``DummyVecEnv``.
+
+    Args:
+        env_fns: The slots' env factories (called here, on the actor's node).
+
+    """
+
+    def __init__(self, env_fns: list[Any]) -> None:
+        from stable_baselines3.common.vec_env import DummyVecEnv
+
+        self.venv = DummyVecEnv(env_fns)
+
+    def spaces(self) -> tuple[Any, Any]:
+        """Observation and action spaces."""
+        return self.venv.observation_space, self.venv.action_space
+
+    def _masks(self) -> Any:
+        import numpy as np
+
+        return np.stack(self.venv.env_method("action_masks"))
+
+    def reset(self, seeds: list[int | None], options: list[dict[str, Any]]) -> tuple[Any, ...]:
+        """``DummyVecEnv.reset`` with these per-slot seeds and options; plus action masks."""
+        self.venv._seeds, self.venv._options = list(seeds), list(options)
+        obs = self.venv.reset()
+        return obs, list(self.venv.reset_infos), self._masks()
+
+    def step(self, actions: Any) -> tuple[Any, ...]:
+        """``DummyVecEnv.step`` (auto-reset included); plus the action masks after it."""
+        obs, rews, dones, infos = self.venv.step(actions)
+        return obs, rews, dones, infos, list(self.venv.reset_infos), self._masks()
+
+    def call(self, what: str, name: str, indices: list[int], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
+        """``get_attr``/``set_attr``/``env_method``/``env_is_wrapped`` on local ``indices``."""
+        return getattr(self.venv, what)(name, *args, indices=indices, **kwargs)
+
+
+def ray_vec_env(ray: Any, env_fns: list[Any]) -> Any:
+    """Build a :class:`RayVecEnv` (the class is made on first use: SB3 imports torch).
+
+    Args:
+        ray: The connected ``ray`` module.
+        env_fns: One env factory per slot (cloudpickled to the actors).
+
+    Returns:
+        The vector env: slots grouped into at most as many actors (one CPU each) as the
+        cluster has CPUs, in order, so slot ``i`` gets seed ``seed + i`` as in
+        ``DummyVecEnv`` and training sees the very same episodes.
+
+    """
+    import numpy as np
+    from stable_baselines3.common.vec_env import VecEnv
+
+    actor_cls = ray.remote(num_cpus=1)(EnvSlots)
+
+    class RayVecEnv(VecEnv):
+        """SB3 vector env over :class:`EnvSlots` actors (``DummyVecEnv`` semantics)."""
+
+        def __init__(self, env_fns: list[Any]) -> None:
+            n = len(env_fns)
+            k = max(1, min(n, int(ray.cluster_resources().get("CPU", 1))))
+            bounds = [n * i // k for i in range(k + 1)]
+            self.slices = [(bounds[i], bounds[i + 1]) for i in range(k)]
+            self.actors = [actor_cls.remote(env_fns[a:b]) for a, b in self.slices]
+            self._refs: list[Any] = []
+            self._masks: Any = None
+            self.reset_infos: list[dict[str, Any]] = [{} for _ in range(n)]
+            obs_space, act_space = ray.get(self.actors[0].spaces.remote())
+            super().__init__(n, obs_space, act_space)
+
+        def reset(self) -> Any:
+            res = ray.get([act.reset.remote(self._seeds[a:b], self._options[a:b])
+                           for act, (a, b) in zip(self.actors, self.slices, strict=True)])
+            self.reset_infos = [i for r in res for i in r[1]]
+            self._masks = np.concatenate([r[2] for r in res])
+            self._reset_seeds()
+            self._reset_options()
+            return np.concatenate([r[0] for r in res])
+
+        def step_async(self, actions: Any) -> None:
+            self._refs = [act.step.remote(actions[a:b])
+                          for act, (a, b) in zip(self.actors, self.slices, strict=True)]
+
+        def step_wait(self) -> Any:
+            res = ray.get(self._refs)
+            self._refs = []
+            self.reset_infos = [i for r in res for i in r[4]]
+            self._masks = np.concatenate([r[5] for r in res])
+            return (np.concatenate([r[0] for r in res]), np.concatenate([r[1] for r in res]),
+                    np.concatenate([r[2] for r in res]), [i for r in res for i in r[3]])
+
+        def close(self) -> None:
+            for act in self.actors:
+                ray.kill(act)
+            self.actors = []
+
+        def _call(self, what: str, name: str, indices: Any, *args: Any,
+                  **kwargs: Any) -> list[Any]:
+            idx = list(self._get_indices(indices))
+            refs = []
+            for act, (a, b) in zip(self.actors, self.slices, strict=True):
+                mine = sorted({i for i in idx if a <= i < b})
+                if mine:
+                    refs.append((mine, act.call.remote(what, name, [i - a for i in mine], args,
+                                                       kwargs)))
+            by_slot = {i: r for mine, ref in refs
+                       for i, r in zip(mine, ray.get(ref), strict=True)}
+            return [by_slot[i] for i in idx]
+
+        def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+            return self._call("get_attr", attr_name, indices)
+
+        def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
+            self._masks = None
+            self._call("set_attr", attr_name, indices, value)
+
+        def env_method(self, method_name: str, *method_args: Any, indices: Any = None,
+                       **method_kwargs: Any) -> list[Any]:
+            if (method_name == "action_masks" and not method_args and not method_kwargs
+                    and self._masks is not None):  # sent with every step: no round trip
+                return [self._masks[i] for i in self._get_indices(indices)]
+            self._masks = None
+            return self._call("env_method", method_name, indices, *method_args,
+                              **method_kwargs)
+
+        def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
+            return self._call("env_is_wrapped", wrapper_class, indices)
+
+    return RayVecEnv(env_fns)
