@@ -61,22 +61,55 @@ def _check_same(ray_res: CampaignResult, local: CampaignResult, out: Path) -> No
         assert ck["steps"] == local.steps // 2
 
 
-@needs_ray
-def test_ray_campaign_finds_what_a_local_campaign_finds(tmp_path: Path) -> None:
-    from cowenv.ray_backend import RayBackend
+@pytest.fixture(scope="class")
+def local_ray() -> Any:
+    """One local Ray instance with 2 CPUs for the single-machine tests."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
-    cfg, cfg2 = _cfg(12_000), _cfg(16_000)
-    local = run_campaign(cfg, tmp_path / "local", show=False)
-    local2 = run_campaign(cfg2, tmp_path / "local", show=False)  # resumed, extended
-    with RayBackend(num_cpus=2, include_dashboard=False) as be:
-        assert ray.cluster_resources()["CPU"] == 2
-        res = run_campaign(cfg, tmp_path / "ray", show=False, backend=be)
-        _check_same(res, local, tmp_path / "ray")
-        # Resume on Ray: a larger budget extends the campaign exactly as locally.
-        res2 = run_campaign(cfg2, tmp_path / "ray", show=False, backend=be)
-    assert not ray.is_initialized()
-    assert _found(res2) == _found(local2) and res2.steps == 16_000
-    assert len(res2.findings) > len(res.findings)  # the extension found more
+
+@needs_ray
+class TestOneMachine:
+    """Tests sharing one local Ray instance with 2 CPUs."""
+
+    def test_ray_campaign_finds_what_a_local_campaign_finds(self, local_ray: Any,
+                                                             tmp_path: Path) -> None:
+        from cowenv.ray_backend import RayBackend
+
+        cfg, cfg2 = _cfg(12_000), _cfg(16_000)
+        local = run_campaign(cfg, tmp_path / "local", show=False)
+        local2 = run_campaign(cfg2, tmp_path / "local", show=False)  # resumed, extended
+        with RayBackend() as be:  # joins the running instance, leaves it running
+            assert ray.cluster_resources()["CPU"] == 2
+            res = run_campaign(cfg, tmp_path / "ray", show=False, backend=be)
+            _check_same(res, local, tmp_path / "ray")
+            # Resume on Ray: a larger budget extends the campaign exactly as locally.
+            res2 = run_campaign(cfg2, tmp_path / "ray", show=False, backend=be)
+        assert ray.is_initialized()
+        assert _found(res2) == _found(local2) and res2.steps == 16_000
+        assert len(res2.findings) > len(res.findings)  # the extension found more
+
+    def test_train_backend_ray_learns_what_local_training_learns(self, local_ray: Any,
+                                                                 tmp_path: Path) -> None:
+        import torch
+        from cowenv_agents.ppo import load_model
+
+        def train(backend: str) -> tuple[Path, dict[str, Any]]:
+            out = tmp_path / backend / "m.zip"
+            argv = ["train", "--backend", backend, "--steps", "256", "--n-envs", "2",
+                    "--geometry", "small", "--flaws", ",".join(FLAWS), "--out", str(out),
+                    "--log-dir", str(tmp_path / backend / "runs"), "--json"]
+            assert cli.main(argv) == 0
+            return out, load_model(out).policy.state_dict()
+
+        (_, local), (_, remote) = train("local"), train("ray")
+        assert set(local) == set(remote)
+        for k in local:  # same seeds, same episodes: the very same network
+            assert torch.equal(local[k], remote[k]), k
+        assert list((tmp_path / "ray" / "runs" / "m" / "tb").iterdir())  # TensorBoard logs
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -222,23 +255,3 @@ def test_backend_ray_without_ray_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert cli.main(["fuzz", "--address", "x:1", "--budget", "10", "--out",
                      str(tmp_path)]) == 2
     assert "--backend ray" in capsys.readouterr().err
-
-
-@needs_ray
-def test_train_backend_ray_learns_what_local_training_learns(tmp_path: Path) -> None:
-    import torch
-    from cowenv_agents.ppo import load_model
-
-    def train(backend: str) -> tuple[Path, dict[str, Any]]:
-        out = tmp_path / backend / "m.zip"
-        argv = ["train", "--backend", backend, "--steps", "256", "--n-envs", "2",
-                "--geometry", "small", "--flaws", ",".join(FLAWS), "--out", str(out),
-                "--log-dir", str(tmp_path / backend / "runs"), "--json"]
-        assert cli.main(argv) == 0
-        return out, load_model(out).policy.state_dict()
-
-    (_, local), (_, remote) = train("local"), train("ray")
-    assert set(local) == set(remote)
-    for k in local:  # same seeds, same episodes: the very same network
-        assert torch.equal(local[k], remote[k]), k
-    assert list((tmp_path / "ray" / "runs" / "m" / "tb").iterdir())  # TensorBoard logs

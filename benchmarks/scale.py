@@ -1,0 +1,170 @@
+"""Campaign throughput, local processes vs Ray on one machine, 1 and 2 workers.
+
+Runs the same campaign (``random`` agent, ``--no-minimise``, the test suite's small
+geometry with three flaws) with the multiprocessing backend and with the Ray backend (one
+local Ray instance, started once and not timed), with 1 and 2 workers, in interleaved
+rounds; reports the best steps/s of each (wall time of ``run_campaign``, worker start-up
+included), the parallel efficiency (rate with 2 workers / (2 x rate with 1)), Ray's
+throughput relative to multiprocessing (goal: >= 0.9 with 2 workers), and what one
+finding costs on the way from a worker to the driver: a Ray actor call returning a
+finding's schedule vs a multiprocessing queue carrying it (median round trip).
+
+Usage: ``python benchmarks/scale.py [--json] [--steps-per-worker N] [--rounds R]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cowenv.campaign import CampaignConfig, run_campaign
+
+FLAWS = ["fault-asserts-write-lock", "walker-skips-break", "read-fault-fills-shared"]
+ENV = {"geometry": "small", "terminate_on_violation": False, "variant": "cowpte",
+       "flaws": FLAWS}
+GOAL = 0.9
+
+
+def campaign(backend: Any, workers: int, steps_per_worker: int, seed: int) -> dict:
+    cfg = CampaignConfig(agent="random", seed=seed, workers=workers,
+                         budget=steps_per_worker * workers, env_kwargs=dict(ENV),
+                         minimise=False)
+    with tempfile.TemporaryDirectory(prefix="cowenv-scale-") as d:
+        t0 = time.perf_counter()
+        res = run_campaign(cfg, d, show=False, backend=backend)
+        wall = time.perf_counter() - t0
+    assert not res.errors and res.steps == cfg.budget, res.errors
+    return {"steps": res.steps, "seconds": wall, "steps_per_s": res.steps / wall,
+            "findings": len(res.findings),
+            "found": sorted((r["signature"], sorted(r["reports"].items()))
+                            for r in res.findings)}
+
+
+def _echo(q_in: Any, q_out: Any) -> None:
+    while True:
+        x = q_in.get()
+        if x is None:
+            return
+        q_out.put(x)
+
+
+class Echo:
+    def echo(self, x: Any) -> Any:
+        return x
+
+
+def per_finding_overhead(ray: Any, payload: dict, n: int = 200) -> dict:
+    """Median round trip of a finding-sized message: Ray actor call vs mp queues."""
+    size = len(json.dumps(payload))
+    actor = ray.remote(num_cpus=0)(Echo).remote()
+    ray.get(actor.echo.remote(payload))
+    rt = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        ray.get(actor.echo.remote(payload))
+        rt.append(time.perf_counter() - t0)
+    ray.kill(actor)
+    ctx = mp.get_context("spawn")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_echo, args=(q_in, q_out), daemon=True)
+    p.start()
+    q_in.put(payload)
+    q_out.get()
+    mq = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        q_in.put(payload)
+        q_out.get()
+        mq.append(time.perf_counter() - t0)
+    q_in.put(None)
+    p.join(5)
+    return {"payload_bytes_json": size, "ray_actor_call_ms": statistics.median(rt) * 1e3,
+            "mp_queue_ms": statistics.median(mq) * 1e3,
+            "ray_extra_ms_per_finding": (statistics.median(rt) - statistics.median(mq)) * 1e3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--steps-per-worker", type=int, default=40_000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    try:
+        import ray
+    except ImportError:
+        sys.exit("benchmarks/scale.py needs Ray: pip install 'cowenv[ray]'")
+    from cowenv.campaign import LocalBackend
+    from cowenv.ray_backend import RayBackend
+
+    cpus = os.cpu_count() or 1
+    ray.init(address="local", num_cpus=max(2, cpus), include_dashboard=False,
+             log_to_driver=False)
+    runs: dict[str, list[dict]] = {}
+    try:
+        with RayBackend() as rb:
+            for _ in range(a.rounds):
+                for workers in (1, 2):
+                    for name, be in (("local", LocalBackend()), ("ray", rb)):
+                        r = campaign(be, workers, a.steps_per_worker, a.seed)
+                        runs.setdefault(f"{name}-{workers}", []).append(r)
+                        if not a.json:
+                            print(f"  {name:5} {workers} worker(s): {r['steps_per_s']:8,.0f} "
+                                  f"steps/s ({r['seconds']:.1f}s, {r['findings']} findings)",
+                                  file=sys.stderr)
+            overhead = per_finding_overhead(ray, _payload(a.seed))
+    finally:
+        ray.shutdown()
+    best = {k: max(v, key=lambda r: r["steps_per_s"]) for k, v in runs.items()}
+    for w in (1, 2):  # same findings (every worker's first report), whichever backend
+        assert best[f"local-{w}"]["found"] == best[f"ray-{w}"]["found"]
+    rate = {k: v["steps_per_s"] for k, v in best.items()}
+    out = {
+        "cpus": cpus, "steps_per_worker": a.steps_per_worker, "rounds": a.rounds,
+        "steps_per_s": rate,
+        "all_runs_steps_per_s": {k: [round(r["steps_per_s"]) for r in v]
+                                 for k, v in runs.items()},
+        "parallel_efficiency": {b: rate[f"{b}-2"] / (2 * rate[f"{b}-1"])
+                                for b in ("local", "ray")},
+        "ray_vs_local": {str(w): rate[f"ray-{w}"] / rate[f"local-{w}"] for w in (1, 2)},
+        "goal_ray_2_workers_vs_local": GOAL,
+        "goal_met": rate["ray-2"] / rate["local-2"] >= GOAL,
+        "findings_per_run": best["local-2"]["findings"],
+        "per_finding": overhead,
+    }
+    if a.json:
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return
+    print(f"{'backend':8} {'1 worker':>12} {'2 workers':>12} {'efficiency':>11}")
+    for b in ("local", "ray"):
+        print(f"{b:8} {rate[f'{b}-1']:10,.0f}/s {rate[f'{b}-2']:10,.0f}/s "
+              f"{out['parallel_efficiency'][b]:10.2f}")
+    print(f"ray / local: 1 worker {out['ray_vs_local']['1']:.2f}, 2 workers "
+          f"{out['ray_vs_local']['2']:.2f} (goal >= {GOAL}: "
+          f"{'met' if out['goal_met'] else 'NOT met'})")
+    o = overhead
+    print(f"per finding ({o['payload_bytes_json']:,} B schedule): Ray actor call "
+          f"{o['ray_actor_call_ms']:.2f} ms, mp queue {o['mp_queue_ms']:.2f} ms "
+          f"(Ray extra {o['ray_extra_ms_per_finding']:.2f} ms)")
+
+
+def _payload(seed: int) -> dict:
+    import yaml
+
+    cfg = CampaignConfig(agent="random", seed=seed, workers=1, budget=5000,
+                         env_kwargs=dict(ENV), minimise=False)
+    with tempfile.TemporaryDirectory(prefix="cowenv-scale-") as d:
+        res = run_campaign(cfg, d, show=False)
+        return yaml.safe_load(Path(res.findings[0]["file"]).read_text())
+
+
+if __name__ == "__main__":
+    main()
