@@ -101,6 +101,10 @@ class FuzzWorker:
         self.agent: Any = None
         self.at: tuple[int, int] | None = None  # (steps, episodes) of the live agent
         self.reported: set[str] = set()
+        import ray
+
+        # The node this actor runs on (None outside Ray: do not let Ray auto-connect).
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def _agent(self) -> Any:
         import cowenv_agents as ca
@@ -123,7 +127,6 @@ class FuzzWorker:
 
         """
         import cowenv_agents as ca
-        import ray
 
         cfg, w = self.cfg, self.w
         steps, episodes = int(state["steps"]), int(state["episodes"])
@@ -158,7 +161,7 @@ class FuzzWorker:
         self.at = (steps, episodes)
         return {"steps": steps, "episodes": episodes, "reported": sorted(reported),
                 "agent_state": self.agent.state_dict(), "findings": found,
-                "node": ray.get_runtime_context().get_node_id()}
+                "node": self.node}
 
 
 class _RayWorker:
