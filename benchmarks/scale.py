@@ -15,6 +15,7 @@ Usage: ``python benchmarks/scale.py [--json] [--steps-per-worker N] [--rounds R]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -106,23 +107,21 @@ def main() -> None:
     from cowenv.ray_backend import RayBackend
 
     cpus = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=max(2, cpus), include_dashboard=False,
-             log_to_driver=False)
     runs: dict[str, list[dict]] = {}
-    try:
-        with RayBackend() as rb:
-            for _ in range(a.rounds):
-                for workers in (1, 2):
-                    for name, be in (("local", LocalBackend()), ("ray", rb)):
-                        r = campaign(be, workers, a.steps_per_worker, a.seed)
-                        runs.setdefault(f"{name}-{workers}", []).append(r)
-                        if not a.json:
-                            print(f"  {name:5} {workers} worker(s): {r['steps_per_s']:8,.0f} "
-                                  f"steps/s ({r['seconds']:.1f}s, {r['findings']} findings)",
-                                  file=sys.stderr)
-            overhead = per_finding_overhead(ray, _payload(a.seed))
-    finally:
-        ray.shutdown()
+    # The local Ray instance `cowenv fuzz --backend ray` starts (started once, not timed);
+    # Ray prints node trouble on stdout: keep stdout for the result.
+    with contextlib.redirect_stdout(sys.stderr), \
+            RayBackend(num_cpus=max(2, cpus), include_dashboard=False,
+                       log_to_driver=False) as rb:
+        for _ in range(a.rounds):
+            for workers in (1, 2):
+                for name, be in (("local", LocalBackend()), ("ray", rb)):
+                    r = campaign(be, workers, a.steps_per_worker, a.seed)
+                    runs.setdefault(f"{name}-{workers}", []).append(r)
+                    print(f"  {name:5} {workers} worker(s): {r['steps_per_s']:8,.0f} "
+                          f"steps/s ({r['seconds']:.1f}s, {r['findings']} findings)",
+                          file=sys.stderr)
+        overhead = per_finding_overhead(ray, _payload(a.seed))
     best = {k: max(v, key=lambda r: r["steps_per_s"]) for k, v in runs.items()}
     for w in (1, 2):  # same findings (every worker's first report), whichever backend
         assert best[f"local-{w}"]["found"] == best[f"ray-{w}"]["found"]

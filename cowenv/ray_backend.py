@@ -87,13 +87,27 @@ class FuzzWorker:
         cfg: :class:`~cowenv.campaign.CampaignConfig` as a dict.
         w: The worker number.
         known: Signatures known when the campaign (session) started: not reported.
+        model: The bytes of ``cfg["model"]`` (``--agent ppo``), for nodes that do not
+            see the driver's disk (written to a temporary file there).
 
     """
 
-    def __init__(self, cfg: dict[str, Any], w: int, known: list[str]) -> None:
+    def __init__(self, cfg: dict[str, Any], w: int, known: list[str],
+                 model: bytes | None = None) -> None:
         from .env import CowEnv
 
         self.cfg = CampaignConfig(**cfg)
+        if model is not None and not Path(str(self.cfg.model)).is_file():
+            import hashlib
+
+            # One file per model per node, whatever the number of workers and restarts.
+            p = Path(tempfile.gettempdir()) / f"cowenv-model-{hashlib.sha1(model).hexdigest()}.zip"
+            if not p.is_file():
+                fd, tmp = tempfile.mkstemp(prefix=".cowenv-model-", dir=p.parent)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(model)
+                os.replace(tmp, p)
+            self.cfg.model = str(p)
         self.w = w
         self.known = set(known)
         self.env = CowEnv(**self.cfg.env_kwargs)
@@ -227,7 +241,8 @@ class _RayWorker:
                 "agent_state": state["agent_state"], "nodes": nodes}) + "\n")
             self.q.put(("checkpoint", w, state["steps"], state["episodes"]))
 
-        self.actor = self.be.actor_class.remote(self.cfg, w, self.known)
+        model = Path(cfg.model).read_bytes() if cfg.model else None
+        self.actor = self.be.actor_class.remote(self.cfg, w, self.known, model)
         last_ck = None
         while state["steps"] < budget and not self.stop.is_set():
             res = ray.get(self.actor.run.remote(state, self.be.chunk_seconds))
@@ -377,9 +392,12 @@ class RayBackend:
         if not ray.is_initialized():
             try:
                 if self.address is None:
+                    # Workers at normal priority, like local worker processes (Ray's
+                    # default, nice 15, is for clusters where Ray owns the machines).
                     ctx = ray.init(address="local", num_cpus=self.num_cpus,
                                    include_dashboard=self.include_dashboard,
-                                   log_to_driver=self.log_to_driver, configure_logging=False)
+                                   log_to_driver=self.log_to_driver, configure_logging=False,
+                                   _system_config={"worker_niceness": 0})
                 else:
                     ctx = ray.init(address=self.address, log_to_driver=self.log_to_driver,
                                    configure_logging=False)
