@@ -1,13 +1,15 @@
 """Campaign throughput, local processes vs Ray on one machine, 1 and 2 workers.
 
 Runs the same campaign (``random`` agent, ``--no-minimise``, the test suite's small
-geometry with three flaws) with the multiprocessing backend and with the Ray backend (one
-local Ray instance, started once and not timed), with 1 and 2 workers, in interleaved
-rounds; reports the best steps/s of each (wall time of ``run_campaign``, worker start-up
-included), the parallel efficiency (rate with 2 workers / (2 x rate with 1)), Ray's
-throughput relative to multiprocessing (goal: >= 0.9 with 2 workers), and what one
-finding costs on the way from a worker to the driver: a Ray actor call returning a
-finding's schedule vs a multiprocessing queue carrying it (median round trip).
+geometry with three flaws) with the multiprocessing backend and with the Ray backend (the
+local Ray instance ``cowenv fuzz --backend ray`` starts, started once and not timed), with
+1 and 2 workers, in interleaved rounds. Reports the best steps/s of each (wall time of
+``run_campaign``, worker start-up included), the start-up (until every worker has
+reported once) and the rate after it, the parallel efficiency (rate with 2 workers /
+(2 x rate with 1)), Ray's throughput relative to multiprocessing (goal: >= 0.9 with 2
+workers), and what one finding costs on its way from a worker to the driver: a Ray actor
+call returning a finding's schedule vs a multiprocessing queue carrying it (median round
+trip).
 
 Usage: ``python benchmarks/scale.py [--json] [--steps-per-worker N] [--rounds R]``
 """
@@ -34,16 +36,45 @@ ENV = {"geometry": "small", "terminate_on_violation": False, "variant": "cowpte"
 GOAL = 0.9
 
 
+class _Timed:
+    """A backend whose message queue notes when each worker first reports progress."""
+
+    def __init__(self, be: Any) -> None:
+        self.be, self.first = be, {}
+
+    def __getattr__(self, k: str) -> Any:
+        return getattr(self.be, k)
+
+    def queue(self) -> Any:
+        q, first = self.be.queue(), self.first
+        get = q.get
+
+        def timed_get(*a: Any, **k: Any) -> Any:
+            m = get(*a, **k)
+            if m[0] in ("progress", "done") and m[1] not in first:
+                first[m[1]] = (time.perf_counter(), m[2])
+            return m
+
+        q.get = timed_get
+        return q
+
+
 def campaign(backend: Any, workers: int, steps_per_worker: int, seed: int) -> dict:
     cfg = CampaignConfig(agent="random", seed=seed, workers=workers,
                          budget=steps_per_worker * workers, env_kwargs=dict(ENV),
                          minimise=False)
+    be = _Timed(backend)
     with tempfile.TemporaryDirectory(prefix="cowenv-scale-") as d:
         t0 = time.perf_counter()
-        res = run_campaign(cfg, d, show=False, backend=backend)
-        wall = time.perf_counter() - t0
+        res = run_campaign(cfg, d, show=False, backend=be)
+        t1 = time.perf_counter()
+    wall = t1 - t0
     assert not res.errors and res.steps == cfg.budget, res.errors
+    # Start-up: until every worker has reported once; steady: the steps after that.
+    up = max(t for t, _ in be.first.values()) - t0
+    early = sum(s for _, s in be.first.values())
     return {"steps": res.steps, "seconds": wall, "steps_per_s": res.steps / wall,
+            "startup_s": up, "steady_steps_per_s": (res.steps - early) / max(1e-9, wall - up),
             "findings": len(res.findings),
             "found": sorted((r["signature"], sorted(r["reports"].items()))
                             for r in res.findings)}
@@ -95,7 +126,7 @@ def per_finding_overhead(ray: Any, payload: dict, n: int = 200) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--steps-per-worker", type=int, default=40_000)
+    ap.add_argument("--steps-per-worker", type=int, default=150_000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -119,8 +150,9 @@ def main() -> None:
                     r = campaign(be, workers, a.steps_per_worker, a.seed)
                     runs.setdefault(f"{name}-{workers}", []).append(r)
                     print(f"  {name:5} {workers} worker(s): {r['steps_per_s']:8,.0f} "
-                          f"steps/s ({r['seconds']:.1f}s, {r['findings']} findings)",
-                          file=sys.stderr)
+                          f"steps/s ({r['seconds']:.1f}s, start-up {r['startup_s']:.1f}s, "
+                          f"then {r['steady_steps_per_s']:,.0f} steps/s; "
+                          f"{r['findings']} findings)", file=sys.stderr)
         overhead = per_finding_overhead(ray, _payload(a.seed))
     best = {k: max(v, key=lambda r: r["steps_per_s"]) for k, v in runs.items()}
     for w in (1, 2):  # same findings (every worker's first report), whichever backend
@@ -131,6 +163,9 @@ def main() -> None:
         "steps_per_s": rate,
         "all_runs_steps_per_s": {k: [round(r["steps_per_s"]) for r in v]
                                  for k, v in runs.items()},
+        "startup_s": {k: round(v["startup_s"], 2) for k, v in best.items()},
+        "steady_steps_per_s": {k: round(v["steady_steps_per_s"]) for k, v in best.items()},
+        "load_average_1min": os.getloadavg()[0],
         "parallel_efficiency": {b: rate[f"{b}-2"] / (2 * rate[f"{b}-1"])
                                 for b in ("local", "ray")},
         "ray_vs_local": {str(w): rate[f"ray-{w}"] / rate[f"local-{w}"] for w in (1, 2)},
@@ -146,6 +181,7 @@ def main() -> None:
     for b in ("local", "ray"):
         print(f"{b:8} {rate[f'{b}-1']:10,.0f}/s {rate[f'{b}-2']:10,.0f}/s "
               f"{out['parallel_efficiency'][b]:10.2f}")
+    print("start-up (s): " + ", ".join(f"{k} {v}" for k, v in out["startup_s"].items()))
     print(f"ray / local: 1 worker {out['ray_vs_local']['1']:.2f}, 2 workers "
           f"{out['ray_vs_local']['2']:.2f} (goal >= {GOAL}: "
           f"{'met' if out['goal_met'] else 'NOT met'})")

@@ -2,7 +2,9 @@
 
 A campaign runs one agent (``random``, ``pct``, ``ql`` or ``ppo``, from the
 ``cowenv_agents`` package, imported only here and only when a campaign runs) in ``N``
-worker processes (``multiprocessing``, *spawn* context) against ``cowenv/CowPte-v0``.
+worker processes (``multiprocessing``, *spawn* context) against ``cowenv/CowPte-v0``; with
+``--backend ray`` the same workers run as Ray actors (:mod:`cowenv.ray_backend`, behind
+the seam :class:`LocalBackend`), with the same results.
 
 Determinism: worker ``w`` plays episode ``e`` with the generator of
 ``SeedSequence([seed, w, e])`` (:func:`cowenv_agents.episode_rng`) and gets a fixed share
