@@ -31,6 +31,7 @@ Ray is optional (``pip install 'cowenv[ray]'``); this module imports it only whe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue as queue_mod
@@ -94,14 +95,15 @@ class FuzzWorker:
 
     def __init__(self, cfg: dict[str, Any], w: int, known: list[str],
                  model: bytes | None = None) -> None:
+        import ray
+
         from .env import CowEnv
 
         self.cfg = CampaignConfig(**cfg)
         if model is not None and not Path(str(self.cfg.model)).is_file():
-            import hashlib
-
             # One file per model per node, whatever the number of workers and restarts.
-            p = Path(tempfile.gettempdir()) / f"cowenv-model-{hashlib.sha1(model).hexdigest()}.zip"
+            digest = hashlib.sha1(model).hexdigest()
+            p = Path(tempfile.gettempdir()) / f"cowenv-model-{digest}.zip"
             if not p.is_file():
                 fd, tmp = tempfile.mkstemp(prefix=".cowenv-model-", dir=p.parent)
                 with os.fdopen(fd, "wb") as f:
@@ -115,8 +117,6 @@ class FuzzWorker:
         self.agent: Any = None
         self.at: tuple[int, int] | None = None  # (steps, episodes) of the live agent
         self.reported: set[str] = set()
-        import ray
-
         # The node this actor runs on (None outside Ray: do not let Ray auto-connect).
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
