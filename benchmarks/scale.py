@@ -2,14 +2,14 @@
 
 Runs the same campaign (``random`` agent, ``--no-minimise``, the test suite's small
 geometry with three flaws) with the multiprocessing backend and with the Ray backend (the
-local Ray instance ``cowenv fuzz --backend ray`` starts, started once and not timed), with
-1 and 2 workers, in interleaved rounds. Reports the best steps/s of each (wall time of
-``run_campaign``, worker start-up included), the start-up (until every worker has
-reported once) and the rate after it, the parallel efficiency (rate with 2 workers /
-(2 x rate with 1)), Ray's throughput relative to multiprocessing (goal: >= 0.9 with 2
-workers), and what one finding costs on its way from a worker to the driver: a Ray actor
-call returning a finding's schedule vs a multiprocessing queue carrying it (median round
-trip).
+local Ray instance ``cowenv fuzz --backend ray`` starts, a fresh one per run, its start
+timed apart), with 1 and 2 workers, in interleaved rounds. Reports the best steps/s of
+each (wall time of ``run_campaign``, worker start-up included), the start-up (until every
+worker has reported once) and the rate after it, the parallel efficiency (rate with 2
+workers / (2 x rate with 1)), Ray's throughput relative to multiprocessing (goal: >= 0.9
+with 2 workers), and what one finding costs on its way from a worker to the driver: a Ray
+actor call returning a finding's schedule vs a multiprocessing queue carrying it (median
+round trip).
 
 Usage: ``python benchmarks/scale.py [--json] [--steps-per-worker N] [--rounds R]``
 """
@@ -139,21 +139,38 @@ def main() -> None:
 
     cpus = os.cpu_count() or 1
     runs: dict[str, list[dict]] = {}
-    # The local Ray instance `cowenv fuzz --backend ray` starts (started once, not timed);
+    inits: list[float] = []
+
+    def ray_backend() -> Any:
+        # What `cowenv fuzz --backend ray` does: a fresh local instance per campaign (its
+        # start is timed apart: a cluster is up before a campaign joins it).
+        t0 = time.perf_counter()
+        rb = RayBackend(num_cpus=max(2, cpus), include_dashboard=False, log_to_driver=False)
+        rb.__enter__()
+        inits.append(time.perf_counter() - t0)
+        return rb
+
     # Ray prints node trouble on stdout: keep stdout for the result.
-    with contextlib.redirect_stdout(sys.stderr), \
-            RayBackend(num_cpus=max(2, cpus), include_dashboard=False,
-                       log_to_driver=False) as rb:
+    with contextlib.redirect_stdout(sys.stderr):
         for _ in range(a.rounds):
             for workers in (1, 2):
-                for name, be in (("local", LocalBackend()), ("ray", rb)):
-                    r = campaign(be, workers, a.steps_per_worker, a.seed)
+                for name in ("local", "ray"):
+                    be = LocalBackend() if name == "local" else ray_backend()
+                    try:
+                        r = campaign(be, workers, a.steps_per_worker, a.seed)
+                    finally:
+                        if name == "ray":
+                            be.__exit__(None, None, None)
                     runs.setdefault(f"{name}-{workers}", []).append(r)
                     print(f"  {name:5} {workers} worker(s): {r['steps_per_s']:8,.0f} "
                           f"steps/s ({r['seconds']:.1f}s, start-up {r['startup_s']:.1f}s, "
                           f"then {r['steady_steps_per_s']:,.0f} steps/s; "
                           f"{r['findings']} findings)", file=sys.stderr)
-        overhead = per_finding_overhead(ray, _payload(a.seed))
+        rb = ray_backend()
+        try:
+            overhead = per_finding_overhead(ray, _payload(a.seed))
+        finally:
+            rb.__exit__(None, None, None)
     best = {k: max(v, key=lambda r: r["steps_per_s"]) for k, v in runs.items()}
     for k, v in runs.items():  # same findings (every worker's first report), any backend
         for r in v:
@@ -170,6 +187,7 @@ def main() -> None:
                       for k, v in runs.items()},
         "steady_steps_per_s_median": {k: round(v) for k, v in steady.items()},
         "load_average_1min": os.getloadavg()[0],
+        "ray_local_instance_start_s_median": round(statistics.median(inits), 2),
         "parallel_efficiency": {b: rate[f"{b}-2"] / (2 * rate[f"{b}-1"])
                                 for b in ("local", "ray")},
         "ray_vs_local": {str(w): rate[f"ray-{w}"] / rate[f"local-{w}"] for w in (1, 2)},
