@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,8 +210,11 @@ def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int
             log_path=str(root / "eval"), best_model_save_path=str(root / "best"),
             deterministic=False, verbose=verbose))
     try:
-        model.learn(total_timesteps=int(steps), callback=CallbackList(callbacks),
-                    tb_log_name="ppo", progress_bar=False)
+        with warnings.catch_warnings():
+            # A Ray vector env and the local evaluation env differ in type, on purpose.
+            warnings.filterwarnings("ignore", "Training and eval env are not of the same type")
+            model.learn(total_timesteps=int(steps), callback=CallbackList(callbacks),
+                        tb_log_name="ppo", progress_bar=False)
         return save_model(model, out)
     finally:
         venv.close()
