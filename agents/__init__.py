@@ -62,6 +62,23 @@ def make_agent(name: str, model: str | None = None, **kwargs: Any) -> Agent:
     raise ValueError(f"agent: expected one of {', '.join(AGENT_NAMES)}, got {name!r}")
 
 
+def needs_observation(name: str) -> bool:
+    """Whether agent ``name`` reads observations (:attr:`Agent.needs_observation`).
+
+    Campaigns drive :class:`cowenv.harness.Harness` for agents that do not, and the
+    Gymnasium env for those that do.
+    """
+    if name == "ppo":
+        from .ppo import PPOAgent
+
+        return PPOAgent.needs_observation
+    classes: dict[str, type[Agent]] = {"random": RandomAgent, "pct": PCTAgent,
+                                       "ql": QLearningAgent}
+    if name not in classes:
+        raise ValueError(f"agent: expected one of {', '.join(AGENT_NAMES)}, got {name!r}")
+    return classes[name].needs_observation
+
+
 __all__ = ["AGENT_NAMES", "Agent", "EpisodeResult", "PCTAgent", "QLearningAgent", "RandomAgent",
            "Teardown", "abstract_state", "episode_rng", "episode_seed_sequence", "make_agent",
-           "run_episode", "state_hash", "uniform_legal"]
+           "needs_observation", "run_episode", "state_hash", "uniform_legal"]

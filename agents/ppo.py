@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,7 +141,8 @@ def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int
               checkpoint_freq: int = 20_000, eval_freq: int = 10_000, eval_episodes: int = 4,
               net_arch: Sequence[int] = (256, 256), n_steps: int = 256,
               learning_rate: float = 3e-4, ent_coef: float = 0.01, teardown: int = 0,
-              torch_threads: int = 1, verbose: int = 0) -> Path:
+              torch_threads: int = 1, verbose: int = 0,
+              vec_env: Callable[[list[Callable[[], Any]]], Any] | None = None) -> Path:
     """Train a MaskablePPO agent and save it (atomically) to ``out``.
 
     Args:
@@ -164,6 +166,9 @@ def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int
             (as :func:`~cowenv_agents.base.run_episode` with the same ``teardown``).
         torch_threads: ``torch.set_num_threads``.
         verbose: SB3 verbosity.
+        vec_env: Builds the training vector env from one env factory per slot (default:
+            SB3's ``DummyVecEnv``; :meth:`cowenv.ray_backend.RayBackend.vec_env` steps the
+            slots in Ray actors). The evaluation env stays a local ``DummyVecEnv``.
 
     Returns:
         The path of the saved model.
@@ -184,7 +189,7 @@ def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int
     if n < 1:
         raise ValueError("n_envs: expected >= 1")
     slots = [configs[i % len(configs)] for i in range(n)]
-    venv = DummyVecEnv([_env_factory(c, teardown) for c in slots])
+    venv = (vec_env or DummyVecEnv)([_env_factory(c, teardown) for c in slots])
     venv.seed(seed)
     root = Path(log_dir) / run_name
     model = MaskablePPO("MlpPolicy", venv, n_steps=n_steps, batch_size=min(256, n_steps * n),
@@ -204,9 +209,15 @@ def train_ppo(env_configs: dict[str, Any] | Sequence[dict[str, Any]], steps: int
             eval_env, n_eval_episodes=eval_episodes, eval_freq=max(1, eval_freq // n),
             log_path=str(root / "eval"), best_model_save_path=str(root / "best"),
             deterministic=False, verbose=verbose))
-    model.learn(total_timesteps=int(steps), callback=CallbackList(callbacks),
-                tb_log_name="ppo", progress_bar=False)
-    return save_model(model, out)
+    try:
+        with warnings.catch_warnings():
+            # A Ray vector env and the local evaluation env differ in type, on purpose.
+            warnings.filterwarnings("ignore", "Training and eval env are not of the same type")
+            model.learn(total_timesteps=int(steps), callback=CallbackList(callbacks),
+                        tb_log_name="ppo", progress_bar=False)
+        return save_model(model, out)
+    finally:
+        venv.close()
 
 
 def save_model(model: MaskablePPO, out: str | Path) -> Path:

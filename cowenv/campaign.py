@@ -2,7 +2,9 @@
 
 A campaign runs one agent (``random``, ``pct``, ``ql`` or ``ppo``, from the
 ``cowenv_agents`` package, imported only here and only when a campaign runs) in ``N``
-worker processes (``multiprocessing``, *spawn* context) against ``cowenv/CowPte-v0``.
+worker processes (``multiprocessing``, *spawn* context) against ``cowenv/CowPte-v0``; with
+``--backend ray`` the same workers run as Ray actors (:mod:`cowenv.ray_backend`, behind
+the seam :class:`LocalBackend`), with the same results.
 
 Determinism: worker ``w`` plays episode ``e`` with the generator of
 ``SeedSequence([seed, w, e])`` (:func:`cowenv_agents.episode_rng`) and gets a fixed share
@@ -262,13 +264,8 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
                  known: set[str]) -> None:
     import cowenv_agents as ca
 
-    from .env import CowEnv
-    from .harness import Harness
-
+    env = episode_host(cfg)
     agent = ca.make_agent(cfg.agent, model=cfg.model, **cfg.agent_kwargs)
-    # Agents that read no observation run on the harness: same episodes, no encoding.
-    env: CowEnv | Harness = CowEnv(**cfg.env_kwargs) if agent.needs_observation \
-        else Harness(**cfg.env_kwargs)
     budget = worker_budget(cfg.budget, cfg.workers, w)
     steps = episodes = 0
     reported: set[str] = set()
@@ -297,13 +294,7 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
                 reported.add(sig)
                 return False
             reported.add(sig)
-            data = env.get_schedule(name=f"{cfg.agent}-seed{cfg.seed}-w{w}-e{ep}")
-            data["description"] = (
-                f"Found by `cowenv fuzz --agent {cfg.agent}` (seed {cfg.seed}, worker {w}, "
-                f"episode {ep}, worker step {base + i}): {v.get('message', '')}").strip()
-            data["expect"] = {"violation": {"kind": v["kind"], "site": v["site"],
-                                            "step": int(v["step"])}}
-            q.put(("finding", w, sig, data, base + i, ep))
+            q.put(("finding", w, sig, finding_data(env, cfg, w, ep, base + i, v), base + i, ep))
             return False
 
         res = ca.run_episode(env, agent, rng, reset_seed, max_actions=budget - steps,
@@ -320,6 +311,86 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
             return
     checkpoint()
     q.put(("done", w, steps, episodes))
+
+
+def episode_host(cfg: CampaignConfig) -> Any:
+    """What a worker plays its episodes on.
+
+    The Gymnasium env (:class:`cowenv.env.CowEnv`) for agents that read observations,
+    the :class:`cowenv.harness.Harness` for the rest: the same episodes, rewards and
+    findings without the cost of encoding observations.
+    """
+    import cowenv_agents as ca
+
+    if ca.needs_observation(cfg.agent):
+        from .env import CowEnv
+
+        return CowEnv(**cfg.env_kwargs)
+    from .harness import Harness
+
+    return Harness(**cfg.env_kwargs)
+
+
+def finding_data(env: Any, cfg: CampaignConfig, w: int, episode: int, worker_step: int,
+                 v: dict[str, Any]) -> dict[str, Any]:
+    """The scenario a worker reports for violation ``v``: the episode's schedule so far.
+
+    Args:
+        env: The worker's env, at the step that reported ``v``.
+        cfg: The campaign settings.
+        w: The worker.
+        episode: The worker's episode number.
+        worker_step: The worker's step count at the violation.
+        v: The violation (``kind``, ``site``, ``step``, ``message``, ...).
+
+    Returns:
+        Scenario data (``env.get_schedule``) expecting ``v``.
+
+    """
+    data = env.get_schedule(name=f"{cfg.agent}-seed{cfg.seed}-w{w}-e{episode}")
+    data["description"] = (
+        f"Found by `cowenv fuzz --agent {cfg.agent}` (seed {cfg.seed}, worker {w}, "
+        f"episode {episode}, worker step {worker_step}): {v.get('message', '')}").strip()
+    data["expect"] = {"violation": {"kind": v["kind"], "site": v["site"],
+                                    "step": int(v["step"])}}
+    return data
+
+
+# ----------------------------------------------------------------------------- backends
+class LocalBackend:
+    """Where a campaign runs its workers and minimiser: processes on this machine.
+
+    :func:`run_campaign` talks to workers through this small seam: :meth:`queue` and
+    :meth:`event` make the message queue and stop flag, :meth:`worker` and
+    :meth:`minimiser` make unstarted process-like handles (``start``, ``is_alive``,
+    ``exitcode``, ``pid``, ``join``, ``terminate``) that speak the message protocol of
+    :func:`worker_main` and :func:`minimiser_main`. :class:`cowenv.ray_backend.RayBackend`
+    is the other implementation.
+    """
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+
+    def queue(self) -> Any:
+        """A queue the workers and the minimiser can put on."""
+        return self.ctx.Queue()
+
+    def event(self) -> Any:
+        """The stop flag the workers watch."""
+        return self.ctx.Event()
+
+    def worker(self, cfg: dict[str, Any], w: int, out: str, q: Any, stop: Any,
+               known: list[str]) -> Any:
+        """An unstarted worker ``w`` (arguments of :func:`worker_main`)."""
+        return self.ctx.Process(target=worker_main, daemon=True, name=f"cowenv-fuzz-{w}",
+                                args=(cfg, w, out, q, stop, known))
+
+    def minimiser(self, tasks: Any, results: Any) -> Any:
+        """An unstarted minimiser (arguments of :func:`minimiser_main`)."""
+        return self.ctx.Process(target=minimiser_main, args=(tasks, results), daemon=True,
+                                name="cowenv-minimise")
 
 
 # ----------------------------------------------------------------------------- minimiser
@@ -421,7 +492,9 @@ class CampaignResult:
         findings: One row per signature, in discovery order (``signature``, ``file``,
             ``worker``, ``worker_step``, ``campaign_step``, ``seconds``, ``agent``,
             ``steps`` (schedule length), ``flaws`` (:func:`attribute_flaws`, after
-            minimisation), ``minimised``, ``hits``).
+            minimisation), ``minimised``, ``hits``, ``reports``: ``{worker: worker
+            step}`` of each worker's first report of the signature in this folder; the
+            first of these to reach the main process gives ``worker``/``worker_step``).
         interrupted: Stopped before the budget was spent.
         seconds: Wall time of the whole campaign (all sessions).
         errors: Worker errors (tracebacks).
@@ -508,13 +581,17 @@ def _load_state(out: Path) -> dict[str, Any] | None:
     return st
 
 
-def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> CampaignResult:
+def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True,
+                 backend: Any = None) -> CampaignResult:
     """Run (or resume) a campaign writing its findings to ``out``.
 
     Args:
         cfg: The campaign settings.
         out: Findings folder (created; resumed if it holds a campaign).
         show: Print progress and new findings on stderr.
+        backend: Where workers and the minimiser run: :class:`LocalBackend` (default) or
+            a :class:`cowenv.ray_backend.RayBackend` (connected). Results do not depend
+            on it.
 
     Returns:
         The :class:`CampaignResult`; a KeyboardInterrupt (or SIGTERM) stops the workers,
@@ -538,7 +615,7 @@ def run_campaign(cfg: CampaignConfig, out: str | Path, *, show: bool = True) -> 
     outp = Path(out)
     lock = _lock_folder(outp)
     try:
-        return _run_locked(cfg, outp, show)
+        return _run_locked(cfg, outp, show, backend)
     finally:
         lock.release()
 
@@ -570,7 +647,8 @@ def _lock_folder(outp: Path) -> CampaignLock:
     return lock
 
 
-def _run_locked(cfg: CampaignConfig, outp: Path, show: bool) -> CampaignResult:
+def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
+                backend: Any = None) -> CampaignResult:
     """:func:`run_campaign` once ``outp`` is locked."""
     from .findings import FindingStore
 
@@ -626,14 +704,12 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool) -> CampaignResult:
     display = _Display(show, cfg.budget, sum(wsteps))
     for n in notes:
         display.note(n)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    stop = ctx.Event()
+    be = backend if backend is not None else LocalBackend()
+    q = be.queue()
+    stop = be.event()
     todo = [w for w in range(cfg.workers)
             if wsteps[w] < worker_budget(cfg.budget, cfg.workers, w)]
-    procs = {w: ctx.Process(target=worker_main, daemon=True, name=f"cowenv-fuzz-{w}",
-                            args=(asdict(cfg), w, str(outp), q, stop, store.signatures))
-             for w in todo}
+    procs = {w: be.worker(asdict(cfg), w, str(outp), q, stop, store.signatures) for w in todo}
     min_tasks: Any = None
     min_results: Any = None
     minimiser: Any = None
@@ -644,9 +720,8 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool) -> CampaignResult:
         if not cfg.minimise or sig in pending_min:
             return
         if minimiser is None:
-            min_tasks, min_results = ctx.Queue(), ctx.Queue()
-            minimiser = ctx.Process(target=minimiser_main, args=(min_tasks, min_results),
-                                    daemon=True, name="cowenv-minimise")
+            min_tasks, min_results = be.queue(), be.queue()
+            minimiser = be.minimiser(min_tasks, min_results)
             minimiser.start()
         pending_min.append(sig)
         min_tasks.put((str(store.path_for(sig)), sig))
@@ -721,13 +796,17 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool) -> CampaignResult:
                         meta[sig] = {"worker": w, "worker_step": wstep, "episode": ep,
                                      "campaign_step": sum(wsteps) - wsteps[w] + wstep,
                                      "seconds": round(elapsed(), 3), "agent": cfg.agent,
-                                     "file": path.name if path else None}
+                                     "file": path.name if path else None,
+                                     "reports": {str(w): wstep}}
                         save_state("running")
                         display.note(f"[{elapsed():7.1f}s] new finding {sig} (worker {w}, "
                                      f"step {wstep:,}) -> {store.path_for(sig)}")
                         submit(sig)
                     else:
                         store.findings[sig]["hits"] += 1
+                        # Every worker's first report (which one arrives first is timing).
+                        meta.setdefault(sig, {}).setdefault("reports", {}).setdefault(
+                            str(w), wstep)
                 elif kind == "error":
                     errors.append(f"worker {w}: {msg[2]}")
                     live.discard(w)
@@ -785,7 +864,7 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool) -> CampaignResult:
                      "worker": m.get("worker"), "worker_step": m.get("worker_step"),
                      "campaign_step": m.get("campaign_step"), "seconds": m.get("seconds"),
                      "agent": m.get("agent", cfg.agent), "steps": f["steps"],
-                     "flaws": m.get("flaws"),
+                     "flaws": m.get("flaws"), "reports": m.get("reports"),
                      "minimised": f.get("minimised"), "hits": f.get("hits", 1)})
     return CampaignResult(str(outp), sum(wsteps), sum(weps), rows, interrupted,
                           round(elapsed(), 3), errors)
@@ -934,7 +1013,44 @@ def _setup_fuzz(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--no-minimise", action="store_true", help="keep schedules as recorded")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     sp.add_argument("--quiet", action="store_true", help="no progress output")
+    _backend_args(sp, "workers as Ray actors, minimisation as Ray tasks")
     _env_args(sp)
+
+
+def _backend_args(sp: argparse.ArgumentParser, ray_help: str) -> None:
+    sp.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help=f"local: processes on this machine (default); ray: {ray_help} "
+                         f"(needs pip install 'cowenv[ray]')")
+    sp.add_argument("--address", help="with --backend ray: join the Ray cluster at this "
+                                      "address (default: start a local Ray instance)")
+
+
+def _backend_from_args(a: argparse.Namespace, workers: int) -> Any:
+    """A context manager giving the backend ``--backend/--address`` ask for (None: local)."""
+    import contextlib
+
+    from .cli import BadInput
+
+    if a.backend != "ray":
+        if a.address is not None:
+            raise BadInput("--address applies to --backend ray only")
+        return contextlib.nullcontext(None)
+    from .ray_backend import RayBackend
+
+    try:
+        quiet = getattr(a, "quiet", False) or a.json
+        be = RayBackend(a.address, workers=workers, show=not quiet, log_to_driver=not quiet)
+    except CampaignError as e:
+        raise BadInput(str(e)) from None
+
+    @contextlib.contextmanager
+    def session() -> Any:
+        # Ray prints cluster errors (a raylet died, ...) on sys.stdout: keep stdout for
+        # the command's result (--json).
+        with contextlib.redirect_stdout(sys.stderr), be:
+            yield be
+
+    return session()
 
 
 def _print_summary(res: CampaignResult) -> None:
@@ -1000,7 +1116,8 @@ def _run_fuzz(a: argparse.Namespace) -> int:
                          env_kwargs=env_kw, agent_kwargs=akw, model=model,
                          teardown=a.teardown, minimise=not a.no_minimise)
     try:
-        res = run_campaign(cfg, a.out, show=not a.quiet)
+        with _backend_from_args(a, cfg.workers) as be:
+            res = run_campaign(cfg, a.out, show=not a.quiet, backend=be)
     except CampaignError as e:
         raise BadInput(str(e)) from None
     if a.json:
@@ -1026,6 +1143,7 @@ def _setup_train(sp: argparse.ArgumentParser) -> None:
                     help="harness teardown actions at the end of each episode, as in "
                          "`cowenv fuzz` (default 32)")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _backend_args(sp, "the vector env's slots step in Ray actors, the learner stays here")
     _env_args(sp)
 
 
@@ -1068,8 +1186,13 @@ def _run_train(a: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     run_name = Path(a.out).stem
-    path = ppo.train_ppo(configs, a.steps, a.out, seed=a.seed, n_envs=a.n_envs,
-                         log_dir=a.log_dir, run_name=run_name, teardown=a.teardown)
+    try:
+        with _backend_from_args(a, a.n_envs or max(2, len(configs))) as be:
+            path = ppo.train_ppo(configs, a.steps, a.out, seed=a.seed, n_envs=a.n_envs,
+                                 log_dir=a.log_dir, run_name=run_name, teardown=a.teardown,
+                                 vec_env=be.vec_env if be is not None else None)
+    except CampaignError as e:
+        raise BadInput(str(e)) from None
     secs = time.monotonic() - t0
     info = {"model": str(path), "steps": a.steps, "seconds": round(secs, 1),
             "log_dir": str(Path(a.log_dir) / run_name), "env_configs": configs}
