@@ -314,7 +314,8 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import cowenv.campaign as camp
 
-    def fake_locked(cfg: camp.CampaignConfig, outp: Path, show: bool) -> camp.CampaignResult:
+    def fake_locked(cfg: camp.CampaignConfig, outp: Path, show: bool,
+                    backend: Any = None) -> camp.CampaignResult:
         return camp.CampaignResult(str(outp), 0, 0, [], False, 0.0)
 
     def fake_train(configs: Any, steps: int, out: Any, **kw: Any) -> Path:
