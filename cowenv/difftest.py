@@ -313,6 +313,13 @@ def _lazyfree_batched(d: Diff, _all: list[Diff]) -> bool:
             and d.kernel is not None and d.kernel[3] < d.model[3])
 
 
+def _no_vma_merge(d: Diff, _all: list[Diff]) -> bool:
+    if d.obs.kind != "pagemap" or d.obs.proc < 1 or d.model is None or d.kernel is None:
+        return False
+    pairs = [(a, b) for a, b in zip(d.model, d.kernel, strict=True) if a != b]
+    return bool(pairs) and all(a == "0" and b == "1" for a, b in pairs)
+
+
 #: The one list of known divergences: id, reason, matcher. A schedule all of whose
 #: differences match one of these is a *known* mismatch.
 KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
@@ -323,6 +330,15 @@ KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
         "as LazyFree, only when that batch is drained. The model clears it at once, as "
         "if drained. Only LazyFree differs, and the kernel shows less.",
         _lazyfree_batched),
+    KnownDivergence(
+        "no-vma-merge",
+        "The model never merges adjacent VMAs (vma_merge). Linux does, so a VMA that only "
+        "read faults touched (zero-page PTEs, no anon_vma) can merge with a neighbour that "
+        "has an anon_vma; fork's vma_needs_copy then copies its zero-page PTEs to the child, "
+        "where the model's child faults them in later. Only a forked process's pagemap "
+        "differs, by present non-exclusive (zero page) entries the kernel has and the model "
+        "has not; reads return zero either way.",
+        _no_vma_merge),
 )
 
 
@@ -454,7 +470,7 @@ def check_schedule(ex: Executor, steps: Sequence[dict[str, Any]], *,
 
 def minimise(ex: Executor, steps: list[dict[str, Any]], signature: str
              ) -> list[dict[str, Any]]:
-    """ddmin over the steps, keeping an unknown difference with ``signature``."""
+    """Run ddmin over the steps, keeping an unknown difference with ``signature``."""
     cache: dict[tuple[int, ...], bool] = {}
 
     def test(idx: Sequence[int]) -> bool:

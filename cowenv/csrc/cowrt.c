@@ -537,7 +537,7 @@ static void bind(const char *n, int64_t v) {
 }
 
 /* worker bookkeeping: tid -> process index; process index -> pid, pidfd, alive */
-static int tid_proc[MAXT], tid_alive[MAXT];
+static int tid_proc[MAXT], tid_alive[MAXT], tid_ktid[MAXT];
 static int proc_pid[MAXT * 4], proc_fd[MAXT * 4], proc_alive[MAXT * 4], nprocs;
 static int64_t next_token, next_pin;
 static int fails, passes, xfails, skips, out_of_sync;
@@ -573,7 +573,11 @@ static void observe_all(int idx) {
         char path[64];
         int64_t acc[64][4];
         memset(acc, 0, sizeof acc);
-        snprintf(path, sizeof path, "/proc/%d/smaps", proc_pid[pi]);
+        /* through a live thread: an exited group leader has no mm to show */
+        int kt = proc_pid[pi];
+        for (int t = 1; t < MAXT; t++)
+            if (tid_alive[t] && tid_proc[t] == pi) { kt = tid_ktid[t]; break; }
+        snprintf(path, sizeof path, "/proc/%d/smaps", kt);
         int fd = open(path, O_RDONLY);
         size_t len = 0;
         if (fd >= 0) {
@@ -603,7 +607,7 @@ static void observe_all(int idx) {
             }
             ln = nl ? nl + 1 : NULL;
         }
-        snprintf(path, sizeof path, "/proc/%d/pagemap", proc_pid[pi]);
+        snprintf(path, sizeof path, "/proc/%d/pagemap", kt);
         int pm = open(path, O_RDONLY);
         for (int sl = 0; sl < nslots && sl < 64; sl++) {
             fprintf(out, "s %d %d %d %lld %lld %lld %lld\n", idx, pi, sl, (long long)acc[sl][0],
@@ -685,6 +689,7 @@ static int finish(struct line *L, struct rep *r, int iter) {
         if (wait_reply(L->nt, &h) || !h.hello) return -1;
         tid_proc[L->nt] = nprocs;
         tid_alive[L->nt] = 1;
+        tid_ktid[L->nt] = (int)h.ret;
         proc_pid[nprocs] = (int)h.ret;
         proc_fd[nprocs] = syscall(SYS_pidfd_open, (int)h.ret, 0);
         proc_alive[nprocs++] = 1;
@@ -694,6 +699,7 @@ static int finish(struct line *L, struct rep *r, int iter) {
         if (wait_reply(L->nt, &h) || !h.hello) return -1;
         tid_proc[L->nt] = tid_proc[L->tid];
         tid_alive[L->nt] = 1;
+        tid_ktid[L->nt] = (int)h.ret;
     }
     if (L->op == OP_EXIT) {
         tid_alive[L->tid] = 0;
@@ -741,6 +747,7 @@ static int run_once(int iter) {
     nprocs = 1;
     tid_proc[1] = 0;
     tid_alive[1] = 1;
+    tid_ktid[1] = (int)h.ret;
     int pending_fail = 0, race_id = 0;
     for (int i = 0; i < nprog; i++) {
         struct line *L = &prog[i];
