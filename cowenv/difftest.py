@@ -398,10 +398,11 @@ def random_schedule(rng: np.random.Generator, n_ops: int, *, pins: bool = True
             choices["clone"] = 2
         if len(live) > 1:
             choices["exit"] = 4
+        good = [p for p in pin_names if isinstance(names.get(p), int) and names[p] > 0]
         if pins:
             choices["pin"] = 5
-            if pin_names:
-                choices.update({"dev_read": 4, "dev_write": 3, "unpin": 2})
+            if good:
+                choices.update({"dev_read": 5, "dev_write": 4, "unpin": 2})
         if first:
             choices = {"mmap": 1}
             first = False
@@ -431,10 +432,16 @@ def random_schedule(rng: np.random.Generator, n_ops: int, *, pins: bool = True
         elif op in ("read", "write"):
             s["args"] = {"addr": rng_page()}
         elif op == "pin":
-            s["args"] = {"addr": rng_page(), "write": True}
+            mm = k.procs[k.threads[tid].pid].mm
+            mapped = [v for v in mm.vmas if v.flags & 2]
+            addr = rng_page()
+            if mapped and rng.random() < 0.8:  # mostly a writable page: pins that work
+                v = mapped[int(rng.integers(len(mapped)))]
+                addr = int(rng.integers(v.start, v.end)) * 4096
+            s["args"] = {"addr": addr, "write": True}
             s["as"] = f"P{len(pin_names)}"
         elif op in ("dev_read", "dev_write", "unpin"):
-            s["args"] = {"pin": pin_names[int(rng.integers(len(pin_names)))]}
+            s["args"] = {"pin": good[int(rng.integers(len(good)))]}
         try:
             apply_step(k, copy.deepcopy(s), names, pending, len(steps))
         except StepError:

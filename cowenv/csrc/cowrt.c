@@ -214,8 +214,12 @@ static int uring_rw(struct pin *p, int opcode, uint64_t addr) {
     return res;
 }
 
-static void pin_release(struct pin *p) {
+static void pin_release(struct pin *p, int owner) {
     if (!p->used) return;
+    /* The owner unregisters first: closing the ring unpins later, from a workqueue. A
+     * fork child shares the ring file and must only drop its descriptors. */
+    if (p->kind == 2 && owner)
+        syscall(__NR_io_uring_register, p->ring, IORING_UNREGISTER_BUFFERS, NULL, 0);
     if (p->kind == 1) {
         close(p->pfd[0]); close(p->pfd[1]); close(p->tfd[0]); close(p->tfd[1]);
     } else {
@@ -388,7 +392,7 @@ static void do_cmd(int tid, struct cmd *c) {
         break;
     case OP_UNPIN:
         if (c->pin <= 0 || c->pin >= MAXPIN || !pins[c->pin].used) { ret = -EINVAL; break; }
-        pin_release(&pins[c->pin]);
+        pin_release(&pins[c->pin], 1);
         ret = 0;
         break;
     case OP_DEVREAD: ret = do_devread(c->pin, &extra); break;
@@ -417,7 +421,7 @@ static void do_cmd(int tid, struct cmd *c) {
             nthreads_proc = 1;
             pthread_mutex_init(&proc_mu, NULL);
             for (int i = 0; i < MAXPIN; i++) /* pins stay with the parent */
-                pin_release(&pins[i]);
+                pin_release(&pins[i], 0);
             reply((int)c->nt, 1, getpid(), 0);
             worker_loop((int)c->nt);
             _exit(0);

@@ -59,16 +59,26 @@ class MadviseMixin:
             elif advice == "WIPEONFORK" and any(v.shared for v in vmas):
                 ret = -EINVAL  # madvise_vma_behavior: only private anonymous
             else:
-                vmas = yield from self.vma_split_range(t, mm, start, end)
-                for v in vmas:
+                def newflags(f: int) -> int:
                     if advice == "WIPEONFORK":
-                        v.flags |= VM_WIPEONFORK
-                    elif advice == "KEEPONFORK":
-                        v.flags &= ~VM_WIPEONFORK
-                    elif advice == "DONTFORK":
-                        v.flags |= VM_DONTCOPY
-                    else:
-                        v.flags &= ~VM_DONTCOPY
+                        return f | VM_WIPEONFORK
+                    if advice == "KEEPONFORK":
+                        return f & ~VM_WIPEONFORK
+                    if advice == "DONTFORK":
+                        return f | VM_DONTCOPY
+                    return f & ~VM_DONTCOPY
+
+                # madvise_update_vma: a VMA whose flags do not change is not split.
+                for v in mm.vmas_in(start, end):
+                    yield from self.vma_start_write(t, v)
+                for v in mm.vmas_in(start, end):
+                    if newflags(v.flags) != v.flags:
+                        if v.start < start:
+                            v = self.split_vma(mm, v, start)
+                        if end < v.end:
+                            self.split_vma(mm, v, end)
+                for v in mm.vmas_in(start, end):
+                    v.flags = newflags(v.flags)
                 if self.oracle is not None:
                     self.oracle.on_madvise_flags(mm, start, end, advice)
                 if covered != end - start:
