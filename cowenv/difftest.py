@@ -23,11 +23,12 @@ reason and matcher); a mismatch with any unmatched difference is *unknown*: it i
 minimised with :func:`cowenv.minimize.ddmin` (the same difference must persist) and
 written as a scenario plus its C reproducer.
 
-What is not drawn, and why: MADV_PAGEOUT and kswapd reclaim (need active swap; this
-machine's is checked and they are added when swap is on), R/O pins (this kernel has no
-``gup_test``; vmsplice holds a plain reference, not a FOLL_LONGTERM pin, so it would not
-test the same thing), fault injection (needs CONFIG_FAULT_INJECTION) and
-``prctl_cow_pte`` (a v4 interface: its option number is PR_SET_MDWE upstream).
+What is not drawn, and why: MADV_PAGEOUT without active swap (drawn when
+``/proc/swaps`` lists a device), kswapd reclaim (cannot be aimed at a page), R/O pins
+(this kernel has no ``gup_test``; vmsplice holds a plain reference, not a FOLL_LONGTERM
+pin, so it would not test the same thing), fault injection (needs
+CONFIG_FAULT_INJECTION) and ``prctl_cow_pte`` (a v4 interface: its option number is
+PR_SET_MDWE upstream).
 """
 
 from __future__ import annotations
@@ -305,15 +306,21 @@ class KnownDivergence:
 
     id: str
     reason: str
-    matches: Callable[[Diff, list[Diff]], bool]
+    matches: Callable[[Diff, Sequence[dict[str, Any]]], bool]
 
 
-def _lazyfree_batched(d: Diff, _all: list[Diff]) -> bool:
+def _lazyfree_batched(d: Diff, _steps: Sequence[dict[str, Any]]) -> bool:
     return (d.obs.kind == "smaps" and d.fields() == ["LazyFree"] and d.model is not None
             and d.kernel is not None and d.kernel[3] < d.model[3])
 
 
-def _no_vma_merge(d: Diff, _all: list[Diff]) -> bool:
+def _dma_write_not_dirty(d: Diff, steps: Sequence[dict[str, Any]]) -> bool:
+    return (d.obs.kind == "smaps" and d.fields() == ["LazyFree"] and d.model is not None
+            and d.kernel is not None and d.kernel[3] > d.model[3]
+            and any(s.get("do") == "dev_write" for s in steps[:d.obs.step + 1]))
+
+
+def _no_vma_merge(d: Diff, _steps: Sequence[dict[str, Any]]) -> bool:
     if d.obs.kind != "pagemap" or d.obs.proc < 1 or d.model is None or d.kernel is None:
         return False
     pairs = [(a, b) for a, b in zip(d.model, d.kernel, strict=True) if a != b]
@@ -339,16 +346,25 @@ KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
         "differs, by present non-exclusive (zero page) entries the kernel has and the model "
         "has not; reads return zero either way.",
         _no_vma_merge),
+    KnownDivergence(
+        "dma-write-not-dirty",
+        "A device write through an io_uring fixed buffer (IORING_OP_READ_FIXED) copies into "
+        "the pinned page without marking it dirty, so a page MADV_FREE made lazyfree stays "
+        "lazyfree in smaps. The model's dev_write marks the page dirty, as a driver's "
+        "set_page_dirty_lock() after DMA does. Only LazyFree differs, the kernel shows "
+        "more, and a dev_write came before.",
+        _dma_write_not_dirty),
 )
 
 
-def classify(diffs: list[Diff]) -> tuple[list[Diff], Counter[str]]:
+def classify(diffs: list[Diff], steps: Sequence[dict[str, Any]] = ()
+             ) -> tuple[list[Diff], Counter[str]]:
     """Split differences into unknown ones and a count of known ones by reason."""
     unknown = []
     known: Counter[str] = Counter()
     for d in diffs:
         for kd in KNOWN_DIVERGENCES:
-            if kd.matches(d, diffs):
+            if kd.matches(d, steps):
                 known[kd.id] += 1
                 break
         else:
@@ -361,9 +377,13 @@ _PROTS = ("rw", "rw", "rw", "rw", "r", "none")
 _ADVICES = ("DONTNEED", "FREE", "FREE", "WIPEONFORK", "KEEPONFORK", "DONTFORK", "DOFORK")
 
 
-def random_schedule(rng: np.random.Generator, n_ops: int, *, pins: bool = True
-                    ) -> list[dict[str, Any]]:
-    """A random sequential schedule that is legal on the model (see module docstring)."""
+def random_schedule(rng: np.random.Generator, n_ops: int, *, pins: bool = True,
+                    pageout: bool = False) -> list[dict[str, Any]]:
+    """A random sequential schedule that is legal on the model (see module docstring).
+
+    ``pageout`` adds MADV_PAGEOUT to the advices (only meaningful with active swap).
+    """
+    advices = _ADVICES + (("PAGEOUT",) if pageout else ())
     k = make_kernel(CONFIG, trace=False, oracles=False)
     names: dict[str, Any] = {}
     pending: dict[int, dict] = {}
@@ -428,7 +448,7 @@ def random_schedule(rng: np.random.Generator, n_ops: int, *, pins: bool = True
         elif op == "madvise":
             a, ln = rng_range()
             s["args"] = {"addr": a, "length": ln,
-                         "advice": _ADVICES[int(rng.integers(len(_ADVICES)))]}
+                         "advice": advices[int(rng.integers(len(advices)))]}
         elif op in ("read", "write"):
             s["args"] = {"addr": rng_page()}
         elif op == "pin":
@@ -471,7 +491,7 @@ def check_schedule(ex: Executor, steps: Sequence[dict[str, Any]], *,
     m = model_run(steps, lenient=lenient)
     kobs, err = kernel_run(ex, m.steps)
     diffs = compare(m.obs, kobs, m.steps)
-    unknown, known = classify(diffs)
+    unknown, known = classify(diffs, m.steps)
     return Outcome(m.steps, len(m.obs), diffs, unknown, known, err)
 
 
@@ -542,16 +562,20 @@ def run_difftest(n: int, seed: int, *, out_dir: str | None = None, min_ops: int 
                  max_findings: int = 5) -> Report:
     """Run ``n`` random schedules on both sides; minimise and write unknown mismatches."""
     rep = Report(kernel=platform.release())
-    rep.not_drawn = ["PAGEOUT/reclaim: " + ("drawn" if swap_active() else "no active swap"),
+    rep.not_drawn = ["MADV_PAGEOUT: " + ("drawn (swap active)" if swap_active()
+                                         else "not drawn, no active swap"),
+                     "kswapd reclaim: no way to aim it at a page on a real kernel",
                      "R/O pins: vmsplice is not FOLL_LONGTERM (no gup_test here)",
                      "fail_nth: needs CONFIG_FAULT_INJECTION", "prctl_cow_pte: v4 interface"]
+    pageout = swap_active()
     rng = np.random.default_rng(seed)
     ex = Executor()
     known: Counter[str] = Counter()
     t0 = time.perf_counter()
     try:
         for i in range(n):
-            steps = random_schedule(rng, int(rng.integers(min_ops, max_ops + 1)))
+            steps = random_schedule(rng, int(rng.integers(min_ops, max_ops + 1)),
+                                    pageout=pageout)
             o = check_schedule(ex, steps)
             rep.schedules += 1
             rep.steps += len(o.steps)
