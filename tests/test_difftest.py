@@ -169,8 +169,8 @@ def test_random_schedules_are_sequential_legal_and_varied() -> None:
 @needs_cc
 @needs_linux
 def test_difftest_a_few_hundred_schedules_finds_no_unknown_mismatch() -> None:
-    rep = dt.run_difftest(250, seed=1234, out_dir=None, max_ops=16)
-    assert rep.schedules == 250 and rep.errors == 0
+    rep = dt.run_difftest(300, seed=1234, out_dir=None, max_ops=16)
+    assert rep.schedules == 300 and rep.errors == 0
     assert rep.observations > 10_000
     assert rep.unknown == 0, dt.format_report(rep)
     assert set(rep.known_by_reason) <= {kd.id for kd in dt.KNOWN_DIVERGENCES}
@@ -201,3 +201,16 @@ def test_executor_reports_values_errors_and_kernel_state() -> None:
         assert obs[dt.Obs(8, "pagemap", 0, 0)] == "50000000"  # pinned: copied at COW
     finally:
         ex.close()
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    from cowenv.cli import main
+
+    assert main(["export", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "x.c")]) == 2
+    assert main(["difftest", "--n", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "cannot read file" in err[0] and "--n" in err[1]
+    assert main(["export", str(ROOT / "scenarios" / "conformance" / "basic-cow-after-fork.yaml"),
+                 "-o", str(tmp_path / "ok.c")]) == 0
+    assert "#define COWRT_PROGRAM cowrt_program" in (tmp_path / "ok.c").read_text()
