@@ -276,7 +276,7 @@ def export_c(sc: Scenario, repeat: int | None = None) -> str:
         *[f" *   {w.replace('*/', '* /')}" for w in wrapped],
         " *",
         " * Build:  cc -O2 -pthread -o repro repro.c",
-        " * Run:    ./repro [ITERATIONS]    (as root for /proc/PID/pagemap details)",
+        " * Run:    ./repro [ITERATIONS]",
         " * Output: a PASS/FAIL/XFAIL/SKIP line per checked step; exit 0 iff nothing FAILed.",
         " *",
         " * Each simulated process is a real process and each simulated thread a real",
