@@ -184,7 +184,8 @@ def _register_optional() -> None:
     """Subcommands living in other modules register here (imported lazily)."""
     import importlib
 
-    for mod in ("cowenv.replay", "cowenv.minimize", "cowenv.chrome_trace", "cowenv.campaign"):
+    for mod in ("cowenv.replay", "cowenv.minimize", "cowenv.chrome_trace", "cowenv.campaign",
+                "cowenv.export", "cowenv.difftest"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

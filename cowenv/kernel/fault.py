@@ -61,6 +61,9 @@ FAULT_FLAG_UNSHARE = 2
 
 FAULT_FLAG_VMA_LOCK = 4
 
+#: ``fault_around_bytes`` (64 KiB) in pages: shmem read faults map this window.
+FAULT_AROUND_PAGES = 16
+
 
 class FaultMixin:
     """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
@@ -304,8 +307,39 @@ class FaultMixin:
         write = bool(flags & FAULT_FLAG_WRITE) and bool(vma.flags & VM_WRITE)
         self.set_ptes(t, mm, table, off, mk_pte(pfn, write=write, dirty=write),
                       "do_shared_fault")
+        if not flags & FAULT_FLAG_WRITE:
+            self.do_fault_around(t, vma, vpn, table)
         self.unlock(t, ptl, WRITE, "do_shared_fault")
         return VM_FAULT_OK
+    def do_fault_around(self, t: Thread, vma: Vma, vpn: int, table: PteTable) -> None:
+        """``do_fault_around`` → ``filemap_map_pages`` (6.2) of a shmem read fault.
+
+        Maps, read-only, every other page already in the page cache within the
+        ``fault_around_bytes`` (64 KiB) window around ``vpn``, clamped to the VMA and to
+        the page table, where the PTE is none. The kernel does this before looking the
+        faulting page up; the model does it in the same PTL section as mapping that page
+        (same result: the lookup only adds the faulting page to the cache).
+
+        Lock contract: the table's PTL held.
+        """
+        mm = vma.mm
+        obj = vma.shmem
+        assert isinstance(obj, ShmemObject)
+        P = self.P
+        address = max(vpn & ~(FAULT_AROUND_PAGES - 1), vma.start)
+        first = vpn - ((vpn - address) & (P - 1))
+        last = min(first - (address & (P - 1)) + P - 1, vma.end - 1,
+                   first + FAULT_AROUND_PAGES - 1)
+        for v in range(first, last + 1):
+            pfn = obj.pages.get(vma.pgoff + (v - vma.start))
+            if pfn is None or v == vpn or v // P != vpn // P or int(table.entries[v % P]):
+                continue
+            self.get_pages(np.array([pfn]))
+            self.pool.mapcount[pfn] += 1
+            mm.rss[MM_SHMEMPAGES] += 1
+            self.cost.charge("page_account")
+            self.cost.charge("pte_write")
+            self.set_ptes(t, mm, table, v % P, mk_pte(pfn, write=False), "filemap_map_pages")
     def do_wp_page(self, t: Thread, vma: Vma, vpn: int, orig: int, flags: int) -> Gen:
         """``do_wp_page`` (6.2): write (or unshare) fault on a present PTE.
 

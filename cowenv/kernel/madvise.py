@@ -56,22 +56,36 @@ class MadviseMixin:
         if write:
             if covered == 0:
                 ret = -ENOMEM
-            elif advice == "WIPEONFORK" and any(v.shared for v in vmas):
-                ret = -EINVAL  # madvise_vma_behavior: only private anonymous
             else:
-                vmas = yield from self.vma_split_range(t, mm, start, end)
-                for v in vmas:
+                def newflags(f: int) -> int:
                     if advice == "WIPEONFORK":
-                        v.flags |= VM_WIPEONFORK
-                    elif advice == "KEEPONFORK":
-                        v.flags &= ~VM_WIPEONFORK
-                    elif advice == "DONTFORK":
-                        v.flags |= VM_DONTCOPY
-                    else:
-                        v.flags &= ~VM_DONTCOPY
-                if self.oracle is not None:
-                    self.oracle.on_madvise_flags(mm, start, end, advice)
-                if covered != end - start:
+                        return f | VM_WIPEONFORK
+                    if advice == "KEEPONFORK":
+                        return f & ~VM_WIPEONFORK
+                    if advice == "DONTFORK":
+                        return f | VM_DONTCOPY
+                    return f & ~VM_DONTCOPY
+
+                # madvise_update_vma: a VMA whose flags do not change is not split.
+                for v in mm.vmas_in(start, end):
+                    yield from self.vma_start_write(t, v)
+                # madvise_walk_vmas visits the VMAs in order and returns at the first
+                # error: WIPEONFORK on a shared VMA fails after the VMAs before it changed.
+                stop = end
+                for v in mm.vmas_in(start, end):
+                    if advice == "WIPEONFORK" and v.shared:
+                        ret = -EINVAL  # madvise_vma_behavior: only private anonymous
+                        stop = max(v.start, start)
+                        break
+                    if newflags(v.flags) != v.flags:
+                        if v.start < start:
+                            v = self.split_vma(mm, v, start)
+                        if end < v.end:
+                            self.split_vma(mm, v, end)
+                        v.flags = newflags(v.flags)
+                if self.oracle is not None and stop > start:
+                    self.oracle.on_madvise_flags(mm, start, stop, advice)
+                if ret == 0 and covered != end - start:
                     ret = -ENOMEM
             self.mmap_write_unlock(t, mm, "do_madvise")
             return ret
@@ -83,8 +97,8 @@ class MadviseMixin:
                 yield from self.zap_page_range(t, v, s, e)
             elif advice == "FREE":
                 if v.shared:
-                    ret = -EINVAL
-                    continue
+                    ret = -EINVAL  # madvise_walk_vmas returns at the first error
+                    break
                 yield from self.madvise_free_range(t, v, s, e)
             elif advice == "PAGEOUT":
                 yield from self.madvise_pageout_range(t, v, s, e)

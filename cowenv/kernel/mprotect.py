@@ -38,7 +38,8 @@ class MprotectMixin:
     def sys_mprotect(self, t: Thread, addr: int, length: int, prot: str) -> Gen:
         """``mprotect`` → ``mprotect_fixup`` → ``change_protection`` per VMA.
 
-        Returns -ENOMEM if part of the range is unmapped (as the kernel does).
+        Returns -ENOMEM if part of the range is unmapped, after changing the VMAs before
+        the first hole (as the kernel does; nothing changes if the range starts in one).
 
         Lock contract: mmap_lock write; takes each table's PTL.
         """
@@ -46,11 +47,28 @@ class MprotectMixin:
         start, end = self._vpn_range(addr, length)
         bits = parse_prot(prot)
         yield from self.lock(t, mm.mmap_lock, WRITE, "do_mprotect_pkey")
-        covered = sum(min(v.end, end) - max(v.start, start) for v in mm.vmas_in(start, end))
-        if covered != end - start:
+        # A hole at the start: nothing changes. A hole further on: the VMAs before it
+        # are changed, then -ENOMEM (do_mprotect_pkey's loop stops at the hole).
+        hole = start
+        for v in mm.vmas_in(start, end):
+            if v.start > hole:
+                break
+            hole = min(v.end, end)
+        if hole == start:
             self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
             return -ENOMEM
-        vmas = yield from self.vma_split_range(t, mm, start, end)
+        end, partial = hole, hole < end
+        # mprotect_fixup: a VMA whose flags do not change is neither split nor walked.
+        newf = (VM_READ if bits & 1 else 0) | (VM_WRITE if bits & 2 else 0)
+        for v in mm.vmas_in(start, end):
+            yield from self.vma_start_write(t, v)
+        for v in mm.vmas_in(start, end):
+            if v.flags & (VM_READ | VM_WRITE) != newf:
+                if v.start < start:
+                    v = self.split_vma(mm, v, start)
+                if end < v.end:
+                    self.split_vma(mm, v, end)
+        vmas = [v for v in mm.vmas_in(start, end) if v.flags & (VM_READ | VM_WRITE) != newf]
         ret = yield from self.cow_mprotect_prepare(t, mm, start, end)
         if ret:
             self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
@@ -70,7 +88,7 @@ class MprotectMixin:
             else:
                 self.oracle.on_mprotect_failed(mm, start, end, bits)
         self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
-        return ret
+        return -ENOMEM if ret == 0 and partial else ret
     def change_protection(self, t: Thread, vma: Vma, bits: int) -> Gen:
         """``change_protection`` → ``change_pte_range`` per table (vectorised).
 
