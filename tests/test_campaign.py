@@ -46,11 +46,13 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize("agent", ["random", "pct", "ql", "ppo"])
 def test_each_agent_runs_a_short_campaign(agent: str, tmp_path: Path, model: str) -> None:
-    res = run_campaign(_cfg(agent, 3000, model=model if agent == "ppo" else None),
+    # Q-learning's novelty reward steers away from repeats; it needs a longer smoke run.
+    budget = 6000 if agent == "ql" else 3000
+    res = run_campaign(_cfg(agent, budget, model=model if agent == "ppo" else None),
                        tmp_path, show=False)
     assert not res.errors and not res.interrupted
-    assert res.steps == 3000 and res.episodes >= 3000 // 256
-    assert res.findings, f"{agent}: no finding in 3000 steps"
+    assert res.steps == budget and res.episodes >= budget // 256
+    assert res.findings, f"{agent}: no finding in {budget} steps"
     for r in res.findings:
         assert r["minimised"] is True
         assert _replays(r["file"]), r["file"]
@@ -58,7 +60,7 @@ def test_each_agent_runs_a_short_campaign(agent: str, tmp_path: Path, model: str
         assert f"{sc.expect.violations[0]['kind']}@{sc.expect.violations[0]['site']}" \
             == r["signature"]
     st = json.loads((tmp_path / "campaign.json").read_text())
-    assert st["status"] == "finished" and st["workers"][0]["steps"] == 3000
+    assert st["status"] == "finished" and st["workers"][0]["steps"] == budget
     if agent == "random":  # determinism: same seed => same findings at the same steps
         again = run_campaign(_cfg(agent, 3000), tmp_path / "again", show=False)
         assert [(r["signature"], r["worker_step"]) for r in again.findings] == \

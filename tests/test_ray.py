@@ -90,7 +90,7 @@ class TestOneMachine:
             res2 = run_campaign(cfg2, tmp_path / "ray", show=False, backend=be)
         assert ray.is_initialized()
         assert _found(res2) == _found(local2) and res2.steps == 16_000
-        assert len(res2.findings) > len(res.findings)  # the extension found more
+        assert res2.episodes > res.episodes  # the extension ran (and matched local2 above)
 
     def test_train_backend_ray_learns_what_local_training_learns(self, local_ray: Any,
                                                                  tmp_path: Path) -> None:
