@@ -18,6 +18,7 @@ threads, locks, trace) whose methods come from modules laid out like the Linux t
 | :mod:`~cowenv.kernel.rmap` | ``mm/rmap.c``, ``mm/page_vma_mapped.c`` |
 | :mod:`~cowenv.kernel.vmscan` | ``mm/vmscan.c`` |
 | :mod:`~cowenv.kernel.swapfile` | ``mm/swapfile.c`` |
+| :mod:`~cowenv.kernel.swap_state` | ``mm/swap_state.c`` (the swap cache) |
 
 Each part is a mixin class without state of its own; ``self`` is always the kernel, so a
 function calls any other as ``self.zap_pte_range(...)`` wherever it lives, as kernel C
@@ -61,6 +62,7 @@ from .pgtable import (
 )
 from .rmap import RmapMixin
 from .sched import KSWAPD_TID, Gen, Pin, Process, SchedMixin, Thread, _done
+from .swap_state import SwapStateMixin
 from .swapfile import SwapfileMixin
 from .trace import Event, Violation
 from .vmscan import VmscanMixin
@@ -82,6 +84,7 @@ class Kernel(
     RmapMixin,
     VmscanMixin,
     SwapfileMixin,
+    SwapStateMixin,
 ):
     """The classic (upstream) kernel.
 

@@ -17,6 +17,7 @@ from .locks import SpinLock
 from .memory import (
     GUP_PIN_COUNTING_BIAS,
     PG_anon,
+    PG_swapcache,
     PG_table,
 )
 from .mm import (
@@ -46,7 +47,10 @@ class PageAllocMixin:
             if self.fail_nth == 0:
                 self._ev(self._cur.tid if self._cur else -1, "event", "alloc_fail", site)
                 return None
-        return self.pool.take(n)
+        got = self.pool.take(n)
+        if got is None and self.swap.cache and self.drain_swap_cache():
+            got = self.pool.take(n)  # direct reclaim freed swap-cache-only folios
+        return got
     def alloc_page(self, site: str, nofail: bool = False) -> int | None:
         """One frame or None."""
         p = self.alloc_pages(1, site, nofail)
@@ -154,6 +158,12 @@ class PageAllocMixin:
             p = int(mapped[0])
             self._report("memory-safety", site, f"page {p} freed while mapped "
                          f"{int(pool.mapcount[p])} time(s)")
+        sc = pfns[(pool.flags[pfns] & PG_swapcache) != 0]
+        if len(sc):
+            self._report("memory-safety", site, f"swap-cache page {int(sc[0])} freed while "
+                         "the swap cache holds it")
+            for p in sc.tolist():
+                self.put_swap_folio(self._delete_from_swap_cache_xa(int(p)))
         for p in pfns[pool.shmem[pfns] >= 0].tolist():
             obj = self.shmem.get(int(pool.shmem[p]))
             if obj is not None and obj.pages.get(int(pool.index[p])) == p:
