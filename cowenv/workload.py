@@ -214,14 +214,20 @@ def next_step(rng: np.random.Generator, k: Kernel, layout: Layout = Layout(),
     Returns a scenario step dict (not yet applied): ``{"tid", "step": 1}`` to run an
     in-progress operation to its next preemption point, ``{"tid", "start", "args"}``
     to start an operation on an idle thread (kswapd starts ``reclaim``), or
-    ``{"event": "fail_nth", "n"}``. Returns None when nothing can happen (no idle and
+    ``{"event": "fail_nth", "tid", "n"}`` / ``{"event": "pressure_fail_nth", "n"}``.
+    Returns None when nothing can happen (no idle and
     no runnable thread: every thread exited, or a deadlock).
     """
     knobs = knobs or Knobs()
     runnable = k.runnable_tids()
     idle = k.idle_tids()
     if rng.random() < knobs.p_fail_nth:
-        return {"event": "fail_nth", "n": 1 + int(rng.integers(knobs.max_fail_nth))}
+        n = 1 + int(rng.integers(knobs.max_fail_nth))
+        # Half the time syzkaller's per-thread /proc/thread-self/fail-nth (the thread's
+        # next operation), half the time kernel-wide pressure.
+        if idle and rng.random() < 0.5:
+            return {"event": "fail_nth", "tid": _choice(rng, idle), "n": n}
+        return {"event": "pressure_fail_nth", "n": n}
     if runnable and (not idle or rng.random() < knobs.p_step):
         return {"tid": _choice(rng, runnable), "step": 1}
     if not idle:

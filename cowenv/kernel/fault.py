@@ -32,7 +32,7 @@ from .mm import (
     MmStruct,
     Vma,
 )
-from .ops import EAGAIN, EFAULT, ENOMEM
+from .ops import EAGAIN, EFAULT
 from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
@@ -83,13 +83,18 @@ class FaultMixin:
     def _user_access(self, t: Thread, addr: int, write: bool) -> Gen:
         """A user load/store at ``addr``: the MMU access, faulting until it succeeds.
 
-        Returns the content token read (load), the token written (store), or -errno.
-        The model has no TLB: the MMU walks the live page tables on every access.
+        Returns the content token read (load), the token written (store), -EFAULT
+        (SIGSEGV: ``VM_FAULT_SIGSEGV``, the access is not made), or None when the task
+        was killed (an OOM victim) before the access could complete. A user access never
+        returns -ENOMEM: ``VM_FAULT_OOM`` goes to :meth:`pagefault_out_of_memory` and
+        the access is retried. The model has no TLB: the MMU walks the live page tables
+        on every access.
         """
         mm = self.mm_of(t)
         vpn = addr // self.config.page_size
         t.fault_site = ""
-        for _ in range(64):
+        tries = 0
+        while tries < 64:
             w = self._hw_walk(mm, vpn, write)
             if w is not None:
                 table, off, pte = w
@@ -118,10 +123,42 @@ class FaultMixin:
             if ret == VM_FAULT_SIGSEGV:
                 return -EFAULT
             if ret == VM_FAULT_OOM:
-                return -ENOMEM
+                if not (yield from self.pagefault_out_of_memory(t)):
+                    return None
+                continue  # the faulting access is retried; not counted against the cap
+            tries += 1
         return -EAGAIN
+    def pagefault_out_of_memory(self, t: Thread) -> Gen:
+        """``VM_FAULT_OOM`` reaching the #PF handler: ``pagefault_out_of_memory`` (6.2).
+
+        Since 5.16 it kills nothing itself::
+
+            if (mem_cgroup_oom_synchronize(true))
+                return;
+            if (fatal_signal_pending(current))
+                return;
+            if (__ratelimit(&pfoom_rs))
+                pr_warn("Huh VM_FAULT_OOM leaked out to the #PF handler. Retrying PF");
+
+        -- the OOM killer already ran inside the page allocator
+        (``__alloc_pages_may_oom`` → ``out_of_memory``) before the allocation failed.
+        The model calls :meth:`out_of_memory` here instead, when the failure was pool
+        exhaustion (an injected failure kills nothing: the fault is simply retried).
+        Then, unless the faulting task itself is now dying, the fault is retried after a
+        preemption point (where the victim can run its exit).
+
+        Returns False if the task has a fatal signal pending (the access is abandoned;
+        the thread exits when the operation returns), True to retry.
+        """
+        p = self.procs[t.pid]
+        if not p.killed and not self.alloc_fail_injected:
+            self.out_of_memory(t)
+        if p.killed:
+            return False
+        yield "pagefault_out_of_memory:retry"
+        return True
     def sys_read(self, t: Thread, addr: int) -> Gen:
-        """A user load. Returns the token read or -EFAULT/-ENOMEM."""
+        """A user load. Returns the token read, -EFAULT, or None if the task was killed."""
         return (yield from self._user_access(t, addr, False))
     def sys_write(self, t: Thread, addr: int) -> Gen:
         """A user store of a fresh token. Returns the token or -errno."""
@@ -134,9 +171,13 @@ class FaultMixin:
         """
         if self.config.fault_mode == "vma_lock":
             vma = mm.find_vma(vpn)
-            # lock_vma_under_rcu: anonymous VMAs without anon_vma fall back (6.4), and so
-            # does a VMA write-locked in the current mmap_lock write cycle.
-            usable = vma is not None and (vma.anon_vma is not None or vma.shared)
+            # lock_vma_under_rcu (mm/memory.c, 6.4): only anonymous VMAs with an anon_vma
+            #     /* Only anonymous vmas are supported for now */
+            #     if (!vma_is_anonymous(vma)) goto inval;
+            #     /* find_mergeable_anon_vma uses adjacent vmas which are not locked */
+            #     if (!vma->anon_vma) goto inval;
+            # and a VMA write-locked in the current mmap_lock write cycle falls back too.
+            usable = vma is not None and not vma.shared and vma.anon_vma is not None
             if usable and vma.lock_seq != mm.mm_lock_seq and vma.lock.try_acquire(t.tid, READ):
                 t.held.append((vma.lock, READ))
                 self._ev(t.tid, "lock", vma.lock.name, READ)

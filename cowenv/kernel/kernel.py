@@ -115,7 +115,10 @@ class Kernel(
         self.signatures: set[str] = set()
         self.events: list[Event] = []
         self.tracing = trace
+        # Kernel-wide allocation-failure pressure (pressure_fail_nth); per-thread
+        # /proc/thread-self/fail-nth lives on each Thread (sched.py).
         self.fail_nth = 0
+        self.alloc_fail_injected = False
         self.shmem: dict[int, ShmemObject] = {}
         # shmem object id -> VMAs referencing its file (``f_count`` held by vm_file).
         self.shmem_users: dict[int, int] = {}

@@ -38,15 +38,29 @@ class PageAllocMixin:
         """``alloc_pages``: ``n`` frames, honouring ``fail_nth`` and pool exhaustion.
 
         ``nofail`` models ``__GFP_NOFAIL``: fault injection does not apply (as
-        ``should_fail_alloc_page`` skips it) and the memory reserve may be used.
+        ``should_fail_alloc_page`` skips it) and the memory reserve may be used. The
+        current thread's ``fail_nth`` (``/proc/thread-self/fail-nth``) is consulted
+        first, then the kernel-wide pressure counter. ``alloc_fail_injected`` tells a
+        failure's caller whether it was injected or the pool is exhausted (the fault
+        path then calls the OOM killer; see :meth:`FaultMixin._user_access`).
         """
         if nofail:
             return self.pool.take(n, reserve_ok=True)
+        cur = self._cur
+        # should_fail_alloc_page → should_fail_ex: current->fail_nth first (per task).
+        if cur is not None and cur.fail_nth > 0:
+            cur.fail_nth -= 1
+            if cur.fail_nth == 0:
+                self._ev(cur.tid, "event", "alloc_fail", site)
+                self.alloc_fail_injected = True
+                return None
         if self.fail_nth > 0:
             self.fail_nth -= 1
             if self.fail_nth == 0:
-                self._ev(self._cur.tid if self._cur else -1, "event", "alloc_fail", site)
+                self._ev(cur.tid if cur else -1, "event", "alloc_fail", site)
+                self.alloc_fail_injected = True
                 return None
+        self.alloc_fail_injected = False
         got = self.pool.take(n)
         if got is None and self.swap.cache and self.drain_swap_cache():
             got = self.pool.take(n)  # direct reclaim freed swap-cache-only folios
