@@ -46,11 +46,15 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize("agent", ["random", "pct", "ql", "ppo"])
 def test_each_agent_runs_a_short_campaign(agent: str, tmp_path: Path, model: str) -> None:
-    res = run_campaign(_cfg(agent, 3000, model=model if agent == "ppo" else None),
+    # PCT's first finding with seeds 0-5 (5000-step campaigns): [64, 2815, 128, 1512,
+    # 1017, 2357] before the swap cache, [4467, 2839, 128, 1879, 2705, 419] with it -- the
+    # same spread, but seed 0 is no longer lucky, so PCT gets 5000 steps.
+    budget = 5000 if agent == "pct" else 3000
+    res = run_campaign(_cfg(agent, budget, model=model if agent == "ppo" else None),
                        tmp_path, show=False)
     assert not res.errors and not res.interrupted
-    assert res.steps == 3000 and res.episodes >= 3000 // 256
-    assert res.findings, f"{agent}: no finding in 3000 steps"
+    assert res.steps == budget and res.episodes >= budget // 256
+    assert res.findings, f"{agent}: no finding in {budget} steps"
     for r in res.findings:
         assert r["minimised"] is True
         assert _replays(r["file"]), r["file"]

@@ -149,7 +149,6 @@ class VmscanMixin:
             pool.flags[pfn] &= ~np.int64(PG_dirty)
             self.swap.data[slot] = pool.content[pfn]
             self.cost.charge("swap_io")
-            yield "pageout:written"
             self.folio_putback_lru(pfn)
             return 2
         # __remove_mapping: folio_ref_freeze(folio, 1 + nr) -- isolation + swap cache.
