@@ -24,7 +24,8 @@ Format (``version: 1``)::
       - {tid: 2, run: true}         # step while runnable: stops when done or blocked,
                                     # a no-op on an idle thread (schedules that must
                                     # run on several variants whose locking differs)
-      - {event: fail_nth, n: 1}                                     # pressure event
+      - {event: fail_nth, tid: 1, n: 1}    # /proc/thread-self/fail-nth for tid 1's next op
+      - {event: pressure_fail_nth, n: 1}   # n-th next allocation anywhere (old: fail_nth)
     expect:
       violation: null       # or {kind, site[, step]} or a list of them
     expect_by_variant:      # optional: expectation when run as another preset
@@ -212,14 +213,19 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int,
                "start": {"tid", "start", "args", "as", "expect", "check"},
                "step": {"tid", "step"}, "until": {"tid", "until"},
                "finish": {"tid", "finish"}, "run": {"tid", "run"},
-               "event": {"event", "n"}}[kind]
+               "event": {"event", "n", "tid"}}[kind]
     extra = set(s) - allowed
     if extra:
         raise ValueError(f"{w}.{sorted(extra)[0]}: unknown field for a '{kind}' step")
     out = dict(s)
     if kind == "event":
-        if s["event"] != "fail_nth":
-            raise ValueError(f"{w}.event: expected 'fail_nth', got {s['event']!r}")
+        if s["event"] not in ("fail_nth", "pressure_fail_nth"):
+            raise ValueError(f"{w}.event: expected 'fail_nth' or 'pressure_fail_nth', "
+                             f"got {s['event']!r}")
+        if "tid" in s:
+            if s["event"] != "fail_nth":
+                raise ValueError(f"{w}.tid: only fail_nth is per thread")
+            out["tid"] = _tid(s["tid"], f"{w}.tid")
         out["n"] = _int(s.get("n", 1), f"{w}.n")
         if out["n"] < 0:
             raise ValueError(f"{w}.n: expected >= 0")
@@ -618,7 +624,10 @@ def apply_step(k: Kernel, s: dict[str, Any], names: dict[str, Any], pending: dic
         return label
 
     if "event" in s:
-        k.event("fail_nth", n=s["n"])
+        if "tid" in s:
+            k.event("fail_nth", n=s["n"], tid=s["tid"])
+        else:
+            k.event(s["event"], n=s["n"])
         return
     tid = resolve_tid(s["tid"], names)
     if "do" in s or "start" in s:

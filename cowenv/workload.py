@@ -214,14 +214,20 @@ def next_step(rng: np.random.Generator, k: Kernel, layout: Layout = Layout(),
     Returns a scenario step dict (not yet applied): ``{"tid", "step": 1}`` to run an
     in-progress operation to its next preemption point, ``{"tid", "start", "args"}``
     to start an operation on an idle thread (kswapd starts ``reclaim``), or
-    ``{"event": "fail_nth", "n"}``. Returns None when nothing can happen (no idle and
+    ``{"event": "fail_nth", "tid", "n"}`` / ``{"event": "pressure_fail_nth", "n"}``.
+    Returns None when nothing can happen (no idle and
     no runnable thread: every thread exited, or a deadlock).
     """
     knobs = knobs or Knobs()
     runnable = k.runnable_tids()
     idle = k.idle_tids()
     if rng.random() < knobs.p_fail_nth:
-        return {"event": "fail_nth", "n": 1 + int(rng.integers(knobs.max_fail_nth))}
+        n = 1 + int(rng.integers(knobs.max_fail_nth))
+        # Half the time syzkaller's per-thread /proc/thread-self/fail-nth (the thread's
+        # next operation), half the time kernel-wide pressure.
+        if idle and rng.random() < 0.5:
+            return {"event": "fail_nth", "tid": _choice(rng, idle), "n": n}
+        return {"event": "pressure_fail_nth", "n": n}
     if runnable and (not idle or rng.random() < knobs.p_step):
         return {"tid": _choice(rng, runnable), "step": 1}
     if not idle:
@@ -307,13 +313,16 @@ def teardown(k: Kernel, rng: np.random.Generator, max_steps: int = 200_000
 def leak_report(k: Kernel) -> list[str]:
     """After every process exited: what is still allocated (should be nothing).
 
-    Checks the frame pool (only the zero page stays allocated), page tables, swap slots
-    and pins. These are the end states ``check_mm`` and the page allocator's accounting
-    guarantee in the kernel.
+    Checks the frame pool (only the zero page stays allocated, once the swap-cache-only
+    folios reclaim would free are dropped), page tables, swap slots and pins. These are
+    the end states ``check_mm`` and the page allocator's accounting guarantee in the
+    kernel.
     """
     out = []
     if k.live_procs():
         out.append(f"{len(k.live_procs())} process(es) still alive")
+    # Folios only the swap cache holds are reclaimable, not leaked: reclaim them first.
+    k.drain_swap_cache()
     if k.pool.nr_free != k.pool.nr - 1:
         used = np.nonzero(k.pool.flags[1:] & 1)[0] + 1
         out.append(f"{k.pool.nr - 1 - k.pool.nr_free} frame(s) still allocated "

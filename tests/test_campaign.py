@@ -46,8 +46,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize("agent", ["random", "pct", "ql", "ppo"])
 def test_each_agent_runs_a_short_campaign(agent: str, tmp_path: Path, model: str) -> None:
-    # Q-learning's novelty reward steers away from repeats; it needs a longer smoke run.
-    budget = 6000 if agent == "ql" else 3000
+    # Smoke runs long enough for a first finding with every agent at seed 0 (the model's
+    # changes move the random streams; issue 13 measured the spread over seeds 0-5).
+    budget = 6000 if agent in ("pct", "ql") else 3000
     res = run_campaign(_cfg(agent, budget, model=model if agent == "ppo" else None),
                        tmp_path, show=False)
     assert not res.errors and not res.interrupted

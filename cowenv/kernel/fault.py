@@ -17,9 +17,10 @@ import numpy as np
 from .locks import READ, WRITE
 from .memory import (
     PG_anon_exclusive,
-    PG_dirty,
+    PG_locked,
     PG_shmem,
     PG_swapbacked,
+    PG_swapcache,
     ShmemObject,
 )
 from .mm import (
@@ -31,12 +32,13 @@ from .mm import (
     MmStruct,
     Vma,
 )
-from .ops import EAGAIN, EFAULT, ENOMEM
+from .ops import EAGAIN, EFAULT
 from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_PRESENT,
     PTE_SWAP,
+    PTE_SWP_EXCLUSIVE,
     PTE_USER,
     PTE_WRITE,
     PTE_YOUNG,
@@ -84,13 +86,18 @@ class FaultMixin:
     def _user_access(self, t: Thread, addr: int, write: bool) -> Gen:
         """A user load/store at ``addr``: the MMU access, faulting until it succeeds.
 
-        Returns the content token read (load), the token written (store), or -errno.
-        The model has no TLB: the MMU walks the live page tables on every access.
+        Returns the content token read (load), the token written (store), -EFAULT
+        (SIGSEGV: ``VM_FAULT_SIGSEGV``, the access is not made), or None when the task
+        was killed (an OOM victim) before the access could complete. A user access never
+        returns -ENOMEM: ``VM_FAULT_OOM`` goes to :meth:`pagefault_out_of_memory` and
+        the access is retried. The model has no TLB: the MMU walks the live page tables
+        on every access.
         """
         mm = self.mm_of(t)
         vpn = addr // self.config.page_size
         t.fault_site = ""
-        for _ in range(64):
+        tries = 0
+        while tries < 64:
             w = self._hw_walk(mm, vpn, write)
             if w is not None:
                 table, off, pte = w
@@ -119,10 +126,42 @@ class FaultMixin:
             if ret == VM_FAULT_SIGSEGV:
                 return -EFAULT
             if ret == VM_FAULT_OOM:
-                return -ENOMEM
+                if not (yield from self.pagefault_out_of_memory(t)):
+                    return None
+                continue  # the faulting access is retried; not counted against the cap
+            tries += 1
         return -EAGAIN
+    def pagefault_out_of_memory(self, t: Thread) -> Gen:
+        """``VM_FAULT_OOM`` reaching the #PF handler: ``pagefault_out_of_memory`` (6.2).
+
+        Since 5.16 it kills nothing itself::
+
+            if (mem_cgroup_oom_synchronize(true))
+                return;
+            if (fatal_signal_pending(current))
+                return;
+            if (__ratelimit(&pfoom_rs))
+                pr_warn("Huh VM_FAULT_OOM leaked out to the #PF handler. Retrying PF");
+
+        -- the OOM killer already ran inside the page allocator
+        (``__alloc_pages_may_oom`` → ``out_of_memory``) before the allocation failed.
+        The model calls :meth:`out_of_memory` here instead, when the failure was pool
+        exhaustion (an injected failure kills nothing: the fault is simply retried).
+        Then, unless the faulting task itself is now dying, the fault is retried after a
+        preemption point (where the victim can run its exit).
+
+        Returns False if the task has a fatal signal pending (the access is abandoned;
+        the thread exits when the operation returns), True to retry.
+        """
+        p = self.procs[t.pid]
+        if not p.killed and not self.alloc_fail_injected:
+            self.out_of_memory(t)
+        if p.killed:
+            return False
+        yield "pagefault_out_of_memory:retry"
+        return True
     def sys_read(self, t: Thread, addr: int) -> Gen:
-        """A user load. Returns the token read or -EFAULT/-ENOMEM."""
+        """A user load. Returns the token read, -EFAULT, or None if the task was killed."""
         return (yield from self._user_access(t, addr, False))
     def sys_write(self, t: Thread, addr: int) -> Gen:
         """A user store of a fresh token. Returns the token or -errno."""
@@ -135,9 +174,13 @@ class FaultMixin:
         """
         if self.config.fault_mode == "vma_lock":
             vma = mm.find_vma(vpn)
-            # lock_vma_under_rcu: anonymous VMAs without anon_vma fall back (6.4), and so
-            # does a VMA write-locked in the current mmap_lock write cycle.
-            usable = vma is not None and (vma.anon_vma is not None or vma.shared)
+            # lock_vma_under_rcu (mm/memory.c, 6.4): only anonymous VMAs with an anon_vma
+            #     /* Only anonymous vmas are supported for now */
+            #     if (!vma_is_anonymous(vma)) goto inval;
+            #     /* find_mergeable_anon_vma uses adjacent vmas which are not locked */
+            #     if (!vma->anon_vma) goto inval;
+            # and a VMA write-locked in the current mmap_lock write cycle falls back too.
+            usable = vma is not None and not vma.shared and vma.anon_vma is not None
             if usable and vma.lock_seq != mm.mm_lock_seq and vma.lock.try_acquire(t.tid, READ):
                 t.held.append((vma.lock, READ))
                 self._ev(t.tid, "lock", vma.lock.name, READ)
@@ -374,7 +417,15 @@ class FaultMixin:
             fl = int(pool.flags[pfn])
             if not fl & PG_anon_exclusive:
                 self.cost.mark_fork_fault(t)  # fork made the page non-exclusive
-            reuse = bool(fl & PG_anon_exclusive) or int(pool.refcount[pfn]) == 1
+            # 6.2: if (PageAnonExclusive(vmf->page)) goto reuse; ... if
+            # (folio_ref_count(folio) > 1 + folio_test_swapcache(folio)) goto copy; ...
+            # if (folio_test_swapcache(folio)) folio_free_swap(folio);
+            # if (folio_test_ksm(folio) || folio_ref_count(folio) != 1) goto copy;
+            reuse = bool(fl & PG_anon_exclusive)
+            if (not reuse and fl & PG_swapcache and not fl & PG_locked
+                    and int(pool.refcount[pfn]) == 2):
+                self.folio_free_swap(pfn)
+            reuse = reuse or int(pool.refcount[pfn]) == 1
             if reuse:
                 if not fl & PG_anon_exclusive:
                     # page_move_anon_rmap: the page now belongs to this VMA's anon_vma.
@@ -444,48 +495,116 @@ class FaultMixin:
             self.put_page(old, "wp_page_copy")  # the mapping's reference
             self.put_page(old, "wp_page_copy")  # do_wp_page's get_page
         return VM_FAULT_OK
-    def do_swap_page(self, t: Thread, vma: Vma, vpn: int, orig: int, flags: int) -> Gen:
-        """``do_swap_page``: read the slot into a new page and map it exclusively.
+    def should_try_to_free_swap(self, pfn: int, vma: Vma, flags: int) -> bool:
+        """``should_try_to_free_swap`` (mm/memory.c, 6.2).
 
-        In the 6.4 per-VMA-lock mode swap-in returns ``VM_FAULT_RETRY``. Without a swap
-        cache the new page is always exclusive (see memory.py).
+        ::
+
+            if (!folio_test_swapcache(folio))
+                return false;
+            if (mem_cgroup_swap_full(folio) || (vma->vm_flags & VM_LOCKED) ||
+                folio_test_mlocked(folio))
+                return true;
+            /*
+             * If we want to map a page that's in the swapcache writable, we
+             * have to detect via the refcount if we're really the exclusive
+             * user. Try freeing the swapcache to get rid of the swapcache
+             * reference only in case it's likely that we'll be the exlusive user.
+             */
+            return (fault_flags & FAULT_FLAG_WRITE) && !folio_test_ksm(folio) &&
+                folio_ref_count(folio) == 2;
+
+        No memcg (``mem_cgroup_swap_full`` is ``vm_swap_full``), no mlock, no KSM.
+        """
+        if not int(self.pool.flags[pfn]) & PG_swapcache:
+            return False
+        if self.swap.full():
+            return True
+        return bool(flags & FAULT_FLAG_WRITE) and int(self.pool.refcount[pfn]) == 2
+    def do_swap_page(self, t: Thread, vma: Vma, vpn: int, orig: int, flags: int) -> Gen:
+        """``do_swap_page`` (mm/memory.c, 6.2) through the swap cache.
+
+        ``swap_cache_get_folio`` finds the folio every swap PTE of the slot shares; on a
+        miss ``swapin_readahead`` reads it into a new swap-cache folio (the device is not
+        ``SWP_SYNCHRONOUS_IO``, so the skip-the-cache path is never taken). Under the PTL,
+        with the PTE unchanged and the folio still the slot's (``folio_test_swapcache &&
+        page_private(page) == entry.val``, else ``goto out_page``)::
+
+            exclusive = pte_swp_exclusive(vmf->orig_pte);
+            ...
+            swap_free(entry);
+            if (should_try_to_free_swap(folio, vma, vmf->flags))
+                folio_free_swap(folio);
+            ...
+            if (!folio_test_ksm(folio) &&
+                (exclusive || folio_ref_count(folio) == 1)) {
+                if (vmf->flags & FAULT_FLAG_WRITE) {
+                    pte = maybe_mkwrite(pte_mkdirty(pte), vma);
+                    vmf->flags &= ~FAULT_FLAG_WRITE;
+                }
+                rmap_flags |= RMAP_EXCLUSIVE;
+            }
+            ...
+            page_add_anon_rmap(page, vma, vmf->address, rmap_flags);
+            ...
+            if (vmf->flags & FAULT_FLAG_WRITE) {
+                ret |= do_wp_page(vmf);
+
+        The final ``do_wp_page`` is entered after the PTL is dropped (it re-takes it and
+        re-checks the PTE). In the 6.4 per-VMA-lock mode swap-in returns
+        ``VM_FAULT_RETRY`` (``if (vmf->flags & FAULT_FLAG_VMA_LOCK) { ret =
+        VM_FAULT_RETRY; goto out; }``).
 
         Lock contract: mmap_lock read; takes the PTL.
         """
         if flags & FAULT_FLAG_VMA_LOCK:
             return VM_FAULT_RETRY
         mm = vma.mm
+        pool = self.pool
         idx, off = divmod(vpn, self.P)
         slot = orig >> PFN_SHIFT
         t.fault_site = "do_swap_page"
         if vma.anon_vma is None:
             self.anon_vma_prepare(vma)
-        pfn = self.alloc_page("do_swap_page")
+        pfn = self.swap_cache_get_folio(slot)
         if pfn is None:
-            return VM_FAULT_OOM
-        self.pool.content[pfn] = self.swap.data[slot]
-        self.cost.charge("page_alloc")
-        self.cost.charge("swap_io")
-        yield "do_swap_page:read"
+            pfn = self.read_swap_cache_async(slot, "swapin_readahead")
+            if pfn is None:
+                # if (!folio) { ... if (likely(pte_same(*vmf->pte, vmf->orig_pte)))
+                #         ret = VM_FAULT_OOM; goto unlock; }
+                pmd = mm.pmd.get(idx)
+                if pmd is not None and int(pmd.table.entries[off]) == orig:
+                    return VM_FAULT_OOM
+                return VM_FAULT_OK
+            yield "do_swap_page:read"
         got = yield from self.pte_offset_map_lock(t, mm, idx, "do_swap_page")
-        if got is None or int(got[0].entries[off]) != orig:
+        if got is None or int(got[0].entries[off]) != orig or not (
+                int(pool.flags[pfn]) & PG_swapcache and int(pool.swap[pfn]) == slot):
             if got is not None:
                 self.unlock(t, got[1], WRITE, "do_swap_page")
             self.put_page(pfn, "do_swap_page")
             return VM_FAULT_OK
         table, ptl = got
+        exclusive = bool(orig & PTE_SWP_EXCLUSIVE)
+        self.swap_free(slot, "do_swap_page")
+        # Simplification: the kernel sleeps in folio_lock_or_retry while reclaim holds
+        # the folio lock; here the fault goes on and only skips folio_free_swap then.
+        if self.should_try_to_free_swap(pfn, vma, flags) and not (
+                int(pool.flags[pfn]) & PG_locked):
+            self.folio_free_swap(pfn)
         mm.rss[MM_SWAPENTS] -= 1
         mm.rss[MM_ANONPAGES] += 1
-        self.swap_free(slot, "do_swap_page")
-        self.page_add_new_anon_rmap(pfn, vma, vpn)
-        # folio_free_swap: with the slot released, memory holds the only copy of the
-        # data, so the folio is marked dirty (mm/swapfile.c).
-        self.pool.flags[pfn] |= PG_dirty
-        write = bool(flags & FAULT_FLAG_WRITE) and bool(vma.flags & VM_WRITE)
-        entry = mk_pte(pfn, write=write, dirty=write, young=True,
-                       user=bool(vma.flags & (VM_READ | VM_WRITE)))
+        write = bool(flags & FAULT_FLAG_WRITE)
+        exclusive = exclusive or int(pool.refcount[pfn]) == 1
+        mkwrite = write and exclusive
+        self.page_add_anon_rmap(pfn, vma, vpn, exclusive)
+        # The lookup's (or the read's) reference becomes the mapping's.
+        entry = mk_pte(pfn, write=mkwrite and bool(vma.flags & VM_WRITE), dirty=mkwrite,
+                       young=True, user=bool(vma.flags & (VM_READ | VM_WRITE)))
         self.cost.charge("page_account")
         self.cost.charge("pte_write")
         self.set_ptes(t, mm, table, off, entry, "do_swap_page")
         self.unlock(t, ptl, WRITE, "do_swap_page")
+        if write and not mkwrite:
+            return (yield from self.do_wp_page(t, vma, vpn, entry, flags))
         return VM_FAULT_OK

@@ -176,8 +176,6 @@ class GupMixin:
         pfn = pte >> PFN_SHIFT
         if pfn == ZERO_PFN or self.pool.is_free(pfn):
             return None
-        if not write and self.is_anon(pfn) and not (int(self.pool.flags[pfn]) & PG_anon_exclusive):
-            return None  # gup_must_unshare
         # try_grab_folio
         self.pool.refcount[pfn] += GUP_PIN_COUNTING_BIAS
         self.pool.pincount[pfn] += 1
@@ -187,7 +185,16 @@ class GupMixin:
         # unchanged.
         changed = (cur is None or cur.table is not table or cur.write != pmd_write
                    or int(table.entries[off]) != pte)
-        if changed or mm.write_protect_seq != seq:
+        # 6.2 gup_pte_range, after the re-check of pmd and pte:
+        #     if (!pte_write(pte) && gup_must_unshare(NULL, flags, page)) {
+        #         gup_put_folio(folio, 1, flags);
+        #         goto pte_unmap;
+        #     }
+        # gup_must_unshare (FOLL_PIN|FOLL_LONGTERM, no VMA): a non-anon page needs the
+        # slow path ("if (!vma) return true;"), an anon page must be PageAnonExclusive.
+        must_unshare = not pte & PTE_WRITE and (
+            not self.is_anon(pfn) or not int(self.pool.flags[pfn]) & PG_anon_exclusive)
+        if changed or mm.write_protect_seq != seq or must_unshare:
             # gup_put_folio: the page may have lost its last other reference meanwhile.
             self.pool.pincount[pfn] -= 1
             self.pool.refcount[pfn] -= GUP_PIN_COUNTING_BIAS - 1

@@ -18,6 +18,7 @@ threads, locks, trace) whose methods come from modules laid out like the Linux t
 | :mod:`~cowenv.kernel.rmap` | ``mm/rmap.c``, ``mm/page_vma_mapped.c`` |
 | :mod:`~cowenv.kernel.vmscan` | ``mm/vmscan.c`` |
 | :mod:`~cowenv.kernel.swapfile` | ``mm/swapfile.c`` |
+| :mod:`~cowenv.kernel.swap_state` | ``mm/swap_state.c`` (the swap cache) |
 
 Each part is a mixin class without state of its own; ``self`` is always the kernel, so a
 function calls any other as ``self.zap_pte_range(...)`` wherever it lives, as kernel C
@@ -61,6 +62,7 @@ from .pgtable import (
 )
 from .rmap import RmapMixin
 from .sched import KSWAPD_TID, Gen, Pin, Process, SchedMixin, Thread, _done
+from .swap_state import SwapStateMixin
 from .swapfile import SwapfileMixin
 from .trace import Event, Violation
 from .vmscan import VmscanMixin
@@ -82,6 +84,7 @@ class Kernel(
     RmapMixin,
     VmscanMixin,
     SwapfileMixin,
+    SwapStateMixin,
 ):
     """The classic (upstream) kernel.
 
@@ -112,7 +115,10 @@ class Kernel(
         self.signatures: set[str] = set()
         self.events: list[Event] = []
         self.tracing = trace
+        # Kernel-wide allocation-failure pressure (pressure_fail_nth); per-thread
+        # /proc/thread-self/fail-nth lives on each Thread (sched.py).
         self.fail_nth = 0
+        self.alloc_fail_injected = False
         self.shmem: dict[int, ShmemObject] = {}
         # shmem object id -> VMAs referencing its file (``f_count`` held by vm_file).
         self.shmem_users: dict[int, int] = {}

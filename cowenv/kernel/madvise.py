@@ -14,7 +14,9 @@ from .locks import READ, WRITE
 from .memory import (
     PG_anon,
     PG_dirty,
+    PG_locked,
     PG_swapbacked,
+    PG_swapcache,
 )
 from .mm import (
     MM_SWAPENTS,
@@ -138,13 +140,22 @@ class MadviseMixin:
             swp = (e & PTE_SWAP) != 0
             if swp.any():
                 for s in (e[swp] >> PFN_SHIFT).tolist():
-                    self.swap_free(int(s), "madvise_free_pte_range")
+                    self.free_swap_and_cache(int(s), "madvise_free_pte_range")
                 mm.rss[MM_SWAPENTS] -= int(swp.sum())
                 new[swp] = 0
             pfn = np.where((e & PTE_PRESENT) != 0, e >> PFN_SHIFT, 0)
             fl = pool.flags[pfn]
             cand = (pfn != ZERO_PFN) & ((fl & PG_anon) != 0)
-            skip = cand & ((fl & PG_dirty) != 0) & (pool.mapcount[pfn] != 1)
+            # 6.2: if (folio_test_swapcache(folio) || folio_test_dirty(folio)) {
+            #     if (folio_mapcount(folio) != 1) continue;  /* shared: keep dirty */
+            #     if (folio_test_swapcache(folio) && !folio_free_swap(folio)) continue;
+            #     folio_clear_dirty(folio); }
+            busy = cand & ((fl & (PG_dirty | PG_swapcache)) != 0)
+            # folio_trylock fails (reclaim holds it) or shared: continue
+            skip = busy & (((fl & PG_locked) != 0) | (pool.mapcount[pfn] != 1))
+            for i in np.nonzero(busy & ~skip & ((fl & PG_swapcache) != 0))[0].tolist():
+                if not self.folio_free_swap(int(pfn[i])):
+                    skip[i] = True
             sel = cand & ~skip
             if sel.any():
                 new[sel] &= ~np.int64(PTE_DIRTY | PTE_YOUNG)

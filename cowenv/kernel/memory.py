@@ -9,9 +9,14 @@ Simplifications (documented in the README's model section):
 * A FOLL_PIN adds ``GUP_PIN_COUNTING_BIAS`` (1024) to ``_refcount`` exactly as for small
   folios in the kernel; ``pincount`` is kept beside it only for renders and the
   accounting oracle's exact recount.
-* There is no swap cache: swap-out writes the data to the slot and frees the page at
-  once (``__remove_mapping``); each swap-in allocates a fresh page. Two processes that
-  share a swap slot therefore swap in two equal copies instead of sharing one page.
+* The swap cache (``mm/swap_state.c``, 6.2) is :attr:`SwapDevice.cache` (slot -> pfn,
+  the swap address space's xarray) plus ``PG_swapcache`` and :attr:`PagePool.swap`
+  (``folio->swap``) on the folio; the cache holds one reference on the folio and
+  ``SWAP_HAS_CACHE`` (:attr:`SwapDevice.has_cache`) on the slot. Writeback is
+  asynchronous in effect: ``pageout`` writes the data at once but the folio stays in
+  the swap cache until a later reclaim pass (``__remove_mapping``) or
+  ``folio_free_swap`` drops it (no ``PG_writeback`` state, no ``SWP_STABLE_WRITES``).
+  The device is not ``SWP_SYNCHRONOUS_IO``: every swap-in goes through the swap cache.
 * Page-table pages come from the same pool as data pages, so ``fail_nth`` and pool
   exhaustion hit both, as ``alloc_pages`` does in the kernel.
 """
@@ -32,6 +37,8 @@ PG_swapbacked = 1 << 4  # PG_swapbacked; clear on an anon page = lazyfree (MADV_
 PG_table = 1 << 5  # PageTable
 PG_shmem = 1 << 6  # shmem page-cache page
 PG_zero = 1 << 7  # the shared zero page
+PG_swapcache = 1 << 8  # folio_test_swapcache: in the swap cache, folio->swap valid
+PG_locked = 1 << 9  # folio_lock: held by reclaim (shrink_folio_list) only, see vmscan.py
 
 
 class PagePool:
@@ -63,6 +70,8 @@ class PagePool:
         # Position on the (single, anon) LRU list: -1 = not on it; lower = older.
         self.lru_seq = np.full(nr_frames, -1, dtype=np.int64)
         self.lru_clock = 0
+        # folio->swap (swp_entry_t, the slot) of a swap-cache folio, -1 otherwise.
+        self.swap = np.full(nr_frames, -1, dtype=np.int64)
         # Frame 0 is the zero page: allocated forever, never refcounted by mappings.
         self.flags[0] = PG_allocated | PG_zero
         self.refcount[0] = 1
@@ -96,6 +105,7 @@ class PagePool:
         self.index[pfns] = 0
         self.shmem[pfns] = -1
         self.lru_seq[pfns] = -1
+        self.swap[pfns] = -1
         return pfns
 
     def give_back(self, pfns: np.ndarray) -> None:
@@ -129,28 +139,45 @@ class PagePool:
 
 
 class SwapDevice:
-    """A swap device: ``swap_map`` counts and the data written to each slot.
+    """A swap device: ``swap_map`` counts, ``SWAP_HAS_CACHE``, the swap cache, the data.
 
-    ``swap_map[slot]`` is the number of swap PTEs referencing the slot (no swap cache,
-    so no extra cache reference).
+    ``swap_map[slot]`` is the number of swap PTEs referencing the slot (the count part
+    of ``si->swap_map``); ``has_cache[slot]`` is its ``SWAP_HAS_CACHE`` bit, set from
+    ``folio_alloc_swap``/``swapcache_prepare`` until ``put_swap_folio``. A slot is free
+    (``swap_entry_free``) when both are clear. ``cache`` is the swap address space
+    (``swap_address_space(entry)->i_pages``): slot -> pfn of the swap-cache folio.
     """
 
     def __init__(self, nr_slots: int) -> None:
         self.nr = nr_slots
         self.swap_map = np.zeros(max(nr_slots, 1), dtype=np.int64)
+        self.has_cache = np.zeros(max(nr_slots, 1), dtype=bool)
         self.data = np.zeros(max(nr_slots, 1), dtype=np.int64)
+        self.cache: dict[int, int] = {}
         self.free: list[int] = list(range(nr_slots - 1, -1, -1))
 
     def get_swap_page(self) -> int | None:
-        """``folio_alloc_swap``: a free slot or None when swap is full."""
+        """``get_swap_pages`` (``folio_alloc_swap``): a free slot with ``SWAP_HAS_CACHE``.
+
+        Returns None when swap is full.
+        """
         if not self.free:
             return None
-        return self.free.pop()
+        slot = self.free.pop()
+        self.has_cache[slot] = True
+        return slot
 
     def free_slot(self, slot: int) -> None:
-        """Return a slot whose ``swap_map`` dropped to 0 (``swap_entry_free``)."""
+        """Return a slot with no count and no cache (``swap_entry_free``)."""
         self.data[slot] = 0
         self.free.append(slot)
+
+    def full(self) -> bool:
+        """``vm_swap_full``: more than half of swap in use.
+
+        ``atomic_long_read(&nr_swap_pages) * 2 < total_swap_pages`` (mm/swap.h, 6.2).
+        """
+        return len(self.free) * 2 < self.nr
 
 
 class ShmemObject:

@@ -361,7 +361,7 @@ class MmapMixin:
             mm.rss[MM_SHMEMPAGES] -= int(shm.sum())
             self.page_remove_rmap(pfns, "zap_pte_range")
         for s in swaps.tolist():
-            self.swap_free(int(s), "zap_pte_range")
+            self.free_swap_and_cache(int(s), "zap_pte_range")
         mm.rss[MM_SWAPENTS] -= len(swaps)
         self.cost.charge("page_account", len(pfns) + len(swaps))
         if clear and e.any():

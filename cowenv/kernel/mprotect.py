@@ -23,7 +23,6 @@ from .mm import (
 from .ops import ENOMEM, parse_prot
 from .pgtable import (
     PFN_SHIFT,
-    PTE_DIRTY,
     PTE_PRESENT,
     PTE_USER,
     PTE_WRITE,
@@ -94,8 +93,10 @@ class MprotectMixin:
 
         New permissions: USER iff PROT_READ or PROT_WRITE (x86 ``protection_map``:
         ``VM_WRITE`` alone is ``PAGE_COPY``, readable); WRITE only where PROT_WRITE and
-        ``can_change_pte_writable`` (private: exclusive anon pages — the "mprotect()
-        optimization" cow.c tests; shared: dirty PTEs); the zero page is never writable.
+        ``can_change_pte_writable`` for a private VMA (exclusive anon pages — the
+        "mprotect() optimization" cow.c tests); in a shared (shmem) VMA every present PTE,
+        as shmem wants no write-notify (``vma_wants_writenotify`` is false, so the new
+        ``vm_page_prot`` is writable); the zero page is never writable.
         Returns 0 or -errno.
 
         Lock contract: mmap_lock write; takes the PTL.
@@ -128,7 +129,11 @@ class MprotectMixin:
                 if bits & 2:
                     pfn = e >> PFN_SHIFT
                     if vma.shared:
-                        ok = present & ((e & PTE_DIRTY) != 0) & (pfn != ZERO_PFN)
+                        # shmem has no write-notify: vma_wants_manual_pte_write_upgrade()
+                        # is vma_wants_writenotify() == false for a VM_SHARED shmem VMA, so
+                        # MM_CP_TRY_CHANGE_WRITABLE is not set and newprot (PAGE_SHARED)
+                        # itself is writable: every present PTE becomes writable.
+                        ok = present & (pfn != ZERO_PFN)
                     else:
                         fl = pool.flags[np.where(present, pfn, 0)]
                         ok = present & (pfn != ZERO_PFN) & ((fl & PG_anon_exclusive) != 0)

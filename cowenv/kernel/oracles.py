@@ -20,13 +20,15 @@ no operation in progress on any thread, and at the end of a run):
    a table no PMD points at is leaked.
 2. a table with refcount > 1 is reached only through read-only PMDs.
 3. page mapcount == number of (mm, address) whose page tables map the page.
-4. page refcount == mapcount + 1024 × active pins (+1 for a shmem page-cache page);
-   an allocated page nobody references is leaked.
+4. page refcount == mapcount + 1024 × active pins (+1 for a shmem page-cache page, +1
+   for a swap-cache folio); an allocated page nobody references is leaked.
 5. PageAnonExclusive ⇒ mapcount == 1 and not reached through a shared table; a pinned
    anon page is never in a shared table.
 6. rss counters (MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES) == what the tables hold;
    nr_ptes == populated PMD entries.
-7. swap_map[slot] == number of swap PTEs naming the slot.
+7. swap_map[slot] == number of swap PTEs naming the slot; the swap cache is coherent
+   (``PG_swapcache`` ⇔ in the cache under ``folio->swap`` ⇔ the slot's
+   ``SWAP_HAS_CACHE``); a slot is in use iff it has a count or a cached folio.
 8. no mm has a live (present or swap) entry outside its VMAs.
 """
 
@@ -42,6 +44,7 @@ from .memory import (
     PG_anon,
     PG_anon_exclusive,
     PG_shmem,
+    PG_swapcache,
     PG_table,
 )
 from .mm import MM_ANONPAGES, MM_COUNTER_NAMES, MM_SHMEMPAGES, MM_SWAPENTS, MmStruct
@@ -659,6 +662,11 @@ class Oracle:
                 pins[pin.pfn] += 1
                 npins += 1
         cache = None
+        sw_cache = k.swap.cache
+        if sw_cache:
+            cache = np.zeros(nr, dtype=np.int64)
+            for p in sw_cache.values():
+                cache[p] += 1
         for _, obj in sorted(k.shmem.items()):
             for p in obj.pages.values():
                 if cache is None:
@@ -699,4 +707,33 @@ class Oracle:
             s = int(np.nonzero(bad)[0][0])
             rep("accounting", "swap_map",
                 f"swap slot {s} swap_map {int(k.swap.swap_map[s])}, {int(sw[s])} PTE(s) name it")
-        _ = PG_allocated
+        # 7'. Swap-cache coherence and slot leaks.
+        sc = np.nonzero(data & ((pool.flags & PG_swapcache) != 0))[0]
+        for p in sc.tolist():
+            s = int(pool.swap[p])
+            if sw_cache.get(s) != p:
+                rep("accounting", "swap_cache",
+                    f"page {p} is PG_swapcache for slot {s}, the swap cache has "
+                    f"{sw_cache.get(s)}")
+                break
+        if len(sc) != len(sw_cache):
+            rep("accounting", "swap_cache",
+                f"{len(sw_cache)} swap-cache entries, {len(sc)} PG_swapcache page(s)")
+        hc = k.swap.has_cache[:len(k.swap.swap_map)]
+        nc = np.zeros(len(hc), dtype=bool)
+        if sw_cache:
+            nc[list(sw_cache)] = True
+        bad = hc != nc
+        if bad.any():
+            s = int(np.nonzero(bad)[0][0])
+            rep("accounting", "swap_cache",
+                f"swap slot {s} SWAP_HAS_CACHE {bool(hc[s])}, cached folio {bool(nc[s])}")
+        if k.swap.nr:
+            free = np.zeros(len(hc), dtype=bool)
+            free[k.swap.free] = True
+            used = (k.swap.swap_map > 0) | hc
+            bad = free == used
+            if bad.any():
+                s = int(np.nonzero(bad)[0][0])
+                what = "free but in use" if free[s] else "leaked (no count, no cache)"
+                rep("accounting", "swap_entry_free", f"swap slot {s} {what}")

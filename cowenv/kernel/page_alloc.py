@@ -17,6 +17,7 @@ from .locks import SpinLock
 from .memory import (
     GUP_PIN_COUNTING_BIAS,
     PG_anon,
+    PG_swapcache,
     PG_table,
 )
 from .mm import (
@@ -37,16 +38,33 @@ class PageAllocMixin:
         """``alloc_pages``: ``n`` frames, honouring ``fail_nth`` and pool exhaustion.
 
         ``nofail`` models ``__GFP_NOFAIL``: fault injection does not apply (as
-        ``should_fail_alloc_page`` skips it) and the memory reserve may be used.
+        ``should_fail_alloc_page`` skips it) and the memory reserve may be used. The
+        current thread's ``fail_nth`` (``/proc/thread-self/fail-nth``) is consulted
+        first, then the kernel-wide pressure counter. ``alloc_fail_injected`` tells a
+        failure's caller whether it was injected or the pool is exhausted (the fault
+        path then calls the OOM killer; see :meth:`FaultMixin._user_access`).
         """
         if nofail:
             return self.pool.take(n, reserve_ok=True)
+        cur = self._cur
+        # should_fail_alloc_page → should_fail_ex: current->fail_nth first (per task).
+        if cur is not None and cur.fail_nth > 0:
+            cur.fail_nth -= 1
+            if cur.fail_nth == 0:
+                self._ev(cur.tid, "event", "alloc_fail", site)
+                self.alloc_fail_injected = True
+                return None
         if self.fail_nth > 0:
             self.fail_nth -= 1
             if self.fail_nth == 0:
-                self._ev(self._cur.tid if self._cur else -1, "event", "alloc_fail", site)
+                self._ev(cur.tid if cur else -1, "event", "alloc_fail", site)
+                self.alloc_fail_injected = True
                 return None
-        return self.pool.take(n)
+        self.alloc_fail_injected = False
+        got = self.pool.take(n)
+        if got is None and self.swap.cache and self.drain_swap_cache():
+            got = self.pool.take(n)  # direct reclaim freed swap-cache-only folios
+        return got
     def alloc_page(self, site: str, nofail: bool = False) -> int | None:
         """One frame or None."""
         p = self.alloc_pages(1, site, nofail)
@@ -154,6 +172,12 @@ class PageAllocMixin:
             p = int(mapped[0])
             self._report("memory-safety", site, f"page {p} freed while mapped "
                          f"{int(pool.mapcount[p])} time(s)")
+        sc = pfns[(pool.flags[pfns] & PG_swapcache) != 0]
+        if len(sc):
+            self._report("memory-safety", site, f"swap-cache page {int(sc[0])} freed while "
+                         "the swap cache holds it")
+            for p in sc.tolist():
+                self.put_swap_folio(self._delete_from_swap_cache_xa(int(p)))
         for p in pfns[pool.shmem[pfns] >= 0].tolist():
             obj = self.shmem.get(int(pool.shmem[p]))
             if obj is not None and obj.pages.get(int(pool.index[p])) == p:

@@ -62,6 +62,39 @@ class RmapMixin:
         pool.anon_vma[pfn] = vma.anon_vma.id
         pool.index[pfn] = vpn
         pool.lru_add([pfn])
+    def page_add_anon_rmap(self, pfn: int, vma: Vma, vpn: int, exclusive: bool) -> None:
+        """``page_add_anon_rmap`` (mm/rmap.c, 6.2) for a small page, e.g. a swap-cache folio.
+
+        ::
+
+            first = atomic_inc_and_test(&page->_mapcount);
+            VM_BUG_ON_PAGE(!first && (flags & RMAP_EXCLUSIVE), page);
+            VM_BUG_ON_PAGE(!first && PageAnonExclusive(page), page);
+            ...
+            if (first)
+                __page_set_anon_rmap(folio, page, vma, address, !!(flags & RMAP_EXCLUSIVE));
+
+        ``__page_set_anon_rmap`` links a folio that is not yet anon to the VMA's anon_vma
+        (its root when not exclusive) and sets ``PageAnonExclusive`` if ``exclusive``. The
+        ``VM_BUG_ON_PAGE``s are reported as accounting violations.
+        """
+        pool = self.pool
+        first = int(pool.mapcount[pfn]) == 0
+        pool.mapcount[pfn] += 1
+        if not first and (exclusive or int(pool.flags[pfn]) & PG_anon_exclusive):
+            self._report("accounting", "page_add_anon_rmap",
+                         f"VM_BUG_ON_PAGE: page {pfn} mapped again while "
+                         f"{'RMAP_EXCLUSIVE' if exclusive else 'PageAnonExclusive'}")
+        if not first:
+            return
+        if not int(pool.flags[pfn]) & PG_anon:
+            av = vma.anon_vma
+            assert av is not None
+            pool.flags[pfn] |= PG_anon
+            pool.anon_vma[pfn] = av.id if exclusive else av.root.id
+            pool.index[pfn] = vpn
+        if exclusive:
+            pool.flags[pfn] |= PG_anon_exclusive
     def anon_vma_prepare(self, vma: Vma) -> None:
         """``anon_vma_prepare``: give the VMA its own anon_vma on first anon fault.
 
@@ -172,12 +205,30 @@ class RmapMixin:
         self.unlock(t, av.lock, READ, "folio_referenced")
         return referenced
     def try_to_unmap(self, t: Thread, pfn: int, slot: int | None) -> Gen:
-        """``try_to_unmap`` → ``try_to_unmap_one`` per mapping.
+        """``try_to_unmap`` → ``try_to_unmap_one`` per mapping (mm/rmap.c, 6.2).
 
         Lazyfree (``slot is None``): discard a mapping only if the folio is clean and
         its refcount is just isolation + mappings; a dirty PTE or PG_dirty redirties it
-        (PG_swapbacked set again) and the walk stops. Otherwise each PTE becomes a swap
-        entry for ``slot`` (exclusive marker kept for exclusive pages).
+        (PG_swapbacked set again) and the walk stops. Otherwise the folio is in the swap
+        cache (``slot`` is ``folio->swap``) and each PTE becomes a swap entry for it::
+
+            if (swap_duplicate(entry) < 0) { ... }
+            ...
+            if (anon_exclusive && page_try_share_anon_rmap(subpage)) {
+                swap_free(entry);
+                set_pte_at(mm, address, pvmw.pte, pteval);
+                ret = false;
+                page_vma_mapped_walk_done(&pvmw);
+                break;
+            }
+            ...
+            swp_pte = swp_entry_to_pte(entry);
+            if (anon_exclusive)
+                swp_pte = pte_swp_mkexclusive(swp_pte);
+
+        ``page_try_share_anon_rmap`` clears ``PageAnonExclusive`` (fails on a maybe-pinned
+        page): exclusivity now lives in the swap PTE. The data is written later by
+        ``pageout`` (:mod:`cowenv.kernel.vmscan`); the swap cache keeps the folio.
         """
         pool = self.pool
         r = yield from self.rmap_walk_anon(t, pfn, "try_to_unmap")
@@ -215,15 +266,11 @@ class RmapMixin:
                 self.unlock(t, ptl, WRITE, "try_to_unmap_one")
                 break
             self.set_ptes(t, mm, table, off, swp_entry_to_pte(slot, excl), "try_to_unmap_one")
+            if excl:
+                pool.flags[pfn] &= ~np.int64(PG_anon_exclusive)  # page_try_share_anon_rmap
             self.cost.charge("pte_write")
             self.cost.charge("page_account")
-            # With no swap cache in the model, the slot must hold the data from the first
-            # swap PTE on (a later fault reads it at once): the page can no longer change
-            # here -- this was its last writable mapping, or it is COW-shared (read-only
-            # everywhere) -- so writing it now equals pageout() after the unmap.
-            self.swap.data[slot] = pool.content[pfn]
-            self.cost.charge("swap_io")
-            self.swap.swap_map[slot] += 1
+            self.swap_duplicate(slot)
             mm.rss[MM_ANONPAGES] -= 1
             mm.rss[MM_SWAPENTS] += 1
             self.page_remove_rmap(np.array([pfn]), "try_to_unmap_one")

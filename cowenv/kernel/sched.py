@@ -9,8 +9,21 @@ lock yields ``function:wait`` and is *blocked* until the lock is free (see
 Deadlock follows loom's rule: nobody runnable while somebody is blocked.
 
 Also here: the task structures (:class:`Thread`, :class:`Process`), violation
-reporting and the event trace, and id allocation. ``fail_nth`` models
-``/proc/<pid>/fail-nth`` (``lib/fault-inject.c``) kernel-wide instead of per task.
+reporting and the event trace, and id allocation.
+
+Fault injection (``lib/fault-inject.c``, 6.2): each thread has syzkaller's
+``/proc/thread-self/fail-nth`` (:attr:`Thread.fail_nth_next`, written by the
+``fail_nth`` event with a ``tid``): the n-th page allocation of that thread's next
+operation fails, and the counter is reset when the operation returns (syzkaller writes
+0 after the call). ``should_fail_ex`` decrements ``current->fail_nth`` at every
+injection point and fails when it reaches 0; only page and page-table allocations are
+injection points here. The separate, kernel-wide :attr:`Kernel.fail_nth`
+(``pressure_fail_nth`` event; ``fail_nth`` without a ``tid`` is its old name) makes the
+n-th next allocation anywhere fail, like memory pressure from outside (a memcg limit).
+
+OOM (``mm/oom_kill.c``): :meth:`SchedMixin.out_of_memory` chooses a victim by
+``oom_badness`` and kills it through the exit path (``oom_kill_process``: SIGKILL, the
+threads ``do_exit`` on their way back to user space).
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ class Thread:
     """
 
     __slots__ = ("tid", "pid", "gen", "op", "args", "label", "waiting", "held", "exited",
-                 "result", "op_index", "fault_site")
+                 "result", "op_index", "fault_site", "fail_nth", "fail_nth_next")
 
     def __init__(self, tid: int, pid: int) -> None:
         self.tid = tid
@@ -66,6 +79,10 @@ class Thread:
         self.result: Any = None
         self.op_index = -1
         self.fault_site = ""
+        # current->fail_nth while an operation runs, and the value written to
+        # /proc/thread-self/fail-nth for the next operation.
+        self.fail_nth = 0
+        self.fail_nth_next = 0
 
     @property
     def idle(self) -> bool:
@@ -75,13 +92,15 @@ class Thread:
 class Process:
     """A process: an mm and its threads."""
 
-    __slots__ = ("pid", "mm", "tids", "alive")
+    __slots__ = ("pid", "mm", "tids", "alive", "killed")
 
     def __init__(self, pid: int, mm: MmStruct) -> None:
         self.pid = pid
         self.mm = mm
         self.tids: list[int] = []
         self.alive = True
+        # SIGKILL pending (an OOM victim: tsk_is_oom_victim); the threads exit.
+        self.killed = False
 
 class Pin:
     """A FOLL_PIN reference held by a device (an io_uring fixed buffer, a pipe page)."""
@@ -163,6 +182,8 @@ class SchedMixin:
         t.op_index = self.op_count
         self.op_count += 1
         t.gen = getattr(self, f"sys_{op}")(t, **a)
+        # /proc/thread-self/fail-nth arms fault injection for this operation.
+        t.fail_nth, t.fail_nth_next = t.fail_nth_next, 0
         self._ev(tid, "start", op, a)
     def step(self, tid: int) -> str:
         """Run thread ``tid`` to its next preemption point (or to completion).
@@ -208,6 +229,7 @@ class SchedMixin:
         t.gen = None
         t.result = value
         t.label = ""
+        t.fail_nth = 0
         if t.held and not t.exited:
             names = ", ".join(lk.name for lk, _ in t.held)
             self._report("lock-discipline", t.op, f"returned to user space holding {names}",
@@ -215,6 +237,9 @@ class SchedMixin:
         self._ev(t.tid, "end", t.op, value)
         if self.oracle is not None:
             self.oracle.after_op(t, value)
+        if t.pid and not t.exited and self.procs[t.pid].killed:
+            # A fatal signal is acted on before returning to user space: do_exit.
+            self.start(t.tid, "exit")
     def run(self, tid: int, max_steps: int = 100_000) -> Any:
         """Step ``tid`` until its operation completes; return its result.
 
@@ -233,17 +258,71 @@ class SchedMixin:
     def event(self, name: str, **args: Any) -> None:
         """Fire a memory-pressure event.
 
-        ``fail_nth`` (``n``): the n-th next page or page-table allocation fails, with
-        syzkaller's ``/proc/thread-self/fail-nth`` meaning (1 = the very next one).
+        * ``fail_nth`` with ``tid`` and ``n``: write ``n`` to that thread's
+          ``/proc/thread-self/fail-nth``: the n-th page or page-table allocation of its
+          next operation fails (1 = the first); reset when that operation returns.
+        * ``pressure_fail_nth`` with ``n`` (also ``fail_nth`` without ``tid``, its old
+          name): the n-th next allocation anywhere in the kernel fails, whichever thread
+          makes it (memory pressure from outside, e.g. a memcg limit; not a Linux
+          interface).
         """
-        if name == "fail_nth":
-            n = args.get("n", 1)
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise KernelUsageError("n: expected an integer >= 0")
+        n = args.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise KernelUsageError("n: expected an integer >= 0")
+        if name == "fail_nth" and args.get("tid") is not None:
+            tid = args["tid"]
+            t = self.threads.get(tid) if isinstance(tid, int) else None
+            if t is None or t.exited:
+                raise KernelUsageError(f"tid: no live thread {tid!r}")
+            t.fail_nth_next = n
+        elif name in ("fail_nth", "pressure_fail_nth"):
             self.fail_nth = n
         else:
-            raise KernelUsageError(f"unknown event {name!r} (known: fail_nth)")
+            raise KernelUsageError(f"unknown event {name!r} (known: fail_nth, "
+                                   "pressure_fail_nth)")
         self._ev(-1, "event", name, args)
+    def oom_badness(self, p: Process) -> int:
+        """``oom_badness`` (mm/oom_kill.c, 6.2) with ``oom_score_adj`` 0.
+
+        ::
+
+            points = get_mm_rss(p->mm) + get_mm_counter(p->mm, MM_SWAPENTS) +
+                mm_pgtables_bytes(p->mm) / PAGE_SIZE;
+        """
+        mm = p.mm
+        return int(sum(mm.rss)) + mm.nr_ptes
+    def out_of_memory(self, t: Thread) -> Process | None:
+        """``out_of_memory`` → ``select_bad_process`` → ``oom_kill_process`` (6.2).
+
+        ``select_bad_process`` walks the processes in creation order
+        (``for_each_process``) and keeps the highest ``oom_badness``; an equal score
+        replaces the one chosen (``if (points < oc->chosen_points) goto next;``), so the
+        youngest of the largest wins. A victim still exiting aborts the selection
+        (``oom_evaluate_task``: ``if (tsk_is_oom_victim(task)) ... goto abort``): no
+        second kill until the first has released its memory. Differences: pid 1 is the
+        workload's first process, not init (``oom_unkillable_task``), so it is killable;
+        there is no ``oom_reaper``: the victim's memory is freed by its own exit.
+
+        The victim gets SIGKILL: an idle thread starts ``exit`` at once; a thread in an
+        operation exits when it returns (:meth:`_finish`). Returns the victim or None.
+        """
+        victim = None
+        best = -1
+        for p in self.live_procs():
+            if p.killed:
+                return None  # abort: a victim is still on its way out
+            pts = self.oom_badness(p)
+            if pts >= best:
+                victim, best = p, pts
+        if victim is None:
+            return None
+        victim.killed = True
+        self._ev(t.tid, "event", "oom_kill", {"pid": victim.pid, "points": best})
+        for tid in list(victim.tids):
+            vt = self.threads[tid]
+            if vt.gen is None and not vt.exited:
+                self.start(tid, "exit")
+        return victim
     def _ev(self, tid: int, kind: str, label: str, data: Any = None) -> None:
         if self.tracing:  # tuple.__new__ == Event(...) without the Python-level __new__
             self.events.append(_tuple_new(Event, (self.step_no, tid, kind, label, data)))

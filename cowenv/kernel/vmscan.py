@@ -1,16 +1,22 @@
 """Reclaim: ``mm/vmscan.c`` of 6.2, run by kswapd (tid 0).
 
 ``shrink_folio_list`` one folio at a time (``shrink_folio``): isolate from the LRU,
-``folio_referenced``, ``try_to_unmap`` (:mod:`cowenv.kernel.rmap`), write anon pages
-to swap, discard clean lazyfree pages (MADV_FREE), free. Simplification: one LRU list
-in pfn order, no aging; ``nr`` pages per call.
+``folio_referenced``, ``add_to_swap``, ``try_to_unmap`` (:mod:`cowenv.kernel.rmap`),
+``pageout`` to the slot (the folio stays in the swap cache), discard clean lazyfree
+pages (MADV_FREE), ``__remove_mapping`` of clean swap-cache folios. Simplification: one
+LRU list, no aging; a call stops after ``nr`` folios were freed or written out.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from .memory import (
     GUP_PIN_COUNTING_BIAS,
+    PG_dirty,
+    PG_locked,
     PG_swapbacked,
+    PG_swapcache,
 )
 from .pgtable import (
     PFN_SHIFT,
@@ -61,41 +67,94 @@ class VmscanMixin:
             self.folio_isolate_lru(pfn)
             yield "shrink_folio_list:isolated"
             ok = yield from self.shrink_folio(t, pfn, ignore_references=False)
-            reclaimed += ok
+            # nr_reclaimed + nr_pageout: a folio written out counts as progress.
+            reclaimed += ok > 0
         return reclaimed
     def shrink_folio(self, t: Thread, pfn: int, ignore_references: bool) -> Gen:
-        """``shrink_folio_list`` for one isolated anon folio.
+        """``shrink_folio_list`` for one isolated folio, under ``folio_trylock``.
 
-        Referenced → rotate; pinned → keep; lazyfree → discard via ``try_to_unmap``; else
-        swap out.
+        The folio lock (``PG_locked``) is held across the whole of
+        :meth:`shrink_folio_locked`, as ``shrink_folio_list`` holds it from
+        ``folio_trylock`` to ``folio_unlock``; the paths that would drop the folio from
+        the swap cache meanwhile (``__try_to_reclaim_swap``, ``do_wp_page``,
+        ``madvise_free_pte_range``, ``do_swap_page``'s ``folio_free_swap``) try the lock
+        and back off. Simplification: only reclaim takes the folio lock.
+        """
+        pool = self.pool
+        if int(pool.flags[pfn]) & PG_locked:
+            self.folio_putback_lru(pfn)  # if (!folio_trylock(folio)) goto keep;
+            return 0
+        pool.flags[pfn] |= PG_locked
+        try:
+            return (yield from self.shrink_folio_locked(t, pfn, ignore_references))
+        finally:
+            if not pool.is_free(pfn):
+                pool.flags[pfn] &= ~np.int64(PG_locked)
+    def shrink_folio_locked(self, t: Thread, pfn: int, ignore_references: bool) -> Gen:
+        """``shrink_folio_list`` (mm/vmscan.c, 6.2) for one isolated, locked anon folio.
 
-        Returns 1 if the folio was freed. The isolation reference is dropped here.
+        In order, as the kernel does it:
+
+        * referenced (``folio_check_references``) → ``activate_locked``: back on the LRU,
+          and a swap-cache folio drops its slot if swap is more than half full
+          (``if (folio_test_swapcache(folio) && (mem_cgroup_swap_full(folio) || ...))
+          folio_free_swap(folio);``);
+        * an anon swap-backed folio not in the swap cache: ``folio_maybe_dma_pinned`` →
+          keep; ``add_to_swap`` (fails when swap is full → keep);
+        * ``folio_mapped`` → ``try_to_unmap`` over every mapping (every process); still
+          mapped afterwards → keep;
+        * ``folio_test_dirty`` → ``pageout``: the data is written to the slot and, the
+          write being asynchronous (``PAGE_SUCCESS`` with ``folio_test_writeback`` →
+          ``goto keep``), the folio stays in the swap cache, back on the LRU;
+        * clean: a lazyfree folio is freed if only the isolation reference is left; a
+          swap-cache folio goes through ``__remove_mapping`` (its references must be
+          exactly the cache's and the isolation's) and is freed.
+
+        Returns 1 if the folio was freed, 2 if it was written out (and kept in the swap
+        cache), 0 otherwise. The isolation reference is dropped here.
+        Simplification: the pinned check is made for every folio up front (the kernel
+        makes it before ``add_to_swap``; a pinned folio elsewhere fails later anyway).
         """
         pool = self.pool
         if not ignore_references:
             referenced = yield from self.folio_referenced(t, pfn)
             if referenced:
+                if int(pool.flags[pfn]) & PG_swapcache and self.swap.full():
+                    self.folio_free_swap(pfn)
                 self.folio_putback_lru(pfn)
                 return 0
         if int(pool.refcount[pfn]) >= GUP_PIN_COUNTING_BIAS:
             self.folio_putback_lru(pfn)  # page_maybe_dma_pinned: cannot be unmapped
             return 0
         lazy = not int(pool.flags[pfn]) & PG_swapbacked
-        slot = None
-        if not lazy:
-            slot = self.swap.get_swap_page()
-            if slot is None:
+        if not lazy and not int(pool.flags[pfn]) & PG_swapcache:
+            if not self.add_to_swap(pfn):
                 self.folio_putback_lru(pfn)
                 return 0
-            # SWAP_HAS_CACHE: the swap cache holds the slot while the folio is unmapped
-            # and written out, so a swap-in + free of one swap PTE meanwhile cannot free
-            # (and recycle) the slot under the other mappings (mm/swap_state.c).
-            self.swap.swap_map[slot] += 1
-        yield from self.try_to_unmap(t, pfn, slot)
-        if slot is not None:
-            self.swap_free(slot, "delete_from_swap_cache")
-        if int(pool.mapcount[pfn]) > 0 or int(pool.refcount[pfn]) > 1:
+        slot = None if lazy else int(pool.swap[pfn])
+        if int(pool.mapcount[pfn]) > 0:
+            yield from self.try_to_unmap(t, pfn, slot)
+            if int(pool.mapcount[pfn]) > 0:
+                self.folio_putback_lru(pfn)
+                return 0
+        if lazy:
+            if int(pool.refcount[pfn]) > 1:
+                self.folio_putback_lru(pfn)
+                return 0
+            self.put_page(pfn, "shrink_folio_list")
+            return 1
+        if int(pool.flags[pfn]) & PG_dirty:
+            # pageout → swap_writepage: folio_clear_dirty_for_io, write, async completion.
+            assert slot is not None
+            pool.flags[pfn] &= ~np.int64(PG_dirty)
+            self.swap.data[slot] = pool.content[pfn]
+            self.cost.charge("swap_io")
+            self.folio_putback_lru(pfn)
+            return 2
+        # __remove_mapping: folio_ref_freeze(folio, 1 + nr) -- isolation + swap cache.
+        if int(pool.refcount[pfn]) != 2:
             self.folio_putback_lru(pfn)
             return 0
+        self.remove_mapping_swapcache(pfn)
         self.put_page(pfn, "shrink_folio_list")
         return 1
