@@ -55,7 +55,7 @@ CHECKPOINT_DIR = ".campaign"
 STATE_VERSION = 1
 #: Seconds between worker checkpoints (when, not what: results do not depend on it).
 CHECKPOINT_SECONDS = 3.0
-AGENT_CHOICES = ("random", "pct", "ql", "ppo")
+AGENT_CHOICES = ("random", "pct", "ql", "ppo", "greybox")
 
 
 class CampaignError(Exception):
@@ -147,6 +147,8 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
     from .harness import Harness
 
     agent = ca.make_agent(cfg.agent, model=cfg.model, **cfg.agent_kwargs)
+    if hasattr(agent, "attach_campaign"):  # greybox: corpus shared through OUT/greybox
+        agent.attach_campaign(out, w)
     # Agents that read no observation run on the harness: same episodes, no encoding.
     env: CowEnv | Harness = CowEnv(**cfg.env_kwargs) if agent.needs_observation \
         else Harness(**cfg.env_kwargs)

@@ -101,7 +101,7 @@ def _register_optional() -> None:
     """Subcommands living in other modules register here (imported lazily)."""
     import importlib
 
-    for mod in ("cowenv.replay", "cowenv.campaign"):
+    for mod in ("cowenv.replay", "cowenv.campaign", "cowenv.explore"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
