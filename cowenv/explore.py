@@ -90,9 +90,8 @@ def programs_of(sc: Scenario) -> dict[int, list[OpItem]]:
     return progs
 
 
-def _names_in(args: dict[str, Any]) -> list[str]:
-    return [v for v in args.values() if isinstance(v, str) and not v.startswith("0x")
-            and not v.lstrip("-").isdigit()]
+def _names_in(args: dict[str, Any], bound: set[str]) -> list[str]:
+    return [v for v in args.values() if isinstance(v, str) and v in bound]
 
 
 # ----------------------------------------------------------------------------- execution
@@ -107,6 +106,7 @@ class Run:
         self.bind: dict[int, str | None] = {}
         self.steps: list[dict[str, Any]] = []
         self.nv = 0
+        self.bindable = {it.bind for p in progs.values() for it in p if it.bind}
 
     def enabled(self) -> list[int]:
         """Enabled threads, by tid."""
@@ -124,7 +124,8 @@ class Run:
             if i >= len(self.progs[tid]):
                 continue
             it = self.progs[tid][i]
-            if all(n in self.names for n in _names_in(it.args)) and k.can_start(tid, it.op):
+            if all(n in self.names for n in _names_in(it.args, self.bindable)) \
+                    and k.can_start(tid, it.op):
                 out.append(tid)
         return out
 
@@ -143,7 +144,7 @@ class Run:
             for n in it.events:
                 k.event("fail_nth", n=n)
                 self.steps.append({"event": "fail_nth", "n": n})
-            args = {a: (self.names[v] if isinstance(v, str) and v in self.names else v)
+            args = {a: (self.names[v] if isinstance(v, str) and v in self.bindable else v)
                     for a, v in it.args.items()}
             try:
                 k.start(tid, it.op, args)
