@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import cowenv_agents as ca
 import gymnasium as gym
 import numpy as np
 import pytest
 
 import cowenv
-import cowenv_agents as ca
 from cowenv.greybox import (
     MUTATIONS,
     CatalogueIndex,
@@ -140,7 +140,7 @@ def test_corpus_files_replay_and_reload(tmp_path):
     h = Harness(**kw)
     ag = ca.make_agent("greybox", seeds=[])
     ag.attach_campaign(tmp_path, 0)
-    _play(ag, h, 0, 12)
+    _play(ag, h, 0, 6)
     files = sorted((tmp_path / "greybox").glob("*.yaml"))
     assert files and len(files) == len(ag.corpus.entries)
     rep = replay(load_scenario(files[0]))
@@ -156,3 +156,19 @@ def test_corpus_files_replay_and_reload(tmp_path):
     back.begin_episode(h, np.random.default_rng(0))
     assert [e.actions for e in back.corpus.entries] == [e.actions for e in ag.corpus.entries]
     assert catalogue_digest(h.catalogue) == catalogue_digest(Harness(**kw).catalogue)
+
+
+def test_campaign_workers_share_the_corpus_through_the_out_dir(tmp_path):
+    from cowenv.campaign import CampaignConfig, run_campaign
+    from cowenv.replay import replay
+
+    env = {"geometry": "small", "terminate_on_violation": False, "variant": "cowpte",
+           "flaws": ["fault-asserts-write-lock", "walker-skips-break"]}
+    cfg = CampaignConfig(agent="greybox", workers=2, budget=4000, env_kwargs=env,
+                         agent_kwargs={"seeds": ["scenarios/conformance"], "sync_every": 2},
+                         minimise=False)
+    res = run_campaign(cfg, tmp_path, show=False)
+    assert not res.errors and res.steps == 4000 and res.findings
+    files = sorted((tmp_path / "greybox").glob("*.yaml"))
+    assert {f.name[:3] for f in files} == {"w0-", "w1-"}
+    assert replay(load_scenario(res.findings[0]["file"])).reproduced
