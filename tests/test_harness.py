@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import cowenv_agents as ca
 import gymnasium as gym
 import numpy as np
 import pytest
 
 import cowenv
-import cowenv_agents as ca
 from cowenv.env import CowEnv
 from cowenv.harness import Harness
 
