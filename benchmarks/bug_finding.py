@@ -48,14 +48,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
-AGENTS = ("random", "pct", "ql", "ppo", "greybox", "greybox-label")
+AGENTS = ("random", "pct", "ql", "ppo", "greybox", "greybox-label", "greybox-noseed")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenario of the flaw it is measured on (held out, like PPO's folds); it may
 #: seed from the other scenarios. ``greybox-label`` is greybox with plain label coverage
-#: as feedback (the measurement behind the choice of interleaving feedback).
+#: as feedback (the measurement behind the choice of interleaving feedback);
+#: ``greybox-noseed`` starts from an empty corpus (no scenario seeds at all).
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox": ("greybox", {}),
     "greybox-label": ("greybox", {"feedback": "label"}),
+    "greybox-noseed": ("greybox", {"seeds": []}),
 }
 FOLDS = 3
 BASE_ENV: dict[str, Any] = {"geometry": "small", "terminate_on_violation": False}
