@@ -94,16 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=900.0,
                    help="per exploration; a run stopped by it is marked incomplete")
     p.add_argument("--only", default="", help="comma-separated scenario names")
+    p.add_argument("--runs", default="flaw,fixed",
+                   help="which explorations: flaw (each flaw scenario with its flaw), "
+                        "fixed (flaw scenarios and conformance cases on fixed)")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     flaws = sorted((ROOT / "scenarios" / "flaws").glob("*.yaml"))
     conf = sorted((ROOT / "scenarios" / "conformance").glob("*.yaml"))
     only = {x for x in a.only.split(",") if x}
+    kinds = {x for x in a.runs.split(",") if x}
     jobs: list[tuple[str, str | None]] = []
     for f in flaws:
-        jobs += [(str(f), None), (str(f), "fixed")]
-    jobs += [(str(c), "fixed") for c in conf]
+        jobs += [(str(f), v) for v, k in ((None, "flaw"), ("fixed", "fixed")) if k in kinds]
+    if "fixed" in kinds:
+        jobs += [(str(c), "fixed") for c in conf]
     if only:
         jobs = [j for j in jobs if Path(j[0]).stem in only]
     t0 = time.perf_counter()

@@ -34,8 +34,8 @@ kernel):
   known incompleteness of bounded POR); the certificate is "no violation within the
   bound, modulo that reduction".
 
-Every violation signature is reported once, with the first (fewest-preemptions) run
-that shows it as a replayable scenario (``cowenv replay``). With none, the result is a
+Every violation signature is reported once, with a run that shows it with the fewest
+preemptions among the runs explored, as a replayable scenario (``cowenv replay``). With none, the result is a
 certificate: bound, interleavings (complete runs), distinct states (fingerprints of
 memory, tables, VMAs and thread positions), transitions and seconds.
 """
@@ -399,9 +399,10 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         else:
             fp = Footprint(locks, frozenset(w), frozenset(w | rd0 | rd1))
         vs = k.violations
+        pre = node.pre + _cost(node, tid)
         for v in vs[r.nv:]:
-            if v.signature not in found:
-                pre = node.pre + _cost(node, tid)
+            f = found.get(v.signature)
+            if f is None or pre < f.preemptions:  # keep the run with the fewest preemptions
                 found[v.signature] = Finding(v.signature, v.message, pre, len(r.steps),
                                              _schedule(sc, cfg, r, v, pre))
         r.nv = len(vs)
