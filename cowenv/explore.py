@@ -35,9 +35,9 @@ kernel):
   bound, modulo that reduction".
 
 Every violation signature is reported once, with a run that shows it with the fewest
-preemptions among the runs explored, as a replayable scenario (``cowenv replay``). With none, the result is a
-certificate: bound, interleavings (complete runs), distinct states (fingerprints of
-memory, tables, VMAs and thread positions), transitions and seconds.
+preemptions among the runs explored, as a replayable scenario (``cowenv replay``). With
+none, the result is a certificate: bound, interleavings (complete runs), distinct states
+(fingerprints of memory, tables, VMAs and thread positions), transitions and seconds.
 """
 
 from __future__ import annotations
