@@ -63,3 +63,13 @@ def test_cli_json_and_exit_codes(capsys, tmp_path):
     assert main(["explore", FLAW, "--preemptions", "0", "--variant", "fixed"]) == 0
     assert "certificate" in capsys.readouterr().out
     assert main(["explore", FLAW, "--preemptions", "-1"]) == 2
+
+
+def test_each_signature_is_reported_with_its_fewest_preemptions():
+    """DFS meets swapin's race first through a preempted run; a 0-preemption run exists."""
+    sc = load_scenario("scenarios/flaws/swapin-ignores-break-failure.yaml")
+    b0 = {f.signature: f.preemptions for f in explore(sc, bound=0).findings}
+    b1 = {f.signature: f.preemptions for f in explore(sc, bound=1).findings}
+    assert "shared-table-write@do_swap_page" in b0
+    assert set(b0) <= set(b1)
+    assert all(b1[s] == 0 for s in b0)
