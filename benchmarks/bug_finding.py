@@ -49,7 +49,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
-AGENTS = ("random", "pct", "ql", "ppo")
+AGENTS = ("random", "pct", "ql", "ppo", "greybox", "greybox-label", "greybox-noseed")
+#: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
+#: from the scenario of the flaw it is measured on (held out, like PPO's folds); it may
+#: seed from the other scenarios. ``greybox-label`` is greybox with plain label coverage
+#: as feedback (the measurement behind the choice of interleaving feedback);
+#: ``greybox-noseed`` starts from an empty corpus (no scenario seeds at all).
+AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "greybox": ("greybox", {}),
+    "greybox-label": ("greybox", {"feedback": "label"}),
+    "greybox-noseed": ("greybox", {"seeds": []}),
+}
 FOLDS = 3
 BASE_ENV: dict[str, Any] = {"geometry": "small", "terminate_on_violation": False}
 #: The last actions of every episode are the harness's teardown (cowenv_agents.Teardown).
@@ -127,7 +137,10 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
     from cowenv.env import CowEnv
 
     env = CowEnv(**env_kwargs(flaw))
-    ag = ca.make_agent(agent, model=model)
+    name, akw = AGENT_SPECS.get(agent, (agent, {}))
+    if name == "greybox":
+        akw = {**akw, "seed_exclude": [flaw]}
+    ag = ca.make_agent(name, model=model, **akw)
     tset = set(targets)
     t0 = time.perf_counter()
     steps = episodes = 0
@@ -302,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="output folder (default benchmarks/out for a full run with the default "
                         "settings; any smaller run writes to a new temporary folder, so it "
                         "never overwrites the committed results)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs of agents not run now from the existing "
+                        "bug_finding.json (same budget and seeds; runs are deterministic)")
     p.add_argument("--model-dir", default=str(ROOT / "runs" / "bench"),
                    help="where PPO models, TensorBoard logs and checkpoints go")
     a = p.parse_args(argv)
@@ -358,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
                     res = f"step {r['steps']:,}" if r["found"] else "not found"
                     print(f"{r['flaw']:32s} {r['agent']:6s} seed {r['seed']}: {res} "
                           f"({r['run_seconds']:.1f}s)", file=sys.stderr)
+    merge_from = Path(a.out or OUT) / "bug_finding.json"
+    if a.merge and merge_from.exists():
+        old = json.loads(merge_from.read_text())
+        if old["budget"] == a.budget and old["seeds"] == a.seeds:
+            kept = [x for x in old["agents"] if x not in agents]
+            runs += [r for r in old["runs"] if r["agent"] in kept and r["flaw"] in flaws]
+            trainings = old.get("trainings", []) + trainings
+            agents = [x for x in AGENTS if x in kept or x in agents]
     runs.sort(key=lambda r: (flaws.index(r["flaw"]), agents.index(r["agent"]), r["seed"]))
     summary = summarise(runs, flaws, agents, a.budget)
     if a.out is None:

@@ -64,7 +64,7 @@ CHECKPOINT_DIR = ".campaign"
 STATE_VERSION = 1
 #: Seconds between worker checkpoints (when, not what: results do not depend on it).
 CHECKPOINT_SECONDS = 3.0
-AGENT_CHOICES = ("random", "pct", "ql", "ppo")
+AGENT_CHOICES = ("random", "pct", "ql", "ppo", "greybox")
 #: Caps on campaign flags (checked before anything is created).
 MAX_BUDGET = 10**12
 MAX_WORKERS = 256
@@ -266,6 +266,8 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
 
     env = episode_host(cfg)
     agent = ca.make_agent(cfg.agent, model=cfg.model, **cfg.agent_kwargs)
+    if hasattr(agent, "attach_campaign"):  # greybox: corpus shared through OUT/greybox
+        agent.attach_campaign(out, w)
     budget = worker_budget(cfg.budget, cfg.workers, w)
     steps = episodes = 0
     reported: set[str] = set()

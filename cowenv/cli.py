@@ -185,7 +185,7 @@ def _register_optional() -> None:
     import importlib
 
     for mod in ("cowenv.replay", "cowenv.minimize", "cowenv.chrome_trace", "cowenv.campaign",
-                "cowenv.export", "cowenv.difftest"):
+                "cowenv.export", "cowenv.difftest", "cowenv.explore"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -482,11 +482,12 @@ def _help_flags(cmd: str, capsys: pytest.CaptureFixture) -> set[str]:
 
 def test_readme_usage_lines_match_help(capsys: pytest.CaptureFixture) -> None:
     usage = _readme_usage()
-    cmds = ["scenario run", "replay", "minimize", "trace", "labels", "fuzz", "train"]
+    cmds = ["scenario run", "replay", "minimize", "trace", "labels", "fuzz", "train",
+            "explore", "export", "difftest"]
     assert set(usage) == set(cmds)
     for cmd in cmds:
         helped = _help_flags(cmd, capsys)
-        if cmd in ("minimize", "trace"):
+        if cmd in ("minimize", "trace", "export"):
             helped -= {"--output"}  # -o is the spelling the README uses
         full = max(usage[cmd], key=len)
         assert full == helped, (cmd, full ^ helped)  # the complete line: every flag

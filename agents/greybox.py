@@ -1,0 +1,368 @@
+"""Greybox: a coverage-guided schedule fuzzer (AFL/syzkaller-style) as an agent.
+
+Why an agent: a campaign's worker loop plays episodes of catalogue actions with the
+generator of ``SeedSequence([seed, w, e])`` and records the schedule of whatever it
+found. A corpus schedule *is* a list of catalogue indices (stable for a configuration),
+so replaying a mutated one is just choosing those actions: the fuzzer fits the loop,
+the step budget, findings, minimisation and resume unchanged, and is measured by the
+same benchmark as the other agents.
+
+Per episode (``rng`` is the episode's only randomness):
+
+1. The first episodes play the **seed plans** (:func:`cowenv.greybox.seed_plan`): the
+   scenarios of ``scenarios/`` (minus ``seed_exclude``) and, in a campaign, the
+   findings already in the out dir, mapped onto this configuration's catalogue.
+2. Afterwards a parent is chosen from the corpus (favoured entries first) and mutated
+   (:func:`cowenv.greybox.mutate`); with probability ``explore`` (or while the corpus is
+   empty) the episode is purely random.
+3. The child is played: an action that is illegal when its turn comes is skipped; after
+   the child's last action the episode goes on with **operation-level** random choice
+   (run a runnable thread with probability ``run_prob``, else choose a thread, an
+   operation, then a template; a pressure event with probability ``event_prob``).
+4. Each step's features (:class:`cowenv.greybox.FeatureTracker`) are collected; if the
+   episode reached a feature the corpus has not, its actions, trimmed to the last step
+   that reached a new feature, join the corpus (and, in a campaign, are written to
+   ``OUT/greybox/`` as a replayable scenario file).
+
+Sharing: every ``sync_every`` episodes the agent loads the corpus files other workers of
+the campaign wrote to ``OUT/greybox/`` since its last look (as AFL's ``-M/-S`` sync).
+With one worker, or ``sync_every=0``, a worker's episodes depend only on
+``(seed, worker, settings)``; with sharing, what another worker has written by then
+depends on timing, as in AFL. Resume: ``state_dict`` lists the corpus files the agent had
+loaded or written; a resumed worker reloads exactly those.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cowenv.greybox import (
+    REC_ACTIONS,
+    REC_CATALOGUE,
+    REC_FEATURES,
+    CatalogueIndex,
+    Corpus,
+    CorpusEntry,
+    FeatureTracker,
+    catalogue_digest,
+    mutate,
+    scenario_files,
+    seed_plan,
+)
+from cowenv.kernel import KSWAPD_TID
+
+from .base import Agent, uniform_legal
+
+if TYPE_CHECKING:
+    from cowenv.env import CowEnv
+
+#: Default seed folder: the repository's scenarios.
+DEFAULT_SEEDS = str(Path(__file__).resolve().parent.parent / "scenarios")
+CORPUS_DIR = "greybox"
+_PLAN_STEP_LIMIT = 64  # runs spent on one "until"/"finish" plan item at most
+
+
+class GreyboxAgent(Agent):
+    """Coverage-guided schedule fuzzing (see the module docstring).
+
+    Args:
+        feedback: ``interleaving`` (default) or ``label`` (:data:`cowenv.greybox.FEEDBACKS`).
+        seeds: Scenario files or folders to seed the corpus from (default: the
+            repository's ``scenarios/``); ``[]`` for none.
+        seed_exclude: Scenario names (file stems) to leave out of the seeds.
+        explore: Probability of a purely random episode.
+        run_prob: In random choice, probability of running a thread (when one can run).
+        event_prob: In random choice, probability of a pressure event (when legal).
+        sync_every: Episodes between loads of other workers' corpus files (0 = never).
+        corpus_dir: Where corpus files go (set by campaigns: ``OUT/greybox``); None keeps
+            the corpus in memory.
+        cull_every: Episodes between corpus minimisations (keep the favoured set only).
+
+    """
+
+    name = "greybox"
+
+    def __init__(self, feedback: str = "interleaving", seeds: list[str] | None = None,
+                 seed_exclude: list[str] | None = None, explore: float = 0.1,
+                 run_prob: float = 0.5, event_prob: float = 0.03, sync_every: int = 20,
+                 corpus_dir: str | None = None, cull_every: int = 200) -> None:
+        super().__init__()
+        for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{nm}: expected 0..1")
+        if sync_every < 0 or cull_every < 0:
+            raise ValueError("sync_every/cull_every: expected >= 0")
+        self.tracker = FeatureTracker(feedback)
+        self.feedback = feedback
+        self.seed_paths = [DEFAULT_SEEDS] if seeds is None else list(seeds)
+        self.seed_exclude = list(seed_exclude or ())
+        self.explore = float(explore)
+        self.run_prob = float(run_prob)
+        self.event_prob = float(event_prob)
+        self.sync_every = int(sync_every)
+        self.cull_every = int(cull_every)
+        self.corpus_dir = Path(corpus_dir) if corpus_dir else None
+        self.worker = 0
+        self.corpus = Corpus()
+        self.episodes = 0
+        self._added = 0
+        self._files: list[str] = []  # corpus files loaded or written, in order
+        self._pending_files: list[str] | None = None
+        self._plans: list[tuple[str, list[tuple[Any, ...]]]] | None = None
+        self._extra_seeds: list[Path] = []
+        self._ci: CatalogueIndex | None = None
+        self._digest = ""
+        self._env_id = 0
+        # Episode state.
+        self._child: list[int] = []
+        self._ci_pos = 0
+        self._plan: list[tuple[Any, ...]] = []
+        self._plan_pos = 0
+        self._plan_budget = 0
+        self._taken: list[int] = []
+        self._feats: set[int] = set()
+        self._last_new = -1
+        self._from_plan = ""
+
+    # ------------------------------------------------------------------ campaign
+    def attach_campaign(self, out: str | Path, worker: int) -> None:
+        """Campaign hook: share the corpus through ``OUT/greybox`` and seed from findings."""
+        self.worker = int(worker)
+        self.corpus_dir = Path(out) / CORPUS_DIR
+        self._extra_seeds = sorted(p for p in Path(out).glob("*.yaml"))
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"episodes": self.episodes, "added": self._added, "files": list(self._files)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        if not state:
+            return
+        self.episodes = int(state.get("episodes", 0))
+        self._added = int(state.get("added", 0))
+        self._pending_files = [str(x) for x in state.get("files", [])]
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, env: CowEnv) -> None:
+        if self._env_id == id(env):
+            return
+        self._env_id = id(env)
+        self._ci = CatalogueIndex(env.catalogue)
+        self._digest = catalogue_digest(env.catalogue)
+        if self._plans is None:
+            from cowenv.scenario import load_scenario
+
+            plans = []
+            for p in scenario_files(self.seed_paths, self.seed_exclude) + self._extra_seeds:
+                try:
+                    sc = load_scenario(p)
+                except Exception:  # noqa: BLE001 - a bad seed file is skipped, not fatal
+                    continue
+                plans.append((p.stem, seed_plan(sc.steps)))
+            self._plans = plans
+        if self._pending_files is not None:
+            for f in self._pending_files:
+                self._load_file(Path(f))
+            self._pending_files = None
+
+    def _load_file(self, path: Path) -> bool:
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+            rec = data.get("recorded", {})
+            if rec.get(REC_CATALOGUE) != self._digest:
+                return False
+            acts = [int(x) for x in str(rec.get(REC_ACTIONS, "")).split(",") if x]
+            feats = frozenset(int(x, 16) for x in str(rec.get(REC_FEATURES, "")).split(",")
+                              if x)
+        except (OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):
+            return False
+        ok = self.corpus.add(CorpusEntry(acts, feats, path.stem))
+        if ok:
+            self._files.append(str(path))
+        return ok
+
+    def _sync(self) -> None:
+        if self.corpus_dir is None or not self.corpus_dir.is_dir():
+            return
+        for p in sorted(self.corpus_dir.glob("*.yaml")):
+            if p.stem not in self.corpus.names and not p.stem.startswith(f"w{self.worker}-"):
+                self._load_file(p)
+
+    # ------------------------------------------------------------------ episode
+    def begin_episode(self, env: CowEnv, rng: np.random.Generator) -> None:  # noqa: D102
+        super().begin_episode(env, rng)
+        self._setup(env)
+        assert self._plans is not None and self._ci is not None
+        if self.sync_every and self.episodes and self.episodes % self.sync_every == 0:
+            self._sync()
+        if self.cull_every and self.episodes and self.episodes % self.cull_every == 0:
+            self.corpus.cull()
+        self._taken, self._feats, self._last_new = [], set(), -1
+        self._plan, self._plan_pos, self._child, self._ci_pos = [], 0, [], 0
+        self._from_plan = ""
+        if self.episodes < len(self._plans):
+            self._from_plan, self._plan = self._plans[self.episodes]
+            self._plan_budget = _PLAN_STEP_LIMIT
+        elif self.corpus.entries and rng.random() >= self.explore:
+            parent = self.corpus.choose(rng)
+            other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
+            self._child, _ = mutate(parent.actions, rng, self._ci, other.actions,
+                                    max_len=env.max_steps)
+        self._feats.update(self.tracker.reset(env.kernel))
+
+    def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
+        a = self._next_planned(env, mask)
+        if a is None:
+            a = self._random(env, mask)
+        self._taken.append(a)
+        return a
+
+    def _next_planned(self, env: CowEnv, mask: np.ndarray) -> int | None:
+        while self._plan_pos < len(self._plan):
+            a = self._plan_action(env, mask, self._plan[self._plan_pos])
+            if a is not None:
+                return a
+            self._plan_pos += 1
+            self._plan_budget = _PLAN_STEP_LIMIT
+        while self._ci_pos < len(self._child):
+            a = self._child[self._ci_pos]
+            self._ci_pos += 1
+            if 0 <= a < len(mask) and mask[a]:
+                return a
+        return None
+
+    def _plan_action(self, env: CowEnv, mask: np.ndarray, item: tuple[Any, ...]) -> int | None:
+        """The next action for plan item ``item``, or None when it is done (or impossible)."""
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        kind = item[0]
+        if kind == "event":
+            for i in ci.events:
+                if ci.catalogue[i].n == item[1] and mask[i]:
+                    self._plan_pos += 1
+                    return i
+            return None
+        tid = item[1]
+        t = k.threads.get(tid)
+        run = ci.run.get(tid)
+        if kind == "start":
+            best, score = None, -1.0
+            for i in ci.by_tid_op.get((tid, item[2]), []):
+                if not mask[i]:
+                    continue
+                s = _arg_score(ci.catalogue[i], item[3])
+                if s > score:
+                    best, score = i, s
+            if best is None and t is not None and t.gen is not None and run is not None \
+                    and mask[run] and self._plan_budget > 0:
+                self._plan_budget -= 1
+                return run  # the thread is still busy: finish its operation first
+            if best is not None:
+                self._plan_pos += 1
+                self._plan_budget = _PLAN_STEP_LIMIT
+            return best
+        if t is None or run is None or t.gen is None or not mask[run] or self._plan_budget <= 0:
+            return None
+        if kind == "until" and t.label == item[2]:
+            return None
+        if kind == "steps":
+            if item[2] <= 0:
+                return None
+            self._plan[self._plan_pos] = ("steps", tid, item[2] - 1)
+        self._plan_budget -= 1
+        return run
+
+    def _random(self, env: CowEnv, mask: np.ndarray) -> int:
+        """Operation-level random choice (see the module docstring)."""
+        ci = self._ci
+        assert ci is not None
+        rng = self.rng
+        if ci.events and rng.random() < self.event_prob:
+            ev = [i for i in ci.events if mask[i]]
+            if ev:
+                return ev[int(rng.integers(len(ev)))]
+        runs = [i for t, i in ci.run.items() if mask[i]]
+        if runs and rng.random() < self.run_prob:
+            return runs[int(rng.integers(len(runs)))]
+        k = env.kernel
+        idle = [t for t in ci.tids if t in ci.ops_of and k.threads.get(t) is not None
+                and k.threads[t].gen is None and not k.threads[t].exited]
+        rng.shuffle(idle)
+        for t in idle:
+            ops = [op for op in ci.ops_of[t] if any(mask[i] for i in ci.by_tid_op[(t, op)])]
+            if not ops:
+                continue
+            op = ops[int(rng.integers(len(ops)))]
+            c = [i for i in ci.by_tid_op[(t, op)] if mask[i]]
+            return c[int(rng.integers(len(c)))]
+        if runs:
+            return runs[int(rng.integers(len(runs)))]
+        return uniform_legal(rng, mask)
+
+    def observe(self, env: CowEnv, action: int, obs: np.ndarray, reward: float,  # noqa: D102
+                terminated: bool, truncated: bool, info: dict[str, Any]) -> None:
+        assert self._ci is not None
+        fs = self.tracker.step(env.kernel, self._ci.catalogue[action])
+        for f in fs:
+            if f not in self._feats:
+                self._feats.add(f)
+                if f not in self.corpus.seen:
+                    self._last_new = len(self._taken)
+
+    def end_episode(self, env: CowEnv) -> None:  # noqa: D102
+        self.episodes += 1
+        novel = self.corpus.novel(self._feats)
+        if not novel or self._last_new < 0:
+            return
+        acts = self._taken[:self._last_new]
+        name = f"w{self.worker}-{self._added:06d}"
+        self._added += 1
+        entry = CorpusEntry(acts, frozenset(self._feats), name)
+        self.corpus.add(entry)
+        if self.corpus_dir is not None:
+            self._write(env, entry)
+
+    def _write(self, env: CowEnv, entry: CorpusEntry) -> None:
+        from cowenv.fileio import atomic_write_text
+        from cowenv.scenario import dump_scenario
+
+        assert self.corpus_dir is not None
+        data = env.get_schedule(name=entry.name)
+        data["description"] = (f"greybox corpus entry ({self.feedback} feedback, "
+                               f"{len(entry.features)} features"
+                               + (f", seed {self._from_plan}" if self._from_plan else "") + ")")
+        rec = dict(data.get("recorded", {}))
+        rec[REC_ACTIONS] = ",".join(map(str, entry.actions))
+        rec[REC_FEATURES] = ",".join(f"{f:x}" for f in sorted(entry.features))
+        rec[REC_CATALOGUE] = self._digest
+        data["recorded"] = rec
+        path = self.corpus_dir / f"{entry.name}.yaml"
+        self.corpus_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, dump_scenario(data))
+        self._files.append(str(path))
+
+
+def _arg_score(sp: Any, want: dict[str, Any]) -> float:
+    """How well template ``sp`` matches scenario arguments ``want`` (higher is better)."""
+    have = dict(sp.args)
+    s = 0.0
+    for key, v in want.items():
+        if key in ("addr", "length"):
+            continue
+        if key == "pin" and sp.pin_slot == 0:
+            s += 1.0
+        elif key in have and have[key] == v:
+            s += 1.0
+    if "length" in want and "length" in have:
+        s += 0.5 if have["length"] == want["length"] else 0.0
+    if sp.tid == KSWAPD_TID and "addr" in have and "addr" not in want:
+        s -= 0.5
+    return s
+
+
+__all__ = ["GreyboxAgent"]

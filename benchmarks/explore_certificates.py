@@ -1,0 +1,140 @@
+"""Systematic exploration of every flaw scenario and conformance case (``cowenv explore``).
+
+    .venv/bin/python benchmarks/explore_certificates.py [--bound 2] [--jobs 2]
+        [--max-seconds 900] [--json]
+
+Runs :func:`cowenv.explore.explore` at preemption bound ``K`` on:
+
+* each ``scenarios/flaws/*.yaml`` with its own configuration (the flaw alone): does the
+  search find the flaw's signatures (those the scenario reports with the flaw on and
+  not on ``fixed``), and with how few preemptions;
+* each flaw scenario and each ``scenarios/conformance/*.yaml`` on ``fixed``: the
+  certificate (0 violations, interleavings, states, seconds) or the violations.
+
+Writes ``benchmarks/out/explore.{json,md}``. Deterministic except the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+
+
+def flaw_targets(path: str) -> list[str]:
+    """Signatures the flaw scenario shows with its flaw and not on fixed (no selftests)."""
+    from cowenv.scenario import load_scenario, run_scenario
+
+    sc = load_scenario(path)
+    on = {v.signature for v in run_scenario(sc).violations if v.kind != "selftest"}
+    off = {v.signature for v in run_scenario(sc, "fixed").violations}
+    return sorted(on - off)
+
+
+def run(path: str, variant: str | None, bound: int, max_seconds: float) -> dict[str, Any]:
+    """One exploration, as a table row."""
+    from cowenv.explore import explore
+    from cowenv.scenario import load_scenario
+
+    sc = load_scenario(path)
+    t0 = time.perf_counter()
+    r = explore(sc, bound, variant, max_seconds=max_seconds)
+    row = {"scenario": sc.name, "kind": Path(path).parent.name, "variant": variant or "flaw",
+           "bound": bound, "interleavings": r.interleavings, "states": r.states,
+           "transitions": r.transitions, "pruned_sleep": r.pruned_sleep,
+           "seconds": round(time.perf_counter() - t0, 1), "complete": r.complete,
+           "findings": [{"signature": f.signature, "preemptions": f.preemptions,
+                         "steps": f.steps} for f in r.findings]}
+    if variant is None:
+        tg = flaw_targets(path)
+        hit = [f for f in row["findings"] if f["signature"] in tg]
+        row["targets"] = tg
+        row["found"] = bool(hit)
+        row["min_preemptions"] = min((f["preemptions"] for f in hit), default=None)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], bound: int) -> str:
+    """The two README tables."""
+    out = [f"Flaw scenarios, each with its flaw alone, bound {bound}:", "",
+           "| scenario | found | fewest preemptions | interleavings | states | seconds |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["variant"] != "flaw":
+            continue
+        out.append(f"| `{r['scenario']}` | {'yes' if r['found'] else 'NO'} | "
+                   f"{r['min_preemptions'] if r['found'] else '-'} | {r['interleavings']:,} | "
+                   f"{r['states']:,} | {r['seconds']} |")
+    out += ["", f"Certificates on `fixed`, bound {bound} (violations: 0 = certified):", "",
+            "| scenario | violations | interleavings | states | seconds |",
+            "|---|---|---|---|---|"]
+    for r in rows:
+        if r["variant"] != "fixed":
+            continue
+        v = ", ".join(f["signature"] for f in r["findings"]) or "0"
+        inc = "" if r["complete"] else " (time limit: incomplete)"
+        out.append(f"| `{r['scenario']}` ({r['kind']}) | {v}{inc} | {r['interleavings']:,} | "
+                   f"{r['states']:,} | {r['seconds']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bound", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--max-seconds", type=float, default=900.0,
+                   help="per exploration; a run stopped by it is marked incomplete")
+    p.add_argument("--only", default="", help="comma-separated scenario names")
+    p.add_argument("--runs", default="flaw,fixed",
+                   help="which explorations: flaw (each flaw scenario with its flaw), "
+                        "fixed (flaw scenarios and conformance cases on fixed)")
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    flaws = sorted((ROOT / "scenarios" / "flaws").glob("*.yaml"))
+    conf = sorted((ROOT / "scenarios" / "conformance").glob("*.yaml"))
+    only = {x for x in a.only.split(",") if x}
+    kinds = {x for x in a.runs.split(",") if x}
+    jobs: list[tuple[str, str | None]] = []
+    for f in flaws:
+        jobs += [(str(f), v) for v, k in ((None, "flaw"), ("fixed", "fixed")) if k in kinds]
+    if "fixed" in kinds:
+        jobs += [(str(c), "fixed") for c in conf]
+    if only:
+        jobs = [j for j in jobs if Path(j[0]).stem in only]
+    t0 = time.perf_counter()
+    rows = []
+    with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
+        futs = {pool.submit(run, pth, v, a.bound, a.max_seconds): (pth, v) for pth, v in jobs}
+        for fu in as_completed(futs):
+            r = fu.result()
+            rows.append(r)
+            print(f"{r['scenario']:55s} {r['variant']:6s} {r['interleavings']:>8,} runs "
+                  f"{r['seconds']:>7}s {[f['signature'] for f in r['findings']]}",
+                  file=sys.stderr)
+    order = {(str(pth), v): i for i, (pth, v) in enumerate(jobs)}
+    rows.sort(key=lambda r: order.get((next(str(x) for x in flaws + conf
+                                            if x.stem == r["scenario"]),
+                                       None if r["variant"] == "flaw" else "fixed"), 0))
+    md = markdown(rows, a.bound)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explore.json").write_text(json.dumps(
+        {"bound": a.bound, "rows": rows, "wall_seconds": round(time.perf_counter() - t0, 1),
+         "cpus": os.cpu_count(), "jobs": a.jobs}, indent=1, sort_keys=True) + "\n")
+    (out / "explore.md").write_text(md)
+    print(json.dumps(rows) if a.json else md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Coverage-guided schedule fuzzing: the coverage signal, the corpus and the mutations.
+
+This module is the library half of ``cowenv fuzz --agent greybox`` (the agent is
+:class:`cowenv_agents.greybox.GreyboxAgent`). It knows nothing about agents:
+
+* :class:`FeatureTracker` turns each step of an episode into *features* (32-bit ids).
+  Two feedbacks (:data:`FEEDBACKS`):
+
+  - ``label``: the preemption label a step stopped at (plain label coverage, what the
+    observation's coverage bitmap holds);
+  - ``interleaving`` (default): labels, plus *concurrent pairs* ``(M, L)``: thread ``t``
+    reached label ``L`` while a *related* thread ``u`` was paused mid-operation at ``M``
+    (related: same mm, or their mms share a COW PTE table, or one of them is kswapd; the
+    Snowboard/KRace idea of coverage that sees which code ran against which), the lock
+    classes other threads held when ``L`` was reached, the lock a step waited for, the
+    page-table-sharing state (how many PMD entries point at a shared table, bucketed)
+    at every label and operation start, and every violation signature.
+
+* :class:`CorpusEntry` / :class:`Corpus`: schedules kept because they reached a feature
+  nothing earlier reached. An entry is a list of catalogue indices (stable for a harness
+  configuration) plus its feature set; on disk it is a scenario file (``get_schedule``
+  data, replayable with ``cowenv replay``) whose ``recorded`` block carries the action
+  indices, the features and a digest of the catalogue. Minimisation is AFL's: each
+  entry is trimmed to the last step that reached a new feature, and
+  :meth:`Corpus.favoured` is a greedy set cover (the shortest entry per feature), which
+  parent selection prefers and :meth:`Corpus.cull` keeps.
+
+* :func:`mutate`: insert / delete / splice operations, change a start's thread or
+  arguments, move a preemption point, insert runs of one thread (a preemption), insert a
+  pressure event, truncate.
+
+* :func:`seed_plan`: a scenario (``scenarios/``, an earlier finding) as an abstract plan
+  (start ``op`` on ``tid`` with these arguments, step to this label, finish, event) that
+  the agent maps onto the catalogue of its own configuration at run time.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .catalogue import ActionSpec
+from .kernel import KSWAPD_TID, Kernel
+
+FEEDBACKS = ("label", "interleaving")
+#: ``recorded`` keys of a corpus file.
+REC_ACTIONS = "greybox_actions"
+REC_FEATURES = "greybox_features"
+REC_CATALOGUE = "greybox_catalogue"
+
+
+def fid(*parts: Any) -> int:
+    """A stable 32-bit feature id (CRC-32; Python's ``hash`` is salted per process)."""
+    return zlib.crc32("\x1f".join(map(str, parts)).encode())
+
+
+def catalogue_digest(catalogue: tuple[ActionSpec, ...] | list[ActionSpec]) -> str:
+    """Digest of a catalogue: corpus files only load into a harness with the same one."""
+    return f"{zlib.crc32(repr(tuple(catalogue)).encode()):08x}"
+
+
+def _shared_tables(k: Kernel) -> tuple[int, dict[int, set[int]]]:
+    """Number of write-protected (COW-shared) PMD entries, and each pid's table ids."""
+    n = 0
+    tables: dict[int, set[int]] = {}
+    for p in k.procs.values():
+        if not p.alive:
+            continue
+        s: set[int] = set()
+        for e in p.mm.pmd.values():
+            s.add(id(e.table))
+            if not e.write:
+                n += 1
+        tables[p.pid] = s
+    return n, tables
+
+
+class FeatureTracker:
+    """Features of the steps of one episode (see the module docstring).
+
+    Args:
+        feedback: One of :data:`FEEDBACKS`.
+
+    """
+
+    def __init__(self, feedback: str = "interleaving") -> None:
+        if feedback not in FEEDBACKS:
+            raise ValueError(f"feedback: expected one of {', '.join(FEEDBACKS)}")
+        self.feedback = feedback
+        self._ne = 0
+        self._nv = 0
+
+    def reset(self, k: Kernel) -> list[int]:
+        """Start of an episode (after the harness reset); features of the workload."""
+        self._ne = len(k.events)
+        self._nv = len(k.violations)
+        return [fid("V", v.signature) for v in k.violations]
+
+    def step(self, k: Kernel, spec: ActionSpec) -> list[int]:
+        """Features of the step just taken with catalogue entry ``spec``."""
+        ev = k.events
+        new = ev[self._ne:]
+        self._ne = len(ev)
+        out: list[int] = []
+        vs = k.violations
+        if len(vs) > self._nv:
+            out.extend(fid("V", v.signature) for v in vs[self._nv:])
+            self._nv = len(vs)
+        inter = self.feedback == "interleaving"
+        if spec.kind == "run":
+            label = ""
+            for e in reversed(new):
+                if e.kind == "point":
+                    label = e.label
+                    break
+                if e.kind == "end":
+                    label = f"{e.label}:done"
+                    break
+            if not label:
+                return out
+            out.append(fid("L", label))
+            if not inter:
+                return out
+            t = k.threads.get(spec.tid)
+            nshared, tables = _shared_tables(k)
+            out.append(fid("S", label, min(nshared, 3)))
+            for e in new:
+                if e.kind == "wait":
+                    out.append(fid("W", label, e.label.split(".")[-1].split(":")[0]))
+            held: set[str] = set()
+            for u in k.threads.values():
+                if u is t or u.exited:
+                    continue
+                for lk, mode in u.held:
+                    held.add(f"{lk.cls}/{mode}")
+                if u.gen is None or t is None:
+                    continue
+                related = (u.pid == t.pid or u.tid == KSWAPD_TID or t.tid == KSWAPD_TID
+                           or bool(tables.get(u.pid, set()) & tables.get(t.pid, set())))
+                if related:
+                    out.append(fid("P", u.label or f"{u.op}:start", label))
+            out.append(fid("K", label, ",".join(sorted(held))))
+        elif spec.kind == "start" and inter:
+            nshared, _ = _shared_tables(k)
+            out.append(fid("O", spec.op, min(nshared, 3)))
+        return out
+
+
+@dataclass
+class CorpusEntry:
+    """One corpus schedule.
+
+    Attributes:
+        actions: Catalogue indices (the agent's actions; the harness teardown excluded).
+        features: Every feature the schedule reached.
+        name: File stem on disk ("" = memory only).
+        picks: Times chosen as a parent.
+
+    """
+
+    actions: list[int]
+    features: frozenset[int]
+    name: str = ""
+    picks: int = 0
+
+
+@dataclass
+class Corpus:
+    """The corpus: entries, the union of their features, and the favoured subset."""
+
+    entries: list[CorpusEntry] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)
+    _fav: list[int] | None = None
+
+    def novel(self, features: set[int] | frozenset[int]) -> set[int]:
+        """Features not reached by any entry yet."""
+        return set(features) - self.seen
+
+    def add(self, entry: CorpusEntry) -> bool:
+        """Add ``entry`` (once per name); returns whether it was added."""
+        if entry.name and entry.name in self.names:
+            return False
+        self.entries.append(entry)
+        self.seen |= entry.features
+        if entry.name:
+            self.names.add(entry.name)
+        self._fav = None
+        return True
+
+    def favoured(self) -> list[int]:
+        """Indices of a greedy set cover: for each feature the shortest entry reaching it.
+
+        AFL's ``cull_queue``: walk features; an entry is favoured if it is the shortest
+        (then oldest) entry covering some feature not yet covered by a favoured entry.
+        """
+        if self._fav is not None:
+            return self._fav
+        best: dict[int, int] = {}
+        for i, e in enumerate(self.entries):
+            n = len(e.actions)
+            for f in e.features:
+                j = best.get(f)
+                if j is None or n < len(self.entries[j].actions):
+                    best[f] = i
+        covered: set[int] = set()
+        fav: list[int] = []
+        for i in sorted(set(best.values())):
+            e = self.entries[i]
+            if e.features - covered:
+                fav.append(i)
+                covered |= e.features
+        self._fav = fav
+        return fav
+
+    def cull(self) -> int:
+        """Keep only the favoured entries (corpus minimisation); returns how many went."""
+        fav = set(self.favoured())
+        before = len(self.entries)
+        self.entries = [e for i, e in enumerate(self.entries) if i in fav]
+        self._fav = None
+        return before - len(self.entries)
+
+    def choose(self, rng: np.random.Generator) -> CorpusEntry:
+        """A parent: a favoured entry with probability 0.9, else any entry."""
+        fav = self.favoured()
+        if fav and rng.random() < 0.9:
+            e = self.entries[fav[int(rng.integers(len(fav)))]]
+        else:
+            e = self.entries[int(rng.integers(len(self.entries)))]
+        e.picks += 1
+        return e
+
+
+# ----------------------------------------------------------------------------- mutations
+class CatalogueIndex:
+    """The catalogue grouped for mutations: runs, starts by (tid, op), events."""
+
+    def __init__(self, catalogue: tuple[ActionSpec, ...] | list[ActionSpec]) -> None:
+        self.catalogue = tuple(catalogue)
+        self.run: dict[int, int] = {}
+        self.by_tid_op: dict[tuple[int, str], list[int]] = {}
+        self.ops_of: dict[int, list[str]] = {}
+        self.events: list[int] = []
+        self.index_of: dict[ActionSpec, int] = {}
+        for i, sp in enumerate(self.catalogue):
+            self.index_of[sp] = i
+            if sp.kind == "run":
+                self.run[sp.tid] = i
+            elif sp.kind == "start":
+                self.by_tid_op.setdefault((sp.tid, sp.op), []).append(i)
+                ops = self.ops_of.setdefault(sp.tid, [])
+                if sp.op not in ops:
+                    ops.append(sp.op)
+            elif sp.kind == "event":
+                self.events.append(i)
+        self.tids = sorted(self.run)
+        self.user_tids = [t for t in self.tids if t != KSWAPD_TID and t in self.ops_of]
+
+    def random_start(self, rng: np.random.Generator, tid: int | None = None) -> int:
+        """An operation-level random start: thread, then operation, then template."""
+        tids = [t for t in self.tids if t in self.ops_of]
+        if tid is None or tid not in self.ops_of:
+            tid = tids[int(rng.integers(len(tids)))]
+        ops = self.ops_of[tid]
+        op = ops[int(rng.integers(len(ops)))]
+        c = self.by_tid_op[(tid, op)]
+        return c[int(rng.integers(len(c)))]
+
+    def with_tid(self, a: int, tid: int) -> int | None:
+        """The same start template on thread ``tid`` (None if it has none)."""
+        sp = self.catalogue[a]
+        if sp.kind != "start":
+            return None
+        other = ActionSpec(sp.kind, tid, sp.op, sp.args, sp.pin_slot, sp.proc_slot, sp.n)
+        return self.index_of.get(other)
+
+
+MUTATIONS = ("insert_start", "delete", "splice", "change_thread", "change_args",
+             "move_point", "insert_runs", "insert_event", "truncate")
+
+
+def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
+           other: list[int] | None = None, max_len: int = 256) -> tuple[list[int], list[str]]:
+    """Apply 1–3 random mutations (:data:`MUTATIONS`) to a copy of ``actions``.
+
+    Args:
+        actions: The parent schedule (catalogue indices).
+        rng: Randomness.
+        ci: The catalogue, grouped.
+        other: A second corpus schedule for ``splice``.
+        max_len: Longest result kept.
+
+    Returns:
+        The child schedule and the names of the mutations applied.
+
+    """
+    a = list(actions)
+    done: list[str] = []
+    for _ in range(int(rng.integers(1, 4))):
+        m = MUTATIONS[int(rng.integers(len(MUTATIONS)))]
+        n = len(a)
+        pos = int(rng.integers(n + 1))
+        if m == "insert_start":
+            a.insert(pos, ci.random_start(rng))
+        elif m == "delete" and n:
+            ln = int(rng.integers(1, 9))
+            del a[min(pos, n - 1):min(pos, n - 1) + ln]
+        elif m == "splice" and other:
+            j = int(rng.integers(len(other) + 1))
+            a = a[:pos] + list(other[j:])
+        elif m in ("change_thread", "change_args") and n:
+            starts = [i for i, x in enumerate(a) if ci.catalogue[x].kind == "start"
+                      and ci.catalogue[x].tid != KSWAPD_TID]
+            if not starts:
+                continue
+            i = starts[int(rng.integers(len(starts)))]
+            sp = ci.catalogue[a[i]]
+            if m == "change_thread":
+                tids = [t for t in ci.user_tids if t != sp.tid]
+                if not tids:
+                    continue
+                b = ci.with_tid(a[i], tids[int(rng.integers(len(tids)))])
+                if b is None:
+                    continue
+                # The thread's later runs follow it (a run of the old tid after the start
+                # becomes a run of the new one, up to the old tid's next start).
+                old, new = sp.tid, ci.catalogue[b].tid
+                a[i] = b
+                for j in range(i + 1, len(a)):
+                    sj = ci.catalogue[a[j]]
+                    if sj.tid == old and sj.kind == "start":
+                        break
+                    if sj.kind == "run" and sj.tid == old:
+                        a[j] = ci.run[new]
+            else:
+                c = ci.by_tid_op[(sp.tid, sp.op)]
+                a[i] = c[int(rng.integers(len(c)))]
+        elif m == "move_point" and n >= 2:
+            runs = [i for i, x in enumerate(a) if ci.catalogue[x].kind == "run"]
+            if not runs:
+                continue
+            i = runs[int(rng.integers(len(runs)))]
+            x = a.pop(i)
+            j = min(len(a), max(0, i + int(rng.integers(-8, 9))))
+            a.insert(j, x)
+        elif m == "insert_runs":
+            tid = ci.tids[int(rng.integers(len(ci.tids)))]
+            a[pos:pos] = [ci.run[tid]] * int(rng.integers(1, 6))
+        elif m == "insert_event" and ci.events:
+            a.insert(pos, ci.events[int(rng.integers(len(ci.events)))])
+        elif m == "truncate" and n:
+            a = a[:pos]
+        else:
+            continue
+        done.append(m)
+    return a[:max_len], done
+
+
+# ----------------------------------------------------------------------------- seeds
+def seed_plan(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """A scenario's steps as an abstract plan for :class:`cowenv_agents.GreyboxAgent`.
+
+    Plan items: ``("start", tid, op, args)``, ``("until", tid, label)``,
+    ``("finish", tid)`` (run to the end of the operation, or until blocked),
+    ``("steps", tid, n)``, ``("event", n)``. ``mmap`` steps are left out (the harness
+    workload maps its own regions); arguments keep their scenario values and are matched
+    to the nearest catalogue template when played; bound names (``pin: PIN``) become
+    the thread's oldest pin slot.
+    """
+    plan: list[tuple[Any, ...]] = []
+    for s in steps:
+        if "event" in s:
+            plan.append(("event", int(s.get("n", 1))))
+            continue
+        tid = s.get("tid")
+        if tid is None:
+            continue
+        op = s.get("do") or s.get("start")
+        if op:
+            if op == "mmap":
+                continue
+            plan.append(("start", int(tid), str(op), dict(s.get("args") or {})))
+            if "do" in s:
+                plan.append(("finish", int(tid)))
+        elif "until" in s:
+            plan.append(("until", int(tid), str(s["until"])))
+        elif s.get("finish") or s.get("run"):
+            plan.append(("finish", int(tid)))
+        elif "step" in s:
+            plan.append(("steps", int(tid), int(s["step"])))
+    return plan
+
+
+def scenario_files(paths: list[str | Path], exclude: list[str] | None = None) -> list[Path]:
+    """Scenario files under ``paths`` (files or folders, recursively), sorted.
+
+    Files whose stem is in ``exclude`` (e.g. the flaw a benchmark measures) are left out.
+    """
+    ex = set(exclude or ())
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(sorted(p.rglob("*.yaml")))
+        elif p.is_file():
+            out.append(p)
+    return [p for p in out if p.stem not in ex and not p.name.startswith(".")]
+
+
+__all__ = ["FEEDBACKS", "MUTATIONS", "CatalogueIndex", "Corpus", "CorpusEntry",
+           "FeatureTracker", "catalogue_digest", "fid", "mutate", "scenario_files",
+           "seed_plan"]
