@@ -353,21 +353,43 @@ class CowPteKernel(Kernel):
 
     def _break_slow_v4(self, t: Thread, vma: Vma, idx: int, cowed: PmdEntry,
                        nofail: bool) -> Gen:
-        """v4's slow path.
+        """v4's slow path of ``handle_cow_pte_fault`` (03/14, ``mm/memory.c``), line by line.
 
-        Flaw ``pmd-clear-window`` (seed, review R3; DH: "what stops another page fault
-        stumbling over that pmd_none() and allocating an empty page table?"): v4 does
-        ``mm_dec_nr_ptes`` and ``pmd_clear`` and allocates the new table with **no lock
-        held**; a concurrent fault in the same mm sees ``pmd_none``, installs an empty
-        table and maps a page; v4 then sets the PMD to its copy without re-checking it:
-        the concurrent mapping is lost, its table and page leaked. Fixed
-        (:meth:`_break_slow_fixed`): allocate first, then copy and install under the PMD
-        lock and the old table's PTL after re-checking ``pmd_same``; the PMD is never
-        none in between.
+        v4::
 
-        Flaw ``nr-ptes-on-oom`` (analysis C3): if that allocation fails v4 restores the
-        old PMD but not ``nr_ptes``, so ``pgtables_bytes`` is off at teardown. Fixed:
-        re-charge it.
+            cowed_entry = READ_ONCE(*pmd);
+            mm_dec_nr_ptes(mm);
+            pmd_clear(pmd);
+            orig_dst_pte = dst_pte = pte_alloc_map_lock(mm, pmd, addr, &dst_ptl);
+            if (unlikely(!dst_pte)) {
+                set_pmd_at(mm, addr, pmd, cowed_entry);
+                ret = -ENOMEM; goto out;
+            }
+            src_pte = pte_offset_map_lock(mm, &cowed_entry, addr, &src_ptl);
+            do { if (pte_none(*src_pte)) continue;
+                 set_pte_at(mm, addr, dst_pte, *src_pte); } while (...);
+            pte_unmap_unlock(orig_dst_pte, dst_ptl);
+            if (!pmd_put_pte(&cowed_entry)) { ... clear the new table; pmd_clear(pmd);
+                 pte_free(mm, token); set_pmd_at(mm, start, pmd, pmd_mkwrite(cowed)); }
+            pte_unmap_unlock(orig_src_pte, src_ptl);
+
+        ``pte_alloc_map_lock`` (v6.2 ``include/linux/mm.h``) is ``pte_alloc(mm, pmd) ?
+        NULL : pte_offset_map_lock(...)``; ``pte_alloc`` allocates only if
+        ``pmd_none(*pmd)``, and ``__pte_alloc`` → ``pmd_install`` (``mm/memory.c``) takes
+        ``pmd_lock`` and installs only ``if (likely(pmd_none(*pmd)))``, else frees its
+        table. So no PMD is overwritten: a table that a concurrent fault installed in the
+        window is reused as ``dst``.
+
+        Flaw ``pmd-clear-window`` (review R3; DH: "what stops another page fault
+        stumbling over that pmd_none() and allocating an empty page table?"): between
+        ``pmd_clear`` and ``pte_alloc_map_lock`` no lock is held; a concurrent fault of
+        the same mm (mmap_lock read) sees ``pmd_none``, installs its own table and maps a
+        fresh page. The breaker then copies every non-none entry of the old shared table
+        into that table with ``set_pte_at``: at an offset the shared table maps, the
+        concurrent fault's fresh page is overwritten (leaked: mapcount, refcount and
+        MM_ANONPAGES still count it) and its write is lost. At an offset the shared table
+        leaves empty nothing is lost. Fixed (:meth:`_break_slow_fixed`): no ``pmd_none``
+        window at all.
         """
         mm = vma.mm
         old = cowed.table
@@ -375,39 +397,64 @@ class CowPteKernel(Kernel):
         if mm.pmd.get(idx) is cowed:
             del mm.pmd[idx]  # pmd_clear
         yield "handle_cow_pte_fault:pmd_cleared"
-        new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
-        if new is None:
-            mm.pmd[idx] = cowed  # set_pmd_at(..., cowed)
-            if not self.config.has("nr-ptes-on-oom"):
-                mm.mm_inc_nr_ptes()
+        # pte_alloc_map_lock -> pte_alloc: only if pmd_none(*pmd).
+        if mm.pmd.get(idx) is None:
+            new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
+            if new is None:
+                mm.pmd[idx] = cowed  # set_pmd_at(mm, addr, pmd, cowed_entry): blind
+                # Flaw nr-ptes-on-oom (analysis C3): the mm_dec_nr_ptes above is not
+                # undone. Fixed: re-charge it.
+                if not self.config.has("nr-ptes-on-oom"):
+                    mm.mm_inc_nr_ptes()
+                return -ENOMEM
+            yield "handle_cow_pte_fault:allocated"
+            # pmd_install: under pmd_lock, populate only a still-empty PMD.
+            yield from self.lock(t, mm.page_table_lock, WRITE, "pmd_install")
+            if mm.pmd.get(idx) is None:
+                self.pmd_populate(mm, idx, new)
+                new = None
+            self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
+            if new is not None:
+                self.pte_free(new, "pmd_install")  # __pte_alloc: if (new) pte_free(mm, new)
+        got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_cow_pte_fault")
+        if got is None:  # only on base 6.5, where pte_offset_map_lock may fail
             return -ENOMEM
-        yield "handle_cow_pte_fault:allocated"
-        # pte_alloc_map_lock as v4 uses it: the PMD is set to the new table without
-        # looking at what a concurrent fault may have installed meanwhile.
-        mm.pmd[idx] = PmdEntry(new, True)
-        mm.mm_inc_nr_ptes()
-        nptl = self.pte_lockptr(mm, new)
+        dst, nptl = got
         optl = self.pte_lockptr(mm, old)
-        yield from self.lock(t, nptl, WRITE, "handle_cow_pte_fault")
-        yield from self.lock(t, optl, WRITE, "handle_cow_pte_fault")
+        same = optl is nptl
+        if not same:
+            yield from self.lock(t, optl, WRITE, "handle_cow_pte_fault")
         if not self.check_table_live(old, "handle_cow_pte_fault"):
-            self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
+            if not same:
+                self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
             self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
             return 0
         self._charge_break_copy(old)
-        self.set_ptes(t, mm, new, 0, old.entries.copy(), "handle_cow_pte_fault")
+        src = old.entries.copy()
+        nz = np.flatnonzero(src)  # if (pte_none(*src_pte)) continue;
+        for off in nz:
+            self.set_ptes(t, mm, dst, int(off), int(src[off]), "handle_cow_pte_fault")
+        self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")  # pte_unmap_unlock(dst)
         if not self.pmd_put_pte(cowed):
-            # The count was 1: someone else dropped theirs meanwhile. Clear and free the
-            # new table and re-install the old one as writable.
-            self.set_ptes(t, mm, new, 0, np.zeros(self.P, dtype=np.int64),
-                          "handle_cow_pte_fault")
+            # The count was 1: someone else dropped theirs meanwhile. Clear the new table,
+            # pmd_clear, pte_free it (v4: no RCU/IPI deferral) and re-install the old one
+            # writable.
+            cur = mm.pmd.get(idx)
+            if cur is not None:
+                ct = cur.table
+                cptl = self.pte_lockptr(mm, ct)
+                if cptl is not optl:
+                    yield from self.lock(t, cptl, WRITE, "handle_cow_pte_fault")
+                self.set_ptes(t, mm, ct, 0, np.zeros(self.P, dtype=np.int64),
+                              "handle_cow_pte_fault")
+                if cptl is not optl:
+                    self.unlock(t, cptl, WRITE, "handle_cow_pte_fault")
+                del mm.pmd[idx]
+                if ct is not old:
+                    self.pte_free(ct, "handle_cow_pte_fault")
             mm.pmd[idx] = PmdEntry(old, True)
+        if not same:
             self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
-            self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
-            self.pte_free(new, "handle_cow_pte_fault")
-        else:
-            self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
-            self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
         self._flush_tlb_range(t, mm, idx)
         return 0
 
