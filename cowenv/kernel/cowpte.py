@@ -37,7 +37,7 @@ from .kernel import Kernel
 from .locks import WRITE
 from .mm import MMF_COW_PTE, VM_DONTCOPY, VM_WIPEONFORK, MmStruct, Vma
 from .ops import EAGAIN, EINVAL, ENOMEM
-from .pgtable import PmdEntry, PteTable
+from .pgtable import PFN_SHIFT, PTE_PRESENT, PmdEntry, PteTable
 from .sched import Gen, Thread
 
 
@@ -663,19 +663,81 @@ class CowPteKernel(Kernel):
         self.cost.charge("table_ref")
         return self.pmd_put_pte(pmd)
 
-    def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable,
-                       site: str) -> Gen:
-        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (``try_to_unmap_one``).
+    def _rmap_map_pte(self, t: Thread, vma: Vma, vpn: int, pfn: int, site: str) -> Gen:
+        """``page_vma_mapped_walk`` with v4's ``PVMW_BREAK_COW_PTE`` (04/14).
 
-        ``folio_referenced_one`` may clear young bits in a shared table.
+        Fixed: as upstream (:meth:`RmapMixin._rmap_map_pte`) with the break of
+        :meth:`cow_rmap_table` and the re-validation of :meth:`rmap_table_still_valid`.
 
         Flaw ``rmap-stale-table`` (review R5; DH: "when a page table gets replaced and
-        modified, while rmap code still walks the shared copy"): the walker found the
-        table before a concurrent break replaced it; v4 decides whether to break from
-        the PMD it sees now but keeps the table it found, and does not re-validate the
-        PMD under the PTL, so it modifies the old table on behalf of this mm. Fixed: use
-        the table the PMD points at after breaking, and re-validate under the PTL
-        (:meth:`rmap_table_still_valid`).
+        modified, while rmap code still walks the shared copy"): v4, line by line. 04/14
+        ``mm/page_vma_mapped.c``::
+
+            if (pvmw->flags & PVMW_BREAK_COW_PTE) {
+                    if (break_cow_pte(vma, pvmw->pmd, pvmw->address))
+                            return not_found(pvmw);
+            }
+            if (!map_pte(pvmw))
+                    goto next_pte;
+
+        and v6.2's ``map_pte``: ``pvmw->pte = pte_offset_map(pvmw->pmd, pvmw->address);``
+        … ``pvmw->ptl = pte_lockptr(pvmw->vma->vm_mm, pvmw->pmd); spin_lock(pvmw->ptl);``
+        The walker holds no mmap_lock, only the anon_vma lock of *this* VMA, so between
+        the break and ``spin_lock`` a fork (which shares the whole PMD from
+        ``copy_pmd_range`` of an earlier VMA of that PMD) may share the freshly broken
+        table again, and ``try_to_unmap_one`` then rewrites an entry of a shared table;
+        and the two PMD reads of ``map_pte`` may see different tables (a concurrent break
+        of a re-shared table in between), or a PMD cleared by v4's slow path, which v6.2's
+        ``pte_offset_map`` walks as it is (no ``pmd_none`` check; a crash). Nothing is
+        re-validated under the PTL.
+        """
+        if not self.config.has("rmap-stale-table"):
+            return (yield from super()._rmap_map_pte(t, vma, vpn, pfn, site))
+        mm = vma.mm
+        idx, off = divmod(vpn, self.P)
+        if mm.pmd.get(idx) is None:
+            return None  # if (!pmd_present(pmde)) { step_forward(...); continue; }
+        yield f"{site}:table_found"
+        if site == "try_to_unmap_one":  # PVMW_BREAK_COW_PTE
+            r = yield from self.break_cow_pte(t, vma, idx, "page_vma_mapped_walk")
+            if r:
+                return None  # not_found()
+            yield f"{site}:broken"
+        # map_pte: pte_offset_map(pvmw->pmd, ...) reads the PMD ...
+        cur = mm.pmd.get(idx)
+        if cur is None:
+            if not self.config.base_at_least("6.5"):
+                self._report("memory-safety", site,
+                             "pte_offset_map walks a cleared PMD (v6.2 has no pmd_none check)")
+            return None
+        table = cur.table
+        yield f"{site}:pte_offset_map"
+        # ... and pte_lockptr(mm, pvmw->pmd) reads it again.
+        cur = mm.pmd.get(idx)
+        if cur is None:
+            if not self.config.base_at_least("6.5"):
+                self._report("memory-safety", site,
+                             "pte_lockptr of a cleared PMD (v6.2 has no pmd_none check)")
+            return None
+        ptl = self.pte_lockptr(mm, cur.table)
+        yield from self.lock(t, ptl, WRITE, site)
+        if not self.check_table_live(table, site):
+            self.unlock(t, ptl, WRITE, site)
+            return None
+        pte = int(table.entries[off])
+        if not pte & PTE_PRESENT or pte >> PFN_SHIFT != pfn:  # check_pte()
+            self.unlock(t, ptl, WRITE, site)
+            return None
+        return table, ptl, off
+
+    def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable,
+                       site: str) -> Gen:
+        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (fixed design).
+
+        ``try_to_unmap_one`` breaks first; ``folio_referenced_one`` (no
+        ``PVMW_BREAK_COW_PTE`` in v4) may clear young bits in a shared table. Returns the
+        table the PMD points at after the break (re-validated under the PTL by
+        :meth:`rmap_table_still_valid`), or None (``not_found``).
         """
         mm = vma.mm
         if site == "try_to_unmap_one":
@@ -684,22 +746,19 @@ class CowPteKernel(Kernel):
                 r = yield from self.break_cow_pte(t, vma, idx, "page_vma_mapped_walk")
                 if r:
                     return None  # not_found()
-        if self.config.has("rmap-stale-table"):
-            return table
+                yield f"{site}:broken"
         cur = mm.pmd.get(idx)
         return None if cur is None else cur.table
 
     def rmap_table_still_valid(self, mm: MmStruct, idx: int, table: PteTable,
                                site: str = "") -> bool:
-        """See :meth:`cow_rmap_table` (flaw ``rmap-stale-table``: no re-validation).
+        """Fixed design's re-validation under the PTL (``pmd_same``, as 6.5's walkers do).
 
         Fixed: besides ``pmd_same``, a walker that modifies entries
         (``try_to_unmap_one``) needs the table to be still unshared: a fork may have
         shared it while the walker waited for the PTL; it then skips the mapping, as
         ``page_vma_mapped_walk`` returning ``not_found`` does.
         """
-        if self.config.has("rmap-stale-table"):
-            return True
         if not super().rmap_table_still_valid(mm, idx, table, site):
             return False
         if site == "try_to_unmap_one":
