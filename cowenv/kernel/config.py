@@ -99,6 +99,17 @@ FLAW_SOURCES: dict[str, str] = {
         "recover_end lies inside src_vma, else `continue` (found by cowenv's soak)",
 }
 
+#: Signatures a campaign on a preset should treat as already known (issue 12): on
+#: ``as-posted``/``review`` the lockdep splat of ``fault-asserts-write-lock`` fires at the
+#: first COW break outside fork in nearly every episode. The flaw stays faithful (v4's
+#: ``mmap_assert_write_locked`` is a ``WARN_ON`` that fires every time); campaigns pass
+#: these as the env's ``ignore_signatures`` so that the other flaws' harm is what gets
+#: filed, minimised and summarised. Where this is wired: ``campaign.default_env_kwargs``.
+PRESET_KNOWN_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "as-posted": ("lock-discipline@handle_cow_pte_fault",),
+    "review": ("lock-discipline@handle_cow_pte_fault",),
+}
+
 #: Kernel bases (the upstream release whose semantics the model follows).
 #: ``6.2``: v4's base (v6.2-rc7): ``pte_offset_map[_lock]`` cannot fail and walks
 #: whatever the PMD holds; no per-VMA locks; a R/O ``FOLL_LONGTERM`` pin may pin the
@@ -310,6 +321,6 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
     return KernelConfig(**kw)
 
 
-__all__ = ["FLAW_IDS", "FLAW_ORIGINS", "FLAW_SOURCES", "AS_POSTED_FLAWS", "SEEDED_FLAWS",
+__all__ = ["FLAW_IDS", "FLAW_ORIGINS", "PRESET_KNOWN_SIGNATURES", "FLAW_SOURCES", "AS_POSTED_FLAWS", "SEEDED_FLAWS",
            "BASES", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
            "config_from_dict"]
