@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         seed += 1
     wall = time.perf_counter() - t0
     out = {
-        "variant": a.variant, "base": a.base or "by fault mode", "oracles": not a.no_oracles, "episodes": episodes,
+        "variant": a.variant, "base": a.base or "by fault mode",
+        "oracles": not a.no_oracles, "episodes": episodes,
         "episode_steps": a.episode_steps, "first_seed": a.seed, "steps": steps,
         "wall_s": round(wall, 2), "steps_per_s": round(steps / wall) if wall else None,
         "violations": sum(v for k, v in counts.items() if not k.startswith(("defect", "leak"))),
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(out, sort_keys=True))
     else:
-        print(f"{a.variant} (base {out['base']}): {steps} steps in {episodes} episodes, {out['wall_s']} s, "
+        print(f"{a.variant} (base {out['base']}): {steps} steps in {episodes} episodes, "
+              f"{out['wall_s']} s, "
               f"{out['steps_per_s']} steps/s (oracles {'on' if out['oracles'] else 'off'})")
         print(f"violations {out['violations']}, defects {out['defects']}, "
               f"leaks {out['leaks']}")

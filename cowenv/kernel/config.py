@@ -321,6 +321,6 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
     return KernelConfig(**kw)
 
 
-__all__ = ["FLAW_IDS", "FLAW_ORIGINS", "PRESET_KNOWN_SIGNATURES", "FLAW_SOURCES", "AS_POSTED_FLAWS", "SEEDED_FLAWS",
-           "BASES", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
+__all__ = ["FLAW_IDS", "FLAW_ORIGINS", "PRESET_KNOWN_SIGNATURES", "FLAW_SOURCES",
+           "AS_POSTED_FLAWS", "SEEDED_FLAWS", "BASES", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
            "config_from_dict"]
