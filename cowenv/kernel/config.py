@@ -322,5 +322,6 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
 
 
 __all__ = ["FLAW_IDS", "FLAW_ORIGINS", "PRESET_KNOWN_SIGNATURES", "FLAW_SOURCES",
-           "AS_POSTED_FLAWS", "SEEDED_FLAWS", "BASES", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
+           "AS_POSTED_FLAWS", "SEEDED_FLAWS", "BASES", "VARIANTS", "PRESETS", "GEOMETRIES",
+           "FAULT_MODES", "KernelConfig",
            "config_from_dict"]
