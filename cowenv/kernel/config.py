@@ -28,6 +28,7 @@ FLAW_IDS: tuple[str, ...] = (
     "gup-fast-fork-race",
     "read-fault-fills-shared",
     "recover-skips-vma",
+    "fork-ptl-nesting",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -50,6 +51,7 @@ FLAW_ORIGINS: dict[str, str] = {
     "gup-fast-fork-race": "seeded",
     "read-fault-fills-shared": "v4",
     "recover-skips-vma": "v4",
+    "fork-ptl-nesting": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -97,17 +99,23 @@ FLAW_SOURCES: dict[str, str] = {
     "recover-skips-vma":
         "02/14 mm/memory.c copy_pmd_range: falls back to copy_pte_range only when "
         "recover_end lies inside src_vma, else `continue` (found by cowenv's soak)",
+    "fork-ptl-nesting":
+        "02/14 mm/memory.c copy_cow_pte_range: `spin_lock(src_ptl); pmd_get_pte(src_pmd); "
+        "pmd_install(dst_mm, dst_pmd, &pte_table);`: pmd_lock inside the PTE lock, against "
+        "upstream's pmd_lock -> PTE lock; on x86-64 both are ptlocks of ptlock_init()'s "
+        "one lockdep class (include/linux/mm.h): a lockdep splat at every COW fork",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on
 #: ``as-posted``/``review`` the lockdep splat of ``fault-asserts-write-lock`` fires at the
-#: first COW break outside fork in nearly every episode. The flaw stays faithful (v4's
+#: first COW break outside fork in nearly every episode, and ``fork-ptl-nesting``'s at
+#: every COW fork. The flaw stays faithful (v4's
 #: ``mmap_assert_write_locked`` is a ``WARN_ON`` that fires every time); campaigns pass
 #: these as the env's ``ignore_signatures`` so that the other flaws' harm is what gets
 #: filed, minimised and summarised. Where this is wired: ``campaign.default_env_kwargs``.
 PRESET_KNOWN_SIGNATURES: dict[str, tuple[str, ...]] = {
-    "as-posted": ("lock-discipline@handle_cow_pte_fault",),
-    "review": ("lock-discipline@handle_cow_pte_fault",),
+    "as-posted": ("lock-discipline@handle_cow_pte_fault", "lock-discipline@pmd_install"),
+    "review": ("lock-discipline@handle_cow_pte_fault", "lock-discipline@pmd_install"),
 }
 
 #: Kernel bases (the upstream release whose semantics the model follows).

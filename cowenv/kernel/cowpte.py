@@ -179,6 +179,16 @@ class CowPteKernel(Kernel):
         spmd = src_mm.pmd[idx]
         table = spmd.table
         ptl = self.pte_lockptr(src_mm, table)
+        # Flaw fork-ptl-nesting (v4 02/14): v4 takes the child's PMD lock inside the
+        # source PTE lock (``spin_lock(src_ptl); pmd_get_pte(src_pmd);
+        # pmd_install(dst_mm, dst_pmd, &pte_table);``), against upstream's pmd_lock ->
+        # PTE lock order (locks.LOCK_ORDER); on x86-64 with split PMD ptlocks both are
+        # ptlocks, of the one lockdep class of ptlock_init()'s spin_lock_init, so lockdep
+        # reports recursive locking there. Fixed: the child's PMD lock first, then the
+        # source PTE lock (the order of retract_page_tables / collapse_pte_mapped_thp).
+        nested = not self.config.has("fork-ptl-nesting")
+        if nested:
+            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
         ret, recover_end = 0, 0
         snapshot = np.zeros(0, dtype=np.int64)
@@ -210,14 +220,18 @@ class CowPteKernel(Kernel):
             snapshot = table.entries[:recover_end].copy()
         if ret == 0:
             self.pmd_get_pte(spmd)
-            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+            if not nested:
+                yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
             dst_mm.pmd[idx] = PmdEntry(table, False)  # set_pmd_at(dst, pmd_wrprotect(src))
             dst_mm.mm_inc_nr_ptes()
-            self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+            if not nested:
+                self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
             spmd.write = False  # pmdp_set_wrprotect(src)
             self.cost.charge("table_ref")
             self.cost.charge("pmd_update", 2)
         self.unlock(t, ptl, WRITE, "copy_cow_pte_range")
+        if nested:
+            self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         yield "copy_cow_pte_range:done"
         return ret, recover_end, snapshot
 
@@ -472,14 +486,19 @@ class CowPteKernel(Kernel):
             return -ENOMEM
         yield "handle_cow_pte_fault:allocated"
         old = cowed.table
-        optl = self.pte_lockptr(mm, old)
-        # Same nesting as copy_cow_pte_range (table PTL, then the PMD lock); without
-        # split PTLs both are mm->page_table_lock.
-        yield from self.lock(t, optl, WRITE, "break_cow_pte")
-        if optl is not mm.page_table_lock:
-            yield from self.lock(t, mm.page_table_lock, WRITE, "break_cow_pte")
+        # Upstream's order: pmd_lock, then the PTE lock nested (``pml = pmd_lock(mm,
+        # pmd); if (ptl != pml) spin_lock_nested(ptl, SINGLE_DEPTH_NESTING);`` as in
+        # 6.5's retract_page_tables). Without split PTLs both are mm->page_table_lock.
+        # ``old`` cannot have been freed: it is only freed after every PMD pointing at it
+        # was cleared, and pmd_same below proves ours was not, and we hold the PMD lock.
+        # The old table's PTL is looked up under the PMD lock, after pmd_same.
+        yield from self.lock(t, mm.page_table_lock, WRITE, "break_cow_pte")
         cur = mm.pmd.get(idx)
-        if cur is not cowed or cur.write or old.freed:
+        same = cur is cowed and not cur.write  # pmd_same(*pmd, cowed_entry)
+        optl = self.pte_lockptr(mm, old) if same else mm.page_table_lock
+        if optl is not mm.page_table_lock:
+            yield from self.lock(t, optl, WRITE, "break_cow_pte")
+        if not same:
             pass  # somebody else broke or unmapped it meanwhile
         elif self.cow_pte_count(old) == 1:
             cowed.write = True
@@ -491,8 +510,8 @@ class CowPteKernel(Kernel):
             old.refcount -= 1
             new = None
         if optl is not mm.page_table_lock:
-            self.unlock(t, mm.page_table_lock, WRITE, "break_cow_pte")
-        self.unlock(t, optl, WRITE, "break_cow_pte")
+            self.unlock(t, optl, WRITE, "break_cow_pte")
+        self.unlock(t, mm.page_table_lock, WRITE, "break_cow_pte")
         if new is not None:
             self.pte_free(new, "break_cow_pte")
         self._flush_tlb_range(t, mm, idx)

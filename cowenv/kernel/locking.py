@@ -83,9 +83,18 @@ class LockingMixin:
     def mmap_assert_write_locked(self, t: Thread, mm: MmStruct, site: str) -> None:
         """``mmap_assert_write_locked``: a lockdep splat unless held for write.
 
-        Without lockdep only ``VM_BUG_ON_MM(!rwsem_is_locked(&mm->mmap_lock))`` remains.
+        ``lockdep_assert_held_write`` (``include/linux/lockdep.h``) is
+        ``WARN_ON(debug_locks && !lockdep_is_held_type(l, 0))``: it warns every time while
+        lockdep is on, and never after lockdep turned itself off. Without lockdep only
+        ``VM_BUG_ON_MM(!rwsem_is_locked(&mm->mmap_lock))`` remains.
         """
         if not self.config.lockdep:
+            if not mm.mmap_lock.is_locked():
+                self._report("lock-discipline", site, "VM_BUG_ON_MM: mmap_lock not locked")
+            return
+        if not self.lockdep.debug_locks:
+            # lockdep turned itself off after an earlier splat: lockdep_assert_held_write
+            # is WARN_ON(debug_locks && ...); only the VM_BUG_ON_MM remains.
             if not mm.mmap_lock.is_locked():
                 self._report("lock-discipline", site, "VM_BUG_ON_MM: mmap_lock not locked")
             return
