@@ -14,6 +14,8 @@ from typing import Any
 #: fault on ``pte_none`` installs the zero-page PTE into the shared table.
 #: ``recover-skips-vma`` was found by cowenv's soak test: after ``recover_pte_range`` v4
 #: falls back to ``copy_pte_range`` only if ``recover_end`` lies inside ``src_vma``.
+#: ``fork-ptl-nesting`` was added by issue 12 (v4 02/14 takes ``pmd_install``'s
+#: ``pmd_lock`` inside the source PTE lock).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
