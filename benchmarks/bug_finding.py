@@ -217,12 +217,18 @@ def summarise(runs: list[dict[str, Any]], flaws: list[str], agents: list[str],
 
 def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budget: int,
              seeds: int) -> str:
-    """The results as a markdown table (median steps (seconds), found/seeds)."""
-    head = "| flaw | " + " | ".join(agents) + " |"
-    lines = [head, "|" + "---|" * (len(agents) + 1)]
+    """The results as a markdown table (median steps (seconds), found/seeds).
+
+    Rows are grouped by the flaw's origin (``v4`` first, then ``seeded``;
+    :data:`cowenv.kernel.config.FLAW_ORIGINS`).
+    """
+    from cowenv.kernel.config import FLAW_ORIGINS
+
+    head = "| flaw | origin | " + " | ".join(agents) + " |"
+    lines = [head, "|" + "---|" * (len(agents) + 2)]
     cells = summary["cells"]
-    for f in flaws:
-        row = [f"`{f}`" + (" *" if f in PREFIXES else "")]
+    for f in sorted(flaws, key=lambda x: FLAW_ORIGINS[x] != "v4"):
+        row = [f"`{f}`" + (" *" if f in PREFIXES else ""), FLAW_ORIGINS[f]]
         for a in agents:
             c = cells.get(f"{f}|{a}")
             if c is None:
@@ -237,7 +243,7 @@ def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budge
             row.append(f"{ms}{sec}, {c['found']}/{c['n']}")
         lines.append("| " + " | ".join(row) + " |")
     geo = summary["geomean_steps"]
-    lines.append("| **geometric mean of medians** | "
+    lines.append("| **geometric mean of medians** | | "
                  + " | ".join(f"**{geo[a]:,.0f}**" if a in geo else "-" for a in agents) + " |")
     lines.append("")
     lines.append(f"Median steps to the first attributed detection over {seeds} seeds "
@@ -255,6 +261,9 @@ def plot(runs: list[dict[str, Any]], flaws: list[str], agents: list[str], budget
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cowenv.kernel.config import FLAW_ORIGINS
+
+    flaws = sorted(flaws, key=lambda x: FLAW_ORIGINS[x] != "v4")  # grouped by origin
     n = len(flaws) + 1
     cols = 4
     rows = math.ceil(n / cols)
@@ -270,7 +279,7 @@ def plot(runs: list[dict[str, Any]], flaws: list[str], agents: list[str], budget
             hits = np.array([r["steps"] if r["found"] else np.inf for r in rs])
             ys = [(hits <= x).mean() for x in xs]
             ax.plot(xs, ys, label=a, color=colors.get(a))
-        ax.set_title(f, fontsize=9)
+        ax.set_title(f if f == "all flaws" else f"{f} [{FLAW_ORIGINS[f]}]", fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xscale("log")
         ax.set_xlim(10, budget)

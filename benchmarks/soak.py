@@ -6,7 +6,12 @@ accounting check and a leak check) until at least ``--steps`` scheduler steps we
 taken, and prints steps/s and what was found, by signature.
 
 Usage: ``python benchmarks/soak.py [--json] [--steps N] [--variant V] [--seed S]
-[--episodes E] [--episode-steps M] [--no-oracles]``
+[--episodes E] [--episode-steps M] [--no-oracles] [--base B]``
+
+``--base 6.2`` runs every episode on v4's base (and so in the mmap_lock fault mode, as
+6.2 has no per-VMA locks); ``--base 6.5`` forces base 6.5 with both fault modes drawn.
+Without ``--base`` each episode's base follows its fault mode (6.2 for mmap_lock, 6.5
+for vma_lock).
 
 With ``--episodes`` the run stops after that many episodes instead (``--seed S
 --episodes 1`` reproduces one episode of the soak test). Exit status 1 if anything was
@@ -33,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=0, help="stop after E episodes")
     p.add_argument("--episode-steps", type=int, default=2000, help="steps per episode")
     p.add_argument("--no-oracles", action="store_true", help="raw speed, nothing checked")
+    p.add_argument("--base", default=None, help="kernel base for every episode (6.2, 6.4, 6.5)")
     a = p.parse_args(argv)
+    overrides: dict[str, str] = {}
+    if a.base:
+        overrides["base"] = a.base
+        if a.base == "6.2":
+            overrides["fault_mode"] = "mmap_lock"
 
     t0 = time.perf_counter()
     steps = episodes = 0
@@ -42,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     first: dict[str, str] = {}
     seed = a.seed
     while (episodes < a.episodes) if a.episodes else (steps < a.steps):
-        r = run_episode(seed, a.episode_steps, a.variant, oracles=not a.no_oracles)
+        r = run_episode(seed, a.episode_steps, a.variant, oracles=not a.no_oracles,
+                        **overrides)
         steps += r.steps
         episodes += 1
         found = ([v.split(":", 1)[0] for v in r.violations]
@@ -56,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         seed += 1
     wall = time.perf_counter() - t0
     out = {
-        "variant": a.variant, "oracles": not a.no_oracles, "episodes": episodes,
+        "variant": a.variant, "base": a.base or "by fault mode",
+        "oracles": not a.no_oracles, "episodes": episodes,
         "episode_steps": a.episode_steps, "first_seed": a.seed, "steps": steps,
         "wall_s": round(wall, 2), "steps_per_s": round(steps / wall) if wall else None,
         "violations": sum(v for k, v in counts.items() if not k.startswith(("defect", "leak"))),
@@ -68,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(out, sort_keys=True))
     else:
-        print(f"{a.variant}: {steps} steps in {episodes} episodes, {out['wall_s']} s, "
+        print(f"{a.variant} (base {out['base']}): {steps} steps in {episodes} episodes, "
+              f"{out['wall_s']} s, "
               f"{out['steps_per_s']} steps/s (oracles {'on' if out['oracles'] else 'off'})")
         print(f"violations {out['violations']}, defects {out['defects']}, "
               f"leaks {out['leaks']}")

@@ -56,7 +56,7 @@ import yaml
 
 from .fileio import atomic_write_text
 from .kernel import Kernel, KernelUsageError, make_kernel
-from .kernel.config import FLAW_IDS, PRESETS, KernelConfig, config_from_dict
+from .kernel.config import PRESETS, KernelConfig, config_from_dict
 from .kernel.ops import ERRNO_NAMES, OPS, validate_args
 from .kernel.trace import KINDS, Violation, trace_hash
 
@@ -479,10 +479,9 @@ def preset_of(cfg: KernelConfig) -> str | None:
     """Name of the preset a config equals, if any."""
     if cfg.variant == "classic":
         return "classic"
-    if not cfg.flaws:
-        return "fixed"
-    if set(cfg.flaws) == set(FLAW_IDS):
-        return "as-posted"
+    for name, (variant, flaws) in PRESETS.items():
+        if variant == cfg.variant and set(flaws) == set(cfg.flaws):
+            return name
     return None
 
 

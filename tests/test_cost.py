@@ -125,10 +125,15 @@ def test_closed_forms_match_the_simulation(ptrs: int, writes: int) -> None:
             for w in range(writes):
                 k.do(1, "write", addr=base + (t * ptrs + w) * 4096)
         want = C.analytic_fork_cost(variant, n_tables, ptrs, writes)
+        if preset == "as-posted" and writes:
+            # v4's slow path installs its table through pmd_install (pmd_lock + a PMD
+            # update) after pmd_clear; the analytic break is the fixed design's.
+            want += n_tables * (C.SPIN_LOCK_ROUNDTRIP_NS + C.PMD_UPDATE_NS)
         got = k.cost.fork_attributable_ns
-        if preset == "fixed":
-            # The fixed design may write-lock the PMD's VMAs before sharing a table
-            # (per-VMA locks postdate v4): at most one rwsem round trip per table more.
+        if preset in ("fixed", "as-posted"):
+            # Unless the seeded flaw vma-lock-fault-breaks-shared is on (it is not in
+            # as-posted), copy_cow_pte_range write-locks the PMD's VMAs before sharing a
+            # table: at most one rwsem round trip per table more.
             assert want - 1e-6 <= got <= want + n_tables * C.RWSEM_ROUNDTRIP_NS + 1e-6
         else:
             assert got == pytest.approx(want, rel=1e-9), (preset, ptrs)

@@ -297,16 +297,22 @@ def _fork_then_write(env: CowEnv):
     return res + run_to_end(env, 1)
 
 
+#: The flaw whose splat the reward/ignore/schedule tests below use: fault-asserts-write-lock
+#: alone (as-posted also has fork-ptl-nesting, whose lockdep splat at the COW fork comes
+#: first and turns lockdep off, as in the kernel).
+ASSERT_ONLY = {"variant": "cowpte", "flaws": ["fault-asserts-write-lock"]}
+
+
 @pytest.mark.skipif(not HAVE_COWPTE, reason="needs the cowpte variant")
 def test_violation_reward_terminates_and_is_once_per_signature():
-    env = small(violation_reward=7.0)
+    env = small(violation_reward=7.0, **ASSERT_ONLY)
     res = _fork_then_write(env)
     obs, r, term, trunc, info = res[-1]
     assert term and r == 7.0
     assert info["violation"]["signature"] == "lock-discipline@handle_cow_pte_fault"
     assert {"kind", "site", "signature", "step", "message", "tid"} <= set(info["violation"])
     # Not terminating: the same signature again earns nothing.
-    env = small(violation_reward=7.0, terminate_on_violation=False)
+    env = small(violation_reward=7.0, terminate_on_violation=False, **ASSERT_ONLY)
     res = _fork_then_write(env)
     assert sum(r for _, r, *_ in res) == 7.0 and not any(t for _, _, t, *_ in res)
     addr = env.regions[0][0] + env.config.pmd_size  # another, still shared table
@@ -318,7 +324,7 @@ def test_violation_reward_terminates_and_is_once_per_signature():
 
 @pytest.mark.skipif(not HAVE_COWPTE, reason="needs the cowpte variant")
 def test_ignored_signatures_neither_pay_nor_terminate():
-    env = small(ignore_signatures=["lock-discipline@handle_cow_pte_fault"])
+    env = small(ignore_signatures=["lock-discipline@handle_cow_pte_fault"], **ASSERT_ONLY)
     res = _fork_then_write(env)
     assert any(i["violations"] for *_, i in res)
     assert not any(i["violation"] for *_, i in res)
@@ -417,7 +423,7 @@ def test_get_schedule_replays_exactly(tmp_path):
 
 @pytest.mark.skipif(not HAVE_COWPTE, reason="needs the cowpte variant")
 def test_get_schedule_of_a_violation():
-    env = small()
+    env = small(**ASSERT_ONLY)
     _fork_then_write(env)
     data = env.get_schedule(name="found")
     v = data["expect"]["violation"]
@@ -431,7 +437,8 @@ def test_get_schedule_of_a_violation():
 
 # ----------------------------------------------------------------------------- observations
 def test_observation_contents():
-    env = small()
+    # As posted, the COW fork below trips fork-ptl-nesting's lockdep splat: keep going.
+    env = small(terminate_on_violation=False)
     obs, _ = env.reset(seed=0)
     lay = env.obs_layout
     ft = env.encoder.thread_width
@@ -507,11 +514,10 @@ def _flaw_scripts(A, B, C, T, ps):
             (2, "munmap", {"addr": C, "length": 22 * T - C}), ("run", 2), ("run", 1),
             ("run", 2), (3, "exit", {}), ("run", 3), (2, "exit", {}), ("run", 2), (1, "exit", {}),
             ("run", 1)]),
-        "rmap-stale-table": ({}, [(1, "write", {"addr": A}), ("run", 1)] + fork + [
-            (0, "reclaim", {"nr": 1, "addr": A, "proc_slot": 0}),
-            ("run", 0, "try_to_unmap_one:table_found"),
-            (1, "write", {"addr": A}), ("run", 1), ("run", 0), (1, "read", {"addr": A}),
-            ("run", 1)]),
+        "rmap-stale-table": ({}, fork + [
+            (0, "reclaim", {"nr": 1, "addr": C, "proc_slot": 0}),
+            ("run", 0, "try_to_unmap_one:broken"),
+            (1, "fork", {}), ("run", 1, "anon_vma_fork:wait"), ("run", 0), ("run", 1)]),
         "zap-partial-shared": ({}, fork + [
             (1, "madvise", {"addr": A, "length": T // 2, "advice": "DONTNEED"}), ("run", 1),
             (1, "read", {"addr": A}), ("run", 1)]),
@@ -530,6 +536,7 @@ def _flaw_scripts(A, B, C, T, ps):
             ("run", 2), (1, "write", {"addr": A}), ("run", 1),
             (2, "dev_read", {"pin_slot": 0}), ("run", 2)]),
         "read-fault-fills-shared": ({}, fork + [(3, "read", {"addr": C + ps}), ("run", 3)]),
+        "fork-ptl-nesting": ({}, fork),
         "recover-skips-vma": ({}, [
             (1, "madvise", {"addr": B, "length": T, "advice": "DONTFORK"}), ("run", 1)] + fork
             + [(3, "read", {"addr": C}), ("run", 3)]),

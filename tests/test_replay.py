@@ -456,7 +456,9 @@ def test_finding_store_dedups_and_resumes(tmp_path: Path) -> None:
             assert p.name == signature_slug(sig) + ".yaml" and p.exists()
             sc = load_scenario(p)
             assert replay(sc).reproduced
-            assert len(sc.steps) <= min(len(d["steps"]) for d in by_sig[sig])
+            # The stored file is the first schedule of that signature, minimised (a
+            # local minimum: a later schedule of the same signature may be shorter).
+            assert len(sc.steps) <= len(by_sig[sig][0]["steps"])
     idx = json.loads((store_dir / "index.json").read_text())
     assert [r["signature"] for r in idx["findings"]] == fs.signatures
     hits = {r["signature"]: r["hits"] for r in idx["findings"]}

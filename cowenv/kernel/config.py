@@ -14,6 +14,8 @@ from typing import Any
 #: fault on ``pte_none`` installs the zero-page PTE into the shared table.
 #: ``recover-skips-vma`` was found by cowenv's soak test: after ``recover_pte_range`` v4
 #: falls back to ``copy_pte_range`` only if ``recover_end`` lies inside ``src_vma``.
+#: ``fork-ptl-nesting`` was added by issue 12 (v4 02/14 takes ``pmd_install``'s
+#: ``pmd_lock`` inside the source PTE lock).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -28,15 +30,116 @@ FLAW_IDS: tuple[str, ...] = (
     "gup-fast-fork-race",
     "read-fault-fills-shared",
     "recover-skips-vma",
+    "fork-ptl-nesting",
 )
+
+#: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
+#: ``v4``: the posted code does it (the patch and line are quoted in :data:`FLAW_SOURCES`).
+#: ``seeded``: a concern of the seed thread or the review that v4's code does not have,
+#: kept as a benchmark flaw. ``as-posted`` is exactly the ``v4`` flaws; ``review`` adds
+#: the seeded ones. Displays (``cowenv scenario run``, campaign summaries,
+#: ``benchmarks/bug_finding.py``) read the origin from here.
+FLAW_ORIGINS: dict[str, str] = {
+    "fault-asserts-write-lock": "v4",
+    "pmd-clear-window": "v4",
+    "mprotect-ignores-break-failure": "v4",
+    "walker-skips-break": "seeded",
+    "vma-lock-fault-breaks-shared": "seeded",
+    "rmap-stale-table": "v4",
+    "zap-partial-shared": "v4",
+    "swapin-ignores-break-failure": "v4",
+    "nr-ptes-on-oom": "v4",
+    "wipeonfork-shared": "v4",
+    "gup-fast-fork-race": "seeded",
+    "read-fault-fills-shared": "v4",
+    "recover-skips-vma": "v4",
+    "fork-ptl-nesting": "v4",
+}
+
+#: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
+#: source and why v4 does not have it (``seeded``).
+FLAW_SOURCES: dict[str, str] = {
+    "fault-asserts-write-lock":
+        "03/14 mm/memory.c handle_cow_pte_fault: `mmap_assert_write_locked(mm);` "
+        "(reached from __handle_mm_fault under mmap_read_lock; review R3)",
+    "pmd-clear-window":
+        "03/14 mm/memory.c handle_cow_pte_fault: `mm_dec_nr_ptes(mm); pmd_clear(pmd); "
+        "orig_dst_pte = dst_pte = pte_alloc_map_lock(mm, pmd, addr, &dst_ptl);` then "
+        "`set_pte_at(mm, addr, dst_pte, *src_pte);` for every non-none entry (review R3)",
+    "mprotect-ignores-break-failure":
+        "09/14 mm/mprotect.c change_pte_range: `if (break_cow_pte(vma, pmd, addr)) "
+        "return 0;` (review R2)",
+    "walker-skips-break":
+        "seeded (seed, review R1): v4 07/14 madvise_free_pte_range does break: "
+        "`if (break_cow_pte(vma, pmd, addr)) goto next;`",
+    "vma-lock-fault-breaks-shared":
+        "seeded (seed, review R4): per-VMA-lock faults are 6.4; v4 is based on v6.2-rc7",
+    "rmap-stale-table":
+        "04/14 mm/page_vma_mapped.c page_vma_mapped_walk: `if (break_cow_pte(vma, "
+        "pvmw->pmd, pvmw->address)) return not_found(pvmw);` then `if (!map_pte(pvmw))`: "
+        "nothing keeps the table unshared between the break and the PTL (review R5)",
+    "zap-partial-shared":
+        "03/14 mm/memory.c zap_pte_range: `if (!range_in_vma(vma, addr & PMD_MASK, "
+        "(addr + PMD_SIZE) & PMD_MASK))` tests the VMA, not the zap range; "
+        "`pte_is_shared = true` keeps the entries (analysis C1)",
+    "swapin-ignores-break-failure":
+        "03/14 mm/memory.c handle_pte_fault: `handle_cow_pte_fault(vmf); return "
+        "do_swap_page(vmf);` (result ignored; analysis C2)",
+    "nr-ptes-on-oom":
+        "03/14 mm/memory.c handle_cow_pte_fault: `mm_dec_nr_ptes(mm);` before the "
+        "allocation; on failure only `set_pmd_at(mm, addr, pmd, cowed_entry);` (analysis C3)",
+    "wipeonfork-shared":
+        "02/14 mm/memory.c copy_cow_pte_range: only `if (curr->vm_flags & VM_DONTCOPY)` "
+        "refuses sharing (analysis C4)",
+    "gup-fast-fork-race":
+        "seeded (review R8): v4 02/14 shares from copy_pmd_range, inside "
+        "copy_page_range's raw_write_seqcount_begin(&src_mm->write_protect_seq)",
+    "read-fault-fills-shared":
+        "03/14 mm/memory.c __handle_mm_fault: breaks only `if ((flags & "
+        "(FAULT_FLAG_WRITE|FAULT_FLAG_UNSHARE) || vma->vm_ops) && ...)`: an anonymous "
+        "read fault fills the shared table with the zero page (analysis C8)",
+    "recover-skips-vma":
+        "02/14 mm/memory.c copy_pmd_range: falls back to copy_pte_range only when "
+        "recover_end lies inside src_vma, else `continue` (found by cowenv's soak)",
+    "fork-ptl-nesting":
+        "02/14 mm/memory.c copy_cow_pte_range: `spin_lock(src_ptl); pmd_get_pte(src_pmd); "
+        "pmd_install(dst_mm, dst_pmd, &pte_table);`: pmd_lock inside the PTE lock, against "
+        "upstream's pmd_lock -> PTE lock; on x86-64 both are ptlocks of ptlock_init()'s "
+        "one lockdep class (include/linux/mm.h): a lockdep splat at every COW fork",
+}
+
+#: Signatures a campaign on a preset should treat as already known (issue 12): on
+#: ``as-posted``/``review`` the lockdep splat of ``fault-asserts-write-lock`` fires at the
+#: first COW break outside fork in nearly every episode, and ``fork-ptl-nesting``'s at
+#: every COW fork. The flaw stays faithful (v4's
+#: ``mmap_assert_write_locked`` is a ``WARN_ON`` that fires every time); campaigns pass
+#: these as the env's ``ignore_signatures`` so that the other flaws' harm is what gets
+#: filed, minimised and summarised. Where this is wired: ``campaign.default_env_kwargs``.
+PRESET_KNOWN_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "as-posted": ("lock-discipline@handle_cow_pte_fault", "lock-discipline@pmd_install"),
+    "review": ("lock-discipline@handle_cow_pte_fault", "lock-discipline@pmd_install"),
+}
+
+#: Kernel bases (the upstream release whose semantics the model follows).
+#: ``6.2``: v4's base (v6.2-rc7): ``pte_offset_map[_lock]`` cannot fail and walks
+#: whatever the PMD holds; no per-VMA locks; a R/O ``FOLL_LONGTERM`` pin may pin the
+#: shared zero page. ``6.4``: adds per-VMA-lock faults. ``6.5``: ``pte_offset_map_lock``
+#: re-checks the PMD under the PTL and fails/retries (Hugh Dickins' series), and R/O
+#: long-term pins unshare the zero page. See docs/kernel-bases.md.
+BASES: tuple[str, ...] = ("6.2", "6.4", "6.5")
 
 #: Variant names. ``classic`` is upstream (>= 6.2) semantics; ``cowpte`` is COW PTE v4.
 VARIANTS: tuple[str, ...] = ("classic", "cowpte")
 
 #: Presets: a preset names a variant plus a flaw set.
+#: ``as-posted`` = the v4-origin flaws (on base 6.2 by default); ``review`` = as-posted
+#: plus the seeded flaws.
+AS_POSTED_FLAWS: tuple[str, ...] = tuple(f for f in FLAW_IDS if FLAW_ORIGINS[f] == "v4")
+SEEDED_FLAWS: tuple[str, ...] = tuple(f for f in FLAW_IDS if FLAW_ORIGINS[f] == "seeded")
 PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "classic": ("classic", ()),
-    "as-posted": ("cowpte", FLAW_IDS),
+    "as-posted": ("cowpte", AS_POSTED_FLAWS),
+    "review": ("cowpte", FLAW_IDS),
     "fixed": ("cowpte", ()),
 }
 
@@ -79,6 +182,10 @@ class KernelConfig:
             inversion reports. Off, ``mmap_assert_write_locked`` only checks that the
             lock is held at all (``VM_BUG_ON_MM(!rwsem_is_locked)``), as in a
             production kernel like the one the v4 author ran cow.c on.
+        base: The upstream release whose semantics are modelled (:data:`BASES`). Empty
+            (the default) resolves to ``6.2``, v4's base, unless ``fault_mode`` is
+            ``vma_lock``, which needs per-VMA locks and resolves to ``6.5`` (what cowenv
+            modelled before bases existed). ``vma_lock`` with base ``6.2`` is an error.
     """
 
     variant: str = "classic"
@@ -92,6 +199,7 @@ class KernelConfig:
     max_threads: int = 8
     max_processes: int = 8
     lockdep: bool = True
+    base: str = ""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -118,10 +226,21 @@ class KernelConfig:
                              f"got {self.nr_swap_slots}")
         if self.fault_mode not in FAULT_MODES:
             raise ValueError(f"fault_mode: expected one of {', '.join(FAULT_MODES)}")
+        if not self.base:
+            object.__setattr__(self, "base", "6.5" if self.fault_mode == "vma_lock" else "6.2")
+        if self.base not in BASES:
+            raise ValueError(f"base: expected one of {', '.join(BASES)}, got {self.base!r}")
+        if self.fault_mode == "vma_lock" and not self.base_at_least("6.4"):
+            raise ValueError(f"fault_mode: vma_lock needs per-VMA locks (Linux 6.4); "
+                             f"base {self.base} has none (use base 6.4 or 6.5)")
         if not 1 <= self.max_threads <= 64:
             raise ValueError("max_threads: expected 1..64")
         if not 1 <= self.max_processes <= 64:
             raise ValueError("max_processes: expected 1..64")
+
+    def base_at_least(self, version: str) -> bool:
+        """Whether the modelled base is ``version`` or later (e.g. ``"6.5"``)."""
+        return tuple(map(int, self.base.split("."))) >= tuple(map(int, version.split(".")))
 
     def has(self, flaw: str) -> bool:
         """Return whether flaw ``flaw`` is switched on."""
@@ -140,7 +259,7 @@ class KernelConfig:
 
     @classmethod
     def from_preset(cls, preset: str, **kw: Any) -> KernelConfig:
-        """Build a config from a preset name (``classic``, ``as-posted``, ``fixed``)."""
+        """Build a config from a preset name (``classic``, ``as-posted``, ``review``, ``fixed``)."""
         if preset not in PRESETS:
             raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
         variant, flaws = PRESETS[preset]
@@ -174,7 +293,9 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
     if "flaws" in d:
         f = d.pop("flaws")
         if isinstance(f, str):
-            if f in ("as-posted", "all"):
+            if f == "as-posted":
+                f = list(AS_POSTED_FLAWS)
+            elif f in ("review", "all"):
                 f = list(FLAW_IDS)
             elif f in ("fixed", "none", ""):
                 f = []
@@ -203,6 +324,13 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
             kw[k] = v
     if "fault_mode" in d:
         kw["fault_mode"] = d.pop("fault_mode")
+    if "base" in d:
+        b = d.pop("base")
+        if isinstance(b, float | int) and not isinstance(b, bool):
+            b = f"{b:.1f}"
+        if not isinstance(b, str):
+            raise ValueError(f"base: expected one of {', '.join(BASES)}, got {b!r}")
+        kw["base"] = b
     for b in ("split_ptl", "lockdep"):
         if b in d:
             v = d.pop(b)
@@ -217,5 +345,7 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
 
 
 __all__ = ["MAX_FRAMES", "MAX_SWAP_SLOTS", "MAX_PTRS_PER_PTE",
-           "FLAW_IDS", "VARIANTS", "PRESETS", "GEOMETRIES", "FAULT_MODES", "KernelConfig",
+           "FLAW_IDS", "FLAW_ORIGINS", "PRESET_KNOWN_SIGNATURES", "FLAW_SOURCES",
+           "AS_POSTED_FLAWS", "SEEDED_FLAWS", "BASES", "VARIANTS", "PRESETS", "GEOMETRIES",
+           "FAULT_MODES", "KernelConfig",
            "config_from_dict"]

@@ -37,7 +37,7 @@ from .kernel import Kernel
 from .locks import WRITE
 from .mm import MMF_COW_PTE, VM_DONTCOPY, VM_WIPEONFORK, MmStruct, Vma
 from .ops import EAGAIN, EINVAL, ENOMEM
-from .pgtable import PmdEntry, PteTable
+from .pgtable import PFN_SHIFT, PTE_PRESENT, PmdEntry, PteTable
 from .sched import Gen, Thread
 
 
@@ -179,6 +179,16 @@ class CowPteKernel(Kernel):
         spmd = src_mm.pmd[idx]
         table = spmd.table
         ptl = self.pte_lockptr(src_mm, table)
+        # Flaw fork-ptl-nesting (v4 02/14): v4 takes the child's PMD lock inside the
+        # source PTE lock (``spin_lock(src_ptl); pmd_get_pte(src_pmd);
+        # pmd_install(dst_mm, dst_pmd, &pte_table);``), against upstream's pmd_lock ->
+        # PTE lock order (locks.LOCK_ORDER); on x86-64 with split PMD ptlocks both are
+        # ptlocks, of the one lockdep class of ptlock_init()'s spin_lock_init, so lockdep
+        # reports recursive locking there. Fixed: the child's PMD lock first, then the
+        # source PTE lock (the order of retract_page_tables / collapse_pte_mapped_thp).
+        nested = not self.config.has("fork-ptl-nesting")
+        if nested:
+            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
         ret, recover_end = 0, 0
         snapshot = np.zeros(0, dtype=np.int64)
@@ -210,14 +220,18 @@ class CowPteKernel(Kernel):
             snapshot = table.entries[:recover_end].copy()
         if ret == 0:
             self.pmd_get_pte(spmd)
-            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+            if not nested:
+                yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
             dst_mm.pmd[idx] = PmdEntry(table, False)  # set_pmd_at(dst, pmd_wrprotect(src))
             dst_mm.mm_inc_nr_ptes()
-            self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+            if not nested:
+                self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
             spmd.write = False  # pmdp_set_wrprotect(src)
             self.cost.charge("table_ref")
             self.cost.charge("pmd_update", 2)
         self.unlock(t, ptl, WRITE, "copy_cow_pte_range")
+        if nested:
+            self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         yield "copy_cow_pte_range:done"
         return ret, recover_end, snapshot
 
@@ -353,21 +367,43 @@ class CowPteKernel(Kernel):
 
     def _break_slow_v4(self, t: Thread, vma: Vma, idx: int, cowed: PmdEntry,
                        nofail: bool) -> Gen:
-        """v4's slow path.
+        """v4's slow path of ``handle_cow_pte_fault`` (03/14, ``mm/memory.c``), line by line.
 
-        Flaw ``pmd-clear-window`` (seed, review R3; DH: "what stops another page fault
-        stumbling over that pmd_none() and allocating an empty page table?"): v4 does
-        ``mm_dec_nr_ptes`` and ``pmd_clear`` and allocates the new table with **no lock
-        held**; a concurrent fault in the same mm sees ``pmd_none``, installs an empty
-        table and maps a page; v4 then sets the PMD to its copy without re-checking it:
-        the concurrent mapping is lost, its table and page leaked. Fixed
-        (:meth:`_break_slow_fixed`): allocate first, then copy and install under the PMD
-        lock and the old table's PTL after re-checking ``pmd_same``; the PMD is never
-        none in between.
+        v4::
 
-        Flaw ``nr-ptes-on-oom`` (analysis C3): if that allocation fails v4 restores the
-        old PMD but not ``nr_ptes``, so ``pgtables_bytes`` is off at teardown. Fixed:
-        re-charge it.
+            cowed_entry = READ_ONCE(*pmd);
+            mm_dec_nr_ptes(mm);
+            pmd_clear(pmd);
+            orig_dst_pte = dst_pte = pte_alloc_map_lock(mm, pmd, addr, &dst_ptl);
+            if (unlikely(!dst_pte)) {
+                set_pmd_at(mm, addr, pmd, cowed_entry);
+                ret = -ENOMEM; goto out;
+            }
+            src_pte = pte_offset_map_lock(mm, &cowed_entry, addr, &src_ptl);
+            do { if (pte_none(*src_pte)) continue;
+                 set_pte_at(mm, addr, dst_pte, *src_pte); } while (...);
+            pte_unmap_unlock(orig_dst_pte, dst_ptl);
+            if (!pmd_put_pte(&cowed_entry)) { ... clear the new table; pmd_clear(pmd);
+                 pte_free(mm, token); set_pmd_at(mm, start, pmd, pmd_mkwrite(cowed)); }
+            pte_unmap_unlock(orig_src_pte, src_ptl);
+
+        ``pte_alloc_map_lock`` (v6.2 ``include/linux/mm.h``) is ``pte_alloc(mm, pmd) ?
+        NULL : pte_offset_map_lock(...)``; ``pte_alloc`` allocates only if
+        ``pmd_none(*pmd)``, and ``__pte_alloc`` → ``pmd_install`` (``mm/memory.c``) takes
+        ``pmd_lock`` and installs only ``if (likely(pmd_none(*pmd)))``, else frees its
+        table. So no PMD is overwritten: a table that a concurrent fault installed in the
+        window is reused as ``dst``.
+
+        Flaw ``pmd-clear-window`` (review R3; DH: "what stops another page fault
+        stumbling over that pmd_none() and allocating an empty page table?"): between
+        ``pmd_clear`` and ``pte_alloc_map_lock`` no lock is held; a concurrent fault of
+        the same mm (mmap_lock read) sees ``pmd_none``, installs its own table and maps a
+        fresh page. The breaker then copies every non-none entry of the old shared table
+        into that table with ``set_pte_at``: at an offset the shared table maps, the
+        concurrent fault's fresh page is overwritten (leaked: mapcount, refcount and
+        MM_ANONPAGES still count it) and its write is lost. At an offset the shared table
+        leaves empty nothing is lost. Fixed (:meth:`_break_slow_fixed`): no ``pmd_none``
+        window at all.
         """
         mm = vma.mm
         old = cowed.table
@@ -375,39 +411,64 @@ class CowPteKernel(Kernel):
         if mm.pmd.get(idx) is cowed:
             del mm.pmd[idx]  # pmd_clear
         yield "handle_cow_pte_fault:pmd_cleared"
-        new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
-        if new is None:
-            mm.pmd[idx] = cowed  # set_pmd_at(..., cowed)
-            if not self.config.has("nr-ptes-on-oom"):
-                mm.mm_inc_nr_ptes()
+        # pte_alloc_map_lock -> pte_alloc: only if pmd_none(*pmd).
+        if mm.pmd.get(idx) is None:
+            new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
+            if new is None:
+                mm.pmd[idx] = cowed  # set_pmd_at(mm, addr, pmd, cowed_entry): blind
+                # Flaw nr-ptes-on-oom (analysis C3): the mm_dec_nr_ptes above is not
+                # undone. Fixed: re-charge it.
+                if not self.config.has("nr-ptes-on-oom"):
+                    mm.mm_inc_nr_ptes()
+                return -ENOMEM
+            yield "handle_cow_pte_fault:allocated"
+            # pmd_install: under pmd_lock, populate only a still-empty PMD.
+            yield from self.lock(t, mm.page_table_lock, WRITE, "pmd_install")
+            if mm.pmd.get(idx) is None:
+                self.pmd_populate(mm, idx, new)
+                new = None
+            self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
+            if new is not None:
+                self.pte_free(new, "pmd_install")  # __pte_alloc: if (new) pte_free(mm, new)
+        got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_cow_pte_fault")
+        if got is None:  # only on base 6.5, where pte_offset_map_lock may fail
             return -ENOMEM
-        yield "handle_cow_pte_fault:allocated"
-        # pte_alloc_map_lock as v4 uses it: the PMD is set to the new table without
-        # looking at what a concurrent fault may have installed meanwhile.
-        mm.pmd[idx] = PmdEntry(new, True)
-        mm.mm_inc_nr_ptes()
-        nptl = self.pte_lockptr(mm, new)
+        dst, nptl = got
         optl = self.pte_lockptr(mm, old)
-        yield from self.lock(t, nptl, WRITE, "handle_cow_pte_fault")
-        yield from self.lock(t, optl, WRITE, "handle_cow_pte_fault")
+        same = optl is nptl
+        if not same:
+            yield from self.lock(t, optl, WRITE, "handle_cow_pte_fault")
         if not self.check_table_live(old, "handle_cow_pte_fault"):
-            self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
+            if not same:
+                self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
             self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
             return 0
         self._charge_break_copy(old)
-        self.set_ptes(t, mm, new, 0, old.entries.copy(), "handle_cow_pte_fault")
+        src = old.entries.copy()
+        nz = np.flatnonzero(src)  # if (pte_none(*src_pte)) continue;
+        for off in nz:
+            self.set_ptes(t, mm, dst, int(off), int(src[off]), "handle_cow_pte_fault")
+        self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")  # pte_unmap_unlock(dst)
         if not self.pmd_put_pte(cowed):
-            # The count was 1: someone else dropped theirs meanwhile. Clear and free the
-            # new table and re-install the old one as writable.
-            self.set_ptes(t, mm, new, 0, np.zeros(self.P, dtype=np.int64),
-                          "handle_cow_pte_fault")
+            # The count was 1: someone else dropped theirs meanwhile. Clear the new table,
+            # pmd_clear, pte_free it (v4: no RCU/IPI deferral) and re-install the old one
+            # writable.
+            cur = mm.pmd.get(idx)
+            if cur is not None:
+                ct = cur.table
+                cptl = self.pte_lockptr(mm, ct)
+                if cptl is not optl:
+                    yield from self.lock(t, cptl, WRITE, "handle_cow_pte_fault")
+                self.set_ptes(t, mm, ct, 0, np.zeros(self.P, dtype=np.int64),
+                              "handle_cow_pte_fault")
+                if cptl is not optl:
+                    self.unlock(t, cptl, WRITE, "handle_cow_pte_fault")
+                del mm.pmd[idx]
+                if ct is not old:
+                    self.pte_free(ct, "handle_cow_pte_fault")
             mm.pmd[idx] = PmdEntry(old, True)
+        if not same:
             self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
-            self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
-            self.pte_free(new, "handle_cow_pte_fault")
-        else:
-            self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
-            self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")
         self._flush_tlb_range(t, mm, idx)
         return 0
 
@@ -425,14 +486,19 @@ class CowPteKernel(Kernel):
             return -ENOMEM
         yield "handle_cow_pte_fault:allocated"
         old = cowed.table
-        optl = self.pte_lockptr(mm, old)
-        # Same nesting as copy_cow_pte_range (table PTL, then the PMD lock); without
-        # split PTLs both are mm->page_table_lock.
-        yield from self.lock(t, optl, WRITE, "break_cow_pte")
-        if optl is not mm.page_table_lock:
-            yield from self.lock(t, mm.page_table_lock, WRITE, "break_cow_pte")
+        # Upstream's order: pmd_lock, then the PTE lock nested (``pml = pmd_lock(mm,
+        # pmd); if (ptl != pml) spin_lock_nested(ptl, SINGLE_DEPTH_NESTING);`` as in
+        # 6.5's retract_page_tables). Without split PTLs both are mm->page_table_lock.
+        # ``old`` cannot have been freed: it is only freed after every PMD pointing at it
+        # was cleared, and pmd_same below proves ours was not, and we hold the PMD lock.
+        # The old table's PTL is looked up under the PMD lock, after pmd_same.
+        yield from self.lock(t, mm.page_table_lock, WRITE, "break_cow_pte")
         cur = mm.pmd.get(idx)
-        if cur is not cowed or cur.write or old.freed:
+        same = cur is cowed and not cur.write  # pmd_same(*pmd, cowed_entry)
+        optl = self.pte_lockptr(mm, old) if same else mm.page_table_lock
+        if optl is not mm.page_table_lock:
+            yield from self.lock(t, optl, WRITE, "break_cow_pte")
+        if not same:
             pass  # somebody else broke or unmapped it meanwhile
         elif self.cow_pte_count(old) == 1:
             cowed.write = True
@@ -444,8 +510,8 @@ class CowPteKernel(Kernel):
             old.refcount -= 1
             new = None
         if optl is not mm.page_table_lock:
-            self.unlock(t, mm.page_table_lock, WRITE, "break_cow_pte")
-        self.unlock(t, optl, WRITE, "break_cow_pte")
+            self.unlock(t, optl, WRITE, "break_cow_pte")
+        self.unlock(t, mm.page_table_lock, WRITE, "break_cow_pte")
         if new is not None:
             self.pte_free(new, "break_cow_pte")
         self._flush_tlb_range(t, mm, idx)
@@ -616,19 +682,81 @@ class CowPteKernel(Kernel):
         self.cost.charge("table_ref")
         return self.pmd_put_pte(pmd)
 
-    def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable,
-                       site: str) -> Gen:
-        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (``try_to_unmap_one``).
+    def _rmap_map_pte(self, t: Thread, vma: Vma, vpn: int, pfn: int, site: str) -> Gen:
+        """``page_vma_mapped_walk`` with v4's ``PVMW_BREAK_COW_PTE`` (04/14).
 
-        ``folio_referenced_one`` may clear young bits in a shared table.
+        Fixed: as upstream (:meth:`RmapMixin._rmap_map_pte`) with the break of
+        :meth:`cow_rmap_table` and the re-validation of :meth:`rmap_table_still_valid`.
 
         Flaw ``rmap-stale-table`` (review R5; DH: "when a page table gets replaced and
-        modified, while rmap code still walks the shared copy"): the walker found the
-        table before a concurrent break replaced it; v4 decides whether to break from
-        the PMD it sees now but keeps the table it found, and does not re-validate the
-        PMD under the PTL, so it modifies the old table on behalf of this mm. Fixed: use
-        the table the PMD points at after breaking, and re-validate under the PTL
-        (:meth:`rmap_table_still_valid`).
+        modified, while rmap code still walks the shared copy"): v4, line by line. 04/14
+        ``mm/page_vma_mapped.c``::
+
+            if (pvmw->flags & PVMW_BREAK_COW_PTE) {
+                    if (break_cow_pte(vma, pvmw->pmd, pvmw->address))
+                            return not_found(pvmw);
+            }
+            if (!map_pte(pvmw))
+                    goto next_pte;
+
+        and v6.2's ``map_pte``: ``pvmw->pte = pte_offset_map(pvmw->pmd, pvmw->address);``
+        … ``pvmw->ptl = pte_lockptr(pvmw->vma->vm_mm, pvmw->pmd); spin_lock(pvmw->ptl);``
+        The walker holds no mmap_lock, only the anon_vma lock of *this* VMA, so between
+        the break and ``spin_lock`` a fork (which shares the whole PMD from
+        ``copy_pmd_range`` of an earlier VMA of that PMD) may share the freshly broken
+        table again, and ``try_to_unmap_one`` then rewrites an entry of a shared table;
+        and the two PMD reads of ``map_pte`` may see different tables (a concurrent break
+        of a re-shared table in between), or a PMD cleared by v4's slow path, which v6.2's
+        ``pte_offset_map`` walks as it is (no ``pmd_none`` check; a crash). Nothing is
+        re-validated under the PTL.
+        """
+        if not self.config.has("rmap-stale-table"):
+            return (yield from super()._rmap_map_pte(t, vma, vpn, pfn, site))
+        mm = vma.mm
+        idx, off = divmod(vpn, self.P)
+        if mm.pmd.get(idx) is None:
+            return None  # if (!pmd_present(pmde)) { step_forward(...); continue; }
+        yield f"{site}:table_found"
+        if site == "try_to_unmap_one":  # PVMW_BREAK_COW_PTE
+            r = yield from self.break_cow_pte(t, vma, idx, "page_vma_mapped_walk")
+            if r:
+                return None  # not_found()
+            yield f"{site}:broken"
+        # map_pte: pte_offset_map(pvmw->pmd, ...) reads the PMD ...
+        cur = mm.pmd.get(idx)
+        if cur is None:
+            if not self.config.base_at_least("6.5"):
+                self._report("memory-safety", site,
+                             "pte_offset_map walks a cleared PMD (v6.2 has no pmd_none check)")
+            return None
+        table = cur.table
+        yield f"{site}:pte_offset_map"
+        # ... and pte_lockptr(mm, pvmw->pmd) reads it again.
+        cur = mm.pmd.get(idx)
+        if cur is None:
+            if not self.config.base_at_least("6.5"):
+                self._report("memory-safety", site,
+                             "pte_lockptr of a cleared PMD (v6.2 has no pmd_none check)")
+            return None
+        ptl = self.pte_lockptr(mm, cur.table)
+        yield from self.lock(t, ptl, WRITE, site)
+        if not self.check_table_live(table, site):
+            self.unlock(t, ptl, WRITE, site)
+            return None
+        pte = int(table.entries[off])
+        if not pte & PTE_PRESENT or pte >> PFN_SHIFT != pfn:  # check_pte()
+            self.unlock(t, ptl, WRITE, site)
+            return None
+        return table, ptl, off
+
+    def cow_rmap_table(self, t: Thread, vma: Vma, idx: int, table: PteTable,
+                       site: str) -> Gen:
+        """``page_vma_mapped_walk`` with ``PVMW_BREAK_COW_PTE`` (fixed design).
+
+        ``try_to_unmap_one`` breaks first; ``folio_referenced_one`` (no
+        ``PVMW_BREAK_COW_PTE`` in v4) may clear young bits in a shared table. Returns the
+        table the PMD points at after the break (re-validated under the PTL by
+        :meth:`rmap_table_still_valid`), or None (``not_found``).
         """
         mm = vma.mm
         if site == "try_to_unmap_one":
@@ -637,22 +765,19 @@ class CowPteKernel(Kernel):
                 r = yield from self.break_cow_pte(t, vma, idx, "page_vma_mapped_walk")
                 if r:
                     return None  # not_found()
-        if self.config.has("rmap-stale-table"):
-            return table
+                yield f"{site}:broken"
         cur = mm.pmd.get(idx)
         return None if cur is None else cur.table
 
     def rmap_table_still_valid(self, mm: MmStruct, idx: int, table: PteTable,
                                site: str = "") -> bool:
-        """See :meth:`cow_rmap_table` (flaw ``rmap-stale-table``: no re-validation).
+        """Fixed design's re-validation under the PTL (``pmd_same``, as 6.5's walkers do).
 
         Fixed: besides ``pmd_same``, a walker that modifies entries
         (``try_to_unmap_one``) needs the table to be still unshared: a fork may have
         shared it while the walker waited for the PTL; it then skips the mapping, as
         ``page_vma_mapped_walk`` returning ``not_found`` does.
         """
-        if self.config.has("rmap-stale-table"):
-            return True
         if not super().rmap_table_still_valid(mm, idx, table, site):
             return False
         if site == "try_to_unmap_one":

@@ -6,8 +6,10 @@ Models ``include/linux/mmap_lock.h`` (``mmap_read_lock`` … ``mmap_write_downgr
 of ``include/linux/mm.h`` and ``mm/pgtable-generic.c``. The lock objects themselves and
 lockdep live in :mod:`cowenv.kernel.locks`.
 
-Version note: ``pte_offset_map_lock`` re-checks the PMD under the PTL and retries, as
-``__pte_offset_map_lock`` does since 6.5; on 6.2 it cannot fail.
+Version note (``config.base``): on 6.5 ``pte_offset_map_lock`` re-checks the PMD under
+the PTL and retries, as ``__pte_offset_map_lock`` does since 6.5; on 6.2/6.4 it is the
+macro of ``include/linux/mm.h`` and cannot fail: it reads the PMD once, locks that
+table's PTL and hands back that table, whatever the PMD holds by then.
 """
 
 from __future__ import annotations
@@ -81,9 +83,18 @@ class LockingMixin:
     def mmap_assert_write_locked(self, t: Thread, mm: MmStruct, site: str) -> None:
         """``mmap_assert_write_locked``: a lockdep splat unless held for write.
 
-        Without lockdep only ``VM_BUG_ON_MM(!rwsem_is_locked(&mm->mmap_lock))`` remains.
+        ``lockdep_assert_held_write`` (``include/linux/lockdep.h``) is
+        ``WARN_ON(debug_locks && !lockdep_is_held_type(l, 0))``: it warns every time while
+        lockdep is on, and never after lockdep turned itself off. Without lockdep only
+        ``VM_BUG_ON_MM(!rwsem_is_locked(&mm->mmap_lock))`` remains.
         """
         if not self.config.lockdep:
+            if not mm.mmap_lock.is_locked():
+                self._report("lock-discipline", site, "VM_BUG_ON_MM: mmap_lock not locked")
+            return
+        if not self.lockdep.debug_locks:
+            # lockdep turned itself off after an earlier splat: lockdep_assert_held_write
+            # is WARN_ON(debug_locks && ...); only the VM_BUG_ON_MM remains.
             if not mm.mmap_lock.is_locked():
                 self._report("lock-discipline", site, "VM_BUG_ON_MM: mmap_lock not locked")
             return
@@ -119,12 +130,25 @@ class LockingMixin:
         """``pte_lockptr``: the table's split PTL, or ``mm->page_table_lock``."""
         return table.ptl if self.config.split_ptl else mm.page_table_lock
     def pte_offset_map_lock(self, t: Thread, mm: MmStruct, idx: int, site: str) -> Gen:
-        """``pte_offset_map_lock`` (6.5 semantics): lock the PMD's table, re-check the PMD.
+        """``pte_offset_map_lock``: lock the PMD's table; returns ``(table, ptl)`` or None.
 
-        Lock the table the PMD points at and re-check the PMD under the lock; returns
-        ``(table, ptl)`` or None if the PMD is none (the caller retries or bails out, as
-        ``pte_offset_map`` failing does).
+        Base 6.5 (``__pte_offset_map_lock`` in ``mm/pgtable-generic.c``, since 6.5): lock
+        the table the PMD points at and re-check ``pmd_same`` under the lock, retrying;
+        None if the PMD is none (``pte_offset_map`` failing).
+
+        Base 6.2/6.4 (the ``include/linux/mm.h`` macro: ``__ptl = pte_lockptr(mm, pmd);
+        __pte = pte_offset_map(pmd, address); spin_lock(__ptl);``): the PMD is read once
+        and never re-checked. None stands for the ``pmd_none`` test every 6.2 caller does
+        before (``handle_pte_fault``, ``follow_pmd_mask``, ``__pte_alloc``).
         """
+        if not self.config.base_at_least("6.5"):
+            pmd = mm.pmd.get(idx)
+            if pmd is None:
+                return None
+            table = pmd.table
+            ptl = self.pte_lockptr(mm, table)
+            yield from self.lock(t, ptl, WRITE, site)
+            return table, ptl
         while True:
             pmd = mm.pmd.get(idx)
             if pmd is None:

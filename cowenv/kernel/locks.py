@@ -160,22 +160,39 @@ class RwSemaphore(Lock):
         return self.writer is not None or bool(self.readers)
 
 
-#: The kernel's lock order (outermost first), used to name inversions in messages.
+#: The kernel's lock order (outermost first). Lockdep starts from it (see
+#: :class:`Lockdep`), so an acquisition against it is reported the first time it happens.
+#: Sources: the "Lock ordering in mm" comment at the top of ``mm/rmap.c`` (v6.2:
+#: ``mm->mmap_lock`` … ``anon_vma->rwsem`` … ``mm->page_table_lock or pte_lock``;
+#: ``vma_start_write`` joins it in 6.4, between the page lock and ``i_mmap_rwsem``), and
+#: for the PMD lock before the PTE lock the upstream nesting ``pml = pmd_lock(mm, pmd); …
+#: if (ptl != pml) spin_lock_nested(ptl, SINGLE_DEPTH_NESTING);`` of
+#: ``retract_page_tables`` and ``collapse_pte_mapped_thp`` (``mm/khugepaged.c``, 6.5,
+#: Hugh Dickins). ``page_table_lock`` here is ``pmd_lock`` (``mm->page_table_lock`` or
+#: the split PMD ptlock); ``ptl`` is ``pte_lockptr``.
 LOCK_ORDER = ("mmap_lock", "vma_lock", "anon_vma", "page_table_lock", "ptl")
 
 
 class Lockdep:
     """Lock-order checking between lock classes, as ``kernel/locking/lockdep.c``.
 
-    Records an edge ``A -> B`` whenever a thread takes a lock of class ``B`` while holding
+    Starts from the documented order :data:`LOCK_ORDER` (as if every documented nesting
+    had been observed once), then records an edge ``A -> B`` whenever a thread takes a
+    lock of class ``B`` while holding
     one of class ``A``; an acquisition that closes a cycle is an inversion. Nesting
     within one class (``ptl`` → ``ptl`` in ``copy_pte_range`` with
     ``SINGLE_DEPTH_NESTING``, two ``mmap_lock`` in ``dup_mmap``) is annotated in the
     kernel and not reported here either.
     """
 
-    def __init__(self) -> None:
-        self.edges: dict[str, set[str]] = {}
+    def __init__(self, order: tuple[str, ...] = LOCK_ORDER) -> None:
+        # Primed with the documented order: A -> B for every B after A in ``order``.
+        self.edges: dict[str, set[str]] = {a: set(order[i + 1:]) for i, a in enumerate(order)}
+        #: ``debug_locks``: lockdep reports once, then turns itself off, as the kernel's
+        #: ``print_circular_bug`` / ``print_deadlock_bug`` do (``debug_locks_off()``:
+        #: "turning off the locking correctness validator"); ``lockdep_assert_held*``
+        #: (``WARN_ON(debug_locks && !...)``) is silent from then on too.
+        self.debug_locks = True
 
     def _reaches(self, src: str, dst: str) -> bool:
         seen = {src}
@@ -191,7 +208,12 @@ class Lockdep:
         return False
 
     def acquire(self, held_classes: list[str], new: str) -> str | None:
-        """Record the acquisition; return a message if it inverts a known order."""
+        """Record the acquisition; return a message if it inverts a known order.
+
+        After the first message ``debug_locks`` is off and nothing more is checked.
+        """
+        if not self.debug_locks:
+            return None
         msg = None
         for h in held_classes:
             if h == new:
@@ -199,4 +221,6 @@ class Lockdep:
             if msg is None and self._reaches(new, h):
                 msg = f"possible circular locking: acquiring {new} while holding {h}"
             self.edges.setdefault(h, set()).add(new)
+        if msg is not None:
+            self.debug_locks = False
         return msg
