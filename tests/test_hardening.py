@@ -506,3 +506,13 @@ def test_fork_cost_quick_never_writes_committed_results(tmp_path: Path) -> None:
     assert plot.exists() and tmp_path in plot.parents
     after = committed.stat().st_mtime_ns if committed.exists() else None
     assert after == before
+
+
+@pytest.mark.parametrize("argv", [["fuzz", "--out", ""], ["train", "--out", ""],
+                                  ["train", "--log-dir", " "]])
+def test_empty_paths_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                 monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert "expected a" in _one_line(capsys)
+    assert list(tmp_path.iterdir()) == []  # not even a .lock in the current folder
