@@ -1105,6 +1105,8 @@ def _run_fuzz(a: argparse.Namespace) -> int:
         raise BadInput(f"--workers: expected 1 to {MAX_WORKERS}, got {a.workers}")
     if not 0 <= a.seed <= MAX_SEED:
         raise BadInput(f"--seed: expected 0 to 2**63-1, got {a.seed}")
+    if not a.out.strip():
+        raise BadInput("--out: expected a folder name, got ''")
     akw: dict[str, Any] = {}
     if a.depth is not None:
         if a.agent != "pct":
@@ -1159,6 +1161,9 @@ def _run_train(a: argparse.Namespace) -> int:
         raise BadInput(f"--n-envs: expected 1 to {MAX_WORKERS}, got {a.n_envs}")
     if not 0 <= a.seed <= MAX_SEED:
         raise BadInput(f"--seed: expected 0 to 2**63-1, got {a.seed}")
+    for flag, v in (("--out", a.out), ("--log-dir", a.log_dir)):
+        if not v.strip():
+            raise BadInput(f"{flag}: expected a path, got ''")
     kw = env_kwargs_from_args(a, {})
     from .fileio import check_output_path
 

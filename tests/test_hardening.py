@@ -209,8 +209,9 @@ def test_second_campaign_on_the_same_folder_is_refused(tmp_path: Path,
     proc = subprocess.Popen(_fuzz_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env())
     try:
-        _wait(lambda: lock_holder(out) == proc.pid, 60, proc)
-        assert campaign_status(out) in (None, "running")
+        # Locked, campaign.json written and the workers started: the campaign runs.
+        _wait(lambda: lock_holder(out) == proc.pid and campaign_status(out) == "running"
+              and len(_children(proc.pid)) >= 2, 60, proc)
         assert cli.main(["fuzz", "--workers", "2", "--budget", str(10**7), "--geometry",
                          "small", "--flaws", FLAWS, "--out", str(out), "--quiet"]) == 2
         line = _one_line(capsys)
@@ -507,3 +508,13 @@ def test_fork_cost_quick_never_writes_committed_results(tmp_path: Path) -> None:
     assert plot.exists() and tmp_path in plot.parents
     after = committed.stat().st_mtime_ns if committed.exists() else None
     assert after == before
+
+
+@pytest.mark.parametrize("argv", [["fuzz", "--out", ""], ["train", "--out", ""],
+                                  ["train", "--log-dir", " "]])
+def test_empty_paths_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                 monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert "expected a" in _one_line(capsys)
+    assert list(tmp_path.iterdir()) == []  # not even a .lock in the current folder
