@@ -184,7 +184,7 @@ def _register_optional() -> None:
     """Subcommands living in other modules register here (imported lazily)."""
     import importlib
 
-    for mod in ("cowenv.replay", "cowenv.minimize", "cowenv.chrome_trace", "cowenv.campaign",
+    for mod in ("cowenv.replay", "cowenv.minimize", "cowenv.chrome_trace", "cowenv.campaign_cli",
                 "cowenv.export", "cowenv.difftest", "cowenv.explore"):
         try:
             m = importlib.import_module(mod)
