@@ -154,7 +154,7 @@ def _backend_from_args(a: argparse.Namespace, workers: int) -> Any:
 def _print_summary(res: CampaignResult) -> None:
     from rich.table import Table
 
-    from .cli import print_table
+    from .cli import flaw_origins_text, print_table
 
     state = "interrupted" if res.interrupted else "finished"
     t = Table(title=f"{len(res.findings)} finding(s); {res.steps:,} steps, {res.episodes:,} "
@@ -171,7 +171,7 @@ def _print_summary(res: CampaignResult) -> None:
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
         mark = "" if r["minimised"] else " (raw)"
         fl = r.get("flaws")
-        flaws = "-" if fl is None else (", ".join(fl) if fl else "(combination)")
+        flaws = "-" if fl is None else (flaw_origins_text(fl) if fl else "(combination)")
         for f in fl or []:
             if f != "fixed":
                 shown[f] = None

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .kernel.config import FLAW_IDS
+from .kernel.config import FLAW_IDS, PRESETS
 
 EXIT_OK, EXIT_FAIL, EXIT_BADINPUT = 0, 1, 2
 
@@ -29,13 +29,28 @@ class _Parser(argparse.ArgumentParser):
 def _flaws_arg(s: str) -> list[str]:
     if s in ("", "none"):
         return []
-    if s in ("all", "as-posted"):
+    if s == "all":
         return list(FLAW_IDS)
+    if s in PRESETS:  # a preset's flaw set (as-posted: the v4-origin flaws)
+        return list(PRESETS[s][1])
     out = [x.strip() for x in s.split(",") if x.strip()]
     for f in out:
         if f not in FLAW_IDS:
             raise BadInput(f"--flaws: unknown flaw id {f!r} (known: {', '.join(FLAW_IDS)})")
     return out
+
+
+def flaw_origins_text(flaws: Any) -> str:
+    """Flaws with their origin (``v4`` or ``seeded``): each one, or counts when many."""
+    from .kernel.config import FLAW_ORIGINS
+
+    flaws = list(flaws or ())
+    if not flaws:
+        return "-"
+    if len(flaws) <= 2:
+        return ", ".join(f"{f} ({FLAW_ORIGINS.get(f, '?')})" for f in flaws)
+    n_v4 = sum(FLAW_ORIGINS.get(f) == "v4" for f in flaws)
+    return f"{n_v4} v4, {len(flaws) - n_v4} seeded"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -125,17 +140,18 @@ def _run_scenario(a: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title=f"{len(rows)} scenario(s)")
-        for c in ("scenario", "expected", "observed", "pass"):
+        for c in ("scenario", "flaws (origin)", "expected", "observed", "pass"):
             t.add_column(c)
         for path, r in rows:
             if isinstance(r, str):
-                t.add_row(path, "-", f"[red]bad input: {r.removeprefix(path + ': ')}[/red]",
+                t.add_row(path, "-", "-", f"[red]bad input: {r.removeprefix(path + ': ')}[/red]",
                           "[red]ERROR[/red]")
                 continue
             obs = ", ".join(v.signature for v in r.violations) or "none"
             if r.error:
                 obs = f"[red]error: {r.error}[/red]"
-            t.add_row(r.path or r.name, r.expected.describe(), obs,
+            flaws = flaw_origins_text(r.config.flaws if r.config is not None else ())
+            t.add_row(r.path or r.name, flaws, r.expected.describe(), obs,
                       "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]")
         print_table(t)
         n = sum(r.passed for r in results)
