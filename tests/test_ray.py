@@ -206,7 +206,7 @@ def _raylet_pid(node_manager_port: int) -> int:
 @needs_ray
 def test_campaign_spans_two_nodes_and_survives_losing_one(cluster: dict[str, Any],
                                                           tmp_path: Path) -> None:
-    budget, seed = 60_000, 2
+    budget, seed = 300_000, 2  # long enough that the kill lands mid-campaign
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cowenv", "fuzz", "--backend", "ray", "--address",
            cluster["address"], "--workers", "2", "--budget", str(budget), "--seed", str(seed),
