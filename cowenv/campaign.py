@@ -829,10 +829,13 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
     except KeyboardInterrupt:
         interrupted = True
         stop.set()
-        for p in procs.values():
-            if p.pid is None:
-                continue
-            p.join(timeout=5.0)
+        # Keep reading the queue while the workers stop: a worker exits only once its
+        # queue buffer is flushed into the pipe, which a full pipe nobody reads blocks.
+        started = [p for p in procs.values() if p.pid is not None]
+        deadline = time.monotonic() + 10.0
+        while any(p.is_alive() for p in started) and time.monotonic() < deadline:
+            _drain(q, wsteps, weps)
+        for p in started:
             if p.is_alive():
                 p.terminate()
         _drain(q, wsteps, weps)

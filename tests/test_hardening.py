@@ -219,7 +219,7 @@ def test_second_campaign_on_the_same_folder_is_refused(tmp_path: Path,
                         "for it to end or use another --out")
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert lock_holder(out) is None and campaign_status(out) == "interrupted"
 
