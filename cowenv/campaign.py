@@ -849,6 +849,12 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                 minimiser.join(timeout=5.0)
             if minimiser.is_alive():
                 minimiser.terminate()
+                # Tasks still buffered for a minimiser that is gone would block this
+                # process's exit (the queue's feeder thread waits on a full pipe).
+                for mq in (min_tasks, min_results):
+                    cancel = getattr(mq, "cancel_join_thread", None)
+                    if cancel is not None:
+                        cancel()
             minimiser.join(timeout=5.0)
         for p in procs.values():
             if p.pid is None:  # never started
