@@ -81,6 +81,10 @@ def _fuzz_cmd(out: Path, budget: int) -> list[str]:
             "--out", str(out), "--quiet"]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_findings(out: Path, n: int, proc: subprocess.Popen, timeout: float = 60.0) -> list:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -99,8 +103,10 @@ def _wait_findings(out: Path, n: int, proc: subprocess.Popen, timeout: float = 6
 def test_interrupted_campaign_resumes_with_nothing_lost(how: str, tmp_path: Path) -> None:
     budget = 300_000  # the harness path is fast: leave time to interrupt it mid-campaign
     out = tmp_path / "run"
+    # SIGINT back to its default in the child: a shell that runs the suite in the
+    # background (job control off) starts everything with SIGINT ignored.
     proc = subprocess.Popen(_fuzz_cmd(out, budget), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     before = _wait_findings(out, 2, proc)
     time.sleep(0.2)
     proc.send_signal(getattr(signal, how))

@@ -206,8 +206,10 @@ def _findings(out: Path) -> int:
 def test_second_campaign_on_the_same_folder_is_refused(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "c"
+    # SIGINT back to its default in the child (a background shell starts it ignored).
     proc = subprocess.Popen(_fuzz_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env())
+                            text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Locked, campaign.json written and the workers started: the campaign runs.
         _wait(lambda: lock_holder(out) == proc.pid and campaign_status(out) == "running"
