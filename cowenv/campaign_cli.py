@@ -151,7 +151,7 @@ def _backend_from_args(a: argparse.Namespace, workers: int) -> Any:
     return session()
 
 
-def _print_summary(res: CampaignResult) -> None:
+def _print_summary(res: CampaignResult, flaws_on: tuple[str, ...] = ()) -> None:
     from rich.table import Table
 
     from .cli import flaw_origins_text, print_table
@@ -179,10 +179,9 @@ def _print_summary(res: CampaignResult) -> None:
                   Path(r["file"]).name)
     print_table(t)
     if shown:
-        from .kernel.config import FLAW_IDS
-
+        of = f" of the {len(flaws_on)} on" if flaws_on else ""
         print(f"flaws demonstrated (switched on alone, the flaw reproduces a finding): "
-              f"{len(shown)} of {len(FLAW_IDS)}: {', '.join(sorted(shown))}")
+              f"{len(shown)}{of}: {', '.join(sorted(shown))}")
     for e in res.errors:
         print(f"error: {e.strip().splitlines()[-1]}", file=sys.stderr)
     if res.findings:
@@ -223,7 +222,9 @@ def _run_fuzz(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(res.to_dict(), sort_keys=True))
     else:
-        _print_summary(res)
+        from .harness import Harness
+
+        _print_summary(res, Harness(**env_kw).config.flaws)
     if res.interrupted:
         return 130 if not res.errors else EXIT_FAIL
     return EXIT_FAIL if res.errors else EXIT_OK
