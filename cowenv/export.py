@@ -73,6 +73,10 @@ class ExportError(ValueError):
     """The scenario cannot be exported (one line)."""
 
 
+#: Boolean arguments and their one-letter keys in the runtime's command lines.
+_FLAG_KEYS = {"shared": "s", "populate": "u", "write": "w", "fast": "f"}
+
+
 def _errno_value(name: str) -> int:
     inv = {n: c for c, n in ERRNO_NAMES.items()}
     return -inv[name.lstrip("-")]
@@ -116,14 +120,8 @@ def op_line(i: int, s: dict[str, Any], nt: int | None, names: dict[str, Any],
             parts.append(f"l={int(v):#x}")
         elif k == "prot":
             parts.append(f"p={parse_prot(v)}")
-        elif k == "shared":
-            parts.append(f"s={int(bool(v))}")
-        elif k == "populate":
-            parts.append(f"u={int(bool(v))}")
-        elif k == "write":
-            parts.append(f"w={int(bool(v))}")
-        elif k == "fast":
-            parts.append(f"f={int(bool(v))}")
+        elif k in _FLAG_KEYS:
+            parts.append(f"{_FLAG_KEYS[k]}={int(bool(v))}")
         elif k == "advice":
             parts.append(f"v={ADVICES.index(str(v).upper().removeprefix('MADV_'))}")
         elif k == "nr":

@@ -285,6 +285,8 @@ class Harness:
         self.mask = np.zeros(len(cat), dtype=bool)
         self.done = False
         self.last_label = ""
+        #: Extra ``info`` entries the objective returned at the last reset.
+        self.objective_info: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- catalogue
     @property

@@ -177,16 +177,15 @@ class FuzzWorker:
                 "node": self.node}
 
 
-class _RayWorker:
-    """Driver-side handle of worker ``w``: a thread that drives its actor (process-like)."""
+class _ThreadProcess:
+    """A driver thread with the ``multiprocessing.Process`` surface campaigns use.
 
-    def __init__(self, be: RayBackend, cfg: dict[str, Any], w: int, out: str, q: Any,
-                 stop: threading.Event, known: list[str]) -> None:
-        self.be, self.cfg, self.w, self.out = be, cfg, w, Path(out)
-        self.q, self.stop, self.known = q, stop, list(known)
-        self.thread = threading.Thread(target=self._main, daemon=True,
-                                       name=f"cowenv-ray-worker-{w}")
-        self.actor: Any = None
+    Subclasses implement :meth:`_loop` (the work) and :meth:`terminate`; a failure of
+    ``_loop`` sets ``exitcode`` 1 and goes to :meth:`_failed`.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.thread = threading.Thread(target=self._main, daemon=True, name=name)
         self.exitcode: int | None = None
         self.killed = False
 
@@ -199,16 +198,19 @@ class _RayWorker:
         self.thread.start()
 
     def is_alive(self) -> bool:
-        # Alive until its last message has been read (a thread ends right after it puts).
-        return self.thread.is_alive() or not self.q.empty()
+        return self.thread.is_alive()
 
     def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
 
     def terminate(self) -> None:
-        self.killed = True
-        if self.actor is not None:
-            self.be.ray.kill(self.actor, no_restart=True)
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _failed(self) -> None:
+        traceback.print_exc()
 
     def _main(self) -> None:
         try:
@@ -216,8 +218,31 @@ class _RayWorker:
             self.exitcode = 0
         except BaseException:
             self.exitcode = 1
-            if not self.killed:
-                self.q.put(("error", self.w, traceback.format_exc()))
+            self._failed()
+
+
+class _RayWorker(_ThreadProcess):
+    """Driver-side handle of worker ``w``: a thread that drives its actor (process-like)."""
+
+    def __init__(self, be: RayBackend, cfg: dict[str, Any], w: int, out: str, q: Any,
+                 stop: threading.Event, known: list[str]) -> None:
+        self.be, self.cfg, self.w, self.out = be, cfg, w, Path(out)
+        self.q, self.stop, self.known = q, stop, list(known)
+        super().__init__(f"cowenv-ray-worker-{w}")
+        self.actor: Any = None
+
+    def is_alive(self) -> bool:
+        # Alive until its last message has been read (a thread ends right after it puts).
+        return self.thread.is_alive() or not self.q.empty()
+
+    def terminate(self) -> None:
+        self.killed = True
+        if self.actor is not None:
+            self.be.ray.kill(self.actor, no_restart=True)
+
+    def _failed(self) -> None:
+        if not self.killed:
+            self.q.put(("error", self.w, traceback.format_exc()))
 
     def _loop(self) -> None:
         ray, w = self.be.ray, self.w
@@ -275,43 +300,19 @@ def minimise_text(name: str, text: str, signature: str
         return minimise_finding(str(p), signature)
 
 
-class _RayMinimiser:
+class _RayMinimiser(_ThreadProcess):
     """Driver-side minimiser: ``(path, signature)`` tasks in, Ray tasks out, results back."""
 
     def __init__(self, be: RayBackend, tasks: queue_mod.Queue, results: queue_mod.Queue
                  ) -> None:
         self.be, self.tasks, self.results = be, tasks, results
-        self.thread = threading.Thread(target=self._main, daemon=True,
-                                       name="cowenv-ray-minimise")
-        self.exitcode: int | None = None
+        super().__init__("cowenv-ray-minimise")
         self.inflight: dict[Any, str] = {}
-        self.killed = False
-
-    @property
-    def pid(self) -> int | None:
-        return self.thread.native_id
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def is_alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def join(self, timeout: float | None = None) -> None:
-        self.thread.join(timeout)
 
     def terminate(self) -> None:
         self.killed = True
         for ref in list(self.inflight):
             self.be.ray.cancel(ref, force=True)
-
-    def _main(self) -> None:
-        try:
-            self._loop()
-            self.exitcode = 0
-        except BaseException:
-            self.exitcode = 1
-            traceback.print_exc()
 
     def _loop(self) -> None:
         ray = self.be.ray
