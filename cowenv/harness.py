@@ -26,9 +26,12 @@ the same configuration and actions give the same trace, rewards and schedule.
 from __future__ import annotations
 
 import copy
+import copyreg
+import io
 import json
+import pickle
 import zlib
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -129,6 +132,51 @@ class Coverage:
         return s
 
 
+#: ``Py_TPFLAGS_HEAPTYPE``: the type was created by a ``class`` statement.
+_TPFLAGS_HEAPTYPE = 1 << 9
+
+
+def _set_attrs(obj: Any, state: dict[str, Any]) -> None:
+    """Restore an unpickled instance's attributes one by one, in their original order.
+
+    The default restore (``inst.__dict__`` filled as a dict) leaves CPython 3.11+ a
+    materialised instance dict, and every later attribute read on that object misses the
+    inline-values fast path: a kernel unpickled that way steps about as much slower as
+    the snapshot saved (measured in session 2, issue 4). ``setattr`` in the original
+    order rebuilds the same inline layout as ``__init__`` did.
+    """
+    set_attr = object.__setattr__  # as the default restore: no __setattr__ override
+    for name, value in state.items():
+        set_attr(obj, name, value)
+
+
+class _SnapshotPickler(pickle.Pickler):
+    """Pickles instances with a ``__dict__`` so that they unpickle through :func:`_set_attrs`.
+
+    ``__slots__`` classes, containers, numpy arrays and named tuples keep the default
+    reduction (their attribute access does not depend on the instance dict).
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        if not cls.__flags__ & _TPFLAGS_HEAPTYPE or isinstance(obj, type) \
+                or cls.__reduce_ex__ is not object.__reduce_ex__ \
+                or cls.__reduce__ is not object.__reduce__:
+            return NotImplemented  # built-in types (functions too), classes, custom reduce
+        state = getattr(obj, "__dict__", None)
+        if state is None or hasattr(cls, "__slots__") or hasattr(cls, "__getstate__") \
+                and cls.__getstate__ is not object.__getstate__:
+            return NotImplemented
+        return (copyreg.__newobj__, (cls,), dict(state), None, None, _set_attrs)
+
+
+def snapshot_dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` (a post-workload kernel and friends) for :meth:`Harness.reset`."""
+    buf = io.BytesIO()
+    _SnapshotPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
 class HarnessStep:
     """What one :meth:`Harness.step` did.
 
@@ -182,6 +230,11 @@ class Harness:
         ValueError: A bad argument (one line naming it and what was expected).
 
     """
+
+    #: Reset from a pickled post-workload kernel (see :meth:`_run_workload`); False
+    #: re-runs the workload at every reset (``tests/test_harness_perf.py`` compares the
+    #: two, step for step).
+    reset_snapshot: ClassVar[bool] = True
 
     def __init__(self, preset: str | None = None, variant: str | None = None,
                  flaws: list[str] | tuple[str, ...] | None = None,
@@ -268,6 +321,8 @@ class Harness:
         self.objective = make_objective(objective, self, objective_kwargs)
 
         # Episode state (set by reset).
+        self._snapshot: bytes | None = None
+        self._snapshot_tried = False
         self._kernel: Kernel | None = None
         self.actions: list[int] = []
         self.recorded: list[dict[str, Any]] = []
@@ -359,19 +414,14 @@ class Harness:
 
         """
         self.episode_seed = int(seed)
-        k = make_kernel(self.config)
+        if self._snapshot is None:
+            self._run_workload()
+        if self._snapshot is not None:
+            k, self._names, self.workload_labels = pickle.loads(self._snapshot)
+            self._pending = {}
+        else:
+            k = self.kernel
         self._kernel = k
-        self._names, self._pending = {}, {}
-        self.workload_labels = []
-        for i, s in enumerate(self._workload_steps):
-            before = k.step_no
-            try:
-                apply_step(k, copy.deepcopy(s), self._names, self._pending, i)
-            except (StepError, KernelUsageError) as e:
-                raise RuntimeError(f"workload step {i}: {e}") from None
-            tid = s.get("tid")
-            self.workload_labels.append(thread_label(k, tid) if tid is not None
-                                        and k.step_no != before else None)
         self.actions, self.recorded, self.labels = [], [], []
         self.illegal_actions, self.episode_return = 0, 0.0
         self.elapsed = 0
@@ -389,6 +439,40 @@ class Harness:
         self.objective_info = self.objective.reset(k)
         self._compute_mask()
         return list(k.violations)
+
+    def _run_workload(self) -> None:
+        """Run the workload on a fresh kernel (``self._kernel``): the slow half of reset.
+
+        The workload is deterministic and does not depend on the episode seed, so its end
+        state is the same at every reset. The first time, when that state is quiescent
+        (no operation in progress, nothing bound for later), it is pickled
+        (:func:`snapshot_dumps`) and every reset, this one included, unpickles it: about
+        3x faster than re-running the workload on the small preset. The unpickled kernel
+        equals a fresh one: ``tests/test_harness_perf.py`` checks episodes step for step
+        and the trace corpus replays env episodes through it. Anything that cannot be
+        pickled (a live generator, say) leaves ``_snapshot`` None: every reset then runs
+        the workload.
+        """
+        k = make_kernel(self.config)
+        self._kernel = k
+        self._names, self._pending = {}, {}
+        self.workload_labels = []
+        for i, s in enumerate(self._workload_steps):
+            before = k.step_no
+            try:
+                apply_step(k, copy.deepcopy(s), self._names, self._pending, i)
+            except (StepError, KernelUsageError) as e:
+                raise RuntimeError(f"workload step {i}: {e}") from None
+            tid = s.get("tid")
+            self.workload_labels.append(thread_label(k, tid) if tid is not None
+                                        and k.step_no != before else None)
+        if self.reset_snapshot and not self._snapshot_tried and not self._pending and all(
+                t.gen is None for t in k.threads.values()):
+            self._snapshot_tried = True
+            try:
+                self._snapshot = snapshot_dumps((k, self._names, self.workload_labels))
+            except (pickle.PicklingError, TypeError, AttributeError):
+                self._snapshot = None
 
     def step(self, action: Any) -> HarnessStep:
         """Take catalogue action ``action``; an illegal or invalid one is a no-op.
