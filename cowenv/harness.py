@@ -338,6 +338,7 @@ class Harness:
         self._nv = 0
         self._ne = 0
         self.mask = np.zeros(len(cat), dtype=bool)
+        self._mask_memo: dict[tuple[int, ...], np.ndarray] = {}
         self.done = False
         self.last_label = ""
         #: Extra ``info`` entries the objective returned at the last reset.
@@ -573,13 +574,69 @@ class Harness:
 
     # ----------------------------------------------------------------- masks
     def _compute_mask(self) -> None:
+        """Set :attr:`mask` for the current state (a read-only array, shared between steps).
+
+        The mask depends only on the :meth:`_mask_key` of the state, which is cheaper to
+        compute than the mask (no numpy calls); masks are memoised by key, up to
+        ``_MASK_MEMO`` of them. A test checks the memoised mask against a fresh one.
+        """
+        key = self._mask_key()
+        m = self._mask_memo.get(key)
+        if m is None:
+            m = self._build_mask()
+            m.flags.writeable = False  # shared: a caller writing to it would corrupt others
+            if len(self._mask_memo) < self._MASK_MEMO:
+                self._mask_memo[key] = m
+        self.mask = m
+
+    #: Most masks memoised per harness (each a few hundred bytes).
+    _MASK_MEMO: ClassVar[int] = 4096
+
+    def _mask_key(self) -> tuple[int, ...]:
+        """What :meth:`_build_mask` reads, as a tuple of ints.
+
+        Per live thread in ``k.threads`` order: its tid, then -1 if it is runnable, -2 if
+        it is blocked, else (idle) the row of the templates mask: live processes for
+        kswapd, its process's active pins for a user thread; then whether
+        ``fail_nth`` is 0. ``(-3,)`` once the episode is done.
+        """
+        if self.done:
+            return (-3,)
+        k = self._kernel
+        assert k is not None
+        key: list[int] = []
+        pins: dict[int, int] | None = None
+        for tid, t in k.threads.items():
+            if t.exited:
+                continue
+            key.append(tid)
+            if t.gen is not None:
+                w = t.waiting
+                key.append(-1 if w is None or w[0].can_acquire(tid, w[1]) else -2)
+            elif tid == KSWAPD_TID:
+                n = 0
+                for p in k.procs.values():
+                    if p.alive:
+                        n += 1
+                key.append(n)
+            else:
+                if pins is None:
+                    pins = {}
+                    for p in k.pins.values():
+                        if p.active:
+                            pins[p.pid] = pins.get(p.pid, 0) + 1
+                key.append(pins.get(t.pid, 0))
+        key.append(k.fail_nth == 0)
+        return tuple(key)
+
+    def _build_mask(self) -> np.ndarray:
+        """The legal-action mask of the current state, computed from scratch."""
         k = self._kernel
         assert k is not None
         m = np.zeros(self._ncat, dtype=bool)
-        self.mask = m
         if self.done:
             m[self._ev_lo:] = True  # never an empty mask; events are harmless no-ops here
-            return
+            return m
         nu = self._n_user
         pins: dict[int, int] | None = None
         some = False  # whether any entry of m is set (m.any(), tracked in Python)
@@ -619,6 +676,7 @@ class Harness:
         # Pressure events are legal while none is pending, and whenever nothing else is.
         if k.fail_nth == 0 or not some:
             m[self._ev_lo:] = True
+        return m
 
     # ----------------------------------------------------------------- schedules
     def get_schedule(self, name: str | None = None, compact: bool = False,

@@ -2,6 +2,8 @@
 
 * :meth:`cowenv.harness.Harness.reset` unpickles a snapshot of the post-workload kernel
   instead of re-running the workload (``Harness.reset_snapshot``);
+* :meth:`cowenv.harness.Harness._compute_mask` memoises masks by a small key
+  (``Harness._mask_key``) instead of building each one;
 
 The trace-hash corpus (``tests/test_corpus.py``) replays env episodes through every fast
 path too; these tests compare the two paths step by step, with random legal actions.
@@ -76,3 +78,22 @@ def test_unpicklable_workload_state_falls_back_to_running_the_workload(monkeypat
     ref.reset_snapshot = False
     assert list(harness_rollout(h, 300, 0, 3)) == list(harness_rollout(ref, 300, 0, 3))
     assert h._snapshot is None
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_memoised_masks_equal_masks_built_from_scratch(env_id):
+    h = Harness(**dict(gym.spec(env_id).kwargs, preset="as-posted", max_processes=2))
+    rng = np.random.default_rng(4)
+    h.reset(0)
+    built = 0
+    for _ in range(1500):
+        assert np.array_equal(h.mask, h._build_mask())
+        assert not h.mask.flags.writeable
+        legal = np.flatnonzero(h.mask)
+        st = h.step(int(legal[rng.integers(len(legal))]))
+        if st.terminated or st.truncated:
+            assert np.array_equal(h.mask, h._build_mask())  # the "done" mask
+            h.reset(0)
+            built += 1
+    assert built >= 3
+    assert 1 < len(h._mask_memo) <= Harness._MASK_MEMO
