@@ -82,6 +82,7 @@ class ObservationEncoder:
         self._t_held = self._t_proc + NP
         self._inv_L = 1.0 / h.coverage.n_slots
         self._swap_nr = max(1, self.config.nr_swap_slots)
+        self._np = NP
         self._pins_active = 0
         self._elapsed = 0
 
@@ -115,24 +116,38 @@ class ObservationEncoder:
         self._elapsed = elapsed
         o = self._obs
         ov = self._ov
-        if spec is None or spec.kind == "run":
+        kind = "run" if spec is None else spec.kind
+        if kind == "run":
             o[:self._cov0] = self._blank
-            procs = k.live_procs()[:self.config.max_processes]
+            procs = [p for p in k.procs.values() if p.alive]  # k.live_procs(), inlined
+            if len(procs) > self._np:
+                del procs[self._np:]
             pslot = {p.pid: i for i, p in enumerate(procs)}
             self._enc_threads(k, ov, k.threads.items(), pslot)
             self._enc_mms(k, ov, procs)
-        elif spec.kind == "start":
-            t = k.threads[spec.tid]
-            procs = k.live_procs()[:self.config.max_processes]
-            b = spec.tid * self._ft
-            o[b:b + self._ft] = self._blank[b:b + self._ft]
-            self._enc_thread(k, ov, spec.tid, t, {p.pid: i for i, p in enumerate(procs)})
+        elif kind == "start":
+            tid = spec.tid
+            t = k.threads[tid]
+            pslot = {}
+            i = 0
+            for p in k.procs.values():  # the slot of t's process among the live ones
+                if p.alive:
+                    if i == self._np:
+                        break
+                    if p.pid == t.pid:
+                        pslot[p.pid] = i
+                        break
+                    i += 1
+            self._thread_blank(o, tid)
+            self._enc_threads(k, ov, ((tid, t),), pslot)
         self._enc_pressure(k, ov)
         return o.copy()
 
-    def _enc_thread(self, k: Kernel, o: Any, tid: int, t: Any,
-                    pslot: dict[int, int]) -> None:
-        self._enc_threads(k, o, ((tid, t),), pslot)
+    def _thread_blank(self, o: np.ndarray, tid: int) -> None:
+        """Reset thread ``tid``'s slot to its blank state ("absent")."""
+        b = tid * self._ft
+        o[b:b + self._ft] = 0.0
+        o[b] = 1.0
 
     def _enc_threads(self, k: Kernel, o: Any, items: Any, pslot: dict[int, int]) -> None:
         """Encode the ``(tid, thread)`` pairs of ``items`` (sparse stores)."""
@@ -233,17 +248,26 @@ class ObservationEncoder:
             if mm.write_protect_seq & 1:
                 o[b + 14] = 1.0
             b += fp
-        m0 = self._m0
         fm = self._fm
         n = len(procs)
         inv_np = 1.0 / NP
         split = self.config.split_ptl
         pmd_idx = self.pmd_indices
-        rows = [[d.get(idx) for idx in pmd_idx] for d in [p.mm.pmd for p in procs]]
-        b = m0
-        for i, row in enumerate(rows):
-            ptl_i = None if split else procs[i].mm.page_table_lock
-            for j, pmd in enumerate(row):
+        NS = len(pmd_idx)
+        if n > 1:  # the tables each process's PMD slots point at, for the sharing bits
+            tables = [[None if (e := p.mm.pmd.get(idx)) is None else e.table
+                       for idx in pmd_idx] for p in procs]
+        b0 = self._m0
+        for i, p in enumerate(procs):
+            d = p.mm.pmd
+            if not d:
+                b0 += NS * fm
+                continue
+            ptl_i = None if split else p.mm.page_table_lock
+            b = b0
+            b0 += NS * fm
+            for j, idx in enumerate(pmd_idx):
+                pmd = d.get(idx)
                 if pmd is None:
                     b += fm
                     continue
@@ -259,11 +283,9 @@ class ObservationEncoder:
                 if tb.freed:
                     o[b + 4] = 1.0
                 if n > 1:
-                    for q, other_row in enumerate(rows):
-                        if q != i:
-                            other = other_row[j]
-                            if other is not None and other.table is tb:
-                                o[b + 5 + q] = 1.0
+                    for q, row in enumerate(tables):
+                        if q != i and row[j] is tb:
+                            o[b + 5 + q] = 1.0
                 b += fm
 
     def _enc_pressure(self, k: Kernel, o: Any) -> None:
