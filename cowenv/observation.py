@@ -78,6 +78,7 @@ class ObservationEncoder:
         # Blank state of everything but the coverage: every thread slot "absent".
         self._blank = np.zeros(self._cov0, dtype=np.float32)
         self._blank[0:(NT + 1) * self._ft:self._ft] = 1.0
+        self._blank_mv = memoryview(self._blank)
         self._t_proc = 5 + len(OP_NAMES)
         self._t_held = self._t_proc + NP
         self._inv_L = 1.0 / h.coverage.n_slots
@@ -118,7 +119,7 @@ class ObservationEncoder:
         ov = self._ov
         kind = "run" if spec is None else spec.kind
         if kind == "run":
-            o[:self._cov0] = self._blank
+            ov[:self._cov0] = self._blank_mv  # memoryview copy: cheaper than numpy's
             procs = [p for p in k.procs.values() if p.alive]  # k.live_procs(), inlined
             if len(procs) > self._np:
                 del procs[self._np:]
@@ -146,8 +147,7 @@ class ObservationEncoder:
     def _thread_blank(self, o: np.ndarray, tid: int) -> None:
         """Reset thread ``tid``'s slot to its blank state ("absent")."""
         b = tid * self._ft
-        o[b:b + self._ft] = 0.0
-        o[b] = 1.0
+        self._ov[b:b + self._ft] = self._blank_mv[b:b + self._ft]
 
     def _enc_threads(self, k: Kernel, o: Any, items: Any, pslot: dict[int, int]) -> None:
         """Encode the ``(tid, thread)`` pairs of ``items`` (sparse stores)."""
