@@ -33,14 +33,16 @@ class LockingMixin:
 
         Lock contract: none (this is the primitive).
         """
-        for h, _ in t.held:
-            if h is lk:
-                self._report("lock-discipline", site, f"recursive acquisition of {lk.name}")
-                break
-        if self.config.lockdep:
-            msg = self.lockdep.acquire([h.cls for h, _ in t.held], lk.cls)
-            if msg:
-                self._report("lock-discipline", site, msg)
+        held = t.held
+        if held:  # (nothing held: nothing to check, and lockdep records no edge)
+            for h, _ in held:
+                if h is lk:
+                    self._report("lock-discipline", site, f"recursive acquisition of {lk.name}")
+                    break
+            if self.config.lockdep:
+                msg = self.lockdep.acquire([h.cls for h, _ in held], lk.cls)
+                if msg:
+                    self._report("lock-discipline", site, msg)
         if not lk.can_acquire(t.tid, mode):
             return self._lock_wait(t, lk, mode, site)
         # Uncontended: take it now and hand ``yield from`` an empty iterable (no

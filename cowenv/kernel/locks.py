@@ -215,12 +215,22 @@ class Lockdep:
         if not self.debug_locks:
             return None
         msg = None
+        edges = self.edges
         for h in held_classes:
             if h == new:
                 continue
+            out = edges.get(h)
+            if out is not None and new in out:
+                # A known edge h -> new. While debug_locks is on the graph has no cycle
+                # (every edge was added only after checking it closes none; the primed
+                # order is acyclic), so new cannot reach h: _reaches would say False.
+                continue
             if msg is None and self._reaches(new, h):
                 msg = f"possible circular locking: acquiring {new} while holding {h}"
-            self.edges.setdefault(h, set()).add(new)
+            if out is None:
+                edges[h] = {new}
+            else:
+                out.add(new)
         if msg is not None:
             self.debug_locks = False
         return msg
