@@ -502,7 +502,12 @@ class Harness:
             except (KernelUsageError, StepError):
                 record = None  # the mask said legal; treat a refusal as illegal
         illegal = record is None
-        new_slot = self.coverage.add(label) if label else -1
+        new_slot = -1
+        if label:
+            cov = self.coverage
+            s = cov.slot_of.get(label)
+            if s is None or not cov.seen[s]:  # (a label seen before: no call)
+                new_slot = cov.add(label)
         vs = k.violations
         new_v = vs[self._nv:] if len(vs) > self._nv else []
         self._nv = len(vs)
@@ -547,7 +552,8 @@ class Harness:
             else:
                 label = k.step(tid)
             self.recorded.append(rec)
-            self.labels.append(thread_label(k, tid))
+            t = k.threads[tid]
+            self.labels.append(t.label if t.gen is not None else f"{t.op}:done")  # thread_label
             self.last_label = label
             return rec, label
         if spec.kind == "event":

@@ -223,7 +223,9 @@ class SchedMixin:
             self._ev(tid, "point", label)
         self.coverage[label] = self.coverage.get(label, 0) + 1
         self._cur = None
-        self._check_deadlock()
+        if t.gen is None or t.waiting is not None or t.exited:
+            self._check_deadlock()
+        # (else t itself can run: _check_deadlock would return at once)
         return label
     def _finish(self, t: Thread, value: Any) -> None:
         t.gen = None
