@@ -6,6 +6,7 @@ run depends on, so that a scenario file can carry it verbatim.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -160,6 +161,12 @@ MAX_SWAP_SLOTS = 1 << 22
 MAX_PTRS_PER_PTE = 4096
 
 
+@functools.lru_cache(maxsize=64)
+def _version_at_least(base: str, version: str) -> bool:
+    """``base >= version`` as dotted version numbers (memoised: called on hot paths)."""
+    return tuple(map(int, base.split("."))) >= tuple(map(int, version.split(".")))
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Everything the simulated kernel is parameterised by.
@@ -240,7 +247,7 @@ class KernelConfig:
 
     def base_at_least(self, version: str) -> bool:
         """Whether the modelled base is ``version`` or later (e.g. ``"6.5"``)."""
-        return tuple(map(int, self.base.split("."))) >= tuple(map(int, version.split(".")))
+        return _version_at_least(self.base, version)
 
     def has(self, flaw: str) -> bool:
         """Return whether flaw ``flaw`` is switched on."""

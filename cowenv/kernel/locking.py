@@ -77,7 +77,10 @@ class LockingMixin:
         self._report("lock-discipline", site, f"releasing {lk.name} ({mode}) not held")
     def holds(self, t: Thread, lk: Lock, mode: str | None = None) -> bool:
         """Whether ``t`` holds ``lk`` (in ``mode`` if given)."""
-        return any(h is lk and (mode is None or m == mode) for h, m in t.held)
+        for h, m in t.held:
+            if h is lk and (mode is None or m == mode):
+                return True
+        return False
     def mmap_assert_locked(self, t: Thread, mm: MmStruct, site: str) -> None:
         """``mmap_assert_locked``: splat unless mmap_lock is held (any mode)."""
         if not self.holds(t, mm.mmap_lock):

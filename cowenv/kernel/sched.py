@@ -400,4 +400,7 @@ class SchedMixin:
                              tid=blocked[0])
     def quiescent(self) -> bool:
         """No operation in progress on any thread."""
-        return all(t.gen is None for t in self.threads.values())
+        for t in self.threads.values():
+            if t.gen is not None:
+                return False
+        return True
