@@ -415,9 +415,11 @@ class Harness:
 
         """
         self.episode_seed = int(seed)
-        if self._snapshot is None:
+        use_snapshot = self.reset_snapshot and self._snapshot is not None
+        if not use_snapshot:
             self._run_workload()
-        if self._snapshot is not None:
+            use_snapshot = self.reset_snapshot and self._snapshot is not None
+        if use_snapshot:
             k, self._names, self.workload_labels = pickle.loads(self._snapshot)
             self._pending = {}
         else:
