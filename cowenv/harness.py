@@ -160,9 +160,13 @@ class _SnapshotPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
         if not cls.__flags__ & _TPFLAGS_HEAPTYPE or isinstance(obj, type) \
+                or cls.__new__ is not object.__new__ \
                 or cls.__reduce_ex__ is not object.__reduce_ex__ \
-                or cls.__reduce__ is not object.__reduce__:
-            return NotImplemented  # built-in types (functions too), classes, custom reduce
+                or cls.__reduce__ is not object.__reduce__ \
+                or getattr(cls, "__setstate__", None) is not None:
+            # Built-in types (functions too), classes, subclasses of built-in containers
+            # (their contents are not in __dict__), custom reduce or restore.
+            return NotImplemented
         state = getattr(obj, "__dict__", None)
         if state is None or hasattr(cls, "__slots__") or hasattr(cls, "__getstate__") \
                 and cls.__getstate__ is not object.__getstate__:
