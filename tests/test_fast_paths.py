@@ -97,3 +97,32 @@ def test_memoised_masks_equal_masks_built_from_scratch(env_id):
             built += 1
     assert built >= 3
     assert 1 < len(h._mask_memo) <= Harness._MASK_MEMO
+
+
+def test_snapshot_reset_interns_strings_and_keeps_instance_layout():
+    """The unpickled kernel's strings are the interned ones, and its instance attributes
+    were restored one by one (not through ``__dict__``): what keeps its steps as fast as
+    a fresh kernel's."""
+    import sys
+
+    import cowenv.harness as harness_mod
+
+    restored: list[str] = []
+    orig = harness_mod._set_attrs
+
+    def spy(obj, state):
+        restored.append(type(obj).__name__)
+        orig(obj, state)
+
+    h = Harness(**gym.spec(cowenv.SMALL_ENV_ID).kwargs)
+    h.reset(0)
+    harness_mod._set_attrs = spy
+    try:
+        h.reset(1)
+    finally:
+        harness_mod._set_attrs = orig
+    assert type(h.kernel).__name__ in restored and "Oracle" in restored
+    mm = h.kernel.procs[1].mm
+    for s in (mm.mmap_lock.cls, mm.page_table_lock.cls, h.kernel.threads[1].op,
+              *h.kernel.coverage):
+        assert s is sys.intern(s)
