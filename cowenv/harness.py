@@ -177,22 +177,17 @@ class _SnapshotPickler(pickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:
         # Every string goes out as a persistent id, so that the load interns it
-        # (:class:`_SnapshotUnpickler`): a plain unpickled string is a new object, and
+        # (:func:`snapshot_loads`): a plain unpickled string is a new object, and
         # dict lookups and comparisons with the interned constants of the code (lock
         # classes, ops, cost categories) then compare contents instead of identities.
         return obj if type(obj) is str else None
 
 
-class _SnapshotUnpickler(pickle.Unpickler):
-    """Loads :func:`snapshot_dumps` data, interning every string."""
-
-    def persistent_load(self, pid: Any) -> Any:
-        return sys.intern(pid)
-
-
 def snapshot_loads(data: bytes) -> Any:
-    """Unpickle :func:`snapshot_dumps` data."""
-    return _SnapshotUnpickler(io.BytesIO(data)).load()
+    """Unpickle :func:`snapshot_dumps` data, interning every string."""
+    u = pickle.Unpickler(io.BytesIO(data))
+    u.persistent_load = sys.intern  # a built-in: no Python frame per string
+    return u.load()
 
 
 def snapshot_dumps(obj: Any) -> bytes:
