@@ -140,10 +140,10 @@ PRESET_KNOWN_SIGNATURES: dict[str, tuple[str, ...]] = {
 
 #: Kernel bases (the upstream release whose semantics the model follows).
 #: ``6.2``: v4's base (v6.2-rc7): ``pte_offset_map[_lock]`` cannot fail and walks
-#: whatever the PMD holds; no per-VMA locks; a R/O ``FOLL_LONGTERM`` pin may pin the
-#: shared zero page. ``6.4``: adds per-VMA-lock faults. ``6.5``: ``pte_offset_map_lock``
-#: re-checks the PMD under the PTL and fails/retries (Hugh Dickins' series), and R/O
-#: long-term pins unshare the zero page. See docs/kernel-bases.md.
+#: whatever the PMD holds; no per-VMA locks. ``6.4``: adds per-VMA-lock faults. ``6.5``:
+#: ``pte_offset_map_lock`` re-checks the PMD under the PTL and fails/retries (Hugh
+#: Dickins' series). R/O long-term pins unshare the zero page on every base (84209e87c696
+#: is in v6.2-rc1). See docs/kernel-bases.md.
 BASES: tuple[str, ...] = ("6.2", "6.4", "6.5")
 
 #: Variant names. ``classic`` is upstream (>= 6.2) semantics; ``cowpte`` is COW PTE v4.
