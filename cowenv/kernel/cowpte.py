@@ -215,10 +215,14 @@ class CowPteKernel(Kernel):
         spmd = src_mm.pmd[idx]
         table = spmd.table
         ptl = self.pte_lockptr(src_mm, table)
+        # With fork-ptl-nesting the child's PMD lock is taken inside the PTL at the start,
+        # where v4's pmd_install takes it, and held over the section.
         nested = not self.config.has("fork-ptl-nesting")
         if nested:
             yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
+        if not nested:
+            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         ret, recover_end = 0, 0
         snapshot = np.zeros(0, dtype=np.int64)
         for curr in src_mm.vmas_in(idx * P, (idx + 1) * P):
@@ -241,14 +245,12 @@ class CowPteKernel(Kernel):
             snapshot = table.entries[:recover_end].copy()
         if ret == 0:
             self.pmd_get_pte(spmd)
-            if not nested:
-                yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
             self._set_child_pmd(dst_mm, idx, table)
-            if not nested:
-                self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
             spmd.write = False  # pmdp_set_wrprotect(src)
             self.cost.charge("table_ref")
             self.cost.charge("pmd_update", 2)
+        if not nested:
+            self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         self.unlock(t, ptl, WRITE, "copy_cow_pte_range")
         if nested:
             self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
@@ -438,6 +440,7 @@ class CowPteKernel(Kernel):
             yield from self.lock(t, sptl, WRITE, "recover_pte_range")
             self.pmd_put_pte(src_mm.pmd[idx])
             self.unlock(t, sptl, WRITE, "recover_pte_range")
+            yield "recover_pte_range:cond_resched"  # v4's cond_resched() at the end
         return 0
 
     # ------------------------------------------------------------------ breaking COW
