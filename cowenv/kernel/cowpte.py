@@ -210,6 +210,10 @@ class CowPteKernel(Kernel):
             # design ignores per-VMA locks) it does not.
             for v in src_mm.vmas_in(idx * P, (idx + 1) * P):
                 yield from self.vma_start_write(t, v)
+            if idx not in src_mm.pmd:
+                # Emptied while fork waited for a VMA lock (only v4's pmd_clear window
+                # can do that under fork's mmap_lock): nothing left to share.
+                return 0, 0, None
         if self.config.has("fork-late-wrprotect"):
             return (yield from self._copy_cow_pte_range_v4(t, dst_vma, src_vma, idx))
         spmd = src_mm.pmd[idx]
@@ -367,10 +371,16 @@ class CowPteKernel(Kernel):
                     return r, vlo, None
         finally:
             table.fork_tid = None
-        # out: no lock held.
-        cur = src_mm.pmd[idx]
-        cur.write = False  # pmdp_set_wrprotect(src_mm, orig_addr, src_pmd)
-        self._set_child_pmd(dst_mm, idx, cur.table)
+        # out: no lock held. *src_pmd is read again here: if the parent's PMD was already
+        # write-protected (shared by an earlier fork), an rmap walker may have broken it
+        # meanwhile, and the child is linked to whatever the parent has now (with no
+        # reference taken on it), or, inside v4's pmd_clear window, to an empty PMD.
+        cur = src_mm.pmd.get(idx)
+        if cur is None:
+            dst_mm.pmd.pop(idx, None)  # set_pmd_at(dst, pmd_wrprotect(none)): nr_ptes kept
+        else:
+            cur.write = False  # pmdp_set_wrprotect(src_mm, orig_addr, src_pmd)
+            self._set_child_pmd(dst_mm, idx, cur.table)
         self.cost.charge("pmd_update", 2)
         yield "copy_cow_pte_range:done"
         return ret, recover_end, None
@@ -405,8 +415,16 @@ class CowPteKernel(Kernel):
         Lock contract: both mmap_locks write; takes both PTLs.
         """
         src_mm, dst_mm = src_vma.mm, dst_vma.mm
-        table = src_mm.pmd[idx].table
         early = snapshot is None  # v4's order: the child's PMD points at ``table``
+        spmd = src_mm.pmd.get(idx)
+        if spmd is None:
+            # Only in v4's order: the parent's PMD, already shared by an earlier fork, was
+            # broken by an rmap walker and is inside v4's pmd_clear window; v6.2's
+            # pte_offset_map(src_pmd) walks it as it is.
+            self._report("memory-safety", "recover_pte_range",
+                         "pte_offset_map walks a cleared PMD (v6.2 has no pmd_none check)")
+            return -ENOMEM
+        table = spmd.table
         cur = dst_mm.pmd.get(idx)
         if cur is not None:
             dst_mm.mm_dec_nr_ptes()
@@ -420,7 +438,7 @@ class CowPteKernel(Kernel):
                                           else snapshot)
             self.zap_pte_range(t, _VmaView(dst_mm, src_vma), snap, idx, 0, recover_end,
                                clear=False)
-            if early:
+            if early and idx in src_mm.pmd:
                 self.pmd_put_pte(src_mm.pmd[idx])
             self.unlock(t, sptl, WRITE, "recover_pte_range")
             return -ENOMEM
@@ -437,8 +455,14 @@ class CowPteKernel(Kernel):
         self.unlock(t, sptl, WRITE, "recover_pte_range")
         self.unlock(t, dptl, WRITE, "recover_pte_range")
         if early:
+            # spin_lock(src_ptl); pmd_put_pte(src_pmd); spin_unlock(src_ptl);
             yield from self.lock(t, sptl, WRITE, "recover_pte_range")
-            self.pmd_put_pte(src_mm.pmd[idx])
+            cur = src_mm.pmd.get(idx)
+            if cur is None:
+                self._report("memory-safety", "recover_pte_range",
+                             "pmd_put_pte of a cleared PMD (v6.2 has no pmd_none check)")
+            else:
+                self.pmd_put_pte(cur)
             self.unlock(t, sptl, WRITE, "recover_pte_range")
             yield "recover_pte_range:cond_resched"  # v4's cond_resched() at the end
         return 0
