@@ -83,3 +83,17 @@ def test_v4_order_links_the_child_writable_before_the_entries() -> None:
         k.step(1)
     assert not spmd.write
     assert not k.violations
+
+
+def test_lenient_run_drops_a_fail_nth_event_for_a_dead_thread() -> None:
+    """The minimiser's lenient replay skips a per-thread event whose thread has exited
+    (a soak schedule minimised down past a thread's exit used to raise)."""
+    from cowenv.minimize import run_lenient
+
+    cfg = KernelConfig(ptrs_per_pte=8, nr_frames=64)
+    steps = [{"tid": 1, "do": "clone"}, {"tid": 2, "do": "exit"},
+             {"event": "fail_nth", "tid": 2, "n": 1},
+             {"tid": 1, "do": "mmap", "args": {"addr": 0x100000, "length": 0x1000}}]
+    run = run_lenient(cfg, steps)
+    assert not any("event" in s for s in run.effective)
+    assert [s.get("do") or s.get("start") for s in run.effective if "event" not in s][-1] == "mmap"
