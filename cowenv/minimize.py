@@ -174,6 +174,9 @@ def run_lenient(config: KernelConfig, steps: Sequence[dict[str, Any]], *,
         if stop_on and stop_on <= k.signatures:
             return LenientRun(k, out, True)
         if "event" in s:
+            t = k.threads.get(s["tid"]) if "tid" in s else None
+            if "tid" in s and (t is None or t.exited):
+                continue  # a per-thread event for a thread that no longer lives: no effect
             apply_step(k, s, names, pending, i)
             out.append(dict(s))
             continue

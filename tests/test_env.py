@@ -540,6 +540,16 @@ def _flaw_scripts(A, B, C, T, ps):
         "recover-skips-vma": ({}, [
             (1, "madvise", {"addr": B, "length": T, "advice": "DONTFORK"}), ("run", 1)] + fork
             + [(3, "read", {"addr": C}), ("run", 3)]),
+        # v4 stops in cond_resched() after A's first table with both PMDs writable; the
+        # fixed fork has no such label and runs to its end.
+        "fork-late-wrprotect": ({}, [
+            (1, "fork", {}), ("run", 1, "copy_cow_pte_range:cond_resched"),
+            (0, "reclaim", {"nr": 1, "addr": A, "proc_slot": 0}), ("run", 0), ("run", 1)]),
+        # A DONTFORK VMA between B's part of PMD 21 and the rest of C: C's copy_pmd_range
+        # meets the child's writable recovered table.
+        "recover-double-copy": ({}, [
+            (1, "madvise", {"addr": C, "length": T // 4, "advice": "DONTFORK"}),
+            ("run", 1)] + fork + [(3, "exit", {}), ("run", 3)]),
     }
 
 

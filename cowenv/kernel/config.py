@@ -16,7 +16,9 @@ from typing import Any
 #: ``recover-skips-vma`` was found by cowenv's soak test: after ``recover_pte_range`` v4
 #: falls back to ``copy_pte_range`` only if ``recover_end`` lies inside ``src_vma``.
 #: ``fork-ptl-nesting`` was added by issue 12 (v4 02/14 takes ``pmd_install``'s
-#: ``pmd_lock`` inside the source PTE lock).
+#: ``pmd_lock`` inside the source PTE lock), and so were ``fork-late-wrprotect`` (v4's
+#: fork links the child's PMD writable and write-protects both PMDs after dropping the
+#: PTL) and ``recover-double-copy`` (reference notes C7).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -32,6 +34,8 @@ FLAW_IDS: tuple[str, ...] = (
     "read-fault-fills-shared",
     "recover-skips-vma",
     "fork-ptl-nesting",
+    "fork-late-wrprotect",
+    "recover-double-copy",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -55,6 +59,8 @@ FLAW_ORIGINS: dict[str, str] = {
     "read-fault-fills-shared": "v4",
     "recover-skips-vma": "v4",
     "fork-ptl-nesting": "v4",
+    "fork-late-wrprotect": "v4",
+    "recover-double-copy": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -107,6 +113,18 @@ FLAW_SOURCES: dict[str, str] = {
         "pmd_install(dst_mm, dst_pmd, &pte_table);`: pmd_lock inside the PTE lock, against "
         "upstream's pmd_lock -> PTE lock; on x86-64 both are ptlocks of ptlock_init()'s "
         "one lockdep class (include/linux/mm.h): a lockdep splat at every COW fork",
+    "fork-late-wrprotect":
+        "02/14 mm/memory.c copy_cow_pte_range: `pmd_get_pte(src_pmd); pmd_install(dst_mm, "
+        "dst_pmd, &pte_table); spin_unlock(src_ptl);` links the child's PMD writable, each "
+        "VMA ends with `spin_unlock(src_ptl); ... cond_resched();`, and only `out: "
+        "pmdp_set_wrprotect(src_mm, orig_addr, src_pmd); set_pmd_at(dst_mm, orig_addr, "
+        "dst_pmd, pmd_wrprotect(*src_pmd));` write-protects, with no lock held: rmap's "
+        "break_cow_pte sees pmd_write and rewrites the shared table",
+    "recover-double-copy":
+        "02/14 mm/memory.c copy_pmd_range: `if (!pmd_none(*dst_pmd) && !pmd_write(*dst_pmd)) "
+        "continue;` skips only a shared child PMD, so after recover_pte_range the next VMA "
+        "of the PMD calls copy_cow_pte_range again: every entry accounted to the child "
+        "twice, the first private table leaked (reference notes C7)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on
@@ -123,10 +141,10 @@ PRESET_KNOWN_SIGNATURES: dict[str, tuple[str, ...]] = {
 
 #: Kernel bases (the upstream release whose semantics the model follows).
 #: ``6.2``: v4's base (v6.2-rc7): ``pte_offset_map[_lock]`` cannot fail and walks
-#: whatever the PMD holds; no per-VMA locks; a R/O ``FOLL_LONGTERM`` pin may pin the
-#: shared zero page. ``6.4``: adds per-VMA-lock faults. ``6.5``: ``pte_offset_map_lock``
-#: re-checks the PMD under the PTL and fails/retries (Hugh Dickins' series), and R/O
-#: long-term pins unshare the zero page. See docs/kernel-bases.md.
+#: whatever the PMD holds; no per-VMA locks. ``6.4``: adds per-VMA-lock faults. ``6.5``:
+#: ``pte_offset_map_lock`` re-checks the PMD under the PTL and fails/retries (Hugh
+#: Dickins' series). R/O long-term pins unshare the zero page on every base (84209e87c696
+#: is in v6.2-rc1). See docs/kernel-bases.md.
 BASES: tuple[str, ...] = ("6.2", "6.4", "6.5")
 
 #: Variant names. ``classic`` is upstream (>= 6.2) semantics; ``cowpte`` is COW PTE v4.

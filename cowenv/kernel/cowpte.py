@@ -21,8 +21,6 @@ from, and what the fixed path does instead. Oracles know nothing of flaws.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .fault import (
@@ -45,12 +43,6 @@ class CowPteKernel(Kernel):
     """The ``cowpte`` variant: upstream plus COW PTE v4, with switchable flaws."""
 
     variant = "cowpte"
-
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        # (dst mm id, pmd idx) -> first offset not yet copied after recover_pte_range,
-        # or -1 when copy_cow_pte_range shared the table.
-        self._recovered: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------ table refcount
     @staticmethod
@@ -97,31 +89,53 @@ class CowPteKernel(Kernel):
                      hi: int) -> Gen:
         """``copy_pmd_range`` with COW PTE (v4 02/14): share the table, or fall back to copying.
 
-        For an ``MMF_COW_PTE`` mm, skip a PMD the child already shares, otherwise try
-        ``copy_cow_pte_range``; on -EAGAIN ``recover_pte_range`` and fall back to
-        ``copy_pte_range`` from ``recover_end`` if it lies inside ``src_vma``.
+        v4::
+
+            if (pmd_none(*src_pmd))
+                    continue;
+            /* Skip if the PTE already did COW PTE this time. */
+            if (!pmd_none(*dst_pmd) && !pmd_write(*dst_pmd))
+                    continue;
+            ret = copy_cow_pte_range(dst_vma, src_vma, dst_pmd, src_pmd, addr, next,
+                                     &recover_end);
+            if (!ret) continue;
+            else if (ret == -EAGAIN) {
+                    if (recover_pte_range(dst_vma, src_vma, dst_pmd, src_pmd, recover_end))
+                            return -ENOMEM;
+                    if (!range_in_vma(src_vma, recover_end, recover_end + PAGE_SIZE))
+                            continue;
+                    else
+                            addr = recover_end;
+            } else if (ret) return -ENOMEM;
+
+        Returns ``(status, resume)``: ``"done"``, ``"copy"`` (``copy_pte_range`` from
+        ``resume``), ``"fill"`` (``copy_pte_range`` into the ``pte_none`` slots of the
+        child's existing table), or an errno.
+
+        Flaw ``recover-double-copy`` (reference notes C7): v4 skips only a *write-protected*
+        child PMD. A child table made by ``recover_pte_range`` for an earlier VMA of the
+        same PMD is writable, so the next VMA's ``copy_pmd_range`` calls
+        ``copy_cow_pte_range`` again: every entry of the PMD is accounted to the child a
+        second time (``copy_present_pte``: ``get_page``, ``page_try_dup_anon_rmap``, rss),
+        ``pmd_install`` does nothing (the PMD is populated), and either ``set_pmd_at(dst_mm,
+        orig_addr, dst_pmd, pmd_wrprotect(*src_pmd))`` or a second ``recover_pte_range``
+        (``pmd_clear(dst_pmd)``) drops the first private table without freeing it. Fixed,
+        with no per-fork bookkeeping: the child's table itself says what is done — every
+        entry in it is already accounted, so the later VMA copies only into its
+        ``pte_none`` slots (a fork holds both mmap_locks for write: no fault can fill a slot
+        meanwhile).
         """
         src_mm, dst_mm = src_vma.mm, dst_vma.mm
         if not src_mm.flags & MMF_COW_PTE:
             return ("copy", lo)
         dpmd = dst_mm.pmd.get(idx)
-        mark = self._recovered.get((dst_mm.id, idx))
-        if dpmd is not None and (not dpmd.write or mark == -1):
-            # Already shared by this fork. (v4 tests only !pmd_write(dst); an rmap walker
-            # may have broken the child's PMD meanwhile — made it writable — and v4 would
-            # then copy the range again: double accounting. Not modelled as a flaw.)
-            return ("done", lo)
-        if dpmd is not None:
-            # The child already has a private table here (after recover_pte_range):
-            # copy this VMA's part that was not copied yet. (v4 would call
-            # copy_cow_pte_range again here — double accounting, reference notes C7;
-            # not modelled as a flaw.)
-            start = lo if mark is None else max(lo, mark)
-            return ("copy", start) if start < hi else ("done", lo)
+        if dpmd is not None and not dpmd.write:
+            return ("done", lo)  # already shared by this fork
+        if dpmd is not None and not self.config.has("recover-double-copy"):
+            return ("fill", lo)
         ret, recover_end, snapshot = yield from self.copy_cow_pte_range(t, dst_vma, src_vma,
                                                                         idx)
         if ret == 0:
-            self._recovered[(dst_mm.id, idx)] = -1
             return ("done", lo)
         if ret != -EAGAIN:
             return (ret, lo)
@@ -129,7 +143,6 @@ class CowPteKernel(Kernel):
                                                 snapshot)
         if ret:
             return (ret, lo)
-        self._recovered[(dst_mm.id, idx)] = recover_end
         # Flaw recover-skips-vma (found by cowenv's random-schedule soak): v4 falls back
         # to copy_pte_range from recover_end only "if recover_end lies inside src_vma",
         # otherwise it continues. When the VMA that refused sharing (VM_DONTCOPY) lies
@@ -143,28 +156,49 @@ class CowPteKernel(Kernel):
         start = max(lo, recover_end)
         return ("copy", start) if start < hi else ("done", lo)
 
-    def copy_cow_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int) -> Gen:
-        """``copy_cow_pte_range``: share the whole PMD's table with the child.
-
-        Under the source PTL, for **every VMA overlapping the PMD** (``for_each_vma_range``)
-        the per-entry work of ``copy_present_pte``/``copy_nonpresent_pte`` with
-        ``dst_pte == src_pte`` and rss charged to the child; a ``VM_DONTCOPY`` VMA, or a
-        page that may be pinned, gives -EAGAIN with ``recover_end``. On success
-        ``pmd_get_pte`` + ``pmd_install`` into the child and both PMDs are write-protected.
-
-        Simplification: v4 takes the table reference and installs the child's PMD before
-        processing the entries; the model does it after. Under the source PTL, with the
-        child not yet running, the order is invisible except to DH's shared-table-write
-        sanity check, which would otherwise fire on fork's own write-protection.
+    def _vmas_refuse_sharing(self, curr: Vma) -> bool:
+        """``copy_cow_pte_range``'s test of a VMA in the PMD: must the table stay private?
 
         Flaw ``wipeonfork-shared`` (analysis C4): v4 checks only ``VM_DONTCOPY``, so a
         ``VM_WIPEONFORK`` VMA inside the PMD is shared and the child sees the parent's
         data. Fixed: ``VM_WIPEONFORK`` also refuses sharing (-EAGAIN).
+        """
+        if curr.flags & VM_DONTCOPY:
+            return True
+        return not self.config.has("wipeonfork-shared") and bool(curr.flags & VM_WIPEONFORK)
 
-        Returns ``(0 | -EAGAIN | -ENOMEM, recover_end offset, snapshot)``, the snapshot being
-        the processed entries ``[0, recover_end)`` taken under the src PTL.
-        Lock contract: both mmap_locks write; takes the src PTL (+ the child's
-        page_table_lock for ``pmd_install``).
+    def copy_cow_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int) -> Gen:
+        """``copy_cow_pte_range``: share the whole PMD's table with the child.
+
+        For **every VMA overlapping the PMD** (``for_each_vma_range``) the per-entry work
+        of ``copy_present_pte``/``copy_nonpresent_pte`` with ``dst_pte == src_pte`` and
+        rss charged to the child; a VMA that refuses sharing (:meth:`_vmas_refuse_sharing`),
+        or a page that may be pinned, gives -EAGAIN with ``recover_end``.
+
+        Fixed design: everything under the source PTL, taken once for the whole PMD
+        (after the child's PMD lock: upstream's ``pmd_lock`` → PTE lock), and on success
+        ``pmd_get_pte`` + link the child's PMD write-protected + write-protect the
+        parent's, still under that lock; the PTL is dropped after (``cond_resched``).
+        No walker can see the table shared behind a writable PMD, nor an entry change
+        between being accounted for the child and being shared.
+
+        Flaw ``fork-late-wrprotect`` (v4 02/14, line by line; see
+        :meth:`_copy_cow_pte_range_v4`): v4 links the child's PMD *writable* first,
+        processes the VMAs under the PTL one at a time with ``cond_resched()`` between
+        them, and write-protects both PMDs at ``out:`` with no lock held.
+
+        Flaw ``fork-ptl-nesting`` (v4 02/14): v4 takes the child's PMD lock inside the
+        source PTE lock (``spin_lock(src_ptl); pmd_get_pte(src_pmd);
+        pmd_install(dst_mm, dst_pmd, &pte_table);``), against upstream's pmd_lock ->
+        PTE lock order (locks.LOCK_ORDER); on x86-64 with split PMD ptlocks both are
+        ptlocks, of the one lockdep class of ptlock_init()'s spin_lock_init, so lockdep
+        reports recursive locking there.
+
+        Returns ``(0 | -EAGAIN | -ENOMEM, recover_end offset, snapshot)``; the snapshot
+        (fixed design) holds the processed entries ``[0, recover_end)`` taken under the
+        src PTL, None when v4's order is modelled (v4 re-reads them in
+        ``recover_pte_range``). Lock contract: both mmap_locks write; takes the src PTL
+        (+ the child's ``pmd_lock`` for ``pmd_install``).
         """
         src_mm, dst_mm = src_vma.mm, dst_vma.mm
         P = self.P
@@ -176,71 +210,204 @@ class CowPteKernel(Kernel):
             # design ignores per-VMA locks) it does not.
             for v in src_mm.vmas_in(idx * P, (idx + 1) * P):
                 yield from self.vma_start_write(t, v)
+            if idx not in src_mm.pmd:
+                # Emptied while fork waited for a VMA lock (only v4's pmd_clear window
+                # can do that under fork's mmap_lock): nothing left to share.
+                return 0, 0, None
+        if self.config.has("fork-late-wrprotect"):
+            return (yield from self._copy_cow_pte_range_v4(t, dst_vma, src_vma, idx))
         spmd = src_mm.pmd[idx]
         table = spmd.table
         ptl = self.pte_lockptr(src_mm, table)
-        # Flaw fork-ptl-nesting (v4 02/14): v4 takes the child's PMD lock inside the
-        # source PTE lock (``spin_lock(src_ptl); pmd_get_pte(src_pmd);
-        # pmd_install(dst_mm, dst_pmd, &pte_table);``), against upstream's pmd_lock ->
-        # PTE lock order (locks.LOCK_ORDER); on x86-64 with split PMD ptlocks both are
-        # ptlocks, of the one lockdep class of ptlock_init()'s spin_lock_init, so lockdep
-        # reports recursive locking there. Fixed: the child's PMD lock first, then the
-        # source PTE lock (the order of retract_page_tables / collapse_pte_mapped_thp).
+        # With fork-ptl-nesting the child's PMD lock is taken inside the PTL at the start,
+        # where v4's pmd_install takes it, and held over the section.
         nested = not self.config.has("fork-ptl-nesting")
         if nested:
             yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
+        if not nested:
+            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         ret, recover_end = 0, 0
         snapshot = np.zeros(0, dtype=np.int64)
         for curr in src_mm.vmas_in(idx * P, (idx + 1) * P):
             vlo = max(curr.start, idx * P) - idx * P
             vhi = min(curr.end, (idx + 1) * P) - idx * P
-            refuse = bool(curr.flags & VM_DONTCOPY)
-            if not self.config.has("wipeonfork-shared"):
-                refuse = refuse or bool(curr.flags & VM_WIPEONFORK)
-            if refuse:
+            if self._vmas_refuse_sharing(curr):
                 ret, recover_end = -EAGAIN, vlo
                 break
             r = yield from self.copy_pte_entries(t, curr, curr, table, table, vlo, vhi,
                                                  dst_mm=dst_mm)
-            if r == -EAGAIN:
-                # copy_pte_entries processed none of [vlo, vhi) (see its docstring).
-                ret, recover_end = -EAGAIN, vlo
-                break
             if r:
-                ret = r
-                recover_end = vlo
+                # -EAGAIN: copy_pte_entries processed none of [vlo, vhi) (see its
+                # docstring).
+                ret, recover_end = r, vlo
                 break
         if ret == -EAGAIN:
             # Snapshot the processed entries under the src PTL: recover_pte_range runs
             # after the PTL is dropped, and an rmap walker (no mmap_lock) may change the
-            # parent's entries meanwhile. v4 copies them again in recover_pte_range,
-            # which then hands the child entries its accounting never saw (a v4 race,
-            # not modelled as a flaw).
+            # parent's entries meanwhile; the child must get what was accounted for it.
             snapshot = table.entries[:recover_end].copy()
         if ret == 0:
             self.pmd_get_pte(spmd)
-            if not nested:
-                yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
-            dst_mm.pmd[idx] = PmdEntry(table, False)  # set_pmd_at(dst, pmd_wrprotect(src))
-            dst_mm.mm_inc_nr_ptes()
-            if not nested:
-                self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+            self._set_child_pmd(dst_mm, idx, table)
             spmd.write = False  # pmdp_set_wrprotect(src)
             self.cost.charge("table_ref")
             self.cost.charge("pmd_update", 2)
+        if not nested:
+            self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         self.unlock(t, ptl, WRITE, "copy_cow_pte_range")
         if nested:
             self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         yield "copy_cow_pte_range:done"
         return ret, recover_end, snapshot
 
+    def _set_child_pmd(self, dst_mm: MmStruct, idx: int, table: PteTable) -> None:
+        """``set_pmd_at(dst_mm, orig_addr, dst_pmd, pmd_wrprotect(*src_pmd))``.
+
+        Links ``table`` write-protected. A child PMD that ``pmd_install`` found populated
+        (flaw ``recover-double-copy``: the private table of an earlier
+        ``recover_pte_range``) is overwritten and that table leaked, as in v4; otherwise
+        the link is charged to the child's ``nr_ptes`` (``pmd_install``'s
+        ``mm_inc_nr_ptes``).
+        """
+        cur = dst_mm.pmd.get(idx)
+        if cur is None:
+            dst_mm.mm_inc_nr_ptes()
+        dst_mm.pmd[idx] = PmdEntry(table, False)
+
+    def _copy_cow_pte_range_v4(self, t: Thread, dst_vma: Vma, src_vma: Vma,
+                               idx: int) -> Gen:
+        """v4's ``copy_cow_pte_range`` in v4's order (flaw ``fork-late-wrprotect``).
+
+        v4 02/14, ``mm/memory.c``::
+
+            src_ptl = pte_lockptr(src_mm, src_pmd);
+            spin_lock(src_ptl);
+            pmd_get_pte(src_pmd);
+            pmd_install(dst_mm, dst_pmd, &pte_table);
+            spin_unlock(src_ptl);
+            ...
+            for_each_vma_range(vmi, curr, end) {
+                    ...
+                    if (curr->vm_flags & VM_DONTCOPY) {
+                            *recover_end = addr;
+                            return -EAGAIN;
+                    }
+            again:
+                    ...
+                    spin_lock(src_ptl);
+                    do { ... copy_present_pte(curr, curr, src_pte, src_pte, addr, rss,
+                                               NULL); ... } while (...);
+                    ...
+                    spin_unlock(src_ptl);
+                    pte_unmap(orig_src_pte);
+                    cond_resched();
+                    ...
+                    } else if (ret == -EAGAIN) {
+                            *recover_end = addr;
+                            return -EAGAIN;
+                    }
+                    ...
+            }
+            out:
+            pmdp_set_wrprotect(src_mm, orig_addr, src_pmd);
+            set_pmd_at(dst_mm, orig_addr, dst_pmd, pmd_wrprotect(*src_pmd));
+
+        ``pmd_install`` (v6.2 ``mm/memory.c``) populates a still-empty PMD with
+        ``pmd_populate``, a *writable* table entry (x86 ``_PAGE_TABLE`` has ``_PAGE_RW``),
+        so from the first ``spin_unlock`` until ``out:`` the table has refcount 2 and
+        both PMDs are writable, and the PTL is dropped after every VMA. An rmap walker
+        holds no mmap_lock (only the anon_vma lock of its VMA, which fork does not hold
+        while copying): ``try_to_unmap_one`` → ``page_vma_mapped_walk`` →
+        ``break_cow_pte`` returns 0 at ``if (pmd_none(*pmd) || pmd_write(*pmd))``, and the
+        walker rewrites an entry fork has already accounted to the child — a write to a
+        shared table, accounted for the parent only. The same holds on the -EAGAIN path
+        until ``recover_pte_range``'s ``pmd_put_pte``: there the walker's change is what
+        ``recover_pte_range`` then copies into the child (``set_pte_at(dst_mm, addr,
+        dst_pte, *src_pte)``), although the child was accounted for the old entry.
+
+        The preemption point ``copy_cow_pte_range:cond_resched`` is v4's
+        ``cond_resched()`` after each VMA (any point with no lock held is one on
+        ``CONFIG_PREEMPT``, which ``CONFIG_COW_PTE`` allows; on SMP a walker on another
+        CPU needs no preemption at all, only the dropped PTL).
+        Not modelled: ``copy_nonpresent_pte``'s -EIO (``add_swap_count_continuation``)
+        and -EBUSY (device-exclusive) returns.
+        """
+        src_mm, dst_mm = src_vma.mm, dst_vma.mm
+        P = self.P
+        spmd = src_mm.pmd[idx]
+        table = spmd.table
+        ptl = self.pte_lockptr(src_mm, table)
+        # spin_lock(src_ptl); pmd_get_pte(src_pmd); pmd_install(dst_mm, dst_pmd, &pte_table);
+        nested = not self.config.has("fork-ptl-nesting")
+        if nested:
+            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
+        if not nested:
+            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        self.pmd_get_pte(spmd)
+        self.cost.charge("table_ref")
+        if dst_mm.pmd.get(idx) is None:
+            self.pmd_populate(dst_mm, idx, table)  # writable, nr_ptes++
+        if not nested:
+            self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        self.unlock(t, ptl, WRITE, "copy_cow_pte_range")
+        if nested:
+            self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        table.fork_tid = t.tid
+        ret, recover_end = 0, 0
+        try:
+            for curr in src_mm.vmas_in(idx * P, (idx + 1) * P):
+                vlo = max(curr.start, idx * P) - idx * P
+                vhi = min(curr.end, (idx + 1) * P) - idx * P
+                if self._vmas_refuse_sharing(curr):
+                    return -EAGAIN, vlo, None
+                yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
+                r = yield from self.copy_pte_entries(t, curr, curr, table, table, vlo, vhi,
+                                                     dst_mm=dst_mm)
+                self.unlock(t, ptl, WRITE, "copy_cow_pte_range")
+                yield "copy_cow_pte_range:cond_resched"
+                if r:
+                    return r, vlo, None
+        finally:
+            table.fork_tid = None
+        # out: no lock held. *src_pmd is read again here: if the parent's PMD was already
+        # write-protected (shared by an earlier fork), an rmap walker may have broken it
+        # meanwhile, and the child is linked to whatever the parent has now (with no
+        # reference taken on it), or, inside v4's pmd_clear window, to an empty PMD.
+        cur = src_mm.pmd.get(idx)
+        if cur is None:
+            dst_mm.pmd.pop(idx, None)  # set_pmd_at(dst, pmd_wrprotect(none)): nr_ptes kept
+        else:
+            cur.write = False  # pmdp_set_wrprotect(src_mm, orig_addr, src_pmd)
+            self._set_child_pmd(dst_mm, idx, cur.table)
+        self.cost.charge("pmd_update", 2)
+        yield "copy_cow_pte_range:done"
+        return ret, recover_end, None
+
     def recover_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int,
-                          recover_end: int, snapshot: np.ndarray) -> Gen:
+                          recover_end: int, snapshot: np.ndarray | None) -> Gen:
         """``recover_pte_range``: give the child a private table holding the processed entries.
 
-        The table holds the entries ``[PMD start, recover_end)`` already processed (accounted,
-        write-protected).
+        v4 02/14::
+
+            mm_dec_nr_ptes(dst_mm);
+            pmd_clear(dst_pmd);
+            if (pte_alloc(dst_mm, dst_pmd))
+                    return -ENOMEM;
+            ... for each VMA up to recover_end, under dst_ptl then src_ptl:
+                    set_pte_at(dst_mm, addr, dst_pte, *src_pte);
+            spin_lock(src_ptl);
+            pmd_put_pte(src_pmd);
+            spin_unlock(src_ptl);
+
+        The table holds the entries ``[PMD start, recover_end)`` already processed
+        (accounted, write-protected): the fixed design's ``snapshot`` taken under the src
+        PTL, or (``snapshot`` None, v4's order) the source entries as they are now. The
+        child's PMD is unlinked first if populated: by v4's early ``pmd_install``
+        (``fork-late-wrprotect``, whose table reference is dropped at the end), or by an
+        earlier ``recover_pte_range`` of this fork (``recover-double-copy``: that private
+        table is leaked, as in v4).
 
         v4 leaks the parent's table reference if this ``pte_alloc`` fails (reference
         notes C3); the model instead undoes the child's accounting of the processed
@@ -248,30 +415,56 @@ class CowPteKernel(Kernel):
         Lock contract: both mmap_locks write; takes both PTLs.
         """
         src_mm, dst_mm = src_vma.mm, dst_vma.mm
-        table = src_mm.pmd[idx].table
+        early = snapshot is None  # v4's order: the child's PMD points at ``table``
+        spmd = src_mm.pmd.get(idx)
+        if spmd is None:
+            # Only in v4's order: the parent's PMD, already shared by an earlier fork, was
+            # broken by an rmap walker and is inside v4's pmd_clear window; v6.2's
+            # pte_offset_map(src_pmd) walks it as it is.
+            self._report("memory-safety", "recover_pte_range",
+                         "pte_offset_map walks a cleared PMD (v6.2 has no pmd_none check)")
+            return -ENOMEM
+        table = spmd.table
+        cur = dst_mm.pmd.get(idx)
+        if cur is not None:
+            dst_mm.mm_dec_nr_ptes()
+            del dst_mm.pmd[idx]  # pmd_clear(dst_pmd)
         new = self.pte_alloc_one(dst_mm, "recover_pte_range")
+        sptl = self.pte_lockptr(src_mm, table)
         if new is None:
-            sptl = self.pte_lockptr(src_mm, table)
             yield from self.lock(t, sptl, WRITE, "recover_pte_range")
             snap = PteTable(-1, self.P, None, -1)
-            snap.entries[:recover_end] = snapshot
+            snap.entries[:recover_end] = (table.entries[:recover_end] if early
+                                          else snapshot)
             self.zap_pte_range(t, _VmaView(dst_mm, src_vma), snap, idx, 0, recover_end,
                                clear=False)
+            if early and idx in src_mm.pmd:
+                self.pmd_put_pte(src_mm.pmd[idx])
             self.unlock(t, sptl, WRITE, "recover_pte_range")
             return -ENOMEM
         yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         self.pmd_populate(dst_mm, idx, new)
         self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         dptl = self.pte_lockptr(dst_mm, new)
-        sptl = self.pte_lockptr(src_mm, table)
         yield from self.lock(t, dptl, WRITE, "recover_pte_range")
         yield from self.lock(t, sptl, WRITE, "recover_pte_range")
         if recover_end:
-            snap = snapshot
+            snap = table.entries[:recover_end].copy() if early else snapshot
             self.cost.charge("fork_pte_copy", int(np.count_nonzero(snap)))
             self.set_ptes(t, dst_mm, new, 0, snap, "recover_pte_range")
         self.unlock(t, sptl, WRITE, "recover_pte_range")
         self.unlock(t, dptl, WRITE, "recover_pte_range")
+        if early:
+            # spin_lock(src_ptl); pmd_put_pte(src_pmd); spin_unlock(src_ptl);
+            yield from self.lock(t, sptl, WRITE, "recover_pte_range")
+            cur = src_mm.pmd.get(idx)
+            if cur is None:
+                self._report("memory-safety", "recover_pte_range",
+                             "pmd_put_pte of a cleared PMD (v6.2 has no pmd_none check)")
+            else:
+                self.pmd_put_pte(cur)
+            self.unlock(t, sptl, WRITE, "recover_pte_range")
+            yield "recover_pte_range:cond_resched"  # v4's cond_resched() at the end
         return 0
 
     # ------------------------------------------------------------------ breaking COW

@@ -167,11 +167,12 @@ class ForkMixin:
             if isinstance(status, int):
                 ret = status
                 break
-            if status == "copy":
+            if status in ("copy", "fill"):
                 local = cow and not whole
                 if local:
                     src_mm.write_protect_seq += 1
-                ret = yield from self.copy_pte_range(t, dst, src, idx, resume, hi)
+                ret = yield from self.copy_pte_range(t, dst, src, idx, resume, hi,
+                                                     fill_none=status == "fill")
                 if local:
                     src_mm.write_protect_seq += 1
                 if ret:
@@ -180,7 +181,7 @@ class ForkMixin:
             src_mm.write_protect_seq += 1
         return ret
     def copy_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int, lo: int,
-                       hi: int) -> Gen:
+                       hi: int, fill_none: bool = False) -> Gen:
         """``copy_pte_range`` for entries ``[lo, hi)`` of PMD ``idx`` (vectorised).
 
         Per entry, as ``copy_present_pte``/``copy_nonpresent_pte``: swap entries get
@@ -191,6 +192,10 @@ class ForkMixin:
         child's PTE is made old. Between checking for pins and committing there is a
         preemption point: the PTLs are held, but lockless GUP-fast on another CPU may
         run there (that is why ``write_protect_seq`` exists).
+
+        ``fill_none`` (COW PTE, fixed design only): the child's table already exists
+        and every entry in it is accounted (``recover_pte_range`` put it there earlier
+        in this fork); copy only into its ``pte_none`` slots.
 
         Lock contract: both mmap_locks write; takes the dst PTL then the src PTL.
         Returns 0 or -ENOMEM.
@@ -211,14 +216,15 @@ class ForkMixin:
             self.unlock(t, dst_ptl, WRITE, "copy_pte_range")
             return 0
         src_t, src_ptl = got
-        ret = yield from self.copy_pte_entries(t, dst_vma, src_vma, dst_t, src_t, lo, hi)
+        ret = yield from self.copy_pte_entries(t, dst_vma, src_vma, dst_t, src_t, lo, hi,
+                                               fill_none=fill_none)
         self.unlock(t, src_ptl, WRITE, "copy_pte_range")
         self.unlock(t, dst_ptl, WRITE, "copy_pte_range")
         yield "copy_pte_range:table_done"
         return ret
     def copy_pte_entries(self, t: Thread, dst_vma: Vma, src_vma: Vma, dst_t: PteTable,
                          src_t: PteTable, lo: int, hi: int,
-                         dst_mm: MmStruct | None = None) -> Gen:
+                         dst_mm: MmStruct | None = None, fill_none: bool = False) -> Gen:
         """The per-entry body of ``copy_pte_range`` over ``[lo, hi)``.
 
         That is ``copy_present_pte`` and ``copy_nonpresent_pte``. ``dst_t`` may be ``src_t``
@@ -228,11 +234,16 @@ class ForkMixin:
         (only when ``dst_t is src_t``: a page may be pinned, so the table cannot be
         shared — ``page_try_dup_anon_rmap`` failed). ``dst_mm`` overrides the mm rss
         is charged to (COW PTE passes ``dst_vma == src_vma`` and the child's mm).
+        ``fill_none``: skip every slot whose ``dst_t`` entry is not ``pte_none`` (it is
+        left as it is, in both tables, and not accounted again).
         """
         src_mm = src_vma.mm
         dst_mm = dst_mm or dst_vma.mm
         pool = self.pool
         e = src_t.entries[lo:hi].copy()
+        have = (dst_t.entries[lo:hi] != 0) if fill_none else None
+        if have is not None:
+            e[have] = 0
         if not e.any():
             return 0
         present = (e & PTE_PRESENT) != 0
@@ -257,6 +268,8 @@ class ForkMixin:
         yield "copy_present_pte:checked"
         # Re-read: entries may have changed only through lockless paths (hardware A/D).
         e = src_t.entries[lo:hi].copy()
+        if have is not None:
+            e[have] = 0
         present = (e & PTE_PRESENT) != 0
         pfn = np.where(present, e >> PFN_SHIFT, 0)
         normal = present & (pfn != ZERO_PFN)
@@ -274,6 +287,8 @@ class ForkMixin:
             if new is None:
                 err = -ENOMEM
                 e, dst, present, pfn = e[:i], dst[:i], present[:i], pfn[:i]
+                if have is not None:
+                    have = have[:i]
                 normal, anon, shm, pinned = normal[:i], anon[:i], shm[:i], pinned[:i]
                 break
             pool.content[new] = pool.content[int(pfn[i])]
@@ -314,6 +329,12 @@ class ForkMixin:
             if (dst != e).any():
                 self.set_ptes(t, src_mm, src_t, lo, dst, "copy_present_pte")
         elif len(e):
+            if have is not None:
+                # Slots the child already has keep their entries in both tables.
+                cur = src_t.entries[lo:lo + len(e)]
+                src_new[have] = cur[have]
+                e[have] = cur[have]
+                dst[have] = dst_t.entries[lo:lo + len(e)][have]
             if (src_new != e).any():
                 self.set_ptes(t, src_mm, src_t, lo, src_new, "copy_present_pte")
             self.set_ptes(t, dst_mm, dst_t, lo, dst, "copy_present_pte")

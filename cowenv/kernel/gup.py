@@ -114,8 +114,10 @@ class GupMixin:
         else:
             pfn = pte >> PFN_SHIFT
             if pfn == ZERO_PFN:
-                # FOLL_LONGTERM R/O pin of the zero page: fault in a real page instead
-                # (the model treats it as an unshare; see README).
+                # gup_must_unshare(vma, flags, page) of 84209e87c696 (v6.2-rc1, "mm/gup:
+                # reliable R/O long-term pinning in COW mappings"): a non-anon page under
+                # FOLL_LONGTERM in a COW mapping needs FAULT_FLAG_UNSHARE, which replaces
+                # the zero page by a fresh anonymous page. On every modelled base.
                 need = "unshare"
             elif not write and self.is_anon(pfn) and not (
                     int(self.pool.flags[pfn]) & PG_anon_exclusive):

@@ -125,7 +125,7 @@ class PageAllocMixin:
         if isinstance(new, int | np.integer):
             new = np.array([new], dtype=np.int64)
         old = table.entries[lo:lo + len(new)]
-        if table.refcount > 1:
+        if table.refcount > 1 and (t is None or t.tid != table.fork_tid):
             changed = (old ^ new) & ~np.int64(PTE_YOUNG)
             if changed.any():
                 self._report("shared-table-write", site,

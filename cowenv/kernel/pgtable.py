@@ -99,7 +99,7 @@ class PteTable:
     (``cow_pte_count``); upstream it is always 1 while the table is installed.
     """
 
-    __slots__ = ("pfn", "entries", "refcount", "ptl", "freed", "gen")
+    __slots__ = ("pfn", "entries", "refcount", "ptl", "freed", "gen", "fork_tid")
 
     def __init__(self, pfn: int, nr: int, ptl: object, gen: int) -> None:
         self.pfn = pfn
@@ -108,6 +108,11 @@ class PteTable:
         self.ptl = ptl
         self.freed = False
         self.gen = gen
+        #: Oracle annotation, not kernel state: the tid of a fork that is still processing
+        #: the entries of this table after linking it into the child (COW PTE v4's order,
+        #: flaw ``fork-late-wrprotect``); its own writes are not "writes to a shared
+        #: table" for DH's sanity check. None otherwise.
+        self.fork_tid: int | None = None
 
     def __repr__(self) -> str:
         return f"PteTable(pfn={self.pfn}, ref={self.refcount}{', freed' if self.freed else ''})"

@@ -160,12 +160,19 @@ class RmapMixin:
         table = yield from self.cow_rmap_table(t, vma, idx, table, site)
         if table is None:
             return None
+        # The table was read with no lock: its split PTL lives in the table's struct page,
+        # so taking it (or spinning on it) after the table was freed is a use after free
+        # unless table freeing is deferred past this walk (RCU). Upstream rmap is safe by
+        # construction (free_pgtables runs after unlink_anon_vmas, and the walker holds
+        # the anon_vma lock); checked here for designs that replace PMDs under rmap.
+        if not self.check_table_live(table, site):
+            return None
         ptl = self.pte_lockptr(mm, table)
         yield from self.lock(t, ptl, WRITE, site)
-        if not self.rmap_table_still_valid(mm, idx, table, site):
+        if not self.check_table_live(table, site):
             self.unlock(t, ptl, WRITE, site)
             return None
-        if not self.check_table_live(table, site):
+        if not self.rmap_table_still_valid(mm, idx, table, site):
             self.unlock(t, ptl, WRITE, site)
             return None
         pte = int(table.entries[off])
