@@ -1,5 +1,6 @@
-"""Quiescent-point counterparts of the kernel's own debug checks (``CONFIG_DEBUG_VM``,
-``CONFIG_PAGE_TABLE_CHECK``), for the v6.2 base.
+"""Quiescent-point counterparts of the kernel's debug checks (DEBUG_VM, PAGE_TABLE_CHECK).
+
+``CONFIG_DEBUG_VM`` and ``CONFIG_PAGE_TABLE_CHECK`` of the v6.2 base.
 
 The kernel checks these at the site that would break them (a ``BUG_ON`` in
 ``page_table_check_set``, a ``VM_BUG_ON`` in ``do_swap_page``, ...). The model checks the
@@ -58,7 +59,7 @@ swap-count/swap-cache coherence (invariant 7).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -73,10 +74,26 @@ from .pgtable import (
 )
 
 if TYPE_CHECKING:
-    from .oracles import KernelView
+    from .memory import PagePool, SwapDevice
+    from .mm import MmStruct
+    from .sched import Pin
 
 
-def check_debug_vm(k: KernelView) -> None:
+class DebugView(Protocol):
+    """What the checks read of a kernel (a subset of ``oracles.KernelView``)."""
+
+    pool: PagePool
+    swap: SwapDevice
+    pins: dict[int, Pin]
+
+    def report(self, kind: str, site: str, message: str) -> None:
+        """Record a violation."""
+
+    def live_mms(self) -> list[MmStruct]:
+        """The mms of live processes."""
+
+
+def check_debug_vm(k: DebugView) -> None:
     """Run every check of this module once against kernel ``k`` (see module docstring).
 
     Call at a quiescent point only: mid-operation states (a fork that has cleared
