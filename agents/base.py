@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from cowenv.harness import Harness
+from cowenv.kernel import KSWAPD_TID
+from cowenv.kernel.pgtable import PTE_SWAP
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -138,15 +140,20 @@ class Teardown:
        included, compare every mapped page and every pin with the shadow;
     2. **observes**, once per live process, through its lowest idle thread: a
        ``dev_read`` of each of its pins, then a ``read`` of each catalogue address it
-       maps (present or swapped-out PTE), each run to completion -- so corruption left
-       behind is read back through the kernel's own paths (swap-in included) before
-       the threads exit;
+       maps through a swap entry, each run to completion -- so corruption left behind
+       is read back through the kernel's own paths (DMA, swap-in) before the threads
+       exit. (A present page needs no read: the sweep at the quiescent point has just
+       compared the very value a read would return.) Observation only starts while the
+       reserve keeps :attr:`EXIT_SHARE` actions per live user thread for the exits, so
+       that exit-time checks still run;
     3. exits idle user threads (highest tid first: children before their parents).
 
     It stops when nothing is left to run, observe or exit, when only blocked threads
-    remain, or when the reserve is used up (observation first gives way to nothing: a
-    short reserve may end before the exits).
+    remain, or when the reserve is used up.
     """
+
+    #: Actions kept per live user thread for its exit (``exit_mmap`` over a few tables).
+    EXIT_SHARE = 8
 
     def __init__(self) -> None:
         self._env = 0
@@ -188,15 +195,19 @@ class Teardown:
             P = k.P
             for vpn, a in self._read.get(tid, []):
                 pmd = mm.pmd.get(vpn // P)
-                if pmd is None or not int(pmd.table.entries[vpn % P]):
+                if pmd is None or not int(pmd.table.entries[vpn % P]) & PTE_SWAP:
                     continue
                 if mask[a] and (t.pid, "page", vpn) not in self._observed:
                     self._observed.add((t.pid, "page", vpn))
                     return a
         return None
 
-    def action(self, env: CowEnv) -> int | None:
-        """Return the next teardown action, or None when the teardown is over."""
+    def action(self, env: CowEnv, remaining: int | None = None) -> int | None:
+        """Return the next teardown action, or None when the teardown is over.
+
+        ``remaining``: actions left in the episode (None: unlimited), which bounds the
+        observation phase.
+        """
         if self._env != id(env):
             self._index(env)
         mask = env.action_masks()
@@ -205,7 +216,8 @@ class Teardown:
         for tid in tids:
             if 0 <= tid < len(mask) and env.catalogue[tid].kind == "run" and mask[tid]:
                 return tid
-        if k.quiescent():
+        live = sum(1 for tid in tids if tid != KSWAPD_TID and not k.threads[tid].exited)
+        if k.quiescent() and (remaining is None or remaining > self.EXIT_SHARE * live):
             a = self._observe(env, mask)
             if a is not None:
                 return a
@@ -294,7 +306,7 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
             a = agent.act(env, obs, env.action_masks() if h is None else h.mask)
             mine = True
         else:
-            td = harness.action(env)
+            td = harness.action(env, limit - res.steps)
             if td is None:
                 break
             a, mine = td, False
