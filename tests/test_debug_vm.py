@@ -146,16 +146,21 @@ def test_quiescent_points_run_the_checks_after_an_operation() -> None:
     assert "isolation@shadow_sweep" in _sigs(k)
 
 
-def test_teardown_observes_pins_and_mapped_pages_before_exits() -> None:
+def test_teardown_observes_pins_and_swapped_pages_before_exits() -> None:
     h = Harness(geometry="small", preset="fixed", terminate_on_violation=False)
     h.reset(0)
     cat = h.catalogue
     pin_a = next(i for i, sp in enumerate(cat) if sp.kind == "start" and sp.op == "pin"
                  and sp.tid == 1)
-    h.step(pin_a)
-    while h.kernel.threads[1].gen is not None:
-        h.step(1)
+    out = next(i for i, sp in enumerate(cat) if sp.kind == "start" and sp.tid == 1
+               and sp.op == "madvise" and dict(sp.args)["advice"] == "PAGEOUT")
+    for a in (pin_a, out):
+        h.step(a)
+        while h.kernel.threads[1].gen is not None:
+            h.step(1)
     assert any(p.active for p in h.kernel.pins.values())
+    mm = h.kernel.procs[1].mm
+    assert any((tb.table.entries & PTE_SWAP).any() for tb in mm.pmd.values())
     td = Teardown()
     ops: list[str] = []
     for _ in range(400):
@@ -180,6 +185,8 @@ def test_random_episodes_with_teardown_are_silent(variant: str) -> None:
         rng, rs = episode_rng(7, 0, ep)
         run_episode(h, ag, rng, rs, teardown=32)
         assert not [v.signature for v in h.kernel.violations], (variant, ep)
+        # The observation left the exits their share of the reserve.
+        assert all(t.exited for tid, t in h.kernel.threads.items() if tid), (variant, ep)
 
 
 def test_new_scenario_catches_unmap_ignores_pin_through_the_pin_check() -> None:
