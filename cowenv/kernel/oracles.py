@@ -30,6 +30,12 @@ no operation in progress on any thread, and at the end of a run):
    (``PG_swapcache`` ⇔ in the cache under ``folio->swap`` ⇔ the slot's
    ``SWAP_HAS_CACHE``); a slot is in use iff it has a count or a cached folio.
 8. no mm has a live (present or swap) entry outside its VMAs.
+
+At the same quiescent points :meth:`Oracle.after_op` also runs the counterparts of the
+kernel's debug checks (:mod:`cowenv.kernel.debug_vm`: page-table-check, writable ⇒
+``PageAnonExclusive``, ``sanity_check_pinned_pages``, exclusive swap entries) and the
+shadow sweep (:meth:`Oracle.check_shadow`), which compares every mapped page and every
+pin with the shadow without waiting for a read.
 """
 
 from __future__ import annotations
