@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from cowenv.harness import Harness
+from cowenv.kernel import KSWAPD_TID
+from cowenv.kernel.pgtable import PTE_SWAP
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -126,33 +128,99 @@ def uniform_legal(rng: np.random.Generator, mask: np.ndarray) -> int:
 
 
 class Teardown:
-    """The harness's end of an episode: finish every operation, then exit every thread.
+    """The harness's end of an episode: finish every operation, observe, then exit.
 
     Like a test program's end (and the leak checks that run then: ``check_mm``,
     ``free_pgtables``), the last ``reserve`` actions of an episode are not the agent's:
-    the harness runs runnable threads (lowest tid first) until every operation is done,
-    then exits idle user threads (highest tid first: children before their parents), one
-    preemption point at a time, through ordinary env actions (so the schedule records
-    and replays them). It stops when nothing is left to run or exit, or when only blocked
-    threads remain.
+    the harness, through ordinary env actions (so the schedule records and replays them),
+    one preemption point at a time,
+
+    1. runs runnable threads (lowest tid first) until every operation is done -- a
+       quiescent point, where the kernel's quiescent-point checks, the shadow sweep
+       included, compare every mapped page and every pin with the shadow;
+    2. **observes**, once per live process, through its lowest idle thread: a
+       ``dev_read`` of each of its pins, then a ``read`` of each catalogue address it
+       maps through a swap entry, each run to completion -- so corruption left behind
+       is read back through the kernel's own paths (DMA, swap-in) before the threads
+       exit. (A present page needs no read: the sweep at the quiescent point has just
+       compared the very value a read would return.) Observation only starts while the
+       reserve keeps :attr:`EXIT_SHARE` actions per live user thread for the exits, so
+       that exit-time checks still run;
+    3. exits idle user threads (highest tid first: children before their parents).
+
+    It stops when nothing is left to run, observe or exit, when only blocked threads
+    remain, or when the reserve is used up.
     """
+
+    #: Actions kept per live user thread for its exit (``exit_mmap`` over a few tables).
+    EXIT_SHARE = 8
 
     def __init__(self) -> None:
         self._env = 0
         self._exit: dict[int, int] = {}
+        self._dev_read: dict[tuple[int, int], int] = {}  # (tid, pin slot) -> action
+        self._read: dict[int, list[tuple[int, int]]] = {}  # tid -> [(vpn, action)]
+        self._observed: set[tuple[int, str, int]] = set()  # (pid, "pin"/"page", id/vpn)
 
-    def action(self, env: CowEnv) -> int | None:
-        """Return the next teardown action, or None when the teardown is over."""
+    def _index(self, env: CowEnv) -> None:
+        self._exit, self._dev_read, self._read = {}, {}, {}
+        ps = env.kernel.config.page_size
+        for i, sp in enumerate(env.catalogue):
+            if sp.kind != "start":
+                continue
+            if sp.op == "exit":
+                self._exit[sp.tid] = i
+            elif sp.op == "dev_read" and sp.pin_slot >= 0:
+                self._dev_read[(sp.tid, sp.pin_slot)] = i
+            elif sp.op == "read":
+                self._read.setdefault(sp.tid, []).append((dict(sp.args)["addr"] // ps, i))
+        self._env = id(env)
+
+    def _observe(self, env: CowEnv, mask: np.ndarray) -> int | None:
+        """The next observation action (step 2 above), or None when all is observed."""
+        k = env.kernel
+        done_pids: list[int] = []
+        for tid in sorted(k.threads):
+            t = k.threads[tid]
+            if t.exited or t.gen is not None or not t.pid or t.pid in done_pids:
+                continue
+            done_pids.append(t.pid)
+            mm = k.procs[t.pid].mm
+            pins = [pid_ for pid_, p in k.pins.items() if p.active and p.pid == t.pid]
+            for slot, pin_id in enumerate(pins):
+                a = self._dev_read.get((tid, slot))
+                if a is not None and mask[a] and (t.pid, "pin", pin_id) not in self._observed:
+                    self._observed.add((t.pid, "pin", pin_id))
+                    return a
+            P = k.P
+            for vpn, a in self._read.get(tid, []):
+                pmd = mm.pmd.get(vpn // P)
+                if pmd is None or not int(pmd.table.entries[vpn % P]) & PTE_SWAP:
+                    continue
+                if mask[a] and (t.pid, "page", vpn) not in self._observed:
+                    self._observed.add((t.pid, "page", vpn))
+                    return a
+        return None
+
+    def action(self, env: CowEnv, remaining: int | None = None) -> int | None:
+        """Return the next teardown action, or None when the teardown is over.
+
+        ``remaining``: actions left in the episode (None: unlimited), which bounds the
+        observation phase.
+        """
         if self._env != id(env):
-            self._exit = {sp.tid: i for i, sp in enumerate(env.catalogue)
-                          if sp.kind == "start" and sp.op == "exit"}
-            self._env = id(env)
+            self._index(env)
         mask = env.action_masks()
         k = env.kernel
         tids = sorted(k.threads)
         for tid in tids:
             if 0 <= tid < len(mask) and env.catalogue[tid].kind == "run" and mask[tid]:
                 return tid
+        live = sum(1 for tid in tids if tid != KSWAPD_TID and not k.threads[tid].exited)
+        if k.quiescent() and (remaining is None or remaining > self.EXIT_SHARE * live):
+            a = self._observe(env, mask)
+            if a is not None:
+                return a
         for tid in reversed(tids):
             t = k.threads[tid]
             a = self._exit.get(tid)
@@ -238,7 +306,7 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
             a = agent.act(env, obs, env.action_masks() if h is None else h.mask)
             mine = True
         else:
-            td = harness.action(env)
+            td = harness.action(env, limit - res.steps)
             if td is None:
                 break
             a, mine = td, False

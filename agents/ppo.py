@@ -88,10 +88,11 @@ def _teardown_wrapper_class() -> type:
             vs = list(info.get("violations", []))
             total = float(r)
             while not (term or trunc):
-                a = self._td.action(base)
+                a = self._td.action(base, base.max_steps - self._n)
                 if a is None:
                     trunc = True
                     break
+                self._n += 1
                 obs, r2, term, trunc, info = self.env.step(a)
                 total += float(r2)
                 vs.extend(info.get("violations", []))

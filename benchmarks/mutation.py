@@ -1,7 +1,7 @@
 """Mutation benchmark: bugs planted at run time outside the flaw catalogue.
 
     .venv/bin/python benchmarks/mutation.py [--budget 20000] [--seeds 2]
-        [--agents random,pct,greybox] [--jobs 2] [--json]
+        [--agents random,pct,greybox] [--mutants NAME,...] [--jobs 2] [--json]
 
 Each :data:`MUTANTS` entry is a small textual change to one method of the kernel
 (upstream paths and the *fixed* COW PTE paths), applied **only at run time** in the
@@ -225,11 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=20_000)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--agents", default="random,pct,greybox")
+    p.add_argument("--mutants", default="",
+                   help="comma-separated mutant names (default: all)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     agents = [x for x in a.agents.split(",") if x]
+    names = [m.name for m in MUTANTS]
+    chosen = [x for x in a.mutants.split(",") if x] or names
+    for x in chosen:
+        if x not in names:
+            print(f"--mutants: unknown mutant {x!r} (expected one of {', '.join(names)})",
+                  file=sys.stderr)
+            return 2
+    idx = [names.index(x) for x in chosen]
     for i, m in enumerate(MUTANTS):  # every mutant applies
         with planted(m):
             pass
@@ -238,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     suites: list[dict[str, Any]] = []
     with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
-        futs = {pool.submit(run_suite, i): "suite" for i in range(len(MUTANTS))}
-        for i in range(len(MUTANTS)):
+        futs = {pool.submit(run_suite, i): "suite" for i in idx}
+        for i in idx:
             for ag in agents:
                 for s in range(a.seeds):
                     futs[pool.submit(run_agent, i, ag, s, a.budget)] = "run"
@@ -247,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             r = fu.result()
             (suites if futs[fu] == "suite" else runs).append(r)
             print(json.dumps(r), file=sys.stderr)
-    names = [m.name for m in MUTANTS]
     runs.sort(key=lambda r: (names.index(r["mutant"]), agents.index(r["agent"]), r["seed"]))
-    suites.sort(key=lambda r: names.index(r["mutant"]))
+    suites.sort(key=lambda r: chosen.index(r["mutant"]))
     lines = ["| mutant (path) | " + " | ".join(agents) + " | scenarios | explore (bound 0) |",
              "|" + "---|" * (len(agents) + 3)]
     rate = {}
-    for m, su in zip(MUTANTS, suites, strict=True):
+    sel = [MUTANTS[i] for i in idx]
+    for m, su in zip(sel, suites, strict=True):
         row = [f"`{m.name}` ({m.path})"]
         for ag in agents:
             rs = [r for r in runs if r["mutant"] == m.name and r["agent"] == ag]
@@ -266,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("| " + " | ".join(row) + " |")
     for ag in agents:
         det = sum(any(r["found"] for r in runs if r["mutant"] == m.name and r["agent"] == ag)
-                  for m in MUTANTS)
+                  for m in sel)
         rate[ag] = det
     sc_rate = sum(bool(s["scenarios_failed"]) for s in suites)
     ex_rate = sum(bool(s["explore"]) for s in suites)
-    n = len(MUTANTS)
+    n = len(sel)
     lines.append("| **detected (any seed)** | " + " | ".join(f"**{rate[ag]}/{n}**"
                                                           for ag in agents)
                  + f" | **{sc_rate}/{n}** | **{ex_rate}/{n}** |")
@@ -281,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "mutation.json").write_text(json.dumps(
         {"budget": a.budget, "seeds": a.seeds, "agents": agents, "env": ENV,
-         "mutants": [vars(m) for m in MUTANTS], "runs": runs, "suites": suites,
+         "mutants": [vars(m) for m in sel], "runs": runs, "suites": suites,
          "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1) + "\n")
     (out / "mutation.md").write_text(md)
     print(json.dumps({"runs": runs, "suites": suites}) if a.json else md)

@@ -30,6 +30,12 @@ no operation in progress on any thread, and at the end of a run):
    (``PG_swapcache`` ⇔ in the cache under ``folio->swap`` ⇔ the slot's
    ``SWAP_HAS_CACHE``); a slot is in use iff it has a count or a cached folio.
 8. no mm has a live (present or swap) entry outside its VMAs.
+
+At the same quiescent points :meth:`Oracle.after_op` also runs the counterparts of the
+kernel's debug checks (:mod:`cowenv.kernel.debug_vm`: page-table-check, writable ⇒
+``PageAnonExclusive``, ``sanity_check_pinned_pages``, exclusive swap entries) and the
+shadow sweep (:meth:`Oracle.check_shadow`), which compares every mapped page and every
+pin with the shadow without waiting for a read.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .debug_vm import check_debug_vm
 from .memory import (
     GUP_PIN_COUNTING_BIAS,
     PG_allocated,
@@ -123,6 +130,8 @@ class Oracle:
         self.mprotecting: dict[int, list[tuple[int, int, int]]] = {}
         self.pin_seq = 0
         self.accounting_enabled = True
+        # (address key or ("pin", id), value) pairs the shadow sweep already reported.
+        self._swept: set[tuple[Any, ...]] = set()
 
     # ------------------------------------------------------------------ regions
     def _regions(self, mm: MmStruct) -> list[Region]:
@@ -529,9 +538,117 @@ class Oracle:
 
     # ------------------------------------------------------------------ scheduling hooks
     def after_op(self, t: Thread, value: Any) -> None:
-        """Called when an operation returns: full recount at quiescent points."""
+        """Called when an operation returns: the quiescent-point checks.
+
+        A *quiescent point* is the moment an operation returns while no thread (kswapd
+        included) is inside any operation: no lock is held, no walk or fork is half done,
+        every PTE change of every syscall so far is complete. There the recount
+        (:meth:`check_accounting`), the debug-check counterparts
+        (:func:`~cowenv.kernel.debug_vm.check_debug_vm`) and the shadow sweep
+        (:meth:`check_shadow`) run, in that order.
+        """
         if self.accounting_enabled and self.k.quiescent():
             self.check_accounting()
+            check_debug_vm(self.k)
+            self.check_shadow()
+
+    # ------------------------------------------------------------------ shadow sweep
+    def check_shadow(self) -> None:
+        """Compare every mapped page and every pin with the shadow (a read of everything).
+
+        At a quiescent point, for every address of every live mm's shadow regions, the
+        value a load would return -- without running the fault that would fetch it: the
+        mapped page's content; for a swap entry the swap-cache folio's content, else the
+        slot's data; for ``pte_none`` zero (anon) or the shmem object's page -- must be
+        one the shadow allows (as :meth:`on_user_read` checks); and every active pin's
+        page must hold what the shadow expects of it (as :meth:`on_dev_read` checks).
+        Reported as ``isolation@shadow_sweep`` / ``pin-coherence@shadow_sweep``, once per
+        (address or pin, value). The sweep changes neither the shadow (a later read of
+        the same corruption still reports at its own site, e.g.
+        ``isolation@user_access``) nor any kernel state, and observes nothing a program
+        could not: its values are what a read at this point would return.
+        """
+        k = self.k
+        pool = k.pool
+        P = k.P
+        for mm in k.live_mms():
+            for r in self._regions(mm):
+                if r.dying:
+                    continue
+                vals = self._sweep_values(mm, r, P)
+                if r.shm is None:
+                    d = self.anon.get(mm.id, {})
+                    nz = np.nonzero(vals)[0]
+                    # Addresses the shadow holds a value for, and non-zero ones it
+                    # does not (which must then be zero).
+                    vpns = sorted({r.start + int(i) for i in nz}
+                                  | {v for v in d if r.start <= v < r.end})
+                    for v in vpns:
+                        val = int(vals[v - r.start])
+                        allowed = d.get(v, ZERO)[0]
+                        if val not in allowed:
+                            self._sweep_report(mm, ("a", mm.id, v), v, val, allowed)
+                else:
+                    for i in range(r.end - r.start):
+                        key = ("s", r.shm, r.shm_base + i)
+                        val = int(vals[i])
+                        allowed = self._get(key)[0]
+                        if val not in allowed:
+                            self._sweep_report(mm, key, r.start + i, val, allowed)
+        for pid, pin in sorted(k.pins.items()):
+            if not pin.active:
+                continue
+            p = self.pins.get(pid)
+            if p is None:
+                continue
+            val = int(pool.content[pin.pfn])
+            allowed = p["expect"][0]
+            if val not in allowed and ("pin", pid, val) not in self._swept:
+                self._swept.add(("pin", pid, val))
+                k.report("pin-coherence", "shadow_sweep",
+                         f"pin {pid} (mm{p['mm']} page {p['vpn']:#x}) holds {val}, "
+                         f"expected {' or '.join(map(str, allowed))}")
+
+    def _sweep_report(self, mm: MmStruct, key: tuple[Any, ...], vpn: int, val: int,
+                      allowed: tuple[int, ...]) -> None:
+        if (*key, val) in self._swept:
+            return
+        self._swept.add((*key, val))
+        self.k.report("isolation", "shadow_sweep",
+                      f"mm{mm.id} page {vpn:#x} holds {val}, expected "
+                      f"{' or '.join(map(str, allowed))}")
+
+    def _sweep_values(self, mm: MmStruct, r: Region, P: int) -> np.ndarray:
+        """What a load at each page of region ``r`` of ``mm`` would return now."""
+        k = self.k
+        pool = k.pool
+        n = r.end - r.start
+        e = np.zeros(n, dtype=np.int64)
+        for idx in range(r.start // P, (r.end - 1) // P + 1):
+            pmd = mm.pmd.get(idx)
+            if pmd is None or pmd.table.freed:
+                continue
+            lo, hi = max(r.start, idx * P), min(r.end, (idx + 1) * P)
+            e[lo - r.start:hi - r.start] = pmd.table.entries[lo - idx * P:hi - idx * P]
+        vals = np.zeros(n, dtype=np.int64)
+        pres = (e & PTE_PRESENT) != 0
+        if pres.any():
+            vals[pres] = pool.content[e[pres] >> PFN_SHIFT]
+        swp = np.nonzero((e & PTE_SWAP) != 0)[0]
+        if len(swp):
+            cache = k.swap.cache
+            for i in swp.tolist():
+                s = int(e[i]) >> PFN_SHIFT
+                c = cache.get(s)
+                vals[i] = int(pool.content[c]) if c is not None else int(k.swap.data[s])
+        if r.shm is not None:
+            obj = k.shmem.get(r.shm)
+            if obj is not None:
+                for i in np.nonzero(e == 0)[0].tolist():
+                    p = obj.pages.get(r.shm_base + i)
+                    if p is not None:
+                        vals[i] = int(pool.content[p])
+        return vals
 
     # ------------------------------------------------------------------ recount oracles
     def check_mprotect_contract(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
