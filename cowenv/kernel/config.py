@@ -15,7 +15,8 @@ from typing import Any
 #: ``recover-skips-vma`` was found by cowenv's soak test: after ``recover_pte_range`` v4
 #: falls back to ``copy_pte_range`` only if ``recover_end`` lies inside ``src_vma``.
 #: ``fork-ptl-nesting`` was added by issue 12 (v4 02/14 takes ``pmd_install``'s
-#: ``pmd_lock`` inside the source PTE lock).
+#: ``pmd_lock`` inside the source PTE lock). ``table-free-no-deferral`` (reference notes
+#: C6) needs the TLB model of issue 13 (``pte_free`` without ``tlb_remove_table``).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -31,6 +32,7 @@ FLAW_IDS: tuple[str, ...] = (
     "read-fault-fills-shared",
     "recover-skips-vma",
     "fork-ptl-nesting",
+    "table-free-no-deferral",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -54,6 +56,7 @@ FLAW_ORIGINS: dict[str, str] = {
     "read-fault-fills-shared": "v4",
     "recover-skips-vma": "v4",
     "fork-ptl-nesting": "v4",
+    "table-free-no-deferral": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -106,6 +109,12 @@ FLAW_SOURCES: dict[str, str] = {
         "pmd_install(dst_mm, dst_pmd, &pte_table);`: pmd_lock inside the PTE lock, against "
         "upstream's pmd_lock -> PTE lock; on x86-64 both are ptlocks of ptlock_init()'s "
         "one lockdep class (include/linux/mm.h): a lockdep splat at every COW fork",
+    "table-free-no-deferral":
+        "03/14 mm/memory.c handle_cow_pte_fault: `if (!pmd_put_pte(&cowed_entry)) { "
+        "pgtable_t token = pmd_pgtable(*pmd); ... pmd_clear(pmd); pte_free(mm, token);` "
+        "frees the new table, visible in the PMD since pte_alloc_map_lock, with no "
+        "tlb_remove_table (RCU/IPI) and before `flush_tlb_range(vma, start, end);` "
+        "(analysis C6)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on
@@ -186,6 +195,9 @@ class KernelConfig:
             (the default) resolves to ``6.2``, v4's base, unless ``fault_mode`` is
             ``vma_lock``, which needs per-VMA locks and resolves to ``6.5`` (what cowenv
             modelled before bases existed). ``vma_lock`` with base ``6.2`` is an error.
+        tlb: Model a per-thread TLB and paging-structure cache filled by the MMU walk,
+            with the kernel's flushes and ``mmu_gather`` (:mod:`cowenv.kernel.tlb`). Off,
+            every user access walks the live page tables (no stale translation exists).
     """
 
     variant: str = "classic"
@@ -200,6 +212,7 @@ class KernelConfig:
     max_processes: int = 8
     lockdep: bool = True
     base: str = ""
+    tlb: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -76,8 +76,14 @@ class CowPteKernel(Kernel):
         return False
 
     def _flush_tlb_range(self, t: Thread, mm: MmStruct, idx: int) -> None:
-        """``flush_tlb_range`` over the PMD: the model has no TLB; recorded in the trace."""
+        """``flush_tlb_range(vma, start, end)`` over the PMD (recorded in the trace).
+
+        v4 03/14 ends ``handle_cow_pte_fault`` with it (after ``pte_unmap_unlock`` of the
+        old table); :meth:`TlbMixin.flush_tlb_range` drops the mm's entries of the PMD and
+        its paging-structure caches.
+        """
         self._ev(t.tid, "event", "flush_tlb_range", {"mm": mm.id, "pmd": idx})
+        self.flush_tlb_range(mm, idx * self.P, (idx + 1) * self.P)
         self.cost.charge("tlb_flush_range")
 
     # ------------------------------------------------------------------ fork
@@ -353,9 +359,10 @@ class CowPteKernel(Kernel):
             self._flush_tlb_range(t, mm, idx)
             return 0
         self.unlock(t, ptl, WRITE, "handle_cow_pte_fault")
-        if self.config.has("pmd-clear-window") or (
-                racy and self.config.has("vma-lock-fault-breaks-shared")):
-            return (yield from self._break_slow_v4(t, vma, idx, pmd, nofail))
+        window = self.config.has("pmd-clear-window") or (
+            racy and self.config.has("vma-lock-fault-breaks-shared"))
+        if window or self.config.has("table-free-no-deferral"):
+            return (yield from self._break_slow_v4(t, vma, idx, pmd, nofail, window))
         if self.config.has("nr-ptes-on-oom"):
             # v4 uncharges the table before allocating (see _break_slow_v4).
             mm.mm_dec_nr_ptes()
@@ -366,7 +373,7 @@ class CowPteKernel(Kernel):
         return (yield from self._break_slow_fixed(t, vma, idx, pmd, nofail))
 
     def _break_slow_v4(self, t: Thread, vma: Vma, idx: int, cowed: PmdEntry,
-                       nofail: bool) -> Gen:
+                       nofail: bool, window: bool = True) -> Gen:
         """v4's slow path of ``handle_cow_pte_fault`` (03/14, ``mm/memory.c``), line by line.
 
         v4::
@@ -403,16 +410,44 @@ class CowPteKernel(Kernel):
         concurrent fault's fresh page is overwritten (leaked: mapcount, refcount and
         MM_ANONPAGES still count it) and its write is lost. At an offset the shared table
         leaves empty nothing is lost. Fixed (:meth:`_break_slow_fixed`): no ``pmd_none``
-        window at all.
+        window at all. With ``window`` False (``table-free-no-deferral`` on without
+        ``pmd-clear-window``) the window is closed: the new table replaces the old one
+        under ``pmd_lock`` after ``pmd_same``, so only the table free differs from the
+        fixed design; from the copy on the lines are v4's.
+
+        Flaw ``table-free-no-deferral`` (analysis C6): when ``pmd_put_pte`` fails, v4
+        frees the new table, which has been visible in the PMD since ``pmd_install``,
+        with ``pmd_clear(pmd); pte_free(mm, token);``: no ``tlb_remove_table`` (no RCU
+        grace period, no IPI) and no TLB flush before the free (``flush_tlb_range`` comes
+        after ``pte_unmap_unlock(orig_src_pte, src_ptl)``). A GUP-fast walker of the same
+        mm (IRQs off, no locks) that read the PMD meanwhile then walks a freed page table,
+        and another thread's paging-structure cache may still point at it. Fixed: the
+        table goes through :meth:`TlbMixin.tlb_remove_table` (flushed, then freed after
+        the grace period).
         """
         mm = vma.mm
         old = cowed.table
-        mm.mm_dec_nr_ptes()
-        if mm.pmd.get(idx) is cowed:
-            del mm.pmd[idx]  # pmd_clear
-        yield "handle_cow_pte_fault:pmd_cleared"
+        if not window:
+            new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
+            if new is None:
+                return -ENOMEM
+            yield "handle_cow_pte_fault:allocated"
+            yield from self.lock(t, mm.page_table_lock, WRITE, "pmd_install")
+            cur = mm.pmd.get(idx)
+            installed = cur is cowed and not cur.write  # pmd_same
+            if installed:
+                mm.pmd[idx] = PmdEntry(new, True)
+            self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
+            if not installed:
+                self.pte_free(new, "pmd_install")  # never visible: freed at once
+                return 0
+        else:
+            mm.mm_dec_nr_ptes()
+            if mm.pmd.get(idx) is cowed:
+                del mm.pmd[idx]  # pmd_clear
+            yield "handle_cow_pte_fault:pmd_cleared"
         # pte_alloc_map_lock -> pte_alloc: only if pmd_none(*pmd).
-        if mm.pmd.get(idx) is None:
+        if window and mm.pmd.get(idx) is None:
             new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
             if new is None:
                 mm.pmd[idx] = cowed  # set_pmd_at(mm, addr, pmd, cowed_entry): blind
@@ -430,6 +465,8 @@ class CowPteKernel(Kernel):
             self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
             if new is not None:
                 self.pte_free(new, "pmd_install")  # __pte_alloc: if (new) pte_free(mm, new)
+        # The PMD points at the new table now: other CPUs' walks and GUP-fast may use it.
+        yield "handle_cow_pte_fault:installed"
         got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_cow_pte_fault")
         if got is None:  # only on base 6.5, where pte_offset_map_lock may fail
             return -ENOMEM
@@ -465,7 +502,10 @@ class CowPteKernel(Kernel):
                     self.unlock(t, cptl, WRITE, "handle_cow_pte_fault")
                 del mm.pmd[idx]
                 if ct is not old:
-                    self.pte_free(ct, "handle_cow_pte_fault")
+                    if self.config.has("table-free-no-deferral"):
+                        self.pte_free(ct, "handle_cow_pte_fault")  # pte_free(mm, token)
+                    else:
+                        self.tlb_remove_table(t, mm, ct, idx)
             mm.pmd[idx] = PmdEntry(old, True)
         if not same:
             self.unlock(t, optl, WRITE, "handle_cow_pte_fault")

@@ -22,6 +22,7 @@ from .fault import (
 from .locks import READ, WRITE
 from .memory import (
     GUP_PIN_COUNTING_BIAS,
+    PG_allocated,
     PG_anon_exclusive,
     PG_dirty,
 )
@@ -167,7 +168,11 @@ class GupMixin:
         pte = int(table.entries[off])
         yield "gup_fast:pte_read"
         if table.freed:
-            if not any(tb is table for tb in self.deferred_tables):
+            # Unlinked: still allocated while its free waits for the flush and for this
+            # walker (tlb_remove_table); a frame already given back (or reused) is a
+            # use-after-free.
+            if (not self.pool.flags[table.pfn] & PG_allocated
+                    or int(self.pool.gen[table.pfn]) != table.gen):
                 self._report("memory-safety", "gup_pte_range",
                              f"GUP-fast walked freed page table {table.pfn}")
             return None  # unlinked but not yet freed: the PMD re-check fails
