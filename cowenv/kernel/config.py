@@ -344,7 +344,7 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
         if not isinstance(b, str):
             raise ValueError(f"base: expected one of {', '.join(BASES)}, got {b!r}")
         kw["base"] = b
-    for b in ("split_ptl", "lockdep"):
+    for b in ("split_ptl", "lockdep", "tlb"):
         if b in d:
             v = d.pop(b)
             if not isinstance(v, bool):

@@ -549,12 +549,17 @@ class CowPteKernel(Kernel):
             mm.pmd[idx] = PmdEntry(new, True)
             old.refcount -= 1
             new = None
+        # Fixed: flush before the locks go (v4 asks "Should we flush TLB when holding the
+        # pte lock?" and flushes after). Once the old table's PTL is dropped its other
+        # sharer may free it through *its* mm's gather, which flushes only its own CPUs:
+        # this mm's paging-structure caches must not point at it any more by then.
+        self._flush_tlb_range(t, mm, idx)
         if optl is not mm.page_table_lock:
             self.unlock(t, optl, WRITE, "break_cow_pte")
         self.unlock(t, mm.page_table_lock, WRITE, "break_cow_pte")
         if new is not None:
-            self.pte_free(new, "break_cow_pte")
-        self._flush_tlb_range(t, mm, idx)
+            self.pte_free(new, "break_cow_pte")  # never visible: freed at once
+        yield "handle_cow_pte_fault:installed"
         return 0
 
     def _charge_break_copy(self, old: PteTable) -> None:

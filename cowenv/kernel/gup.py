@@ -159,6 +159,11 @@ class GupMixin:
         seq = mm.write_protect_seq
         if seq & 1:
             return None
+        # lockless_pages_from_mm reads the seqcount once, then walks pgd..pte with IRQs
+        # off; nothing orders the walk itself against a concurrent PMD change (the
+        # seqcount and PMD/PTE re-checks only discard the result afterwards), and only
+        # the deferred table free (tlb_remove_table) keeps the tables it reads alive.
+        yield "gup_fast:seq_read"
         pmd = mm.pmd.get(vpn // self.P)
         if pmd is None or (write and not pmd.write):
             return None
