@@ -537,6 +537,12 @@ def _flaw_scripts(A, B, C, T, ps):
             (2, "dev_read", {"pin_slot": 0}), ("run", 2)]),
         "read-fault-fills-shared": ({}, fork + [(3, "read", {"addr": C + ps}), ("run", 3)]),
         "fork-ptl-nesting": ({}, fork),
+        "table-free-no-deferral": ({}, fork + [
+            (2, "pin", {"addr": A, "write": False, "fast": True}),
+            ("run", 2, "gup_fast:seq_read"),
+            (1, "write", {"addr": A + ps}), ("run", 1, "handle_cow_pte_fault:installed"),
+            ("run", 2, "gup_fast:pte_read"), (3, "exit", {}), ("run", 3), ("run", 1),
+            ("run", 2)]),
         "recover-skips-vma": ({}, [
             (1, "madvise", {"addr": B, "length": T, "advice": "DONTFORK"}), ("run", 1)] + fork
             + [(3, "read", {"addr": C}), ("run", 3)]),

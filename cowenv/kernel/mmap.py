@@ -360,6 +360,7 @@ class MmapMixin:
         mm = vma.mm
         pool = self.pool
         e = table.entries[lo:hi]
+        live = bool(e.any())  # (e is a view: the clear below empties it)
         present = (e & PTE_PRESENT) != 0
         pfns = (e[present] >> PFN_SHIFT)
         pfns = pfns[pfns != ZERO_PFN]
@@ -375,12 +376,12 @@ class MmapMixin:
             self.free_swap_and_cache(int(s), "zap_pte_range")
         mm.rss[MM_SWAPENTS] -= len(swaps)
         self.cost.charge("page_account", len(pfns) + len(swaps))
-        if clear and e.any():
+        if clear and live:
             self.cost.charge("pte_write", int(np.count_nonzero(e)))
             self.set_ptes(t, mm, table, lo, np.zeros(hi - lo, dtype=np.int64), "zap_pte_range")
         if self.config.tlb:
             # tlb_remove_tlb_entry + __tlb_remove_page: put after the flush.
-            if len(pfns) or (clear and e.any()):
+            if len(pfns) or (clear and live):
                 base = idx * self.P
                 self.tlb_remove_pages(t, mm, pfns, base + lo, base + hi, "zap_pte_range")
         elif len(pfns):
