@@ -611,7 +611,10 @@ def test_throughput_benchmark_runs(capsys):
     assert all(r["steps_per_s"] > 0 and 0 < r["kernel_share"] for r in out["cowenv"])
     for r in out["cowenv"]:
         p = r["us_per_step"]
-        assert set(p) == {"budget", "step", "choice", "reset", "kernel", "kernel_floor", "env"}
+        assert set(p) == {"budget", "step", "choice", "reset", "kernel", "kernel_floor", "env",
+                          "tlb"}
+        # The TLB model's share of a step (KernelConfig.tlb on vs off on the same schedules).
+        assert r["tlb_kernel_ratio"] > 0 and r["tlb_share"] == p["tlb"] / p["step"]
         assert 0 < p["kernel_floor"] and 0 < p["choice"] < p["step"] and p["budget"] > 0
         assert r["harness_steps_per_s"] > 0
         assert abs(p["choice"] + p["reset"] + p["kernel"] + p["env"] - p["step"]) < 1e-6

@@ -434,13 +434,21 @@ class CowPteKernel(Kernel):
             yield "handle_cow_pte_fault:allocated"
             yield from self.lock(t, mm.page_table_lock, WRITE, "pmd_install")
             cur = mm.pmd.get(idx)
-            installed = cur is cowed and not cur.write  # pmd_same
-            if installed:
-                mm.pmd[idx] = PmdEntry(new, True)
-            self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
-            if not installed:
+            if not (cur is cowed and not cur.write):  # pmd_same
+                self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
                 self.pte_free(new, "pmd_install")  # never visible: freed at once
                 return 0
+            mm.pmd[idx] = PmdEntry(new, True)
+            # The new table's PTL before the PMD lock goes (pmd_lock -> PTE lock), as
+            # pte_alloc_map_lock returns with it held: a concurrent fault waits for the copy.
+            nptl = self.pte_lockptr(mm, new)
+            if nptl is not mm.page_table_lock:
+                yield from self.lock(t, nptl, WRITE, "handle_cow_pte_fault")
+                self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
+            dst = new
+            # The PMD points at the new table (still empty, its PTL held): other CPUs'
+            # hardware walks and GUP-fast, which take no lock, may use it from here.
+            yield "handle_cow_pte_fault:installed"
         else:
             mm.mm_dec_nr_ptes()
             if mm.pmd.get(idx) is cowed:
@@ -465,12 +473,15 @@ class CowPteKernel(Kernel):
             self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
             if new is not None:
                 self.pte_free(new, "pmd_install")  # __pte_alloc: if (new) pte_free(mm, new)
-        # The PMD points at the new table now: other CPUs' walks and GUP-fast may use it.
-        yield "handle_cow_pte_fault:installed"
-        got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_cow_pte_fault")
-        if got is None:  # only on base 6.5, where pte_offset_map_lock may fail
-            return -ENOMEM
-        dst, nptl = got
+        if window:
+            got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_cow_pte_fault")
+            if got is None:  # only on base 6.5, where pte_offset_map_lock may fail
+                return -ENOMEM
+            dst, nptl = got
+            # pte_alloc_map_lock returned: the PMD points at the new table and its PTL is
+            # held; other CPUs' hardware walks and GUP-fast, which take no lock, may use
+            # the table from here.
+            yield "handle_cow_pte_fault:installed"
         optl = self.pte_lockptr(mm, old)
         same = optl is nptl
         if not same:
@@ -486,6 +497,8 @@ class CowPteKernel(Kernel):
         for off in nz:
             self.set_ptes(t, mm, dst, int(off), int(src[off]), "handle_cow_pte_fault")
         self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")  # pte_unmap_unlock(dst)
+        # The new table is complete and unlocked: other CPUs' walks may cache it.
+        yield "handle_cow_pte_fault:copied"
         if not self.pmd_put_pte(cowed):
             # The count was 1: someone else dropped theirs meanwhile. Clear the new table,
             # pmd_clear, pte_free it (v4: no RCU/IPI deferral) and re-install the old one
@@ -509,6 +522,9 @@ class CowPteKernel(Kernel):
             mm.pmd[idx] = PmdEntry(old, True)
         if not same:
             self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
+        # pte_unmap_unlock(orig_src_pte, src_ptl); then (v4: "Should we flush TLB when
+        # holding the pte lock?") flush_tlb_range(vma, start, end).
+        yield "handle_cow_pte_fault:unlocked"
         self._flush_tlb_range(t, mm, idx)
         return 0
 
