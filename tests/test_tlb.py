@@ -115,9 +115,10 @@ def test_the_stale_entry_oracle_catches_a_missing_flush_before_a_free(
         monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(scenario_mod, "make_kernel",
                         lambda cfg, **kw: _NoFlushBeforeFree(cfg, **kw))
-    r = run_scenario(load_scenario(ROOT / "scenarios/upstream/tlb-dontneed-flushes-before-free.yaml"))
+    up = ROOT / "scenarios" / "upstream"
+    r = run_scenario(load_scenario(up / "tlb-dontneed-flushes-before-free.yaml"))
     assert "memory-safety@tlb_stale_entry" in {v.signature for v in r.violations}
-    r = run_scenario(load_scenario(ROOT / "scenarios/upstream/tlb-mprotect-flushes.yaml"))
+    r = run_scenario(load_scenario(up / "tlb-mprotect-flushes.yaml"))
     assert "isolation@tlb_stale_write" in {v.signature for v in r.violations}
 
 

@@ -259,7 +259,9 @@ class MmapMixin:
         obj.pages.clear()
         self.put_pages(pages, "shmem_undo_range")
     def unmap_region(self, t: Thread, mm: MmStruct, vmas: list[Vma]) -> Gen:
-        """``unmap_region``: ``tlb_gather_mmu``, ``unmap_vmas``, ``free_pgtables``, ``tlb_finish_mmu``.
+        """``unmap_region``: ``unmap_vmas`` then ``free_pgtables``, in one mmu_gather.
+
+        ``tlb_gather_mmu`` … ``tlb_finish_mmu``: pages and tables are freed after the flush.
 
         Lock contract: mmap_lock held (read after a downgrade); the VMAs are detached.
         """
@@ -351,7 +353,8 @@ class MmapMixin:
         """``zap_pte_range`` on entries ``[lo, hi)`` (vectorised).
 
         Present pages: ``page_remove_rmap``, rss--, page queued in the thread's
-        mmu_gather (:meth:`TlbMixin.tlb_remove_pages`) and freed after the flush; swap entries: ``free_swap_and_cache``, ``MM_SWAPENTS``--. With
+        mmu_gather (:meth:`TlbMixin.tlb_remove_pages`) and freed after the flush; swap
+        entries: ``free_swap_and_cache``, ``MM_SWAPENTS``--. With
         ``clear=False`` the entries are left in place (COW PTE v4's ``pte_is_shared``
         path) while the accounting is still done.
 
