@@ -19,7 +19,9 @@ Measures, in one run and one process:
   ratio, against what the parts of a step take — the random legal choice (``choice``),
   ``reset`` spread over the episode, the kernel replaying the episodes' actions (workload
   excluded) with its oracles and trace (``kernel``) and with neither (``kernel floor``,
-  ``make_kernel(config, oracles=False, trace=False)``), and the env's own share (the rest).
+  ``make_kernel(config, oracles=False, trace=False)``), and the env's own share (the rest);
+* the TLB model's share of a step: the same schedules replayed on the bare kernel with
+  ``KernelConfig.tlb`` on and off (schedules that do not replay without it are left out).
 
 Measurements are interleaved in rounds (CartPole, small, default, CartPole, …) and the
 medians reported, so that a busy machine affects all three alike. Prints steps/s and the
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -43,7 +46,7 @@ import numpy as np
 import cowenv  # noqa: F401  (registers the ids)
 from cowenv.harness import Harness
 from cowenv.kernel import make_kernel
-from cowenv.scenario import apply_step, parse_scenario
+from cowenv.scenario import StepError, apply_step, parse_scenario
 
 #: Target ratios to CartPole-v1: (env, harness path); None = no target.
 TARGETS: dict[str, tuple[float | None, float | None]] = {
@@ -68,11 +71,16 @@ def bench_cartpole(seconds: float, seed: int) -> dict:
     return {"env": "CartPole-v1", "steps": n, "seconds": dt, "steps_per_s": n / dt}
 
 
-def _replay(scs: list, n_workload: int, **kernel_kw: Any) -> tuple[float, float]:
-    """Replay scenarios on the bare kernel; return (seconds for all steps, for actions)."""
+def _replay(scs: list, n_workload: int, tlb: bool | None = None,
+            **kernel_kw: Any) -> tuple[float, float]:
+    """Replay scenarios on the bare kernel; return (seconds for all steps, for actions).
+
+    ``tlb`` overrides the config's TLB model (``KernelConfig.tlb``).
+    """
     t_all = t_act = 0.0
     for sc in scs:
-        k = make_kernel(sc.config, **kernel_kw)
+        cfg = sc.config if tlb is None else dataclasses.replace(sc.config, tlb=tlb)
+        k = make_kernel(cfg, **kernel_kw)
         names: dict = {}
         pending: dict = {}
         t0 = time.perf_counter()
@@ -148,6 +156,17 @@ def bench_cowenv(env_id: str, seconds: float, seed: int) -> dict:
     n_wl = len(u.workload)
     t_kernel, t_act = _replay(scs, n_wl)
     _, t_floor = _replay(scs, n_wl, oracles=False, trace=False)
+    # TLB share: the schedules that replay to the same length with the TLB model off
+    # (a schedule may take another path without it), timed with it on and off, in pairs.
+    t_on = t_off = 0.0
+    for sc in scs:
+        try:
+            on = _replay([sc], n_wl, tlb=True)[1]
+            off = _replay([sc], n_wl, tlb=False)[1]
+        except StepError:
+            continue
+        t_on += on
+        t_off += off
     # Harness: the random legal choice alone, on masks the episodes produced.
     reps = max(1, 20_000 // max(1, len(masks)))
     th = time.perf_counter()
@@ -160,11 +179,15 @@ def bench_cowenv(env_id: str, seconds: float, seed: int) -> dict:
     parts = {"step": 1e6 / env_rate, "choice": t_harness * 1e6,
              "reset": t_reset / n * 1e6, "kernel": t_act * us, "kernel_floor": t_floor * us}
     parts["env"] = parts["step"] - parts["choice"] - parts["reset"] - parts["kernel"]
+    # The TLB's share of an env step: (kernel with TLB - kernel without) per step.
+    parts["tlb"] = (t_on - t_off) * us
     kernel_share = (t_kernel / env_steps) * env_rate if env_steps else float("nan")
     return {"env": env_id, "steps": n, "seconds": dt, "steps_per_s": env_rate,
             "episodes": episodes, "violations": violations,
             "actions": int(u.action_space.n), "obs_dim": int(u.observation_space.shape[0]),
-            "kernel_share": kernel_share, "us_per_step": parts}
+            "kernel_share": kernel_share, "us_per_step": parts,
+            "tlb_share": parts["tlb"] / parts["step"],
+            "tlb_kernel_ratio": t_on / t_off if t_off else float("nan")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                "steps_per_s": float(np.median([x["steps_per_s"] for x in rs])),
                "ratio_to_cartpole": float(np.median(ratios)),
                "kernel_share": float(np.median([x["kernel_share"] for x in rs])),
+               "tlb_share": float(np.median([x["tlb_share"] for x in rs])),
+               "tlb_kernel_ratio": float(np.median([x["tlb_kernel_ratio"] for x in rs])),
                "episodes": sum(x["episodes"] for x in rs),
                "violations": sum(x["violations"] for x in rs),
                "actions": rs[0]["actions"], "obs_dim": rs[0]["obs_dim"],
@@ -233,14 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("env microseconds per step: the budget at the env target against the parts")
     print(f"{'env':<24} {'budget':>7} {'step':>7} {'choice':>8} {'reset':>7} "
-          f"{'kernel':>7} {'env':>7} {'kernel floor':>13}")
+          f"{'kernel':>7} {'env':>7} {'kernel floor':>13} {'tlb':>6} {'tlb share':>10} "
+          f"{'kernel on/off':>14}")
     for r in rows:
         p = r["us_per_step"]
         print(f"{r['env']:<24} {p['budget']:>7.1f} {p['step']:>7.1f} {p['choice']:>8.1f} "
               f"{p['reset']:>7.1f} {p['kernel']:>7.1f} {p['env']:>7.1f} "
-              f"{p['kernel_floor']:>13.1f}")
+              f"{p['kernel_floor']:>13.1f} {p['tlb']:>6.1f} {r['tlb_share']:>10.3f} "
+              f"{r['tlb_kernel_ratio']:>14.3f}")
     print("(kernel: the episodes' actions replayed on the bare kernel with oracles and trace;"
-          " kernel floor: with neither)")
+          " kernel floor: with neither; tlb: what the TLB model adds to a step, from the"
+          " same schedules replayed with KernelConfig.tlb on and off; tlb share: that over"
+          " the env step; kernel on/off: the kernel's time ratio)")
     return 0
 
 

@@ -100,6 +100,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("break-leaks-table", "cowpte", "cowenv.kernel.cowpte", "CowPteKernel",
            "_break_slow_fixed", "old.refcount -= 1\n", "pass\n",
            "fixed COW PTE break copies but does not drop its reference to the old table"),
+    Mutant("tlb-no-flush-before-free", "tlb", "cowenv.kernel.tlb", "TlbMixin",
+           "tlb_flush_mmu", "if tlb.end > tlb.start:", "if False:",
+           "tlb_flush_mmu frees the gathered pages and tables without flushing the TLB"),
+    Mutant("fork-no-tlb-flush", "tlb", "cowenv.kernel.fork", "ForkMixin", "sys_fork",
+           "self.flush_tlb_mm(oldmm)\n", "pass\n",
+           "dup_mmap forgets flush_tlb_mm(oldmm) after write-protecting the parent"),
 )
 
 

@@ -537,6 +537,12 @@ def _flaw_scripts(A, B, C, T, ps):
             (2, "dev_read", {"pin_slot": 0}), ("run", 2)]),
         "read-fault-fills-shared": ({}, fork + [(3, "read", {"addr": C + ps}), ("run", 3)]),
         "fork-ptl-nesting": ({}, fork),
+        "table-free-no-deferral": ({}, fork + [
+            (2, "pin", {"addr": A, "write": False, "fast": True}),
+            ("run", 2, "gup_fast:seq_read"),
+            (1, "write", {"addr": A + ps}), ("run", 1, "handle_cow_pte_fault:installed"),
+            ("run", 2, "gup_fast:pte_read"), (3, "exit", {}), ("run", 3), ("run", 1),
+            ("run", 2)]),
         "recover-skips-vma": ({}, [
             (1, "madvise", {"addr": B, "length": T, "advice": "DONTFORK"}), ("run", 1)] + fork
             + [(3, "read", {"addr": C}), ("run", 3)]),
@@ -615,7 +621,10 @@ def test_throughput_benchmark_runs(capsys):
     assert all(r["steps_per_s"] > 0 and 0 < r["kernel_share"] for r in out["cowenv"])
     for r in out["cowenv"]:
         p = r["us_per_step"]
-        assert set(p) == {"budget", "step", "choice", "reset", "kernel", "kernel_floor", "env"}
+        assert set(p) == {"budget", "step", "choice", "reset", "kernel", "kernel_floor", "env",
+                          "tlb"}
+        # The TLB model's share of a step (KernelConfig.tlb on vs off on the same schedules).
+        assert r["tlb_kernel_ratio"] > 0 and r["tlb_share"] == p["tlb"] / p["step"]
         assert 0 < p["kernel_floor"] and 0 < p["choice"] < p["step"] and p["budget"] > 0
         assert r["harness_steps_per_s"] > 0
         assert abs(p["choice"] + p["reset"] + p["kernel"] + p["env"] - p["step"]) < 1e-6

@@ -18,7 +18,9 @@ from typing import Any
 #: ``fork-ptl-nesting`` was added by issue 12 (v4 02/14 takes ``pmd_install``'s
 #: ``pmd_lock`` inside the source PTE lock), and so were ``fork-late-wrprotect`` (v4's
 #: fork links the child's PMD writable and write-protects both PMDs after dropping the
-#: PTL) and ``recover-double-copy`` (reference notes C7).
+#: PTL) and ``recover-double-copy`` (reference notes C7). ``table-free-no-deferral``
+#: (reference notes C6) needs the TLB model of issue 13 (``pte_free`` without
+#: ``tlb_remove_table``).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -36,6 +38,7 @@ FLAW_IDS: tuple[str, ...] = (
     "fork-ptl-nesting",
     "fork-late-wrprotect",
     "recover-double-copy",
+    "table-free-no-deferral",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -61,6 +64,7 @@ FLAW_ORIGINS: dict[str, str] = {
     "fork-ptl-nesting": "v4",
     "fork-late-wrprotect": "v4",
     "recover-double-copy": "v4",
+    "table-free-no-deferral": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -125,6 +129,12 @@ FLAW_SOURCES: dict[str, str] = {
         "continue;` skips only a shared child PMD, so after recover_pte_range the next VMA "
         "of the PMD calls copy_cow_pte_range again: every entry accounted to the child "
         "twice, the first private table leaked (reference notes C7)",
+    "table-free-no-deferral":
+        "03/14 mm/memory.c handle_cow_pte_fault: `if (!pmd_put_pte(&cowed_entry)) { "
+        "pgtable_t token = pmd_pgtable(*pmd); ... pmd_clear(pmd); pte_free(mm, token);` "
+        "frees the new table, visible in the PMD since pte_alloc_map_lock, with no "
+        "tlb_remove_table (RCU/IPI) and before `flush_tlb_range(vma, start, end);` "
+        "(analysis C6)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on
@@ -211,6 +221,9 @@ class KernelConfig:
             (the default) resolves to ``6.2``, v4's base, unless ``fault_mode`` is
             ``vma_lock``, which needs per-VMA locks and resolves to ``6.5`` (what cowenv
             modelled before bases existed). ``vma_lock`` with base ``6.2`` is an error.
+        tlb: Model a per-thread TLB and paging-structure cache filled by the MMU walk,
+            with the kernel's flushes and ``mmu_gather`` (:mod:`cowenv.kernel.tlb`). Off,
+            every user access walks the live page tables (no stale translation exists).
     """
 
     variant: str = "classic"
@@ -225,6 +238,7 @@ class KernelConfig:
     max_processes: int = 8
     lockdep: bool = True
     base: str = ""
+    tlb: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -356,7 +370,7 @@ def config_from_dict(d: dict[str, Any]) -> KernelConfig:
         if not isinstance(b, str):
             raise ValueError(f"base: expected one of {', '.join(BASES)}, got {b!r}")
         kw["base"] = b
-    for b in ("split_ptl", "lockdep"):
+    for b in ("split_ptl", "lockdep", "tlb"):
         if b in d:
             v = d.pop(b)
             if not isinstance(v, bool):

@@ -68,8 +68,14 @@ class CowPteKernel(Kernel):
         return False
 
     def _flush_tlb_range(self, t: Thread, mm: MmStruct, idx: int) -> None:
-        """``flush_tlb_range`` over the PMD: the model has no TLB; recorded in the trace."""
+        """``flush_tlb_range(vma, start, end)`` over the PMD (recorded in the trace).
+
+        v4 03/14 ends ``handle_cow_pte_fault`` with it (after ``pte_unmap_unlock`` of the
+        old table); :meth:`TlbMixin.flush_tlb_range` drops the mm's entries of the PMD and
+        its paging-structure caches.
+        """
         self._ev(t.tid, "event", "flush_tlb_range", {"mm": mm.id, "pmd": idx})
+        self.flush_tlb_range(mm, idx * self.P, (idx + 1) * self.P)
         self.cost.charge("tlb_flush_range")
 
     # ------------------------------------------------------------------ fork
@@ -546,9 +552,10 @@ class CowPteKernel(Kernel):
             self._flush_tlb_range(t, mm, idx)
             return 0
         self.unlock(t, ptl, WRITE, "handle_cow_pte_fault")
-        if self.config.has("pmd-clear-window") or (
-                racy and self.config.has("vma-lock-fault-breaks-shared")):
-            return (yield from self._break_slow_v4(t, vma, idx, pmd, nofail))
+        window = self.config.has("pmd-clear-window") or (
+            racy and self.config.has("vma-lock-fault-breaks-shared"))
+        if window or self.config.has("table-free-no-deferral"):
+            return (yield from self._break_slow_v4(t, vma, idx, pmd, nofail, window))
         if self.config.has("nr-ptes-on-oom"):
             # v4 uncharges the table before allocating (see _break_slow_v4).
             mm.mm_dec_nr_ptes()
@@ -559,7 +566,7 @@ class CowPteKernel(Kernel):
         return (yield from self._break_slow_fixed(t, vma, idx, pmd, nofail))
 
     def _break_slow_v4(self, t: Thread, vma: Vma, idx: int, cowed: PmdEntry,
-                       nofail: bool) -> Gen:
+                       nofail: bool, window: bool = True) -> Gen:
         """v4's slow path of ``handle_cow_pte_fault`` (03/14, ``mm/memory.c``), line by line.
 
         v4::
@@ -596,16 +603,52 @@ class CowPteKernel(Kernel):
         concurrent fault's fresh page is overwritten (leaked: mapcount, refcount and
         MM_ANONPAGES still count it) and its write is lost. At an offset the shared table
         leaves empty nothing is lost. Fixed (:meth:`_break_slow_fixed`): no ``pmd_none``
-        window at all.
+        window at all. With ``window`` False (``table-free-no-deferral`` on without
+        ``pmd-clear-window``) the window is closed: the new table replaces the old one
+        under ``pmd_lock`` after ``pmd_same``, so only the table free differs from the
+        fixed design; from the copy on the lines are v4's.
+
+        Flaw ``table-free-no-deferral`` (analysis C6): when ``pmd_put_pte`` fails, v4
+        frees the new table, which has been visible in the PMD since ``pmd_install``,
+        with ``pmd_clear(pmd); pte_free(mm, token);``: no ``tlb_remove_table`` (no RCU
+        grace period, no IPI) and no TLB flush before the free (``flush_tlb_range`` comes
+        after ``pte_unmap_unlock(orig_src_pte, src_ptl)``). A GUP-fast walker of the same
+        mm (IRQs off, no locks) that read the PMD meanwhile then walks a freed page table,
+        and another thread's paging-structure cache may still point at it. Fixed: the
+        table goes through :meth:`TlbMixin.tlb_remove_table` (flushed, then freed after
+        the grace period).
         """
         mm = vma.mm
         old = cowed.table
-        mm.mm_dec_nr_ptes()
-        if mm.pmd.get(idx) is cowed:
-            del mm.pmd[idx]  # pmd_clear
-        yield "handle_cow_pte_fault:pmd_cleared"
+        if not window:
+            new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
+            if new is None:
+                return -ENOMEM
+            yield "handle_cow_pte_fault:allocated"
+            yield from self.lock(t, mm.page_table_lock, WRITE, "pmd_install")
+            cur = mm.pmd.get(idx)
+            if not (cur is cowed and not cur.write):  # pmd_same
+                self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
+                self.pte_free(new, "pmd_install")  # never visible: freed at once
+                return 0
+            mm.pmd[idx] = PmdEntry(new, True)
+            # The new table's PTL before the PMD lock goes (pmd_lock -> PTE lock), as
+            # pte_alloc_map_lock returns with it held: a concurrent fault waits for the copy.
+            nptl = self.pte_lockptr(mm, new)
+            if nptl is not mm.page_table_lock:
+                yield from self.lock(t, nptl, WRITE, "handle_cow_pte_fault")
+                self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
+            dst = new
+            # The PMD points at the new table (still empty, its PTL held): other CPUs'
+            # hardware walks and GUP-fast, which take no lock, may use it from here.
+            yield "handle_cow_pte_fault:installed"
+        else:
+            mm.mm_dec_nr_ptes()
+            if mm.pmd.get(idx) is cowed:
+                del mm.pmd[idx]  # pmd_clear
+            yield "handle_cow_pte_fault:pmd_cleared"
         # pte_alloc_map_lock -> pte_alloc: only if pmd_none(*pmd).
-        if mm.pmd.get(idx) is None:
+        if window and mm.pmd.get(idx) is None:
             new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
             if new is None:
                 mm.pmd[idx] = cowed  # set_pmd_at(mm, addr, pmd, cowed_entry): blind
@@ -623,10 +666,15 @@ class CowPteKernel(Kernel):
             self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
             if new is not None:
                 self.pte_free(new, "pmd_install")  # __pte_alloc: if (new) pte_free(mm, new)
-        got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_cow_pte_fault")
-        if got is None:  # only on base 6.5, where pte_offset_map_lock may fail
-            return -ENOMEM
-        dst, nptl = got
+        if window:
+            got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_cow_pte_fault")
+            if got is None:  # only on base 6.5, where pte_offset_map_lock may fail
+                return -ENOMEM
+            dst, nptl = got
+            # pte_alloc_map_lock returned: the PMD points at the new table and its PTL is
+            # held; other CPUs' hardware walks and GUP-fast, which take no lock, may use
+            # the table from here.
+            yield "handle_cow_pte_fault:installed"
         optl = self.pte_lockptr(mm, old)
         same = optl is nptl
         if not same:
@@ -642,6 +690,8 @@ class CowPteKernel(Kernel):
         for off in nz:
             self.set_ptes(t, mm, dst, int(off), int(src[off]), "handle_cow_pte_fault")
         self.unlock(t, nptl, WRITE, "handle_cow_pte_fault")  # pte_unmap_unlock(dst)
+        # The new table is complete and unlocked: other CPUs' walks may cache it.
+        yield "handle_cow_pte_fault:copied"
         if not self.pmd_put_pte(cowed):
             # The count was 1: someone else dropped theirs meanwhile. Clear the new table,
             # pmd_clear, pte_free it (v4: no RCU/IPI deferral) and re-install the old one
@@ -658,10 +708,16 @@ class CowPteKernel(Kernel):
                     self.unlock(t, cptl, WRITE, "handle_cow_pte_fault")
                 del mm.pmd[idx]
                 if ct is not old:
-                    self.pte_free(ct, "handle_cow_pte_fault")
+                    if self.config.has("table-free-no-deferral"):
+                        self.pte_free(ct, "handle_cow_pte_fault")  # pte_free(mm, token)
+                    else:
+                        self.tlb_remove_table(t, mm, ct, idx)
             mm.pmd[idx] = PmdEntry(old, True)
         if not same:
             self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
+        # pte_unmap_unlock(orig_src_pte, src_ptl); then (v4: "Should we flush TLB when
+        # holding the pte lock?") flush_tlb_range(vma, start, end).
+        yield "handle_cow_pte_fault:unlocked"
         self._flush_tlb_range(t, mm, idx)
         return 0
 
@@ -702,12 +758,17 @@ class CowPteKernel(Kernel):
             mm.pmd[idx] = PmdEntry(new, True)
             old.refcount -= 1
             new = None
+        # Fixed: flush before the locks go (v4 asks "Should we flush TLB when holding the
+        # pte lock?" and flushes after). Once the old table's PTL is dropped its other
+        # sharer may free it through *its* mm's gather, which flushes only its own CPUs:
+        # this mm's paging-structure caches must not point at it any more by then.
+        self._flush_tlb_range(t, mm, idx)
         if optl is not mm.page_table_lock:
             self.unlock(t, optl, WRITE, "break_cow_pte")
         self.unlock(t, mm.page_table_lock, WRITE, "break_cow_pte")
         if new is not None:
-            self.pte_free(new, "break_cow_pte")
-        self._flush_tlb_range(t, mm, idx)
+            self.pte_free(new, "break_cow_pte")  # never visible: freed at once
+        yield "handle_cow_pte_fault:installed"
         return 0
 
     def _charge_break_copy(self, old: PteTable) -> None:

@@ -46,6 +46,7 @@ class ExitMixin:
         Lock contract: takes mmap_lock read, then write.
         """
         yield from self.lock(t, mm.mmap_lock, READ, "exit_mmap")
+        tlb = self.tlb_gather_mmu(t, mm)  # tlb_gather_mmu_fullmm
         vmas = list(mm.vmas)
         for v in vmas:
             yield from self.zap_page_range(t, v, v.start, v.end)
@@ -58,6 +59,7 @@ class ExitMixin:
         # Tables the VMAs never covered (should not exist) are freed too.
         for idx in sorted(mm.pmd):
             yield from self.free_pte_range(t, mm, idx, mm.pmd[idx])
+        self.tlb_finish_mmu(t, tlb)
         for v in vmas:
             self.fput(v.shmem)  # remove_vma
         self.mmap_write_unlock(t, mm, "exit_mmap")

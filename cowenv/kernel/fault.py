@@ -90,15 +90,35 @@ class FaultMixin:
         (SIGSEGV: ``VM_FAULT_SIGSEGV``, the access is not made), or None when the task
         was killed (an OOM victim) before the access could complete. A user access never
         returns -ENOMEM: ``VM_FAULT_OOM`` goes to :meth:`pagefault_out_of_memory` and
-        the access is retried. The model has no TLB: the MMU walks the live page tables
-        on every access.
+        the access is retried. With ``config.tlb`` the MMU translates through the
+        thread's TLB and paging-structure cache (:meth:`TlbMixin.tlb_translate`);
+        without, it walks the live page tables on every access.
         """
         mm = self.mm_of(t)
         vpn = addr // self.config.page_size
         t.fault_site = ""
         tries = 0
+        tlb = self.config.tlb
         while tries < 64:
-            w = self._hw_walk(mm, vpn, write)
+            if tlb:
+                pfn = self.tlb_translate(t, mm, vpn, write)
+                if pfn == -2:
+                    return -EFAULT
+                if pfn >= 0:
+                    if write:
+                        tok = self.new_token()
+                        self.pool.content[pfn] = tok
+                        if self.oracle is not None:
+                            self.oracle.on_user_write(t, mm, vpn, tok)
+                        return tok
+                    val = int(self.pool.content[pfn])
+                    if self.oracle is not None:
+                        self.oracle.on_user_read(t, mm, vpn, val,
+                                                 t.fault_site or "user_access")
+                    return val
+                w = None
+            else:
+                w = self._hw_walk(mm, vpn, write)
             if w is not None:
                 table, off, pte = w
                 pfn = pte >> PFN_SHIFT
@@ -483,8 +503,10 @@ class FaultMixin:
         self.page_add_new_anon_rmap(new, vma, vpn)
         entry = mk_pte(new, write=not unshare and bool(vma.flags & VM_WRITE),
                        dirty=not unshare, young=True)
+        # ptep_clear_flush (flush_tlb_page on every CPU of the mm) + set_pte_at; the new
+        # page's rmap, the old one's removal.
+        self.flush_tlb_page(mm, vpn)
         self.set_ptes(t, mm, table, off, entry, "wp_page_copy")
-        # ptep_clear_flush + set_pte_at; the new page's rmap, the old one's removal.
         self.cost.charge("pte_write")
         self.cost.charge("tlb_flush_page")
         self.cost.charge("page_account", 1 if old == ZERO_PFN else 2)

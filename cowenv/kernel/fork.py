@@ -95,6 +95,9 @@ class ForkMixin:
         mm.flags = oldmm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY)
         if self.oracle is not None:
             self.oracle.on_fork_begin(oldmm)
+        # The parent's PTEs are write-protected from here to flush_tlb_mm(oldmm) below
+        # (Linux: under mmap_write_lock(oldmm)); the TLB oracle treats it as pending.
+        self.tlb_flush_pending_begin(oldmm)
         ret = 0
         for mpnt in list(oldmm.vmas):
             yield from self.vma_start_write(t, mpnt)
@@ -115,6 +118,10 @@ class ForkMixin:
                     break
         self.unlock(t, mm.mmap_lock, WRITE, "dup_mmap")
         mm.mm_lock_seq += 1
+        # flush_tlb_mm(oldmm): copy_present_pte's ptep_set_wrprotect (and COW PTE's
+        # pmdp_set_wrprotect) left the parent's threads writable TLB entries until here.
+        self.flush_tlb_mm(oldmm)
+        self.tlb_flush_pending_end(oldmm)
         self.cost.charge("tlb_flush_range")  # flush_tlb_mm(oldmm)
         self.mmap_write_unlock(t, oldmm, "dup_mmap")
         if not ret and (len(self.live_procs()) >= self.config.max_processes

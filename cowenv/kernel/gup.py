@@ -22,6 +22,7 @@ from .fault import (
 from .locks import READ, WRITE
 from .memory import (
     GUP_PIN_COUNTING_BIAS,
+    PG_allocated,
     PG_anon_exclusive,
     PG_dirty,
 )
@@ -160,6 +161,11 @@ class GupMixin:
         seq = mm.write_protect_seq
         if seq & 1:
             return None
+        # lockless_pages_from_mm reads the seqcount once, then walks pgd..pte with IRQs
+        # off; nothing orders the walk itself against a concurrent PMD change (the
+        # seqcount and PMD/PTE re-checks only discard the result afterwards), and only
+        # the deferred table free (tlb_remove_table) keeps the tables it reads alive.
+        yield "gup_fast:seq_read"
         pmd = mm.pmd.get(vpn // self.P)
         if pmd is None or (write and not pmd.write):
             return None
@@ -169,7 +175,11 @@ class GupMixin:
         pte = int(table.entries[off])
         yield "gup_fast:pte_read"
         if table.freed:
-            if not any(tb is table for tb in self.deferred_tables):
+            # Unlinked: still allocated while its free waits for the flush and for this
+            # walker (tlb_remove_table); a frame already given back (or reused) is a
+            # use-after-free.
+            if (not self.pool.flags[table.pfn] & PG_allocated
+                    or int(self.pool.gen[table.pfn]) != table.gen):
                 self._report("memory-safety", "gup_pte_range",
                              f"GUP-fast walked freed page table {table.pfn}")
             return None  # unlinked but not yet freed: the PMD re-check fails

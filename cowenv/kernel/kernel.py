@@ -19,6 +19,7 @@ threads, locks, trace) whose methods come from modules laid out like the Linux t
 | :mod:`~cowenv.kernel.vmscan` | ``mm/vmscan.c`` |
 | :mod:`~cowenv.kernel.swapfile` | ``mm/swapfile.c`` |
 | :mod:`~cowenv.kernel.swap_state` | ``mm/swap_state.c`` (the swap cache) |
+| :mod:`~cowenv.kernel.tlb` | ``mm/mmu_gather.c``, x86 ``flush_tlb_mm_range``, the TLB |
 
 Each part is a mixin class without state of its own; ``self`` is always the kernel, so a
 function calls any other as ``self.zap_pte_range(...)`` wherever it lives, as kernel C
@@ -64,6 +65,7 @@ from .rmap import RmapMixin
 from .sched import KSWAPD_TID, Gen, Pin, Process, SchedMixin, Thread, _done
 from .swap_state import SwapStateMixin
 from .swapfile import SwapfileMixin
+from .tlb import TlbMixin
 from .trace import Event, Violation
 from .vmscan import VmscanMixin
 
@@ -85,6 +87,7 @@ class Kernel(
     VmscanMixin,
     SwapfileMixin,
     SwapStateMixin,
+    TlbMixin,
 ):
     """The classic (upstream) kernel.
 
@@ -126,6 +129,8 @@ class Kernel(
         # waits for them (``tlb_remove_table`` / RCU table free).
         self.gup_fast_walkers = 0
         self.deferred_tables: list[PteTable] = []
+        # mm id -> operations between a PTE change and its TLB flush (tlb.py).
+        self.tlb_pending: dict[int, int] = {}
         self.pins: dict[int, Pin] = {}
         self.anon_vmas: dict[int, AnonVma] = {}
         self.tables: dict[int, PteTable] = {}

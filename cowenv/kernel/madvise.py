@@ -123,6 +123,7 @@ class MadviseMixin:
         mm = vma.mm
         P = self.P
         pool = self.pool
+        tlb = self.tlb_gather_mmu(t, mm)  # madvise_free_single_vma
         for idx in range(start // P, (end - 1) // P + 1):
             if idx not in mm.pmd:
                 continue
@@ -164,8 +165,10 @@ class MadviseMixin:
             if (new != e).any():
                 self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
                 self.set_ptes(t, mm, table, lo, new, "madvise_free_pte_range")
+                tlb.add_range(idx * P + lo, idx * P + hi)  # tlb_remove_tlb_entry
             self.unlock(t, ptl, WRITE, "madvise_free_pte_range")
             yield "madvise_free_pte_range:table_done"
+        self.tlb_finish_mmu(t, tlb)
         return 0
     def madvise_pageout_range(self, t: Thread, vma: Vma, start: int, end: int) -> Gen:
         """``madvise_cold_or_pageout_pte_range`` + ``reclaim_pages``: reclaim unshared pages.

@@ -259,13 +259,17 @@ class MmapMixin:
         obj.pages.clear()
         self.put_pages(pages, "shmem_undo_range")
     def unmap_region(self, t: Thread, mm: MmStruct, vmas: list[Vma]) -> Gen:
-        """``unmap_region``: ``unmap_vmas`` then ``free_pgtables``.
+        """``unmap_region``: ``unmap_vmas`` then ``free_pgtables``, in one mmu_gather.
+
+        ``tlb_gather_mmu`` … ``tlb_finish_mmu``: pages and tables are freed after the flush.
 
         Lock contract: mmap_lock held (read after a downgrade); the VMAs are detached.
         """
+        tlb = self.tlb_gather_mmu(t, mm)
         for v in vmas:
             yield from self.zap_page_range(t, v, v.start, v.end)
         yield from self.free_pgtables(t, mm, vmas)
+        self.tlb_finish_mmu(t, tlb)
     def free_pgtables(self, t: Thread, mm: MmStruct, vmas: list[Vma]) -> Gen:
         """``free_pgtables``: unlink the VMAs from rmap, then free the PTE tables left unused.
 
@@ -295,7 +299,8 @@ class MmapMixin:
         """``free_pte_range``: clear the PMD, uncharge and free the table.
 
         Lock contract: mmap_lock held; the table is unreachable through rmap (VMAs
-        unlinked). Upstream frees through the mmu_gather (RCU) so GUP-fast is safe.
+        unlinked). The table goes through the mmu_gather (``pte_free_tlb`` →
+        ``tlb_remove_table``): freed after the flush and the GUP-fast grace period.
         """
         table = pmd.table
         ptl = self.pte_lockptr(mm, table)
@@ -311,7 +316,10 @@ class MmapMixin:
             if live:
                 self._report("accounting", "free_pte_range",
                              f"table {table.pfn} freed with {live} live entries")
-            self.pte_free(table, "free_pte_range")
+            if self.config.tlb:
+                self.tlb_remove_table(t, mm, table, idx)  # pte_free_tlb
+            else:
+                self.pte_free(table, "free_pte_range")
     def zap_page_range(self, t: Thread, vma: Vma, start: int, end: int) -> Gen:
         """``zap_page_range_single``/``unmap_vmas`` → ``zap_pte_range`` per table.
 
@@ -319,6 +327,9 @@ class MmapMixin:
         """
         mm = vma.mm
         P = self.P
+        own = None
+        if self.config.tlb and self.tlb_current(t, mm) is None:
+            own = self.tlb_gather_mmu(t, mm)  # zap_page_range_single's own gather
         for idx in range(start // P, (end - 1) // P + 1):
             if idx not in mm.pmd:
                 continue
@@ -334,13 +345,16 @@ class MmapMixin:
             self.zap_pte_range(t, vma, table, idx, lo, hi)
             self.unlock(t, ptl, WRITE, "zap_pte_range")
             yield "zap_pte_range:table_done"
+        if own is not None:
+            self.tlb_finish_mmu(t, own)
         self.cost.charge("tlb_flush_range")  # tlb_finish_mmu
     def zap_pte_range(self, t: Thread, vma: Vma, table: PteTable, idx: int, lo: int,
                       hi: int, clear: bool = True) -> None:
         """``zap_pte_range`` on entries ``[lo, hi)`` (vectorised).
 
-        Present pages: ``page_remove_rmap``, rss--, page queued and freed after the
-        flush; swap entries: ``free_swap_and_cache``, ``MM_SWAPENTS``--. With
+        Present pages: ``page_remove_rmap``, rss--, page queued in the thread's
+        mmu_gather (:meth:`TlbMixin.tlb_remove_pages`) and freed after the flush; swap
+        entries: ``free_swap_and_cache``, ``MM_SWAPENTS``--. With
         ``clear=False`` the entries are left in place (COW PTE v4's ``pte_is_shared``
         path) while the accounting is still done.
 
@@ -349,6 +363,7 @@ class MmapMixin:
         mm = vma.mm
         pool = self.pool
         e = table.entries[lo:hi]
+        live = bool(e.any())  # (e is a view: the clear below empties it)
         present = (e & PTE_PRESENT) != 0
         pfns = (e[present] >> PFN_SHIFT)
         pfns = pfns[pfns != ZERO_PFN]
@@ -364,8 +379,13 @@ class MmapMixin:
             self.free_swap_and_cache(int(s), "zap_pte_range")
         mm.rss[MM_SWAPENTS] -= len(swaps)
         self.cost.charge("page_account", len(pfns) + len(swaps))
-        if clear and e.any():
+        if clear and live:
             self.cost.charge("pte_write", int(np.count_nonzero(e)))
             self.set_ptes(t, mm, table, lo, np.zeros(hi - lo, dtype=np.int64), "zap_pte_range")
-        if len(pfns):
+        if self.config.tlb:
+            # tlb_remove_tlb_entry + __tlb_remove_page: put after the flush.
+            if len(pfns) or (clear and live):
+                base = idx * self.P
+                self.tlb_remove_pages(t, mm, pfns, base + lo, base + hi, "zap_pte_range")
+        elif len(pfns):
             self.put_pages(pfns, "zap_pte_range")

@@ -74,6 +74,9 @@ class MprotectMixin:
             return ret
         if self.oracle is not None:
             self.oracle.on_mprotect_begin(mm, start, end, bits)
+        # 6.2 do_mprotect_pkey: tlb_gather_mmu(&tlb, current->mm); ... mprotect_fixup(&tlb,
+        # ...) per VMA ...; tlb_finish_mmu(&tlb) (mm/mprotect.c, mmu_gather since 6.0).
+        tlb = self.tlb_gather_mmu(t, mm)
         for v in vmas:
             r = yield from self.change_protection(t, v, bits)
             if r < 0:
@@ -81,6 +84,7 @@ class MprotectMixin:
                 break
             v.flags = (v.flags & ~(VM_READ | VM_WRITE)) | (VM_READ if bits & 1 else 0) | (
                 VM_WRITE if bits & 2 else 0)
+        self.tlb_finish_mmu(t, tlb)
         if self.oracle is not None:
             if ret == 0:
                 self.oracle.on_mprotect(t, mm, start, end, bits)
@@ -141,6 +145,11 @@ class MprotectMixin:
                 if (new != e).any():
                     self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
                     self.set_ptes(t, mm, table, lo, new, "change_pte_range")
+                    gather = self.tlb_current(t, mm)
+                    if gather is not None:
+                        gather.add_range(idx * P + lo, idx * P + hi)  # tlb_flush_pte_range
+                    else:
+                        self.flush_tlb_range(mm, idx * P + lo, idx * P + hi)
             self.unlock(t, ptl, WRITE, "change_pte_range")
             yield "change_pte_range:table_done"
         return 0

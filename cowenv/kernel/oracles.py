@@ -12,6 +12,13 @@ Two families, kept independent of the code they judge:
 Neither knows anything about flaws. The kernel itself reports what the real kernel
 would print at the site where it happens (``print_bad_pte``, ``check_mm``, lockdep
 splats, refcount underflow, use of freed pages/tables, DH's shared-table write check).
+The MMU model reports the TLB oracles at the access (:mod:`cowenv.kernel.tlb`):
+``memory-safety@tlb_stale_entry`` (an access through a TLB entry whose frame was freed
+or reused: a page freed before the flush), ``memory-safety@tlb_stale_table`` (a walk
+through a paging-structure-cache entry whose table was freed: a table freed without
+``tlb_remove_table``) and ``isolation@tlb_stale_write`` (a store through a writable
+entry the page tables no longer grant, e.g. to a page fork made COW-shared, with no
+flush pending for the mm).
 
 Invariants checked by :meth:`Oracle.check_accounting` (at every quiescent point, i.e.
 no operation in progress on any thread, and at the end of a run):

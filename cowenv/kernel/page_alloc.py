@@ -2,7 +2,7 @@
 
 Models ``alloc_pages`` / ``__free_pages`` (``mm/page_alloc.c``), ``put_page`` /
 ``folio_put`` (``mm/swap.c``), ``pte_alloc_one`` / ``pte_free`` (``include/asm-generic/
-pgalloc.h``, with ``tlb_remove_table``'s RCU deferral while a GUP-fast walker is inside),
+pgalloc.h``; ``tlb_remove_table``'s deferral is in :mod:`cowenv.kernel.tlb`),
 ``pmd_populate``, ``set_ptes`` (``include/linux/pgtable.h``) and
 ``page_maybe_dma_pinned`` (``include/linux/mm.h``). Semantics of 6.2. Data pages and
 table pages come from one frame pool (:mod:`cowenv.kernel.memory`), so ``fail_nth`` and
@@ -24,6 +24,7 @@ from .mm import (
     MmStruct,
 )
 from .pgtable import (
+    PTE_DIRTY,
     PTE_YOUNG,
     PmdEntry,
     PteTable,
@@ -81,14 +82,21 @@ class PageAllocMixin:
         self.tables[pfn] = table
         return table
     def pte_free(self, table: PteTable, site: str) -> None:
-        """``pte_free``: return a table page to the allocator."""
+        """``pte_free``: return a table page to the allocator.
+
+        With ``config.tlb`` this is the kernel's ``pte_free``: at once, for a table no
+        PMD ever pointed at (``__pte_alloc``'s loser, a break's unused table); a table
+        that was reachable is freed through :meth:`TlbMixin.tlb_remove_table` (after the
+        flush and the GUP-fast grace period). Without the TLB model every table free
+        waits for the GUP-fast walkers inside (the model before the TLB existed).
+        """
         if table.freed:
             self._report("memory-safety", site, f"double free of page table {table.pfn}")
             return
         table.freed = True
         self.cost.charge("table_free")
         self.tables.pop(table.pfn, None)
-        if self.gup_fast_walkers:
+        if self.gup_fast_walkers and not self.config.tlb:
             # tlb_remove_table() (mm/mmu_gather.c): a page table is freed only after an
             # RCU grace period / IPI, which a GUP-fast walker (IRQs off) holds off.
             self.deferred_tables.append(table)
@@ -126,7 +134,10 @@ class PageAllocMixin:
             new = np.array([new], dtype=np.int64)
         old = table.entries[lo:lo + len(new)]
         if table.refcount > 1 and (t is None or t.tid != table.fork_tid):
-            changed = (old ^ new) & ~np.int64(PTE_YOUNG)
+            # The hardware walker's accessed/dirty-bit update is no software write; a walk
+            # through a stale paging-structure-cache entry may set D in a table that fork
+            # just shared (before its flush), harmlessly.
+            changed = (old ^ new) & ~np.int64(PTE_YOUNG | (PTE_DIRTY if hw else 0))
             if changed.any():
                 self._report("shared-table-write", site,
                              f"modified {int(np.count_nonzero(changed))} PTE(s) of table "

@@ -208,6 +208,12 @@ class RmapMixin:
             if pte & PTE_YOUNG:
                 referenced += 1
                 self.set_ptes(t, vma.mm, table, off, pte & ~PTE_YOUNG, "folio_referenced_one")
+                # ptep_clear_flush_young: x86 skips the flush ("clearing the accessed bit
+                # without a TLB flush doesn't cause data corruption", arch/x86/mm/
+                # pgtable.c) and lets context switches and TLB capacity refresh A. A model
+                # thread's TLB has neither, so the model flushes the page, as arm64's
+                # ptep_clear_flush_young does: the next access walks and sets A again.
+                self.flush_tlb_page(vma.mm, vpn)
             self.unlock(t, ptl, WRITE, "folio_referenced_one")
         self.unlock(t, av.lock, READ, "folio_referenced")
         return referenced
@@ -256,6 +262,7 @@ class RmapMixin:
                 if lazy and int(pool.refcount[pfn]) == 1 + int(pool.mapcount[pfn]) and not (
                         int(pool.flags[pfn]) & PG_dirty):
                     self.set_ptes(t, mm, table, off, 0, "try_to_unmap_one")
+                    self.flush_tlb_page(mm, vpn)  # ptep_clear_flush
                     self.cost.charge("pte_write")
                     self.cost.charge("page_account")
                     mm.rss[MM_ANONPAGES] -= 1
@@ -273,6 +280,10 @@ class RmapMixin:
                 self.unlock(t, ptl, WRITE, "try_to_unmap_one")
                 break
             self.set_ptes(t, mm, table, off, swp_entry_to_pte(slot, excl), "try_to_unmap_one")
+            # ptep_clear_flush. 6.2 reclaim defers it (TTU_BATCH_FLUSH, try_to_unmap_flush
+            # before pageout/free); flushing here is what that guarantees before the folio
+            # is written or freed.
+            self.flush_tlb_page(mm, vpn)
             if excl:
                 pool.flags[pfn] &= ~np.int64(PG_anon_exclusive)  # page_try_share_anon_rmap
             self.cost.charge("pte_write")

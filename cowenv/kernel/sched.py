@@ -64,7 +64,8 @@ class Thread:
     """
 
     __slots__ = ("tid", "pid", "gen", "op", "args", "label", "waiting", "held", "exited",
-                 "result", "op_index", "fault_site", "fail_nth", "fail_nth_next")
+                 "result", "op_index", "fault_site", "fail_nth", "fail_nth_next", "tlb", "psc",
+                 "gathers")
 
     def __init__(self, tid: int, pid: int) -> None:
         self.tid = tid
@@ -83,6 +84,11 @@ class Thread:
         # /proc/thread-self/fail-nth for the next operation.
         self.fail_nth = 0
         self.fail_nth_next = 0
+        # This CPU's TLB (vpn -> (pfn, gen, writable, dirty)), paging-structure cache
+        # (pmd index -> (table, table gen, pmd writable)) and open mmu_gathers (tlb.py).
+        self.tlb: dict[int, tuple[int, int, bool, bool]] = {}
+        self.psc: dict[int, tuple[Any, int, bool]] = {}
+        self.gathers: list[Any] = []
 
     @property
     def idle(self) -> bool:
