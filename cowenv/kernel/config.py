@@ -15,7 +15,8 @@ from typing import Any
 #: ``recover-skips-vma`` was found by cowenv's soak test: after ``recover_pte_range`` v4
 #: falls back to ``copy_pte_range`` only if ``recover_end`` lies inside ``src_vma``.
 #: ``fork-ptl-nesting`` was added by issue 12 (v4 02/14 takes ``pmd_install``'s
-#: ``pmd_lock`` inside the source PTE lock).
+#: ``pmd_lock`` inside the source PTE lock). ``numa-fault-writes-shared`` was added by
+#: issue 13 with NUMA hinting (``do_numa_page`` on a shared table, v4 03/14).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -31,6 +32,7 @@ FLAW_IDS: tuple[str, ...] = (
     "read-fault-fills-shared",
     "recover-skips-vma",
     "fork-ptl-nesting",
+    "numa-fault-writes-shared",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -54,6 +56,7 @@ FLAW_ORIGINS: dict[str, str] = {
     "read-fault-fills-shared": "v4",
     "recover-skips-vma": "v4",
     "fork-ptl-nesting": "v4",
+    "numa-fault-writes-shared": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -106,6 +109,13 @@ FLAW_SOURCES: dict[str, str] = {
         "pmd_install(dst_mm, dst_pmd, &pte_table);`: pmd_lock inside the PTE lock, against "
         "upstream's pmd_lock -> PTE lock; on x86-64 both are ptlocks of ptlock_init()'s "
         "one lockdep class (include/linux/mm.h): a lockdep splat at every COW fork",
+    "numa-fault-writes-shared":
+        "03/14 mm/memory.c handle_pte_fault: breaks only before do_swap_page (`if "
+        "(!pte_present(vmf->orig_pte)) { ... handle_cow_pte_fault(vmf); return "
+        "do_swap_page(vmf); }`), then `if (pte_protnone(vmf->orig_pte) && "
+        "vma_is_accessible(vmf->vma)) return do_numa_page(vmf);` unbroken; "
+        "__handle_mm_fault breaks only for write/unshare faults or vm_ops: an anonymous "
+        "read fault on a NUMA-hinting entry rewrites the shared table (issue 13)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on

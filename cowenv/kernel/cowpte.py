@@ -565,6 +565,28 @@ class CowPteKernel(Kernel):
             return VM_FAULT_OOM
         return VM_FAULT_OK
 
+    def cow_numa_fault_hook(self, t: Thread, vma: Vma, vpn: int) -> Gen:
+        """``handle_pte_fault`` before ``do_numa_page`` (a protnone entry, accessible VMA).
+
+        Flaw ``numa-fault-writes-shared`` (v4 03/14): v4 breaks COW only before
+        ``do_swap_page`` and in ``__handle_mm_fault`` for write/unshare faults and VMAs
+        with ``vm_ops``; an anonymous *read* fault on a NUMA-hinting entry reaches::
+
+            if (pte_protnone(vmf->orig_pte) && vma_is_accessible(vmf->vma))
+                return do_numa_page(vmf);
+
+        with the table still shared (fork shares a table whose entries
+        ``change_prot_numa`` made protnone), and ``do_numa_page`` rewrites the entry in
+        the shared table (``ptep_modify_prot_commit``), for every sharer. Fixed: break
+        first, as before swap-in; a failure is VM_FAULT_OOM.
+        """
+        if self.config.has("numa-fault-writes-shared"):
+            return VM_FAULT_OK
+        ret = yield from self.handle_cow_pte_fault(t, vma, vpn // self.P, 0, "do_numa_page")
+        if ret == VM_FAULT_RETRY:
+            return VM_FAULT_RETRY
+        return VM_FAULT_OOM if ret else VM_FAULT_OK
+
     # ------------------------------------------------------------------ walkers
     def cow_break_for_walker(self, t: Thread, vma: Vma, idx: int, site: str) -> Gen:
         """Walkers that modify entries call ``break_cow_pte`` first."""
