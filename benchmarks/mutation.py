@@ -100,6 +100,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("break-leaks-table", "cowpte", "cowenv.kernel.cowpte", "CowPteKernel",
            "_break_slow_fixed", "old.refcount -= 1\n", "pass\n",
            "fixed COW PTE break copies but does not drop its reference to the old table"),
+    Mutant("swapoff-skips-mm", "swapoff", "cowenv.kernel.swapfile", "SwapfileMixin",
+           "unuse_mm_list", "return self.live_mms()", "return self.live_mms()[:-1]",
+           "try_to_unuse skips one mm (the youngest) on every pass (issue 13)"),
 )
 
 

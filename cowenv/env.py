@@ -85,7 +85,9 @@ class CowEnv(gym.Env):
       runnable, blocked); preemption label id (``(slot + 1) / L``, 0 = none); running
       operation one-hot; process slot one-hot; locks held per lock class (``mmap_lock``,
       ``vma_lock``, ``anon_vma``, ``page_table_lock``, ``ptl``: 1 write, 0.5 read);
-      lock class awaited one-hot, and whether for write;
+      lock class awaited one-hot, and whether for write; the thread's fail-nth
+      (``/proc/thread-self/fail-nth`` written for its next operation, or armed for the
+      running one) / 3, capped at 1 (added by issue 13 as the slot's last float);
     * per process slot (live processes in pid order, ``max_processes``): alive; rss
       (anon, swap entries, shmem) over the workload's pages; ``nr_ptes`` over the PMD
       slots; ``MMF_HAS_PINNED``, ``MMF_COW_PTE_READY``, ``MMF_COW_PTE``; threads; mmap_lock
