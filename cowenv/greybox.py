@@ -369,8 +369,8 @@ def seed_plan(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     ``("finish", tid)`` (run to the end of the operation, or until blocked),
     ``("steps", tid, n)``, ``("event", n, tid)`` (tid -1: the pressure event). ``mmap``
     steps are left out (the harness workload maps its own regions); arguments keep their
-    scenario values and are matched to the nearest catalogue template when played; bound names (``pin: PIN``) become
-    the thread's oldest pin slot.
+    scenario values and are matched to the nearest catalogue template when played; bound
+    names (``pin: PIN``) become the thread's oldest pin slot.
     """
     plan: list[tuple[Any, ...]] = []
     for s in steps:
