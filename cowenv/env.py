@@ -60,7 +60,10 @@ class CowEnv(gym.Env):
     | ``N+1 … N+N·U`` | start user template ``j`` on thread ``t``: index ``N+1+(t-1)·U+j`` |
     | next ``K`` | start kswapd template ``j``: reclaim 1 or 8 pages, or 1 page starting |
     |  | with the page at a portion's first page in a chosen process slot |
-    | last 3 | ``fail_nth`` with ``n = 1, 2, 3`` (the n-th next allocation fails) |
+    | next 3 | ``fail_nth`` with ``n = 1, 2, 3`` (the n-th next allocation fails) |
+    | next ``N·W`` | (issue 13, appended) start walker template ``j`` on thread ``t``: |
+    |  | ``numa_hint`` per region and portion, ``clear_refs`` 4 and 1, ``swapoff`` |
+    | last ``3·N`` | (issue 13) thread ``t``'s ``/proc/thread-self/fail-nth`` = 1, 2, 3 |
 
     User templates, drawn from the workload's regions (a *portion* is the part of a
     region inside one PMD): ``read``/``write`` of the first, second and last page of

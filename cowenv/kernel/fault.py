@@ -256,7 +256,7 @@ class FaultMixin:
         #         return do_numa_page(vmf);
         # (A protnone entry in a PROT_NONE VMA never gets here: access_error() above.)
         if not orig & PTE_USER and vma.flags & (VM_READ | VM_WRITE):
-            ret = yield from self.cow_numa_fault_hook(t, vma, vpn)
+            ret = yield from self.cow_numa_fault_hook(t, vma, vpn, flags)
             if ret != VM_FAULT_OK:
                 return ret
             return (yield from self.do_numa_page(t, vma, vpn, orig, flags))

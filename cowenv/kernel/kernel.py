@@ -160,7 +160,7 @@ class Kernel(
     def cow_swapin_hook(self, t: Thread, vma: Vma, vpn: int) -> Gen:
         """Before ``do_swap_page``; returns a VM_FAULT code."""
         return (yield from _done(VM_FAULT_OK))
-    def cow_numa_fault_hook(self, t: Thread, vma: Vma, vpn: int) -> Gen:
+    def cow_numa_fault_hook(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
         """Before ``do_numa_page``; returns a VM_FAULT code."""
         return (yield from _done(VM_FAULT_OK))
     def cow_break_for_walker(self, t: Thread, vma: Vma, idx: int, site: str) -> Gen:
