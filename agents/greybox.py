@@ -243,7 +243,9 @@ class GreyboxAgent(Agent):
         kind = item[0]
         if kind == "event":
             for i in ci.events:
-                if ci.catalogue[i].n == item[1] and mask[i]:
+                sp = ci.catalogue[i]
+                tid = item[2] if len(item) > 2 else -1
+                if sp.n == item[1] and sp.tid == tid and mask[i]:
                     self._plan_pos += 1
                     return i
             return None

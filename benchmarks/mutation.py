@@ -106,6 +106,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("fork-no-tlb-flush", "tlb", "cowenv.kernel.fork", "ForkMixin", "sys_fork",
            "self.flush_tlb_mm(oldmm)\n", "pass\n",
            "dup_mmap forgets flush_tlb_mm(oldmm) after write-protecting the parent"),
+    Mutant("swapoff-skips-mm", "swapoff", "cowenv.kernel.swapfile", "SwapfileMixin",
+           "unuse_mm_list", "return self.live_mms()", "return self.live_mms()[:-1]",
+           "try_to_unuse skips one mm (the youngest) on every pass (issue 13)"),
 )
 
 

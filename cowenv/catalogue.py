@@ -157,7 +157,8 @@ class ActionSpec:
     Attributes:
         kind: ``run`` (step thread ``tid``), ``start`` (start ``op`` on idle ``tid``)
             or ``event`` (``fail_nth`` with ``n``).
-        tid: Thread id (0 = kswapd); -1 for events.
+        tid: Thread id (0 = kswapd); -1 for the kernel-wide pressure events; a user
+            thread's id for its ``/proc/thread-self/fail-nth`` event.
         op: Operation name for ``start``.
         args: Fixed arguments, as sorted ``(name, value)`` pairs.
         pin_slot: For unpin/dev_read/dev_write: index of the pin among the thread's
@@ -182,6 +183,8 @@ class ActionSpec:
         if self.kind == "run":
             return f"t{self.tid} run"
         if self.kind == "event":
+            if self.tid > 0:  # /proc/thread-self/fail-nth of thread tid
+                return f"t{self.tid} fail_nth n={self.n}"
             return f"fail_nth n={self.n}"
         parts = [f"{k}={v:#x}" if k in ("addr", "length") and isinstance(v, int) and v >= 0
                  else f"{k}={v}" for k, v in self.args]
@@ -294,3 +297,41 @@ def build_kswapd_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
 
 
 # ------------------------------------------------------------------------ objectives
+
+
+# ------------------------------------------------------------------ walkers (issue 13)
+#: ``clear_refs`` types in the catalogue: 4 (soft-dirty, the walker COW PTE breaks for)
+#: and 1 (accessed bits only).
+CLEAR_REFS_TYPES = (4, 1)
+
+
+def build_walker_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
+                           page_size: int) -> list[ActionSpec]:
+    """User-thread templates of the issue-13 walkers, appended after the pressure events.
+
+    They form their own per-thread block at the end of the catalogue (after the
+    ``fail_nth`` pressure events) so that every older index keeps its meaning:
+    ``numa_hint`` (``task_numa_work``) over every region and every portion (the part of
+    a region inside one PMD), ``clear_refs`` of the thread's own process with each of
+    :data:`CLEAR_REFS_TYPES`, and ``swapoff``.
+
+    Returns:
+        Templates (``tid`` unset), in catalogue order.
+
+    """
+    P, ps = ptrs_per_pte, page_size
+    ranges: list[tuple[int, int]] = []
+    for addr, length in regions:
+        r = (addr // ps, length // ps)
+        if r not in ranges:
+            ranges.append(r)
+    for addr, length in regions:
+        s, e = addr // ps, (addr + length) // ps
+        for idx in range(s // P, (e - 1) // P + 1):
+            lo, hi = max(s, idx * P), min(e, (idx + 1) * P)
+            if (lo, hi - lo) not in ranges:
+                ranges.append((lo, hi - lo))
+    out = [_tmpl("numa_hint", addr=lo * ps, length=n * ps) for lo, n in ranges]
+    out.extend(_tmpl("clear_refs", type=ty) for ty in CLEAR_REFS_TYPES)
+    out.append(_tmpl("swapoff"))
+    return out

@@ -60,7 +60,10 @@ class CowEnv(gym.Env):
     | ``N+1 … N+N·U`` | start user template ``j`` on thread ``t``: index ``N+1+(t-1)·U+j`` |
     | next ``K`` | start kswapd template ``j``: reclaim 1 or 8 pages, or 1 page starting |
     |  | with the page at a portion's first page in a chosen process slot |
-    | last 3 | ``fail_nth`` with ``n = 1, 2, 3`` (the n-th next allocation fails) |
+    | next 3 | ``fail_nth`` with ``n = 1, 2, 3`` (the n-th next allocation fails) |
+    | next ``N·W`` | (issue 13, appended) start walker template ``j`` on thread ``t``: |
+    |  | ``numa_hint`` per region and portion, ``clear_refs`` 4 and 1, ``swapoff`` |
+    | last ``3·N`` | (issue 13) thread ``t``'s ``/proc/thread-self/fail-nth`` = 1, 2, 3 |
 
     User templates, drawn from the workload's regions (a *portion* is the part of a
     region inside one PMD): ``read``/``write`` of the first, second and last page of
@@ -85,7 +88,9 @@ class CowEnv(gym.Env):
       runnable, blocked); preemption label id (``(slot + 1) / L``, 0 = none); running
       operation one-hot; process slot one-hot; locks held per lock class (``mmap_lock``,
       ``vma_lock``, ``anon_vma``, ``page_table_lock``, ``ptl``: 1 write, 0.5 read);
-      lock class awaited one-hot, and whether for write;
+      lock class awaited one-hot, and whether for write; the thread's fail-nth
+      (``/proc/thread-self/fail-nth`` written for its next operation, or armed for the
+      running one) / 3, capped at 1 (added by issue 13 as the slot's last float);
     * per process slot (live processes in pid order, ``max_processes``): alive; rss
       (anon, swap entries, shmem) over the workload's pages; ``nr_ptes`` over the PMD
       slots; ``MMF_HAS_PINNED``, ``MMF_COW_PTE_READY``, ``MMF_COW_PTE``; threads; mmap_lock

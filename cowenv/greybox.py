@@ -367,15 +367,17 @@ def seed_plan(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 
     Plan items: ``("start", tid, op, args)``, ``("until", tid, label)``,
     ``("finish", tid)`` (run to the end of the operation, or until blocked),
-    ``("steps", tid, n)``, ``("event", n)``. ``mmap`` steps are left out (the harness
-    workload maps its own regions); arguments keep their scenario values and are matched
-    to the nearest catalogue template when played; bound names (``pin: PIN``) become
-    the thread's oldest pin slot.
+    ``("steps", tid, n)``, ``("event", n, tid)`` (tid -1: the pressure event). ``mmap``
+    steps are left out (the harness workload maps its own regions); arguments keep their
+    scenario values and are matched to the nearest catalogue template when played; bound
+    names (``pin: PIN``) become the thread's oldest pin slot.
     """
     plan: list[tuple[Any, ...]] = []
     for s in steps:
         if "event" in s:
-            plan.append(("event", int(s.get("n", 1))))
+            et = s.get("tid")  # /proc/thread-self/fail-nth of a numbered thread
+            et = et if isinstance(et, int) and not isinstance(et, bool) else -1
+            plan.append(("event", int(s.get("n", 1)), et))
             continue
         tid = s.get("tid")
         if tid is None:

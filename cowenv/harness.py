@@ -44,6 +44,7 @@ from .catalogue import (
     ActionSpec,
     build_kswapd_templates,
     build_templates,
+    build_walker_templates,
     default_workload,
     label_vocabulary,
     workload_regions,
@@ -325,6 +326,18 @@ class Harness:
         cat.extend(self._ks_templates)
         self._ev_lo = len(cat)
         cat.extend(ActionSpec("event", n=n) for n in FAIL_NTH)
+        self._ev_hi = len(cat)
+        # Appended by issue 13 (older indices unchanged): the walkers' per-thread start
+        # templates, then each user thread's /proc/thread-self/fail-nth events.
+        self._walk_templates = build_walker_templates(regs, P, ps)
+        self._walk_lo = len(cat)
+        self._n_walk = len(self._walk_templates)
+        for tid in range(1, NT + 1):
+            for tp in self._walk_templates:
+                cat.append(ActionSpec("start", tid, tp.op, tp.args))
+        self._tfail_lo = len(cat)
+        for tid in range(1, NT + 1):
+            cat.extend(ActionSpec("event", tid, "fail_nth", n=n) for n in FAIL_NTH)
         self.catalogue: tuple[ActionSpec, ...] = tuple(cat)
         # Mask of a user block by number of active pins of the thread's process, and of
         # the kswapd block by number of live processes.
@@ -580,8 +593,12 @@ class Harness:
             self.last_label = label
             return rec, label
         if spec.kind == "event":
-            k.event("fail_nth", n=spec.n)
-            rec = {"event": "fail_nth", "n": spec.n}
+            if spec.tid > 0:
+                k.event("fail_nth", tid=spec.tid, n=spec.n)
+                rec = {"event": "fail_nth", "tid": spec.tid, "n": spec.n}
+            else:
+                k.event("fail_nth", n=spec.n)
+                rec = {"event": "fail_nth", "n": spec.n}
         else:
             args = dict(spec.args)
             if spec.pin_slot >= 0:
@@ -626,8 +643,9 @@ class Harness:
 
         Per live thread in ``k.threads`` order: its tid, then -1 if it is runnable, -2 if
         it is blocked, else (idle) the row of the templates mask: live processes for
-        kswapd, its process's active pins for a user thread; then whether
-        ``fail_nth`` is 0. ``(-3,)`` once the episode is done.
+        kswapd, its process's active pins for a user thread followed by whether its
+        per-thread ``fail_nth`` is armed; then whether ``fail_nth`` is 0. ``(-3,)`` once
+        the episode is done.
         """
         if self.done:
             return (-3,)
@@ -655,6 +673,7 @@ class Harness:
                         if p.active:
                             pins[p.pid] = pins.get(p.pid, 0) + 1
                 key.append(pins.get(t.pid, 0))
+                key.append(1 if t.fail_nth_next else 0)  # its per-thread fail-nth events
         key.append(k.fail_nth == 0)
         return tuple(key)
 
@@ -664,7 +683,7 @@ class Harness:
         assert k is not None
         m = np.zeros(self._ncat, dtype=bool)
         if self.done:
-            m[self._ev_lo:] = True  # never an empty mask; events are harmless no-ops here
+            m[self._ev_lo:self._ev_hi] = True  # never empty; events are harmless no-ops here
             return m
         nu = self._n_user
         pins: dict[int, int] | None = None
@@ -694,6 +713,14 @@ class Harness:
                 for p in k.pins.values():
                     if p.active:
                         pins[p.pid] = pins.get(p.pid, 0) + 1
+            nw = self._n_walk
+            if tid <= self.config.max_threads:
+                wlo = self._walk_lo + (tid - 1) * nw
+                m[wlo:wlo + nw] = True
+                if not t.fail_nth_next:
+                    flo = self._tfail_lo + (tid - 1) * len(FAIL_NTH)
+                    m[flo:flo + len(FAIL_NTH)] = True
+                some = some or nw > 0
             lo = self._user_lo + (tid - 1) * nu
             um = self._user_masks
             i = pins.get(t.pid, 0)
@@ -704,7 +731,7 @@ class Harness:
                 some = True
         # Pressure events are legal while none is pending, and whenever nothing else is.
         if k.fail_nth == 0 or not some:
-            m[self._ev_lo:] = True
+            m[self._ev_lo:self._ev_hi] = True
         return m
 
     # ----------------------------------------------------------------- schedules

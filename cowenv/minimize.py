@@ -174,9 +174,15 @@ def run_lenient(config: KernelConfig, steps: Sequence[dict[str, Any]], *,
         if stop_on and stop_on <= k.signatures:
             return LenientRun(k, out, True)
         if "event" in s:
-            t = k.threads.get(s["tid"]) if "tid" in s else None
-            if "tid" in s and (t is None or t.exited):
-                continue  # a per-thread event for a thread that no longer lives: no effect
+            if s.get("tid") is not None:  # a thread's fail-nth: only while it lives
+                try:
+                    et = resolve_tid(s["tid"], names)
+                except StepError:
+                    continue
+                t = k.threads.get(et)
+                if t is None or t.exited:
+                    continue
+                s = dict(s, tid=et)
             apply_step(k, s, names, pending, i)
             out.append(dict(s))
             continue

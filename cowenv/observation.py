@@ -57,7 +57,8 @@ class ObservationEncoder:
         self._lock_class = {c: i for i, c in enumerate(LOCK_ORDER)}
         NT = self.config.max_threads
         NP, NS, NL = self.config.max_processes, len(self.pmd_indices), len(LOCK_ORDER)
-        self._ft = 4 + 1 + len(OP_NAMES) + NP + NL + NL + 1
+        # ... + 1: the thread's fail-nth (issue 13, the last float of a thread slot).
+        self._ft = 4 + 1 + len(OP_NAMES) + NP + NL + NL + 1 + 1
         self._fp = 15
         self._fm = 5 + NP
         layout: dict[str, tuple[int, int]] = {}
@@ -126,7 +127,8 @@ class ObservationEncoder:
             pslot = {p.pid: i for i, p in enumerate(procs)}
             self._enc_threads(k, ov, k.threads.items(), pslot)
             self._enc_mms(k, ov, procs)
-        elif kind == "start":
+        elif kind == "start" or (kind == "event" and spec.tid > 0):
+            # a start changes its thread; a per-thread fail-nth event its fail-nth field
             tid = spec.tid
             t = k.threads[tid]
             pslot = {}
@@ -177,6 +179,9 @@ class ObservationEncoder:
             ps = pslot.get(t.pid)
             if ps is not None:
                 o[base + t_proc + ps] = 1.0
+            fn = t.fail_nth_next or t.fail_nth  # written, or armed for the running op
+            if fn:
+                o[base + ft - 1] = 1.0 if fn >= 3 else fn / 3
             if t.held or w is not None:
                 hb = base + self._t_held
                 lock_class = self._lock_class

@@ -43,6 +43,8 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "read": 12.0, "write": 14.0, "mmap": 3.0, "munmap": 1.5, "mprotect": 2.5,
     "madvise": 4.0, "fork": 1.5, "clone": 0.8, "exit": 0.6, "prctl_cow_pte": 0.3,
     "pin": 3.0, "unpin": 1.5, "dev_read": 2.0, "dev_write": 2.0,
+    # Issue 13's walkers.
+    "numa_hint": 1.2, "swapoff": 0.3, "clear_refs": 0.8, "pagemap": 0.6,
 }
 
 #: prot strings drawn for mmap/mprotect, with weights. ``w`` alone is rare but legal.
@@ -180,6 +182,15 @@ def random_args(rng: np.random.Generator, k: Kernel, tid: int, op: str,
         if not pins or rng.random() < knobs.p_bad_pin:
             return {"pin": 1 + int(rng.integers(max(k.next_ids["pin"], 2)))}
         return {"pin": _choice(rng, pins)}
+    if op == "numa_hint":
+        a, n = layout.span(rng)
+        return {"addr": a, "length": n}
+    if op in ("clear_refs", "pagemap"):
+        pids = [p.pid for p in k.live_procs()]
+        pid = _choice(rng, pids) if pids and rng.random() < 0.3 else 0
+        if op == "pagemap":
+            return {"addr": layout.addr(rng), "pid": pid}
+        return {"type": _weighted(rng, [(4, 4.0), (1, 1.0), (2, 0.5), (3, 0.5)]), "pid": pid}
     if op == "reclaim":
         nr = 1 + int(rng.integers(8))
         pids = [p.pid for p in k.live_procs()]

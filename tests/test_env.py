@@ -116,7 +116,11 @@ def test_spaces_and_catalogue_layout():
     assert len(env.catalogue) == n and info["action_mask"].shape == (n,)
     NT = env.config.max_threads
     assert [sp.kind for sp in env.catalogue[:NT + 1]] == ["run"] * (NT + 1)
-    assert [sp.kind for sp in env.catalogue[-3:]] == ["event"] * 3
+    pressure = [i for i, sp in enumerate(env.catalogue) if sp.kind == "event" and sp.tid < 0]
+    assert len(pressure) == 3 and all(env.catalogue[i + 1].kind == "start"
+                                      for i in pressure[-1:])  # issue 13's block follows
+    # Issue 13 appended each user thread's fail-nth events at the very end.
+    assert [(sp.kind, sp.tid) for sp in env.catalogue[-3:]] == [("event", NT)] * 3
     assert env.start_action(2, 5) == env.catalogue.index(
         next(sp for sp in env.catalogue if sp.kind == "start" and sp.tid == 2
              and sp.op == env.user_templates[5].op and sp.args == env.user_templates[5].args
@@ -129,7 +133,11 @@ def test_spaces_and_catalogue_layout():
     assert not m[env.start_action(3, 0)]  # tid 3 does not exist yet
     pin_ops = [j for j, tp in enumerate(env.user_templates) if tp.pin_slot >= 0]
     assert pin_ops and not any(m[env.start_action(1, j)] for j in pin_ops)
-    assert m[-3:].all()
+    assert m[pressure].all()
+    tfail = {sp.tid: i for i, sp in enumerate(env.catalogue) if sp.kind == "event" and sp.tid > 0}
+    assert m[tfail[1]] and m[tfail[2]] and not m[tfail[3]]
+    walk = env.find_actions("swapoff")
+    assert len(walk) == NT and m[walk[0]] and m[walk[1]] and not m[walk[2]]
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -543,6 +551,11 @@ def _flaw_scripts(A, B, C, T, ps):
             (1, "write", {"addr": A + ps}), ("run", 1, "handle_cow_pte_fault:installed"),
             ("run", 2, "gup_fast:pte_read"), (3, "exit", {}), ("run", 3), ("run", 1),
             ("run", 2)]),
+        # Issue 13: NUMA hinting makes A's exclusive pages protnone (two threads, so
+        # mm_users > 1), fork shares the tables, a read fault restores the entry.
+        "numa-fault-writes-shared": ({}, [
+            (1, "numa_hint", {"addr": A, "length": 2 * T}), ("run", 1)] + fork + [
+            (1, "read", {"addr": A}), ("run", 1)]),
         "recover-skips-vma": ({}, [
             (1, "madvise", {"addr": B, "length": T, "advice": "DONTFORK"}), ("run", 1)] + fork
             + [(3, "read", {"addr": C}), ("run", 3)]),
@@ -566,7 +579,9 @@ def _play(env: CowEnv, script) -> list:
         if env.harness.done:
             break
         if st[0] == "fail_nth":
-            results = [env.step(len(env.catalogue) - 3 + st[1] - 1)]
+            pressure = [i for i, sp in enumerate(env.catalogue)
+                        if sp.kind == "event" and sp.tid < 0]
+            results = [env.step(pressure[st[1] - 1])]
         elif st[0] == "run":
             results = []
             # Lenient, like the scenario format's "run": stops early if the thread blocks.

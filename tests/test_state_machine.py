@@ -110,6 +110,13 @@ class KernelMachine(RuleBasedStateMachine):
             mine = own_pins(self.k, tid)
             choices = st.sampled_from(mine) if mine else st.integers(1, 4)
             return {"pin": data.draw(choices, label="pin")}
+        if op == "numa_hint":
+            a, n = data.draw(spans(), label="span")
+            return {"addr": a, "length": n}
+        if op == "clear_refs":
+            return {"type": data.draw(st.sampled_from([1, 2, 3, 4]), label="type")}
+        if op == "pagemap":
+            return {"addr": addr_of(data.draw(pages, label="page"))}
         return {}
 
     # ------------------------------------------------------------------ rules

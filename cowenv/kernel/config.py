@@ -20,7 +20,8 @@ from typing import Any
 #: fork links the child's PMD writable and write-protects both PMDs after dropping the
 #: PTL) and ``recover-double-copy`` (reference notes C7). ``table-free-no-deferral``
 #: (reference notes C6) needs the TLB model of issue 13 (``pte_free`` without
-#: ``tlb_remove_table``).
+#: ``tlb_remove_table``). ``numa-fault-writes-shared`` was added by issue 13
+#: with NUMA hinting (``do_numa_page`` on a shared table, v4 03/14).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -39,6 +40,7 @@ FLAW_IDS: tuple[str, ...] = (
     "fork-late-wrprotect",
     "recover-double-copy",
     "table-free-no-deferral",
+    "numa-fault-writes-shared",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -65,6 +67,7 @@ FLAW_ORIGINS: dict[str, str] = {
     "fork-late-wrprotect": "v4",
     "recover-double-copy": "v4",
     "table-free-no-deferral": "v4",
+    "numa-fault-writes-shared": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -135,6 +138,13 @@ FLAW_SOURCES: dict[str, str] = {
         "frees the new table, visible in the PMD since pte_alloc_map_lock, with no "
         "tlb_remove_table (RCU/IPI) and before `flush_tlb_range(vma, start, end);` "
         "(analysis C6)",
+    "numa-fault-writes-shared":
+        "03/14 mm/memory.c handle_pte_fault: breaks only before do_swap_page (`if "
+        "(!pte_present(vmf->orig_pte)) { ... handle_cow_pte_fault(vmf); return "
+        "do_swap_page(vmf); }`), then `if (pte_protnone(vmf->orig_pte) && "
+        "vma_is_accessible(vmf->vma)) return do_numa_page(vmf);` unbroken; "
+        "__handle_mm_fault breaks only for write/unshare faults or vm_ops: an anonymous "
+        "read fault on a NUMA-hinting entry rewrites the shared table (issue 13)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on

@@ -731,6 +731,14 @@ class CowPteKernel(Kernel):
         """
         mm = vma.mm
         new = self.pte_alloc_one(mm, "break_cow_pte", nofail)
+        while new is None and nofail:
+            # __GFP_NOFAIL never returns NULL: __alloc_pages_slowpath retries, reclaiming
+            # and invoking the OOM killer (__alloc_pages_may_oom), until memory is freed.
+            # (Reached once the reserve is gone too, e.g. after swapoff refilled memory.)
+            self.drain_swap_cache()
+            self.out_of_memory(t)
+            yield "handle_cow_pte_fault:nofail_retry"
+            new = self.pte_alloc_one(mm, "break_cow_pte", nofail)
         if new is None:
             return -ENOMEM
         yield "handle_cow_pte_fault:allocated"
@@ -818,6 +826,30 @@ class CowPteKernel(Kernel):
         if ret and not self.config.has("swapin-ignores-break-failure"):
             return VM_FAULT_OOM
         return VM_FAULT_OK
+
+    def cow_numa_fault_hook(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
+        """``handle_pte_fault`` before ``do_numa_page`` (a protnone entry, accessible VMA).
+
+        Flaw ``numa-fault-writes-shared`` (v4 03/14): v4 breaks COW only before
+        ``do_swap_page`` and in ``__handle_mm_fault`` for write/unshare faults and VMAs
+        with ``vm_ops``; an anonymous *read* fault on a NUMA-hinting entry reaches::
+
+            if (pte_protnone(vmf->orig_pte) && vma_is_accessible(vmf->vma))
+                return do_numa_page(vmf);
+
+        with the table still shared (fork shares a table whose entries
+        ``change_prot_numa`` made protnone), and ``do_numa_page`` rewrites the entry in
+        the shared table (``ptep_modify_prot_commit``), for every sharer. Fixed: break
+        first, as before swap-in; a failure is VM_FAULT_OOM; under a per-VMA lock the
+        break asks for a retry under mmap_lock (``handle_cow_pte_fault``).
+        """
+        if self.config.has("numa-fault-writes-shared"):
+            return VM_FAULT_OK
+        ret = yield from self.handle_cow_pte_fault(t, vma, vpn // self.P,
+                                                   flags & FAULT_FLAG_VMA_LOCK, "do_numa_page")
+        if ret == VM_FAULT_RETRY:
+            return VM_FAULT_RETRY
+        return VM_FAULT_OOM if ret else VM_FAULT_OK
 
     # ------------------------------------------------------------------ walkers
     def cow_break_for_walker(self, t: Thread, vma: Vma, idx: int, site: str) -> Gen:

@@ -37,6 +37,7 @@ from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_PRESENT,
+    PTE_SOFT_DIRTY,
     PTE_SWAP,
     PTE_SWP_EXCLUSIVE,
     PTE_USER,
@@ -271,18 +272,75 @@ class FaultMixin:
             if ret != VM_FAULT_OK:
                 return ret
             return (yield from self.do_swap_page(t, vma, vpn, orig, flags))
+        # if (pte_protnone(vmf->orig_pte) && vma_is_accessible(vmf->vma))
+        #         return do_numa_page(vmf);
+        # (A protnone entry in a PROT_NONE VMA never gets here: access_error() above.)
+        if not orig & PTE_USER and vma.flags & (VM_READ | VM_WRITE):
+            ret = yield from self.cow_numa_fault_hook(t, vma, vpn, flags)
+            if ret != VM_FAULT_OK:
+                return ret
+            return (yield from self.do_numa_page(t, vma, vpn, orig, flags))
         if flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE):
             if not (orig & PTE_WRITE and pmd.write) or flags & FAULT_FLAG_UNSHARE:
                 return (yield from self.do_wp_page(t, vma, vpn, orig, flags))
-        # Spurious fault (e.g. PROT_NONE PTE after mprotect back): fix the entry.
-        if not orig & PTE_USER and vma.flags & (VM_READ | VM_WRITE):
-            got = yield from self.pte_offset_map_lock(t, mm, idx, "handle_pte_fault")
-            if got is not None:
-                table, ptl = got
-                if int(table.entries[off]) == orig:
-                    self.set_ptes(t, mm, table, off, orig | PTE_USER | PTE_YOUNG,
-                                  "handle_pte_fault")
-                self.unlock(t, ptl, WRITE, "handle_pte_fault")
+        # Otherwise a spurious fault: the entry already allows the access (another thread
+        # fixed it first); the MMU retries.
+        return VM_FAULT_OK
+    def do_numa_page(self, t: Thread, vma: Vma, vpn: int, orig: int, flags: int) -> Gen:
+        """``do_numa_page`` (mm/memory.c, 6.2): a NUMA-hinting fault on a protnone entry.
+
+        ::
+
+            vmf->ptl = pte_lockptr(vma->vm_mm, vmf->pmd);
+            spin_lock(vmf->ptl);
+            if (unlikely(!pte_same(*vmf->pte, vmf->orig_pte))) { ... goto out; }
+            old_pte = ptep_get(vmf->pte);
+            pte = pte_modify(old_pte, vma->vm_page_prot);
+            writable = pte_write(pte);
+            if (!writable && vma_wants_manual_pte_write_upgrade(vma) &&
+                can_change_pte_writable(vma, vmf->address, pte))
+                writable = true;
+            page = vm_normal_page(vma, vmf->address, pte);
+            if (!page || is_zone_device_page(page)) goto out_map;
+            ...
+            target_nid = numa_migrate_prep(page, vma, vmf->address, page_nid, &flags);
+            if (target_nid == NUMA_NO_NODE) { put_page(page); goto out_map; }
+            ...
+        out_map:
+            old_pte = ptep_modify_prot_start(vma, vmf->address, vmf->pte);
+            pte = pte_modify(old_pte, vma->vm_page_prot);
+            pte = pte_mkyoung(pte);
+            if (writable)
+                pte = pte_mkwrite(pte);
+            ptep_modify_prot_commit(vma, vmf->address, vmf->pte, old_pte, pte);
+
+        Single node: every page is on node 0, the only node, so ``numa_migrate_prep``
+        (``mpol_misplaced``) always returns ``NUMA_NO_NODE`` and the page is never
+        migrated (its ``get_page``/``put_page`` pair nets out and is not modelled); the
+        fault only restores the entry. ``vm_page_prot`` is writable only for a shared
+        writable VMA that wants no write-notify (shmem, unless soft-dirty tracking is on);
+        a private writable VMA upgrades through ``can_change_pte_writable``.
+
+        Lock contract: mmap_lock (or VMA lock) read; takes the PTL.
+        """
+        mm = vma.mm
+        idx, off = divmod(vpn, self.P)
+        t.fault_site = "do_numa_page"
+        got = yield from self.pte_offset_map_lock(t, mm, idx, "do_numa_page")
+        if got is None:
+            return VM_FAULT_OK
+        table, ptl = got
+        if int(table.entries[off]) != orig:
+            self.unlock(t, ptl, WRITE, "do_numa_page")
+            return VM_FAULT_OK
+        pte = (orig & ~(PTE_WRITE | PTE_USER)) | PTE_USER  # pte_modify(old, vm_page_prot)
+        writable = self.vm_page_prot_writable(vma)
+        if not writable and vma.flags & VM_WRITE and self.can_change_pte_writable(vma, pte):
+            writable = True
+        pte |= PTE_YOUNG | (PTE_WRITE if writable else 0)
+        self.cost.charge("pte_write")
+        self.set_ptes(t, mm, table, off, pte, "do_numa_page")
+        self.unlock(t, ptl, WRITE, "do_numa_page")
         return VM_FAULT_OK
     def do_anonymous_page(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
         """``do_anonymous_page``: a read maps the shared zero page; a write allocates a page.
@@ -429,7 +487,8 @@ class FaultMixin:
         if vma.shared and pfn != ZERO_PFN:
             if not unshare:
                 self.cost.charge("pte_write")
-                self.set_ptes(t, mm, table, off, orig | PTE_WRITE | PTE_DIRTY | PTE_YOUNG,
+                self.set_ptes(t, mm, table, off,
+                              orig | PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY | PTE_YOUNG,
                               "wp_page_shared")
             self.unlock(t, ptl, WRITE, "do_wp_page")
             return VM_FAULT_OK
@@ -455,7 +514,8 @@ class FaultMixin:
                 if not unshare:
                     self.cost.charge("pte_write")
                     self.set_ptes(t, mm, table, off,
-                                  orig | PTE_WRITE | PTE_DIRTY | PTE_YOUNG, "wp_page_reuse")
+                                  orig | PTE_WRITE | PTE_DIRTY | PTE_SOFT_DIRTY | PTE_YOUNG,
+                                  "wp_page_reuse")
                 self.unlock(t, ptl, WRITE, "do_wp_page")
                 return VM_FAULT_OK
         # The shared zero page has no struct page to reuse (vm_normal_page() is NULL), so
@@ -623,6 +683,8 @@ class FaultMixin:
         # The lookup's (or the read's) reference becomes the mapping's.
         entry = mk_pte(pfn, write=mkwrite and bool(vma.flags & VM_WRITE), dirty=mkwrite,
                        young=True, user=bool(vma.flags & (VM_READ | VM_WRITE)))
+        # if (pte_swp_soft_dirty(vmf->orig_pte)) pte = pte_mksoft_dirty(pte);
+        entry |= orig & PTE_SOFT_DIRTY
         self.cost.charge("page_account")
         self.cost.charge("pte_write")
         self.set_ptes(t, mm, table, off, entry, "do_swap_page")

@@ -20,6 +20,8 @@ threads, locks, trace) whose methods come from modules laid out like the Linux t
 | :mod:`~cowenv.kernel.swapfile` | ``mm/swapfile.c`` |
 | :mod:`~cowenv.kernel.swap_state` | ``mm/swap_state.c`` (the swap cache) |
 | :mod:`~cowenv.kernel.tlb` | ``mm/mmu_gather.c``, x86 ``flush_tlb_mm_range``, the TLB |
+| :mod:`~cowenv.kernel.mempolicy` | ``mm/mempolicy.c`` ``change_prot_numa``, ``task_numa_work`` |
+| :mod:`~cowenv.kernel.task_mmu` | ``fs/proc/task_mmu.c`` ``clear_refs``, ``pagemap`` |
 
 Each part is a mixin class without state of its own; ``self`` is always the kernel, so a
 function calls any other as ``self.zap_pte_range(...)`` wherever it lives, as kernel C
@@ -49,6 +51,7 @@ from .memory import (
     ShmemObject,
     SwapDevice,
 )
+from .mempolicy import MempolicyMixin
 from .mm import (
     AnonVma,
     MmStruct,
@@ -65,6 +68,7 @@ from .rmap import RmapMixin
 from .sched import KSWAPD_TID, Gen, Pin, Process, SchedMixin, Thread, _done
 from .swap_state import SwapStateMixin
 from .swapfile import SwapfileMixin
+from .task_mmu import TaskMmuMixin
 from .tlb import TlbMixin
 from .trace import Event, Violation
 from .vmscan import VmscanMixin
@@ -88,6 +92,8 @@ class Kernel(
     SwapfileMixin,
     SwapStateMixin,
     TlbMixin,
+    MempolicyMixin,
+    TaskMmuMixin,
 ):
     """The classic (upstream) kernel.
 
@@ -155,6 +161,9 @@ class Kernel(
         return (yield from _done(VM_FAULT_OK))
     def cow_swapin_hook(self, t: Thread, vma: Vma, vpn: int) -> Gen:
         """Before ``do_swap_page``; returns a VM_FAULT code."""
+        return (yield from _done(VM_FAULT_OK))
+    def cow_numa_fault_hook(self, t: Thread, vma: Vma, vpn: int, flags: int) -> Gen:
+        """Before ``do_numa_page``; returns a VM_FAULT code."""
         return (yield from _done(VM_FAULT_OK))
     def cow_break_for_walker(self, t: Thread, vma: Vma, idx: int, site: str) -> Gen:
         """A walker that modifies entries calls ``break_cow_pte`` first; 0 or -ENOMEM."""

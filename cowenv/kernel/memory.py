@@ -155,13 +155,19 @@ class SwapDevice:
         self.data = np.zeros(max(nr_slots, 1), dtype=np.int64)
         self.cache: dict[int, int] = {}
         self.free: list[int] = list(range(nr_slots - 1, -1, -1))
+        #: ``SWP_WRITEOK``: cleared while swapoff runs (no new slots are handed out).
+        self.writeok = True
+
+    def inuse_pages(self) -> int:
+        """``si->inuse_pages``: slots with a count or ``SWAP_HAS_CACHE``."""
+        return self.nr - len(self.free)
 
     def get_swap_page(self) -> int | None:
         """``get_swap_pages`` (``folio_alloc_swap``): a free slot with ``SWAP_HAS_CACHE``.
 
         Returns None when swap is full.
         """
-        if not self.free:
+        if not self.free or not self.writeok:
             return None
         slot = self.free.pop()
         self.has_cache[slot] = True

@@ -35,6 +35,11 @@ VM_SHARED = 1 << 3
 VM_MAYWRITE = 1 << 5
 VM_DONTCOPY = 1 << 17
 VM_WIPEONFORK = 1 << 25
+#: ``VM_SOFTDIRTY`` (``CONFIG_MEM_SOFT_DIRTY``): set on every new VMA by ``mmap_region``
+#: ("New (or expanded) vma always get soft dirty status"); cleared by
+#: ``clear_refs_write(CLEAR_REFS_SOFT_DIRTY)``; while clear, the VMA tracks soft-dirty
+#: (``vma_soft_dirty_enabled``) and pagemap reports only the PTEs' own bits.
+VM_SOFTDIRTY = 1 << 27
 
 PROT_NONE = 0
 PROT_READ = 1

@@ -31,6 +31,7 @@ from .mm import (
     VM_MAYWRITE,
     VM_READ,
     VM_SHARED,
+    VM_SOFTDIRTY,
     VM_WRITE,
     MmStruct,
     Vma,
@@ -40,6 +41,7 @@ from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_PRESENT,
+    PTE_SOFT_DIRTY,
     PTE_SWAP,
     PTE_USER,
     PTE_WRITE,
@@ -111,7 +113,9 @@ class MmapMixin:
         if mm.vmas_in(start, end):
             yield from self.do_vmi_munmap(t, mm, start, end, downgrade=False)
         bits = parse_prot(prot)
-        flags = VM_MAYWRITE | (VM_READ if bits & 1 else 0) | (VM_WRITE if bits & 2 else 0)
+        # mmap_region: "New (or expanded) vma always get soft dirty status."
+        flags = VM_MAYWRITE | VM_SOFTDIRTY | (VM_READ if bits & 1 else 0) | (
+            VM_WRITE if bits & 2 else 0)
         obj = None
         if shared:
             flags |= VM_SHARED
@@ -191,7 +195,7 @@ class MmapMixin:
                 pool.lru_add(pfns)
                 new = seg.copy()
                 new[none] = ((pfns << PFN_SHIFT) | PTE_PRESENT | PTE_WRITE | PTE_DIRTY
-                             | PTE_YOUNG | PTE_USER)
+                             | PTE_SOFT_DIRTY | PTE_YOUNG | PTE_USER)
                 self.set_ptes(t, mm, table, lo, new, "populate_range")
                 mm.rss[MM_ANONPAGES] += len(none)
                 for c in ("page_alloc", "page_zero", "page_account", "pte_write"):

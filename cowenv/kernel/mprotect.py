@@ -13,10 +13,12 @@ import numpy as np
 
 from .locks import WRITE
 from .memory import (
+    PG_anon,
     PG_anon_exclusive,
 )
 from .mm import (
     VM_READ,
+    VM_SOFTDIRTY,
     VM_WRITE,
     Vma,
 )
@@ -24,6 +26,7 @@ from .ops import ENOMEM, parse_prot
 from .pgtable import (
     PFN_SHIFT,
     PTE_PRESENT,
+    PTE_SOFT_DIRTY,
     PTE_USER,
     PTE_WRITE,
     ZERO_PFN,
@@ -92,40 +95,119 @@ class MprotectMixin:
                 self.oracle.on_mprotect_failed(mm, start, end, bits)
         self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
         return -ENOMEM if ret == 0 and partial else ret
-    def change_protection(self, t: Thread, vma: Vma, bits: int) -> Gen:
+    def vm_page_prot_writable(self, vma: Vma) -> bool:
+        """Whether ``vma->vm_page_prot`` is writable (``vma_set_page_prot``, 6.2).
+
+        Only for a shared writable VMA that wants no write-notify: shmem, unless
+        soft-dirty tracking is on (``vma_wants_writenotify``: ``if
+        (vma_soft_dirty_enabled(vma) && !is_vm_hugetlb_page(vma)) return 1;``). A private
+        VMA's ``vm_page_prot`` is never writable (``PAGE_COPY``): COW.
+        """
+        return bool(vma.shared and vma.flags & VM_WRITE and vma.flags & VM_SOFTDIRTY)
+    def can_change_pte_writable(self, vma: Vma, pte: int) -> bool:
+        """``can_change_pte_writable`` (mm/mprotect.c, 6.2) for one non-writable entry.
+
+        ::
+
+            if (pte_protnone(pte)) return false;
+            /* Do we need write faults for softdirty tracking? */
+            if (vma_soft_dirty_enabled(vma) && !pte_soft_dirty(pte)) return false;
+            ...
+            if (!(vma->vm_flags & VM_SHARED)) {
+                page = vm_normal_page(vma, addr, pte);
+                if (!page || !PageAnon(page) || !PageAnonExclusive(page)) return false;
+            }
+            return true;
+        """
+        if not pte & PTE_PRESENT or not pte & PTE_USER:
+            return False
+        if not vma.flags & VM_SOFTDIRTY and not pte & PTE_SOFT_DIRTY:
+            return False
+        if vma.shared:
+            return True
+        pfn = pte >> PFN_SHIFT
+        fl = int(self.pool.flags[pfn])
+        return pfn != ZERO_PFN and bool(fl & PG_anon) and bool(fl & PG_anon_exclusive)
+    def change_protection(self, t: Thread, vma: Vma, bits: int, prot_numa: bool = False,
+                          lo_vpn: int = -1, hi_vpn: int = -1) -> Gen:
         """``change_protection`` → ``change_pte_range`` per table (vectorised).
 
         New permissions: USER iff PROT_READ or PROT_WRITE (x86 ``protection_map``:
-        ``VM_WRITE`` alone is ``PAGE_COPY``, readable); WRITE only where PROT_WRITE and
+        ``VM_WRITE`` alone is ``PAGE_COPY``, readable; ``PAGE_NONE`` is a protnone entry,
+        see :mod:`cowenv.kernel.pgtable`); WRITE only where PROT_WRITE and
         ``can_change_pte_writable`` for a private VMA (exclusive anon pages — the
         "mprotect() optimization" cow.c tests); in a shared (shmem) VMA every present PTE,
         as shmem wants no write-notify (``vma_wants_writenotify`` is false, so the new
-        ``vm_page_prot`` is writable); the zero page is never writable.
-        Returns 0 or -errno.
+        ``vm_page_prot`` is writable); the zero page is never writable. While soft-dirty
+        tracking is on (``VM_SOFTDIRTY`` clear), only soft-dirty entries are made
+        writable, in both kinds of VMA (``can_change_pte_writable``).
 
-        Lock contract: mmap_lock write; takes the PTL.
+        ``prot_numa`` is ``change_prot_numa``'s ``MM_CP_PROT_NUMA`` over
+        ``[lo_vpn, hi_vpn)`` (default: the VMA): newprot ``PAGE_NONE`` on the entries
+        ``change_pte_range`` (6.2) does not skip::
+
+            if (prot_numa) {
+                if (pte_protnone(oldpte)) continue;
+                page = vm_normal_page(vma, addr, oldpte);
+                if (!page || is_zone_device_page(page) || PageKsm(page)) continue;
+                /* Also skip shared copy-on-write pages */
+                if (is_cow_mapping(vma->vm_flags) && page_count(page) != 1) continue;
+                ...
+                nid = page_to_nid(page);
+                if (target_node == nid) continue;
+
+        where ``target_node`` is ``numa_node_id()`` for a private VMA of a
+        single-threaded mm (``atomic_read(&vma->vm_mm->mm_users) == 1``), else
+        ``NUMA_NO_NODE``: on the model's single node a single-threaded process's private
+        entries are all skipped. Swap entries are left alone; nothing becomes writable.
+        Returns 0 or -errno (``prot_numa``: the number of entries made protnone; a failed
+        COW PTE break skips the PMD, as v4's ``return 0`` does for every caller).
+
+        Lock contract: mmap_lock write (``prot_numa``: read); takes the PTL.
         """
         mm = vma.mm
         P = self.P
         pool = self.pool
-        for idx in range(vma.start // P, (vma.end - 1) // P + 1):
+        lo_vpn = vma.start if lo_vpn < 0 else max(lo_vpn, vma.start)
+        hi_vpn = vma.end if hi_vpn < 0 else min(hi_vpn, vma.end)
+        site = "change_prot_numa" if prot_numa else "change_pte_range"
+        pages = 0
+        for idx in range(lo_vpn // P, (hi_vpn - 1) // P + 1):
             if idx not in mm.pmd:
                 continue
-            ret = yield from self.cow_break_for_walker(t, vma, idx, "change_pte_range")
+            ret = yield from self.cow_break_for_walker(t, vma, idx, site)
             if ret:
+                if prot_numa:
+                    continue  # v4: `if (break_cow_pte(vma, pmd, addr)) return 0;`
                 r = self.cow_change_prot_failed(t, vma, idx, ret)
                 if r:
                     return r
                 continue
-            lo = max(vma.start, idx * P) - idx * P
-            hi = min(vma.end, (idx + 1) * P) - idx * P
+            lo = max(lo_vpn, idx * P) - idx * P
+            hi = min(hi_vpn, (idx + 1) * P) - idx * P
             got = yield from self.pte_offset_map_lock(t, mm, idx, "change_pte_range")
             if got is None:
                 continue
             table, ptl = got
             e = table.entries[lo:hi]
             present = (e & PTE_PRESENT) != 0
-            if present.any():
+            if prot_numa:
+                present &= (e & PTE_USER) != 0  # if (pte_protnone(oldpte)) continue;
+                pfn = e >> PFN_SHIFT
+                idxs = np.where(present, pfn, 0)
+                present &= (pfn != ZERO_PFN)
+                if not vma.shared:
+                    present &= pool.refcount[idxs] == 1
+                    if mm.users == 1:
+                        present[:] = False  # target_node == nid: the only node
+                if present.any():
+                    new = e.copy()
+                    new[present] &= ~np.int64(PTE_WRITE | PTE_USER)  # pte_modify(PAGE_NONE)
+                    n = int(np.count_nonzero(present))
+                    pages += n
+                    self.cost.charge("pte_write", n)
+                    self.set_ptes(t, mm, table, lo, new, "change_pte_range")
+            elif present.any():
                 new = e.copy()
                 new[present] &= ~np.int64(PTE_WRITE | PTE_USER)
                 if bits & 3:
@@ -141,6 +223,10 @@ class MprotectMixin:
                     else:
                         fl = pool.flags[np.where(present, pfn, 0)]
                         ok = present & (pfn != ZERO_PFN) & ((fl & PG_anon_exclusive) != 0)
+                    if not vma.flags & VM_SOFTDIRTY:
+                        # Soft-dirty tracking: vm_page_prot is not writable (write-notify)
+                        # and can_change_pte_writable() wants pte_soft_dirty().
+                        ok &= (e & PTE_SOFT_DIRTY) != 0
                     new[ok] |= PTE_WRITE
                 if (new != e).any():
                     self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
@@ -151,5 +237,11 @@ class MprotectMixin:
                     else:
                         self.flush_tlb_range(mm, idx * P + lo, idx * P + hi)
             self.unlock(t, ptl, WRITE, "change_pte_range")
-            yield "change_pte_range:table_done"
-        return 0
+            if prot_numa:
+                yield "change_prot_numa:table_done"
+            else:
+                yield "change_pte_range:table_done"
+        if prot_numa and pages:
+            # change_prot_numa's tlb_finish_mmu (6.2 mm/mempolicy.c): the updated range.
+            self.flush_tlb_range(mm, lo_vpn, hi_vpn)
+        return pages if prot_numa else 0

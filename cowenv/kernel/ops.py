@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 EPERM = 1
+ESRCH = 3
+EINTR = 4
 EAGAIN = 11
 ENOMEM = 12
 EFAULT = 14
 EBUSY = 16
 EINVAL = 22
 
-ERRNO_NAMES = {EPERM: "EPERM", EAGAIN: "EAGAIN", ENOMEM: "ENOMEM", EFAULT: "EFAULT",
+ERRNO_NAMES = {EPERM: "EPERM", ESRCH: "ESRCH", EINTR: "EINTR", EAGAIN: "EAGAIN",
+               ENOMEM: "ENOMEM", EFAULT: "EFAULT",
                EBUSY: "EBUSY", EINVAL: "EINVAL"}
 
 ADVICES = ("DONTNEED", "FREE", "PAGEOUT", "WIPEONFORK", "KEEPONFORK", "DONTFORK", "DOFORK")
@@ -79,6 +82,15 @@ OPS: dict[str, OpSpec] = {o.name: o for o in (
     OpSpec("reclaim", (_a("nr", "int", 1), _a("pid", "pid", 0), _a("addr", "addr", -1)), True,
            "kswapd: shrink the inactive anon LRU by nr pages (optionally starting with the "
            "page mapped at pid:addr)"),
+    # Walkers of issue 13 (appended: the catalogue's and observation's op order).
+    OpSpec("numa_hint", (_a("addr", "addr"), _a("length", "len")), False,
+           "NUMA-hinting scan (task_numa_work -> change_prot_numa) of the thread's mm"),
+    OpSpec("swapoff", (), False, "swapoff(2) of the swap device (then swapon again)"),
+    OpSpec("clear_refs", (_a("type", "int", 4), _a("pid", "pid", 0)), False,
+           "echo TYPE > /proc/PID/clear_refs (1-3: accessed bits, 4: soft-dirty; pid 0 = "
+           "self)"),
+    OpSpec("pagemap", (_a("addr", "addr"), _a("pid", "pid", 0)), False,
+           "read /proc/PID/pagemap at addr: the flag bits 55-63 >> 55 (pid 0 = self)"),
 )}
 
 

@@ -17,13 +17,29 @@ bit                   name  meaning
 1                     RW    ``_PAGE_RW`` (writable)
 2                     D     ``_PAGE_DIRTY``
 3                     A     ``_PAGE_ACCESSED`` ("young")
-4                     U     user-accessible; clear for ``PROT_NONE`` (``_PAGE_PROTNONE``)
+4                     U     accessible; clear in a ``pte_protnone`` entry (see below)
 5                     SWP   a non-present swap entry (payload = swap slot)
 6                     SWX   ``pte_swp_exclusive`` marker of a swap entry
+7                     SD    ``_PAGE_SOFT_DIRTY`` (``_PAGE_SWP_SOFT_DIRTY`` in a swap entry)
 8..                   pfn   page frame number, or swap slot for SWP entries
 ====================  ====  ===========================================================
 
 ``0`` is ``pte_none``. Frame 0 is the shared zero page (``ZERO_PFN``).
+
+**PROT_NONE and NUMA-hinting entries** (x86 ``_PAGE_PROTNONE``, 6.2): bit P is the
+kernel's ``pte_present()`` -- ``_PAGE_PRESENT | _PAGE_PROTNONE`` -- so every walker that
+asks ``pte_present`` (fork, zap, rmap, the oracles' recounts) treats a PROT_NONE entry as
+present, as in Linux. A ``pte_protnone`` entry (``PAGE_NONE``: hardware-present bit clear,
+``_PAGE_PROTNONE`` set) is ``P`` set with ``U`` clear: the MMU (``_hw_walk``, GUP-fast)
+refuses it, and a fault on it is SIGSEGV in a PROT_NONE VMA (``access_error``) or a
+NUMA-hinting fault (``do_numa_page``) in an accessible one. mprotect(PROT_NONE) and
+``change_prot_numa`` make such entries through ``change_pte_range``'s ``pte_modify``.
+
+**Soft-dirty** (``CONFIG_MEM_SOFT_DIRTY``, x86): ``pte_mkdirty`` sets ``_PAGE_DIRTY |
+_PAGE_SOFT_DIRTY``, so every kernel-made dirty entry (:func:`mk_pte` with ``dirty``) is
+soft-dirty; the MMU's own dirty-bit update sets ``_PAGE_DIRTY`` only. ``pte_modify``
+keeps it (``_PAGE_CHG_MASK``); swap-out moves it to ``_PAGE_SWP_SOFT_DIRTY`` and swap-in
+back; ``clear_refs`` (``fs/proc/task_mmu.c``) clears it.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ PTE_YOUNG = 1 << 3
 PTE_USER = 1 << 4
 PTE_SWAP = 1 << 5
 PTE_SWP_EXCLUSIVE = 1 << 6
+PTE_SOFT_DIRTY = 1 << 7
 PFN_SHIFT = 8
 FLAG_MASK = (1 << PFN_SHIFT) - 1
 
@@ -51,7 +68,7 @@ def mk_pte(pfn: int, write: bool, dirty: bool = False, young: bool = True,
     if write:
         v |= PTE_WRITE
     if dirty:
-        v |= PTE_DIRTY
+        v |= PTE_DIRTY | PTE_SOFT_DIRTY  # x86 pte_mkdirty: _PAGE_DIRTY | _PAGE_SOFT_DIRTY
     if young:
         v |= PTE_YOUNG
     if user:
@@ -74,6 +91,11 @@ def pte_present(pte: int) -> bool:
     return bool(pte & PTE_PRESENT)
 
 
+def pte_protnone(pte: int) -> bool:
+    """``pte_protnone`` (x86): a PROT_NONE or NUMA-hinting entry (present, inaccessible)."""
+    return pte & (PTE_PRESENT | PTE_USER) == PTE_PRESENT
+
+
 def is_swap_pte(pte: int) -> bool:
     """``is_swap_pte``: a non-none, non-present entry."""
     return bool(pte & PTE_SWAP)
@@ -84,9 +106,10 @@ def describe_pte(pte: int) -> str:
     if pte == 0:
         return "none"
     if pte & PTE_SWAP:
-        return f"swap:{pte >> PFN_SHIFT}{'x' if pte & PTE_SWP_EXCLUSIVE else ''}"
+        return (f"swap:{pte >> PFN_SHIFT}{'x' if pte & PTE_SWP_EXCLUSIVE else ''}"
+                f"{'s' if pte & PTE_SOFT_DIRTY else ''}")
     bits = "".join(c for c, b in (("w", PTE_WRITE), ("d", PTE_DIRTY), ("a", PTE_YOUNG),
-                                  ("u", PTE_USER)) if pte & b)
+                                  ("u", PTE_USER), ("s", PTE_SOFT_DIRTY)) if pte & b)
     return f"pfn:{pte >> PFN_SHIFT}/{bits}"
 
 

@@ -33,6 +33,7 @@ from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
     PTE_PRESENT,
+    PTE_SOFT_DIRTY,
     PTE_YOUNG,
     PteTable,
     swp_entry_to_pte,
@@ -279,7 +280,10 @@ class RmapMixin:
                 # pin taken since shrink_folio checked): restore and stop (mm/rmap.c).
                 self.unlock(t, ptl, WRITE, "try_to_unmap_one")
                 break
-            self.set_ptes(t, mm, table, off, swp_entry_to_pte(slot, excl), "try_to_unmap_one")
+            # if (pte_soft_dirty(pteval)) swp_pte = pte_swp_mksoft_dirty(swp_pte);
+            self.set_ptes(t, mm, table, off,
+                          swp_entry_to_pte(slot, excl) | (pte & PTE_SOFT_DIRTY),
+                          "try_to_unmap_one")
             # ptep_clear_flush. 6.2 reclaim defers it (TTU_BATCH_FLUSH, try_to_unmap_flush
             # before pageout/free); flushing here is what that guarantees before the folio
             # is written or freed.
