@@ -54,7 +54,7 @@ from cowenv.greybox import (
 )
 from cowenv.kernel import KSWAPD_TID
 
-from .base import Agent, uniform_legal
+from .base import CHOICES, Agent, KindChooser, uniform_legal
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -80,6 +80,10 @@ class GreyboxAgent(Agent):
         corpus_dir: Where corpus files go (set by campaigns: ``OUT/greybox``); None keeps
             the corpus in memory.
         cull_every: Episodes between corpus minimisations (keep the favoured set only).
+        choice: How random actions are chosen: ``thread`` (a runnable thread with
+            probability ``run_prob``, else an idle thread, an operation, a template) or
+            one of :data:`cowenv_agents.base.CHOICES` (kind first, as the random agent;
+            ``run_prob`` unused).
 
     """
 
@@ -88,8 +92,13 @@ class GreyboxAgent(Agent):
     def __init__(self, feedback: str = "interleaving", seeds: list[str] | None = None,
                  seed_exclude: list[str] | None = None, explore: float = 0.1,
                  run_prob: float = 0.5, event_prob: float = 0.03, sync_every: int = 20,
-                 corpus_dir: str | None = None, cull_every: int = 200) -> None:
+                 corpus_dir: str | None = None, cull_every: int = 200,
+                 choice: str = "thread") -> None:
         super().__init__()
+        if choice != "thread" and choice not in CHOICES:
+            raise ValueError(f"choice: expected thread or one of {', '.join(CHOICES)}")
+        self.choice = choice
+        self._chooser: KindChooser | None = None
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{nm}: expected 0..1")
@@ -150,6 +159,8 @@ class GreyboxAgent(Agent):
             return
         self._env_id = id(env)
         self._ci = CatalogueIndex(env.catalogue)
+        if self.choice != "thread":
+            self._chooser = KindChooser(env.catalogue, self.choice)
         self._digest = catalogue_digest(env.catalogue)
         if self._plans is None:
             from cowenv.scenario import load_scenario
@@ -286,6 +297,8 @@ class GreyboxAgent(Agent):
             ev = [i for i in ci.events if mask[i]]
             if ev:
                 return ev[int(rng.integers(len(ev)))]
+        if self._chooser is not None:
+            return self._chooser.choose(rng, mask)
         runs = [i for t, i in ci.run.items() if mask[i]]
         if runs and rng.random() < self.run_prob:
             return runs[int(rng.integers(len(runs)))]

@@ -14,7 +14,9 @@ This module is the library half of ``cowenv fuzz --agent greybox`` (the agent is
     Snowboard/KRace idea of coverage that sees which code ran against which), the lock
     classes other threads held when ``L`` was reached, the lock a step waited for, the
     page-table-sharing state (how many PMD entries point at a shared table, bucketed)
-    at every label and operation start, and every violation signature.
+    at every label and operation start, the state of every active pin (still mapped
+    where it was taken, in a COW-shared table, ``PageAnonExclusive``) and every
+    violation signature.
 
 * :class:`CorpusEntry` / :class:`Corpus`: schedules kept because they reached a feature
   nothing earlier reached. An entry is a list of catalogue indices (stable for a harness
@@ -45,6 +47,8 @@ import numpy as np
 
 from .catalogue import ActionSpec
 from .kernel import KSWAPD_TID, Kernel
+from .kernel.memory import PG_anon_exclusive
+from .kernel.pgtable import PFN_SHIFT, PTE_PRESENT
 
 FEEDBACKS = ("label", "interleaving")
 #: ``recorded`` keys of a corpus file.
@@ -61,6 +65,33 @@ def fid(*parts: Any) -> int:
 def catalogue_digest(catalogue: tuple[ActionSpec, ...] | list[ActionSpec]) -> str:
     """Digest of a catalogue: corpus files only load into a harness with the same one."""
     return f"{zlib.crc32(repr(tuple(catalogue)).encode()):08x}"
+
+
+def _pin_states(k: Kernel) -> list[tuple[int, int, int, int]]:
+    """The state of every active pin, as a sorted list of small tuples.
+
+    Per pin: writable pin, the pinned page still mapped at the pin's address in the
+    pinning mm (the pin and the process agree), that mapping's PMD entry write-protected
+    (the table is COW-shared), and the page ``PageAnonExclusive``. A pinned page in a
+    shared table, or not exclusive, is the state GUP's ``sanity_check_pinned_pages`` and
+    the COW PTE pin checks are about; reaching it is progress towards a pin-coherence
+    violation, which only a later device read or write shows.
+    """
+
+    out = []
+    P = k.config.ptrs_per_pte
+    for pin in k.pins.values():
+        if not pin.active:
+            continue
+        e = pin.mm.pmd.get(pin.vpn // P)
+        mapped = wp = 0
+        if e is not None:
+            pte = int(e.table.entries[pin.vpn % P])
+            mapped = int(bool(pte & PTE_PRESENT) and pte >> PFN_SHIFT == pin.pfn)
+            wp = int(not e.write)
+        excl = int(bool(int(k.pool.flags[pin.pfn]) & PG_anon_exclusive))
+        out.append((int(pin.write), mapped, wp, excl))
+    return sorted(out)
 
 
 def _shared_tables(k: Kernel) -> tuple[int, dict[int, set[int]]]:
@@ -144,9 +175,13 @@ class FeatureTracker:
                 if related:
                     out.append(fid("P", u.label or f"{u.op}:start", label))
             out.append(fid("K", label, ",".join(sorted(held))))
+            if k.pins:
+                out.extend(fid("G", *g) for g in _pin_states(k))
         elif spec.kind == "start" and inter:
             nshared, _ = _shared_tables(k)
             out.append(fid("O", spec.op, min(nshared, 3)))
+            if k.pins:
+                out.extend(fid("G", spec.op, *g) for g in _pin_states(k))
         return out
 
 
