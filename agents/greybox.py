@@ -329,6 +329,7 @@ class GreyboxAgent(Agent):
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1
+        self.corpus.count(self._feats)
         novel = self.corpus.novel(self._feats)
         if not novel or self._last_new < 0:
             return

@@ -1,11 +1,11 @@
 """Random scheduling: a uniformly random legal action, or a random kind first.
 
-``choice="op"`` (the default) picks the kind of action uniformly (run a busy thread, a
-pressure event, or one of the operations), then an entry of that kind uniformly;
+``choice="weighted"`` (the default) picks the kind of action (run a busy thread, a
+pressure event, or one of the operations) with the soak's operation weights, then an
+entry of that kind uniformly; ``choice="op"`` picks the kind uniformly;
 ``choice="template"`` is uniform over the legal catalogue entries (SCTBench's "plain
-random"); ``choice="weighted"`` is the kind-first choice with the soak's operation
-weights (:class:`cowenv_agents.base.KindChooser`). The default is the one the
-bug-finding benchmark measured best (README "Which agent to use").
+random") (:class:`cowenv_agents.base.KindChooser`). The default is the one the
+bug-finding benchmark measured best (README "Agents: which to use").
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ class RandomAgent(Agent):
     No state across episodes.
 
     Args:
-        choice: ``op`` (default), ``template`` or ``weighted``
+        choice: ``weighted`` (default), ``op`` or ``template``
             (:data:`cowenv_agents.base.CHOICES`).
 
     """
 
     name = "random"
 
-    def __init__(self, choice: str = "op") -> None:
+    def __init__(self, choice: str = "weighted") -> None:
         super().__init__()
         KindChooser((), choice)  # validates
         self.choice = choice

@@ -51,19 +51,26 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
-AGENTS = ("random", "random-template", "random-weighted", "pct", "pct-template", "ql",
+AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-d10",
+          "ql", "ql-fine", "ql-fine-kind",
           "ppo", "greybox", "greybox-label", "greybox-noseed", "greybox-weighted")
+DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenario of the flaw it is measured on (held out, like PPO's folds); it may
 #: seed from the other scenarios. ``greybox-label`` is greybox with plain label coverage
 #: as feedback (the measurement behind the choice of interleaving feedback);
 #: ``greybox-noseed`` starts from an empty corpus (no scenario seeds at all).
-#: ``random-template`` / ``random-weighted`` / ``pct-template``: the uniform agents with
-#: their other ways of choosing an action (``choice``; the measurement behind the default).
+#: ``random-template`` / ``random-op`` / ``pct-template`` / ``pct-d10``: the uniform
+#: agents with their other ways of choosing an action (the measurement behind the
+#: defaults); ``ql-fine`` is QL as it was (fine states, Q over catalogue entries) and
+#: ``ql-fine-kind`` with Q over action kinds.
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-template": ("random", {"choice": "template"}),
-    "random-weighted": ("random", {"choice": "weighted"}),
+    "random-op": ("random", {"choice": "op"}),
     "pct-template": ("pct", {"start_policy": "template"}),
+    "pct-d10": ("pct", {"depth": 10}),
+    "ql-fine": ("ql", {"state": "fine", "actions": "catalogue"}),
+    "ql-fine-kind": ("ql", {"state": "fine", "actions": "kind"}),
     "greybox": ("greybox", {}),
     "greybox-label": ("greybox", {"feedback": "label"}),
     "greybox-noseed": ("greybox", {"seeds": []}),
@@ -249,7 +256,9 @@ def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budge
                      f"held-out group and training seed): geometric mean {ppo[0]:,.0f} to "
                      f"{ppo[-1]:,.0f}, median {float(np.median(ppo)):,.0f}.")
     lines.append("")
-    lines.append(f"Median steps to the first attributed detection over {seeds} seeds "
+    ns = sorted({c["n"] for c in cells.values()})
+    over = f"{ns[0]} seeds" if len(ns) == 1 else f"{'/'.join(map(str, ns))} seeds (see found/seeds)"
+    lines.append(f"Median steps to the first attributed detection over {over} "
                  f"(median wall seconds of the found runs), found/seeds; budget "
                  f"{budget:,} steps per run; not-found runs count as the budget in the medians "
                  f"and geometric means. No reachability prefixes: every env is the default "
@@ -319,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=100_000,
                    help="steps per run (default 100000)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per (flaw, agent) (default 8)")
-    p.add_argument("--agents", default=",".join(AGENTS))
+    p.add_argument("--agents", default=",".join(DEFAULT_AGENTS),
+                   help=f"comma-separated, of {', '.join(AGENTS)} (default "
+                        f"{','.join(DEFAULT_AGENTS)}; ppo = one column per training seed)")
     p.add_argument("--flaws", default="all", help="comma-separated flaw ids (default all)")
     p.add_argument("--train-steps", type=int, default=200_000,
                    help="PPO training steps per held-out group (default 200000)")
@@ -401,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     merge_from = Path(a.out or OUT) / "bug_finding.json"
     if a.merge and merge_from.exists():
         old = json.loads(merge_from.read_text())
-        if old["budget"] == a.budget and old["seeds"] == a.seeds:
+        if old["budget"] == a.budget:
             kept = [x for x in old["agents"] if x not in agents]
             runs += [r for r in old["runs"] if r["agent"] in kept and r["flaw"] in flaws]
             trainings = old.get("trainings", []) + trainings
@@ -416,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(summary, flaws, agents, a.budget, a.seeds)
     result = {"budget": a.budget, "seeds": a.seeds, "agents": agents, "flaws": flaws,
+              "seeds_per_agent": {ag: len({r["seed"] for r in runs if r["agent"] == ag})
+                                  for ag in agents},
               "base_env": BASE_ENV, "bases": {f: flaw_base(f) for f in flaws},
               "flaw_signatures": targets, "folds": folds, "trainings": trainings,
               "summary": summary, "runs": runs,

@@ -10,6 +10,8 @@ This module is the library half of ``cowenv fuzz --agent greybox`` (the agent is
     observation's coverage bitmap holds);
   - ``interleaving`` (default): labels, plus *concurrent pairs* ``(M, L)``: thread ``t``
     reached label ``L`` while a *related* thread ``u`` was paused mid-operation at ``M``
+    (with each operation's variant: its arguments other than addresses, e.g. a writable
+    GUP-fast pin, ``MADV_FREE``)
     (related: same mm, or their mms share a COW PTE table, or one of them is kswapd; the
     Snowboard/KRace idea of coverage that sees which code ran against which), the lock
     classes other threads held when ``L`` was reached, the lock a step waited for, the
@@ -124,11 +126,13 @@ class FeatureTracker:
         self.feedback = feedback
         self._ne = 0
         self._nv = 0
+        self._variant: dict[int, str] = {}
 
     def reset(self, k: Kernel) -> list[int]:
         """Start of an episode (after the harness reset); features of the workload."""
         self._ne = len(k.events)
         self._nv = len(k.violations)
+        self._variant = {}
         return [fid("V", v.signature) for v in k.violations]
 
     def step(self, k: Kernel, spec: ActionSpec) -> list[int]:
@@ -173,11 +177,15 @@ class FeatureTracker:
                 related = (u.pid == t.pid or u.tid == KSWAPD_TID or t.tid == KSWAPD_TID
                            or bool(tables.get(u.pid, set()) & tables.get(t.pid, set())))
                 if related:
-                    out.append(fid("P", u.label or f"{u.op}:start", label))
+                    out.append(fid("P", u.label or f"{u.op}:start", label,
+                                   self._variant.get(u.tid, ""),
+                                   self._variant.get(t.tid, "")))
             out.append(fid("K", label, ",".join(sorted(held))))
             if k.pins:
                 out.extend(fid("G", *g) for g in _pin_states(k))
         elif spec.kind == "start" and inter:
+            self._variant[spec.tid] = ",".join(
+                f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))
             nshared, _ = _shared_tables(k)
             out.append(fid("O", spec.op, min(nshared, 3)))
             if k.pins:
@@ -210,7 +218,17 @@ class Corpus:
     entries: list[CorpusEntry] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     names: set[str] = field(default_factory=set)
+    #: Feature -> number of episodes that reached it (:meth:`count`; rarity).
+    hits: dict[int, int] = field(default_factory=dict)
     _fav: list[int] | None = None
+    _rare: list[int] | None = None
+
+    def count(self, features: set[int] | frozenset[int]) -> None:
+        """Record that one episode reached ``features`` (for :meth:`choose`'s rarity)."""
+        h = self.hits
+        for f in features:
+            h[f] = h.get(f, 0) + 1
+        self._rare = None
 
     def novel(self, features: set[int] | frozenset[int]) -> set[int]:
         """Features not reached by any entry yet."""
@@ -225,6 +243,7 @@ class Corpus:
         if entry.name:
             self.names.add(entry.name)
         self._fav = None
+        self._rare = None
         return True
 
     def favoured(self) -> list[int]:
@@ -258,12 +277,46 @@ class Corpus:
         before = len(self.entries)
         self.entries = [e for i, e in enumerate(self.entries) if i in fav]
         self._fav = None
+        self._rare = None
         return before - len(self.entries)
 
+    def rarest(self) -> list[int]:
+        """Indices of the entries that reach the rarest features (FairFuzz's rare branches).
+
+        A feature is rare when at most twice the minimum number of episodes reached it
+        (features never counted, e.g. of loaded files, count as reached once); for each
+        rare feature the shortest entry reaching it is kept.
+        """
+        if self._rare is not None:
+            return self._rare
+        h = self.hits
+        best: dict[int, int] = {}
+        lo = None
+        for i, e in enumerate(self.entries):
+            for f in e.features:
+                c = h.get(f, 1)
+                if lo is None or c < lo:
+                    lo = c
+        cut = 2 * (lo or 1)
+        for i, e in enumerate(self.entries):
+            n = len(e.actions)
+            for f in e.features:
+                if h.get(f, 1) <= cut:
+                    j = best.get(f)
+                    if j is None or n < len(self.entries[j].actions):
+                        best[f] = i
+        self._rare = sorted(set(best.values()))
+        return self._rare
+
     def choose(self, rng: np.random.Generator) -> CorpusEntry:
-        """A parent: a favoured entry with probability 0.9, else any entry."""
+        """A parent: an entry of :meth:`rarest` with probability 0.5, a favoured entry
+        with probability 0.4, else any entry."""
         fav = self.favoured()
-        if fav and rng.random() < 0.9:
+        r = rng.random()
+        rare = self.rarest() if r < 0.5 else []
+        if rare:
+            e = self.entries[rare[int(rng.integers(len(rare)))]]
+        elif fav and r < 0.9:
             e = self.entries[fav[int(rng.integers(len(fav)))]]
         else:
             e = self.entries[int(rng.integers(len(self.entries)))]

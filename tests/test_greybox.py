@@ -95,7 +95,7 @@ def test_greybox_is_deterministic_and_grows_a_corpus():
     runs = []
     for _ in range(2):
         ag = ca.make_agent("greybox", seeds=["scenarios/conformance"])
-        found = _play(ag, Harness(**kw), 0, 60)
+        found = _play(ag, Harness(**kw), 0, 100)
         runs.append((found, [e.actions for e in ag.corpus.entries]))
     assert runs[0] == runs[1]
     assert len(runs[0][1]) >= 5
