@@ -216,7 +216,14 @@ def summarise(runs: list[dict[str, Any]], flaws: list[str], agents: list[str],
             geo[a] = float(math.exp(np.mean([math.log(max(v, 1.0)) for v in vals])))
     found_by_any = {f: any(cells.get(f"{f}|{a}", {}).get("found", 0) for a in agents)
                     for f in flaws}
-    return {"cells": cells, "geomean_steps": geo, "found_by_any": found_by_any}
+    common = [f for f in flaws if all(f"{f}|{a}" in cells for a in agents)]
+    geo_common = {}
+    if common and len(common) < len(flaws):
+        for a in agents:
+            vals = [cells[f"{f}|{a}"]["median_steps"] for f in common]
+            geo_common[a] = float(math.exp(np.mean([math.log(max(v, 1.0)) for v in vals])))
+    return {"cells": cells, "geomean_steps": geo, "found_by_any": found_by_any,
+            "common_flaws": common, "geomean_common": geo_common}
 
 
 def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budget: int,
@@ -249,6 +256,12 @@ def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budge
     geo = summary["geomean_steps"]
     lines.append("| **geometric mean of medians** | | "
                  + " | ".join(f"**{geo[a]:,.0f}**" if a in geo else "-" for a in agents) + " |")
+    gc = summary.get("geomean_common") or {}
+    if gc:
+        lines.append(f"| **geometric mean over the {len(summary['common_flaws'])} flaws every "
+                     f"agent ran** | | "
+                     + " | ".join(f"**{gc[a]:,.0f}**" for a in agents) + " |")
+        geo = gc
     ppo = sorted(geo[a] for a in agents if a.startswith("ppo-t") and a in geo)
     if len(ppo) > 1:
         lines.append("")
@@ -345,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="keep the runs of agents not run now from the existing "
                         "bug_finding.json (same budget and seeds; runs are deterministic)")
+    p.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                   help="run nothing: combine the runs of earlier bug_finding.json files "
+                        "(same budget; each agent from the first file that has it) into one "
+                        "table, written to --out")
     p.add_argument("--model-dir", default=str(ROOT / "runs" / "bench"),
                    help="where PPO models, TensorBoard logs and checkpoints go")
     a = p.parse_args(argv)
@@ -363,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         p.error(f"no scenario for flaw(s) {', '.join(missing)}")
     t_start = time.perf_counter()
+    if a.combine:
+        return _combine(a, p)
     targets = {f: flaw_signatures(f) for f in flaws}
     fidx = {f: FLAW_IDS.index(f) for f in flaws}
     folds = {k: [f for f in FLAW_IDS if FLAW_IDS.index(f) % FOLDS == k] for k in range(FOLDS)}
@@ -417,6 +436,50 @@ def main(argv: list[str] | None = None) -> int:
             runs += [r for r in old["runs"] if r["agent"] in kept and r["flaw"] in flaws]
             trainings = old.get("trainings", []) + trainings
             agents = [x for x in old["agents"] if x in kept] + agents
+    return _write(a, p, runs, flaws, agents, trainings, targets, folds, t_start)
+
+
+def _combine(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    """``--combine``: one table from the runs of several result files."""
+    from cowenv.kernel.config import FLAW_IDS
+
+    runs: list[dict[str, Any]] = []
+    agents: list[str] = []
+    trainings: list[dict[str, Any]] = []
+    targets: dict[str, list[str]] = {}
+    folds: dict[str, Any] = {}
+    budget = None
+    for path in a.combine:
+        try:
+            d = json.loads(Path(path).read_text())
+            b = int(d["budget"])
+            file_runs = list(d["runs"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--combine: {path}: not a bug_finding.json ({e})")
+        if budget is not None and b != budget:
+            p.error(f"--combine: {path}: budget {b}, expected {budget} (the first file's)")
+        budget = b
+        new = [x for x in d.get("agents", []) if x not in agents]
+        agents += new
+        runs += [r for r in file_runs if r["agent"] in new]
+        trainings += d.get("trainings", [])
+        targets.update(d.get("flaw_signatures", {}))
+        folds = folds or d.get("folds", {})
+    assert budget is not None
+    a.budget = budget
+    present = {r["flaw"] for r in runs}
+    flaws = [f for f in FLAW_IDS if f in present]
+    if a.out is None:
+        a.out = tempfile.mkdtemp(prefix="cowenv-bug-finding-")
+    return _write(a, p, runs, flaws, agents, trainings, targets, folds, time.perf_counter(),
+                  combined=list(a.combine))
+
+
+def _write(a: argparse.Namespace, p: argparse.ArgumentParser, runs: list[dict[str, Any]],
+           flaws: list[str], agents: list[str], trainings: list[dict[str, Any]],
+           targets: dict[str, list[str]], folds: dict[Any, Any], t_start: float,
+           combined: list[str] | None = None) -> int:
+    """Summarise ``runs`` and write ``bug_finding.{json,md,png}`` to ``a.out``."""
     runs.sort(key=lambda r: (flaws.index(r["flaw"]), agents.index(r["agent"]), r["seed"]))
     summary = summarise(runs, flaws, agents, a.budget)
     if a.out is None:
@@ -434,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
               "summary": summary, "runs": runs,
               "wall_seconds": round(time.perf_counter() - t_start, 1),
               "commit": _commit(),
-              "cpus": os.cpu_count(), "jobs": a.jobs}
+              "cpus": os.cpu_count(), "jobs": a.jobs, "combined_from": combined}
     for name, text in (("bug_finding.json", json.dumps(result, indent=1, sort_keys=True) + "\n"),
                        ("bug_finding.md", md)):
         tmp = out / f".{name}.tmp"

@@ -79,7 +79,6 @@ def _pin_states(k: Kernel) -> list[tuple[int, int, int, int]]:
     the COW PTE pin checks are about; reaching it is progress towards a pin-coherence
     violation, which only a later device read or write shows.
     """
-
     out = []
     P = k.config.ptrs_per_pte
     for pin in k.pins.values():
@@ -292,7 +291,7 @@ class Corpus:
         h = self.hits
         best: dict[int, int] = {}
         lo = None
-        for i, e in enumerate(self.entries):
+        for e in self.entries:
             for f in e.features:
                 c = h.get(f, 1)
                 if lo is None or c < lo:
@@ -309,8 +308,7 @@ class Corpus:
         return self._rare
 
     def choose(self, rng: np.random.Generator) -> CorpusEntry:
-        """A parent: an entry of :meth:`rarest` with probability 0.5, a favoured entry
-        with probability 0.4, else any entry."""
+        """A parent: a :meth:`rarest` entry (1/2), a favoured one (2/5), or any (1/10)."""
         fav = self.favoured()
         r = rng.random()
         rare = self.rarest() if r < 0.5 else []
