@@ -127,6 +127,76 @@ def uniform_legal(rng: np.random.Generator, mask: np.ndarray) -> int:
     return int(legal[rng.integers(len(legal))])
 
 
+#: How uniform agents choose an action (``choice`` setting): ``template`` = uniform over
+#: the legal catalogue entries; ``op`` = uniform over the legal *kinds* (run a thread, a
+#: pressure event, or each operation name), then uniform within the kind; ``weighted`` =
+#: the same two levels with :data:`KIND_WEIGHTS` (the soak's operation weights).
+CHOICES: tuple[str, ...] = ("template", "op", "weighted")
+
+#: Kind weights of the ``weighted`` choice: the user operations' weights are the soak's
+#: workload generator's (:data:`cowenv.workload.DEFAULT_WEIGHTS`); ``run`` (run one
+#: preemption point of a busy thread), ``reclaim`` (kswapd) and ``event`` (``fail_nth``)
+#: are this module's. Copied, not imported: the agents must not import the soak.
+KIND_WEIGHTS: dict[str, float] = {
+    "run": 20.0, "read": 12.0, "write": 14.0, "mmap": 3.0, "munmap": 1.5, "mprotect": 2.5,
+    "madvise": 4.0, "fork": 1.5, "clone": 0.8, "exit": 0.6, "prctl_cow_pte": 0.3,
+    "pin": 3.0, "unpin": 1.5, "dev_read": 2.0, "dev_write": 2.0, "reclaim": 2.0,
+    "event": 0.5,
+}
+
+
+class KindChooser:
+    """Two-level random choice over a catalogue: the kind of action, then the entry.
+
+    A catalogue entry's *kind* is ``run`` (any thread), ``event``, or the operation
+    name of a start (``read``, ``fork``, ``reclaim``, ...). Uniform over the legal
+    actions (``template``) makes the kinds with many templates (madvise and mprotect
+    over every range) dominate: over the default catalogue they are most of the
+    starts, fork under 1 %. Choosing the kind first gives every operation its turn.
+    Unknown kinds (operations added later) get weight 1.
+
+    Args:
+        catalogue: The env's catalogue.
+        choice: One of :data:`CHOICES`.
+        weights: Kind weights (``weighted``; default :data:`KIND_WEIGHTS`).
+
+    """
+
+    def __init__(self, catalogue: Any, choice: str = "op",
+                 weights: dict[str, float] | None = None) -> None:
+        if choice not in CHOICES:
+            raise ValueError(f"choice: expected one of {', '.join(CHOICES)}, got {choice!r}")
+        self.choice = choice
+        kinds: list[str] = []
+        gid = np.zeros(len(catalogue), dtype=np.int64)
+        for i, sp in enumerate(catalogue):
+            k = sp.op if sp.kind == "start" else sp.kind
+            if k not in kinds:
+                kinds.append(k)
+            gid[i] = kinds.index(k)
+        self.kinds = kinds
+        self.gid = gid
+        w = dict(KIND_WEIGHTS if weights is None else weights)
+        self.w = np.array([float(w.get(k, 1.0)) if choice == "weighted" else 1.0
+                           for k in kinds])
+
+    def choose(self, rng: np.random.Generator, mask: np.ndarray) -> int:
+        """A legal action (``mask`` must have one)."""
+        legal = np.flatnonzero(mask)
+        if self.choice == "template" or len(legal) == 1:
+            return int(legal[rng.integers(len(legal))])
+        g = self.gid[legal]
+        present = np.unique(g)
+        w = self.w[present]
+        tot = w.sum()
+        if tot <= 0.0:
+            return int(legal[rng.integers(len(legal))])
+        k = present[int(np.searchsorted(np.cumsum(w), rng.random() * tot, side="right"))
+                    if len(present) > 1 else 0]
+        pool = legal[g == k]
+        return int(pool[rng.integers(len(pool))])
+
+
 class Teardown:
     """The harness's end of an episode: finish every operation, observe, then exit.
 

@@ -12,13 +12,15 @@ Per episode (``rng`` is the episode's only randomness):
 1. The first episodes play the **seed plans** (:func:`cowenv.greybox.seed_plan`): the
    scenarios of ``scenarios/`` (minus ``seed_exclude``) and, in a campaign, the
    findings already in the out dir, mapped onto this configuration's catalogue.
-2. Afterwards a parent is chosen from the corpus (favoured entries first) and mutated
-   (:func:`cowenv.greybox.mutate`); with probability ``explore`` (or while the corpus is
-   empty) the episode is purely random.
+2. Afterwards a parent is chosen from the corpus (entries reaching the rarest features,
+   or favoured entries; :meth:`cowenv.greybox.Corpus.choose`) and mutated
+   (:func:`cowenv.greybox.mutate`), or with probability ``extend`` replayed as it is;
+   with probability ``explore`` (or while the corpus is empty) the episode is purely
+   random.
 3. The child is played: an action that is illegal when its turn comes is skipped; after
-   the child's last action the episode goes on with **operation-level** random choice
-   (run a runnable thread with probability ``run_prob``, else choose a thread, an
-   operation, then a template; a pressure event with probability ``event_prob``).
+   the child's last action the episode goes on with **kind-first** random choice (the
+   kind of action with the soak's weights, then an entry of that kind; a pressure
+   event with probability ``event_prob``; ``choice``).
 4. Each step's features (:class:`cowenv.greybox.FeatureTracker`) are collected; if the
    episode reached a feature the corpus has not, its actions, trimmed to the last step
    that reached a new feature, join the corpus (and, in a campaign, are written to
@@ -54,7 +56,7 @@ from cowenv.greybox import (
 )
 from cowenv.kernel import KSWAPD_TID
 
-from .base import Agent, uniform_legal
+from .base import CHOICES, Agent, KindChooser, uniform_legal
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -80,6 +82,13 @@ class GreyboxAgent(Agent):
         corpus_dir: Where corpus files go (set by campaigns: ``OUT/greybox``); None keeps
             the corpus in memory.
         cull_every: Episodes between corpus minimisations (keep the favoured set only).
+        extend: Probability that a parent is replayed unmutated (only the random
+            continuation after it differs).
+        choice: How random actions are chosen: ``weighted`` (default; kind first with
+            the soak's weights, as the random agent), another of
+            :data:`cowenv_agents.base.CHOICES`, or ``thread`` (a runnable thread with
+            probability ``run_prob``, else an idle thread, an operation, a template;
+            ``run_prob`` is used only here).
 
     """
 
@@ -88,8 +97,16 @@ class GreyboxAgent(Agent):
     def __init__(self, feedback: str = "interleaving", seeds: list[str] | None = None,
                  seed_exclude: list[str] | None = None, explore: float = 0.1,
                  run_prob: float = 0.5, event_prob: float = 0.03, sync_every: int = 20,
-                 corpus_dir: str | None = None, cull_every: int = 200) -> None:
+                 corpus_dir: str | None = None, cull_every: int = 200,
+                 choice: str = "weighted", extend: float = 0.3) -> None:
         super().__init__()
+        if not 0.0 <= extend <= 1.0:
+            raise ValueError("extend: expected 0..1")
+        self.extend = float(extend)
+        if choice != "thread" and choice not in CHOICES:
+            raise ValueError(f"choice: expected thread or one of {', '.join(CHOICES)}")
+        self.choice = choice
+        self._chooser: KindChooser | None = None
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{nm}: expected 0..1")
@@ -150,6 +167,8 @@ class GreyboxAgent(Agent):
             return
         self._env_id = id(env)
         self._ci = CatalogueIndex(env.catalogue)
+        if self.choice != "thread":
+            self._chooser = KindChooser(env.catalogue, self.choice)
         self._digest = catalogue_digest(env.catalogue)
         if self._plans is None:
             from cowenv.scenario import load_scenario
@@ -209,9 +228,15 @@ class GreyboxAgent(Agent):
             self._plan_budget = _PLAN_STEP_LIMIT
         elif self.corpus.entries and rng.random() >= self.explore:
             parent = self.corpus.choose(rng)
-            other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
-            self._child, _ = mutate(parent.actions, rng, self._ci, other.actions,
-                                    max_len=env.max_steps)
+            if rng.random() < self.extend:
+                # Replay the parent as it is and go on at random from where it reached
+                # its last new feature: a race is often reached in stages (a thread
+                # paused at one point, then another's progress, then a use).
+                self._child = list(parent.actions)
+            else:
+                other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
+                self._child, _ = mutate(parent.actions, rng, self._ci, other.actions,
+                                        max_len=env.max_steps)
         self._feats.update(self.tracker.reset(env.kernel))
 
     def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
@@ -288,6 +313,8 @@ class GreyboxAgent(Agent):
             ev = [i for i in ci.events if mask[i]]
             if ev:
                 return ev[int(rng.integers(len(ev)))]
+        if self._chooser is not None:
+            return self._chooser.choose(rng, mask)
         runs = [i for t, i in ci.run.items() if mask[i]]
         if runs and rng.random() < self.run_prob:
             return runs[int(rng.integers(len(runs)))]
@@ -318,6 +345,7 @@ class GreyboxAgent(Agent):
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1
+        self.corpus.count(self._feats)
         novel = self.corpus.novel(self._feats)
         if not novel or self._last_new < 0:
             return

@@ -55,8 +55,16 @@ def _mm_flags() -> tuple[int, int, int]:
     return _FLAGS
 
 
-def abstract_state(env: CowEnv) -> tuple[Any, ...]:
+def abstract_state(env: CowEnv, coarse: bool = False) -> tuple[Any, ...]:
     """Return the abstract program state of ``env``'s kernel (see the module docstring).
+
+    Args:
+        env: The env (or harness).
+        coarse: Leave out the preemption label of running threads and the lock they
+            wait for: a thread is idle, exited, or busy with an operation holding a set
+            of lock classes; the processes' table-sharing state is kept whole. Coyote's
+            abstractions are this kind of projection; it makes states recur across
+            episodes, so the visit counts (the reward) mean something.
 
     Returns:
         A tuple of ints and strings (canonical: no object identities, no floats).
@@ -73,6 +81,9 @@ def abstract_state(env: CowEnv) -> tuple[Any, ...]:
             threads.append((tid, "i", t.pid))
             continue
         held = tuple(sorted((lk.cls, mode) for lk, mode in t.held))
+        if coarse:
+            threads.append((tid, t.pid, t.op, held))
+            continue
         w = t.waiting
         wait = (w[0].cls, w[1]) if w is not None else ()
         threads.append((tid, "b" if w is not None and not w[0].can_acquire(tid, w[1]) else "r",
@@ -104,6 +115,14 @@ def state_hash(state: tuple[Any, ...]) -> int:
     return int.from_bytes(d, "little") >> 1  # 63 bits: fits a signed int64 / JSON int
 
 
+#: ``state`` settings: ``fine`` (labels and waits, as described above) or ``coarse``.
+STATE_ABSTRACTIONS = ("fine", "coarse")
+#: ``actions`` settings: Q over catalogue entries, or over action *kinds* (run thread
+#: ``t``; start operation ``op`` on thread ``t``; a pressure event), the template then
+#: uniform among the kind's legal entries.
+ACTION_ABSTRACTIONS = ("catalogue", "kind")
+
+
 class QLearningAgent(Agent):
     """Tabular Q-learning with a negative-visit-count reward and epsilon-greedy choice.
 
@@ -111,6 +130,8 @@ class QLearningAgent(Agent):
         epsilon: Probability of a uniformly random legal action.
         alpha: Learning rate.
         gamma: Discount.
+        state: :data:`STATE_ABSTRACTIONS` (``coarse``: see :func:`abstract_state`).
+        actions: :data:`ACTION_ABSTRACTIONS`.
 
     Attributes:
         q: ``state hash -> {action: Q}``; missing entries are 0.
@@ -120,50 +141,87 @@ class QLearningAgent(Agent):
 
     name = "ql"
 
-    def __init__(self, epsilon: float = 0.05, alpha: float = 0.3, gamma: float = 0.7) -> None:
+    def __init__(self, epsilon: float = 0.05, alpha: float = 0.3, gamma: float = 0.7,
+                 state: str = "coarse", actions: str = "kind") -> None:
         super().__init__()
         for nm, v in (("epsilon", epsilon), ("alpha", alpha), ("gamma", gamma)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{nm}: expected 0..1")
+        if state not in STATE_ABSTRACTIONS:
+            raise ValueError(f"state: expected one of {', '.join(STATE_ABSTRACTIONS)}")
+        if actions not in ACTION_ABSTRACTIONS:
+            raise ValueError(f"actions: expected one of {', '.join(ACTION_ABSTRACTIONS)}")
         self.epsilon, self.alpha, self.gamma = float(epsilon), float(alpha), float(gamma)
+        self.coarse = state == "coarse"
+        self.kind_actions = actions == "kind"
+        self._keys: np.ndarray | None = None
+        self._keys_env = 0
         self.q: dict[int, dict[int, float]] = {}
         self.visits: dict[int, int] = {}
         self._s = 0
 
+    def _key_of(self, env: CowEnv) -> np.ndarray:
+        """Per catalogue entry, the Q-table's action key (the entry, or its kind)."""
+        if self._keys is None or self._keys_env != id(env):
+            n = len(env.catalogue)
+            if not self.kind_actions:
+                keys = np.arange(n, dtype=np.int64)
+            else:
+                names: list[tuple[Any, ...]] = []
+                keys = np.zeros(n, dtype=np.int64)
+                for i, sp in enumerate(env.catalogue):
+                    k = (sp.kind, sp.tid, sp.op)
+                    if k not in names:
+                        names.append(k)
+                    keys[i] = names.index(k)
+            self._keys, self._keys_env = keys, id(env)
+        return self._keys
+
+    def _state(self, env: CowEnv) -> int:
+        return state_hash(abstract_state(env, self.coarse))
+
     def begin_episode(self, env: CowEnv, rng: np.random.Generator) -> None:  # noqa: D102
         super().begin_episode(env, rng)
-        self._s = state_hash(abstract_state(env))
+        self._s = self._state(env)
         self.visits[self._s] = self.visits.get(self._s, 0) + 1
 
     def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
         legal = np.flatnonzero(mask)
-        if self.rng.random() < self.epsilon:
-            return int(legal[self.rng.integers(len(legal))])
+        keys = self._key_of(env)
+        lk = keys[legal]
+        choices = np.unique(lk) if self.kind_actions else lk
         qs = self.q.get(self._s)
-        if not qs:
-            return int(legal[self.rng.integers(len(legal))])
-        vals = np.fromiter((qs.get(int(a), 0.0) for a in legal), dtype=np.float64,
-                           count=len(legal))
-        best = legal[vals == vals.max()]
-        return int(best[self.rng.integers(len(best))])
+        if self.rng.random() < self.epsilon or not qs:
+            c = int(choices[self.rng.integers(len(choices))])
+        else:
+            vals = np.fromiter((qs.get(int(a), 0.0) for a in choices), dtype=np.float64,
+                               count=len(choices))
+            best = choices[vals == vals.max()]
+            c = int(best[self.rng.integers(len(best))])
+        if not self.kind_actions:
+            return c
+        pool = legal[lk == c]
+        return int(pool[self.rng.integers(len(pool))])
 
     def observe(self, env: CowEnv, action: int, obs: np.ndarray, reward: float,
                 terminated: bool, truncated: bool, info: dict[str, Any]) -> None:
         """Q-update with the novelty reward ``-N[s']`` (the env's reward is not used)."""
-        s2 = state_hash(abstract_state(env))
+        s2 = self._state(env)
         n = self.visits.get(s2, 0) + 1
         self.visits[s2] = n
+        keys = self._key_of(env)
         future = 0.0
         if not terminated:
             q2 = self.q.get(s2)
             if q2:
-                legal = np.flatnonzero(info["action_mask"])
+                legal = np.unique(keys[np.flatnonzero(info["action_mask"])])
                 # Unseen actions are worth 0, the maximum possible (all rewards < 0).
                 future = 0.0 if len(q2) < len(legal) else max(q2.get(int(a), 0.0)
                                                               for a in legal)
         row = self.q.setdefault(self._s, {})
-        old = row.get(int(action), 0.0)
-        row[int(action)] = old + self.alpha * (-float(n) + self.gamma * future - old)
+        key = int(keys[int(action)])
+        old = row.get(key, 0.0)
+        row[key] = old + self.alpha * (-float(n) + self.gamma * future - old)
         self._s = s2
 
     def state_dict(self) -> dict[str, Any]:

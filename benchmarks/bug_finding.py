@@ -1,7 +1,8 @@
 """Bug-finding benchmark: steps and seconds until each agent first detects each flaw.
 
     .venv/bin/python benchmarks/bug_finding.py [--json] [--budget N] [--seeds S]
-        [--agents random,pct,ql,ppo] [--flaws ...] [--train-steps N] [--jobs 2]
+        [--agents random,pct,ql,ppo,greybox] [--flaws ...] [--train-steps N]
+        [--train-seeds N] [--jobs 2] [--merge] [--out DIR]
 
 For every flaw of ``FLAW_IDS``, switched on *alone* (variant ``cowpte``), every agent
 plays with ``S`` seeds until it first detects *that flaw's* violation or has spent the
@@ -16,12 +17,13 @@ step budget. Writes ``benchmarks/out/bug_finding.{json,md,png}``.
   Non-attributable reports (simulator soundness problems) are counted separately.
 * **Env**: ``cowenv/CowPte-v0`` with the small geometry (8 entries per table; the
   default workload, catalogue and limits otherwise), episodes of 256 actions that go on
-  after a violation. Per-flaw *reachability prefixes* (:data:`PREFIXES`, documented
-  below) only change the configuration or the starting layout, never the interleaving.
+  after a violation, on the flaw's base (:func:`flaw_base`: 6.2, v4's base, except
+  for the flaw of the per-VMA-lock fault path). No reachability prefixes: every flaw
+  is reached by search alone from the default workload and catalogue.
 * **PPO is never measured on a flaw it was trained on**: the flaws are split into
   ``FOLDS`` groups (flaw ``i`` in group ``i % FOLDS``); one MaskablePPO model per group is
-  trained on the other groups' flaws (one vector-env slot per flaw, each alone, with its
-  prefix), and measured on its own group's flaws. Training time is reported apart.
+  trained on the other groups' flaws (one vector-env slot per flaw, each alone), and
+  measured on its own group's flaws. Training time is reported apart.
 * Per run: steps (and wall seconds, this machine) to the first attributed detection.
   Table: median over seeds (not-found seeds count as the budget, so a median at the
   budget means "not found by most seeds"), found/total. Summary: geometric mean over
@@ -49,16 +51,30 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
-AGENTS = ("random", "pct", "ql", "ppo", "greybox", "greybox-label", "greybox-noseed")
+AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-d10",
+          "ql", "ql-fine", "ql-fine-kind",
+          "ppo", "greybox", "greybox-label", "greybox-noseed", "greybox-thread")
+DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenario of the flaw it is measured on (held out, like PPO's folds); it may
 #: seed from the other scenarios. ``greybox-label`` is greybox with plain label coverage
 #: as feedback (the measurement behind the choice of interleaving feedback);
 #: ``greybox-noseed`` starts from an empty corpus (no scenario seeds at all).
+#: ``random-template`` / ``random-op`` / ``pct-template`` / ``pct-d10``: the uniform
+#: agents with their other ways of choosing an action (the measurement behind the
+#: defaults); ``ql-fine`` is QL as it was (fine states, Q over catalogue entries) and
+#: ``ql-fine-kind`` with Q over action kinds.
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "random-template": ("random", {"choice": "template"}),
+    "random-op": ("random", {"choice": "op"}),
+    "pct-template": ("pct", {"start_policy": "template"}),
+    "pct-d10": ("pct", {"depth": 10}),
+    "ql-fine": ("ql", {"state": "fine", "actions": "catalogue"}),
+    "ql-fine-kind": ("ql", {"state": "fine", "actions": "kind"}),
     "greybox": ("greybox", {}),
     "greybox-label": ("greybox", {"feedback": "label"}),
     "greybox-noseed": ("greybox", {"seeds": []}),
+    "greybox-thread": ("greybox", {"choice": "thread"}),
 }
 FOLDS = 3
 BASE_ENV: dict[str, Any] = {"geometry": "small", "terminate_on_violation": False}
@@ -69,32 +85,18 @@ GEOMETRY_P = 8  # entries per table of the "small" geometry
 PAGE = 4096
 
 
-def _layout_prefix(advice: str, start_t: float, end_t: float) -> dict[str, Any]:
-    """Default workload plus one ``madvise`` by the parent over ``[start_t, end_t)`` tables."""
-    from cowenv.catalogue import default_workload, table_bytes
+def flaw_base(flaw: str) -> str:
+    """The upstream base the flaw's own scenario runs on (its ``config.base``).
 
-    T = table_bytes(GEOMETRY_P, PAGE)
-    lo, hi = int(start_t * T), int(end_t * T)
-    return {"workload": [*default_workload(GEOMETRY_P, PAGE),
-                         {"tid": 1, "do": "madvise",
-                          "args": {"addr": lo, "length": hi - lo, "advice": advice}}]}
+    Every flaw but one lives in v4's code on its base, 6.2; ``vma-lock-fault-breaks-shared``
+    lives in the per-VMA-lock fault path, which exists from 6.4 (its scenario's
+    ``fault_mode: vma_lock`` resolves to base 6.5). On a base with per-VMA locks the env's
+    faults take them (:func:`cowenv.harness.make_config`), as the kernel does: nothing
+    else differs from the other flaws' env.
+    """
+    from cowenv.scenario import load_scenario
 
-
-#: Per-flaw reachability prefixes: env settings added to the flaw's benchmark env.
-#: Each is documented in README ("Fuzzing campaigns"); none forks or schedules an
-#: interleaving: the agent still has to fork, and to run the right operations in the
-#: right order, on its own.
-PREFIXES: dict[str, dict[str, Any]] = {
-    # The flaw lives in the per-VMA-lock fault path: with the default mmap_lock fault
-    # mode that code never runs. Config only; the workload is the default one.
-    "vma-lock-fault-breaks-shared": {"fault_mode": "vma_lock"},
-    # Corner-layout flaws: the default workload's region C ([21.5T, 22T), one page
-    # written) shares a PMD with the end of region B. The prefix gives the layout the
-    # flaw is about (a VM_WIPEONFORK VMA in a shared PMD; a VM_DONTCOPY VMA before an
-    # ordinary one in a PMD); the agent must still fork and read C from the child.
-    "wipeonfork-shared": _layout_prefix("WIPEONFORK", 21.5, 22),
-    "recover-skips-vma": _layout_prefix("DONTFORK", 21, 21.5),
-}
+    return load_scenario(ROOT / "scenarios" / "flaws" / f"{flaw}.yaml").config.base
 
 
 def flaw_signatures(flaw: str) -> list[str]:
@@ -114,8 +116,8 @@ def flaw_signatures(flaw: str) -> list[str]:
 
 
 def env_kwargs(flaw: str) -> dict[str, Any]:
-    """The benchmark env of ``flaw``: ``BASE_ENV``, the flaw alone, and its prefix."""
-    return {**BASE_ENV, "variant": "cowpte", "flaws": [flaw], **PREFIXES.get(flaw, {})}
+    """The benchmark env of ``flaw``: ``BASE_ENV``, the flaw alone, on its base."""
+    return {**BASE_ENV, "variant": "cowpte", "flaws": [flaw], "base": flaw_base(flaw)}
 
 
 def attributable(env: Any, signature: str) -> bool:
@@ -137,7 +139,7 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
     from cowenv.env import CowEnv
 
     env = CowEnv(**env_kwargs(flaw))
-    name, akw = AGENT_SPECS.get(agent, (agent, {}))
+    name, akw = AGENT_SPECS.get(agent, ("ppo" if agent.startswith("ppo-t") else agent, {}))
     if name == "greybox":
         akw = {**akw, "seed_exclude": [flaw]}
     ag = ca.make_agent(name, model=model, **akw)
@@ -174,17 +176,19 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
             "run_seconds": round(time.perf_counter() - t0, 3), "unattributed": unattributed}
 
 
-def train_fold(fold: int, flaws: list[str], steps: int, seed: int, model_dir: str) -> dict:
+def train_fold(fold: int, flaws: list[str], steps: int, seed: int, model_dir: str,
+               tag: str = "") -> dict:
     """Train the PPO model of ``fold`` on ``flaws`` (each alone, one env slot each)."""
     import cowenv_agents.ppo as ppo
 
     t0 = time.perf_counter()
     path = ppo.train_ppo([env_kwargs(f) for f in flaws], steps,
-                         Path(model_dir) / f"ppo-fold{fold}.zip", seed=seed,
-                         log_dir=Path(model_dir) / "runs", run_name=f"fold{fold}",
+                         Path(model_dir) / f"ppo{tag}-fold{fold}.zip", seed=seed,
+                         log_dir=Path(model_dir) / "runs", run_name=f"{tag}fold{fold}",
                          checkpoint_freq=max(steps // 4, 1), eval_freq=max(steps // 4, 1),
                          eval_episodes=2, teardown=TEARDOWN)
-    return {"fold": fold, "model": str(path), "trained_on": flaws, "steps": steps,
+    return {"fold": fold, "tag": tag, "seed": seed, "model": str(path), "trained_on": flaws,
+            "steps": steps,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -212,7 +216,14 @@ def summarise(runs: list[dict[str, Any]], flaws: list[str], agents: list[str],
             geo[a] = float(math.exp(np.mean([math.log(max(v, 1.0)) for v in vals])))
     found_by_any = {f: any(cells.get(f"{f}|{a}", {}).get("found", 0) for a in agents)
                     for f in flaws}
-    return {"cells": cells, "geomean_steps": geo, "found_by_any": found_by_any}
+    common = [f for f in flaws if all(f"{f}|{a}" in cells for a in agents)]
+    geo_common = {}
+    if common and len(common) < len(flaws):
+        for a in agents:
+            vals = [cells[f"{f}|{a}"]["median_steps"] for f in common]
+            geo_common[a] = float(math.exp(np.mean([math.log(max(v, 1.0)) for v in vals])))
+    return {"cells": cells, "geomean_steps": geo, "found_by_any": found_by_any,
+            "common_flaws": common, "geomean_common": geo_common}
 
 
 def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budget: int,
@@ -228,7 +239,7 @@ def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budge
     lines = [head, "|" + "---|" * (len(agents) + 2)]
     cells = summary["cells"]
     for f in sorted(flaws, key=lambda x: FLAW_ORIGINS[x] != "v4"):
-        row = [f"`{f}`" + (" *" if f in PREFIXES else ""), FLAW_ORIGINS[f]]
+        row = [f"`{f}`", FLAW_ORIGINS[f]]
         for a in agents:
             c = cells.get(f"{f}|{a}")
             if c is None:
@@ -245,11 +256,26 @@ def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budge
     geo = summary["geomean_steps"]
     lines.append("| **geometric mean of medians** | | "
                  + " | ".join(f"**{geo[a]:,.0f}**" if a in geo else "-" for a in agents) + " |")
+    gc = summary.get("geomean_common") or {}
+    if gc:
+        lines.append(f"| **geometric mean over the {len(summary['common_flaws'])} flaws every "
+                     f"agent ran** | | "
+                     + " | ".join(f"**{gc[a]:,.0f}**" for a in agents) + " |")
+        geo = gc
+    ppo = sorted(geo[a] for a in agents if a.startswith("ppo-t") and a in geo)
+    if len(ppo) > 1:
+        lines.append("")
+        lines.append(f"PPO over {len(ppo)} training seeds (columns `ppo-t*`, one model per "
+                     f"held-out group and training seed): geometric mean {ppo[0]:,.0f} to "
+                     f"{ppo[-1]:,.0f}, median {float(np.median(ppo)):,.0f}.")
     lines.append("")
-    lines.append(f"Median steps to the first attributed detection over {seeds} seeds "
+    ns = sorted({c["n"] for c in cells.values()})
+    over = f"{ns[0]} seeds" if len(ns) == 1 else f"{'/'.join(map(str, ns))} seeds (see found/seeds)"
+    lines.append(f"Median steps to the first attributed detection over {over} "
                  f"(median wall seconds of the found runs), found/seeds; budget "
                  f"{budget:,} steps per run; not-found runs count as the budget in the medians "
-                 f"and geometric means. `*`: reachability prefix (see README).")
+                 f"and geometric means. No reachability prefixes: every env is the default "
+                 f"workload and catalogue on the flaw's base.")
     return "\n".join(lines) + "\n"
 
 
@@ -269,7 +295,7 @@ def plot(runs: list[dict[str, Any]], flaws: list[str], agents: list[str], budget
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
     xs = np.geomspace(1, budget, 200)
-    colors = {"random": "tab:gray", "pct": "tab:blue", "ql": "tab:green", "ppo": "tab:red"}
+    colors = {"random": "tab:gray", "pct": "tab:blue", "ql": "tab:green", "greybox": "tab:purple"}
     for i, f in enumerate([*flaws, "all flaws"]):
         ax = axes[i // cols][i % cols]
         for a in agents:
@@ -278,7 +304,7 @@ def plot(runs: list[dict[str, Any]], flaws: list[str], agents: list[str], budget
                 continue
             hits = np.array([r["steps"] if r["found"] else np.inf for r in rs])
             ys = [(hits <= x).mean() for x in xs]
-            ax.plot(xs, ys, label=a, color=colors.get(a))
+            ax.plot(xs, ys, label=a, color="tab:red" if a.startswith("ppo") else colors.get(a))
         ax.set_title(f if f == "all flaws" else f"{f} [{FLAW_ORIGINS[f]}]", fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xscale("log")
@@ -315,10 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=100_000,
                    help="steps per run (default 100000)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per (flaw, agent) (default 8)")
-    p.add_argument("--agents", default=",".join(AGENTS))
+    p.add_argument("--agents", default=",".join(DEFAULT_AGENTS),
+                   help=f"comma-separated, of {', '.join(AGENTS)} (default "
+                        f"{','.join(DEFAULT_AGENTS)}; ppo = one column per training seed)")
     p.add_argument("--flaws", default="all", help="comma-separated flaw ids (default all)")
     p.add_argument("--train-steps", type=int, default=200_000,
                    help="PPO training steps per held-out group (default 200000)")
+    p.add_argument("--train-seeds", type=int, default=3,
+                   help="PPO training seeds (one model per held-out group and seed; columns "
+                        "ppo-t0, ppo-t1, ...) (default 3)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default=None,
                    help="output folder (default benchmarks/out for a full run with the default "
@@ -327,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="keep the runs of agents not run now from the existing "
                         "bug_finding.json (same budget and seeds; runs are deterministic)")
+    p.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                   help="run nothing: combine the runs of earlier bug_finding.json files "
+                        "(same budget; each agent from the first file that has it) into one "
+                        "table, written to --out")
     p.add_argument("--model-dir", default=str(ROOT / "runs" / "bench"),
                    help="where PPO models, TensorBoard logs and checkpoints go")
     a = p.parse_args(argv)
@@ -334,11 +369,19 @@ def main(argv: list[str] | None = None) -> int:
     for x in agents:
         if x not in AGENTS:
             p.error(f"--agents: unknown agent {x!r}")
+    if a.train_seeds < 1:
+        p.error("--train-seeds: expected >= 1")
+    ppo_cols = [f"ppo-t{j}" for j in range(a.train_seeds)]
+    if "ppo" in agents:
+        i = agents.index("ppo")
+        agents[i:i + 1] = ppo_cols
     flaws = list(FLAW_IDS) if a.flaws == "all" else [x for x in a.flaws.split(",") if x]
     missing = [f for f in flaws if not (ROOT / "scenarios" / "flaws" / f"{f}.yaml").exists()]
     if missing:
         p.error(f"no scenario for flaw(s) {', '.join(missing)}")
     t_start = time.perf_counter()
+    if a.combine:
+        return _combine(a, p)
     targets = {f: flaw_signatures(f) for f in flaws}
     fidx = {f: FLAW_IDS.index(f) for f in flaws}
     folds = {k: [f for f in FLAW_IDS if FLAW_IDS.index(f) % FOLDS == k] for k in range(FOLDS)}
@@ -347,17 +390,18 @@ def main(argv: list[str] | None = None) -> int:
     trainings: list[dict[str, Any]] = []
     pending: dict[Future, tuple[str, Any]] = {}
     with ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as pool:
-        if "ppo" in agents:
+        for j, col in enumerate(c for c in agents if c.startswith("ppo-t")):
             for k in range(FOLDS):
                 test = [f for f in folds[k] if f in flaws]
                 if not test:
                     continue
                 train = [f for f in FLAW_IDS if f not in folds[k]]
-                fut = pool.submit(train_fold, k, train, a.train_steps, 1000 + k, a.model_dir)
-                pending[fut] = ("train", k)
+                fut = pool.submit(train_fold, k, train, a.train_steps, 1000 + k + 100 * j,
+                                  a.model_dir, f"-t{j}")
+                pending[fut] = ("train", (k, col))
         for f in flaws:
             for ag in agents:
-                if ag == "ppo":
+                if ag.startswith("ppo-t"):
                     continue
                 for s in range(a.seeds):
                     fut = pool.submit(run_one, f, fidx[f], ag, s, a.budget, targets[f], None)
@@ -369,15 +413,16 @@ def main(argv: list[str] | None = None) -> int:
                 r = fut.result()
                 if kind == "train":
                     trainings.append(r)
-                    print(f"trained PPO fold {key} in {r['seconds']:.0f}s "
-                          f"(held out: {', '.join(folds[key])})", file=sys.stderr)
-                    for f in folds[key]:
+                    fk, col = key
+                    print(f"trained PPO {col} fold {fk} in {r['seconds']:.0f}s "
+                          f"(held out: {', '.join(folds[fk])})", file=sys.stderr)
+                    for f in folds[fk]:
                         if f not in flaws:
                             continue
                         for s in range(a.seeds):
-                            nf = pool.submit(run_one, f, fidx[f], "ppo", s, a.budget, targets[f],
+                            nf = pool.submit(run_one, f, fidx[f], col, s, a.budget, targets[f],
                                              r["model"])
-                            pending[nf] = ("run", (f, "ppo", s))
+                            pending[nf] = ("run", (f, col, s))
                 else:
                     runs.append(r)
                     res = f"step {r['steps']:,}" if r["found"] else "not found"
@@ -386,27 +431,73 @@ def main(argv: list[str] | None = None) -> int:
     merge_from = Path(a.out or OUT) / "bug_finding.json"
     if a.merge and merge_from.exists():
         old = json.loads(merge_from.read_text())
-        if old["budget"] == a.budget and old["seeds"] == a.seeds:
+        if old["budget"] == a.budget:
             kept = [x for x in old["agents"] if x not in agents]
             runs += [r for r in old["runs"] if r["agent"] in kept and r["flaw"] in flaws]
             trainings = old.get("trainings", []) + trainings
-            agents = [x for x in AGENTS if x in kept or x in agents]
+            agents = [x for x in old["agents"] if x in kept] + agents
+    return _write(a, p, runs, flaws, agents, trainings, targets, folds, t_start)
+
+
+def _combine(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    """``--combine``: one table from the runs of several result files."""
+    from cowenv.kernel.config import FLAW_IDS
+
+    runs: list[dict[str, Any]] = []
+    agents: list[str] = []
+    trainings: list[dict[str, Any]] = []
+    targets: dict[str, list[str]] = {}
+    folds: dict[str, Any] = {}
+    budget = None
+    for path in a.combine:
+        try:
+            d = json.loads(Path(path).read_text())
+            b = int(d["budget"])
+            file_runs = list(d["runs"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--combine: {path}: not a bug_finding.json ({e})")
+        if budget is not None and b != budget:
+            p.error(f"--combine: {path}: budget {b}, expected {budget} (the first file's)")
+        budget = b
+        new = [x for x in d.get("agents", []) if x not in agents]
+        agents += new
+        runs += [r for r in file_runs if r["agent"] in new]
+        trainings += d.get("trainings", [])
+        targets.update(d.get("flaw_signatures", {}))
+        folds = folds or d.get("folds", {})
+    assert budget is not None
+    a.budget = budget
+    present = {r["flaw"] for r in runs}
+    flaws = [f for f in FLAW_IDS if f in present]
+    if a.out is None:
+        a.out = tempfile.mkdtemp(prefix="cowenv-bug-finding-")
+    return _write(a, p, runs, flaws, agents, trainings, targets, folds, time.perf_counter(),
+                  combined=list(a.combine))
+
+
+def _write(a: argparse.Namespace, p: argparse.ArgumentParser, runs: list[dict[str, Any]],
+           flaws: list[str], agents: list[str], trainings: list[dict[str, Any]],
+           targets: dict[str, list[str]], folds: dict[Any, Any], t_start: float,
+           combined: list[str] | None = None) -> int:
+    """Summarise ``runs`` and write ``bug_finding.{json,md,png}`` to ``a.out``."""
     runs.sort(key=lambda r: (flaws.index(r["flaw"]), agents.index(r["agent"]), r["seed"]))
     summary = summarise(runs, flaws, agents, a.budget)
     if a.out is None:
         full = all(getattr(a, k) == p.get_default(k) for k in
-                   ("budget", "seeds", "agents", "flaws", "train_steps"))
+                   ("budget", "seeds", "agents", "flaws", "train_steps", "train_seeds"))
         a.out = str(OUT) if full else tempfile.mkdtemp(prefix="cowenv-bug-finding-")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(summary, flaws, agents, a.budget, a.seeds)
     result = {"budget": a.budget, "seeds": a.seeds, "agents": agents, "flaws": flaws,
-              "base_env": BASE_ENV, "prefixes": {f: PREFIXES[f] for f in flaws if f in PREFIXES},
+              "seeds_per_agent": {ag: len({r["seed"] for r in runs if r["agent"] == ag})
+                                  for ag in agents},
+              "base_env": BASE_ENV, "bases": {f: flaw_base(f) for f in flaws},
               "flaw_signatures": targets, "folds": folds, "trainings": trainings,
               "summary": summary, "runs": runs,
               "wall_seconds": round(time.perf_counter() - t_start, 1),
               "commit": _commit(),
-              "cpus": os.cpu_count(), "jobs": a.jobs}
+              "cpus": os.cpu_count(), "jobs": a.jobs, "combined_from": combined}
     for name, text in (("bug_finding.json", json.dumps(result, indent=1, sort_keys=True) + "\n"),
                        ("bug_finding.md", md)):
         tmp = out / f".{name}.tmp"

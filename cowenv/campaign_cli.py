@@ -36,8 +36,12 @@ def _env_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--flaws", help="comma-separated flaw ids (implies the cowpte variant), "
                                     "'all' or 'none'")
     sp.add_argument("--geometry", help="x86_64 (default), small, tiny or entries per table")
+    sp.add_argument("--base", choices=("6.2", "6.4", "6.5"),
+                    help="upstream release modelled (default 6.2, v4's base; 6.4+ has "
+                         "per-VMA-lock faults)")
     sp.add_argument("--fault-mode", choices=("mmap_lock", "vma_lock"),
-                    help="page faults under mmap_lock (default) or per-VMA locks")
+                    help="page faults under mmap_lock or per-VMA locks (default: per-VMA "
+                         "locks on a base that has them)")
     sp.add_argument("--max-steps", type=int, help="actions per episode (default 256)")
 
 
@@ -67,6 +71,8 @@ def env_kwargs_from_args(a: argparse.Namespace, base: dict[str, Any]) -> dict[st
                 raise BadInput(f"--geometry: expected one of {', '.join(GEOMETRIES)} or an "
                                f"int") from None
         kw["geometry"] = g
+    if a.base is not None:
+        kw["base"] = a.base
     if a.fault_mode is not None:
         kw["fault_mode"] = a.fault_mode
     if a.max_steps is not None:

@@ -138,8 +138,10 @@ class CowEnv(gym.Env):
       (``classic``/``cowpte``) plus ``flaws`` (list of flaw ids);
     * ``geometry`` — ``x86_64`` (512 entries per table, default), ``small`` (8),
       ``tiny`` (4) or an int; ``nr_frames`` (default 4096, 256 for geometries under
-      64 entries), ``nr_swap_slots`` (``nr_frames // 4``), ``fault_mode``
-      (``mmap_lock``/``vma_lock``), ``split_ptl``, ``lockdep`` (``CONFIG_PROVE_LOCKING``);
+      64 entries), ``nr_swap_slots`` (``nr_frames // 4``), ``base`` (the upstream
+      release modelled: ``6.2``, v4's base, by default; ``6.4``/``6.5``), ``fault_mode``
+      (``mmap_lock``/``vma_lock``; default: per-VMA-lock faults on a base that has them,
+      6.4+, else ``mmap_lock``), ``split_ptl``, ``lockdep`` (``CONFIG_PROVE_LOCKING``);
     * ``workload`` — scenario steps run at reset (default :func:`default_workload`),
       ``regions`` — ``[(addr, length)]`` the templates draw from (default: the
       workload's mmaps);

@@ -10,11 +10,15 @@ This module is the library half of ``cowenv fuzz --agent greybox`` (the agent is
     observation's coverage bitmap holds);
   - ``interleaving`` (default): labels, plus *concurrent pairs* ``(M, L)``: thread ``t``
     reached label ``L`` while a *related* thread ``u`` was paused mid-operation at ``M``
+    (with each operation's variant: its arguments other than addresses, e.g. a writable
+    GUP-fast pin, ``MADV_FREE``)
     (related: same mm, or their mms share a COW PTE table, or one of them is kswapd; the
     Snowboard/KRace idea of coverage that sees which code ran against which), the lock
     classes other threads held when ``L`` was reached, the lock a step waited for, the
     page-table-sharing state (how many PMD entries point at a shared table, bucketed)
-    at every label and operation start, and every violation signature.
+    at every label and operation start, the state of every active pin (still mapped
+    where it was taken, in a COW-shared table, ``PageAnonExclusive``) and every
+    violation signature.
 
 * :class:`CorpusEntry` / :class:`Corpus`: schedules kept because they reached a feature
   nothing earlier reached. An entry is a list of catalogue indices (stable for a harness
@@ -45,6 +49,8 @@ import numpy as np
 
 from .catalogue import ActionSpec
 from .kernel import KSWAPD_TID, Kernel
+from .kernel.memory import PG_anon_exclusive
+from .kernel.pgtable import PFN_SHIFT, PTE_PRESENT
 
 FEEDBACKS = ("label", "interleaving")
 #: ``recorded`` keys of a corpus file.
@@ -61,6 +67,32 @@ def fid(*parts: Any) -> int:
 def catalogue_digest(catalogue: tuple[ActionSpec, ...] | list[ActionSpec]) -> str:
     """Digest of a catalogue: corpus files only load into a harness with the same one."""
     return f"{zlib.crc32(repr(tuple(catalogue)).encode()):08x}"
+
+
+def _pin_states(k: Kernel) -> list[tuple[int, int, int, int]]:
+    """The state of every active pin, as a sorted list of small tuples.
+
+    Per pin: writable pin, the pinned page still mapped at the pin's address in the
+    pinning mm (the pin and the process agree), that mapping's PMD entry write-protected
+    (the table is COW-shared), and the page ``PageAnonExclusive``. A pinned page in a
+    shared table, or not exclusive, is the state GUP's ``sanity_check_pinned_pages`` and
+    the COW PTE pin checks are about; reaching it is progress towards a pin-coherence
+    violation, which only a later device read or write shows.
+    """
+    out = []
+    P = k.config.ptrs_per_pte
+    for pin in k.pins.values():
+        if not pin.active:
+            continue
+        e = pin.mm.pmd.get(pin.vpn // P)
+        mapped = wp = 0
+        if e is not None:
+            pte = int(e.table.entries[pin.vpn % P])
+            mapped = int(bool(pte & PTE_PRESENT) and pte >> PFN_SHIFT == pin.pfn)
+            wp = int(not e.write)
+        excl = int(bool(int(k.pool.flags[pin.pfn]) & PG_anon_exclusive))
+        out.append((int(pin.write), mapped, wp, excl))
+    return sorted(out)
 
 
 def _shared_tables(k: Kernel) -> tuple[int, dict[int, set[int]]]:
@@ -93,11 +125,13 @@ class FeatureTracker:
         self.feedback = feedback
         self._ne = 0
         self._nv = 0
+        self._variant: dict[int, str] = {}
 
     def reset(self, k: Kernel) -> list[int]:
         """Start of an episode (after the harness reset); features of the workload."""
         self._ne = len(k.events)
         self._nv = len(k.violations)
+        self._variant = {}
         return [fid("V", v.signature) for v in k.violations]
 
     def step(self, k: Kernel, spec: ActionSpec) -> list[int]:
@@ -142,11 +176,19 @@ class FeatureTracker:
                 related = (u.pid == t.pid or u.tid == KSWAPD_TID or t.tid == KSWAPD_TID
                            or bool(tables.get(u.pid, set()) & tables.get(t.pid, set())))
                 if related:
-                    out.append(fid("P", u.label or f"{u.op}:start", label))
+                    out.append(fid("P", u.label or f"{u.op}:start", label,
+                                   self._variant.get(u.tid, ""),
+                                   self._variant.get(t.tid, "")))
             out.append(fid("K", label, ",".join(sorted(held))))
+            if k.pins:
+                out.extend(fid("G", *g) for g in _pin_states(k))
         elif spec.kind == "start" and inter:
+            self._variant[spec.tid] = ",".join(
+                f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))
             nshared, _ = _shared_tables(k)
             out.append(fid("O", spec.op, min(nshared, 3)))
+            if k.pins:
+                out.extend(fid("G", spec.op, *g) for g in _pin_states(k))
         return out
 
 
@@ -175,7 +217,17 @@ class Corpus:
     entries: list[CorpusEntry] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     names: set[str] = field(default_factory=set)
+    #: Feature -> number of episodes that reached it (:meth:`count`; rarity).
+    hits: dict[int, int] = field(default_factory=dict)
     _fav: list[int] | None = None
+    _rare: list[int] | None = None
+
+    def count(self, features: set[int] | frozenset[int]) -> None:
+        """Record that one episode reached ``features`` (for :meth:`choose`'s rarity)."""
+        h = self.hits
+        for f in features:
+            h[f] = h.get(f, 0) + 1
+        self._rare = None
 
     def novel(self, features: set[int] | frozenset[int]) -> set[int]:
         """Features not reached by any entry yet."""
@@ -190,6 +242,7 @@ class Corpus:
         if entry.name:
             self.names.add(entry.name)
         self._fav = None
+        self._rare = None
         return True
 
     def favoured(self) -> list[int]:
@@ -223,12 +276,45 @@ class Corpus:
         before = len(self.entries)
         self.entries = [e for i, e in enumerate(self.entries) if i in fav]
         self._fav = None
+        self._rare = None
         return before - len(self.entries)
 
+    def rarest(self) -> list[int]:
+        """Indices of the entries that reach the rarest features (FairFuzz's rare branches).
+
+        A feature is rare when at most twice the minimum number of episodes reached it
+        (features never counted, e.g. of loaded files, count as reached once); for each
+        rare feature the shortest entry reaching it is kept.
+        """
+        if self._rare is not None:
+            return self._rare
+        h = self.hits
+        best: dict[int, int] = {}
+        lo = None
+        for e in self.entries:
+            for f in e.features:
+                c = h.get(f, 1)
+                if lo is None or c < lo:
+                    lo = c
+        cut = 2 * (lo or 1)
+        for i, e in enumerate(self.entries):
+            n = len(e.actions)
+            for f in e.features:
+                if h.get(f, 1) <= cut:
+                    j = best.get(f)
+                    if j is None or n < len(self.entries[j].actions):
+                        best[f] = i
+        self._rare = sorted(set(best.values()))
+        return self._rare
+
     def choose(self, rng: np.random.Generator) -> CorpusEntry:
-        """A parent: a favoured entry with probability 0.9, else any entry."""
+        """A parent: a :meth:`rarest` entry (1/2), a favoured one (2/5), or any (1/10)."""
         fav = self.favoured()
-        if fav and rng.random() < 0.9:
+        r = rng.random()
+        rare = self.rarest() if r < 0.5 else []
+        if rare:
+            e = self.entries[rare[int(rng.integers(len(rare)))]]
+        elif fav and r < 0.9:
             e = self.entries[fav[int(rng.integers(len(fav)))]]
         else:
             e = self.entries[int(rng.integers(len(self.entries)))]

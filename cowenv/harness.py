@@ -50,7 +50,7 @@ from .catalogue import (
     workload_regions,
 )
 from .kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
-from .kernel.config import GEOMETRIES, PRESETS, KernelConfig
+from .kernel.config import BASES, GEOMETRIES, PRESETS, KernelConfig
 from .kernel.ops import OPS
 from .kernel.trace import Event, Violation, trace_hash
 from .objectives import StepOutcome, make_objective
@@ -59,10 +59,15 @@ from .scenario import FORMAT_VERSION, ScenarioError, StepError, apply_step, pars
 
 
 def make_config(preset: str | None, variant: str | None, flaws: Any, geometry: Any,
-                nr_frames: int | None, nr_swap_slots: int | None, fault_mode: str,
+                nr_frames: int | None, nr_swap_slots: int | None, fault_mode: str | None,
                 split_ptl: bool, lockdep: bool, max_threads: int,
-                max_processes: int) -> KernelConfig:
+                max_processes: int, base: str = "") -> KernelConfig:
     """Build the kernel configuration from the env's keyword arguments.
+
+    ``fault_mode`` None follows the base, as a kernel built with the distribution
+    default ``CONFIG_PER_VMA_LOCK=y`` (x86-64, Linux 6.4+) does: ``vma_lock`` (the
+    per-VMA-lock fault path, ``lock_vma_under_rcu`` first, ``mmap_lock`` as the fallback)
+    on a base that has per-VMA locks, ``mmap_lock`` otherwise (v4's base 6.2).
 
     Raises:
         ValueError: One line naming the argument and what was expected.
@@ -86,6 +91,11 @@ def make_config(preset: str | None, variant: str | None, flaws: Any, geometry: A
         P = geometry
     else:
         raise ValueError("geometry: expected a preset name or an int (entries per table)")
+    if base and base not in BASES:
+        raise ValueError(f"base: expected one of {', '.join(BASES)}, got {base!r}")
+    if fault_mode is None:
+        fault_mode = ("vma_lock" if base and KernelConfig(base=base).base_at_least("6.4")
+                      else "mmap_lock")
     if nr_frames is None:
         nr_frames = 4096 if P >= 64 else 256
     if nr_swap_slots is None:
@@ -93,7 +103,7 @@ def make_config(preset: str | None, variant: str | None, flaws: Any, geometry: A
     return KernelConfig(variant=variant, flaws=tuple(flaws or ()), ptrs_per_pte=P,
                         nr_frames=nr_frames, nr_swap_slots=nr_swap_slots,
                         fault_mode=fault_mode, split_ptl=split_ptl, lockdep=lockdep,
-                        max_threads=max_threads, max_processes=max_processes)
+                        max_threads=max_threads, max_processes=max_processes, base=base)
 
 
 class Coverage:
@@ -260,7 +270,7 @@ class Harness:
     def __init__(self, preset: str | None = None, variant: str | None = None,
                  flaws: list[str] | tuple[str, ...] | None = None,
                  geometry: str | int = "x86_64", nr_frames: int | None = None,
-                 nr_swap_slots: int | None = None, fault_mode: str = "mmap_lock",
+                 nr_swap_slots: int | None = None, fault_mode: str | None = None,
                  split_ptl: bool = True, lockdep: bool = True,
                  workload: list[dict[str, Any]] | None = None,
                  regions: list[tuple[int, int]] | None = None, max_threads: int = 4,
@@ -269,11 +279,12 @@ class Harness:
                  objective_kwargs: dict[str, Any] | None = None,
                  violation_reward: float = 10.0, terminate_on_violation: bool = True,
                  novelty_coef: float = 0.0,
-                 ignore_signatures: list[str] | None = None) -> None:
+                 ignore_signatures: list[str] | None = None, base: str = "") -> None:
         self.init_kwargs: dict[str, Any] = {
             k: copy.deepcopy(v) for k, v in locals().items() if k not in ("self", "__class__")}
         self.config = make_config(preset, variant, flaws, geometry, nr_frames, nr_swap_slots,
-                                  fault_mode, split_ptl, lockdep, max_threads, max_processes)
+                                  fault_mode, split_ptl, lockdep, max_threads, max_processes,
+                                  base)
         if max_steps < 1:
             raise ValueError("max_steps: expected >= 1")
         if not 0 <= pin_slots <= 8:

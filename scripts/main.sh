@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Sets up .venv (see setup.sh) and runs the main job: a fuzzing campaign against the
-# COW PTE v4 patch as posted (the env's default configuration: all flaws on, x86-64
-# geometry), PCT agent, 1,000,000 env steps on 2 worker processes (about a minute here).
+# COW PTE v4 patch as posted (the env's default configuration: every v4-origin flaw on,
+# x86-64 geometry), the greybox agent (coverage-guided, seeded from scenarios/),
+# 300,000 env steps on 2 worker processes (README "Fuzzing campaigns" has the timing).
 # Every new violation signature is written at once as a minimised, replayable schedule.
 # Extra arguments go to `cowenv fuzz` (e.g. --agent random, --budget 200000, --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 OUT=${COWENV_FINDINGS:-findings/main-$(date +%Y%m%d-%H%M%S)}
-.venv/bin/cowenv fuzz --preset as-posted --agent pct --budget 1000000 --workers 2 \
+.venv/bin/cowenv fuzz --preset as-posted --agent greybox --budget 300000 --workers 2 \
     --out "$OUT" "$@"
 first=$(.venv/bin/python -c 'import json, sys
 rows = json.load(open(sys.argv[1]))["findings"]

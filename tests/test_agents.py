@@ -184,7 +184,7 @@ def test_ql_state_hash_is_stable_across_processes() -> None:
 
 def test_ql_learns_novelty_and_round_trips_its_state() -> None:
     env = CowEnv(**SMALL)
-    agent = QLearningAgent()
+    agent = QLearningAgent(state="fine", actions="catalogue")
     _schedule(env, agent, seed=0, episodes=3)
     env.reset(seed=0)
     s0 = state_hash(abstract_state(env))
@@ -201,6 +201,40 @@ def test_ql_learns_novelty_and_round_trips_its_state() -> None:
     b = QLearningAgent()
     b.load_state_dict(st)
     assert b.q == agent.q and b.visits == agent.visits
+
+
+def test_ql_default_learns_over_coarse_states_and_action_kinds() -> None:
+    env = CowEnv(**SMALL)
+    agent = QLearningAgent()
+    _schedule(env, agent, seed=0, episodes=3)
+    env.reset(seed=0)
+    s0 = state_hash(abstract_state(env, coarse=True))
+    assert agent.visits[s0] == 3
+    kinds = {(sp.kind, sp.tid, sp.op) for sp in env.catalogue}
+    # Q is kept per kind (run t / start op on t / event), far fewer keys than entries.
+    assert agent.q[s0] and max(agent.q[s0]) < len(kinds) < len(env.catalogue)
+    # Coarse states recur more: fewer distinct states than the fine abstraction sees.
+    fine = QLearningAgent(state="fine")
+    _schedule(env, fine, seed=0, episodes=3)
+    assert len(agent.visits) < len(fine.visits)
+
+
+def test_random_agent_choices_are_legal_and_kind_first_spreads_operations() -> None:
+    env = CowEnv(**SMALL)
+    env.reset(seed=0)
+    counts = {}
+    for choice in ("template", "op", "weighted"):
+        ag = ca.make_agent("random", choice=choice)
+        ag.begin_episode(env, np.random.default_rng(1))
+        mask = env.action_masks()
+        ops = [env.catalogue[ag.act(env, None, mask)] for _ in range(400)]  # type: ignore[arg-type]
+        assert all(mask[env.catalogue.index(sp)] for sp in ops)
+        counts[choice] = sum(sp.op == "fork" for sp in ops)
+    # Uniform over templates almost never forks (one template per thread among hundreds);
+    # kind-first gives fork its turn.
+    assert counts["op"] > counts["template"] and counts["weighted"] > counts["template"]
+    with pytest.raises(ValueError):
+        ca.make_agent("random", choice="nope")
 
 
 # ----------------------------------------------------------------------------- teardown

@@ -65,3 +65,19 @@ def test_ppo_needs_the_observation():
     from cowenv_agents.ppo import PPOAgent
 
     assert PPOAgent.needs_observation
+
+
+def test_fault_mode_follows_the_base_unless_given() -> None:
+    """Per-VMA-lock faults are the default on a base that has them (6.4+), not on 6.2."""
+    from cowenv.harness import Harness
+
+    assert Harness(geometry="small").config.fault_mode == "mmap_lock"
+    assert Harness(geometry="small").config.base == "6.2"
+    h = Harness(geometry="small", base="6.5")
+    assert (h.config.base, h.config.fault_mode) == ("6.5", "vma_lock")
+    assert Harness(geometry="small", base="6.4").config.fault_mode == "vma_lock"
+    assert Harness(geometry="small", base="6.5", fault_mode="mmap_lock").config.fault_mode \
+        == "mmap_lock"
+    for bad in ({"base": "7.0"}, {"base": "6.2", "fault_mode": "vma_lock"}):
+        with pytest.raises(ValueError):
+            Harness(geometry="small", **bad)
