@@ -51,6 +51,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -677,7 +678,11 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         print(f"warning: --workers {cfg.workers} is more than the {cpus} CPU(s) this process "
               "may use; the workers share them (same results, no faster)", file=sys.stderr)
     store = FindingStore(outp, minimise=False)
-    meta: dict[str, dict[str, Any]] = dict(prev.get("findings", {})) if prev else {}
+    # campaign.json is written before index.json for each new finding (below), so a
+    # session killed between the two leaves an entry here whose finding was never filed:
+    # drop it (its worker resumes from an earlier checkpoint and reports it again).
+    meta: dict[str, dict[str, Any]] = {
+        s: m for s, m in (prev.get("findings", {}) if prev else {}).items() if s in store}
     elapsed0 = float(prev.get("elapsed", 0.0)) if prev else 0.0
     wsteps = [0] * cfg.workers
     weps = [0] * cfg.workers
@@ -762,6 +767,28 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         if store.findings[sig].get("minimised") is not True and cfg.minimise:
             submit(sig)
 
+    def record(msg: tuple[Any, ...]) -> bool:
+        """File a worker's finding report; True when its signature is new.
+
+        ``campaign.json`` is written before the finding's file and ``index.json``: killed
+        at any point, ``index.json`` never lists a finding ``campaign.json`` lacks.
+        """
+        _, w, sig, data, wstep, ep = msg
+        if sig in store:
+            store.findings[sig]["hits"] += 1
+            # Every worker's first report (which one arrives first is timing).
+            meta.setdefault(sig, {}).setdefault("reports", {}).setdefault(str(w), wstep)
+            return False
+        meta[sig] = {"worker": w, "worker_step": wstep, "episode": ep,
+                     "campaign_step": sum(wsteps) - wsteps[w] + wstep,
+                     "seconds": round(elapsed(), 3), "agent": cfg.agent,
+                     "file": store.path_for(sig).name, "reports": {str(w): wstep}}
+        save_state("running")
+        store.add(data, sig)
+        display.note(f"[{elapsed():7.1f}s] new finding {sig} (worker {w}, "
+                     f"step {wstep:,}) -> {store.path_for(sig)}")
+        return True
+
     old_term = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum: int, frame: Any) -> None:
@@ -791,23 +818,8 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                     if kind == "done":
                         live.discard(w)
                 elif kind == "finding":
-                    _, _, sig, data, wstep, ep = msg
-                    if sig not in store:
-                        path = store.add(data, sig)
-                        meta[sig] = {"worker": w, "worker_step": wstep, "episode": ep,
-                                     "campaign_step": sum(wsteps) - wsteps[w] + wstep,
-                                     "seconds": round(elapsed(), 3), "agent": cfg.agent,
-                                     "file": path.name if path else None,
-                                     "reports": {str(w): wstep}}
-                        save_state("running")
-                        display.note(f"[{elapsed():7.1f}s] new finding {sig} (worker {w}, "
-                                     f"step {wstep:,}) -> {store.path_for(sig)}")
-                        submit(sig)
-                    else:
-                        store.findings[sig]["hits"] += 1
-                        # Every worker's first report (which one arrives first is timing).
-                        meta.setdefault(sig, {}).setdefault("reports", {}).setdefault(
-                            str(w), wstep)
+                    if record(msg):
+                        submit(msg[2])
                 elif kind == "error":
                     errors.append(f"worker {w}: {msg[2]}")
                     live.discard(w)
@@ -834,11 +846,11 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         started = [p for p in procs.values() if p.pid is not None]
         deadline = time.monotonic() + 10.0
         while any(p.is_alive() for p in started) and time.monotonic() < deadline:
-            _drain(q, wsteps, weps)
+            _drain(q, wsteps, weps, record)
         for p in started:
             if p.is_alive():
                 p.terminate()
-        _drain(q, wsteps, weps)
+        _drain(q, wsteps, weps, record)
     finally:
         display.close()
         if in_main:
@@ -880,8 +892,13 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                           round(elapsed(), 3), errors)
 
 
-def _drain(q: Any, wsteps: list[int], weps: list[int]) -> None:
-    """Take the last progress/checkpoint counts left in the queue after a stop."""
+def _drain(q: Any, wsteps: list[int], weps: list[int],
+           record: Callable[[tuple[Any, ...]], bool]) -> None:
+    """Take what is left in the queue after a stop: counts, and findings (``record``).
+
+    A finding reported before a worker's last checkpoint would be lost with the queue:
+    the resumed worker starts after it.
+    """
     while True:
         try:
             msg = q.get(timeout=0.1)
@@ -889,6 +906,8 @@ def _drain(q: Any, wsteps: list[int], weps: list[int]) -> None:
             return
         if msg[0] in ("checkpoint", "done"):
             wsteps[msg[1]], weps[msg[1]] = msg[2], msg[3]
+        elif msg[0] == "finding":
+            record(msg)
 
 
 #: The flag that sets each env/kernel setting (for error lines).
