@@ -15,7 +15,9 @@ from typing import Any
 #: ``recover-skips-vma`` was found by cowenv's soak test: after ``recover_pte_range`` v4
 #: falls back to ``copy_pte_range`` only if ``recover_end`` lies inside ``src_vma``.
 #: ``fork-ptl-nesting`` was added by issue 12 (v4 02/14 takes ``pmd_install``'s
-#: ``pmd_lock`` inside the source PTE lock).
+#: ``pmd_lock`` inside the source PTE lock). ``mremap-ignores-break-failure``,
+#: ``mremap-dst-shared`` and ``remove-migration-break-fails`` came with the mremap and
+#: migration walkers (issue 13).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -31,6 +33,9 @@ FLAW_IDS: tuple[str, ...] = (
     "read-fault-fills-shared",
     "recover-skips-vma",
     "fork-ptl-nesting",
+    "mremap-ignores-break-failure",
+    "mremap-dst-shared",
+    "remove-migration-break-fails",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -54,6 +59,9 @@ FLAW_ORIGINS: dict[str, str] = {
     "read-fault-fills-shared": "v4",
     "recover-skips-vma": "v4",
     "fork-ptl-nesting": "v4",
+    "mremap-ignores-break-failure": "v4",
+    "mremap-dst-shared": "v4",
+    "remove-migration-break-fails": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -106,6 +114,20 @@ FLAW_SOURCES: dict[str, str] = {
         "pmd_install(dst_mm, dst_pmd, &pte_table);`: pmd_lock inside the PTE lock, against "
         "upstream's pmd_lock -> PTE lock; on x86-64 both are ptlocks of ptlock_init()'s "
         "one lockdep class (include/linux/mm.h): a lockdep splat at every COW fork",
+    "mremap-ignores-break-failure":
+        "03/14 mm/mremap.c move_page_tables: `/* TLB flush twice time here? */ "
+        "break_cow_pte(vma, old_pmd, old_addr);` (result ignored; analysis C2): a failed "
+        "break moves the still-shared table's entries (move_ptes) or installs it behind a "
+        "writable PMD (move_normal_pmd's pmd_populate)",
+    "mremap-dst-shared":
+        "03/14 mm/mremap.c breaks only old_pmd; 6.2 move_ptes then does `new_pte = "
+        "pte_offset_map(new_pmd, new_addr); ... set_pte_at(mm, new_addr, new_pte, pte);` "
+        "into a COW-ed target table (found by cowenv's mremap walker)",
+    "remove-migration-break-fails":
+        "04/14 mm/migrate.c remove_migration_pte: `DEFINE_FOLIO_VMA_WALK(pvmw, old, vma, "
+        "addr, PVMW_SYNC | PVMW_MIGRATION | PVMW_BREAK_COW_PTE);` and mm/page_vma_mapped.c "
+        "`if (break_cow_pte(vma, pvmw->pmd, pvmw->address)) return not_found(pvmw);`: a "
+        "failed break leaves the migration entry behind (found by cowenv's migration walker)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on

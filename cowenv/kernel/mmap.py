@@ -39,6 +39,7 @@ from .ops import ENOMEM, parse_prot
 from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
+    PTE_MIGRATION,
     PTE_PRESENT,
     PTE_SWAP,
     PTE_USER,
@@ -86,16 +87,40 @@ class MmapMixin:
         """
         for v in mm.vmas_in(start, end):
             yield from self.vma_start_write(t, v)
-        return self._split_range(t, mm, start, end)
-    def _split_range(self, t: Thread, mm: MmStruct, start: int, end: int) -> list[Vma]:
-        """Split VMAs at ``start``/``end``; return the VMAs inside ``[start, end)``."""
+        return (yield from self._split_range(t, mm, start, end))
+    def _split_range(self, t: Thread, mm: MmStruct, start: int, end: int) -> Gen:
+        """Split VMAs at ``start``/``end``; return the VMAs inside ``[start, end)``.
+
+        Returns -ENOMEM if a split fails (COW PTE's break in ``__split_vma``), with the
+        splits made before it left in place, as ``do_vmi_align_munmap`` leaves them.
+        """
         for v in mm.vmas_in(start, end):
             if v.start < start < v.end:
-                self.split_vma(mm, v, start)
+                r = yield from self.split_vma_checked(t, mm, v, start)
+                if isinstance(r, int):
+                    return r
         for v in mm.vmas_in(start, end):
             if v.start < end < v.end:
-                self.split_vma(mm, v, end)
+                r = yield from self.split_vma_checked(t, mm, v, end)
+                if isinstance(r, int):
+                    return r
         return mm.vmas_in(start, end)
+    def split_vma_checked(self, t: Thread, mm: MmStruct, vma: Vma, at: int) -> Gen:
+        """``__split_vma`` with its failure: COW PTE v4 03/14 breaks COW first.
+
+        v4 (``mm/mmap.c``)::
+
+            err = break_cow_pte(vma, NULL, addr);
+            if (err)
+                return err;
+            new = vm_area_dup(vma);
+
+        Returns the upper VMA, or -ENOMEM. Lock contract: mmap_lock write.
+        """
+        err = yield from self.cow_split_vma(t, vma, at)
+        if err:
+            return err
+        return self.split_vma(mm, vma, at)
     def sys_mmap(self, t: Thread, addr: int, length: int, prot: str = "rw",
                  shared: bool = False, populate: bool = False) -> Gen:
         """``mmap(addr, length, prot, MAP_FIXED|MAP_ANONYMOUS|MAP_PRIVATE/SHARED)``.
@@ -117,7 +142,8 @@ class MmapMixin:
             flags |= VM_SHARED
             obj = ShmemObject(self._id("shmem"), end - start)
             self.shmem[obj.id] = obj
-        vma = Vma(self._id("vma"), mm, start, end, flags, obj, 0)
+        # do_mmap: an anonymous mapping's vm_pgoff is addr >> PAGE_SHIFT.
+        vma = Vma(self._id("vma"), mm, start, end, flags, obj, 0 if obj else start)
         self.get_file(obj)
         mm.insert_vma(vma)
         if self.oracle is not None:
@@ -187,7 +213,7 @@ class MmapMixin:
                 pool.mapcount[pfns] = 1
                 pool.flags[pfns] |= PG_anon | PG_anon_exclusive | PG_swapbacked
                 pool.anon_vma[pfns] = vma.anon_vma.id
-                pool.index[pfns] = vpns
+                pool.index[pfns] = vma.pgoff + (vpns - vma.start)  # linear_page_index
                 pool.lru_add(pfns)
                 new = seg.copy()
                 new[none] = ((pfns << PFN_SHIFT) | PTE_PRESENT | PTE_WRITE | PTE_DIRTY
@@ -221,6 +247,8 @@ class MmapMixin:
         caller then releases READ).
         """
         vmas = yield from self.vma_split_range(t, mm, start, end)
+        if isinstance(vmas, int):
+            return vmas  # __split_vma failed: nothing unmapped
         for v in vmas:
             mm.vmas.remove(v)
             v.detached = True
@@ -353,6 +381,9 @@ class MmapMixin:
         pfns = (e[present] >> PFN_SHIFT)
         pfns = pfns[pfns != ZERO_PFN]
         swaps = e[(e & PTE_SWAP) != 0] >> PFN_SHIFT
+        # Migration entries: rss[mm_counter(page)]-- (anonymous pages only migrate).
+        mig = int(np.count_nonzero(e & PTE_MIGRATION))
+        mm.rss[MM_ANONPAGES] -= mig
         if len(pfns):
             fl = pool.flags[pfns]
             anon = (fl & PG_anon) != 0
@@ -363,7 +394,7 @@ class MmapMixin:
         for s in swaps.tolist():
             self.free_swap_and_cache(int(s), "zap_pte_range")
         mm.rss[MM_SWAPENTS] -= len(swaps)
-        self.cost.charge("page_account", len(pfns) + len(swaps))
+        self.cost.charge("page_account", len(pfns) + len(swaps) + mig)
         if clear and e.any():
             self.cost.charge("pte_write", int(np.count_nonzero(e)))
             self.set_ptes(t, mm, table, lo, np.zeros(hi - lo, dtype=np.int64), "zap_pte_range")
