@@ -100,6 +100,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("break-leaks-table", "cowpte", "cowenv.kernel.cowpte", "CowPteKernel",
            "_break_slow_fixed", "old.refcount -= 1\n", "pass\n",
            "fixed COW PTE break copies but does not drop its reference to the old table"),
+    # Issue 13's walkers ("Must show": planted bugs for the new paths).
+    Mutant("mremap-drops-rss", "mremap", "cowenv.kernel.mremap", "MremapMixin", "move_ptes",
+           "# no rss change: same mm",
+           "\n        mm.rss[1] -= int(np.count_nonzero(src[live] & 1))",
+           "mremap not moving rss: move_ptes uncharges the moved pages like a zap"),
+    Mutant("migration-entry-left", "migrate", "cowenv.kernel.migrate", "MigrateMixin",
+           "remove_migration_ptes", "for vma, vpn in cands:", "for vma, vpn in cands[:-1]:",
+           "remove_migration_ptes skips the last mapping: a migration entry left behind"),
 )
 
 

@@ -540,6 +540,16 @@ def _flaw_scripts(A, B, C, T, ps):
         "recover-skips-vma": ({}, [
             (1, "madvise", {"addr": B, "length": T, "advice": "DONTFORK"}), ("run", 1)] + fork
             + [(3, "read", {"addr": C}), ("run", 3)]),
+        # Issue 13's walkers. PMD 20 holds B's first half above a hole at 20T.
+        "mremap-dst-shared": ({}, fork + [
+            (1, "mremap", {"addr": A, "old_length": ps, "new_length": ps,
+                           "new_addr": 20 * T}), ("run", 1)]),
+        "mremap-ignores-break-failure": ({}, fork + [
+            ("fail_nth", 1), (1, "mremap", {"addr": A, "old_length": ps, "new_length": ps,
+                                            "new_addr": 20 * T}), ("run", 1)]),
+        "remove-migration-break-fails": ({}, [
+            (0, "compact", {"nr": 1, "addr": A, "proc_slot": 0}),
+            ("run", 0, "move_to_new_folio:done")] + fork + [("fail_nth", 1), ("run", 0)]),
     }
 
 
@@ -550,7 +560,8 @@ def _play(env: CowEnv, script) -> list:
         if env.harness.done:
             break
         if st[0] == "fail_nth":
-            results = [env.step(len(env.catalogue) - 3 + st[1] - 1)]
+            results = [env.step(next(i for i, a in enumerate(env.catalogue)
+                                     if a.kind == "event" and a.n == st[1]))]
         elif st[0] == "run":
             results = []
             # Lenient, like the scenario format's "run": stops early if the thread blocks.

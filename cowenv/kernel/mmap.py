@@ -248,7 +248,11 @@ class MmapMixin:
         """
         vmas = yield from self.vma_split_range(t, mm, start, end)
         if isinstance(vmas, int):
-            return vmas  # __split_vma failed: nothing unmapped
+            # __split_vma failed: nothing unmapped. 6.2's __vm_munmap then does
+            # mmap_write_unlock; the model hands back the read lock its callers release.
+            if downgrade:
+                self.mmap_write_downgrade(t, mm)
+            return vmas
         for v in vmas:
             mm.vmas.remove(v)
             v.detached = True

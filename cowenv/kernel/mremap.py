@@ -370,8 +370,7 @@ class MremapMixin:
             dst[live] = src[live]
             self.set_ptes(t, mm, otable, olo, np.where(live, 0, src), "move_ptes")
             self.set_ptes(t, mm, ntable, nlo, dst, "move_ptes")
-            self.cost.charge("pte_write", 2 * int(live.sum()))
-            self.mremap_moved_rss(mm, src[live])
+            self.cost.charge("pte_write", 2 * int(live.sum()))  # no rss change: same mm
             if (src & PTE_PRESENT).any():
                 self._mremap_flush(mm, old, old_end)  # force_flush
         if nptl is not optl:
@@ -379,10 +378,3 @@ class MremapMixin:
         self.unlock(t, optl, WRITE, "move_ptes")
         if need_rmap_locks:
             self.drop_rmap_locks(t, vma)
-
-    def mremap_moved_rss(self, mm: MmStruct, entries: np.ndarray) -> None:
-        """Rss bookkeeping of moved entries: none (same mm, same pages, same counters).
-
-        A hook so that a test can plant "mremap not moving rss" (a move that drops the
-        moved pages from the counters, as a zap would) as a runtime patch.
-        """
