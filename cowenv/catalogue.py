@@ -183,7 +183,8 @@ class ActionSpec:
             return f"t{self.tid} run"
         if self.kind == "event":
             return f"fail_nth n={self.n}"
-        parts = [f"{k}={v:#x}" if k in ("addr", "length") and isinstance(v, int) and v >= 0
+        hexed = ("addr", "length", "old_length", "new_length", "new_addr")
+        parts = [f"{k}={v:#x}" if k in hexed and isinstance(v, int) and v >= 0
                  else f"{k}={v}" for k, v in self.args]
         if self.pin_slot >= 0:
             parts.append(f"pin=<slot {self.pin_slot}>")

@@ -48,7 +48,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_each_agent_runs_a_short_campaign(agent: str, tmp_path: Path, model: str) -> None:
     # Smoke runs long enough for a first finding with every agent at seed 0 (the model's
     # changes move the random streams; issue 13 measured the spread over seeds 0-5).
-    budget = 6000 if agent in ("pct", "ql") else 3000
+    # Issue 13's walker actions grew the catalogue by 93 entries: random's first finding
+    # at seed 0 moved from under 3000 steps to 3342.
+    budget = 6000 if agent in ("pct", "ql", "random") else 3000
     res = run_campaign(_cfg(agent, budget, model=model if agent == "ppo" else None),
                        tmp_path, show=False)
     assert not res.errors and not res.interrupted

@@ -116,7 +116,14 @@ def test_spaces_and_catalogue_layout():
     assert len(env.catalogue) == n and info["action_mask"].shape == (n,)
     NT = env.config.max_threads
     assert [sp.kind for sp in env.catalogue[:NT + 1]] == ["run"] * (NT + 1)
-    assert [sp.kind for sp in env.catalogue[-3:]] == ["event"] * 3
+    ev = [i for i, sp in enumerate(env.catalogue) if sp.kind == "event"]
+    assert len(ev) == 3 and ev == list(range(ev[0], ev[0] + 3))
+    # Issue 13's walker block and kcompactd follow the events (older indices unchanged).
+    h = env.unwrapped.harness
+    walk = [sp.op for sp in env.catalogue[ev[-1] + 1:]]
+    assert set(walk) == {"mremap", "move_pages", "compact"}
+    assert h.walker_action(2, 3) == h._walk_lo + len(h.walker_templates) + 3
+    assert env.catalogue[h.walker_action(2, 3)].tid == 2
     assert env.start_action(2, 5) == env.catalogue.index(
         next(sp for sp in env.catalogue if sp.kind == "start" and sp.tid == 2
              and sp.op == env.user_templates[5].op and sp.args == env.user_templates[5].args
@@ -129,7 +136,8 @@ def test_spaces_and_catalogue_layout():
     assert not m[env.start_action(3, 0)]  # tid 3 does not exist yet
     pin_ops = [j for j, tp in enumerate(env.user_templates) if tp.pin_slot >= 0]
     assert pin_ops and not any(m[env.start_action(1, j)] for j in pin_ops)
-    assert m[-3:].all()
+    assert m[ev].all()
+    assert m[h.walker_action(1, 0)] and not m[h.walker_action(3, 0)]
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -134,7 +134,12 @@ class MmapMixin:
         start, end = self._vpn_range(addr, length)
         yield from self.lock(t, mm.mmap_lock, WRITE, "do_mmap")
         if mm.vmas_in(start, end):
-            yield from self.do_vmi_munmap(t, mm, start, end, downgrade=False)
+            # mmap_region: if (do_vmi_munmap(&vmi, mm, addr, len, uf, false)) return
+            # -ENOMEM; (a split can fail: COW PTE's break in __split_vma).
+            ret = yield from self.do_vmi_munmap(t, mm, start, end, downgrade=False)
+            if ret:
+                self.mmap_write_unlock(t, mm, "do_mmap")
+                return -ENOMEM
         bits = parse_prot(prot)
         flags = VM_MAYWRITE | (VM_READ if bits & 1 else 0) | (VM_WRITE if bits & 2 else 0)
         obj = None

@@ -83,12 +83,19 @@ class MprotectMixin:
         if self.oracle is not None:
             self.oracle.on_mprotect_begin(mm, start, end, bits)
         for v in vmas:
-            r = yield from self.change_protection(t, v, bits)
-            if r < 0:
-                ret = r
-                break
+            # mprotect_fixup: "vma->vm_flags = newflags; ... vma_set_page_prot(vma);
+            # change_protection(...)": the new protection is visible to rmap walkers
+            # (remove_migration_pte's mk_pte(new, READ_ONCE(vma->vm_page_prot))) before
+            # the PTEs change. The model's change_protection may fail (the fixed COW
+            # PTE design); then the old flags come back.
+            old_flags = v.flags
             v.flags = (v.flags & ~(VM_READ | VM_WRITE)) | (VM_READ if bits & 1 else 0) | (
                 VM_WRITE if bits & 2 else 0)
+            r = yield from self.change_protection(t, v, bits)
+            if r < 0:
+                v.flags = old_flags
+                ret = r
+                break
         if self.oracle is not None:
             if ret == 0:
                 self.oracle.on_mprotect(t, mm, start, end, bits)
