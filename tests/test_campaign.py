@@ -65,7 +65,7 @@ def test_each_agent_runs_a_short_campaign(agent: str, tmp_path: Path, model: str
     st = json.loads((tmp_path / "campaign.json").read_text())
     assert st["status"] == "finished" and st["workers"][0]["steps"] == budget
     if agent == "random":  # determinism: same seed => same findings at the same steps
-        again = run_campaign(_cfg(agent, 3000), tmp_path / "again", show=False)
+        again = run_campaign(_cfg(agent, budget), tmp_path / "again", show=False)
         assert [(r["signature"], r["worker_step"]) for r in again.findings] == \
             [(r["signature"], r["worker_step"]) for r in res.findings]
         for a, b in zip(again.findings, res.findings, strict=True):
