@@ -558,6 +558,12 @@ def _flaw_scripts(A, B, C, T, ps):
         "remove-migration-break-fails": ({}, [
             (0, "compact", {"nr": 1, "addr": A, "proc_slot": 0}),
             ("run", 0, "move_to_new_folio:done")] + fork + [("fail_nth", 1), ("run", 0)]),
+        # C's page becomes a migration entry; fork shares PMD 21 from B (its 4th shared
+        # PMD) before dup_mmap reaches C; the migration completes in between.
+        "fork-shares-migration-entry": ({}, [
+            (0, "compact", {"nr": 1, "addr": C, "proc_slot": 0}),
+            ("run", 0, "move_to_new_folio:done"), (1, "fork", {})]
+            + [("run", 1, "copy_cow_pte_range:done")] * 4 + [("run", 0), ("run", 1)]),
     }
 
 

@@ -36,6 +36,7 @@ FLAW_IDS: tuple[str, ...] = (
     "mremap-ignores-break-failure",
     "mremap-dst-shared",
     "remove-migration-break-fails",
+    "fork-shares-migration-entry",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -62,6 +63,7 @@ FLAW_ORIGINS: dict[str, str] = {
     "mremap-ignores-break-failure": "v4",
     "mremap-dst-shared": "v4",
     "remove-migration-break-fails": "v4",
+    "fork-shares-migration-entry": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -128,6 +130,12 @@ FLAW_SOURCES: dict[str, str] = {
         "addr, PVMW_SYNC | PVMW_MIGRATION | PVMW_BREAK_COW_PTE);` and mm/page_vma_mapped.c "
         "`if (break_cow_pte(vma, pvmw->pmd, pvmw->address)) return not_found(pvmw);`: a "
         "failed break leaves the migration entry behind (found by cowenv's migration walker)",
+    "fork-shares-migration-entry":
+        "02/14 mm/memory.c copy_cow_pte_range: `for_each_vma_range(vmi, curr, end)` runs "
+        "copy_nonpresent_pte on the entries of every VMA of the PMD, before dup_mmap's "
+        "anon_vma_fork links the child's copy of the later ones into the rmap: a "
+        "remove_migration_ptes walk in between misses the child's migration entry "
+        "(found by cowenv's soak)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on

@@ -37,7 +37,7 @@ from .kernel import Kernel
 from .locks import WRITE
 from .mm import MMF_COW_PTE, VM_DONTCOPY, VM_WIPEONFORK, MmStruct, Vma
 from .ops import EAGAIN, EINVAL, ENOMEM
-from .pgtable import PmdEntry, PteTable
+from .pgtable import PTE_MIGRATION, PmdEntry, PteTable
 from .rmap import PVMW_BREAK_COW_PTE_SITES
 from .sched import Gen, Thread
 
@@ -199,6 +199,18 @@ class CowPteKernel(Kernel):
             refuse = bool(curr.flags & VM_DONTCOPY)
             if not self.config.has("wipeonfork-shared"):
                 refuse = refuse or bool(curr.flags & VM_WIPEONFORK)
+            # Flaw fork-shares-migration-entry (v4 02/14): the entries of the PMD's
+            # later VMAs are shared (copy_nonpresent_pte: a migration entry is copied
+            # for the child, readable) before dup_mmap reaches those VMAs and
+            # anon_vma_fork links the child's copies into the rmap, so a
+            # remove_migration_ptes walk in between does not see the child's mapping
+            # and leaves its migration entry behind. Upstream copies each VMA's entries
+            # only after its anon_vma_fork. Fixed: a later VMA with a migration entry
+            # refuses sharing (-EAGAIN: recovery, then a private copy per VMA).
+            if (not refuse and curr is not src_vma
+                    and not self.config.has("fork-shares-migration-entry")
+                    and (table.entries[vlo:vhi] & PTE_MIGRATION).any()):
+                refuse = True
             if refuse:
                 ret, recover_end = -EAGAIN, vlo
                 break
@@ -712,7 +724,24 @@ class CowPteKernel(Kernel):
         re-validated under the PTL.
         """
         if not self.config.has("rmap-stale-table"):
-            return (yield from super()._rmap_map_pte(t, vma, vpn, pfn, site))
+            if site != "remove_migration_pte" or self.config.has("remove-migration-break-fails"):
+                # (with that flaw a failed break is v4's not_found: no retry)
+                return (yield from super()._rmap_map_pte(t, vma, vpn, pfn, site))
+            # Fixed, remove_migration_pte: it must not miss an entry (remove_migration_ptes
+            # is void; an entry left behind names a freed page). A fork that shared the
+            # table again while the walk waited for the PTL (rmap_table_still_valid
+            # refuses it) is broken again and the walk retried, until the entry is found
+            # in an unshared table or is not there.
+            while True:
+                got = yield from super()._rmap_map_pte(t, vma, vpn, pfn, site)
+                if got is not None:
+                    return got
+                cur = vma.mm.pmd.get(vpn // self.P)
+                if cur is None or cur.write or self.cow_pte_count(cur.table) == 1 or \
+                        not self.pvmw_check_pte(int(cur.table.entries[vpn % self.P]), pfn,
+                                                site):
+                    return None
+                yield f"{site}:reshared"
         mm = vma.mm
         idx, off = divmod(vpn, self.P)
         if mm.pmd.get(idx) is None:
