@@ -120,7 +120,16 @@ class MmapMixin:
         err = yield from self.cow_split_vma(t, vma, at)
         if err:
             return err
-        return self.split_vma(mm, vma, at)
+        # __split_vma → __vma_adjust (6.2): anon_vma_lock_write(vma->anon_vma) around
+        # the boundary change, so an rmap walk (migration's remove_migration_ptes,
+        # reclaim) never uses a VMA whose range moved under it.
+        root = vma.anon_vma.root if vma.anon_vma is not None else None
+        if root is not None:
+            yield from self.lock(t, root.lock, WRITE, "__split_vma")
+        new = self.split_vma(mm, vma, at)
+        if root is not None:
+            self.unlock(t, root.lock, WRITE, "__split_vma")
+        return new
     def sys_mmap(self, t: Thread, addr: int, length: int, prot: str = "rw",
                  shared: bool = False, populate: bool = False) -> Gen:
         """``mmap(addr, length, prot, MAP_FIXED|MAP_ANONYMOUS|MAP_PRIVATE/SHARED)``.
