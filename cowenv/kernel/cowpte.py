@@ -205,9 +205,13 @@ class CowPteKernel(Kernel):
             # anon_vma_fork links the child's copies into the rmap, so a
             # remove_migration_ptes walk in between does not see the child's mapping
             # and leaves its migration entry behind. Upstream copies each VMA's entries
-            # only after its anon_vma_fork. Fixed: a later VMA with a migration entry
-            # refuses sharing (-EAGAIN: recovery, then a private copy per VMA).
-            if (not refuse and curr is not src_vma
+            # only after its anon_vma_fork. Fixed: a VMA of the PMD with a migration
+            # entry refuses sharing before its entries are processed (-EAGAIN:
+            # recovery, then a private copy per VMA, as upstream copies them). src_vma
+            # too: recovery installs a snapshot of the processed entries after the PTL
+            # was dropped, and a migration entry in it could be resolved meanwhile
+            # (found by the soak).
+            if (not refuse
                     and not self.config.has("fork-shares-migration-entry")
                     and (table.entries[vlo:vhi] & PTE_MIGRATION).any()):
                 refuse = True
