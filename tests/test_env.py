@@ -555,9 +555,6 @@ def _flaw_scripts(A, B, C, T, ps):
         "mremap-ignores-break-failure": ({}, fork + [
             ("fail_nth", 1), (1, "mremap", {"addr": A, "old_length": ps, "new_length": ps,
                                             "new_addr": 20 * T}), ("run", 1)]),
-        "remove-migration-break-fails": ({}, [
-            (0, "compact", {"nr": 1, "addr": A, "proc_slot": 0}),
-            ("run", 0, "move_to_new_folio:done")] + fork + [("fail_nth", 1), ("run", 0)]),
         # C's page becomes a migration entry; fork shares PMD 21 from B (its 4th shared
         # PMD) before dup_mmap reaches C; the migration completes in between.
         "fork-shares-migration-entry": ({}, [

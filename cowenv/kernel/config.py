@@ -16,7 +16,7 @@ from typing import Any
 #: falls back to ``copy_pte_range`` only if ``recover_end`` lies inside ``src_vma``.
 #: ``fork-ptl-nesting`` was added by issue 12 (v4 02/14 takes ``pmd_install``'s
 #: ``pmd_lock`` inside the source PTE lock). ``mremap-ignores-break-failure``,
-#: ``mremap-dst-shared`` and ``remove-migration-break-fails`` came with the mremap and
+#: ``mremap-dst-shared`` and ``fork-shares-migration-entry`` came with the mremap and
 #: migration walkers (issue 13).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
@@ -35,7 +35,6 @@ FLAW_IDS: tuple[str, ...] = (
     "fork-ptl-nesting",
     "mremap-ignores-break-failure",
     "mremap-dst-shared",
-    "remove-migration-break-fails",
     "fork-shares-migration-entry",
 )
 
@@ -62,7 +61,6 @@ FLAW_ORIGINS: dict[str, str] = {
     "fork-ptl-nesting": "v4",
     "mremap-ignores-break-failure": "v4",
     "mremap-dst-shared": "v4",
-    "remove-migration-break-fails": "v4",
     "fork-shares-migration-entry": "v4",
 }
 
@@ -125,17 +123,15 @@ FLAW_SOURCES: dict[str, str] = {
         "03/14 mm/mremap.c breaks only old_pmd; 6.2 move_ptes then does `new_pte = "
         "pte_offset_map(new_pmd, new_addr); ... set_pte_at(mm, new_addr, new_pte, pte);` "
         "into a COW-ed target table (found by cowenv's mremap walker)",
-    "remove-migration-break-fails":
-        "04/14 mm/migrate.c remove_migration_pte: `DEFINE_FOLIO_VMA_WALK(pvmw, old, vma, "
-        "addr, PVMW_SYNC | PVMW_MIGRATION | PVMW_BREAK_COW_PTE);` and mm/page_vma_mapped.c "
-        "`if (break_cow_pte(vma, pvmw->pmd, pvmw->address)) return not_found(pvmw);`: a "
-        "failed break leaves the migration entry behind (found by cowenv's migration walker)",
     "fork-shares-migration-entry":
         "02/14 mm/memory.c copy_cow_pte_range: `for_each_vma_range(vmi, curr, end)` runs "
         "copy_nonpresent_pte on the entries of every VMA of the PMD, before dup_mmap's "
         "anon_vma_fork links the child's copy of the later ones into the rmap: a "
-        "remove_migration_ptes walk in between misses the child's migration entry "
-        "(found by cowenv's soak)",
+        "remove_migration_ptes walk in between misses the child's migration entry; and "
+        "04/14 remove_migration_pte's `PVMW_SYNC | PVMW_MIGRATION | PVMW_BREAK_COW_PTE` "
+        "with page_vma_mapped_walk's `if (break_cow_pte(vma, pvmw->pmd, pvmw->address)) "
+        "return not_found(pvmw);` leaves the entry of a shared table behind when the break "
+        "fails (found by cowenv's soak and migration walker)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on

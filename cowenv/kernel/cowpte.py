@@ -728,7 +728,7 @@ class CowPteKernel(Kernel):
         re-validated under the PTL.
         """
         if not self.config.has("rmap-stale-table"):
-            if site != "remove_migration_pte" or self.config.has("remove-migration-break-fails"):
+            if site != "remove_migration_pte" or self.config.has("fork-shares-migration-entry"):
                 # (with that flaw a failed break is v4's not_found: no retry)
                 return (yield from super()._rmap_map_pte(t, vma, vpn, pfn, site))
             # Fixed, remove_migration_pte: it must not miss an entry (remove_migration_ptes
@@ -824,7 +824,8 @@ class CowPteKernel(Kernel):
     def _pvmw_break_nofail(self, site: str) -> bool:
         """Whether ``page_vma_mapped_walk``'s break may not fail at ``site``.
 
-        Flaw ``remove-migration-break-fails`` (v4 04/14): ``remove_migration_pte`` walks
+        Flaw ``fork-shares-migration-entry``, its rmap half (v4 04/14): a table holding
+        a migration entry is shared only by that flaw's fork; ``remove_migration_pte`` walks
         with ``PVMW_BREAK_COW_PTE``; ``break_cow_pte`` failing makes the walk return
         ``not_found`` and ``remove_migration_ptes`` (void) leaves the migration entry in
         place, naming a folio that is then freed: every later fault there waits on it
@@ -834,7 +835,7 @@ class CowPteKernel(Kernel):
         may fail: the folio then stays mapped and is not migrated/reclaimed.
         """
         return site == "remove_migration_pte" and not self.config.has(
-            "remove-migration-break-fails")
+            "fork-shares-migration-entry")
 
     # ------------------------------------------------------------------ mremap, split
     def cow_split_vma(self, t: Thread, vma: Vma, at: int) -> Gen:
