@@ -109,6 +109,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("swapoff-skips-mm", "swapoff", "cowenv.kernel.swapfile", "SwapfileMixin",
            "unuse_mm_list", "return self.live_mms()", "return self.live_mms()[:-1]",
            "try_to_unuse skips one mm (the youngest) on every pass (issue 13)"),
+    # Issue 13's walkers ("Must show": planted bugs for the new paths).
+    Mutant("mremap-drops-rss", "mremap", "cowenv.kernel.mremap", "MremapMixin", "move_ptes",
+           "# no rss change: same mm",
+           "\n        mm.rss[1] -= int(np.count_nonzero(src[live] & 1))",
+           "mremap not moving rss: move_ptes uncharges the moved pages like a zap"),
+    Mutant("migration-entry-left", "migrate", "cowenv.kernel.migrate", "MigrateMixin",
+           "remove_migration_ptes", "for vma, vpn in cands:", "for vma, vpn in cands[:-1]:",
+           "remove_migration_ptes skips the last mapping: a migration entry left behind"),
 )
 
 

@@ -186,7 +186,8 @@ class ActionSpec:
             if self.tid > 0:  # /proc/thread-self/fail-nth of thread tid
                 return f"t{self.tid} fail_nth n={self.n}"
             return f"fail_nth n={self.n}"
-        parts = [f"{k}={v:#x}" if k in ("addr", "length") and isinstance(v, int) and v >= 0
+        hexed = ("addr", "length", "old_length", "new_length", "new_addr")
+        parts = [f"{k}={v:#x}" if k in hexed and isinstance(v, int) and v >= 0
                  else f"{k}={v}" for k, v in self.args]
         if self.pin_slot >= 0:
             parts.append(f"pin=<slot {self.pin_slot}>")
@@ -296,6 +297,84 @@ def build_kswapd_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
     return out
 
 
+def _portions(regions: list[tuple[int, int]], P: int, ps: int) -> list[tuple[int, int]]:
+    """The part of each region inside one PMD, as page ranges ``[lo, hi)``, in order."""
+    out: list[tuple[int, int]] = []
+    for addr, length in regions:
+        s, e = addr // ps, (addr + length) // ps
+        for idx in range(s // P, (e - 1) // P + 1):
+            p = (max(s, idx * P), min(e, (idx + 1) * P))
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def build_move_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
+                           page_size: int) -> list[ActionSpec]:
+    """User templates of the mremap and migration walkers (part of the walker block).
+
+    mremap (``MREMAP_MAYMOVE``): every region shrunk to half its size, and grown by one
+    page (in place if nothing follows it, else moved); its first page moved with
+    ``MREMAP_FIXED`` to the first unmapped page of every PMD the regions touch (a hole in
+    a table that may be COW-shared); every whole, aligned one-table portion moved with
+    ``MREMAP_FIXED`` to an empty aligned PMD two tables past the last region
+    (``move_normal_pmd``). ``move_pages``: every region (``MPOL_MF_MOVE``) and the first
+    page of every portion (``MPOL_MF_MOVE_ALL``, so that pages shared after fork move).
+
+    Returns:
+        Templates (``tid`` unset), in catalogue order.
+
+    """
+    P, ps = ptrs_per_pte, page_size
+    portions = _portions(regions, P, ps)
+    idxs: list[int] = []
+    for lo, _ in portions:
+        if lo // P not in idxs:
+            idxs.append(lo // P)
+    covered = {v for a, n in regions for v in range(a // ps, (a + n) // ps)}
+    holes = []
+    for idx in idxs:
+        h = next((v for v in range(idx * P, (idx + 1) * P) if v not in covered), None)
+        if h is not None:
+            holes.append(h)
+    far = (max(idxs) + 2) * P if idxs else 0
+    out: list[ActionSpec] = []
+    for addr, length in regions:
+        if length >= 2 * ps:
+            out.append(_tmpl("mremap", addr=addr, old_length=length,
+                             new_length=(length // ps // 2) * ps))
+        out.append(_tmpl("mremap", addr=addr, old_length=length, new_length=length + ps))
+        for h in holes:
+            out.append(_tmpl("mremap", addr=addr, old_length=ps, new_length=ps,
+                             new_addr=h * ps))
+    for lo, hi in portions:
+        if hi - lo == P and lo % P == 0:
+            out.append(_tmpl("mremap", addr=lo * ps, old_length=P * ps, new_length=P * ps,
+                             new_addr=far * ps))
+    for addr, length in regions:
+        out.append(_tmpl("move_pages", addr=addr, length=length))
+    for lo, _ in portions:
+        out.append(_tmpl("move_pages", addr=lo * ps, length=ps, all=True))
+    return out
+
+
+def build_compact_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
+                            page_size: int, max_processes: int) -> list[ActionSpec]:
+    """Kcompactd templates (kthread slot): ``compact`` of 1 or 8 pages.
+
+    Also a 1-page compaction starting with the page mapped at the first page of each
+    portion in each process slot (as :func:`build_kswapd_templates` does for reclaim).
+    """
+    P, ps = ptrs_per_pte, page_size
+    out = [ActionSpec("start", KSWAPD_TID, "compact", (("nr", n),)) for n in _RECLAIM_NR]
+    firsts = [lo for lo, _ in _portions(regions, P, ps)]
+    for slot in range(max_processes):
+        for v in firsts:
+            out.append(ActionSpec("start", KSWAPD_TID, "compact",
+                                  (("addr", v * ps), ("nr", 1)), proc_slot=slot))
+    return out
+
+
 # ------------------------------------------------------------------------ objectives
 
 
@@ -305,12 +384,10 @@ def build_kswapd_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
 CLEAR_REFS_TYPES = (4, 1)
 
 
-def build_walker_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
+def build_scan_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
                            page_size: int) -> list[ActionSpec]:
-    """User-thread templates of the issue-13 walkers, appended after the pressure events.
+    """User templates of the scanning walkers of issue 13 (part of the walker block).
 
-    They form their own per-thread block at the end of the catalogue (after the
-    ``fail_nth`` pressure events) so that every older index keeps its meaning:
     ``numa_hint`` (``task_numa_work``) over every region and every portion (the part of
     a region inside one PMD), ``clear_refs`` of the thread's own process with each of
     :data:`CLEAR_REFS_TYPES`, and ``swapoff``.
@@ -335,3 +412,19 @@ def build_walker_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
     out.extend(_tmpl("clear_refs", type=ty) for ty in CLEAR_REFS_TYPES)
     out.append(_tmpl("swapoff"))
     return out
+
+
+def build_walker_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
+                           page_size: int) -> list[ActionSpec]:
+    """The per-user-thread walker block of issue 13, appended after the pressure events.
+
+    It is its own per-thread block after the ``fail_nth`` pressure events, so every older
+    index keeps its meaning: :func:`build_scan_templates` (``numa_hint``, ``clear_refs``,
+    ``swapoff``) then :func:`build_move_templates` (``mremap``, ``move_pages``).
+
+    Returns:
+        Templates (``tid`` unset), in catalogue order.
+
+    """
+    return (build_scan_templates(regions, ptrs_per_pte, page_size)
+            + build_move_templates(regions, ptrs_per_pte, page_size))

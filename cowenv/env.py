@@ -62,8 +62,11 @@ class CowEnv(gym.Env):
     |  | with the page at a portion's first page in a chosen process slot |
     | next 3 | ``fail_nth`` with ``n = 1, 2, 3`` (the n-th next allocation fails) |
     | next ``N·W`` | (issue 13, appended) start walker template ``j`` on thread ``t``: |
-    |  | ``numa_hint`` per region and portion, ``clear_refs`` 4 and 1, ``swapoff`` |
-    | last ``3·N`` | (issue 13) thread ``t``'s ``/proc/thread-self/fail-nth`` = 1, 2, 3 |
+    |  | ``numa_hint`` per region and portion, ``clear_refs`` 4 and 1, ``swapoff``, |
+    |  | ``mremap`` shrink/grow/move, ``move_pages`` |
+    | next ``3·N`` | (issue 13) thread ``t``'s ``/proc/thread-self/fail-nth`` = 1, 2, 3 |
+    | last ``C`` | start kcompactd (kthread slot) template ``j``: compact 1 or 8 pages, or |
+    |  | 1 page starting with the page at a portion's first page in a process slot |
 
     User templates, drawn from the workload's regions (a *portion* is the part of a
     region inside one PMD): ``read``/``write`` of the first, second and last page of
@@ -72,7 +75,10 @@ class CowEnv(gym.Env):
     oldest active pins); ``mprotect`` none / r / rw, ``madvise`` DONTNEED / FREE / PAGEOUT /
     WIPEONFORK / DONTFORK and ``munmap`` over regions, portions, half-portions (partial
     PMDs) and first pages; ``mmap`` of each region again (populated or not); ``fork``,
-    ``clone``, ``exit``, ``prctl_cow_pte``.
+    ``clone``, ``exit``, ``prctl_cow_pte``. Walker templates (appended after the events,
+    see :func:`cowenv.catalogue.build_walker_templates`): ``mremap`` shrink, grow,
+    ``MREMAP_FIXED`` of a first page into a PMD's hole and of a whole aligned table to an
+    empty PMD; ``move_pages`` of regions and of portions' first pages.
 
     :meth:`action_masks` (sb3-contrib ``MaskablePPO`` convention; also
     ``info["action_mask"]``) marks legal actions: run a runnable thread, start on an idle

@@ -53,6 +53,7 @@ import numpy as np
 
 from .kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
 from .kernel.config import KernelConfig
+from .kernel.pgtable import PFN_SHIFT
 from .replay import readable_args
 from .scenario import FORMAT_VERSION, Scenario, load_scenario, override_config
 
@@ -229,9 +230,9 @@ def _reads(k: Kernel, tid: int) -> set[tuple] | None:
         r.add(("table", tb.pfn))
         for pte in tb.entries[tb.entries != 0]:
             if int(pte) & 1:
-                r.add(("page", int(pte) >> 8))
+                r.add(("page", int(pte) >> PFN_SHIFT))
             else:
-                r.add(("swap", int(pte) >> 8))
+                r.add(("swap", int(pte) >> PFN_SHIFT))
     pin = args.get("pin")
     if isinstance(pin, int) and pin in k.pins:
         r.add(("pin", pin))

@@ -42,6 +42,7 @@ from .catalogue import (
     LABEL_OVERFLOW_BUCKETS,
     NOOP,
     ActionSpec,
+    build_compact_templates,
     build_kswapd_templates,
     build_templates,
     build_walker_templates,
@@ -339,16 +340,23 @@ class Harness:
         cat.extend(ActionSpec("event", n=n) for n in FAIL_NTH)
         self._ev_hi = len(cat)
         # Appended by issue 13 (older indices unchanged): the walkers' per-thread start
-        # templates, then each user thread's /proc/thread-self/fail-nth events.
-        self._walk_templates = build_walker_templates(regs, P, ps)
+        # templates (numa_hint, clear_refs, swapoff, mremap, move_pages), then each user
+        # thread's /proc/thread-self/fail-nth events, then kcompactd's templates.
+        self._walker_templates = build_walker_templates(regs, P, ps)
+        self._compact_templates = build_compact_templates(regs, P, ps,
+                                                          self.config.max_processes)
         self._walk_lo = len(cat)
-        self._n_walk = len(self._walk_templates)
+        self._n_walk = len(self._walker_templates)
         for tid in range(1, NT + 1):
-            for tp in self._walk_templates:
-                cat.append(ActionSpec("start", tid, tp.op, tp.args))
+            for tp in self._walker_templates:
+                cat.append(ActionSpec("start", tid, tp.op, tp.args, tp.pin_slot, tp.proc_slot))
         self._tfail_lo = len(cat)
         for tid in range(1, NT + 1):
             cat.extend(ActionSpec("event", tid, "fail_nth", n=n) for n in FAIL_NTH)
+        self._kc_lo = len(cat)
+        cat.extend(self._compact_templates)
+        self._kc_masks = [np.array([tp.proc_slot < n for tp in self._compact_templates])
+                          for n in range(self.config.max_processes + 1)]
         self.catalogue: tuple[ActionSpec, ...] = tuple(cat)
         # Mask of a user block by number of active pins of the thread's process, and of
         # the kswapd block by number of live processes.
@@ -400,6 +408,15 @@ class Harness:
     def user_templates(self) -> tuple[ActionSpec, ...]:
         """The user-thread templates (``tid`` unset), in catalogue order."""
         return tuple(self._user_templates)
+
+    @property
+    def walker_templates(self) -> tuple[ActionSpec, ...]:
+        """The mremap/move_pages templates (``tid`` unset), appended after the events."""
+        return tuple(self._walker_templates)
+
+    def walker_action(self, tid: int, template: int) -> int:
+        """Catalogue index of "start walker template ``template`` on thread ``tid``"."""
+        return self._walk_lo + (int(tid) - 1) * self._n_walk + int(template)
 
     def describe_action(self, action: int) -> str:
         """Human-readable form of catalogue entry ``action``."""
@@ -716,6 +733,7 @@ class Harness:
                 ks = self._ks_masks
                 i = n if n < len(ks) else len(ks) - 1
                 m[self._ks_lo:self._ev_lo] = ks[i]
+                m[self._kc_lo:] = self._kc_masks[i]
                 if not some and self._ks_any[i]:
                     some = True
                 continue
@@ -738,6 +756,10 @@ class Harness:
             if i >= len(um):
                 i = len(um) - 1
             m[lo:lo + nu] = um[i]
+            if self._n_walk:
+                wl = self._walk_lo + (tid - 1) * self._n_walk
+                m[wl:wl + self._n_walk] = True
+                some = True
             if not some and self._user_any[i]:
                 some = True
         # Pressure events are legal while none is pending, and whenever nothing else is.

@@ -10,7 +10,8 @@ plain data: it can be applied with :func:`cowenv.scenario.apply_step`, saved wit
 The generated schedules cover every operation of :data:`cowenv.kernel.ops.OPS` (mmap with
 every prot / shared / populate combination, munmap, mprotect, every madvise advice,
 read / write, fork / clone / exit, prctl, pins R/O and R/W on the slow and the fast path,
-unpin, device I/O through pins), reclaim on kswapd (tid 0), ``fail_nth`` allocation
+unpin, device I/O through pins, mremap, move_pages), reclaim and compaction on the
+kthread slot (tid 0), ``fail_nth`` allocation
 failures, and arbitrary interleavings: an operation is *started* on an idle thread and
 every thread with an operation in progress is then stepped one preemption point at a
 time in random order.
@@ -45,6 +46,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "pin": 3.0, "unpin": 1.5, "dev_read": 2.0, "dev_write": 2.0,
     # Issue 13's walkers.
     "numa_hint": 1.2, "swapoff": 0.3, "clear_refs": 0.8, "pagemap": 0.6,
+    "mremap": 1.5, "move_pages": 1.5,
 }
 
 #: prot strings drawn for mmap/mprotect, with weights. ``w`` alone is rare but legal.
@@ -95,6 +97,8 @@ class Knobs:
         max_fail_nth: ``n`` is drawn from ``1..max_fail_nth``.
         p_bad_pin: Probability that unpin / dev I/O names a pin the thread does not own
             (exercises the -EINVAL paths).
+        p_compact: Probability that a kthread start is kcompactd's ``compact`` rather
+            than kswapd's ``reclaim``.
 
     """
 
@@ -104,6 +108,7 @@ class Knobs:
     p_fail_nth: float = 0.01
     max_fail_nth: int = 6
     p_bad_pin: float = 0.05
+    p_compact: float = 0.3
 
 
 def random_config(rng: np.random.Generator, preset: str = "classic",
@@ -191,7 +196,20 @@ def random_args(rng: np.random.Generator, k: Kernel, tid: int, op: str,
         if op == "pagemap":
             return {"addr": layout.addr(rng), "pid": pid}
         return {"type": _weighted(rng, [(4, 4.0), (1, 1.0), (2, 0.5), (3, 0.5)]), "pid": pid}
-    if op == "reclaim":
+    if op == "mremap":
+        a, n = layout.span(rng)
+        n = min(n, 8 * layout.page_size)
+        new = (1 + int(rng.integers(8))) * layout.page_size
+        args: dict[str, Any] = {"addr": a, "old_length": n, "new_length": new,
+                                "maymove": bool(rng.random() < 0.85)}
+        if args["maymove"] and rng.random() < 0.6:
+            args["new_addr"] = layout.addr(rng)
+        return args
+    if op == "move_pages":
+        a, n = layout.span(rng)
+        return {"addr": a, "length": min(n, 8 * layout.page_size),
+                "all": bool(rng.random() < 0.5)}
+    if op in ("reclaim", "compact"):
         nr = 1 + int(rng.integers(8))
         pids = [p.pid for p in k.live_procs()]
         if pids and rng.random() < 0.4:
@@ -245,8 +263,10 @@ def next_step(rng: np.random.Generator, k: Kernel, layout: Layout = Layout(),
         return None
     users = [t for t in idle if t != KSWAPD_TID]
     if KSWAPD_TID in idle and (not users or rng.random() < knobs.p_reclaim):
-        return {"tid": KSWAPD_TID, "start": "reclaim",
-                "args": random_args(rng, k, KSWAPD_TID, "reclaim", layout, knobs)}
+        kop = ("compact" if knobs.p_compact > 0 and rng.random() < knobs.p_compact
+               else "reclaim")
+        return {"tid": KSWAPD_TID, "start": kop,
+                "args": random_args(rng, k, KSWAPD_TID, kop, layout, knobs)}
     if not users:
         return None
     tid = _choice(rng, users)

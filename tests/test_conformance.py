@@ -19,7 +19,7 @@ import cowenv.scenario as scenario_mod
 from cowenv.kernel import Kernel
 from cowenv.kernel.memory import PG_anon, PG_anon_exclusive
 from cowenv.kernel.mm import MMF_HAS_PINNED
-from cowenv.kernel.pgtable import PTE_SWAP
+from cowenv.kernel.pgtable import PFN_SHIFT, PTE_SWAP
 from cowenv.scenario import apply_step, load_scenario, run_scenario
 
 DIR = Path(__file__).resolve().parent.parent / "scenarios" / "conformance"
@@ -144,8 +144,8 @@ class _NoUnshareOnRoPin(Kernel):
         r = yield from super().follow_page_pte(t, vma, vpn, write)
         if r == "unshare":
             pte = int(vma.mm.pmd[vpn // self.P].table.entries[vpn % self.P])
-            if pte >> 8:  # not the zero page
-                return self._grab_pin(t, vma.mm, vpn, pte >> 8, write)
+            if pte >> PFN_SHIFT:  # not the zero page
+                return self._grab_pin(t, vma.mm, vpn, pte >> PFN_SHIFT, write)
         return r
 
 

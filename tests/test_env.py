@@ -117,10 +117,17 @@ def test_spaces_and_catalogue_layout():
     NT = env.config.max_threads
     assert [sp.kind for sp in env.catalogue[:NT + 1]] == ["run"] * (NT + 1)
     pressure = [i for i, sp in enumerate(env.catalogue) if sp.kind == "event" and sp.tid < 0]
-    assert len(pressure) == 3 and all(env.catalogue[i + 1].kind == "start"
-                                      for i in pressure[-1:])  # issue 13's block follows
-    # Issue 13 appended each user thread's fail-nth events at the very end.
-    assert [(sp.kind, sp.tid) for sp in env.catalogue[-3:]] == [("event", NT)] * 3
+    assert len(pressure) == 3 and pressure == list(range(pressure[0], pressure[0] + 3))
+    # Issue 13's walker block follows the pressure events (older indices unchanged), then
+    # each user thread's fail-nth events, then kcompactd's templates.
+    h = env.unwrapped.harness
+    walk = {sp.op for sp in env.catalogue[pressure[-1] + 1:h._tfail_lo]}
+    assert walk == {"numa_hint", "clear_refs", "swapoff", "mremap", "move_pages"}
+    assert all(sp.kind == "event" and sp.tid > 0
+               for sp in env.catalogue[h._tfail_lo:h._kc_lo])
+    assert {sp.op for sp in env.catalogue[h._kc_lo:]} == {"compact"}
+    assert h.walker_action(2, 3) == h._walk_lo + len(h.walker_templates) + 3
+    assert env.catalogue[h.walker_action(2, 3)].tid == 2
     assert env.start_action(2, 5) == env.catalogue.index(
         next(sp for sp in env.catalogue if sp.kind == "start" and sp.tid == 2
              and sp.op == env.user_templates[5].op and sp.args == env.user_templates[5].args
@@ -138,6 +145,7 @@ def test_spaces_and_catalogue_layout():
     assert m[tfail[1]] and m[tfail[2]] and not m[tfail[3]]
     walk = env.find_actions("swapoff")
     assert len(walk) == NT and m[walk[0]] and m[walk[1]] and not m[walk[2]]
+    assert m[h.walker_action(1, 0)] and not m[h.walker_action(3, 0)]
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -569,6 +577,19 @@ def _flaw_scripts(A, B, C, T, ps):
         "recover-double-copy": ({}, [
             (1, "madvise", {"addr": C, "length": T // 4, "advice": "DONTFORK"}),
             ("run", 1)] + fork + [(3, "exit", {}), ("run", 3)]),
+        # Issue 13's walkers. PMD 20 holds B's first half above a hole at 20T.
+        "mremap-dst-shared": ({}, fork + [
+            (1, "mremap", {"addr": A, "old_length": ps, "new_length": ps,
+                           "new_addr": 20 * T}), ("run", 1)]),
+        "mremap-ignores-break-failure": ({}, fork + [
+            ("fail_nth", 1), (1, "mremap", {"addr": A, "old_length": ps, "new_length": ps,
+                                            "new_addr": 20 * T}), ("run", 1)]),
+        # C's page becomes a migration entry; fork shares PMD 21 from B (its 4th shared
+        # PMD) before dup_mmap reaches C; the migration completes in between.
+        "fork-shares-migration-entry": ({}, [
+            (0, "compact", {"nr": 1, "addr": C, "proc_slot": 0}),
+            ("run", 0, "move_to_new_folio:done"), (1, "fork", {})]
+            + [("run", 1, "copy_cow_pte_range:done")] * 4 + [("run", 0), ("run", 1)]),
     }
 
 

@@ -117,6 +117,17 @@ class KernelMachine(RuleBasedStateMachine):
             return {"type": data.draw(st.sampled_from([1, 2, 3, 4]), label="type")}
         if op == "pagemap":
             return {"addr": addr_of(data.draw(pages, label="page"))}
+        if op == "mremap":
+            a, n = data.draw(spans(), label="span")
+            args: dict[str, Any] = {"addr": a, "old_length": n,
+                                    "new_length": data.draw(st.integers(1, 12)) * PAGE,
+                                    "maymove": data.draw(st.booleans(), label="maymove")}
+            if args["maymove"] and data.draw(st.booleans(), label="fixed"):
+                args["new_addr"] = addr_of(data.draw(pages, label="new_page"))
+            return args
+        if op == "move_pages":
+            a, n = data.draw(spans(), label="span")
+            return {"addr": a, "length": n, "all": data.draw(st.booleans(), label="all")}
         return {}
 
     # ------------------------------------------------------------------ rules
@@ -138,6 +149,17 @@ class KernelMachine(RuleBasedStateMachine):
         if page is not None and live:
             args.update(pid=live[page % len(live)], addr=addr_of(page))
         self.k.start(KSWAPD_TID, "reclaim", args)
+
+    @precondition(lambda self: self.k is not None and KSWAPD_TID in self.k.idle_tids())
+    @rule(nr=st.integers(1, 6), page=st.none() | pages)
+    def start_compact(self, nr: int, page: int | None) -> None:
+        """kcompactd on the kthread slot (issue 13's migration walker)."""
+        assert self.k is not None
+        args: dict[str, Any] = {"nr": nr}
+        live = [p.pid for p in self.k.live_procs()]
+        if page is not None and live:
+            args.update(pid=live[page % len(live)], addr=addr_of(page))
+        self.k.start(KSWAPD_TID, "compact", args)
 
     @precondition(lambda self: self.k is not None and self.k.runnable_tids())
     @rule(data=st.data(), n=st.integers(1, 4))

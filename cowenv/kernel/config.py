@@ -22,6 +22,8 @@ from typing import Any
 #: (reference notes C6) needs the TLB model of issue 13 (``pte_free`` without
 #: ``tlb_remove_table``). ``numa-fault-writes-shared`` was added by issue 13
 #: with NUMA hinting (``do_numa_page`` on a shared table, v4 03/14).
+#: ``mremap-ignores-break-failure``, ``mremap-dst-shared`` and
+#: ``fork-shares-migration-entry`` came with the mremap and migration walkers (issue 13).
 FLAW_IDS: tuple[str, ...] = (
     "fault-asserts-write-lock",
     "pmd-clear-window",
@@ -41,6 +43,9 @@ FLAW_IDS: tuple[str, ...] = (
     "recover-double-copy",
     "table-free-no-deferral",
     "numa-fault-writes-shared",
+    "mremap-ignores-break-failure",
+    "mremap-dst-shared",
+    "fork-shares-migration-entry",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -68,6 +73,9 @@ FLAW_ORIGINS: dict[str, str] = {
     "recover-double-copy": "v4",
     "table-free-no-deferral": "v4",
     "numa-fault-writes-shared": "v4",
+    "mremap-ignores-break-failure": "v4",
+    "mremap-dst-shared": "v4",
+    "fork-shares-migration-entry": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -145,6 +153,24 @@ FLAW_SOURCES: dict[str, str] = {
         "vma_is_accessible(vmf->vma)) return do_numa_page(vmf);` unbroken; "
         "__handle_mm_fault breaks only for write/unshare faults or vm_ops: an anonymous "
         "read fault on a NUMA-hinting entry rewrites the shared table (issue 13)",
+    "mremap-ignores-break-failure":
+        "03/14 mm/mremap.c move_page_tables: `/* TLB flush twice time here? */ "
+        "break_cow_pte(vma, old_pmd, old_addr);` (result ignored; analysis C2): a failed "
+        "break moves the still-shared table's entries (move_ptes) or installs it behind a "
+        "writable PMD (move_normal_pmd's pmd_populate)",
+    "mremap-dst-shared":
+        "03/14 mm/mremap.c breaks only old_pmd; 6.2 move_ptes then does `new_pte = "
+        "pte_offset_map(new_pmd, new_addr); ... set_pte_at(mm, new_addr, new_pte, pte);` "
+        "into a COW-ed target table (found by cowenv's mremap walker)",
+    "fork-shares-migration-entry":
+        "02/14 mm/memory.c copy_cow_pte_range: `for_each_vma_range(vmi, curr, end)` runs "
+        "copy_nonpresent_pte on the entries of every VMA of the PMD, before dup_mmap's "
+        "anon_vma_fork links the child's copy of the later ones into the rmap: a "
+        "remove_migration_ptes walk in between misses the child's migration entry; and "
+        "04/14 remove_migration_pte's `PVMW_SYNC | PVMW_MIGRATION | PVMW_BREAK_COW_PTE` "
+        "with page_vma_mapped_walk's `if (break_cow_pte(vma, pvmw->pmd, pvmw->address)) "
+        "return not_found(pvmw);` leaves the entry of a shared table behind when the break "
+        "fails (found by cowenv's soak and migration walker)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on

@@ -35,7 +35,8 @@ from .kernel import Kernel
 from .locks import WRITE
 from .mm import MMF_COW_PTE, VM_DONTCOPY, VM_WIPEONFORK, MmStruct, Vma
 from .ops import EAGAIN, EINVAL, ENOMEM
-from .pgtable import PFN_SHIFT, PTE_PRESENT, PmdEntry, PteTable
+from .pgtable import PTE_MIGRATION, PmdEntry, PteTable
+from .rmap import PVMW_BREAK_COW_PTE_SITES
 from .sched import Gen, Thread
 
 
@@ -238,7 +239,24 @@ class CowPteKernel(Kernel):
         for curr in src_mm.vmas_in(idx * P, (idx + 1) * P):
             vlo = max(curr.start, idx * P) - idx * P
             vhi = min(curr.end, (idx + 1) * P) - idx * P
-            if self._vmas_refuse_sharing(curr):
+            refuse = self._vmas_refuse_sharing(curr)
+            # Flaw fork-shares-migration-entry (v4 02/14): the entries of the PMD's
+            # later VMAs are shared (copy_nonpresent_pte: a migration entry is copied
+            # for the child, readable) before dup_mmap reaches those VMAs and
+            # anon_vma_fork links the child's copies into the rmap, so a
+            # remove_migration_ptes walk in between does not see the child's mapping
+            # and leaves its migration entry behind. Upstream copies each VMA's entries
+            # only after its anon_vma_fork. Fixed: a VMA of the PMD with a migration
+            # entry refuses sharing before its entries are processed (-EAGAIN:
+            # recovery, then a private copy per VMA, as upstream copies them). src_vma
+            # too: recovery installs a snapshot of the processed entries after the PTL
+            # was dropped, and a migration entry in it could be resolved meanwhile
+            # (found by the soak).
+            if (not refuse
+                    and not self.config.has("fork-shares-migration-entry")
+                    and (table.entries[vlo:vhi] & PTE_MIGRATION).any()):
+                refuse = True
+            if refuse:
                 ret, recover_end = -EAGAIN, vlo
                 break
             r = yield from self.copy_pte_entries(t, curr, curr, table, table, vlo, vhi,
@@ -997,14 +1015,32 @@ class CowPteKernel(Kernel):
         re-validated under the PTL.
         """
         if not self.config.has("rmap-stale-table"):
-            return (yield from super()._rmap_map_pte(t, vma, vpn, pfn, site))
+            if site != "remove_migration_pte" or self.config.has("fork-shares-migration-entry"):
+                # (with that flaw a failed break is v4's not_found: no retry)
+                return (yield from super()._rmap_map_pte(t, vma, vpn, pfn, site))
+            # Fixed, remove_migration_pte: it must not miss an entry (remove_migration_ptes
+            # is void; an entry left behind names a freed page). A fork that shared the
+            # table again while the walk waited for the PTL (rmap_table_still_valid
+            # refuses it) is broken again and the walk retried, until the entry is found
+            # in an unshared table or is not there.
+            while True:
+                got = yield from super()._rmap_map_pte(t, vma, vpn, pfn, site)
+                if got is not None:
+                    return got
+                cur = vma.mm.pmd.get(vpn // self.P)
+                if cur is None or cur.write or self.cow_pte_count(cur.table) == 1 or \
+                        not self.pvmw_check_pte(int(cur.table.entries[vpn % self.P]), pfn,
+                                                site):
+                    return None
+                yield f"{site}:reshared"
         mm = vma.mm
         idx, off = divmod(vpn, self.P)
         if mm.pmd.get(idx) is None:
             return None  # if (!pmd_present(pmde)) { step_forward(...); continue; }
         yield f"{site}:table_found"
-        if site == "try_to_unmap_one":  # PVMW_BREAK_COW_PTE
-            r = yield from self.break_cow_pte(t, vma, idx, "page_vma_mapped_walk")
+        if site in PVMW_BREAK_COW_PTE_SITES:  # PVMW_BREAK_COW_PTE
+            r = yield from self.break_cow_pte(t, vma, idx, "page_vma_mapped_walk",
+                                              nofail=self._pvmw_break_nofail(site))
             if r:
                 return None  # not_found()
             yield f"{site}:broken"
@@ -1030,7 +1066,7 @@ class CowPteKernel(Kernel):
             self.unlock(t, ptl, WRITE, site)
             return None
         pte = int(table.entries[off])
-        if not pte & PTE_PRESENT or pte >> PFN_SHIFT != pfn:  # check_pte()
+        if not self.pvmw_check_pte(pte, pfn, site):  # check_pte()
             self.unlock(t, ptl, WRITE, site)
             return None
         return table, ptl, off
@@ -1045,10 +1081,11 @@ class CowPteKernel(Kernel):
         :meth:`rmap_table_still_valid`), or None (``not_found``).
         """
         mm = vma.mm
-        if site == "try_to_unmap_one":
+        if site in PVMW_BREAK_COW_PTE_SITES:
             pmd = mm.pmd.get(idx)
             if pmd is not None and not pmd.write:
-                r = yield from self.break_cow_pte(t, vma, idx, "page_vma_mapped_walk")
+                r = yield from self.break_cow_pte(t, vma, idx, "page_vma_mapped_walk",
+                                                  nofail=self._pvmw_break_nofail(site))
                 if r:
                     return None  # not_found()
                 yield f"{site}:broken"
@@ -1066,10 +1103,84 @@ class CowPteKernel(Kernel):
         """
         if not super().rmap_table_still_valid(mm, idx, table, site):
             return False
-        if site == "try_to_unmap_one":
+        if site in PVMW_BREAK_COW_PTE_SITES:
             cur = mm.pmd[idx]
             return cur.write or self.cow_pte_count(table) == 1
         return True
+
+    def _pvmw_break_nofail(self, site: str) -> bool:
+        """Whether ``page_vma_mapped_walk``'s break may not fail at ``site``.
+
+        Flaw ``fork-shares-migration-entry``, its rmap half (v4 04/14): a table holding
+        a migration entry is shared only by that flaw's fork; ``remove_migration_pte`` walks
+        with ``PVMW_BREAK_COW_PTE``; ``break_cow_pte`` failing makes the walk return
+        ``not_found`` and ``remove_migration_ptes`` (void) leaves the migration entry in
+        place, naming a folio that is then freed: every later fault there waits on it
+        and retries forever. Fixed: the break in ``remove_migration_pte`` allocates with
+        ``__GFP_NOFAIL`` (the walk sleeps only in the allocator; the anon_vma rwsem and
+        the folio lock are sleeping locks). ``try_to_migrate_one``/``try_to_unmap_one``
+        may fail: the folio then stays mapped and is not migrated/reclaimed.
+        """
+        return site == "remove_migration_pte" and not self.config.has(
+            "fork-shares-migration-entry")
+
+    # ------------------------------------------------------------------ mremap, split
+    def cow_split_vma(self, t: Thread, vma: Vma, at: int) -> Gen:
+        """``__split_vma`` breaks the table of the split address (v4 03/14, ``mm/mmap.c``).
+
+        ::
+
+            err = break_cow_pte(vma, NULL, addr);
+            if (err)
+                return err;
+
+        The table mapping the split address is unshared before the VMA is split (both
+        presets: v4 handles this walker correctly), so that neither half's zap or
+        protection change later meets a table shared past its VMA boundary.
+        """
+        return (yield from self.break_cow_pte(t, vma, at // self.P, "__split_vma"))
+
+    def cow_mremap_break(self, t: Thread, vma: Vma, idx: int) -> Gen:
+        """``move_page_tables``'s break of the old PMD (v4 03/14, ``mm/mremap.c``).
+
+        ::
+
+            old_pmd = get_old_pmd(vma->vm_mm, old_addr);
+            if (!old_pmd)
+                    continue;
+            /* TLB flush twice time here? */
+            break_cow_pte(vma, old_pmd, old_addr);
+            new_pmd = alloc_new_pmd(vma->vm_mm, vma, new_addr);
+
+        Flaw ``mremap-ignores-break-failure`` (v4; analysis C2): the result is ignored.
+        When the slow path fails to allocate, the still-shared table is moved anyway:
+        ``move_ptes`` clears the entries of the table the other process still maps (its
+        rss and the pages' mapcounts still count them: its data is gone, and the
+        counters go bad at its exit), or, for a whole aligned PMD, ``move_normal_pmd``'s
+        ``pmd_populate`` installs the shared table behind a *writable* PMD (writes no
+        longer fault, so COW of the other process's pages is lost). Fixed: a failed
+        break stops the move like a failed ``pte_alloc`` (``move_vma`` moves back and
+        returns -ENOMEM).
+        """
+        r = yield from self.break_cow_pte(t, vma, idx, "move_page_tables")
+        return not r or self.config.has("mremap-ignores-break-failure")
+
+    def cow_mremap_dst(self, t: Thread, new_vma: Vma, idx: int) -> Gen:
+        """``move_ptes`` into the new PMD's table: v4 does not break it.
+
+        Flaw ``mremap-dst-shared`` (v4 03/14 breaks only ``old_pmd``): when the target
+        PMD already holds a COW-ed table (a neighbouring VMA of that PMD was shared at
+        fork and the target range is a hole in it), 6.2's ``move_ptes``
+        (``new_pte = pte_offset_map(new_pmd, new_addr); ... set_pte_at(mm, new_addr,
+        new_pte, pte);``) writes the moved entries into the table the other process
+        still maps: it now maps this process's pages at an address where it has no VMA,
+        without rss or mapcount for them. Fixed: break the target table first (a failure
+        stops the move; -ENOMEM).
+        """
+        if self.config.has("mremap-dst-shared"):
+            return True
+        r = yield from self.break_cow_pte(t, new_vma, idx, "move_ptes")
+        return not r
 
 
 class _VmaView:

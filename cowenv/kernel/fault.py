@@ -36,6 +36,7 @@ from .ops import EAGAIN, EFAULT
 from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
+    PTE_MIGRATION,
     PTE_PRESENT,
     PTE_SOFT_DIRTY,
     PTE_SWAP,
@@ -267,10 +268,14 @@ class FaultMixin:
             if vma.shared:
                 return (yield from self.do_shared_fault(t, vma, vpn, flags))
             return (yield from self.do_anonymous_page(t, vma, vpn, flags))
-        if orig & PTE_SWAP:
+        if orig & (PTE_SWAP | PTE_MIGRATION):  # !pte_present(vmf->orig_pte)
             ret = yield from self.cow_swapin_hook(t, vma, vpn)
             if ret != VM_FAULT_OK:
                 return ret
+            if orig & PTE_MIGRATION:
+                # do_swap_page: if (is_migration_entry(entry)) migration_entry_wait(...)
+                yield from self.migration_entry_wait(t, vma, vpn)
+                return VM_FAULT_OK
             return (yield from self.do_swap_page(t, vma, vpn, orig, flags))
         # if (pte_protnone(vmf->orig_pte) && vma_is_accessible(vmf->vma))
         #         return do_numa_page(vmf);

@@ -38,6 +38,7 @@ from .ops import EAGAIN, EINVAL, ENOMEM
 from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
+    PTE_MIGRATION,
     PTE_PRESENT,
     PTE_SWAP,
     PTE_SWP_EXCLUSIVE,
@@ -301,7 +302,9 @@ class ForkMixin:
             pool.content[new] = pool.content[int(pfn[i])]
             for c in ("page_alloc", "page_copy", "page_account"):
                 self.cost.charge(c)
-            self.page_add_new_anon_rmap(new, dst_vma, int(pool.index[int(pfn[i])]))
+            # copy_present_page: page_add_new_anon_rmap(new_page, dst_vma, addr); the
+            # child's VMA has the parent's vm_pgoff, so the index is the parent page's.
+            self.page_add_new_anon_rmap(new, dst_vma, 0, index=int(pool.index[int(pfn[i])]))
             dst[i] = mk_pte(new, write=bool(dst_vma.flags & VM_WRITE), dirty=True,
                             young=True, user=bool(e[i] & PTE_USER))
             dst_mm.rss[MM_ANONPAGES] += 1
@@ -322,11 +325,17 @@ class ForkMixin:
             for s in (e[swp] >> PFN_SHIFT).tolist():
                 self.swap.swap_map[s] += 1
             dst_mm.rss[MM_SWAPENTS] += int(swp.sum())
+        # copy_nonpresent_pte, migration entries (6.2): rss[mm_counter(page)]++, and
+        # "COW mappings require pages in both parent and child to be set to read. A
+        # previously exclusive entry is now shared": make_readable_migration_entry.
+        mig = (e & PTE_MIGRATION) != 0
+        dst_mm.rss[MM_ANONPAGES] += int(mig.sum())
         src_new = e.copy()
         src_new[swp] &= ~np.int64(PTE_SWP_EXCLUSIVE)
         if cow:
             src_new[share] &= ~np.int64(PTE_WRITE)
-        mask = share | swp
+            src_new[mig] &= ~np.int64(PTE_WRITE | PTE_SWP_EXCLUSIVE)
+        mask = share | swp | mig
         dst[mask] = src_new[mask]
         dst[share] &= ~np.int64(PTE_YOUNG)
         if dst_vma.shared:

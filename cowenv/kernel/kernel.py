@@ -22,6 +22,8 @@ threads, locks, trace) whose methods come from modules laid out like the Linux t
 | :mod:`~cowenv.kernel.tlb` | ``mm/mmu_gather.c``, x86 ``flush_tlb_mm_range``, the TLB |
 | :mod:`~cowenv.kernel.mempolicy` | ``mm/mempolicy.c`` ``change_prot_numa``, ``task_numa_work`` |
 | :mod:`~cowenv.kernel.task_mmu` | ``fs/proc/task_mmu.c`` ``clear_refs``, ``pagemap`` |
+| :mod:`~cowenv.kernel.mremap` | ``mm/mremap.c`` |
+| :mod:`~cowenv.kernel.migrate` | ``mm/migrate.c``, ``try_to_migrate``, compaction |
 
 Each part is a mixin class without state of its own; ``self`` is always the kernel, so a
 function calls any other as ``self.zap_pte_range(...)`` wherever it lives, as kernel C
@@ -52,6 +54,7 @@ from .memory import (
     SwapDevice,
 )
 from .mempolicy import MempolicyMixin
+from .migrate import MigrateMixin
 from .mm import (
     AnonVma,
     MmStruct,
@@ -59,6 +62,7 @@ from .mm import (
 )
 from .mmap import MmapMixin
 from .mprotect import MprotectMixin
+from .mremap import MremapMixin
 from .page_alloc import PageAllocMixin
 from .pgtable import (
     PmdEntry,
@@ -94,6 +98,8 @@ class Kernel(
     TlbMixin,
     MempolicyMixin,
     TaskMmuMixin,
+    MremapMixin,
+    MigrateMixin,
 ):
     """The classic (upstream) kernel.
 
@@ -198,6 +204,9 @@ class Kernel(
     def cow_madvise_break(self, t: Thread, vma: Vma, idx: int, site: str) -> Gen:
         """MADV_FREE's ``break_cow_pte`` (cowpte may skip it: walker-skips-break)."""
         return (yield from self.cow_break_for_walker(t, vma, idx, site))
+    def cow_split_vma(self, t: Thread, vma: Vma, at: int) -> Gen:
+        """``__split_vma``: COW PTE v4 breaks the table of ``at`` first; 0 or -ENOMEM."""
+        return (yield from _done(0))
     def cow_fork_seq_brackets_sharing(self, src_mm: MmStruct) -> bool:
         """Whether fork's ``write_protect_seq`` section also covers COW PTE sharing."""
         return True

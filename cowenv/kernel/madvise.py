@@ -80,10 +80,17 @@ class MadviseMixin:
                         stop = max(v.start, start)
                         break
                     if newflags(v.flags) != v.flags:
+                        at0 = max(v.start, start)
                         if v.start < start:
-                            v = self.split_vma(mm, v, start)
-                        if end < v.end:
-                            self.split_vma(mm, v, end)
+                            v = yield from self.split_vma_checked(t, mm, v, start)
+                        if not isinstance(v, int) and end < v.end:
+                            r = yield from self.split_vma_checked(t, mm, v, end)
+                            if isinstance(r, int):
+                                v = r
+                        if isinstance(v, int):
+                            # madvise_update_vma → split_vma failed (COW PTE's break)
+                            ret, stop = v, at0  # the VMAs before it changed
+                            break
                         v.flags = newflags(v.flags)
                 if self.oracle is not None and stop > start:
                     self.oracle.on_madvise_flags(mm, start, stop, advice)

@@ -76,7 +76,8 @@ class Vma:
         chain: Every anon_vma this VMA is linked into (``anon_vma_chain``): its own plus
             its ancestors' after ``anon_vma_fork``.
         shmem: Backing shmem object for shared anonymous mappings, else None.
-        pgoff: Page offset into ``shmem`` of ``start``.
+        pgoff: ``vm_pgoff``: page offset into ``shmem`` of ``start``; for an anonymous
+            VMA the page number ``start`` had at mmap time (see :meth:`linear_page_index`).
         lock: The per-VMA lock (``vma->vm_lock``), used in the ``vma_lock`` fault mode.
         detached: Set once the VMA is unlinked from the mm (munmap/exit).
         lock_seq: ``vm_lock_seq``: equal to ``mm.mm_lock_seq`` while write-locked.
@@ -99,6 +100,20 @@ class Vma:
         self.lock = RwSemaphore(f"vma{vid}.lock", "vma_lock")
         self.detached = False
         self.lock_seq = -1
+
+    def linear_page_index(self, vpn: int) -> int:
+        """``linear_page_index``: ``vm_pgoff`` plus the page's offset in the VMA.
+
+        Anonymous VMAs start with ``vm_pgoff`` = their first page (``do_mmap``), so the
+        index of an anonymous page is the page number it was first faulted at; mremap
+        moves a VMA and keeps its ``vm_pgoff``, so rmap finds moved pages through it.
+        """
+        return self.pgoff + (vpn - self.start)
+
+    def vpn_of_index(self, index: int) -> int | None:
+        """``vma_address``: the page of this VMA whose linear index is ``index``, or None."""
+        v = self.start + (index - self.pgoff)
+        return v if self.start <= v < self.end else None
 
     @property
     def shared(self) -> bool:

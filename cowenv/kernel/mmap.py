@@ -40,6 +40,7 @@ from .ops import ENOMEM, parse_prot
 from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
+    PTE_MIGRATION,
     PTE_PRESENT,
     PTE_SOFT_DIRTY,
     PTE_SWAP,
@@ -88,16 +89,49 @@ class MmapMixin:
         """
         for v in mm.vmas_in(start, end):
             yield from self.vma_start_write(t, v)
-        return self._split_range(t, mm, start, end)
-    def _split_range(self, t: Thread, mm: MmStruct, start: int, end: int) -> list[Vma]:
-        """Split VMAs at ``start``/``end``; return the VMAs inside ``[start, end)``."""
+        return (yield from self._split_range(t, mm, start, end))
+    def _split_range(self, t: Thread, mm: MmStruct, start: int, end: int) -> Gen:
+        """Split VMAs at ``start``/``end``; return the VMAs inside ``[start, end)``.
+
+        Returns -ENOMEM if a split fails (COW PTE's break in ``__split_vma``), with the
+        splits made before it left in place, as ``do_vmi_align_munmap`` leaves them.
+        """
         for v in mm.vmas_in(start, end):
             if v.start < start < v.end:
-                self.split_vma(mm, v, start)
+                r = yield from self.split_vma_checked(t, mm, v, start)
+                if isinstance(r, int):
+                    return r
         for v in mm.vmas_in(start, end):
             if v.start < end < v.end:
-                self.split_vma(mm, v, end)
+                r = yield from self.split_vma_checked(t, mm, v, end)
+                if isinstance(r, int):
+                    return r
         return mm.vmas_in(start, end)
+    def split_vma_checked(self, t: Thread, mm: MmStruct, vma: Vma, at: int) -> Gen:
+        """``__split_vma`` with its failure: COW PTE v4 03/14 breaks COW first.
+
+        v4 (``mm/mmap.c``)::
+
+            err = break_cow_pte(vma, NULL, addr);
+            if (err)
+                return err;
+            new = vm_area_dup(vma);
+
+        Returns the upper VMA, or -ENOMEM. Lock contract: mmap_lock write.
+        """
+        err = yield from self.cow_split_vma(t, vma, at)
+        if err:
+            return err
+        # __split_vma → __vma_adjust (6.2): anon_vma_lock_write(vma->anon_vma) around
+        # the boundary change, so an rmap walk (migration's remove_migration_ptes,
+        # reclaim) never uses a VMA whose range moved under it.
+        root = vma.anon_vma.root if vma.anon_vma is not None else None
+        if root is not None:
+            yield from self.lock(t, root.lock, WRITE, "__split_vma")
+        new = self.split_vma(mm, vma, at)
+        if root is not None:
+            self.unlock(t, root.lock, WRITE, "__split_vma")
+        return new
     def sys_mmap(self, t: Thread, addr: int, length: int, prot: str = "rw",
                  shared: bool = False, populate: bool = False) -> Gen:
         """``mmap(addr, length, prot, MAP_FIXED|MAP_ANONYMOUS|MAP_PRIVATE/SHARED)``.
@@ -111,7 +145,12 @@ class MmapMixin:
         start, end = self._vpn_range(addr, length)
         yield from self.lock(t, mm.mmap_lock, WRITE, "do_mmap")
         if mm.vmas_in(start, end):
-            yield from self.do_vmi_munmap(t, mm, start, end, downgrade=False)
+            # mmap_region: if (do_vmi_munmap(&vmi, mm, addr, len, uf, false)) return
+            # -ENOMEM; (a split can fail: COW PTE's break in __split_vma).
+            ret = yield from self.do_vmi_munmap(t, mm, start, end, downgrade=False)
+            if ret:
+                self.mmap_write_unlock(t, mm, "do_mmap")
+                return -ENOMEM
         bits = parse_prot(prot)
         # mmap_region: "New (or expanded) vma always get soft dirty status."
         flags = VM_MAYWRITE | VM_SOFTDIRTY | (VM_READ if bits & 1 else 0) | (
@@ -121,7 +160,8 @@ class MmapMixin:
             flags |= VM_SHARED
             obj = ShmemObject(self._id("shmem"), end - start)
             self.shmem[obj.id] = obj
-        vma = Vma(self._id("vma"), mm, start, end, flags, obj, 0)
+        # do_mmap: an anonymous mapping's vm_pgoff is addr >> PAGE_SHIFT.
+        vma = Vma(self._id("vma"), mm, start, end, flags, obj, 0 if obj else start)
         self.get_file(obj)
         mm.insert_vma(vma)
         if self.oracle is not None:
@@ -191,7 +231,7 @@ class MmapMixin:
                 pool.mapcount[pfns] = 1
                 pool.flags[pfns] |= PG_anon | PG_anon_exclusive | PG_swapbacked
                 pool.anon_vma[pfns] = vma.anon_vma.id
-                pool.index[pfns] = vpns
+                pool.index[pfns] = vma.pgoff + (vpns - vma.start)  # linear_page_index
                 pool.lru_add(pfns)
                 new = seg.copy()
                 new[none] = ((pfns << PFN_SHIFT) | PTE_PRESENT | PTE_WRITE | PTE_DIRTY
@@ -225,6 +265,12 @@ class MmapMixin:
         caller then releases READ).
         """
         vmas = yield from self.vma_split_range(t, mm, start, end)
+        if isinstance(vmas, int):
+            # __split_vma failed: nothing unmapped. 6.2's __vm_munmap then does
+            # mmap_write_unlock; the model hands back the read lock its callers release.
+            if downgrade:
+                self.mmap_write_downgrade(t, mm)
+            return vmas
         for v in vmas:
             mm.vmas.remove(v)
             v.detached = True
@@ -372,6 +418,9 @@ class MmapMixin:
         pfns = (e[present] >> PFN_SHIFT)
         pfns = pfns[pfns != ZERO_PFN]
         swaps = e[(e & PTE_SWAP) != 0] >> PFN_SHIFT
+        # Migration entries: rss[mm_counter(page)]-- (anonymous pages only migrate).
+        mig = int(np.count_nonzero(e & PTE_MIGRATION))
+        mm.rss[MM_ANONPAGES] -= mig
         if len(pfns):
             fl = pool.flags[pfns]
             anon = (fl & PG_anon) != 0
@@ -382,7 +431,7 @@ class MmapMixin:
         for s in swaps.tolist():
             self.free_swap_and_cache(int(s), "zap_pte_range")
         mm.rss[MM_SWAPENTS] -= len(swaps)
-        self.cost.charge("page_account", len(pfns) + len(swaps))
+        self.cost.charge("page_account", len(pfns) + len(swaps) + mig)
         if clear and live:
             self.cost.charge("pte_write", int(np.count_nonzero(e)))
             self.set_ptes(t, mm, table, lo, np.zeros(hi - lo, dtype=np.int64), "zap_pte_range")

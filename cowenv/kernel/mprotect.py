@@ -25,8 +25,10 @@ from .mm import (
 from .ops import ENOMEM, parse_prot
 from .pgtable import (
     PFN_SHIFT,
+    PTE_MIGRATION,
     PTE_PRESENT,
     PTE_SOFT_DIRTY,
+    PTE_SWP_EXCLUSIVE,
     PTE_USER,
     PTE_WRITE,
     ZERO_PFN,
@@ -67,9 +69,15 @@ class MprotectMixin:
         for v in mm.vmas_in(start, end):
             if v.flags & (VM_READ | VM_WRITE) != newf:
                 if v.start < start:
-                    v = self.split_vma(mm, v, start)
-                if end < v.end:
-                    self.split_vma(mm, v, end)
+                    v = yield from self.split_vma_checked(t, mm, v, start)
+                if not isinstance(v, int) and end < v.end:
+                    v = yield from self.split_vma_checked(t, mm, v, end)
+                if isinstance(v, int):
+                    # mprotect_fixup → split_vma failed (COW PTE's break): -ENOMEM.
+                    # Simplification: the model splits every VMA before changing any,
+                    # so no VMA has changed yet (the kernel changes those before it).
+                    self.mmap_write_unlock(t, mm, "do_mprotect_pkey")
+                    return v
         vmas = [v for v in mm.vmas_in(start, end) if v.flags & (VM_READ | VM_WRITE) != newf]
         ret = yield from self.cow_mprotect_prepare(t, mm, start, end)
         if ret:
@@ -81,12 +89,19 @@ class MprotectMixin:
         # ...) per VMA ...; tlb_finish_mmu(&tlb) (mm/mprotect.c, mmu_gather since 6.0).
         tlb = self.tlb_gather_mmu(t, mm)
         for v in vmas:
-            r = yield from self.change_protection(t, v, bits)
-            if r < 0:
-                ret = r
-                break
+            # mprotect_fixup: "vma->vm_flags = newflags; ... vma_set_page_prot(vma);
+            # change_protection(...)": the new protection is visible to rmap walkers
+            # (remove_migration_pte's mk_pte(new, READ_ONCE(vma->vm_page_prot))) before
+            # the PTEs change. The model's change_protection may fail (the fixed COW
+            # PTE design); then the old flags come back.
+            old_flags = v.flags
             v.flags = (v.flags & ~(VM_READ | VM_WRITE)) | (VM_READ if bits & 1 else 0) | (
                 VM_WRITE if bits & 2 else 0)
+            r = yield from self.change_protection(t, v, bits)
+            if r < 0:
+                v.flags = old_flags
+                ret = r
+                break
         self.tlb_finish_mmu(t, tlb)
         if self.oracle is not None:
             if ret == 0:
@@ -191,6 +206,16 @@ class MprotectMixin:
             table, ptl = got
             e = table.entries[lo:hi]
             present = (e & PTE_PRESENT) != 0
+            mig_w = (e & (PTE_MIGRATION | PTE_WRITE)) == (PTE_MIGRATION | PTE_WRITE)
+            if mig_w.any():
+                # change_pte_range, 6.2: "A protection check is difficult so just be
+                # safe and disable write": make_readable_exclusive_migration_entry for
+                # an anonymous page (the only kind that migrates in the model).
+                new = e.copy()
+                new[mig_w] = (new[mig_w] & ~np.int64(PTE_WRITE)) | PTE_SWP_EXCLUSIVE
+                self.cost.charge("pte_write", int(mig_w.sum()))
+                self.set_ptes(t, mm, table, lo, new, "change_pte_range")
+                e = table.entries[lo:hi]
             if prot_numa:
                 present &= (e & PTE_USER) != 0  # if (pte_protnone(oldpte)) continue;
                 pfn = e >> PFN_SHIFT

@@ -15,16 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 EPERM = 1
+ENOENT = 2
 ESRCH = 3
 EINTR = 4
 EAGAIN = 11
 ENOMEM = 12
+EACCES = 13
 EFAULT = 14
 EBUSY = 16
 EINVAL = 22
 
-ERRNO_NAMES = {EPERM: "EPERM", ESRCH: "ESRCH", EINTR: "EINTR", EAGAIN: "EAGAIN",
-               ENOMEM: "ENOMEM", EFAULT: "EFAULT",
+ERRNO_NAMES = {EPERM: "EPERM", ENOENT: "ENOENT", ESRCH: "ESRCH", EINTR: "EINTR",
+               EAGAIN: "EAGAIN", ENOMEM: "ENOMEM", EACCES: "EACCES", EFAULT: "EFAULT",
                EBUSY: "EBUSY", EINVAL: "EINVAL"}
 
 ADVICES = ("DONTNEED", "FREE", "PAGEOUT", "WIPEONFORK", "KEEPONFORK", "DONTFORK", "DOFORK")
@@ -91,6 +93,15 @@ OPS: dict[str, OpSpec] = {o.name: o for o in (
            "self)"),
     OpSpec("pagemap", (_a("addr", "addr"), _a("pid", "pid", 0)), False,
            "read /proc/PID/pagemap at addr: the flag bits 55-63 >> 55 (pid 0 = self)"),
+    OpSpec("mremap", (_a("addr", "addr"), _a("old_length", "len"), _a("new_length", "len"),
+                      _a("maymove", "bool", True), _a("new_addr", "addr", -1)), False,
+           "mremap(addr, old_length, new_length, MREMAP_MAYMOVE [|MREMAP_FIXED, new_addr])"),
+    OpSpec("move_pages", (_a("addr", "addr"), _a("length", "len"), _a("all", "bool", False)),
+           False, "move_pages(0, ...) of every page of [addr, addr+length): "
+           "MPOL_MF_MOVE (or MPOL_MF_MOVE_ALL with all)"),
+    OpSpec("compact", (_a("nr", "int", 1), _a("pid", "pid", 0), _a("addr", "addr", -1)), True,
+           "kcompactd: migrate up to nr movable LRU pages in pfn order (optionally starting "
+           "with the page mapped at pid:addr)"),
 )}
 
 

@@ -43,6 +43,8 @@ kernel's debug checks (:mod:`cowenv.kernel.debug_vm`: page-table-check, writable
 ``PageAnonExclusive``, ``sanity_check_pinned_pages``, exclusive swap entries) and the
 shadow sweep (:meth:`Oracle.check_shadow`), which compares every mapped page and every
 pin with the shadow without waiting for a read.
+9. no migration entry is left when no migration is in progress (migration entries count
+   in MM_ANONPAGES, as ``mm_counter(page)`` does in the kernel).
 """
 
 from __future__ import annotations
@@ -62,7 +64,15 @@ from .memory import (
     PG_table,
 )
 from .mm import MM_ANONPAGES, MM_COUNTER_NAMES, MM_SHMEMPAGES, MM_SWAPENTS, MmStruct
-from .pgtable import PFN_SHIFT, PTE_PRESENT, PTE_SWAP, PTE_USER, PTE_WRITE, ZERO_PFN
+from .pgtable import (
+    PFN_SHIFT,
+    PTE_MIGRATION,
+    PTE_PRESENT,
+    PTE_SWAP,
+    PTE_USER,
+    PTE_WRITE,
+    ZERO_PFN,
+)
 
 if TYPE_CHECKING:
     from .memory import PagePool, ShmemObject, SwapDevice
@@ -135,6 +145,8 @@ class Oracle:
         # mprotect calls in progress per mm: (start, end, new prot). While one runs, user
         # accesses may see the old or the new protection (PTEs change table by table).
         self.mprotecting: dict[int, list[tuple[int, int, int]]] = {}
+        # mremap moves in progress per mm: (old start, old end, new - old).
+        self.moving: dict[int, list[tuple[int, int, int]]] = {}
         self.pin_seq = 0
         self.accounting_enabled = True
         # (address key or ("pin", id), value) pairs the shadow sweep already reported.
@@ -218,6 +230,72 @@ class Oracle:
         for v in [v for v in d if start <= v < end]:
             del d[v]
         self._detach_pins(mm, start, end)
+
+    def on_mremap_expand(self, mm: MmStruct, old_end: int, new_end: int) -> None:
+        """Mremap grew the mapping ending at ``old_end`` in place: the new pages are zero."""
+        for r in self._regions(mm):
+            if r.end == old_end:
+                r.end = new_end
+                break
+        d = self.anon.get(mm.id, {})
+        for v in [v for v in d if old_end <= v < new_end]:
+            del d[v]
+
+    def on_mremap_begin(self, mm: MmStruct, old: int, old_pages: int, new: int,
+                        new_pages: int) -> None:
+        """``move_vma`` starts: the new range holds what the old one holds (zero beyond).
+
+        Until :meth:`on_mremap_end`, the two ranges are linked: a store or DMA write at
+        one page is also what the other may show, since the entry moves at some point
+        the shadow cannot see (stores go through the old PTE before the move, through
+        the new one after). Pins on the old range follow their pages to the new one,
+        loosely (a DMA write may be seen at either address).
+        """
+        src = next((r for r in self._regions(mm) if r.start <= old < r.end), None)
+        if src is None:
+            return
+        self._carve(mm, new, new + new_pages)
+        regs = [r for r in self._regions(mm) if r.end <= new or r.start >= new + new_pages]
+        nr = Region(new, new + new_pages, src.shm, src.shm_base + (old - src.start), src.prot,
+                    src.wipe, src.dontcopy)
+        regs.append(nr)
+        regs.sort(key=lambda r: r.start)
+        self.regions[mm.id] = regs
+        d = self.anon.setdefault(mm.id, {})
+        for v in [v for v in d if new <= v < new + new_pages]:
+            del d[v]
+        n = min(old_pages, new_pages)
+        if src.shm is None:
+            for v, ent in sorted(d.items()):
+                if old <= v < old + n:
+                    d[v - old + new] = ent
+        for p in self.pins.values():
+            if p["mm"] == mm.id and old <= p["vpn"] < old + n and p["key"] is not None \
+                    and p["key"][0] == "a":
+                p["vpn"] = p["vpn"] - old + new
+                p["key"] = ("a", mm.id, p["vpn"])
+                p["loose"] = True
+        self.moving.setdefault(mm.id, []).append((old, old + n, new - old))
+
+    def on_mremap_end(self, mm: MmStruct) -> None:
+        """``move_vma`` moved (or moved back) the entries; the old or new range is unmapped next."""
+        recs = self.moving.get(mm.id)
+        if recs:
+            recs.pop()
+            if not recs:
+                del self.moving[mm.id]
+
+    def _linked(self, key: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Anonymous keys linked with ``key`` by an mremap in progress (see above)."""
+        if key[0] != "a":
+            return []
+        out = []
+        for s, e, delta in self.moving.get(key[1], []):
+            if s <= key[2] < e:
+                out.append(("a", key[1], key[2] + delta))
+            elif s + delta <= key[2] < e + delta:
+                out.append(("a", key[1], key[2] - delta))
+        return out
 
     def on_mprotect_begin(self, mm: MmStruct, start: int, end: int, prot: int) -> None:
         """Note an mprotect that starts changing PTEs.
@@ -364,6 +442,7 @@ class Oracle:
         self.anon.pop(mm.id, None)
         self.flux.pop(mm.id, None)
         self.mprotecting.pop(mm.id, None)
+        self.moving.pop(mm.id, None)
 
     # ------------------------------------------------------------------ user access
     def _contract_access(self, t: Thread, mm: MmStruct, vpn: int, write: bool) -> bool:
@@ -401,6 +480,11 @@ class Oracle:
             self._set(key, self._flux_write(mm.id, vpn, tok))
         else:
             self._set(key, ((tok,), True))
+        for k2 in self._linked(key):  # an mremap in progress moves this page
+            self._set(k2, ((tok,), True))
+            for p in self.pins.values():
+                if self._coupling(p, k2) is not None:
+                    p["expect"] = self._add(p["expect"], tok)
         for p in self.pins.values():
             c = self._coupling(p, key)
             if c == "exact":
@@ -532,6 +616,8 @@ class Oracle:
             if c == "loose":
                 e = self._add(self._get(key), tok)
             self._set(key, e)
+            for k2 in self._linked(key):
+                self._set(k2, self._add(self._get(k2), tok))
         else:
             self._set(key, ((tok,), True))
         for q in self.pins.values():
@@ -741,6 +827,17 @@ class Oracle:
                 sw = e[(e & PTE_SWAP) != 0] >> PFN_SHIFT
                 swaps.append(sw)
                 swp = len(sw)
+                # A migration entry counts as its page (mm_counter(page); only anon
+                # pages migrate). 9. None is left at a quiescent point: every migration
+                # ends with remove_migration_ptes.
+                nmig = int(np.count_nonzero(e & PTE_MIGRATION))
+                anon += nmig
+                if nmig:
+                    at = int(np.nonzero(e & PTE_MIGRATION)[0][0])
+                    rep("accounting", "remove_migration_ptes",
+                        f"mm{mm.id} holds {nmig} migration entr(ies) with no migration in "
+                        f"progress (first: entry {at} of its tables, naming page "
+                        f"{int(e[at] >> PFN_SHIFT)})")
             for i, n in ((MM_ANONPAGES, anon), (MM_SHMEMPAGES, shm), (MM_SWAPENTS, swp)):
                 if mm.rss[i] != n:
                     rep("accounting", "get_mm_counter",

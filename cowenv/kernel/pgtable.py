@@ -21,8 +21,15 @@ bit                   name  meaning
 5                     SWP   a non-present swap entry (payload = swap slot)
 6                     SWX   ``pte_swp_exclusive`` marker of a swap entry
 7                     SD    ``_PAGE_SOFT_DIRTY`` (``_PAGE_SWP_SOFT_DIRTY`` in a swap entry)
-8..                   pfn   page frame number, or swap slot for SWP entries
+8                     MIG   a non-present migration entry (payload = the pfn migrated)
+9..                   pfn   page frame number, or swap slot for SWP entries
 ====================  ====  ===========================================================
+
+A migration entry (``include/linux/swapops.h`` of 6.2: ``SWP_MIGRATION_READ``,
+``SWP_MIGRATION_READ_EXCLUSIVE``, ``SWP_MIGRATION_WRITE``) is ``MIG`` plus the pfn; its
+type is carried by ``RW`` (writable) and ``SWX`` (readable exclusive), and the young and
+dirty bits that ``make_migration_entry_young``/``_dirty`` (6.1) keep by ``A``/``D``. It
+is never ``SWP``: the model's swap entries are only real swap slots.
 
 ``0`` is ``pte_none``. Frame 0 is the shared zero page (``ZERO_PFN``).
 
@@ -54,7 +61,8 @@ PTE_USER = 1 << 4
 PTE_SWAP = 1 << 5
 PTE_SWP_EXCLUSIVE = 1 << 6
 PTE_SOFT_DIRTY = 1 << 7
-PFN_SHIFT = 8
+PTE_MIGRATION = 1 << 8
+PFN_SHIFT = 9
 FLAG_MASK = (1 << PFN_SHIFT) - 1
 
 #: The shared zero page: ``my_zero_pfn()``; never refcounted by mappings.
@@ -81,6 +89,30 @@ def swp_entry_to_pte(slot: int, exclusive: bool) -> int:
     return (slot << PFN_SHIFT) | PTE_SWAP | (PTE_SWP_EXCLUSIVE if exclusive else 0)
 
 
+def make_migration_entry(pfn: int, write: bool, exclusive: bool, young: bool,
+                         dirty: bool) -> int:
+    """A migration entry for ``pfn``; ``exclusive`` is ignored when writable.
+
+    ``make_writable_migration_entry`` / ``make_readable_exclusive_migration_entry`` /
+    ``make_readable_migration_entry``, with ``make_migration_entry_young``/``_dirty``.
+    """
+    v = (pfn << PFN_SHIFT) | PTE_MIGRATION
+    if write:
+        v |= PTE_WRITE
+    elif exclusive:
+        v |= PTE_SWP_EXCLUSIVE
+    if young:
+        v |= PTE_YOUNG
+    if dirty:
+        v |= PTE_DIRTY
+    return v
+
+
+def is_migration_entry(pte: int) -> bool:
+    """``is_migration_entry(pte_to_swp_entry(pte))``."""
+    return bool(pte & PTE_MIGRATION)
+
+
 def pte_pfn(pte: int) -> int:
     """Return the frame (or swap slot) of ``pte``."""
     return pte >> PFN_SHIFT
@@ -105,6 +137,9 @@ def describe_pte(pte: int) -> str:
     """Human-readable form of a PTE for traces and renders."""
     if pte == 0:
         return "none"
+    if pte & PTE_MIGRATION:
+        kind = "w" if pte & PTE_WRITE else ("x" if pte & PTE_SWP_EXCLUSIVE else "r")
+        return f"migration:{pte >> PFN_SHIFT}/{kind}"
     if pte & PTE_SWAP:
         return (f"swap:{pte >> PFN_SHIFT}{'x' if pte & PTE_SWP_EXCLUSIVE else ''}"
                 f"{'s' if pte & PTE_SOFT_DIRTY else ''}")

@@ -32,6 +32,7 @@ from .mm import (
 from .pgtable import (
     PFN_SHIFT,
     PTE_DIRTY,
+    PTE_MIGRATION,
     PTE_PRESENT,
     PTE_SOFT_DIRTY,
     PTE_YOUNG,
@@ -39,6 +40,12 @@ from .pgtable import (
     swp_entry_to_pte,
 )
 from .sched import Gen, Thread
+
+#: ``page_vma_mapped_walk`` callers that pass COW PTE v4's ``PVMW_BREAK_COW_PTE``
+#: (04/14) among those the model has: ``try_to_unmap_one``, ``try_to_migrate_one`` and
+#: ``remove_migration_pte`` (not ``folio_referenced_one``).
+PVMW_BREAK_COW_PTE_SITES = frozenset(
+    ("try_to_unmap_one", "try_to_migrate_one", "remove_migration_pte"))
 
 
 class RmapMixin:
@@ -54,14 +61,18 @@ class RmapMixin:
             p = int(pfns[mc < 0][0])
             self._report("accounting", site, f"Bad page map: mapcount of page {p} is "
                          f"{int(self.pool.mapcount[p])}")
-    def page_add_new_anon_rmap(self, pfn: int, vma: Vma, vpn: int) -> None:
-        """``page_add_new_anon_rmap``: mapcount 1, exclusive, linked to vma's anon_vma."""
+    def page_add_new_anon_rmap(self, pfn: int, vma: Vma, vpn: int,
+                               index: int | None = None) -> None:
+        """``page_add_new_anon_rmap``: mapcount 1, exclusive, linked to vma's anon_vma.
+
+        ``page->index`` is ``linear_page_index(vma, address)`` (or ``index`` if given).
+        """
         pool = self.pool
         pool.mapcount[pfn] = 1
         pool.flags[pfn] |= PG_anon | PG_anon_exclusive | PG_swapbacked
         assert vma.anon_vma is not None
         pool.anon_vma[pfn] = vma.anon_vma.id
-        pool.index[pfn] = vpn
+        pool.index[pfn] = vma.linear_page_index(vpn) if index is None else index
         pool.lru_add([pfn])
     def page_add_anon_rmap(self, pfn: int, vma: Vma, vpn: int, exclusive: bool) -> None:
         """``page_add_anon_rmap`` (mm/rmap.c, 6.2) for a small page, e.g. a swap-cache folio.
@@ -93,7 +104,7 @@ class RmapMixin:
             assert av is not None
             pool.flags[pfn] |= PG_anon
             pool.anon_vma[pfn] = av.id if exclusive else av.root.id
-            pool.index[pfn] = vpn
+            pool.index[pfn] = vma.linear_page_index(vpn)
         if exclusive:
             pool.flags[pfn] |= PG_anon_exclusive
     def anon_vma_prepare(self, vma: Vma) -> None:
@@ -142,8 +153,12 @@ class RmapMixin:
             return []
         # anon_vma_lock_read: the root's rwsem (returned for the caller to release).
         yield from self.lock(t, av.root.lock, READ, site)
-        vpn = int(self.pool.index[pfn])
-        cands = [(v, vpn) for v in list(av.vmas) if v.start <= vpn < v.end and not v.detached]
+        index = int(self.pool.index[pfn])
+        cands = []
+        for v in list(av.vmas):
+            vpn = v.vpn_of_index(index)  # vma_address(): pgoff, not the address
+            if vpn is not None and not v.detached:
+                cands.append((v, vpn))
         return av.root, cands
     def _rmap_map_pte(self, t: Thread, vma: Vma, vpn: int, pfn: int, site: str) -> Gen:
         """``page_vma_mapped_walk``: find the table, then lock it and check the PTE maps ``pfn``.
@@ -177,10 +192,20 @@ class RmapMixin:
             self.unlock(t, ptl, WRITE, site)
             return None
         pte = int(table.entries[off])
-        if not pte & PTE_PRESENT or pte >> PFN_SHIFT != pfn:
+        if not self.pvmw_check_pte(pte, pfn, site):
             self.unlock(t, ptl, WRITE, site)
             return None
         return table, ptl, off
+    @staticmethod
+    def pvmw_check_pte(pte: int, pfn: int, site: str) -> bool:
+        """``check_pte`` (mm/page_vma_mapped.c): does the PTE map ``pfn``?
+
+        With ``PVMW_MIGRATION`` (``remove_migration_pte``) it must be a migration entry
+        naming ``pfn``; otherwise a present PTE of ``pfn``.
+        """
+        if site == "remove_migration_pte":
+            return bool(pte & PTE_MIGRATION) and pte >> PFN_SHIFT == pfn
+        return bool(pte & PTE_PRESENT) and pte >> PFN_SHIFT == pfn
     def rmap_table_still_valid(self, mm: MmStruct, idx: int, table: PteTable,
                                site: str = "") -> bool:
         """Re-validate under the PTL that the PMD still points at ``table``.

@@ -1,0 +1,133 @@
+"""The mremap and migration walkers (issue 13): semantics, COW PTE handling, planted bugs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from cowenv.kernel import KernelConfig, make_kernel
+from cowenv.kernel.pgtable import PFN_SHIFT, PTE_MIGRATION
+from cowenv.scenario import load_scenario, run_scenario
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import mutation as mu  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM = sorted((ROOT / "scenarios" / "upstream").glob("*.yaml"))
+T = 8 * 4096  # bytes per table at the small geometry
+
+
+def _kernel(preset: str):  # type: ignore[no-untyped-def]
+    return make_kernel(KernelConfig.from_preset(preset, ptrs_per_pte=8, nr_frames=256))
+
+
+@pytest.mark.parametrize("preset", ["classic", "fixed"])
+def test_mremap_moves_data_and_accounting(preset: str) -> None:
+    k = _kernel(preset)
+    k.do(1, "mmap", addr=16 * T + 3 * 4096, length=T)
+    toks = [k.do(1, "write", addr=16 * T + (3 + i) * 4096) for i in range(8)]
+    k.do(1, "prctl_cow_pte")
+    k.do(1, "fork")
+    rss = k.procs[1].mm.rss[1]
+    # across PMDs, misaligned: extents bounded by both PMD boundaries
+    assert k.do(1, "mremap", addr=16 * T + 3 * 4096, old_length=T, new_length=T,
+                new_addr=40 * T + 5 * 4096) == 40 * T + 5 * 4096
+    assert [k.do(1, "read", addr=40 * T + (5 + i) * 4096) for i in range(8)] == toks
+    assert k.procs[1].mm.rss[1] == rss
+    assert k.do(1, "read", addr=16 * T + 3 * 4096) < 0  # the old range is gone
+    assert [k.do(2, "read", addr=16 * T + (3 + i) * 4096) for i in range(8)] == toks
+    assert not k.violations, [v.signature for v in k.violations]
+
+
+@pytest.mark.parametrize("preset", ["classic", "fixed"])
+def test_mremap_whole_pmd_moves_the_table(preset: str) -> None:
+    k = _kernel(preset)
+    k.do(1, "mmap", addr=16 * T, length=T, populate=True)
+    table = k.procs[1].mm.pmd[16].table
+    assert k.do(1, "mremap", addr=16 * T, old_length=T, new_length=T,
+                new_addr=32 * T) == 32 * T
+    mm = k.procs[1].mm
+    assert 16 not in mm.pmd and mm.pmd[32].table is table and mm.nr_ptes == 1
+    assert not k.violations
+
+
+def test_mremap_failure_moves_back_and_returns_enomem() -> None:
+    k = _kernel("classic")
+    k.do(1, "mmap", addr=16 * T + 4096, length=2 * 4096)
+    tok = k.do(1, "write", addr=16 * T + 4096)
+    k.event("fail_nth", n=1)  # the new PMD's pte_alloc fails
+    assert k.do(1, "mremap", addr=16 * T + 4096, old_length=8192, new_length=8192,
+                new_addr=40 * T) == -12
+    assert k.do(1, "read", addr=16 * T + 4096) == tok
+    assert k.do(1, "read", addr=40 * T) < 0
+    assert not k.violations
+
+
+@pytest.mark.parametrize("preset", ["classic", "fixed"])
+def test_migration_moves_to_a_new_frame(preset: str) -> None:
+    k = _kernel(preset)
+    k.do(1, "mmap", addr=16 * T, length=T)
+    tok = k.do(1, "write", addr=16 * T)
+    k.do(1, "prctl_cow_pte")
+    k.do(1, "fork")
+    mm = k.procs[1].mm
+    old = int(mm.pmd[16].table.entries[0]) >> PFN_SHIFT
+    assert k.do(1, "move_pages", addr=16 * T, length=4096) == -13  # mapcount 2: EACCES
+    assert k.do(1, "move_pages", addr=16 * T, length=4096, all=True) == 0
+    new = int(k.procs[1].mm.pmd[16].table.entries[0]) >> PFN_SHIFT
+    assert new != old and k.pool.is_free(old)
+    assert k.do(2, "read", addr=16 * T) == tok and k.do(1, "read", addr=16 * T) == tok
+    assert not k.violations, [v.signature for v in k.violations]
+
+
+def test_a_fault_waits_on_a_migration_entry() -> None:
+    k = _kernel("classic")
+    k.do(1, "mmap", addr=16 * T, length=T)
+    tok = k.do(1, "write", addr=16 * T)
+    k.do(1, "clone")
+    k.start(1, "move_pages", {"addr": 16 * T, "length": 4096})
+    while k.step(1) != "move_to_new_folio:done":
+        pass
+    assert int(k.procs[1].mm.pmd[16].table.entries[0]) & PTE_MIGRATION
+    k.start(2, "read", {"addr": 16 * T})
+    assert [k.step(2) for _ in range(3)][-1] == "migration_entry_wait:folio_wait"
+    assert k.run(1) == 0
+    assert k.run(2) == tok
+    assert not k.violations
+
+
+def test_split_vma_breaks_cow_as_v4() -> None:
+    """v4 03/14 mm/mmap.c: __split_vma breaks the table of the split address first."""
+    k = _kernel("fixed")
+    k.do(1, "mmap", addr=16 * T, length=T, populate=True)
+    k.do(1, "prctl_cow_pte")
+    k.do(1, "fork")
+    mm = k.procs[1].mm
+    assert not mm.pmd[16].write
+    k.event("fail_nth", n=1)
+    assert k.do(1, "munmap", addr=16 * T + 4 * 4096, length=4096) == -12  # split failed
+    assert len(mm.vmas) == 1 and not mm.pmd[16].write
+    assert k.do(1, "munmap", addr=16 * T + 4 * 4096, length=4096) == 0
+    assert mm.pmd[16].write and mm.pmd[16].table.refcount == 1
+    assert not k.violations
+
+
+@pytest.mark.parametrize("mutant,signature", [
+    ("mremap-drops-rss", "accounting@get_mm_counter"),
+    ("migration-entry-left", "accounting@remove_migration_ptes"),
+])
+def test_planted_walker_bugs_are_caught(mutant: str, signature: str) -> None:
+    """Issue 13 "Must show": each planted bug of the new paths is caught by a scenario."""
+    m = next(x for x in mu.MUTANTS if x.name == mutant)
+    caught = []
+    with mu.planted(m):
+        for p in UPSTREAM:
+            r = run_scenario(load_scenario(p), "fixed")
+            if any(v.signature == signature for v in r.violations):
+                caught.append(p.stem)
+    assert caught, f"{mutant}: no upstream scenario reports {signature}"
+    for p in UPSTREAM:
+        assert run_scenario(load_scenario(p), "fixed").passed, p.stem
