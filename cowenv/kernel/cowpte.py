@@ -639,7 +639,10 @@ class CowPteKernel(Kernel):
         mm = vma.mm
         old = cowed.table
         if not window:
-            new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
+            if nofail:
+                new = yield from self.pte_alloc_one_nofail(t, mm, "handle_cow_pte_fault")
+            else:
+                new = self.pte_alloc_one(mm, "handle_cow_pte_fault")
             if new is None:
                 return -ENOMEM
             yield "handle_cow_pte_fault:allocated"
@@ -667,7 +670,10 @@ class CowPteKernel(Kernel):
             yield "handle_cow_pte_fault:pmd_cleared"
         # pte_alloc_map_lock -> pte_alloc: only if pmd_none(*pmd).
         if window and mm.pmd.get(idx) is None:
-            new = self.pte_alloc_one(mm, "handle_cow_pte_fault", nofail)
+            if nofail:
+                new = yield from self.pte_alloc_one_nofail(t, mm, "handle_cow_pte_fault")
+            else:
+                new = self.pte_alloc_one(mm, "handle_cow_pte_fault")
             if new is None:
                 mm.pmd[idx] = cowed  # set_pmd_at(mm, addr, pmd, cowed_entry): blind
                 # Flaw nr-ptes-on-oom (analysis C3): the mm_dec_nr_ptes above is not
@@ -746,17 +752,14 @@ class CowPteKernel(Kernel):
         Allocate, then under ``page_table_lock`` (the PMD lock) and the old table's PTL
         re-check ``pmd_same`` and either reuse (count fell to 1), or copy, install and drop
         the reference. No ``pmd_none`` window; an allocation failure changes nothing.
+        With ``nofail`` (``__GFP_NOFAIL``) the allocation cannot fail: it waits for the
+        OOM killer (:meth:`~cowenv.kernel.page_alloc.PageAllocMixin.pte_alloc_one_nofail`).
         """
         mm = vma.mm
-        new = self.pte_alloc_one(mm, "break_cow_pte", nofail)
-        while new is None and nofail:
-            # __GFP_NOFAIL never returns NULL: __alloc_pages_slowpath retries, reclaiming
-            # and invoking the OOM killer (__alloc_pages_may_oom), until memory is freed.
-            # (Reached once the reserve is gone too, e.g. after swapoff refilled memory.)
-            self.drain_swap_cache()
-            self.out_of_memory(t)
-            yield "handle_cow_pte_fault:nofail_retry"
-            new = self.pte_alloc_one(mm, "break_cow_pte", nofail)
+        if nofail:
+            new = yield from self.pte_alloc_one_nofail(t, mm, "break_cow_pte")
+        else:
+            new = self.pte_alloc_one(mm, "break_cow_pte")
         if new is None:
             return -ENOMEM
         yield "handle_cow_pte_fault:allocated"
@@ -927,9 +930,38 @@ class CowPteKernel(Kernel):
         rmap, rss and page-put per entry — correct for munmap/exit, where
         ``free_pgtables`` then drops the PMD, but MADV_DONTNEED keeps the PMD: the
         caller keeps reading old data and a later zap decrements again. Otherwise v4
-        breaks and ignores a failure. Fixed: a zap covering the whole PMD drops this
-        mm's reference (accounting, then ``pmd_put_pte`` + ``pmd_clear``); a partial zap
-        breaks COW first with a ``__GFP_NOFAIL`` allocation.
+        breaks and ignores a failure. Fixed:
+
+        * A zap covering the whole PMD drops this mm's reference (accounting of its
+          entries, then ``pmd_put_pte`` + ``pmd_clear``): the other sharers' view is
+          unchanged and nothing is allocated.
+        * Teardown (``exit_mmap``: ``mm_users`` is 0) does the same for *every* PMD, even
+          one this VMA covers only in part. ``exit_mmap`` (``mm/mmap.c``, 6.2) calls
+          ``unmap_vmas(&tlb, &mm->mm_mt, vma, 0, ULONG_MAX)``: the whole address
+          space goes, so the union of the per-VMA zaps of a PMD is everything this mm
+          maps there, and ``free_pgtables`` then clears every PMD. So the first VMA to
+          reach a shared PMD does the accounting of *all* of this mm's VMAs in it
+          (``zap_pte_range``'s per-entry work with the entries left in place, as v4's
+          ``pte_is_shared`` path) and drops the reference; the later VMAs find the PMD
+          none. Accounting is per mm, not per table: ``copy_cow_pte_range`` charged the
+          child rss, mapcount and a page reference for every entry inside its VMAs, so
+          exactly those entries are uncharged. The reference is dropped at once, not left
+          for ``free_pgtables`` as v4 does, because between ``unmap_vmas`` (mmap_lock
+          read) and ``free_pgtables`` the VMAs are still on the anon_vma chains: a
+          ``try_to_unmap_one`` there would break COW and copy entries already uncharged.
+          Breaking instead would allocate on the exit path, where upstream allocates
+          nothing, and ``__GFP_NOFAIL`` would not rescue it: the exiting task is often
+          the OOM victim itself (seed 184 of the fixed soak,
+          ``tests/test_zap_shared_nofail.py``), ``out_of_memory`` kills nobody else while
+          a victim is exiting (``oom_evaluate_task``: ``tsk_is_oom_victim`` → abort), so
+          the allocation could only wait for the memory its own exit would free.
+        * Any other partial zap (``munmap``/``MADV_DONTNEED`` of part of a PMD while the
+          mm lives on) breaks COW first with a ``__GFP_NOFAIL`` allocation, which cannot
+          fail (:meth:`~cowenv.kernel.page_alloc.PageAllocMixin.pte_alloc_one_nofail`:
+          it waits for the OOM killer). It cannot avoid allocating: this mm's view of
+          the PMD must lose ``[lo, hi)`` and keep the rest, the other sharers' must keep
+          everything, and one PTE table cannot be both; there is no "partially
+          shared" table (the PMD entry points at a whole page of PTEs).
 
         Returns True if the entries must not be zapped by the caller.
         """
@@ -955,7 +987,8 @@ class CowPteKernel(Kernel):
             self.zap_pte_range(t, vma, table, idx, lo, hi, clear=False)
             self.unlock(t, ptl, WRITE, "zap_pte_range")
             return True
-        if lo == 0 and hi == P:
+        teardown = mm.users == 0  # exit_mmap: every VMA of the mm is being zapped
+        if (lo == 0 and hi == P) or teardown:
             got = yield from self.pte_offset_map_lock(t, mm, idx, "zap_pte_range")
             if got is None:
                 return True
@@ -965,7 +998,13 @@ class CowPteKernel(Kernel):
                 cur.write = True
                 self.unlock(t, ptl, WRITE, "zap_pte_range")
                 return False
-            self.zap_pte_range(t, vma, table, idx, lo, hi, clear=False)
+            if teardown:
+                for v in mm.vmas_in(idx * P, (idx + 1) * P):
+                    vlo = max(v.start, idx * P) - idx * P
+                    vhi = min(v.end, (idx + 1) * P) - idx * P
+                    self.zap_pte_range(t, v, table, idx, vlo, vhi, clear=False)
+            else:
+                self.zap_pte_range(t, vma, table, idx, lo, hi, clear=False)
             self.pmd_put_pte(cur)
             self.cost.charge("table_ref")
             self.cost.charge("pmd_update")
@@ -974,6 +1013,10 @@ class CowPteKernel(Kernel):
             self.unlock(t, ptl, WRITE, "zap_pte_range")
             self._flush_tlb_range(t, mm, idx)
             return True
+        # The fixed slow path cannot fail with __GFP_NOFAIL. Only v4's slow path (flaw
+        # pmd-clear-window, in a mixed config) may still return -ENOMEM, when its
+        # pte_offset_map_lock fails on 6.5; the PMD is then none or another table, and the
+        # caller's pte_offset_map_lock re-reads it.
         yield from self.break_cow_pte(t, vma, idx, "zap_pte_range", nofail=True)
         return False
 

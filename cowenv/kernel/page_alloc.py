@@ -29,7 +29,7 @@ from .pgtable import (
     PmdEntry,
     PteTable,
 )
-from .sched import Thread
+from .sched import Gen, Thread
 
 
 class PageAllocMixin:
@@ -38,15 +38,21 @@ class PageAllocMixin:
     def alloc_pages(self, n: int, site: str, nofail: bool = False) -> np.ndarray | None:
         """``alloc_pages``: ``n`` frames, honouring ``fail_nth`` and pool exhaustion.
 
-        ``nofail`` models ``__GFP_NOFAIL``: fault injection does not apply (as
-        ``should_fail_alloc_page`` skips it) and the memory reserve may be used. The
-        current thread's ``fail_nth`` (``/proc/thread-self/fail-nth``) is consulted
+        ``nofail`` is *one attempt* of a ``__GFP_NOFAIL`` allocation: fault injection does
+        not apply (as ``should_fail_alloc_page`` skips it), the memory reserve may be used
+        (``__alloc_pages_cpuset_fallback(..., ALLOC_NO_WATERMARKS)``) and direct reclaim
+        runs. It may still return None: only :meth:`pte_alloc_one_nofail`, the slow path's
+        retry loop, gives ``__GFP_NOFAIL``'s guarantee, and callers needing it use that.
+        The current thread's ``fail_nth`` (``/proc/thread-self/fail-nth``) is consulted
         first, then the kernel-wide pressure counter. ``alloc_fail_injected`` tells a
         failure's caller whether it was injected or the pool is exhausted (the fault
         path then calls the OOM killer; see :meth:`FaultMixin._user_access`).
         """
         if nofail:
-            return self.pool.take(n, reserve_ok=True)
+            got = self.pool.take(n, reserve_ok=True)
+            if got is None and self.swap.cache and self.drain_swap_cache():
+                got = self.pool.take(n, reserve_ok=True)
+            return got
         cur = self._cur
         # should_fail_alloc_page → should_fail_ex: current->fail_nth first (per task).
         if cur is not None and cur.fail_nth > 0:
@@ -66,15 +72,42 @@ class PageAllocMixin:
         if got is None and self.swap.cache and self.drain_swap_cache():
             got = self.pool.take(n)  # direct reclaim freed swap-cache-only folios
         return got
-    def alloc_page(self, site: str, nofail: bool = False) -> int | None:
+    def alloc_page(self, site: str) -> int | None:
         """One frame or None."""
-        p = self.alloc_pages(1, site, nofail)
+        p = self.alloc_pages(1, site)
         return None if p is None else int(p[0])
-    def pte_alloc_one(self, mm: MmStruct, site: str, nofail: bool = False) -> PteTable | None:
+    def pte_alloc_one(self, mm: MmStruct, site: str) -> PteTable | None:
         """``pte_alloc_one`` + ``pgtable_pte_page_ctor``: a zeroed table, refcount 1."""
-        pfn = self.alloc_page(site, nofail)
-        if pfn is None:
-            return None
+        pfn = self.alloc_page(site)
+        return None if pfn is None else self._pte_page_ctor(pfn)
+    def pte_alloc_one_nofail(self, t: Thread, mm: MmStruct, site: str) -> Gen:
+        """``pte_alloc_one`` with ``GFP_PGTABLE_USER | __GFP_NOFAIL``: never returns None.
+
+        ``__alloc_pages_slowpath`` (``mm/page_alloc.c``, 6.2) never fails a
+        ``__GFP_NOFAIL`` request: after reclaim it calls ``__alloc_pages_may_oom``, whose
+        ``out_of_memory`` picks a victim (or, when a victim is already exiting or
+        ``current`` is one, kills nothing), retries with ``ALLOC_NO_WATERMARKS``, and
+        otherwise ``cond_resched(); goto retry;`` — forever. Modelled as that loop: an
+        attempt (:meth:`alloc_pages` with ``nofail``: reserve + reclaim), then
+        :meth:`~cowenv.kernel.sched.SchedMixin.out_of_memory`, then a preemption point at
+        which the victim's threads can run their exit, and again.
+
+        Simplified: the model has no ``oom_reaper`` and no ``MMF_OOM_SKIP``, so if no
+        process other than a victim that cannot exit (e.g. the caller's own, killed,
+        process) can free memory, the loop spins until teardown's step cap and the
+        episode ends "not quiescent" — visible, never a silent NULL. Callers on the exit
+        path must not need it (see ``cowpte:cow_zap_hook``), as upstream's
+        ``exit_mmap`` allocates nothing.
+        """
+        while True:
+            got = self.alloc_pages(1, site, nofail=True)
+            if got is not None:
+                return self._pte_page_ctor(int(got[0]))
+            self._ev(t.tid, "event", "nofail_retry", site)
+            self.out_of_memory(t)  # __alloc_pages_may_oom
+            yield "__alloc_pages_slowpath:nofail_retry"
+    def _pte_page_ctor(self, pfn: int) -> PteTable:
+        """``pgtable_pte_page_ctor`` on a fresh frame: a zeroed table, refcount 1."""
         self.pool.flags[pfn] |= PG_table
         self.cost.charge("table_alloc")
         ptl = SpinLock(f"ptl:{pfn}.{int(self.pool.gen[pfn])}", "ptl")

@@ -307,7 +307,8 @@ class SchedMixin:
         replaces the one chosen (``if (points < oc->chosen_points) goto next;``), so the
         youngest of the largest wins. A victim still exiting aborts the selection
         (``oom_evaluate_task``: ``if (tsk_is_oom_victim(task)) ... goto abort``): no
-        second kill until the first has released its memory. Differences: pid 1 is the
+        second kill until the first has released its memory (its ``exit_mmap`` is
+        done). Differences: pid 1 is the
         workload's first process, not init (``oom_unkillable_task``), so it is killable;
         there is no ``oom_reaper``: the victim's memory is freed by its own exit.
 
@@ -316,9 +317,12 @@ class SchedMixin:
         """
         victim = None
         best = -1
+        for p in self.procs.values():
+            if p.killed and not p.mm.dead:
+                # abort: a victim is still on its way out (tsk_is_oom_victim until its
+                # exit_mmap sets MMF_OOM_SKIP), even once it no longer counts as alive
+                return None
         for p in self.live_procs():
-            if p.killed:
-                return None  # abort: a victim is still on its way out
             pts = self.oom_badness(p)
             if pts >= best:
                 victim, best = p, pts
