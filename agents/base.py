@@ -205,7 +205,7 @@ class Teardown:
     the harness, through ordinary env actions (so the schedule records and replays them),
     one preemption point at a time,
 
-    1. runs runnable threads (lowest tid first) until every operation is done -- a
+    1. runs runnable threads (round-robin) until every operation is done -- a
        quiescent point, where the kernel's quiescent-point checks, the shadow sweep
        included, compare every mapped page and every pin with the shadow;
     2. **observes**, once per live process, through its lowest idle thread: a
@@ -231,6 +231,7 @@ class Teardown:
         self._dev_read: dict[tuple[int, int], int] = {}  # (tid, pin slot) -> action
         self._read: dict[int, list[tuple[int, int]]] = {}  # tid -> [(vpn, action)]
         self._observed: set[tuple[int, str, int]] = set()  # (pid, "pin"/"page", id/vpn)
+        self._last_run = -1  # the thread step 1 ran last (round-robin)
 
     def _index(self, env: CowEnv) -> None:
         self._exit, self._dev_read, self._read = {}, {}, {}
@@ -283,10 +284,23 @@ class Teardown:
         mask = env.action_masks()
         k = env.kernel
         tids = sorted(k.threads)
-        for tid in tids:
-            if 0 <= tid < len(mask) and env.catalogue[tid].kind == "run" and mask[tid]:
-                return tid
+        runnable = [tid for tid in tids
+                    if 0 <= tid < len(mask) and env.catalogue[tid].kind == "run" and mask[tid]]
         live = sum(1 for tid in tids if tid != KSWAPD_TID and not k.threads[tid].exited)
+        tight = remaining is not None and remaining <= self.EXIT_SHARE * live
+        if tight:  # the exits' share is all that is left: start the idle threads' exits
+            for tid in reversed(tids):
+                t = k.threads[tid]
+                e = self._exit.get(tid)
+                if e is not None and not t.exited and t.gen is None and mask[e]:
+                    return e
+        if runnable:
+            # Round-robin from the thread after the last one run: a thread that retries
+            # (kcompactd's migrate_pages passes, a fault waiting on a migration entry)
+            # must not use up the reserve while the thread it waits for never runs.
+            tid = next((x for x in runnable if x > self._last_run), runnable[0])
+            self._last_run = tid
+            return tid
         if k.quiescent() and (remaining is None or remaining > self.EXIT_SHARE * live):
             a = self._observe(env, mask)
             if a is not None:
