@@ -32,7 +32,7 @@ from .fault import (
     VM_FAULT_RETRY,
 )
 from .kernel import Kernel
-from .locks import WRITE
+from .locks import WRITE, SpinLock
 from .mm import MMF_COW_PTE, VM_DONTCOPY, VM_WIPEONFORK, MmStruct, Vma
 from .ops import EAGAIN, EINVAL, ENOMEM
 from .pgtable import PTE_MIGRATION, PmdEntry, PteTable
@@ -174,6 +174,23 @@ class CowPteKernel(Kernel):
             return True
         return not self.config.has("wipeonfork-shared") and bool(curr.flags & VM_WIPEONFORK)
 
+    def _lock_fork_pmds(self, t: Thread, dst_mm: MmStruct, ptl: SpinLock) -> Gen:
+        """Take the child's PMD lock and the source table's PTL for ``copy_cow_pte_range``.
+
+        Upstream order (``pmd_lock`` → PTE lock) unless flaw ``fork-ptl-nesting`` is on:
+        then the PMD lock is taken inside the PTL, where v4 02/14's ``pmd_install`` takes
+        it (``spin_lock(src_ptl); pmd_get_pte(src_pmd); pmd_install(...)``), and held
+        over the section. Returns whether the order was upstream's (the callers unlock
+        accordingly).
+        """
+        nested = not self.config.has("fork-ptl-nesting")
+        if nested:
+            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
+        if not nested:
+            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        return nested
+
     def copy_cow_pte_range(self, t: Thread, dst_vma: Vma, src_vma: Vma, idx: int) -> Gen:
         """``copy_cow_pte_range``: share the whole PMD's table with the child.
 
@@ -226,14 +243,7 @@ class CowPteKernel(Kernel):
         spmd = src_mm.pmd[idx]
         table = spmd.table
         ptl = self.pte_lockptr(src_mm, table)
-        # With fork-ptl-nesting the child's PMD lock is taken inside the PTL at the start,
-        # where v4's pmd_install takes it, and held over the section.
-        nested = not self.config.has("fork-ptl-nesting")
-        if nested:
-            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
-        yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
-        if not nested:
-            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        nested = yield from self._lock_fork_pmds(t, dst_mm, ptl)
         ret, recover_end = 0, 0
         snapshot = np.zeros(0, dtype=np.int64)
         for curr in src_mm.vmas_in(idx * P, (idx + 1) * P):
@@ -363,12 +373,7 @@ class CowPteKernel(Kernel):
         table = spmd.table
         ptl = self.pte_lockptr(src_mm, table)
         # spin_lock(src_ptl); pmd_get_pte(src_pmd); pmd_install(dst_mm, dst_pmd, &pte_table);
-        nested = not self.config.has("fork-ptl-nesting")
-        if nested:
-            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
-        yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
-        if not nested:
-            yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
+        nested = yield from self._lock_fork_pmds(t, dst_mm, ptl)
         self.pmd_get_pte(spmd)
         self.cost.charge("table_ref")
         if dst_mm.pmd.get(idx) is None:

@@ -85,6 +85,23 @@ class FaultMixin:
         if write and not (pte & PTE_WRITE and pmd.write):
             return None
         return table, off, pte
+    def _access_frame(self, t: Thread, mm: MmStruct, vpn: int, pfn: int, write: bool) -> int:
+        """The load or store itself, once the MMU has a translation to frame ``pfn``.
+
+        A store writes a fresh token (the page's new content) and returns it; a load
+        returns the content. The oracle sees either (isolation is checked on the read).
+        """
+        if write:
+            tok = self.new_token()
+            self.pool.content[pfn] = tok
+            if self.oracle is not None:
+                self.oracle.on_user_write(t, mm, vpn, tok)
+            return tok
+        val = int(self.pool.content[pfn])
+        if self.oracle is not None:
+            self.oracle.on_user_read(t, mm, vpn, val, t.fault_site or "user_access")
+        return val
+
     def _user_access(self, t: Thread, addr: int, write: bool) -> Gen:
         """A user load/store at ``addr``: the MMU access, faulting until it succeeds.
 
@@ -107,17 +124,7 @@ class FaultMixin:
                 if pfn == -2:
                     return -EFAULT
                 if pfn >= 0:
-                    if write:
-                        tok = self.new_token()
-                        self.pool.content[pfn] = tok
-                        if self.oracle is not None:
-                            self.oracle.on_user_write(t, mm, vpn, tok)
-                        return tok
-                    val = int(self.pool.content[pfn])
-                    if self.oracle is not None:
-                        self.oracle.on_user_read(t, mm, vpn, val,
-                                                 t.fault_site or "user_access")
-                    return val
+                    return self._access_frame(t, mm, vpn, pfn, write)
                 w = None
             else:
                 w = self._hw_walk(mm, vpn, write)
@@ -131,16 +138,7 @@ class FaultMixin:
                                  f"access to freed page {pfn} at {addr:#x} (mm{mm.id})")
                 bits = PTE_YOUNG | (PTE_DIRTY if write else 0)
                 self.set_ptes(t, mm, table, off, pte | bits, "user_access", hw=True)
-                if write:
-                    tok = self.new_token()
-                    self.pool.content[pfn] = tok
-                    if self.oracle is not None:
-                        self.oracle.on_user_write(t, mm, vpn, tok)
-                    return tok
-                val = int(self.pool.content[pfn])
-                if self.oracle is not None:
-                    self.oracle.on_user_read(t, mm, vpn, val, t.fault_site or "user_access")
-                return val
+                return self._access_frame(t, mm, vpn, pfn, write)
             self.cost.begin_fault(t)
             ret = yield from self.do_user_addr_fault(t, mm, vpn,
                                                      FAULT_FLAG_WRITE if write else 0)
