@@ -416,10 +416,11 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
         extra_d = {k: data[k] for k in ("outcome", "recorded") if k in data}
         _check_extras(extra_d, len(steps))
         return Scenario(name, desc, cfg, steps, expect, ebv, seed, path, version, extra_d)
-    except ValueError as e:
-        raise ScenarioError(f"{path}: {e}") from None
+    except ValueError as e:  # a field name echoed from the file may hold a line break
+        raise ScenarioError(f"{path}: {e}".replace("\n", "\\n")) from None
     except (TypeError, KeyError, AttributeError) as e:  # last resort: still one line
-        raise ScenarioError(f"{path}: malformed scenario ({type(e).__name__}: {e})") from None
+        raise ScenarioError(f"{path}: malformed scenario ({type(e).__name__}: {e})"
+                            .replace("\n", "\\n")) from None
 
 
 def load_scenario(path: str | Path) -> Scenario:
