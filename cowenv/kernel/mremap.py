@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .locks import READ, WRITE
+from .locks import READ, SINGLE_DEPTH_NESTING, WRITE
 from .mm import MmStruct, Vma
 from .ops import EFAULT, EINVAL, ENOMEM, TASK_SIZE
 from .pgtable import PTE_PRESENT, PmdEntry
@@ -387,7 +387,8 @@ class MremapMixin:
         ntable = npmd.table  # pte_offset_map(new_pmd, new_addr)
         nptl = self.pte_lockptr(mm, ntable)
         if nptl is not optl:
-            yield from self.lock(t, nptl, WRITE, "move_ptes")  # SINGLE_DEPTH_NESTING
+            # spin_lock_nested(new_ptl, SINGLE_DEPTH_NESTING);  (mm/mremap.c move_ptes)
+            yield from self.lock(t, nptl, WRITE, "move_ptes", SINGLE_DEPTH_NESTING)
         olo, nlo = old % P, new % P
         src = otable.entries[olo:olo + n].copy()
         live = src != 0

@@ -67,7 +67,7 @@ class Thread:
 
     __slots__ = ("tid", "pid", "gen", "op", "args", "label", "waiting", "held", "exited",
                  "result", "op_index", "fault_site", "fail_nth", "fail_nth_next", "tlb", "psc",
-                 "gathers", "out")
+                 "gathers", "out", "nest")
 
     def __init__(self, tid: int, pid: int) -> None:
         self.tid = tid
@@ -81,6 +81,9 @@ class Thread:
         self.exited = False
         self.result: Any = None
         self.out: dict[str, Any] | None = None
+        # Lockdep subclass of held locks taken nested (spin_lock_nested); absent = 0.
+        # Looked up by lock, never iterated.
+        self.nest: dict[Lock, int] = {}
         self.op_index = -1
         self.fault_site = ""
         # current->fail_nth while an operation runs, and the value written to
@@ -225,6 +228,7 @@ class SchedMixin:
             for lk, mode in reversed(t.held):
                 lk.release(t.tid, mode)
             t.held.clear()
+            t.nest.clear()
             t.waiting = None
             self._finish(t, None)
             label = f"{t.op}:defect"
