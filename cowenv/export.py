@@ -1,5 +1,12 @@
 """Export a scenario as a self-contained C program that runs it on a real Linux kernel.
 
+Every operation with a userspace form is exported, issue 13's included (``mremap``,
+``move_pages`` with its status array, ``clear_refs``, ``pagemap``, ``swapoff``, and
+``{event: fail_nth, tid: T}`` as that thread's ``/proc/thread-self/fail-nth``). Those with
+none are refused with one line naming them: ``compact`` (kcompactd), ``numa_hint``
+(``task_numa_work``) and the kernel-wide ``pressure_fail_nth`` / ``fail_nth`` without a
+thread.
+
 ``cowenv export FILE -o repro.c [--build]`` writes one C file: a header comment (what
 the scenario is, how to build and run it, what cannot be reproduced exactly), the
 schedule as an embedded program text, and the runtime :file:`cowenv/csrc/cowrt.c`
@@ -32,7 +39,7 @@ from typing import Any
 from .kernel import make_kernel
 from .kernel.config import KernelConfig
 from .kernel.ops import ADVICES, ERRNO_NAMES, OPS, parse_prot
-from .scenario import Scenario, StepError, apply_step
+from .scenario import TID_KEY, Scenario, StepError, apply_step, resolve_tid
 
 CSRC = Path(__file__).with_name("csrc") / "cowrt.c"
 
@@ -97,19 +104,37 @@ def expect_token(ev: Any) -> str:
     return f"eq:{ev}"
 
 
-#: Operations of issue 13's walkers that ``csrc/`` does not implement (mremap,
-#: move_pages and compaction need their own runtime support).
-_NOT_EXPORTED = ("mremap", "move_pages", "compact")
+#: Operations with no userspace form, and why (the export refuses them, one line).
+_NO_USERSPACE_FORM = {
+    "compact": "kcompactd's migration of chosen LRU pages has no system call (the closest, "
+               "/proc/sys/vm/compact_memory, compacts every zone and needs root)",
+    "numa_hint": "task_numa_work runs from the scheduler tick when NUMA balancing is on; no "
+                 "system call makes it scan a given range",
+}
+
+#: Event steps with no userspace form.
+_NO_USERSPACE_EVENT = (
+    "fails the n-th allocation anywhere in the kernel, whichever thread makes it (memory "
+    "pressure, not a Linux interface); use {event: fail_nth, tid: T, n: N} for "
+    "/proc/thread-self/fail-nth")
+
+#: Argument names of issue 13's operations -> the runtime's keys (see cowrt.c).
+_KEYS = {"old_length": "l", "new_length": "nl", "new_addr": "na", "all": "ma", "stat": "ms",
+         "type": "ty"}
+
+#: move_pages pages per call in the runtime (``MAXST`` of cowrt.c).
+MAX_MOVE_PAGES = 64
+
+#: Operations whose ``pid`` argument picks the process they act on (run on its thread).
+_PID_OPS = ("reclaim", "clear_refs", "pagemap")
 
 
 def op_line(i: int, s: dict[str, Any], nt: int | None, names: dict[str, Any],
             tid: int | None = None) -> str:
     """One ``op`` line for scenario step ``s`` (index ``i``)."""
     op = s.get("do") or s.get("start")
-    if op in _NOT_EXPORTED:
-        known = ", ".join(o for o in OPS if o not in _NOT_EXPORTED)
-        raise ExportError(f"step {i}: {op} has no C runtime counterpart yet (the C "
-                          f"reproducer covers {known})")
+    if op in _NO_USERSPACE_FORM:
+        raise ExportError(f"step {i}: {op} has no userspace form: {_NO_USERSPACE_FORM[op]}")
     args = dict(s.get("args") or {})
     for spec in OPS[op].args:  # defaults (mmap's prot "rw", ...)
         if spec.name not in args and not spec.required:
@@ -136,7 +161,22 @@ def op_line(i: int, s: dict[str, Any], nt: int | None, names: dict[str, Any],
         elif k == "nr":
             parts.append(f"n={int(v)}")
         elif k == "pid":
-            continue  # reclaim: the op runs on a thread of that process (see lower)
+            continue  # the op runs on a thread of that process (see lower)
+        elif k == "maymove":
+            parts.append(f"m={int(bool(v))}")
+        elif k == "new_addr":
+            if int(v) >= MAX_ADDR:
+                raise ExportError(f"step {i}: address {int(v):#x} is above {MAX_ADDR:#x}")
+            parts.append(f"na={int(v):#x}" if int(v) >= 0 else "na=-1")
+        elif k in _KEYS:
+            val = int(bool(v)) if isinstance(v, bool) else int(v)
+            parts.append(f"{_KEYS[k]}={val:#x}" if k.endswith("length") else
+                         f"{_KEYS[k]}={val}")
+    if op == "move_pages" and int(args["length"]) // 4096 > MAX_MOVE_PAGES:
+        raise ExportError(f"step {i}: move_pages of {int(args['length']) // 4096} pages: the "
+                          f"runtime passes at most {MAX_MOVE_PAGES} per call")
+    if "status" in s:
+        parts.append("ss=" + ",".join("u" if x is None else str(int(x)) for x in s["status"]))
     if nt is not None:
         parts.append(f"nt={nt}")
     if "as" in s:
@@ -167,9 +207,14 @@ def lower(config: KernelConfig, steps: list[dict[str, Any]], *, observe: bool = 
     failed_at = None
     for i, s in enumerate(steps):
         if "do" in s or "start" in s:
-            info[i] = {"tid": s["tid"]}
+            # a fork/clone child named by `as` runs as the thread id the model gave it
+            try:
+                mtid: int | None = resolve_tid(s["tid"], names)
+            except StepError:
+                mtid = None
+            info[i] = {"tid": mtid, "model_tid": mtid}
             op = s.get("do") or s.get("start")
-            if op == "reclaim":
+            if op in _PID_OPS and (op == "reclaim" or s.get("args", {}).get("pid", 0)):
                 pid = s.get("args", {}).get("pid", 0)
                 pid = names.get(pid, pid) if isinstance(pid, str) else pid
                 p = k.procs.get(pid)
@@ -180,8 +225,8 @@ def lower(config: KernelConfig, steps: list[dict[str, Any]], *, observe: bool = 
             failed_at = i
             notes.append(f"the model stopped at step {i} ({e}); later steps lowered as written")
             break
-        if i in info:
-            open_ops[s["tid"]] = i
+        if i in info and info[i]["model_tid"] is not None:
+            open_ops[info[i]["model_tid"]] = i
         for tid, j in list(open_ops.items()):
             t = k.threads.get(tid)
             if t is None or t.gen is None:
@@ -205,7 +250,7 @@ def lower(config: KernelConfig, steps: list[dict[str, Any]], *, observe: bool = 
     while i < n:
         s = steps[i]
         if "event" in s:
-            lines.append(f"failnth {s['n']}")
+            lines.append(_failnth_line(i, s, names))
             i += 1
             continue
         if "do" not in s and "start" not in s:
@@ -226,9 +271,9 @@ def lower(config: KernelConfig, steps: list[dict[str, Any]], *, observe: bool = 
                 members.append(j)
                 end = max(end, done_at.get(j, j))
             j += 1
-        events = [steps[m] for m in range(i, j) if "event" in steps[m]]
-        for e in events:
-            lines.append(f"failnth {e['n']}")
+        for m in range(i, j):
+            if "event" in steps[m]:
+                lines.append(_failnth_line(m, steps[m], names))
         races += 1
         lines.append(f"race {len(members)}")
         lines.extend(_line(m, steps[m], info, names) for m in members)
@@ -238,6 +283,20 @@ def lower(config: KernelConfig, steps: list[dict[str, Any]], *, observe: bool = 
         lines[0] = (f"schedule {lay.nslots} {lay.origin:#x} {lay.stride:#x} {lay.pages} "
                     f"{int(observe)} {COLLIDE_REPEAT}")
     return Lowered("\n".join(lines) + "\n", races, notes)
+
+
+def _failnth_line(i: int, s: dict[str, Any], names: dict[str, Any]) -> str:
+    """``failnth N t=TID`` for ``{event: fail_nth, tid: T}``; other events are refused."""
+    tid = s.get("tid")
+    if s["event"] != "fail_nth" or tid is None:
+        raise ExportError(f"step {i}: {s['event']} without tid has no userspace form: it "
+                          + _NO_USERSPACE_EVENT)
+    if isinstance(tid, str):
+        tid = names.get(TID_KEY + tid)
+        if tid is None:
+            raise ExportError(f"step {i}: fail_nth: thread {s['tid']!r} does not exist when "
+                              "the model runs the schedule")
+    return f"failnth {s['n']} t={int(tid)}"
 
 
 def _line(i: int, s: dict[str, Any], info: dict[int, dict[str, Any]],
@@ -251,6 +310,10 @@ def _line(i: int, s: dict[str, Any], info: dict[int, dict[str, Any]],
     if op == "reclaim":
         if tid is None or (s.get("args") or {}).get("addr", -1) == -1:
             return f"# step {i}: reclaim without a mapped page: not reproducible"
+    if op in _PID_OPS and tid is None:
+        return f"# step {i}: {op} of a process that is gone: not reproducible"
+    if tid is None or isinstance(tid, str):
+        return f"# step {i}: thread {s['tid']!r} never existed in the model run: not reproducible"
     return op_line(i, s, nt, names, tid=tid)
 
 
@@ -295,8 +358,25 @@ def export_c(sc: Scenario, repeat: int | None = None) -> str:
         " * PR_SET_MDWE: it is not issued there). R/O pins use vmsplice (as cow.c), R/W",
         " * long-term pins io_uring fixed buffers (raw syscalls); fail_nth uses",
         " * /proc/thread-self/fail-nth when present; reclaim needs active swap. The",
-        " * program never changes the host's configuration.",
+        " * program never changes the host's configuration (swapoff excepted: see below).",
     ]
+    ops = {s.get("do") or s.get("start") for s in sc.steps}
+    if "move_pages" in ops:
+        hdr += [
+            " *",
+            " * move_pages: every page is asked to go to node 0. The model migrates each page",
+            " * it can isolate; Linux stores the node and moves nothing for a page already on",
+            " * node 0 (checked before -EACCES), so on a one-node machine statuses the",
+            " * scenario expects as -EACCES, or a pinned page's failed migration, read 0.",
+            " * Untouched anonymous pages are -EFAULT up to 6.11 (follow_page FOLL_DUMP's",
+            " * no_page_table) and -ENOENT since folio_walk (6.12).",
+        ]
+    if "swapoff" in ops:
+        hdr += [
+            " *",
+            " * swapoff: swapoff(2) of the first device in /proc/swaps, then swapon(2) of it",
+            " * with its priority (root only; skipped without swap or CAP_SYS_ADMIN).",
+        ]
     if low.races:
         hdr += [
             " *",

@@ -198,6 +198,24 @@ def _expect_ok(ev: Any, bound: set[str]) -> bool:
     return False
 
 
+def _parse_status(v: Any, where: str) -> list[int | None]:
+    """A ``move_pages`` step's expected status array: ints, errno names or null."""
+    if not isinstance(v, list):
+        raise ValueError(f"{where}: expected a list of node numbers, errnos like -EFAULT "
+                         "or null (not written)")
+    inv = {n: c for c, n in ERRNO_NAMES.items()}
+    out: list[int | None] = []
+    for j, x in enumerate(v):
+        if x is None or (isinstance(x, int) and not isinstance(x, bool)):
+            out.append(x)
+        elif isinstance(x, str) and x.lstrip("-") in inv:
+            out.append(-inv[x.lstrip("-")])
+        else:
+            raise ValueError(f"{where}[{j}]: expected a node number, an errno like -EFAULT "
+                             f"or null, got {x!r}")
+    return out
+
+
 def _parse_step(s: Any, i: int, bound: set[str], page_size: int,
                 threads: set[str] | None = None, pmd_size: int = 0) -> dict[str, Any]:
     if threads is None:
@@ -209,8 +227,8 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int,
     if len(kinds) != 1:
         raise ValueError(f"{w}: expected exactly one of {', '.join(STEP_KINDS)}")
     kind = kinds[0]
-    allowed = {"do": {"tid", "do", "args", "as", "expect", "check"},
-               "start": {"tid", "start", "args", "as", "expect", "check"},
+    allowed = {"do": {"tid", "do", "args", "as", "expect", "check", "status"},
+               "start": {"tid", "start", "args", "as", "expect", "check", "status"},
                "step": {"tid", "step"}, "until": {"tid", "until"},
                "finish": {"tid", "finish"}, "run": {"tid", "run"},
                "event": {"event", "n", "tid"}}[kind]
@@ -278,6 +296,10 @@ def _parse_step(s: Any, i: int, bound: set[str], page_size: int,
                                  f"B}}, got {ev!r}")
         if "check" in s and not isinstance(s["check"], str):
             raise ValueError(f"{w}.check: expected a string")
+        if "status" in s:
+            if op != "move_pages":
+                raise ValueError(f"{w}.status: only move_pages has a status array")
+            out["status"] = _parse_status(s["status"], f"{w}.status")
     elif kind == "step":
         out["step"] = _int(s["step"], f"{w}.step")
         if out["step"] < 1:
@@ -394,10 +416,11 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
         extra_d = {k: data[k] for k in ("outcome", "recorded") if k in data}
         _check_extras(extra_d, len(steps))
         return Scenario(name, desc, cfg, steps, expect, ebv, seed, path, version, extra_d)
-    except ValueError as e:
-        raise ScenarioError(f"{path}: {e}") from None
+    except ValueError as e:  # a field name echoed from the file may hold a line break
+        raise ScenarioError(f"{path}: {e}".replace("\n", "\\n")) from None
     except (TypeError, KeyError, AttributeError) as e:  # last resort: still one line
-        raise ScenarioError(f"{path}: malformed scenario ({type(e).__name__}: {e})") from None
+        raise ScenarioError(f"{path}: malformed scenario ({type(e).__name__}: {e})"
+                            .replace("\n", "\\n")) from None
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -612,6 +635,13 @@ def apply_step(k: Kernel, s: dict[str, Any], names: dict[str, Any], pending: dic
                 site = spec.get("check") or f"{op}"
                 k.report("selftest", site, f"step {spec['_i']}: {op} returned {res}, "
                                            f"expected {text}")
+        if "status" in spec:
+            out = k.threads[tid].out or {}
+            got = out.get("status")
+            if got != spec["status"]:
+                site = spec.get("check") or f"{op}"
+                k.report("selftest", site, f"step {spec['_i']}: {op} status {got}, "
+                                           f"expected {spec['status']}")
 
     def step_once(tid: int) -> str:
         try:

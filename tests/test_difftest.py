@@ -82,6 +82,50 @@ def test_sequential_export_runs_once() -> None:
     assert "o=fork nt=2" in low.text and "x=eq:OLD" in low.text
 
 
+def test_export_lowers_issue13_operations() -> None:
+    sc = load_scenario(ROOT / "scenarios" / "upstream" / "mremap-grow-shared.yaml")
+    text = lower(sc.config, sc.steps).text
+    assert "o=mremap a=0x100000 l=0x2000 nl=0x4000 m=0 na=-1" in text
+    assert "o=mremap a=0x100000 l=0x2000 nl=0x3000 na=0x200000 m=1" in text
+    assert "op i=7 t=2 o=write" in text  # the fork child `C` runs as model thread 2
+    sc = load_scenario(ROOT / "scenarios" / "upstream" / "move-pages-status.yaml")
+    text = lower(sc.config, sc.steps).text
+    assert "o=move_pages a=0x100000 l=0x7000 ms=1 ma=0 ss=0,-14,-14,-2,0,-14,-14" in text
+    assert "ss=u,u,-14 x=v:1" in text
+    sc = load_scenario(ROOT / "scenarios" / "upstream" / "fail-nth-per-thread.yaml")
+    lines = lower(sc.config, sc.steps).text.splitlines()
+    assert "failnth 1 t=1" in lines and "failnth 1 t=2" in lines
+    sc = load_scenario(ROOT / "scenarios" / "upstream" / "clear-refs-cow-pte.yaml")
+    text = lower(sc.config, sc.steps).text
+    assert "o=clear_refs" in text and "ty=4" in text and "o=pagemap" in text
+
+
+@pytest.mark.parametrize("path,words", [
+    ("upstream/numa-hinting.yaml", "numa_hint has no userspace form"),
+    ("upstream/migration-pinned-page.yaml", "compact has no userspace form"),
+    ("flaws/nr-ptes-on-oom.yaml", "fail_nth without tid has no userspace form"),
+])
+def test_export_refuses_what_has_no_userspace_form(path: str, words: str) -> None:
+    from cowenv.export import ExportError
+    sc = load_scenario(ROOT / "scenarios" / path)
+    with pytest.raises(ExportError, match=words) as e:
+        export_c(sc)
+    assert "\n" not in str(e.value)
+
+
+@needs_cc
+@needs_linux
+def test_exported_mremap_of_a_shared_mapping_passes_on_this_kernel(tmp_path: Path) -> None:
+    src = tmp_path / "grow.c"
+    src.write_text(export_c(load_scenario(ROOT / "scenarios" / "upstream" /
+                                          "mremap-grow-shared.yaml")))
+    build(src, tmp_path / "grow")
+    r = subprocess.run([str(tmp_path / "grow")], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS step 5: SIGBUS past the shmem file's size" in r.stdout
+
+
 # ------------------------------------------------------------------------------ model fixes
 def test_model_shmem_read_fault_maps_the_fault_around_window() -> None:
     sc = load_scenario(ROOT / "scenarios" / "conformance" / "linux" /

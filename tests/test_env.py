@@ -553,6 +553,19 @@ def _flaw_scripts(A, B, C, T, ps):
             (2, "dev_read", {"pin_slot": 0}), ("run", 2)]),
         "read-fault-fills-shared": ({}, fork + [(3, "read", {"addr": C + ps}), ("run", 3)]),
         "fork-ptl-nesting": ({}, fork),
+        # The child's write breaks the shared table on v4's slow path: dst_ptl, then
+        # src_ptl with a plain spin_lock (one lockdep class).
+        "ptl-recursive-nesting": ({}, fork + [(2, "write", {"addr": A + ps}), ("run", 2)]),
+        # Thread 2 caches A's shared table; thread 1's munmap of A (two whole PMDs: no
+        # split, whose break would flush) drops the references and stops before
+        # tlb_finish_mmu; the child's exit frees the tables; thread 2's TLB miss walks
+        # one through its paging-structure cache.
+        "free-pmd-deferred-flush": ({}, [
+            (1, "write", {"addr": A}), ("run", 1), (1, "write", {"addr": A + ps}),
+            ("run", 1)] + fork + [(2, "read", {"addr": A}), ("run", 2),
+            (1, "munmap", {"addr": A, "length": 2 * T}),
+            ("run", 1, "unmap_region:pgtables_freed"), (3, "exit", {}), ("run", 3),
+            (2, "read", {"addr": A + ps}), ("run", 2), ("run", 1)]),
         "table-free-no-deferral": ({}, fork + [
             (2, "pin", {"addr": A, "write": False, "fast": True}),
             ("run", 2, "gup_fast:seq_read"),

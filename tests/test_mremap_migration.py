@@ -75,8 +75,11 @@ def test_migration_moves_to_a_new_frame(preset: str) -> None:
     k.do(1, "fork")
     mm = k.procs[1].mm
     old = int(mm.pmd[16].table.entries[0]) >> PFN_SHIFT
-    assert k.do(1, "move_pages", addr=16 * T, length=4096) == -13  # mapcount 2: EACCES
+    # mapcount 2: the page's status is -EACCES, the call itself succeeds (do_pages_move)
+    assert k.do(1, "move_pages", addr=16 * T, length=4096) == 0
+    assert k.threads[1].out == {"status": [-13]}
     assert k.do(1, "move_pages", addr=16 * T, length=4096, all=True) == 0
+    assert k.threads[1].out == {"status": [0]}
     new = int(k.procs[1].mm.pmd[16].table.entries[0]) >> PFN_SHIFT
     assert new != old and k.pool.is_free(old)
     assert k.do(2, "read", addr=16 * T) == tok and k.do(1, "read", addr=16 * T) == tok
@@ -131,3 +134,33 @@ def test_planted_walker_bugs_are_caught(mutant: str, signature: str) -> None:
     assert caught, f"{mutant}: no upstream scenario reports {signature}"
     for p in UPSTREAM:
         assert run_scenario(load_scenario(p), "fixed").passed, p.stem
+
+
+def test_move_pages_status_array_as_do_pages_move() -> None:
+    """Per-page status of do_pages_move/do_pages_stat (mm/migrate.c, 6.2)."""
+    k = _kernel("classic")
+    k.do(1, "mmap", addr=16 * T, length=T)
+    k.do(1, "write", addr=16 * T)             # page 0: anonymous, movable
+    k.do(1, "read", addr=16 * T + 4096)       # page 1: the zero page
+    # page 2: never touched (none entry of an anonymous VMA); page 3 swapped out
+    k.do(1, "write", addr=16 * T + 3 * 4096)
+    k.do(1, "madvise", addr=16 * T + 3 * 4096, length=4096, advice="PAGEOUT")
+    k.do(1, "write", addr=16 * T + 4 * 4096)  # page 4: movable
+    pin = k.do(1, "pin", addr=16 * T + 4 * 4096, write=True)
+    assert pin > 0
+    assert k.do(1, "move_pages", addr=16 * T, length=5 * 4096, stat=True) == 0
+    assert k.threads[1].out == {"status": [0, -14, -14, -2, 0]}
+    ev = [e for e in k.events if e.kind == "out"][-1]
+    assert ev.label == "move_pages" and ev.data == {"status": [0, -14, -14, -2, 0]}
+    # Page 1 flushes the batch {0}: migrated, node 0; pages 1-3 fail lookup; page 4 is
+    # pinned: isolated, migration fails 10 times: 1 not migrated, its slot not written.
+    assert k.do(1, "move_pages", addr=16 * T, length=5 * 4096) == 1
+    assert k.threads[1].out == {"status": [0, -14, -14, -2, None]}
+    assert k.do(1, "move_pages", addr=16 * T + 4 * 4096, length=4096) == 1
+    assert k.threads[1].out == {"status": [None]}
+    k.do(1, "munmap", addr=16 * T + 5 * 4096, length=4096)
+    # The pinned page before a failing one: status[1] = -EFAULT, the batch {page 4}
+    # fails 1: 1 + nr_pages - i = 1 + 2 - 1, then "if (err > 0) err--" (page i counted).
+    assert k.do(1, "move_pages", addr=16 * T + 4 * 4096, length=2 * 4096) == 1
+    assert k.threads[1].out == {"status": [None, -14]}
+    assert not k.violations, [v.signature for v in k.violations]

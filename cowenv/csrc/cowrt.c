@@ -26,10 +26,19 @@
  *
  * Program text (one command per line):
  *   schedule NSLOTS ORIGIN STRIDE SLOT_PAGES OBSERVE REPEAT
- *   op i=IDX t=TID o=OP [a= l= p= s= u= w= f= v= n= pin= nt= tok= as= x=] [c=CHECK...]
+ *   op i=IDX t=TID o=OP [a= l= p= s= u= w= f= v= n= nl= m= na= ma= ms= ty= ss=
+ *                        pin= nt= tok= as= x=] [c=CHECK...]
  *   race N            (the next N op lines run concurrently)
- *   failnth N         (fault injection for the next op's thread, /proc/thread-self/fail-nth)
+ *   failnth N [t=TID] (/proc/thread-self/fail-nth of thread TID before its next op; without
+ *                      t=, the next op's thread)
  *   end
+ *
+ * Issue 13's operations: mremap (a= l= nl= new length, m= MREMAP_MAYMOVE, na= new address
+ * or -1), move_pages (a= l=, ma= MPOL_MF_MOVE_ALL, ms= nodes NULL, ss= the expected status
+ * array: comma-separated values, u for "not written"), clear_refs (ty= the type written to
+ * /proc/self/clear_refs), pagemap (a=: bits 55-63 of /proc/self/pagemap, >> 55), swapoff
+ * (swapoff(2) of the first device of /proc/swaps, then swapon(2) with its priority: needs
+ * root, skipped otherwise). A pid argument runs the op on a thread of that process.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -46,6 +55,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/swap.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -70,16 +80,25 @@
 #define MAXPIN 256
 #define MAXNAMES 256
 #define MAXOPS 4096
+#define MAXST 64               /* move_pages: pages per call */
+#define ST_UNSET 0x7ffffffe    /* a status slot the kernel did not write */
+#ifndef MPOL_MF_MOVE
+#define MPOL_MF_MOVE (1 << 1)
+#define MPOL_MF_MOVE_ALL (1 << 2)
+#endif
 
 enum { OP_MMAP = 1, OP_MUNMAP, OP_MPROTECT, OP_MADVISE, OP_READ, OP_WRITE, OP_FORK, OP_CLONE,
-       OP_EXIT, OP_PRCTL, OP_PIN, OP_UNPIN, OP_DEVREAD, OP_DEVWRITE, OP_RECLAIM };
+       OP_EXIT, OP_PRCTL, OP_PIN, OP_UNPIN, OP_DEVREAD, OP_DEVWRITE, OP_RECLAIM,
+       OP_MREMAP, OP_MOVE_PAGES, OP_CLEAR_REFS, OP_PAGEMAP, OP_SWAPOFF, OP_LAST = OP_SWAPOFF };
 static const char *op_names[] = {"", "mmap", "munmap", "mprotect", "madvise", "read", "write",
                                  "fork", "clone", "exit", "prctl_cow_pte", "pin", "unpin",
-                                 "dev_read", "dev_write", "reclaim"};
+                                 "dev_read", "dev_write", "reclaim", "mremap", "move_pages",
+                                 "clear_refs", "pagemap", "swapoff"};
 
 struct cmd {
-    int32_t op, nt, failnth, race;
-    int64_t a, l, p, s, u, w, f, v, n, pin, tok;
+    int32_t op, nt, failnth, race, nst, pad;
+    int64_t a, l, p, s, u, w, f, v, n, pin, tok, nl, m, na, ma, ms, ty;
+    int32_t st[MAXST];
 };
 struct rep {
     int32_t tid, hello;
@@ -332,6 +351,44 @@ static void failnth(int n) {
     close(fd);
 }
 
+/* swapoff(2) of the first device of /proc/swaps, then swapon(2) with its priority. */
+static int64_t do_swapoff(void) {
+    FILE *f = fopen("/proc/swaps", "r");
+    char ln[512], path[400] = "", type[32];
+    long long size, used;
+    int prio = -1, got = 0;
+    if (!f) return -ENOENT;
+    if (fgets(ln, sizeof ln, f) && fgets(ln, sizeof ln, f))
+        got = sscanf(ln, "%399s %31s %lld %lld %d", path, type, &size, &used, &prio) == 5;
+    fclose(f);
+    if (!got) return -EINVAL;
+    if (swapoff(path)) return -errno;
+    int flags = prio >= 0 ? SWAP_FLAG_PREFER | (prio & SWAP_FLAG_PRIO_MASK) : 0;
+    if (swapon(path, flags)) return -errno; /* reported: the device stays off */
+    return 0;
+}
+
+static int64_t do_move_pages(uint64_t addr, struct cmd *c, int64_t *extra) {
+    void *pages[MAXST];
+    int nodes[MAXST], status[MAXST];
+    int np = (int)(c->l / PAGE);
+    if (np > MAXST) np = MAXST;
+    for (int i = 0; i < np; i++) {
+        pages[i] = (void *)(uintptr_t)(addr + (uint64_t)i * PAGE);
+        nodes[i] = 0;
+        status[i] = ST_UNSET;
+    }
+    long r = syscall(SYS_move_pages, 0, np, pages, c->ms ? NULL : nodes, status,
+                     c->ma ? MPOL_MF_MOVE_ALL : MPOL_MF_MOVE);
+    int64_t ret = r < 0 ? -errno : r;
+    for (int i = 0; i < c->nst && i < np; i++)
+        if (status[i] != c->st[i]) { /* first mismatch: index + 1, and the value seen */
+            *extra = (int64_t)(i + 1) | (int64_t)(uint32_t)status[i] << 32;
+            break;
+        }
+    return ret;
+}
+
 static void do_cmd(int tid, struct cmd *c) {
     uint64_t addr = COWRT_BASE + c->a;
     int64_t ret = 0, extra = 0;
@@ -395,6 +452,33 @@ static void do_cmd(int tid, struct cmd *c) {
         pin_release(&pins[c->pin], 1);
         ret = 0;
         break;
+    case OP_MREMAP: {
+        int fl = (c->m ? MREMAP_MAYMOVE : 0) | (c->na >= 0 ? MREMAP_FIXED : 0);
+        void *r = mremap((void *)(uintptr_t)addr, c->l, c->nl, fl,
+                         (void *)(uintptr_t)(c->na >= 0 ? COWRT_BASE + c->na : 0));
+        ret = r == MAP_FAILED ? -errno : (int64_t)((uint64_t)(uintptr_t)r - COWRT_BASE);
+        break;
+    }
+    case OP_MOVE_PAGES: ret = do_move_pages(addr, c, &extra); break;
+    case OP_CLEAR_REFS: {
+        char s[16];
+        int fd = open("/proc/self/clear_refs", O_WRONLY), n = snprintf(s, sizeof s, "%lld",
+                                                                       (long long)c->ty);
+        if (fd < 0) { ret = -errno; break; }
+        ret = write(fd, s, n) < 0 ? -errno : 0;
+        close(fd);
+        break;
+    }
+    case OP_PAGEMAP: {
+        uint64_t ent = 0;
+        int fd = open("/proc/self/pagemap", O_RDONLY);
+        if (fd < 0) { ret = -errno; break; }
+        ret = pread(fd, &ent, 8, (off_t)(addr / PAGE) * 8) == 8 ? (int64_t)(ent >> 55 & 0x1ff)
+                                                                  : -errno;
+        close(fd);
+        break;
+    }
+    case OP_SWAPOFF: ret = do_swapoff(); break;
     case OP_DEVREAD: ret = do_devread(c->pin, &extra); break;
     case OP_DEVWRITE: ret = do_devwrite(c->pin, c->tok); break;
     case OP_CLONE: {
@@ -454,8 +538,9 @@ static void worker_loop(int tid) {
 /* ------------------------------------------------------------------ coordinator side */
 struct line {
     int kind; /* 1 op, 2 race, 3 failnth */
-    int idx, tid, op, nt, race_n, failn;
-    int64_t a, l, p, s, u, w, f, v, n;
+    int idx, tid, op, nt, race_n, failn, nst;
+    int64_t a, l, p, s, u, w, f, v, n, nl, m, na, ma, ms, ty;
+    int32_t st[MAXST];
     char pin[40], as[40], x[48], check[200];
     int has_a;
 };
@@ -469,7 +554,7 @@ static char *tok_val(char *t, const char *key) {
 }
 
 static int op_code(const char *s) {
-    for (int i = 1; i <= OP_RECLAIM; i++)
+    for (int i = 1; i <= OP_LAST; i++)
         if (!strcmp(op_names[i], s)) return i;
     return 0;
 }
@@ -493,7 +578,15 @@ static int parse_program(const char *text) {
         struct line *L = &prog[nprog];
         memset(L, 0, sizeof *L);
         if (!strncmp(ln, "race ", 5)) { L->kind = 2; L->race_n = atoi(ln + 5); nprog++; continue; }
-        if (!strncmp(ln, "failnth ", 8)) { L->kind = 3; L->failn = atoi(ln + 8); nprog++; continue; }
+        if (!strncmp(ln, "failnth ", 8)) {
+            char *t = strstr(ln, " t=");
+            L->kind = 3;
+            L->failn = atoi(ln + 8);
+            L->tid = t ? atoi(t + 3) : 0;
+            if (L->tid < 0 || L->tid >= MAXT) return -1;
+            nprog++;
+            continue;
+        }
         if (strncmp(ln, "op ", 3)) return -1;
         L->kind = 1;
         char *c = strstr(ln, " c=");
@@ -514,6 +607,18 @@ static int parse_program(const char *text) {
             else if ((v = tok_val(t, "v"))) L->v = strtoll(v, 0, 0);
             else if ((v = tok_val(t, "n"))) L->n = strtoll(v, 0, 0);
             else if ((v = tok_val(t, "nt"))) L->nt = atoi(v);
+            else if ((v = tok_val(t, "nl"))) L->nl = strtoll(v, 0, 0);
+            else if ((v = tok_val(t, "m"))) L->m = strtoll(v, 0, 0);
+            else if ((v = tok_val(t, "na"))) L->na = strtoll(v, 0, 0);
+            else if ((v = tok_val(t, "ma"))) L->ma = strtoll(v, 0, 0);
+            else if ((v = tok_val(t, "ms"))) L->ms = strtoll(v, 0, 0);
+            else if ((v = tok_val(t, "ty"))) L->ty = strtoll(v, 0, 0);
+            else if ((v = tok_val(t, "ss"))) {
+                char *s3 = NULL;
+                for (char *e = strtok_r(v, ",", &s3); e && L->nst < MAXST;
+                     e = strtok_r(NULL, ",", &s3))
+                    L->st[L->nst++] = *e == 'u' ? ST_UNSET : (int32_t)strtol(e, 0, 0);
+            }
             else if ((v = tok_val(t, "pin"))) snprintf(L->pin, sizeof L->pin, "%s", v);
             else if ((v = tok_val(t, "as"))) snprintf(L->as, sizeof L->as, "%s", v);
             else if ((v = tok_val(t, "x"))) snprintf(L->x, sizeof L->x, "%s", v);
@@ -637,7 +742,9 @@ static void send_cmd(struct line *L, int race, int fail_n) {
     memset(&c, 0, sizeof c);
     c.op = L->op; c.nt = L->nt; c.race = race; c.failnth = fail_n;
     c.a = L->a; c.l = L->l; c.p = L->p; c.s = L->s; c.u = L->u; c.w = L->w; c.f = L->f;
-    c.v = L->v; c.n = L->n;
+    c.v = L->v; c.n = L->n; c.nl = L->nl; c.m = L->m; c.na = L->na; c.ma = L->ma;
+    c.ms = L->ms; c.ty = L->ty; c.nst = L->nst;
+    memcpy(c.st, L->st, sizeof c.st);
     if (L->pin[0]) {
         int64_t v;
         c.pin = lookup(L->pin, &v) ? v : strtoll(L->pin, 0, 0);
@@ -662,6 +769,14 @@ static void check(struct line *L, int64_t ret, int64_t extra, int iter) {
     }
     int ok = ne ? ret != want : ret == want;
     const char *what = L->check[0] ? L->check : op_names[L->op];
+    if ((L->op == OP_MOVE_PAGES && ret == -ENOSYS) || (L->op == OP_SWAPOFF && ret == -EPERM)) {
+        if (iter == 0)
+            printf("SKIP step %d: %s returned %lld: %s\n", L->idx, op_names[L->op],
+                   (long long)ret, L->op == OP_SWAPOFF ? "needs CAP_SYS_ADMIN"
+                                                       : "kernel without CONFIG_NUMA");
+        skips++;
+        return;
+    }
     if (L->op == OP_PRCTL && ret < 0) {
         if (iter == 0)
                 printf("SKIP step %d: prctl(PR_SET_COW_PTE) returned %lld: kernel without COW "
@@ -721,6 +836,21 @@ static int finish(struct line *L, struct rep *r, int iter) {
     if (L->as[0]) bind(L->as, ret);
     if (exec_mode) fprintf(out, "r %d %lld %lld\n", L->idx, (long long)ret, (long long)r->extra);
     else check(L, ret, r->extra, iter);
+    if (!exec_mode && L->op == OP_MOVE_PAGES && L->nst && ret != -ENOSYS) {
+        const char *what = L->check[0] ? L->check : op_names[L->op];
+        if (!r->extra) {
+            if (iter == 0) printf("PASS step %d: %s (status array)\n", L->idx, what);
+            passes++;
+        } else {
+            int i = (int)(r->extra & 0xffffffff) - 1, seen = (int)(r->extra >> 32);
+            char w[16], g[16];
+            snprintf(w, sizeof w, L->st[i] == ST_UNSET ? "not written" : "%d", L->st[i]);
+            snprintf(g, sizeof g, seen == ST_UNSET ? "not written" : "%d", seen);
+            printf("FAIL step %d: %s: status[%d] is %s, expected %s (iteration %d)\n", L->idx,
+                   what, i, g, w, iter);
+            fails++;
+        }
+    }
     return 0;
 }
 
@@ -753,14 +883,28 @@ static int run_once(int iter) {
     tid_alive[1] = 1;
     tid_ktid[1] = (int)h.ret;
     int pending_fail = 0, race_id = 0;
+    static int fail_of[MAXT]; /* failnth N t=TID: armed for TID's next op */
+    memset(fail_of, 0, sizeof fail_of);
     for (int i = 0; i < nprog; i++) {
         struct line *L = &prog[i];
-        if (L->kind == 3) { pending_fail = L->failn; continue; }
+        if (L->kind == 3) {
+            if (L->tid) fail_of[L->tid] = L->failn;
+            else pending_fail = L->failn;
+            continue;
+        }
+        if (L->kind == 1 && fail_of[L->tid] && !pending_fail) {
+            pending_fail = fail_of[L->tid];
+            fail_of[L->tid] = 0;
+        }
         if (L->kind == 2) { /* race group: send all, release together, collect all */
             int n = L->race_n, first = i + 1;
             race_id++;
             for (int j = first; j < first + n && j < nprog; j++) {
                 if (!tid_alive[prog[j].tid]) { out_of_sync = 1; return -1; }
+                if (fail_of[prog[j].tid]) {
+                    pending_fail = fail_of[prog[j].tid];
+                    fail_of[prog[j].tid] = 0;
+                }
                 send_cmd(&prog[j], race_id, pending_fail);
                 pending_fail = 0;
             }
@@ -786,10 +930,10 @@ static int run_once(int iter) {
             skips++;
             pending_fail = 0;
         }
-        if (L->op == OP_RECLAIM && !have_swap) {
+        if ((L->op == OP_RECLAIM || L->op == OP_SWAPOFF) && !have_swap) {
             if (!exec_mode) {
-                printf("SKIP step %d: reclaim: no active swap, anonymous pages cannot be "
-                       "reclaimed\n", L->idx);
+                printf("SKIP step %d: %s: no active swap%s\n", L->idx, op_names[L->op],
+                       L->op == OP_RECLAIM ? ", anonymous pages cannot be reclaimed" : "");
                 skips++;
             }
             continue;

@@ -46,6 +46,8 @@ FLAW_IDS: tuple[str, ...] = (
     "mremap-ignores-break-failure",
     "mremap-dst-shared",
     "fork-shares-migration-entry",
+    "ptl-recursive-nesting",
+    "free-pmd-deferred-flush",
 )
 
 #: Where each flaw comes from (issue 12; BRIEF §4 with its corrections).
@@ -76,6 +78,8 @@ FLAW_ORIGINS: dict[str, str] = {
     "mremap-ignores-break-failure": "v4",
     "mremap-dst-shared": "v4",
     "fork-shares-migration-entry": "v4",
+    "ptl-recursive-nesting": "v4",
+    "free-pmd-deferred-flush": "v4",
 }
 
 #: For each flaw: the v4 patch and the line(s) that make it (``v4``), or the review
@@ -171,6 +175,23 @@ FLAW_SOURCES: dict[str, str] = {
         "with page_vma_mapped_walk's `if (break_cow_pte(vma, pvmw->pmd, pvmw->address)) "
         "return not_found(pvmw);` leaves the entry of a shared table behind when the break "
         "fails (found by cowenv's soak and migration walker)",
+    "ptl-recursive-nesting":
+        "03/14 mm/memory.c handle_cow_pte_fault: `orig_dst_pte = dst_pte = "
+        "pte_alloc_map_lock(mm, pmd, addr, &dst_ptl);` then, dst_ptl held, `src_pte = "
+        "pte_offset_map_lock(mm, &cowed_entry, addr, &src_ptl);` (and in the reuse branch "
+        "`dst_pte = pte_offset_map_lock(mm, pmd, addr, &dst_ptl);` under src_ptl); 02/14 "
+        "recover_pte_range: `spin_lock(dst_ptl); ... spin_lock(src_ptl);`: two split PTE "
+        "locks, one lockdep class (ptlock_init's spin_lock_init), no spin_lock_nested "
+        "(upstream copy_pte_range: `spin_lock_nested(src_ptl, SINGLE_DEPTH_NESTING)`): "
+        "lockdep's \"possible recursive locking detected\"",
+    "free-pmd-deferred-flush":
+        "03/14 mm/memory.c free_pmd_range: `spin_lock(ptl); if (!pmd_put_pte(pmd)) {...} "
+        "spin_unlock(ptl); pmd_clear(pmd); mm_dec_nr_ptes(tlb->mm); "
+        "tlb_flush_pmd_range(tlb, addr, PAGE_SIZE);` drops this mm's reference and only "
+        "widens the gather: this mm's CPUs are flushed at tlb_finish_mmu, while the other "
+        "sharer may free the table meanwhile (tlb_remove_table flushes its own mm's CPUs "
+        "only), leaving this mm's paging-structure caches on a freed table (found with "
+        "the TLB model of issue 13)",
 }
 
 #: Signatures a campaign on a preset should treat as already known (issue 12): on
@@ -181,8 +202,10 @@ FLAW_SOURCES: dict[str, str] = {
 #: these as the env's ``ignore_signatures`` so that the other flaws' harm is what gets
 #: filed, minimised and summarised. Where this is wired: ``campaign.default_env_kwargs``.
 PRESET_KNOWN_SIGNATURES: dict[str, tuple[str, ...]] = {
-    "as-posted": ("lock-discipline@handle_cow_pte_fault", "lock-discipline@pmd_install"),
-    "review": ("lock-discipline@handle_cow_pte_fault", "lock-discipline@pmd_install"),
+    "as-posted": ("lock-discipline@handle_cow_pte_fault", "lock-discipline@pmd_install",
+                  "lock-discipline@pte_offset_map_lock", "lock-discipline@recover_pte_range"),
+    "review": ("lock-discipline@handle_cow_pte_fault", "lock-discipline@pmd_install",
+               "lock-discipline@pte_offset_map_lock", "lock-discipline@recover_pte_range"),
 }
 
 #: Kernel bases (the upstream release whose semantics the model follows).

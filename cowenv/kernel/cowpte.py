@@ -32,7 +32,7 @@ from .fault import (
     VM_FAULT_RETRY,
 )
 from .kernel import Kernel
-from .locks import WRITE, SpinLock
+from .locks import SINGLE_DEPTH_NESTING, WRITE, SpinLock
 from .mm import MMF_COW_PTE, VM_DONTCOPY, VM_WIPEONFORK, MmStruct, Vma
 from .ops import EAGAIN, EINVAL, ENOMEM
 from .pgtable import PTE_MIGRATION, PmdEntry, PteTable
@@ -186,8 +186,13 @@ class CowPteKernel(Kernel):
         nested = not self.config.has("fork-ptl-nesting")
         if nested:
             yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
-        yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
-        if not nested:
+            # spin_lock_nested(ptl, SINGLE_DEPTH_NESTING), as retract_page_tables (6.5)
+            yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range", SINGLE_DEPTH_NESTING)
+        else:
+            # v4: spin_lock(src_ptl) ... pmd_install() -> pmd_lock(dst_mm, dst_pmd): two
+            # ptlocks (split PMD ptlocks: one lockdep class) with no nesting annotation;
+            # lockdep says "possible recursive locking detected".
+            yield from self.lock(t, ptl, WRITE, "copy_cow_pte_range")
             yield from self.lock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         return nested
 
@@ -476,7 +481,11 @@ class CowPteKernel(Kernel):
         self.unlock(t, dst_mm.page_table_lock, WRITE, "pmd_install")
         dptl = self.pte_lockptr(dst_mm, new)
         yield from self.lock(t, dptl, WRITE, "recover_pte_range")
-        yield from self.lock(t, sptl, WRITE, "recover_pte_range")
+        # v4 02/14: dst_pte = pte_offset_map_lock(dst_mm, dst_pmd, ...); then
+        # src_pte = pte_offset_map_lock(src_mm, src_pmd, ...): plain spin_lock, flaw
+        # ptl-recursive-nesting; else spin_lock_nested as copy_pte_range.
+        nest = 0 if self.config.has("ptl-recursive-nesting") else SINGLE_DEPTH_NESTING
+        yield from self.lock(t, sptl, WRITE, "recover_pte_range", nest)
         if recover_end:
             snap = table.entries[:recover_end].copy() if early else snapshot
             self.cost.charge("fork_pte_copy", int(np.count_nonzero(snap)))
@@ -577,7 +586,8 @@ class CowPteKernel(Kernel):
         self.unlock(t, ptl, WRITE, "handle_cow_pte_fault")
         window = self.config.has("pmd-clear-window") or (
             racy and self.config.has("vma-lock-fault-breaks-shared"))
-        if window or self.config.has("table-free-no-deferral"):
+        if window or self.config.has("table-free-no-deferral") or self.config.has(
+                "ptl-recursive-nesting"):
             return (yield from self._break_slow_v4(t, vma, idx, pmd, nofail, window))
         if self.config.has("nr-ptes-on-oom"):
             # v4 uncharges the table before allocating (see _break_slow_v4).
@@ -662,8 +672,13 @@ class CowPteKernel(Kernel):
             # pte_alloc_map_lock returns with it held: a concurrent fault waits for the copy.
             nptl = self.pte_lockptr(mm, new)
             if nptl is not mm.page_table_lock:
-                yield from self.lock(t, nptl, WRITE, "handle_cow_pte_fault")
+                yield from self.lock(t, nptl, WRITE, "handle_cow_pte_fault",
+                                     SINGLE_DEPTH_NESTING)
                 self.unlock(t, mm.page_table_lock, WRITE, "pmd_install")
+                # v4 holds dst_ptl as pte_alloc_map_lock took it, a plain spin_lock with
+                # no PMD lock held (the model took it under pmd_lock only to close the
+                # pmd_clear window): lockdep's lock_set_subclass back to 0.
+                self.lock_set_subclass(t, nptl, 0)
             dst = new
             # The PMD points at the new table (still empty, its PTL held): other CPUs'
             # hardware walks and GUP-fast, which take no lock, may use it from here.
@@ -706,8 +721,11 @@ class CowPteKernel(Kernel):
             yield "handle_cow_pte_fault:installed"
         optl = self.pte_lockptr(mm, old)
         same = optl is nptl
+        # v4: src_pte = pte_offset_map_lock(mm, &cowed_entry, addr, &src_ptl); with
+        # dst_ptl held: flaw ptl-recursive-nesting (no spin_lock_nested); else annotated.
+        nest = 0 if self.config.has("ptl-recursive-nesting") else SINGLE_DEPTH_NESTING
         if not same:
-            yield from self.lock(t, optl, WRITE, "handle_cow_pte_fault")
+            yield from self.lock(t, optl, WRITE, "pte_offset_map_lock", nest)
         if not self.check_table_live(old, "handle_cow_pte_fault"):
             if not same:
                 self.unlock(t, optl, WRITE, "handle_cow_pte_fault")
@@ -730,7 +748,8 @@ class CowPteKernel(Kernel):
                 ct = cur.table
                 cptl = self.pte_lockptr(mm, ct)
                 if cptl is not optl:
-                    yield from self.lock(t, cptl, WRITE, "handle_cow_pte_fault")
+                    # dst_pte = pte_offset_map_lock(mm, pmd, addr, &dst_ptl); under src_ptl
+                    yield from self.lock(t, cptl, WRITE, "pte_offset_map_lock", nest)
                 self.set_ptes(t, mm, ct, 0, np.zeros(self.P, dtype=np.int64),
                               "handle_cow_pte_fault")
                 if cptl is not optl:
@@ -780,7 +799,7 @@ class CowPteKernel(Kernel):
         same = cur is cowed and not cur.write  # pmd_same(*pmd, cowed_entry)
         optl = self.pte_lockptr(mm, old) if same else mm.page_table_lock
         if optl is not mm.page_table_lock:
-            yield from self.lock(t, optl, WRITE, "break_cow_pte")
+            yield from self.lock(t, optl, WRITE, "break_cow_pte", SINGLE_DEPTH_NESTING)
         if not same:
             pass  # somebody else broke or unmapped it meanwhile
         elif self.cow_pte_count(old) == 1:
@@ -993,6 +1012,23 @@ class CowPteKernel(Kernel):
             self.unlock(t, ptl, WRITE, "zap_pte_range")
             return True
         teardown = mm.users == 0  # exit_mmap: every VMA of the mm is being zapped
+        if (self.config.has("free-pmd-deferred-flush") and vma.detached and not teardown
+                and vma.start <= idx * P and vma.end >= (idx + 1) * P):
+            # v4's zap of a munmapped VMA covering the whole PMD (pte_is_shared): the
+            # entries stay, rmap/rss/page references go, and free_pgtables drops the
+            # reference (cow_free_table) with the flush deferred to tlb_finish_mmu.
+            got = yield from self.pte_offset_map_lock(t, mm, idx, "zap_pte_range")
+            if got is None:
+                return True
+            table, ptl = got
+            cur = mm.pmd.get(idx)
+            if cur.write or self.cow_pte_count(table) == 1:
+                cur.write = True
+                self.unlock(t, ptl, WRITE, "zap_pte_range")
+                return False
+            self.zap_pte_range(t, vma, table, idx, lo, hi, clear=False)
+            self.unlock(t, ptl, WRITE, "zap_pte_range")
+            return True
         if (lo == 0 and hi == P) or teardown:
             got = yield from self.pte_offset_map_lock(t, mm, idx, "zap_pte_range")
             if got is None:
@@ -1029,9 +1065,28 @@ class CowPteKernel(Kernel):
         """``free_pmd_range`` with COW PTE: a shared table may outlive this PMD.
 
         If ``pmd_put_pte`` succeeds the table lives on for its other sharers (only this PMD
-        is cleared).
+        is cleared). v4 03/14 (``mm/memory.c`` ``free_pmd_range``)::
+
+            spin_lock(ptl);
+            if (!pmd_put_pte(pmd)) { ... free_pte_range(tlb, pmd, addr); continue; }
+            spin_unlock(ptl);
+            pmd_clear(pmd);
+            mm_dec_nr_ptes(tlb->mm);
+            tlb_flush_pmd_range(tlb, addr, PAGE_SIZE);
+
+        ``tlb_flush_pmd_range`` only widens the gather: this mm's CPUs are flushed at
+        ``tlb_finish_mmu``. Once the reference is dropped, the last sharer may free the
+        table (its ``free_pte_range`` → ``pte_free_tlb`` → ``tlb_remove_table``), and its
+        flush and grace period cover *its* mm's CPUs only: this mm's paging-structure
+        caches may still point at the freed table. Flaw ``free-pmd-deferred-flush``.
+        Fixed (flaw off): this mm's translations of the PMD are flushed before the
+        reference goes, under the table's PTL, as the fixed break does. (The fixed zap
+        never leaves a shared table to ``free_pgtables``: this runs with v4's zap.)
         """
         self.cost.charge("table_ref")
+        if not self.config.has("free-pmd-deferred-flush") and self.cow_pte_count(
+                pmd.table) > 1:
+            self._flush_tlb_range(t, mm, idx)
         return self.pmd_put_pte(pmd)
 
     def _rmap_map_pte(self, t: Thread, vma: Vma, vpn: int, pfn: int, site: str) -> Gen:

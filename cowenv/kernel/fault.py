@@ -59,6 +59,8 @@ VM_FAULT_SIGSEGV = 2
 
 VM_FAULT_RETRY = 3
 
+VM_FAULT_SIGBUS = 4
+
 FAULT_FLAG_WRITE = 1
 
 FAULT_FLAG_UNSHARE = 2
@@ -106,7 +108,8 @@ class FaultMixin:
         """A user load/store at ``addr``: the MMU access, faulting until it succeeds.
 
         Returns the content token read (load), the token written (store), -EFAULT
-        (SIGSEGV: ``VM_FAULT_SIGSEGV``, the access is not made), or None when the task
+        (SIGSEGV or SIGBUS: ``VM_FAULT_SIGSEGV``/``VM_FAULT_SIGBUS``, the access is not
+        made; the model delivers the signal to a handler, it does not kill), or None when the task
         was killed (an OOM victim) before the access could complete. A user access never
         returns -ENOMEM: ``VM_FAULT_OOM`` goes to :meth:`pagefault_out_of_memory` and
         the access is retried. With ``config.tlb`` the MMU translates through the
@@ -143,7 +146,7 @@ class FaultMixin:
             ret = yield from self.do_user_addr_fault(t, mm, vpn,
                                                      FAULT_FLAG_WRITE if write else 0)
             self.cost.end_fault(t)
-            if ret == VM_FAULT_SIGSEGV:
+            if ret in (VM_FAULT_SIGSEGV, VM_FAULT_SIGBUS):
                 return -EFAULT
             if ret == VM_FAULT_OOM:
                 if not (yield from self.pagefault_out_of_memory(t)):
@@ -404,6 +407,14 @@ class FaultMixin:
         assert isinstance(obj, ShmemObject)
         pgoff = vma.pgoff + (vpn - vma.start)
         t.fault_site = "do_shared_fault"
+        if pgoff >= obj.nr_pages:
+            # shmem_fault → shmem_get_folio_gfp(..., SGP_CACHE, ...) (mm/shmem.c, 6.2):
+            #   if (sgp <= SGP_CACHE &&
+            #       ((loff_t)index << PAGE_SHIFT) >= i_size_read(inode))
+            #           return -EINVAL;
+            # and vmf_error(-EINVAL) is VM_FAULT_SIGBUS: a page of a mapping grown by
+            # mremap past the shmem file's size.
+            return VM_FAULT_SIGBUS
         pfn = obj.pages.get(pgoff)
         if pfn is None:
             pfn = self.alloc_page("shmem_get_folio")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .locks import WRITE
+from .locks import SINGLE_DEPTH_NESTING, WRITE
 from .memory import (
     GUP_PIN_COUNTING_BIAS,
     PG_anon,
@@ -219,7 +219,10 @@ class ForkMixin:
         dst_t = dst_mm.pmd[idx].table
         dst_ptl = self.pte_lockptr(dst_mm, dst_t)
         yield from self.lock(t, dst_ptl, WRITE, "copy_pte_range")
-        got = yield from self.pte_offset_map_lock(t, src_mm, idx, "copy_pte_range")
+        # src_pte = pte_offset_map(src_pmd, addr); src_ptl = pte_lockptr(src_mm, src_pmd);
+        # spin_lock_nested(src_ptl, SINGLE_DEPTH_NESTING);  (mm/memory.c, 6.2)
+        got = yield from self.pte_offset_map_lock(t, src_mm, idx, "copy_pte_range",
+                                                  SINGLE_DEPTH_NESTING)
         if got is None:
             self.unlock(t, dst_ptl, WRITE, "copy_pte_range")
             return 0

@@ -17,6 +17,7 @@ from .fault import (
     FAULT_FLAG_UNSHARE,
     FAULT_FLAG_WRITE,
     VM_FAULT_OOM,
+    VM_FAULT_SIGBUS,
     VM_FAULT_SIGSEGV,
 )
 from .locks import READ, WRITE
@@ -87,7 +88,7 @@ class GupMixin:
             if fr == VM_FAULT_OOM:
                 ret = -ENOMEM
                 break
-            if fr == VM_FAULT_SIGSEGV:
+            if fr in (VM_FAULT_SIGSEGV, VM_FAULT_SIGBUS):  # vm_fault_to_errno: -EFAULT
                 ret = -EFAULT
                 break
         self.unlock(t, mm.mmap_lock, READ, "__get_user_pages")

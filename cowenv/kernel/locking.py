@@ -28,8 +28,32 @@ from .sched import Gen, Thread
 class LockingMixin:
     """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
 
-    def lock(self, t: Thread, lk: Lock, mode: str, site: str) -> Gen | tuple[()]:
+    def lockdep_key(self, lk: Lock) -> str:
+        """The lockdep class (``struct lock_class_key``) of ``lk``.
+
+        Every split page-table lock is initialised at one place, ``ptlock_init``
+        (``include/linux/mm.h``, 6.2: ``spin_lock_init(ptlock_ptr(page));``, whose static
+        key makes one class): the PTE tables' locks (``pte_lockptr``) and, with split PMD
+        ptlocks (x86-64: ``ARCH_ENABLE_SPLIT_PMD_PTLOCK``; the model's ``split_ptl``),
+        ``pmd_lock``, which is the PMD table page's ptlock (``pmd_lockptr`` →
+        ``ptlock_ptr(pmd_pgtable_page(pmd))``, initialised by ``pgtable_pmd_page_ctor`` →
+        ``ptlock_init``). So ``ptl`` and ``page_table_lock`` are class ``ptlock`` then;
+        without split ptlocks both are ``mm->page_table_lock``.
+        """
+        c = lk.cls
+        if c == "ptl" or (c == "page_table_lock" and self.config.split_ptl):
+            return "ptlock"
+        return c
+    def lock(self, t: Thread, lk: Lock, mode: str, site: str,
+             subclass: int = 0) -> Gen | tuple[()]:
         """Acquire ``lk``; yields ``site:wait`` while blocked.
+
+        ``subclass`` is ``spin_lock_nested(lock, subclass)``'s (``SINGLE_DEPTH_NESTING``
+        = 1): lockdep treats (class, subclass) as a class of its own. Acquiring a lock
+        whose (class, subclass) a held lock already has is lockdep's "possible recursive
+        locking detected" (``check_deadlock`` → ``print_deadlock_bug``, which turns
+        lockdep off), checked for the ``ptlock`` class (:meth:`lockdep_key`); other
+        classes' nestings (``dup_mmap``'s two ``mmap_lock``, annotated upstream) are not.
 
         Lock contract: none (this is the primitive).
         """
@@ -40,9 +64,13 @@ class LockingMixin:
                     self._report("lock-discipline", site, f"recursive acquisition of {lk.name}")
                     break
             if self.config.lockdep:
-                msg = self.lockdep.acquire([h.cls for h, _ in held], lk.cls)
+                msg = self._lockdep_recursion(t, lk, subclass)
+                if msg is None:
+                    msg = self.lockdep.acquire([h.cls for h, _ in held], lk.cls)
                 if msg:
                     self._report("lock-discipline", site, msg)
+        if subclass:
+            t.nest[lk] = subclass
         if not lk.can_acquire(t.tid, mode):
             return self._lock_wait(t, lk, mode, site)
         # Uncontended: take it now and hand ``yield from`` an empty iterable (no
@@ -66,11 +94,34 @@ class LockingMixin:
         t.held.append((lk, mode))
         self.cost.charge_lock(lk.cls)
         self._ev(t.tid, "lock", lk.name, mode)
+    def _lockdep_recursion(self, t: Thread, lk: Lock, subclass: int) -> str | None:
+        """Lockdep's ``check_deadlock``: a held lock of the same (class, subclass)?"""
+        if not self.lockdep.debug_locks:
+            return None
+        key = self.lockdep_key(lk)
+        if key != "ptlock":
+            return None
+        nest = t.nest
+        for h, _ in t.held:
+            if h is not lk and self.lockdep_key(h) == key and nest.get(h, 0) == subclass:
+                self.lockdep.debug_locks = False  # print_deadlock_bug: debug_locks_off()
+                return (f"possible recursive locking detected: acquiring {lk.name} while "
+                        f"holding {h.name}, both lock class ptlock subclass {subclass} "
+                        "(no spin_lock_nested annotation)")
+        return None
+    def lock_set_subclass(self, t: Thread, lk: Lock, subclass: int) -> None:
+        """Lockdep's ``lock_set_subclass``: record a held lock under another subclass."""
+        if subclass:
+            t.nest[lk] = subclass
+        else:
+            t.nest.pop(lk, None)
     def unlock(self, t: Thread, lk: Lock, mode: str, site: str) -> None:
         """Release ``lk``; releasing a lock not held is a lock-discipline violation."""
         for i, (h, m) in enumerate(t.held):
             if h is lk and m == mode:
                 del t.held[i]
+                if t.nest:
+                    t.nest.pop(lk, None)
                 lk.release(t.tid, mode)
                 self._ev(t.tid, "unlock", lk.name, mode)
                 return
@@ -134,8 +185,12 @@ class LockingMixin:
     def pte_lockptr(self, mm: MmStruct, table: PteTable) -> Lock:
         """``pte_lockptr``: the table's split PTL, or ``mm->page_table_lock``."""
         return table.ptl if self.config.split_ptl else mm.page_table_lock
-    def pte_offset_map_lock(self, t: Thread, mm: MmStruct, idx: int, site: str) -> Gen:
+    def pte_offset_map_lock(self, t: Thread, mm: MmStruct, idx: int, site: str,
+                            subclass: int = 0) -> Gen:
         """``pte_offset_map_lock``: lock the PMD's table; returns ``(table, ptl)`` or None.
+
+        ``subclass`` 1 stands for the open-coded ``pte_offset_map`` + ``spin_lock_nested(ptl,
+        SINGLE_DEPTH_NESTING)`` of callers holding another PTL (``copy_pte_range``).
 
         Base 6.5 (``__pte_offset_map_lock`` in ``mm/pgtable-generic.c``, since 6.5): lock
         the table the PMD points at and re-check ``pmd_same`` under the lock, retrying;
@@ -152,7 +207,7 @@ class LockingMixin:
                 return None
             table = pmd.table
             ptl = self.pte_lockptr(mm, table)
-            yield from self.lock(t, ptl, WRITE, site)
+            yield from self.lock(t, ptl, WRITE, site, subclass)
             return table, ptl
         while True:
             pmd = mm.pmd.get(idx)
@@ -160,7 +215,7 @@ class LockingMixin:
                 return None
             table = pmd.table
             ptl = self.pte_lockptr(mm, table)
-            yield from self.lock(t, ptl, WRITE, site)
+            yield from self.lock(t, ptl, WRITE, site, subclass)
             cur = mm.pmd.get(idx)
             if cur is not None and cur.table is table:
                 return table, ptl

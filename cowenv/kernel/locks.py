@@ -14,6 +14,10 @@ from __future__ import annotations
 READ = "read"
 WRITE = "write"
 
+#: ``SINGLE_DEPTH_NESTING`` (include/linux/lockdep.h): the subclass of
+#: ``spin_lock_nested(lock, SINGLE_DEPTH_NESTING)``.
+SINGLE_DEPTH_NESTING = 1
+
 
 class Lock:
     """Common state of a lock: name, lockdep class, FIFO wait queue.

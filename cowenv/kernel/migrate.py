@@ -31,9 +31,8 @@ COW PTE v4 enters through ``page_vma_mapped_walk``'s ``PVMW_BREAK_COW_PTE`` (04/
 
 Simplifications (README "What is simplified"): one NUMA node: every page
 ``move_pages`` is asked to move is migrated to a new frame (the kernel skips pages
-already on the target node); ``move_pages`` returns the number of pages not migrated
-(``migrate_pages``'s result) or -EFAULT/-EACCES/-EBUSY/-ENOENT of the last page that
-failed to be isolated, and has no per-page status array; only anonymous pages migrate
+already on the target node); ``move_pages`` reports per page in its status array as
+``do_pages_move`` does (see :meth:`MigrateMixin.sys_move_pages`); only anonymous pages migrate
 (shmem page-cache pages are not movable in the model); the target frame comes from the
 ordinary allocator, not compaction's free scanner; no THP splitting, no
 ``MIGRATE_ASYNC``, no deferred ``lru_add_drain``.
@@ -79,34 +78,155 @@ class MigrateMixin:
     """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
 
     # ------------------------------------------------------------------ entry points
-    def sys_move_pages(self, t: Thread, addr: int, length: int, all: bool = False) -> Gen:
+    def sys_move_pages(self, t: Thread, addr: int, length: int, all: bool = False,
+                       stat: bool = False) -> Gen:
         """``move_pages(0, count, pages, nodes, status, MPOL_MF_MOVE[_ALL])`` of this process.
 
-        Every page of ``[addr, addr + length)`` is isolated under ``mmap_read_lock``
-        (``add_page_for_migration``), then the list is migrated without the mmap_lock
-        (``do_move_pages_to_node``). ``all`` is ``MPOL_MF_MOVE_ALL``.
+        ``pages`` are the pages of ``[addr, addr + length)`` in order; every ``nodes[i]``
+        is node 0 (the model's only node); ``all`` is ``MPOL_MF_MOVE_ALL``; ``stat``
+        passes ``nodes == NULL`` (``do_pages_stat``: report, move nothing).
 
-        Returns the number of isolated pages that could not be migrated, or, if a page
-        could not be isolated and every isolated one migrated, that page's -errno.
+        ``do_pages_move`` (mm/migrate.c, 6.2), one node, so one batch from ``start``::
+
+            err = add_page_for_migration(mm, addr, current_node, &pagelist, ...);
+            if (err > 0) continue;                 /* queued */
+            if (err == -EEXIST) err = -EFAULT;
+            err = store_status(status, i, err ? : current_node, 1);
+            ...
+            err = move_pages_and_store_status(mm, current_node, &pagelist,
+                                              status, start, i, nr_pages);
+            if (err) { if (err > 0) err--; goto out; }   /* page i accounted */
+            current_node = NUMA_NO_NODE;
+          out_flush:
+            err1 = move_pages_and_store_status(mm, current_node, &pagelist, status,
+                                               start, i, nr_pages);
+
+        and ``move_pages_and_store_status``: ``err = do_move_pages_to_node(...); if
+        (err) { if (err > 0) err += nr_pages - i; return err; } return
+        store_status(status, start, node, i - start);``. So a page that cannot be
+        looked up or isolated is not an error of the call: its status slot says why,
+        and the pages queued before it are migrated at once. If ``migrate_pages``
+        fails some of a batch (e.g. a GUP-pinned page: -EAGAIN ten times), the call
+        returns the number of pages not migrated plus the pages not attempted, and the
+        batch's status slots are **not written** (``None`` here; the caller's array
+        keeps whatever it held). A pinned page is therefore not ``-EBUSY``: it is
+        isolated, and its migration fails; ``-EBUSY`` is ``isolate_lru_page`` failing
+        (the page is off the LRU, isolated by another migration or by reclaim).
+
+        The status array is :attr:`Thread.out` ``["status"]`` and a trace event
+        ``("out", "move_pages", {"status": [...]})`` just before the operation ends,
+        so a scenario can assert it (step field ``status:``).
+
+        Simplified: the model migrates every queued page to a new frame although it
+        is "already on the target node" (one node), where the kernel would store the
+        node and move nothing (``err = 0``).
 
         Lock contract: takes mmap_lock for read per page; migration takes the anon_vma
         lock for read and the PTLs.
         """
         mm = self.mm_of(t)
         start, end = self._vpn_range(addr, length)
+        nr_pages = end - start
+        status: list[int | None] = [None] * nr_pages
+        t.out = {"status": status}
+        if stat:
+            yield from self.do_pages_stat(t, mm, start, status)
+            self._ev(t.tid, "out", "move_pages", {"status": list(status)})
+            return 0
         pages: list[int] = []
+        first = 0  # ``start`` of the batch in do_pages_move
         err = 0
-        for vpn in range(start, end):
-            r = yield from self.add_page_for_migration(t, mm, vpn, all)
-            if r < 0:
-                err = r
-            elif r > 0:
+        batch = False  # current_node != NUMA_NO_NODE
+        for i in range(nr_pages):
+            if not batch:
+                batch, first = True, i
+            r = yield from self.add_page_for_migration(t, mm, start + i, all)
+            if r > 0:
                 pages.append(r)
+                continue
+            status[i] = r  # store_status(status, i, err ? : current_node, 1)
+            err = yield from self._move_pages_and_store_status(t, pages, status, first, i,
+                                                               nr_pages)
+            pages = []
+            if err:
+                err = err - 1 if err > 0 else err  # "We have accounted for page i"
+                break
+            batch = False
+        else:
+            err = yield from self._move_pages_and_store_status(t, pages, status, first,
+                                                               nr_pages, nr_pages)
+        self._ev(t.tid, "out", "move_pages", {"status": list(status)})
+        return err
+
+    def _move_pages_and_store_status(self, t: Thread, pages: list[int],
+                                     status: list[int | None], first: int, i: int,
+                                     nr_pages: int) -> Gen:
+        """``move_pages_and_store_status`` (mm/migrate.c, 6.2) for node 0."""
+        if not pages:
+            return 0
         failed = yield from self.migrate_pages(t, pages)
-        return failed if failed or not err else err
+        if failed:
+            return failed + nr_pages - i
+        for j in range(first, i):
+            status[j] = 0
+        return 0
+
+    def follow_page_dump(self, t: Thread, mm: MmStruct, vma: Vma, vpn: int,
+                         site: str) -> Gen:
+        """``follow_page(vma, addr, FOLL_GET | FOLL_DUMP)`` (mm/gup.c, 6.2): pfn or -errno.
+
+        Returns the pfn of a normal page (present entry, PROT_NONE/NUMA-hinting ones
+        included: ``follow_page`` does not pass ``FOLL_NUMA``), ``-ENOENT`` for a
+        non-present, non-none entry (swap or migration entry: ``no_page``'s ``if
+        (!pte_none(pte)) return NULL;``), and ``-EFAULT`` for the zero page
+        (``vm_normal_page`` is NULL: "Avoid special (like zero) pages in core dumps")
+        and for a none entry or missing table of an anonymous VMA (``no_page_table``:
+        ``if ((flags & FOLL_DUMP) && (vma_is_anonymous(vma) || !vma->vm_ops->fault))
+        return ERR_PTR(-EFAULT);``); a shmem VMA has ``->fault``, so -ENOENT there.
+
+        Lock contract: takes and drops the PTL.
+        """
+        hole = -ENOENT if vma.shmem is not None else -EFAULT
+        idx, off = divmod(vpn, self.P)
+        got = yield from self.pte_offset_map_lock(t, mm, idx, site)
+        if got is None:
+            return hole
+        table, ptl = got
+        pte = int(table.entries[off])
+        self.unlock(t, ptl, WRITE, site)
+        if not pte & PTE_PRESENT:
+            return -ENOENT if pte else hole
+        pfn = pte >> PFN_SHIFT
+        if pfn == ZERO_PFN:
+            return -EFAULT
+        return pfn
+
+    def do_pages_stat(self, t: Thread, mm: MmStruct, start: int,
+                      status: list[int | None]) -> Gen:
+        """``do_pages_stat_array`` (mm/migrate.c, 6.2): the node of each page, or -errno.
+
+        Under one ``mmap_read_lock``: ``vma_lookup`` (-EFAULT), ``follow_page(FOLL_GET |
+        FOLL_DUMP)`` (its -errno, or -ENOENT for no page), else ``page_to_nid`` (0).
+        """
+        yield from self.lock(t, mm.mmap_lock, READ, "do_pages_stat")
+        try:
+            for i in range(len(status)):
+                vma = mm.find_vma(start + i)
+                if vma is None:
+                    status[i] = -EFAULT
+                    continue
+                r = yield from self.follow_page_dump(t, mm, vma, start + i, "follow_page_pte")
+                status[i] = 0 if r > 0 else r
+        finally:
+            self.unlock(t, mm.mmap_lock, READ, "do_pages_stat")
 
     def add_page_for_migration(self, t: Thread, mm: MmStruct, vpn: int, migrate_all: bool) -> Gen:
-        """``add_page_for_migration``: returns the isolated pfn (> 0) or -errno / 0.
+        """``add_page_for_migration`` (mm/migrate.c, 6.2): the isolated pfn (> 0) or -errno.
+
+        ``vma_lookup`` (-EFAULT), :meth:`follow_page_dump` (-EFAULT/-ENOENT),
+        ``page_mapcount(page) > 1 && !migrate_all`` → -EACCES, ``isolate_lru_page``
+        failing → -EBUSY. The model's own refusal: a non-anonymous (shmem) page is
+        -EBUSY (only anonymous pages are movable here).
 
         Lock contract: takes and drops mmap_lock for read; the PTL inside follow_page.
         """
@@ -115,18 +235,9 @@ class MigrateMixin:
             vma = mm.find_vma(vpn)
             if vma is None:
                 return -EFAULT
-            idx, off = divmod(vpn, self.P)
-            got = yield from self.pte_offset_map_lock(t, mm, idx, "follow_page_pte")
-            if got is None:
-                return -ENOENT  # follow_page: no page
-            table, ptl = got
-            pte = int(table.entries[off])
-            self.unlock(t, ptl, WRITE, "follow_page_pte")
-            if not pte & PTE_PRESENT:
-                return -ENOENT
-            pfn = pte >> PFN_SHIFT
-            if pfn == ZERO_PFN:
-                return -EFAULT  # FOLL_DUMP: the zero page is refused
+            pfn = yield from self.follow_page_dump(t, mm, vma, vpn, "follow_page_pte")
+            if pfn < 0:
+                return pfn
             if not int(self.pool.flags[pfn]) & PG_anon:
                 return -EBUSY  # model: only anonymous pages are movable
             if int(self.pool.mapcount[pfn]) > 1 and not migrate_all:

@@ -319,6 +319,12 @@ class MmapMixin:
         for v in vmas:
             yield from self.zap_page_range(t, v, v.start, v.end)
         yield from self.free_pgtables(t, mm, vmas)
+        if self.config.variant == "cowpte":
+            # Preemptible between free_pgtables and tlb_finish_mmu (no lock held but
+            # mmap_lock). A preemption point on the COW PTE variant only, where a table
+            # this mm dropped may be freed by another mm meanwhile (flaw
+            # free-pmd-deferred-flush); classic traces keep their shape.
+            yield "unmap_region:pgtables_freed"
         self.tlb_finish_mmu(t, tlb)
     def free_pgtables(self, t: Thread, mm: MmStruct, vmas: list[Vma]) -> Gen:
         """``free_pgtables``: unlink the VMAs from rmap, then free the PTE tables left unused.

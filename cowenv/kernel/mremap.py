@@ -28,19 +28,19 @@ Simplifications (README "What is simplified"): no ``vma_merge`` (``copy_vma`` al
 creates a new VMA, so ``need_rmap_locks`` is false for ``move_ptes``, as 6.2 sets it for
 a VMA it did not merge); no ``i_mmap_rwsem`` (shmem has no rmap walker in the model);
 ``alloc_new_pmd`` cannot fail (upper levels are collapsed); ``get_unmapped_area`` is the
-top-down search below a fixed ``mmap_base`` without randomisation; growing a
-``MAP_SHARED`` mapping returns -EINVAL (the model's shmem objects have a fixed size and
-no SIGBUS beyond it); no ``MREMAP_DONTUNMAP``, no ``vm_ops->mremap``, no accounting of
-``VM_ACCOUNT``/``total_vm``; the TLB flushes of ``move_ptes`` and ``move_normal_pmd``
-call :meth:`_mremap_flush`, which flushes the TLB model.
+top-down search below a fixed ``mmap_base`` without randomisation; a grown ``MAP_SHARED``
+mapping keeps its shmem object's size (``i_size`` of ``shmem_zero_setup``'s file), so its
+new pages SIGBUS on access, as in Linux; no ``MREMAP_DONTUNMAP``, no ``vm_ops->mremap``,
+no accounting of ``VM_ACCOUNT``/``total_vm``; the TLB flushes of ``move_ptes`` and
+``move_normal_pmd`` call :meth:`_mremap_flush`, which flushes the TLB model.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .locks import READ, WRITE
-from .mm import VM_SHARED, MmStruct, Vma
+from .locks import READ, SINGLE_DEPTH_NESTING, WRITE
+from .mm import MmStruct, Vma
 from .ops import EFAULT, EINVAL, ENOMEM, TASK_SIZE
 from .pgtable import PTE_PRESENT, PmdEntry
 from .sched import Gen, Thread, _done
@@ -158,7 +158,30 @@ class MremapMixin:
 
     def vma_to_resize(self, mm: MmStruct, start: int, old_pages: int,
                       new_pages: int) -> tuple[Vma | None, int]:
-        """``vma_to_resize``: the VMA holding ``[start, start + old_pages)`` or an errno."""
+        """``vma_to_resize`` (mm/mremap.c, 6.2): the VMA holding the range, or an errno.
+
+        ::
+
+            vma = vma_lookup(mm, addr);
+            if (!vma) return ERR_PTR(-EFAULT);
+            ...
+            /* We can't remap across vm area boundaries */
+            if (old_len > vma->vm_end - addr) return ERR_PTR(-EFAULT);
+            if (new_len == old_len) return vma;
+            /* Need to be careful about a growing mapping */
+            pgoff = (addr - vma->vm_start) >> PAGE_SHIFT; pgoff += vma->vm_pgoff;
+            if (pgoff + (new_len >> PAGE_SHIFT) < pgoff) return ERR_PTR(-EINVAL);
+            if (vma->vm_flags & (VM_DONTEXPAND | VM_PFNMAP)) return ERR_PTR(-EFAULT);
+            if (mlock_future_check(mm, vma->vm_flags, new_len - old_len))
+                return ERR_PTR(-EAGAIN);
+            if (!may_expand_vm(mm, vma->vm_flags, (new_len - old_len) >> PAGE_SHIFT))
+                return ERR_PTR(-ENOMEM);
+
+        Nothing rejects ``VM_SHARED``: a shared anonymous mapping (``shmem_zero_setup``
+        sets no ``VM_DONTEXPAND``) grows like a private one. The ``!old_len``
+        (duplicate a shared mapping) and ``MREMAP_DONTUNMAP`` checks do not arise: the
+        model's lengths are positive and it has no ``MREMAP_DONTUNMAP``.
+        """
         vma = mm.find_vma(start)
         if vma is None:
             return None, -EFAULT
@@ -166,8 +189,11 @@ class MremapMixin:
             return None, -EFAULT
         if new_pages == old_pages:
             return vma, 0
-        if vma.flags & VM_SHARED and new_pages > old_pages:
-            return None, -EINVAL  # model: shmem objects do not grow (see module doc)
+        # 6.2's remaining refusals of a growing mapping are for what the model has not:
+        # pgoff overflow (-EINVAL), VM_DONTEXPAND|VM_PFNMAP (-EFAULT), the mlock limit
+        # (-EAGAIN), may_expand_vm/VM_ACCOUNT (-ENOMEM). A MAP_SHARED (shmem) mapping
+        # may grow: the pages past the shmem file's i_size SIGBUS on access
+        # (shmem_get_folio_gfp's SGP_CACHE check; fault:do_shared_fault).
         return vma, 0
 
     def vma_expandable(self, mm: MmStruct, vma: Vma, delta: int) -> bool:
@@ -361,7 +387,8 @@ class MremapMixin:
         ntable = npmd.table  # pte_offset_map(new_pmd, new_addr)
         nptl = self.pte_lockptr(mm, ntable)
         if nptl is not optl:
-            yield from self.lock(t, nptl, WRITE, "move_ptes")  # SINGLE_DEPTH_NESTING
+            # spin_lock_nested(new_ptl, SINGLE_DEPTH_NESTING);  (mm/mremap.c move_ptes)
+            yield from self.lock(t, nptl, WRITE, "move_ptes", SINGLE_DEPTH_NESTING)
         olo, nlo = old % P, new % P
         src = otable.entries[olo:olo + n].copy()
         live = src != 0

@@ -96,9 +96,11 @@ OPS: dict[str, OpSpec] = {o.name: o for o in (
     OpSpec("mremap", (_a("addr", "addr"), _a("old_length", "len"), _a("new_length", "len"),
                       _a("maymove", "bool", True), _a("new_addr", "addr", -1)), False,
            "mremap(addr, old_length, new_length, MREMAP_MAYMOVE [|MREMAP_FIXED, new_addr])"),
-    OpSpec("move_pages", (_a("addr", "addr"), _a("length", "len"), _a("all", "bool", False)),
-           False, "move_pages(0, ...) of every page of [addr, addr+length): "
-           "MPOL_MF_MOVE (or MPOL_MF_MOVE_ALL with all)"),
+    OpSpec("move_pages", (_a("addr", "addr"), _a("length", "len"), _a("all", "bool", False),
+                          _a("stat", "bool", False)),
+           False, "move_pages(0, ...) of every page of [addr, addr+length) to node 0: "
+           "MPOL_MF_MOVE (or MPOL_MF_MOVE_ALL with all); stat: nodes NULL (query only); "
+           "the per-page status array is traced as an 'out' event"),
     OpSpec("compact", (_a("nr", "int", 1), _a("pid", "pid", 0), _a("addr", "addr", -1)), True,
            "kcompactd: migrate up to nr movable LRU pages in pfn order (optionally starting "
            "with the page mapped at pid:addr)"),

@@ -61,11 +61,13 @@ class Thread:
         held: Locks held, in acquisition order.
         exited: The thread has exited.
         result: Return value of the last completed operation.
+        out: Output parameters of the last operation that has them (``move_pages``'s
+            ``{"status": [...]}``), else None; reset when an operation starts.
     """
 
     __slots__ = ("tid", "pid", "gen", "op", "args", "label", "waiting", "held", "exited",
                  "result", "op_index", "fault_site", "fail_nth", "fail_nth_next", "tlb", "psc",
-                 "gathers")
+                 "gathers", "out", "nest")
 
     def __init__(self, tid: int, pid: int) -> None:
         self.tid = tid
@@ -78,6 +80,10 @@ class Thread:
         self.held: list[tuple[Lock, str]] = []
         self.exited = False
         self.result: Any = None
+        self.out: dict[str, Any] | None = None
+        # Lockdep subclass of held locks taken nested (spin_lock_nested); absent = 0.
+        # Looked up by lock, never iterated.
+        self.nest: dict[Lock, int] = {}
         self.op_index = -1
         self.fault_site = ""
         # current->fail_nth while an operation runs, and the value written to
@@ -185,6 +191,7 @@ class SchedMixin:
         t = self.threads[tid]
         t.op, t.args, t.label = op, a, ""
         t.result = None
+        t.out = None
         t.op_index = self.op_count
         self.op_count += 1
         t.gen = getattr(self, f"sys_{op}")(t, **a)
@@ -221,6 +228,7 @@ class SchedMixin:
             for lk, mode in reversed(t.held):
                 lk.release(t.tid, mode)
             t.held.clear()
+            t.nest.clear()
             t.waiting = None
             self._finish(t, None)
             label = f"{t.op}:defect"

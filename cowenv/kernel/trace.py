@@ -55,7 +55,8 @@ class Event(NamedTuple):
         tid: Thread id (-1 for events that belong to no thread).
         kind: ``start`` (an operation began), ``point`` (stopped at a preemption point),
             ``end`` (operation returned), ``lock``/``unlock``/``wait`` (lock events),
-            ``event`` (pressure event), ``violation``.
+            ``event`` (pressure event), ``violation``, ``out`` (an operation's output
+            parameters just before its ``end``: ``move_pages``'s status array).
         label: Preemption label, lock name, operation name or violation signature.
         data: Small plain-data payload (operation args, return value, …).
     """
