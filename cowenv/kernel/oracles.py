@@ -145,8 +145,9 @@ class Oracle:
         # mprotect calls in progress per mm: (start, end, new prot). While one runs, user
         # accesses may see the old or the new protection (PTEs change table by table).
         self.mprotecting: dict[int, list[tuple[int, int, int]]] = {}
-        # mremap moves in progress per mm: (old start, old end, new - old).
-        self.moving: dict[int, list[tuple[int, int, int]]] = {}
+        # mremap moves in progress per mm: (old start, old end, new - old, the pins that
+        # followed their pages: [(pin id, old vpn, loose before the move)]).
+        self.moving: dict[int, list[tuple[int, int, int, list[tuple[int, int, bool]]]]] = {}
         self.pin_seq = 0
         self.accounting_enabled = True
         # (address key or ("pin", id), value) pairs the shadow sweep already reported.
@@ -269,28 +270,49 @@ class Oracle:
             for v, ent in sorted(d.items()):
                 if old <= v < old + n:
                     d[v - old + new] = ent
-        for p in self.pins.values():
+        moved: list[tuple[int, int, bool]] = []  # (pin id, old vpn, old loose)
+        for pid, p in sorted(self.pins.items()):
             if p["mm"] == mm.id and old <= p["vpn"] < old + n and p["key"] is not None \
                     and p["key"][0] == "a":
+                moved.append((pid, p["vpn"], p["loose"]))
                 p["vpn"] = p["vpn"] - old + new
                 p["key"] = ("a", mm.id, p["vpn"])
                 p["loose"] = True
-        self.moving.setdefault(mm.id, []).append((old, old + n, new - old))
+        self.moving.setdefault(mm.id, []).append((old, old + n, new - old, moved))
 
-    def on_mremap_end(self, mm: MmStruct) -> None:
-        """``move_vma`` moved (or moved back) the entries; the old or new range is unmapped next."""
+    def on_mremap_end(self, mm: MmStruct, moved_back: bool = False) -> None:
+        """``move_vma`` moved (or moved back) the entries; the old or new range is unmapped next.
+
+        Ends the link of :meth:`on_mremap_begin`. Every entry is now at one address: the
+        new one after a complete move, the old one when ``moved_back`` (a short move:
+        ``move_vma`` in mm/mremap.c, 6.2, "On error, move entries back from new area to
+        old ... and then proceed to unmap new area instead of old"). The pins that
+        followed their pages to the new range go back to the old address then (else the
+        unmap of the new range would detach them while their pages stay mapped at the old
+        one); either way they are coupled as they were before the move (exactly, unless
+        they were loose already).
+        """
         recs = self.moving.get(mm.id)
-        if recs:
-            recs.pop()
-            if not recs:
-                del self.moving[mm.id]
+        if not recs:
+            return
+        _, _, delta, moved = recs.pop()
+        if not recs:
+            del self.moving[mm.id]
+        for pid, vpn, loose in moved:
+            p = self.pins.get(pid)
+            if p is None or p["key"] != ("a", mm.id, vpn + delta):
+                continue  # unpinned (or re-keyed) while the move ran
+            if moved_back:
+                p["vpn"] = vpn
+                p["key"] = ("a", mm.id, vpn)
+            p["loose"] = loose
 
     def _linked(self, key: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Anonymous keys linked with ``key`` by an mremap in progress (see above)."""
         if key[0] != "a":
             return []
         out = []
-        for s, e, delta in self.moving.get(key[1], []):
+        for s, e, delta, _ in self.moving.get(key[1], []):
             if s <= key[2] < e:
                 out.append(("a", key[1], key[2] + delta))
             elif s + delta <= key[2] < e + delta:
