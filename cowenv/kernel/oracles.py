@@ -286,26 +286,31 @@ class Oracle:
         Ends the link of :meth:`on_mremap_begin`. Every entry is now at one address: the
         new one after a complete move, the old one when ``moved_back`` (a short move:
         ``move_vma`` in mm/mremap.c, 6.2, "On error, move entries back from new area to
-        old ... and then proceed to unmap new area instead of old"). The pins that
-        followed their pages to the new range go back to the old address then (else the
-        unmap of the new range would detach them while their pages stay mapped at the old
-        one); either way they are coupled as they were before the move (exactly, unless
+        old ... and then proceed to unmap new area instead of old"). Each anonymous pin
+        of the mm on the side that is unmapped next goes to the other side, where its page
+        now is (else that unmap would detach it while its page stays mapped): after a
+        short move, the pins that followed their pages to the new range; after a complete
+        one, the pins GUP-fast took at the old address during the move (mmap_lock does
+        not hold it off) before their entries moved. The pins that followed their pages
+        at :meth:`on_mremap_begin` are coupled as before the move again (exactly, unless
         they were loose already).
         """
         recs = self.moving.get(mm.id)
         if not recs:
             return
-        _, _, delta, moved = recs.pop()
+        s, e, delta, moved = recs.pop()
         if not recs:
             del self.moving[mm.id]
+        lo, hi, shift = (s + delta, e + delta, -delta) if moved_back else (s, e, delta)
+        for _, p in sorted(self.pins.items()):
+            if p["mm"] == mm.id and lo <= p["vpn"] < hi and p["key"] is not None \
+                    and p["key"][0] == "a":
+                p["vpn"] += shift
+                p["key"] = ("a", mm.id, p["vpn"])
         for pid, vpn, loose in moved:
             p = self.pins.get(pid)
-            if p is None or p["key"] != ("a", mm.id, vpn + delta):
-                continue  # unpinned (or re-keyed) while the move ran
-            if moved_back:
-                p["vpn"] = vpn
-                p["key"] = ("a", mm.id, vpn)
-            p["loose"] = loose
+            if p is not None and p["vpn"] == (vpn if moved_back else vpn + delta):
+                p["loose"] = loose
 
     def _linked(self, key: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Anonymous keys linked with ``key`` by an mremap in progress (see above)."""
