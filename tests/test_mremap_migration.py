@@ -67,6 +67,71 @@ def test_mremap_failure_moves_back_and_returns_enomem() -> None:
 
 
 @pytest.mark.parametrize("preset", ["classic", "fixed"])
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_mremap_failure_keeps_a_pin_at_the_old_address(preset: str, fail_at: int) -> None:
+    """Soak classic seed 244: a pin's shadow must follow the entries moved back.
+
+    ``move_vma`` (mm/mremap.c, 6.2): "On error, move entries back from new area to old
+    ... and then proceed to unmap new area instead of old". The pinned page stays mapped
+    at the old address, so a DMA write through the pin is what the process reads there.
+    The shadow used to leave the pin at the new (unmapped) address: the DMA write was
+    not recorded and the sweep reported the old address (``isolation@shadow_sweep``).
+    ``fail_at`` picks the failing allocation: with 1 the first extent's ``pte_alloc``
+    fails (nothing moved), with 2 the second's (the first page was moved, then moved
+    back).
+    """
+    k = _kernel(preset)
+    old = 16 * T + 6 * 4096  # two pages each side of a PMD boundary
+    k.do(1, "mmap", addr=old - 4096, length=5 * 4096)
+    toks = [k.do(1, "write", addr=old + i * 4096) for i in range(3)]
+    pins = [k.do(1, "pin", addr=old + i * 4096, write=True) for i in range(3)]
+    assert min(pins) > 0
+    k.event("fail_nth", n=fail_at)
+    writes = k.cost.counts.get("pte_write", 0)
+    assert k.do(1, "mremap", addr=old, old_length=3 * 4096, new_length=4 * 4096,
+                maymove=True, new_addr=40 * T + 7 * 4096) == -12
+    # move_ptes charges 2 PTE writes per entry moved: one entry there and back, or none
+    assert k.cost.counts.get("pte_write", 0) - writes == (4 if fail_at == 2 else 0)
+    assert [k.do(1, "read", addr=old + i * 4096) for i in range(3)] == toks
+    dma = [k.do(1, "dev_write", pin=p) for p in pins]
+    assert [k.do(1, "read", addr=old + i * 4096) for i in range(3)] == dma
+    assert k.do(1, "read", addr=40 * T + 7 * 4096) < 0  # the new range was unmapped
+    assert not k.violations, [(v.signature, v.message) for v in k.violations]
+
+
+@pytest.mark.parametrize("preset", ["classic", "fixed"])
+@pytest.mark.parametrize("fail_at", [0, 2])
+def test_a_gup_fast_pin_taken_during_mremap_follows_its_page(preset: str,
+                                                             fail_at: int) -> None:
+    """GUP-fast takes no mmap_lock: it may pin a page mremap has not moved yet.
+
+    After a complete move the page is mapped at the new address, and a DMA write through
+    the pin is what the process reads there (the shadow used to keep the pin at the old,
+    unmapped address: ``isolation@shadow_sweep`` on the new one). After a short move
+    (``fail_at`` 2) it is back at the old address.
+    """
+    k = _kernel(preset)
+    old, new = 16 * T + 6 * 4096, 40 * T + 7 * 4096
+    k.do(1, "mmap", addr=old - 4096, length=5 * 4096)
+    for i in range(3):
+        k.do(1, "write", addr=old + i * 4096)
+    tid = k.do(1, "clone")
+    if fail_at:
+        k.event("fail_nth", n=fail_at)
+    k.start(1, "mremap", {"addr": old, "old_length": 3 * 4096, "new_length": 4 * 4096,
+                          "maymove": True, "new_addr": new})
+    while k.threads[1].label != "move_page_tables:cond_resched":
+        k.step(1)  # copy_vma done, no entry moved yet
+    pin = k.do(tid, "pin", addr=old + 2 * 4096, write=True, fast=True)
+    assert pin > 0
+    ret = k.run(1)
+    assert ret == (-12 if fail_at else new)
+    dma = k.do(tid, "dev_write", pin=pin)
+    assert k.do(tid, "read", addr=(old if fail_at else new) + 2 * 4096) == dma
+    assert not k.violations, [(v.signature, v.message) for v in k.violations]
+
+
+@pytest.mark.parametrize("preset", ["classic", "fixed"])
 def test_migration_moves_to_a_new_frame(preset: str) -> None:
     k = _kernel(preset)
     k.do(1, "mmap", addr=16 * T, length=T)

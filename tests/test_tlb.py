@@ -13,6 +13,7 @@ from cowenv import scenario as scenario_mod
 from cowenv.kernel import make_kernel
 from cowenv.kernel.config import KernelConfig, config_from_dict
 from cowenv.kernel.kernel import Kernel
+from cowenv.kernel.pgtable import PTE_USER
 from cowenv.kernel.trace import trace_hash
 from cowenv.scenario import apply_step, load_scenario, run_scenario
 from cowenv.workload import Layout, run_random_schedule, teardown
@@ -156,3 +157,39 @@ def test_random_schedules_are_deterministic_and_clean(preset: str):
         assert sigs == [], (seed, sigs)
     off = replace(cfg, tlb=False)
     assert _random_run(off, 0)[1] == []
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_numa_hint_store_before_its_flush_is_the_accepted_window(shared: bool):
+    """Soak classic seed 1114 (base 6.2): ``isolation@tlb_stale_write`` mid-NUMA-scan.
+
+    ``change_prot_numa`` (mm/mempolicy.c, 6.2) wraps ``change_protection`` in
+    ``tlb_gather_mmu`` .. ``tlb_finish_mmu``: ``change_pte_range`` only records each
+    protnone entry (``tlb_flush_pte_range``) and ``inc_tlb_flush_pending`` covers the
+    walk, so a store through a writable TLB entry of a page already made protnone, before
+    the scan's flush, is the kernel's accepted window. The model used to make the entries
+    protnone with no flush pending and flush only at the end: the store was reported.
+    After the scan the entry is flushed and the next store takes the NUMA-hinting fault.
+    """
+    k = _k()
+    base = 0x100000  # two tables of 8 pages
+    _do(k, 1, "mmap", addr=base, length=16 * PS, shared=shared)
+    toks = [_do(k, 1, "write", addr=base + i * 8 * PS) for i in range(2)]
+    tid = _do(k, 1, "clone")  # two threads: private entries are scanned too
+    assert isinstance(tid, int) and tid > 1
+    vpn = base // PS
+    assert k.threads[1].tlb[vpn][2]  # a writable entry for the first page
+    k.start(tid, "numa_hint", {"addr": base, "length": 16 * PS})
+    while k.threads[tid].label != "change_prot_numa:table_done":
+        k.step(tid)
+    mm = k.procs[1].mm
+    assert not int(mm.pmd[vpn // 8].table.entries[0]) & PTE_USER  # made protnone
+    new = _do(k, 1, "write", addr=base)  # a TLB hit: no fault, the old frame
+    assert new != toks[0]
+    assert not k.violations, [(v.signature, v.message) for v in k.violations]
+    assert k.tlb_pending.get(mm.id)  # because the scan's gather is open
+    assert k.run(tid) == 2
+    assert vpn not in k.threads[1].tlb and not k.tlb_pending.get(mm.id)
+    assert _do(k, 1, "read", addr=base) == new  # do_numa_page restores the entry
+    assert _do(k, 1, "read", addr=base + 8 * PS) == toks[1]
+    assert not k.violations, [(v.signature, v.message) for v in k.violations]

@@ -87,10 +87,19 @@ class MempolicyMixin:
             ...
             tlb_finish_mmu(&tlb);
 
+        The gather (``tlb_gather_mmu`` → ``inc_tlb_flush_pending``) is open over the
+        whole walk: ``change_pte_range`` only records each protnone entry in it
+        (``tlb_flush_pte_range``) and the flush comes at ``tlb_finish_mmu``, so a store
+        through a writable TLB entry of a page already made protnone is the kernel's
+        accepted window until then (``mm_tlb_flush_pending`` is true), not a stale write.
+
         With COW PTE, ``change_pte_range`` breaks a shared table first (v4 09/14) and
         skips the PMD if that fails. Returns the number of entries updated.
 
         Lock contract: mmap_lock read; takes the PTLs.
         """
-        return (yield from self.change_protection(t, vma, 0, prot_numa=True,
-                                                  lo_vpn=start, hi_vpn=end))
+        tlb = self.tlb_gather_mmu(t, vma.mm)
+        n = yield from self.change_protection(t, vma, 0, prot_numa=True,
+                                              lo_vpn=start, hi_vpn=end)
+        self.tlb_finish_mmu(t, tlb)
+        return n

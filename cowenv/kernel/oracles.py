@@ -145,8 +145,9 @@ class Oracle:
         # mprotect calls in progress per mm: (start, end, new prot). While one runs, user
         # accesses may see the old or the new protection (PTEs change table by table).
         self.mprotecting: dict[int, list[tuple[int, int, int]]] = {}
-        # mremap moves in progress per mm: (old start, old end, new - old).
-        self.moving: dict[int, list[tuple[int, int, int]]] = {}
+        # mremap moves in progress per mm: (old start, old end, new - old, the pins that
+        # followed their pages: [(pin id, old vpn, loose before the move)]).
+        self.moving: dict[int, list[tuple[int, int, int, list[tuple[int, int, bool]]]]] = {}
         self.pin_seq = 0
         self.accounting_enabled = True
         # (address key or ("pin", id), value) pairs the shadow sweep already reported.
@@ -269,28 +270,54 @@ class Oracle:
             for v, ent in sorted(d.items()):
                 if old <= v < old + n:
                     d[v - old + new] = ent
-        for p in self.pins.values():
+        moved: list[tuple[int, int, bool]] = []  # (pin id, old vpn, old loose)
+        for pid, p in sorted(self.pins.items()):
             if p["mm"] == mm.id and old <= p["vpn"] < old + n and p["key"] is not None \
                     and p["key"][0] == "a":
+                moved.append((pid, p["vpn"], p["loose"]))
                 p["vpn"] = p["vpn"] - old + new
                 p["key"] = ("a", mm.id, p["vpn"])
                 p["loose"] = True
-        self.moving.setdefault(mm.id, []).append((old, old + n, new - old))
+        self.moving.setdefault(mm.id, []).append((old, old + n, new - old, moved))
 
-    def on_mremap_end(self, mm: MmStruct) -> None:
-        """``move_vma`` moved (or moved back) the entries; the old or new range is unmapped next."""
+    def on_mremap_end(self, mm: MmStruct, moved_back: bool = False) -> None:
+        """``move_vma`` moved (or moved back) the entries; the old or new range is unmapped next.
+
+        Ends the link of :meth:`on_mremap_begin`. Every entry is now at one address: the
+        new one after a complete move, the old one when ``moved_back`` (a short move:
+        ``move_vma`` in mm/mremap.c, 6.2, "On error, move entries back from new area to
+        old ... and then proceed to unmap new area instead of old"). Each anonymous pin
+        of the mm on the side that is unmapped next goes to the other side, where its page
+        now is (else that unmap would detach it while its page stays mapped): after a
+        short move, the pins that followed their pages to the new range; after a complete
+        one, the pins GUP-fast took at the old address during the move (mmap_lock does
+        not hold it off) before their entries moved. The pins that followed their pages
+        at :meth:`on_mremap_begin` are coupled as before the move again (exactly, unless
+        they were loose already).
+        """
         recs = self.moving.get(mm.id)
-        if recs:
-            recs.pop()
-            if not recs:
-                del self.moving[mm.id]
+        if not recs:
+            return
+        s, e, delta, moved = recs.pop()
+        if not recs:
+            del self.moving[mm.id]
+        lo, hi, shift = (s + delta, e + delta, -delta) if moved_back else (s, e, delta)
+        for _, p in sorted(self.pins.items()):
+            if p["mm"] == mm.id and lo <= p["vpn"] < hi and p["key"] is not None \
+                    and p["key"][0] == "a":
+                p["vpn"] += shift
+                p["key"] = ("a", mm.id, p["vpn"])
+        for pid, vpn, loose in moved:
+            p = self.pins.get(pid)
+            if p is not None and p["vpn"] == (vpn if moved_back else vpn + delta):
+                p["loose"] = loose
 
     def _linked(self, key: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Anonymous keys linked with ``key`` by an mremap in progress (see above)."""
         if key[0] != "a":
             return []
         out = []
-        for s, e, delta in self.moving.get(key[1], []):
+        for s, e, delta, _ in self.moving.get(key[1], []):
             if s <= key[2] < e:
                 out.append(("a", key[1], key[2] + delta))
             elif s + delta <= key[2] < e + delta:
