@@ -87,10 +87,20 @@ class MempolicyMixin:
             ...
             tlb_finish_mmu(&tlb);
 
+        The gather is what makes the scan's window legal: ``__tlb_gather_mmu`` does
+        ``inc_tlb_flush_pending``, so from the first protnone entry to the flush in
+        ``tlb_finish_mmu`` ``mm_tlb_flush_pending`` is true, and another CPU's store
+        through the old writable TLB entry is the accepted race (it lands in the same
+        page; the hinting fault comes with the next TLB miss). ``change_pte_range`` adds
+        each updated entry to the gather (``tlb_flush_pte_range``).
+
         With COW PTE, ``change_pte_range`` breaks a shared table first (v4 09/14) and
         skips the PMD if that fails. Returns the number of entries updated.
 
         Lock contract: mmap_lock read; takes the PTLs.
         """
-        return (yield from self.change_protection(t, vma, 0, prot_numa=True,
-                                                  lo_vpn=start, hi_vpn=end))
+        tlb = self.tlb_gather_mmu(t, vma.mm)
+        n = yield from self.change_protection(t, vma, 0, prot_numa=True,
+                                              lo_vpn=start, hi_vpn=end)
+        self.tlb_finish_mmu(t, tlb)
+        return n

@@ -20,6 +20,7 @@ from .mm import (
     VM_READ,
     VM_SOFTDIRTY,
     VM_WRITE,
+    MmStruct,
     Vma,
 )
 from .ops import ENOMEM, parse_prot
@@ -232,6 +233,7 @@ class MprotectMixin:
                     pages += n
                     self.cost.charge("pte_write", n)
                     self.set_ptes(t, mm, table, lo, new, "change_pte_range")
+                    self._change_pte_range_flush(t, mm, idx * P + lo, idx * P + hi)
             elif present.any():
                 new = e.copy()
                 new[present] &= ~np.int64(PTE_WRITE | PTE_USER)
@@ -256,17 +258,22 @@ class MprotectMixin:
                 if (new != e).any():
                     self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
                     self.set_ptes(t, mm, table, lo, new, "change_pte_range")
-                    gather = self.tlb_current(t, mm)
-                    if gather is not None:
-                        gather.add_range(idx * P + lo, idx * P + hi)  # tlb_flush_pte_range
-                    else:
-                        self.flush_tlb_range(mm, idx * P + lo, idx * P + hi)
+                    self._change_pte_range_flush(t, mm, idx * P + lo, idx * P + hi)
             self.unlock(t, ptl, WRITE, "change_pte_range")
             if prot_numa:
                 yield "change_prot_numa:table_done"
             else:
                 yield "change_pte_range:table_done"
-        if prot_numa and pages:
-            # change_prot_numa's tlb_finish_mmu (6.2 mm/mempolicy.c): the updated range.
-            self.flush_tlb_range(mm, lo_vpn, hi_vpn)
         return pages if prot_numa else 0
+
+    def _change_pte_range_flush(self, t: Thread, mm: MmStruct, start: int, end: int) -> None:
+        """``tlb_flush_pte_range`` of ``change_pte_range``: extend the caller's gather.
+
+        Both 6.2 callers (``do_mprotect_pkey``, ``change_prot_numa``) pass a gather, and
+        ``tlb_finish_mmu`` flushes it; a caller without one (none in 6.2) flushes now.
+        """
+        gather = self.tlb_current(t, mm)
+        if gather is not None:
+            gather.add_range(start, end)
+        else:
+            self.flush_tlb_range(mm, start, end)
