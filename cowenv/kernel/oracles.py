@@ -545,8 +545,22 @@ class Oracle:
         return "loose" if p["loose"] or self._in_dontneed(key) else "exact"
 
     def on_pin(self, pin: Pin) -> None:
-        """A pin sees what the process sees at that address while the mapping stands."""
-        key = self._key(pin.mm, pin.vpn)
+        """A pin sees what the process sees at that address while the mapping stands.
+
+        A pin granted at the old range of an mremap in progress follows its page to the
+        new range, loosely, like the pins :meth:`on_mremap_begin` moved: GUP (GUP-fast's
+        lockless walk, or a slow GUP that found the PTE before ``move_ptes``) pinned the
+        page the move then maps at the new address.
+        """
+        vpn = pin.vpn
+        moved = False
+        for s, e, delta in self.moving.get(pin.mm.id, []):
+            if s <= vpn < e:
+                key = self._key(pin.mm, vpn)
+                if key is not None and key[0] == "a":
+                    vpn, moved = vpn + delta, True
+                break
+        key = self._key(pin.mm, vpn)
         expect = self._get(key) if key is not None else ZERO
         # Pins taken at the same address while the mapping stands must all be pins of the
         # one page mapped there (pin coherence), so they form a group that keeps seeing
@@ -562,9 +576,9 @@ class Oracle:
             elif c is not None and q["group"] not in loose_groups:
                 loose_groups.append(q["group"])
         self.pin_seq += 1
-        self.pins[pin.id] = {"mm": pin.mm.id, "vpn": pin.vpn, "key": key,
+        self.pins[pin.id] = {"mm": pin.mm.id, "vpn": vpn, "key": key,
                              "attached": key is not None, "expect": expect, "group": group,
-                             "loose": in_dn, "loose_groups": [g for g in loose_groups
+                             "loose": in_dn or moved, "loose_groups": [g for g in loose_groups
                                                               if g != group],
                              "seq": self.pin_seq}
 
