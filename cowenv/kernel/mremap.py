@@ -254,7 +254,7 @@ class MremapMixin:
         else:
             ret = new_start * self.config.page_size
         if self.oracle is not None:
-            self.oracle.on_mremap_end(mm)
+            self.oracle.on_mremap_end(mm, moved_back=err < 0)
         # do_vmi_munmap(&vmi, mm, old_addr, old_len, uf_unmap, false): a failure (OOM
         # splitting a VMA) only leaves the old range mapped, as 6.2 ignores it too.
         yield from self.do_vmi_munmap(t, mm, start, start + old_pages, downgrade=False)

@@ -277,11 +277,25 @@ class Oracle:
                 p["loose"] = True
         self.moving.setdefault(mm.id, []).append((old, old + n, new - old))
 
-    def on_mremap_end(self, mm: MmStruct) -> None:
-        """``move_vma`` moved (or moved back) the entries; the old or new range is unmapped next."""
+    def on_mremap_end(self, mm: MmStruct, moved_back: bool = False) -> None:
+        """``move_vma`` moved (or moved back) the entries; the old or new range is unmapped next.
+
+        ``moved_back``: the move was short (-ENOMEM) and ``move_vma`` moved the entries
+        back ("which will succeed since page tables still there"); the new range is
+        unmapped next. The pins that followed their pages to the new range (those
+        :meth:`on_mremap_begin` moved, those granted during the move) follow them back,
+        loosely.
+        """
         recs = self.moving.get(mm.id)
         if recs:
-            recs.pop()
+            s, e, delta = recs.pop()
+            if moved_back:
+                for p in self.pins.values():
+                    if p["mm"] == mm.id and p["attached"] and s + delta <= p["vpn"] < e + delta \
+                            and p["key"] is not None and p["key"][0] == "a":
+                        p["vpn"] = p["vpn"] - delta
+                        p["key"] = ("a", mm.id, p["vpn"])
+                        p["loose"] = True
             if not recs:
                 del self.moving[mm.id]
 
