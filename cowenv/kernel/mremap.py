@@ -230,6 +230,13 @@ class MremapMixin:
             pgoff = new_start
         new = Vma(self._id("vma"), mm, new_start, new_start + pages, vma.flags, vma.shmem,
                   pgoff)
+        # vm_area_dup copies vm_lock_seq, and 6.4's copy_vma does vma_start_write(new_vma)
+        # before vma_link ("mm/mremap: write-lock VMA while remapping it to a new address
+        # range", Suren Baghdasaryan, 6.4-rc1; later kernels lock it in vma_link): the new
+        # VMA is write-locked before it becomes visible, so no per-VMA-lock fault can
+        # populate the destination while move_page_tables fills it. It is not linked yet,
+        # so no reader can hold its lock: marking it is all vma_start_write does here.
+        new.lock_seq = mm.mm_lock_seq
         root = vma.anon_vma.root if vma.anon_vma is not None else None
         if root is not None:
             yield from self.lock(t, root.lock, WRITE, "anon_vma_clone")
@@ -253,6 +260,11 @@ class MremapMixin:
         Lock contract: mmap_lock write.
         """
         mm = vma.mm
+        # "We don't want racing faults." (move_vma, 6.4+; mm/mremap.c): a fault under the
+        # per-VMA lock on the old range could install an entry behind move_ptes (or into
+        # a table move_normal_pmd has already moved), and it would be lost. 6.2 has no
+        # VMA-lock readers; the model write-locks on every base (docs/kernel-bases.md).
+        yield from self.vma_start_write(t, vma)
         new_pgoff = vma.pgoff + (start - vma.start)
         new_vma, need_rmap_locks = yield from self.copy_vma(t, vma, new_start, new_pages,
                                                             new_pgoff)
