@@ -115,7 +115,7 @@ class PagePool:
         pfns = np.sort(pfns)
         self.flags[pfns] = 0
         self.lru_seq[pfns] = -1
-        self.free.extend(int(p) for p in pfns[::-1])
+        self.free.extend(pfns[::-1].tolist())  # Python ints, as int(p) for each
         self.nr_free += len(pfns)
 
     def lru_add(self, pfns: np.ndarray | list[int]) -> None:

@@ -201,11 +201,12 @@ class SchedMixin:
             KernelUsageError: the thread is not runnable.
         """
         t = self.threads.get(tid)
-        if t is None or not self.is_runnable(t):
+        # == self.is_runnable(t), inlined (a method call per step)
+        if t is None or t.gen is None or t.exited or (
+                t.waiting is not None and not t.waiting[0].can_acquire(tid, t.waiting[1])):
             raise KernelUsageError(f"thread {tid} is not runnable ({self.thread_state(tid)})")
         self.step_no += 1
         self._cur = t
-        assert t.gen is not None
         try:
             label = next(t.gen)
         except StopIteration as stop:
@@ -226,8 +227,10 @@ class SchedMixin:
             label = f"{t.op}:defect"
         else:
             t.label = label
-            self._ev(tid, "point", label)
-        self.coverage[label] = self.coverage.get(label, 0) + 1
+            if self.tracing:  # == self._ev(tid, "point", label), inlined
+                self.events.append(_tuple_new(Event, (self.step_no, tid, "point", label, None)))
+        cov = self.coverage
+        cov[label] = cov.get(label, 0) + 1
         self._cur = None
         if t.gen is None or t.waiting is not None or t.exited:
             self._check_deadlock()
