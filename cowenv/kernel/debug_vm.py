@@ -113,7 +113,7 @@ def check_debug_vm(k: DebugView) -> None:
                 continue  # reported by the recount oracle (pmd_none_or_clear_bad)
             e = tb.entries
             pres = (e & PTE_PRESENT) != 0
-            if pres.any():
+            if np.count_nonzero(pres):
                 pe = e[pres]
                 pfns.append(pe >> PFN_SHIFT)
                 if pmd.write:
@@ -121,7 +121,7 @@ def check_debug_vm(k: DebugView) -> None:
                 else:
                     wr.append(np.zeros(len(pe), dtype=bool))
             sx = (e & (PTE_SWAP | PTE_SWP_EXCLUSIVE)) == (PTE_SWAP | PTE_SWP_EXCLUSIVE)
-            if sx.any():
+            if np.count_nonzero(sx):
                 swx.append(e[sx] >> PFN_SHIFT)
     nr = pool.nr
     if pfns:

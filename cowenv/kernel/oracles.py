@@ -725,7 +725,7 @@ class Oracle:
             e[lo - r.start:hi - r.start] = pmd.table.entries[lo - idx * P:hi - idx * P]
         vals = np.zeros(n, dtype=np.int64)
         pres = (e & PTE_PRESENT) != 0
-        if pres.any():
+        if np.count_nonzero(pres):
             vals[pres] = pool.content[e[pres] >> PFN_SHIFT]
         swp = np.nonzero((e & PTE_SWAP) != 0)[0]
         if len(swp):
@@ -764,10 +764,10 @@ class Oracle:
                 bad |= pres & ((e & PTE_WRITE) != 0) & pmd.write
             if not prot & 3:
                 bad |= pres & ((e & PTE_USER) != 0)
-            if bad.any():
+            if np.count_nonzero(bad):
                 i = int(np.nonzero(bad)[0][0])
                 self.k.report("syscall-contract", "mprotect",
-                              f"mprotect returned 0 but {int(bad.sum())} PTE(s) keep old "
+                              f"mprotect returned 0 but {int(np.count_nonzero(bad))} PTE(s) keep old "
                               f"permissions (mm{mm.id} page {idx * P + lo + i:#x})")
                 return
 
@@ -802,7 +802,7 @@ class Oracle:
                 # 8. No entry outside the mm's VMAs: unmap_region zaps what it unmaps.
                 ne = len(e)
                 base = idx * ne
-                vs = mm.vmas_in(base, base + ne) if e.any() else None
+                vs = mm.vmas_in(base, base + ne) if np.count_nonzero(e) else None
                 # (A VMA spanning the whole table leaves nothing to look at.)
                 if vs is not None and not any(v.start <= base and v.end >= base + ne
                                               for v in vs):
@@ -811,10 +811,10 @@ class Oracle:
                     for v in vs:
                         covered[max(v.start, base) - base:min(v.end, base + ne) - base] = True
                     stray = live & ~covered
-                    if stray.any():
+                    if np.count_nonzero(stray):
                         rep("accounting", "unmap_region",
                             f"mm{mm.id} maps page {base + int(np.nonzero(stray)[0][0]):#x} "
-                            f"outside any VMA ({int(stray.sum())} entr(ies) left behind)")
+                            f"outside any VMA ({int(np.count_nonzero(stray))} entr(ies) left behind)")
             if live_tables:
                 e = live_tables[0] if len(live_tables) == 1 else np.concatenate(live_tables)
                 pres = (e & PTE_PRESENT) != 0
@@ -867,13 +867,13 @@ class Oracle:
         alloc[ZERO_PFN] = False
         data = alloc & ((pool.flags & PG_table) == 0)
         bad = data & (mc != pool.mapcount)
-        if bad.any():
+        if np.count_nonzero(bad):
             p = int(np.nonzero(bad)[0][0])
             rep("accounting", "page_mapcount",
                 f"page {p} mapcount {int(pool.mapcount[p])}, mapped {int(mc[p])} time(s)")
         unalloc_mapped = (~alloc) & (mc > 0)
         unalloc_mapped[ZERO_PFN] = False
-        if unalloc_mapped.any():
+        if np.count_nonzero(unalloc_mapped):
             p = int(np.nonzero(unalloc_mapped)[0][0])
             rep("memory-safety", "page_mapcount", f"free page {p} is still mapped")
         pins = np.zeros(nr, dtype=np.int64)
@@ -900,14 +900,14 @@ class Oracle:
         if cache is not None:
             expect = expect + cache
         bad = data & (pool.refcount != expect)
-        if bad.any():
+        if np.count_nonzero(bad):
             p = int(np.nonzero(bad)[0][0])
             what = "leaked (nothing references it)" if expect[p] == 0 else "wrong"
             rep("accounting", "page_ref_count",
                 f"page {p} refcount {int(pool.refcount[p])}, expected {int(expect[p])}: {what}")
         excl = data & ((pool.flags & PG_anon_exclusive) != 0)
         bad = excl & (mc > 1)
-        if bad.any():
+        if np.count_nonzero(bad):
             p = int(np.nonzero(bad)[0][0])
             rep("accounting", "PageAnonExclusive",
                 f"exclusive page {p} mapped {int(mc[p])} times")
@@ -924,7 +924,7 @@ class Oracle:
         sw = np.bincount(np.concatenate(swaps) if swaps else np.zeros(0, np.int64),
                          minlength=len(k.swap.swap_map))[:len(k.swap.swap_map)]
         bad = sw != k.swap.swap_map
-        if bad.any():
+        if np.count_nonzero(bad):
             s = int(np.nonzero(bad)[0][0])
             rep("accounting", "swap_map",
                 f"swap slot {s} swap_map {int(k.swap.swap_map[s])}, {int(sw[s])} PTE(s) name it")
@@ -945,7 +945,7 @@ class Oracle:
         if sw_cache:
             nc[list(sw_cache)] = True
         bad = hc != nc
-        if bad.any():
+        if np.count_nonzero(bad):
             s = int(np.nonzero(bad)[0][0])
             rep("accounting", "swap_cache",
                 f"swap slot {s} SWAP_HAS_CACHE {bool(hc[s])}, cached folio {bool(nc[s])}")
@@ -954,7 +954,7 @@ class Oracle:
             free[k.swap.free] = True
             used = (k.swap.swap_map > 0) | hc
             bad = free == used
-            if bad.any():
+            if np.count_nonzero(bad):
                 s = int(np.nonzero(bad)[0][0])
                 what = "free but in use" if free[s] else "leaked (no count, no cache)"
                 rep("accounting", "swap_entry_free", f"swap slot {s} {what}")

@@ -35,7 +35,7 @@ from .locks import Lock
 from .mm import (
     MmStruct,
 )
-from .ops import OPS, validate_args
+from .ops import OPS, validate_args_memo
 from .trace import Event, Violation
 
 _tuple_new = tuple.__new__
@@ -179,7 +179,8 @@ class SchedMixin:
             raise KernelUsageError(f"cannot start {op} on thread {tid} "
                                    f"(state {self.thread_state(tid)})")
         try:
-            a = validate_args(op, dict(args or {}), self.config.page_size)
+            a = validate_args_memo(op, args if args.__class__ is dict else dict(args or {}),
+                                   self.config.page_size)
         except ValueError as e:
             raise KernelUsageError(str(e)) from None
         t = self.threads[tid]
