@@ -135,7 +135,7 @@ def check_debug_vm(k: DebugView) -> None:
         a_pf = pf[anon]
         n_map = np.bincount(a_pf, minlength=nr)
         n_w = np.bincount(a_pf[w[anon]], minlength=nr)
-        bad = np.nonzero((n_w > 0) & (n_map > 1))[0]
+        bad = ((n_w > 0) & (n_map > 1)).nonzero()[0]
         if len(bad):
             p = int(bad[0])
             rep("isolation", "page_table_check",
@@ -171,7 +171,7 @@ def check_debug_vm(k: DebugView) -> None:
                 f"exclusive swap entry for slot {s} but swap count {int(smap[s])}")
     # PageAnonExclusive only on anon pages (VM_BUG_ON_PGFLAGS in PageAnonExclusive()).
     ex = (pool.flags & PG_anon_exclusive) != 0
-    bad = np.nonzero(ex & ((pool.flags & PG_anon) == 0))[0]
+    bad = (ex & ((pool.flags & PG_anon) == 0)).nonzero()[0]
     if len(bad):
         rep("accounting", "PageAnonExclusive_flags",
             f"page {int(bad[0])} is PageAnonExclusive but not anonymous")

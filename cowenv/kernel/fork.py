@@ -290,7 +290,7 @@ class ForkMixin:
         # tears the half-built child down, so those entries must be fully accounted.
         dst = e.copy()
         err = 0
-        for i in np.nonzero(pinned)[0].tolist():
+        for i in pinned.nonzero()[0].tolist():
             new = self.alloc_page("copy_present_page")
             if new is None:
                 err = -ENOMEM

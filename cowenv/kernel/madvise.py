@@ -161,7 +161,7 @@ class MadviseMixin:
             busy = cand & ((fl & (PG_dirty | PG_swapcache)) != 0)
             # folio_trylock fails (reclaim holds it) or shared: continue
             skip = busy & (((fl & PG_locked) != 0) | (pool.mapcount[pfn] != 1))
-            for i in np.nonzero(busy & ~skip & ((fl & PG_swapcache) != 0))[0].tolist():
+            for i in (busy & ~skip & ((fl & PG_swapcache) != 0)).nonzero()[0].tolist():
                 if not self.folio_free_swap(int(pfn[i])):
                     skip[i] = True
             sel = cand & ~skip

@@ -221,7 +221,7 @@ class MmapMixin:
                 continue
             table, ptl = got
             seg = table.entries[lo:hi]
-            none = np.nonzero(seg == 0)[0]
+            none = (seg == 0).nonzero()[0]
             if len(none):
                 pfns = self.alloc_pages(len(none), "populate_range")
                 if pfns is None:

@@ -366,8 +366,12 @@ class Oracle:
         if advice not in ("DONTNEED", "FREE"):
             return
         recs = self.flux.get(mm.id, [])
-        rec = next(r for r in recs if r[0] == advice and r[1] == start and r[2] == end)
-        recs.remove(rec)
+        for i, rec in enumerate(recs):  # the first record of this call (a plain loop:
+            if rec[1] == start and rec[2] == end and rec[0] == advice:  # no generator)
+                del recs[i]
+                break
+        else:
+            raise StopIteration  # as next() over no match did
         if advice == "DONTNEED":
             d = self.anon.setdefault(mm.id, {})
             for s, e in self._anon_vpns(mm, start, end):
@@ -671,7 +675,7 @@ class Oracle:
                 vals = self._sweep_values(mm, r, P)
                 if r.shm is None:
                     d = self.anon.get(mm.id, {})
-                    nz = np.nonzero(vals)[0]
+                    nz = vals.nonzero()[0]
                     # Addresses the shadow holds a value for, and non-zero ones it
                     # does not (which must then be zero).
                     vpns = sorted({r.start + int(i) for i in nz}
@@ -727,7 +731,7 @@ class Oracle:
         pres = (e & PTE_PRESENT) != 0
         if np.count_nonzero(pres):
             vals[pres] = pool.content[e[pres] >> PFN_SHIFT]
-        swp = np.nonzero((e & PTE_SWAP) != 0)[0]
+        swp = ((e & PTE_SWAP) != 0).nonzero()[0]
         if len(swp):
             cache = k.swap.cache
             for i in swp.tolist():
@@ -737,7 +741,7 @@ class Oracle:
         if r.shm is not None:
             obj = k.shmem.get(r.shm)
             if obj is not None:
-                for i in np.nonzero(e == 0)[0].tolist():
+                for i in (e == 0).nonzero()[0].tolist():
                     p = obj.pages.get(r.shm_base + i)
                     if p is not None:
                         vals[i] = int(pool.content[p])
@@ -765,7 +769,7 @@ class Oracle:
             if not prot & 3:
                 bad |= pres & ((e & PTE_USER) != 0)
             if np.count_nonzero(bad):
-                i = int(np.nonzero(bad)[0][0])
+                i = int(bad.nonzero()[0][0])
                 self.k.report("syscall-contract", "mprotect",
                               f"mprotect returned 0 but {int(np.count_nonzero(bad))} PTE(s) keep old "
                               f"permissions (mm{mm.id} page {idx * P + lo + i:#x})")
@@ -813,7 +817,7 @@ class Oracle:
                     stray = live & ~covered
                     if np.count_nonzero(stray):
                         rep("accounting", "unmap_region",
-                            f"mm{mm.id} maps page {base + int(np.nonzero(stray)[0][0]):#x} "
+                            f"mm{mm.id} maps page {base + int(stray.nonzero()[0][0]):#x} "
                             f"outside any VMA ({int(np.count_nonzero(stray))} entr(ies) left behind)")
             if live_tables:
                 e = live_tables[0] if len(live_tables) == 1 else np.concatenate(live_tables)
@@ -833,7 +837,7 @@ class Oracle:
                 nmig = int(np.count_nonzero(e & PTE_MIGRATION))
                 anon += nmig
                 if nmig:
-                    at = int(np.nonzero(e & PTE_MIGRATION)[0][0])
+                    at = int((e & PTE_MIGRATION).nonzero()[0][0])
                     rep("accounting", "remove_migration_ptes",
                         f"mm{mm.id} holds {nmig} migration entr(ies) with no migration in "
                         f"progress (first: entry {at} of its tables, naming page "
@@ -868,13 +872,13 @@ class Oracle:
         data = alloc & ((pool.flags & PG_table) == 0)
         bad = data & (mc != pool.mapcount)
         if np.count_nonzero(bad):
-            p = int(np.nonzero(bad)[0][0])
+            p = int(bad.nonzero()[0][0])
             rep("accounting", "page_mapcount",
                 f"page {p} mapcount {int(pool.mapcount[p])}, mapped {int(mc[p])} time(s)")
         unalloc_mapped = (~alloc) & (mc > 0)
         unalloc_mapped[ZERO_PFN] = False
         if np.count_nonzero(unalloc_mapped):
-            p = int(np.nonzero(unalloc_mapped)[0][0])
+            p = int(unalloc_mapped.nonzero()[0][0])
             rep("memory-safety", "page_mapcount", f"free page {p} is still mapped")
         pins = np.zeros(nr, dtype=np.int64)
         npins = 0
@@ -901,14 +905,14 @@ class Oracle:
             expect = expect + cache
         bad = data & (pool.refcount != expect)
         if np.count_nonzero(bad):
-            p = int(np.nonzero(bad)[0][0])
+            p = int(bad.nonzero()[0][0])
             what = "leaked (nothing references it)" if expect[p] == 0 else "wrong"
             rep("accounting", "page_ref_count",
                 f"page {p} refcount {int(pool.refcount[p])}, expected {int(expect[p])}: {what}")
         excl = data & ((pool.flags & PG_anon_exclusive) != 0)
         bad = excl & (mc > 1)
         if np.count_nonzero(bad):
-            p = int(np.nonzero(bad)[0][0])
+            p = int(bad.nonzero()[0][0])
             rep("accounting", "PageAnonExclusive",
                 f"exclusive page {p} mapped {int(mc[p])} times")
         if shared_mapped:
@@ -925,11 +929,11 @@ class Oracle:
                          minlength=len(k.swap.swap_map))[:len(k.swap.swap_map)]
         bad = sw != k.swap.swap_map
         if np.count_nonzero(bad):
-            s = int(np.nonzero(bad)[0][0])
+            s = int(bad.nonzero()[0][0])
             rep("accounting", "swap_map",
                 f"swap slot {s} swap_map {int(k.swap.swap_map[s])}, {int(sw[s])} PTE(s) name it")
         # 7'. Swap-cache coherence and slot leaks.
-        sc = np.nonzero(data & ((pool.flags & PG_swapcache) != 0))[0]
+        sc = (data & ((pool.flags & PG_swapcache) != 0)).nonzero()[0]
         for p in sc.tolist():
             s = int(pool.swap[p])
             if sw_cache.get(s) != p:
@@ -946,7 +950,7 @@ class Oracle:
             nc[list(sw_cache)] = True
         bad = hc != nc
         if np.count_nonzero(bad):
-            s = int(np.nonzero(bad)[0][0])
+            s = int(bad.nonzero()[0][0])
             rep("accounting", "swap_cache",
                 f"swap slot {s} SWAP_HAS_CACHE {bool(hc[s])}, cached folio {bool(nc[s])}")
         if k.swap.nr:
@@ -955,6 +959,6 @@ class Oracle:
             used = (k.swap.swap_map > 0) | hc
             bad = free == used
             if np.count_nonzero(bad):
-                s = int(np.nonzero(bad)[0][0])
+                s = int(bad.nonzero()[0][0])
                 what = "free but in use" if free[s] else "leaked (no count, no cache)"
                 rep("accounting", "swap_entry_free", f"swap slot {s} {what}")
