@@ -7,7 +7,8 @@ Measures, in one run and one process:
 * ``CartPole-v1`` (``gymnasium.make``) with random actions (``action_space.sample()``);
 * ``cowenv/CowPteSmall-v0`` (8 entries per table) and ``cowenv/CowPte-v0`` (the default:
   x86-64 geometry, as-posted), each made with ``gymnasium.make`` and driven by a uniform
-  random choice among the legal actions (``action_masks()``), resetting at episode end;
+  random choice among the legal actions (``legal_actions()``: the legal entries of
+  ``action_masks()``, memoised with the mask), resetting at episode end;
 * for each cowenv id, the *harness path*: the same random legal actions on
   :class:`cowenv.harness.Harness` with the same settings (oracles on, trace on, reward
   and schedule recording as in the env) but no observation: what a campaign with an

@@ -771,7 +771,7 @@ class Oracle:
             if np.count_nonzero(bad):
                 i = int(bad.nonzero()[0][0])
                 self.k.report("syscall-contract", "mprotect",
-                              f"mprotect returned 0 but {int(np.count_nonzero(bad))} PTE(s) keep old "
+                              f"mprotect returned 0 but {int(bad.sum())} PTE(s) keep old "
                               f"permissions (mm{mm.id} page {idx * P + lo + i:#x})")
                 return
 
@@ -818,7 +818,7 @@ class Oracle:
                     if np.count_nonzero(stray):
                         rep("accounting", "unmap_region",
                             f"mm{mm.id} maps page {base + int(stray.nonzero()[0][0]):#x} "
-                            f"outside any VMA ({int(np.count_nonzero(stray))} entr(ies) left behind)")
+                            f"outside any VMA ({int(stray.sum())} entr(ies) left behind)")
             if live_tables:
                 e = live_tables[0] if len(live_tables) == 1 else np.concatenate(live_tables)
                 pres = (e & PTE_PRESENT) != 0
