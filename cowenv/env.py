@@ -248,6 +248,14 @@ class CowEnv(gym.Env):
         """Legal actions now (bool array over the catalogue)."""
         return self.harness.mask.copy()
 
+    def legal_actions(self) -> np.ndarray:
+        """The legal catalogue indices now, ascending (``np.flatnonzero(action_masks())``).
+
+        Read-only and shared (memoised with the mask): no copy and no numpy call per
+        step, for agents that pick among the legal actions.
+        """
+        return self.harness.legal
+
     # ----------------------------------------------------------------- gymnasium API
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:

@@ -390,7 +390,11 @@ class Harness:
         self._nv = 0
         self._ne = 0
         self.mask = np.zeros(len(cat), dtype=bool)
-        self._mask_memo: dict[tuple[int, ...], np.ndarray] = {}
+        #: The legal catalogue indices, ascending (``np.flatnonzero(mask)``; read-only,
+        #: memoised with the mask).
+        self.legal = np.zeros(0, dtype=np.intp)
+        self._mask_bytes = bytes(len(cat))  # mask as bytes: b[a] is a cheap legality test
+        self._mask_memo: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, bytes]] = {}
         self.done = False
         self.last_label = ""
         #: Extra ``info`` entries the objective returned at the last reset.
@@ -459,6 +463,14 @@ class Harness:
     def action_masks(self) -> np.ndarray:
         """Legal actions now (bool array over the catalogue; a copy)."""
         return self.mask.copy()
+
+    def legal_actions(self) -> np.ndarray:
+        """The legal catalogue indices now, ascending: ``np.flatnonzero(action_masks())``.
+
+        A read-only array memoised with the mask (no numpy call per step), for agents
+        that choose among the legal actions: ``legal[rng.integers(len(legal))]``.
+        """
+        return self.legal
 
     # ----------------------------------------------------------------- episode
     def reset(self, seed: int = 0) -> list[Violation]:
@@ -549,15 +561,21 @@ class Harness:
         k = self._kernel
         if k is None:
             raise RuntimeError("call reset() first")
-        try:
-            a = int(action)
-        except (TypeError, ValueError, OverflowError):
-            a = -1
+        if action.__class__ is int:
+            a = action
+        else:
+            try:
+                a = int(action)
+            except (TypeError, ValueError, OverflowError):
+                a = -1
         self.actions.append(a)
         self.elapsed += 1
-        in_range = 0 <= a < self._ncat
-        legal = in_range and bool(self.mask[a])
-        spec = self.catalogue[a] if in_range else ActionSpec("invalid")
+        if 0 <= a < self._ncat:
+            spec = self.catalogue[a]
+            legal = self._mask_bytes[a] != 0  # == bool(self.mask[a]), without numpy
+        else:
+            spec = ActionSpec("invalid")
+            legal = False
         record: dict[str, Any] | None = None
         label = ""
         if legal:
@@ -573,17 +591,21 @@ class Harness:
             if s is None or not cov.seen[s]:  # (a label seen before: no call)
                 new_slot = cov.add(label)
         vs = k.violations
-        new_v = vs[self._nv:] if len(vs) > self._nv else []
-        self._nv = len(vs)
+        nv = len(vs)
         new_sigs: list[str] = []
         defect = ""
-        for v in new_v:
-            if v.kind == "simulator":
-                defect = defect or v.message
-                continue
-            if v.signature not in self._seen:
-                self._seen[v.signature] = None
-                new_sigs.append(v.signature)
+        if nv > self._nv:
+            new_v = vs[self._nv:]
+            self._nv = nv
+            for v in new_v:
+                if v.kind == "simulator":
+                    defect = defect or v.message
+                    continue
+                if v.signature not in self._seen:
+                    self._seen[v.signature] = None
+                    new_sigs.append(v.signature)
+        else:
+            new_v = []
         events = k.events
         step_events = events[self._ne:]  # Event named tuples (immutable, no copy)
         self._ne = len(events)
@@ -648,20 +670,24 @@ class Harness:
 
     # ----------------------------------------------------------------- masks
     def _compute_mask(self) -> None:
-        """Set :attr:`mask` for the current state (a read-only array, shared between steps).
+        """Set :attr:`mask` and :attr:`legal` for the current state (read-only arrays, shared).
 
         The mask depends only on the :meth:`_mask_key` of the state, which is cheaper to
         compute than the mask (no numpy calls); masks are memoised by key, up to
-        ``_MASK_MEMO`` of them. A test checks the memoised mask against a fresh one.
+        ``_MASK_MEMO`` of them, with their legal indices and their bytes. A test checks
+        the memoised mask against a fresh one.
         """
         key = self._mask_key()
-        m = self._mask_memo.get(key)
-        if m is None:
+        memo = self._mask_memo.get(key)
+        if memo is None:
             m = self._build_mask()
             m.flags.writeable = False  # shared: a caller writing to it would corrupt others
+            legal = np.flatnonzero(m)
+            legal.flags.writeable = False
+            memo = (m, legal, m.tobytes())
             if len(self._mask_memo) < self._MASK_MEMO:
-                self._mask_memo[key] = m
-        self.mask = m
+                self._mask_memo[key] = memo
+        self.mask, self.legal, self._mask_bytes = memo
 
     #: Most masks memoised per harness (each a few hundred bytes).
     _MASK_MEMO: ClassVar[int] = 4096

@@ -298,7 +298,7 @@ class ForkCost:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutcome:
     """What one harness step did, handed to the objective.
 

@@ -3,13 +3,19 @@
 * :meth:`cowenv.harness.Harness.reset` unpickles a snapshot of the post-workload kernel
   instead of re-running the workload (``Harness.reset_snapshot``);
 * :meth:`cowenv.harness.Harness._compute_mask` memoises masks by a small key
-  (``Harness._mask_key``) instead of building each one;
+  (``Harness._mask_key``) instead of building each one, with their legal indices
+  (``Harness.legal``, ``legal_actions()``) and the bytes :meth:`Harness.step` tests
+  legality with;
+* :meth:`cowenv.kernel.Kernel.start` validates arguments through
+  :func:`cowenv.kernel.ops.validate_args_memo` (memoised :func:`validate_args`);
 
 The trace-hash corpus (``tests/test_corpus.py``) replays env episodes through every fast
 path too; these tests compare the two paths step by step, with random legal actions.
 """
 
 from __future__ import annotations
+
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -90,6 +96,9 @@ def test_memoised_masks_equal_masks_built_from_scratch(env_id):
         assert np.array_equal(h.mask, h._build_mask())
         assert not h.mask.flags.writeable
         legal = np.flatnonzero(h.mask)
+        assert np.array_equal(h.legal, legal) and not h.legal.flags.writeable
+        assert h.legal_actions() is h.legal
+        assert h._mask_bytes == h.mask.tobytes()
         st = h.step(int(legal[rng.integers(len(legal))]))
         if st.terminated or st.truncated:
             assert np.array_equal(h.mask, h._build_mask())  # the "done" mask
@@ -126,3 +135,61 @@ def test_snapshot_reset_interns_strings_and_keeps_instance_layout():
     for s in (mm.mmap_lock.cls, mm.page_table_lock.cls, h.kernel.threads[1].op,
               *h.kernel.coverage):
         assert s is sys.intern(s)
+
+
+def test_illegal_and_odd_actions_are_no_ops_as_before():
+    """The legality test reads the mask's bytes: out-of-range, illegal, numpy and
+    non-integer actions are no-ops exactly as a numpy mask lookup made them."""
+    h = Harness(**gym.spec(cowenv.SMALL_ENV_ID).kwargs)
+    h.reset(0)
+    illegal = int(np.flatnonzero(~h.mask)[0])
+    n0 = h.kernel.step_no
+    for a in (illegal, -1, len(h.catalogue), "x", None, 2.5, np.int64(illegal)):
+        st = h.step(a)
+        assert st.illegal and st.reward == 0.0
+    assert h.illegal_actions == 7 and h.kernel.step_no == n0
+    legal = int(h.legal[0])
+    assert not h.step(np.int64(legal)).illegal  # a numpy integer is an action too
+    assert h.actions[-1] == legal and type(h.actions[-1]) is int
+
+
+def test_env_legal_actions_match_the_mask():
+    env = gym.make(cowenv.SMALL_ENV_ID).unwrapped
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        legal = env.legal_actions()
+        assert np.array_equal(legal, np.flatnonzero(env.action_masks()))
+        _, _, term, trunc, _ = env.step(int(legal[rng.integers(len(legal))]))
+        if term or trunc:
+            env.reset()
+
+
+def test_validate_args_memo_equals_validate_args():
+    """Same result (a fresh dict each time) and the same refusals, memoised or not;
+    values equal to an int but of another class are validated, not looked up."""
+    from cowenv.kernel.ops import _VALID_MEMO, validate_args, validate_args_memo
+
+    cases = [("madvise", {"addr": 0x10000, "length": 0x2000, "advice": "dontneed"}),
+             ("madvise", {"advice": "DONTNEED", "length": 0x2000, "addr": 0x10000}),
+             ("mprotect", {"addr": "0x10000", "length": 4096, "prot": "r"}),
+             ("reclaim", {"nr": 1}), ("reclaim", {}), ("reclaim", {"nr": True}),
+             ("reclaim", {"nr": np.int64(1)}), ("reclaim", {"nr": 1.0}),
+             ("madvise", {"addr": 0x10001, "length": 0x2000, "advice": "DONTNEED"}),
+             ("madvise", {"addr": 0x10000, "length": 0x2000, "advice": "BOGUS"}),
+             ("nosuchop", {}), ("read", {"addr": 0x10000, "nosucharg": 1})]
+    for _ in range(2):  # the second round hits the memo
+        for op, args in cases:
+            try:
+                want = validate_args(op, dict(args))
+            except ValueError as e:
+                with pytest.raises(ValueError, match=re.escape(str(e))):
+                    validate_args_memo(op, dict(args))
+                continue
+            got = validate_args_memo(op, dict(args))
+            assert got == want and [type(v) for v in got.values()] == [
+                type(v) for v in want.values()]
+            got["addr"] = -5  # the caller's copy: the memo is not changed
+            assert validate_args_memo(op, dict(args)) == want
+    assert not any(isinstance(v, bool) or type(v).__module__ == "numpy"
+                   for key in _VALID_MEMO for v in key)

@@ -269,7 +269,7 @@ class CowPteKernel(Kernel):
             # (found by the soak).
             if (not refuse
                     and not self.config.has("fork-shares-migration-entry")
-                    and (table.entries[vlo:vhi] & PTE_MIGRATION).any()):
+                    and np.count_nonzero(table.entries[vlo:vhi] & PTE_MIGRATION)):
                 refuse = True
             if refuse:
                 ret, recover_end = -EAGAIN, vlo

@@ -113,7 +113,7 @@ def check_debug_vm(k: DebugView) -> None:
                 continue  # reported by the recount oracle (pmd_none_or_clear_bad)
             e = tb.entries
             pres = (e & PTE_PRESENT) != 0
-            if pres.any():
+            if np.count_nonzero(pres):
                 pe = e[pres]
                 pfns.append(pe >> PFN_SHIFT)
                 if pmd.write:
@@ -121,7 +121,7 @@ def check_debug_vm(k: DebugView) -> None:
                 else:
                     wr.append(np.zeros(len(pe), dtype=bool))
             sx = (e & (PTE_SWAP | PTE_SWP_EXCLUSIVE)) == (PTE_SWAP | PTE_SWP_EXCLUSIVE)
-            if sx.any():
+            if np.count_nonzero(sx):
                 swx.append(e[sx] >> PFN_SHIFT)
     nr = pool.nr
     if pfns:
@@ -135,7 +135,7 @@ def check_debug_vm(k: DebugView) -> None:
         a_pf = pf[anon]
         n_map = np.bincount(a_pf, minlength=nr)
         n_w = np.bincount(a_pf[w[anon]], minlength=nr)
-        bad = np.nonzero((n_w > 0) & (n_map > 1))[0]
+        bad = ((n_w > 0) & (n_map > 1)).nonzero()[0]
         if len(bad):
             p = int(bad[0])
             rep("isolation", "page_table_check",
@@ -171,7 +171,7 @@ def check_debug_vm(k: DebugView) -> None:
                 f"exclusive swap entry for slot {s} but swap count {int(smap[s])}")
     # PageAnonExclusive only on anon pages (VM_BUG_ON_PGFLAGS in PageAnonExclusive()).
     ex = (pool.flags & PG_anon_exclusive) != 0
-    bad = np.nonzero(ex & ((pool.flags & PG_anon) == 0))[0]
+    bad = (ex & ((pool.flags & PG_anon) == 0)).nonzero()[0]
     if len(bad):
         rep("accounting", "PageAnonExclusive_flags",
             f"page {int(bad[0])} is PageAnonExclusive but not anonymous")

@@ -255,7 +255,7 @@ class ForkMixin:
         have = (dst_t.entries[lo:hi] != 0) if fill_none else None
         if have is not None:
             e[have] = 0
-        if not e.any():
+        if not np.count_nonzero(e):
             return 0
         present = (e & PTE_PRESENT) != 0
         pfn = np.where(present, e >> PFN_SHIFT, 0)
@@ -270,7 +270,7 @@ class ForkMixin:
                 pool.refcount[pfn] >= GUP_PIN_COUNTING_BIAS)
         else:
             pinned = np.zeros(len(e), dtype=bool)
-        if pinned.any() and dst_t is src_t:
+        if np.count_nonzero(pinned) and dst_t is src_t:
             # v4 processes entry by entry and stops at the first maybe-pinned page; the
             # vectorised model checks the whole range first and processes none of it,
             # so recovery starts at ``lo`` (the entries before the pinned one are then
@@ -293,7 +293,7 @@ class ForkMixin:
         # tears the half-built child down, so those entries must be fully accounted.
         dst = e.copy()
         err = 0
-        for i in np.nonzero(pinned)[0].tolist():
+        for i in pinned.nonzero()[0].tolist():
             new = self.alloc_page("copy_present_page")
             if new is None:
                 err = -ENOMEM
@@ -317,22 +317,22 @@ class ForkMixin:
             self.get_pages(sp)
             np.add.at(pool.mapcount, sp, 1)
             pool.flags[pfn[share & anon]] &= ~np.int64(PG_anon_exclusive)
-        dst_mm.rss[MM_ANONPAGES] += int((share & anon).sum())
-        dst_mm.rss[MM_SHMEMPAGES] += int((share & shm).sum())
+        dst_mm.rss[MM_ANONPAGES] += int(np.count_nonzero(share & anon))
+        dst_mm.rss[MM_SHMEMPAGES] += int(np.count_nonzero(share & shm))
         swp = (e & PTE_SWAP) != 0
         # copy_present_pte / copy_nonpresent_pte: every entry copied, every page and
         # swap entry accounted (get_page + page_try_dup_anon_rmap + rss, swap_duplicate).
         self.cost.charge("fork_pte_copy", int(np.count_nonzero(e)))
-        self.cost.charge("fork_page_account", len(sp) + int(swp.sum()))
-        if swp.any():
+        self.cost.charge("fork_page_account", len(sp) + int(np.count_nonzero(swp)))
+        if np.count_nonzero(swp):
             for s in (e[swp] >> PFN_SHIFT).tolist():
                 self.swap.swap_map[s] += 1
-            dst_mm.rss[MM_SWAPENTS] += int(swp.sum())
+            dst_mm.rss[MM_SWAPENTS] += int(np.count_nonzero(swp))
         # copy_nonpresent_pte, migration entries (6.2): rss[mm_counter(page)]++, and
         # "COW mappings require pages in both parent and child to be set to read. A
         # previously exclusive entry is now shared": make_readable_migration_entry.
         mig = (e & PTE_MIGRATION) != 0
-        dst_mm.rss[MM_ANONPAGES] += int(mig.sum())
+        dst_mm.rss[MM_ANONPAGES] += int(np.count_nonzero(mig))
         src_new = e.copy()
         src_new[swp] &= ~np.int64(PTE_SWP_EXCLUSIVE)
         if cow:
@@ -345,7 +345,7 @@ class ForkMixin:
             dst[share] &= ~np.int64(PTE_DIRTY)
         if dst_t is src_t:
             # COW PTE: one entry serves both; the parent's PTE is made old/clean too.
-            if (dst != e).any():
+            if np.count_nonzero(dst != e):
                 self.set_ptes(t, src_mm, src_t, lo, dst, "copy_present_pte")
         elif len(e):
             if have is not None:
@@ -354,7 +354,7 @@ class ForkMixin:
                 src_new[have] = cur[have]
                 e[have] = cur[have]
                 dst[have] = dst_t.entries[lo:lo + len(e)][have]
-            if (src_new != e).any():
+            if np.count_nonzero(src_new != e):
                 self.set_ptes(t, src_mm, src_t, lo, src_new, "copy_present_pte")
             self.set_ptes(t, dst_mm, dst_t, lo, dst, "copy_present_pte")
         return err

@@ -14,6 +14,7 @@ table's PTL and hands back that table, whatever the PMD holds by then.
 
 from __future__ import annotations
 
+from .cost import LOCK_CATEGORIES
 from .locks import READ, WRITE, Lock
 from .mm import (
     MmStruct,
@@ -23,6 +24,9 @@ from .pgtable import (
     PteTable,
 )
 from .sched import Gen, Thread
+from .trace import Event
+
+_tuple_new = tuple.__new__
 
 
 class LockingMixin:
@@ -77,9 +81,10 @@ class LockingMixin:
         # generator to create and run); every caller does ``yield from self.lock(...)``
         # at once, so the effects happen at the same point as in a generator body.
         lk.acquire(t.tid, mode)
-        t.held.append((lk, mode))
-        self.cost.charge_lock(lk.cls)
-        self._ev(t.tid, "lock", lk.name, mode)
+        held.append((lk, mode))
+        self.cost.charge(LOCK_CATEGORIES[lk.cls])  # == cost.charge_lock(lk.cls)
+        if self.tracing:  # == self._ev(t.tid, "lock", lk.name, mode), inlined
+            self.events.append(_tuple_new(Event, (self.step_no, t.tid, "lock", lk.name, mode)))
         return ()
     def _lock_wait(self, t: Thread, lk: Lock, mode: str, site: str) -> Gen:
         """The contended half of :meth:`lock`: queue, yield ``site:wait``, then acquire."""
@@ -117,14 +122,19 @@ class LockingMixin:
             t.nest.pop(lk, None)
     def unlock(self, t: Thread, lk: Lock, mode: str, site: str) -> None:
         """Release ``lk``; releasing a lock not held is a lock-discipline violation."""
-        for i, (h, m) in enumerate(t.held):
+        held = t.held
+        i = 0
+        for h, m in held:
             if h is lk and m == mode:
-                del t.held[i]
+                del held[i]
                 if t.nest:
                     t.nest.pop(lk, None)
                 lk.release(t.tid, mode)
-                self._ev(t.tid, "unlock", lk.name, mode)
+                if self.tracing:  # == self._ev(t.tid, "unlock", lk.name, mode), inlined
+                    self.events.append(
+                        _tuple_new(Event, (self.step_no, t.tid, "unlock", lk.name, mode)))
                 return
+            i += 1
         self._report("lock-discipline", site, f"releasing {lk.name} ({mode}) not held")
     def holds(self, t: Thread, lk: Lock, mode: str | None = None) -> bool:
         """Whether ``t`` holds ``lk`` (in ``mode`` if given)."""

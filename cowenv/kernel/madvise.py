@@ -146,10 +146,10 @@ class MadviseMixin:
             e = table.entries[lo:hi]
             new = e.copy()
             swp = (e & PTE_SWAP) != 0
-            if swp.any():
+            if np.count_nonzero(swp):
                 for s in (e[swp] >> PFN_SHIFT).tolist():
                     self.free_swap_and_cache(int(s), "madvise_free_pte_range")
-                mm.rss[MM_SWAPENTS] -= int(swp.sum())
+                mm.rss[MM_SWAPENTS] -= int(np.count_nonzero(swp))
                 new[swp] = 0
             pfn = np.where((e & PTE_PRESENT) != 0, e >> PFN_SHIFT, 0)
             fl = pool.flags[pfn]
@@ -161,15 +161,15 @@ class MadviseMixin:
             busy = cand & ((fl & (PG_dirty | PG_swapcache)) != 0)
             # folio_trylock fails (reclaim holds it) or shared: continue
             skip = busy & (((fl & PG_locked) != 0) | (pool.mapcount[pfn] != 1))
-            for i in np.nonzero(busy & ~skip & ((fl & PG_swapcache) != 0))[0].tolist():
+            for i in (busy & ~skip & ((fl & PG_swapcache) != 0)).nonzero()[0].tolist():
                 if not self.folio_free_swap(int(pfn[i])):
                     skip[i] = True
             sel = cand & ~skip
-            if sel.any():
+            if np.count_nonzero(sel):
                 new[sel] &= ~np.int64(PTE_DIRTY | PTE_YOUNG)
                 ps = pfn[sel]
                 pool.flags[ps] &= ~np.int64(PG_dirty | PG_swapbacked)
-            if (new != e).any():
+            if np.count_nonzero(new != e):
                 self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
                 self.set_ptes(t, mm, table, lo, new, "madvise_free_pte_range")
                 tlb.add_range(idx * P + lo, idx * P + hi)  # tlb_remove_tlb_entry

@@ -112,10 +112,11 @@ class PagePool:
         """Return frames to the free list (``free_unref_page``), in pfn order."""
         if len(pfns) == 0:
             return
-        pfns = np.sort(pfns)
+        if len(pfns) > 1:  # (one pfn is sorted; np.sort costs microseconds)
+            pfns = np.sort(pfns)
         self.flags[pfns] = 0
         self.lru_seq[pfns] = -1
-        self.free.extend(int(p) for p in pfns[::-1])
+        self.free.extend(pfns[::-1].tolist())  # Python ints, as int(p) for each
         self.nr_free += len(pfns)
 
     def lru_add(self, pfns: np.ndarray | list[int]) -> None:
@@ -126,7 +127,7 @@ class PagePool:
 
     def lru_order(self) -> list[int]:
         """Pages on the LRU, oldest first."""
-        on = np.nonzero(self.lru_seq >= 0)[0]
+        on = (self.lru_seq >= 0).nonzero()[0]
         return on[np.argsort(self.lru_seq[on], kind="stable")].tolist()
 
     def on_lru(self, pfn: int) -> bool:

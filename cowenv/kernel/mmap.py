@@ -221,7 +221,7 @@ class MmapMixin:
                 continue
             table, ptl = got
             seg = table.entries[lo:hi]
-            none = np.nonzero(seg == 0)[0]
+            none = (seg == 0).nonzero()[0]
             if len(none):
                 pfns = self.alloc_pages(len(none), "populate_range")
                 if pfns is None:
@@ -419,7 +419,7 @@ class MmapMixin:
         mm = vma.mm
         pool = self.pool
         e = table.entries[lo:hi]
-        live = bool(e.any())  # (e is a view: the clear below empties it)
+        live = bool(np.count_nonzero(e))  # (e is a view: the clear below empties it)
         present = (e & PTE_PRESENT) != 0
         pfns = (e[present] >> PFN_SHIFT)
         pfns = pfns[pfns != ZERO_PFN]
@@ -431,8 +431,8 @@ class MmapMixin:
             fl = pool.flags[pfns]
             anon = (fl & PG_anon) != 0
             shm = (fl & PG_shmem) != 0
-            mm.rss[MM_ANONPAGES] -= int(anon.sum())
-            mm.rss[MM_SHMEMPAGES] -= int(shm.sum())
+            mm.rss[MM_ANONPAGES] -= int(np.count_nonzero(anon))
+            mm.rss[MM_SHMEMPAGES] -= int(np.count_nonzero(shm))
             self.page_remove_rmap(pfns, "zap_pte_range")
         for s in swaps.tolist():
             self.free_swap_and_cache(int(s), "zap_pte_range")

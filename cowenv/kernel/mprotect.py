@@ -208,13 +208,13 @@ class MprotectMixin:
             e = table.entries[lo:hi]
             present = (e & PTE_PRESENT) != 0
             mig_w = (e & (PTE_MIGRATION | PTE_WRITE)) == (PTE_MIGRATION | PTE_WRITE)
-            if mig_w.any():
+            if np.count_nonzero(mig_w):
                 # change_pte_range, 6.2: "A protection check is difficult so just be
                 # safe and disable write": make_readable_exclusive_migration_entry for
                 # an anonymous page (the only kind that migrates in the model).
                 new = e.copy()
                 new[mig_w] = (new[mig_w] & ~np.int64(PTE_WRITE)) | PTE_SWP_EXCLUSIVE
-                self.cost.charge("pte_write", int(mig_w.sum()))
+                self.cost.charge("pte_write", int(np.count_nonzero(mig_w)))
                 self.set_ptes(t, mm, table, lo, new, "change_pte_range")
                 e = table.entries[lo:hi]
             if prot_numa:
@@ -226,7 +226,7 @@ class MprotectMixin:
                     present &= pool.refcount[idxs] == 1
                     if mm.users == 1:
                         present[:] = False  # target_node == nid: the only node
-                if present.any():
+                if np.count_nonzero(present):
                     new = e.copy()
                     new[present] &= ~np.int64(PTE_WRITE | PTE_USER)  # pte_modify(PAGE_NONE)
                     n = int(np.count_nonzero(present))
@@ -234,7 +234,7 @@ class MprotectMixin:
                     self.cost.charge("pte_write", n)
                     self.set_ptes(t, mm, table, lo, new, "change_pte_range")
                     self._tlb_flush_pte_range(t, mm, idx * P + lo, idx * P + hi)
-            elif present.any():
+            elif np.count_nonzero(present):
                 new = e.copy()
                 new[present] &= ~np.int64(PTE_WRITE | PTE_USER)
                 if bits & 3:
@@ -255,7 +255,7 @@ class MprotectMixin:
                         # and can_change_pte_writable() wants pte_soft_dirty().
                         ok &= (e & PTE_SOFT_DIRTY) != 0
                     new[ok] |= PTE_WRITE
-                if (new != e).any():
+                if np.count_nonzero(new != e):
                     self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
                     self.set_ptes(t, mm, table, lo, new, "change_pte_range")
                     self._tlb_flush_pte_range(t, mm, idx * P + lo, idx * P + hi)

@@ -404,13 +404,13 @@ class MremapMixin:
         olo, nlo = old % P, new % P
         src = otable.entries[olo:olo + n].copy()
         live = src != 0
-        if live.any():
+        if np.count_nonzero(live):
             dst = ntable.entries[nlo:nlo + n].copy()
             dst[live] = src[live]
             self.set_ptes(t, mm, otable, olo, np.where(live, 0, src), "move_ptes")
             self.set_ptes(t, mm, ntable, nlo, dst, "move_ptes")
-            self.cost.charge("pte_write", 2 * int(live.sum()))  # no rss change: same mm
-            if (src & PTE_PRESENT).any():
+            self.cost.charge("pte_write", 2 * int(np.count_nonzero(live)))  # no rss change: same mm
+            if np.count_nonzero(src & PTE_PRESENT):
                 self._mremap_flush(mm, old, old_end)  # force_flush
         if nptl is not optl:
             self.unlock(t, nptl, WRITE, "move_ptes")

@@ -130,6 +130,40 @@ def prot_str(bits: int) -> str:
     return ("r" if bits & 1 else "") + ("w" if bits & 2 else "") or "none"
 
 
+#: :func:`validate_args_memo`'s results, by operation, page size and argument items.
+_VALID_MEMO: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+#: Most results :func:`validate_args_memo` keeps (each a small dict).
+_VALID_MEMO_MAX = 8192
+
+
+def validate_args_memo(op: str, args: dict[str, Any], page_size: int = 4096) -> dict[str, Any]:
+    """:func:`validate_args`, memoised for arguments that are all exact ``int`` or ``str``.
+
+    :func:`validate_args` is a pure function of ``op``, ``page_size`` and the argument
+    items, so a result can be reused; the key keeps each value's class out of the
+    question by taking only exact ``int``/``str`` values (a ``bool`` or ``np.int64``
+    equals an int of the same value but is validated differently) and goes to
+    :func:`validate_args` otherwise. Errors are not memoised (they raise again). Returns
+    a fresh dict each time, as :func:`validate_args` does.
+    """
+    key: list[Any] = [op, page_size]
+    for k, v in args.items():
+        c = v.__class__
+        if c is not int and c is not str:
+            return validate_args(op, args, page_size)
+        key.append(k)
+        key.append(v)
+    tk = tuple(key)
+    out = _VALID_MEMO.get(tk)
+    if out is None:
+        out = validate_args(op, args, page_size)
+        if len(_VALID_MEMO) < _VALID_MEMO_MAX:
+            _VALID_MEMO[tk] = out
+        return dict(out)
+    return dict(out)
+
+
 def validate_args(op: str, args: dict[str, Any], page_size: int = 4096) -> dict[str, Any]:
     """Check and complete an operation's arguments.
 

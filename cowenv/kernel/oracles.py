@@ -393,8 +393,12 @@ class Oracle:
         if advice not in ("DONTNEED", "FREE"):
             return
         recs = self.flux.get(mm.id, [])
-        rec = next(r for r in recs if r[0] == advice and r[1] == start and r[2] == end)
-        recs.remove(rec)
+        for i, rec in enumerate(recs):  # the first record of this call (a plain loop:
+            if rec[1] == start and rec[2] == end and rec[0] == advice:  # no generator)
+                del recs[i]
+                break
+        else:
+            raise StopIteration  # as next() over no match did
         if advice == "DONTNEED":
             d = self.anon.setdefault(mm.id, {})
             for s, e in self._anon_vpns(mm, start, end):
@@ -698,7 +702,7 @@ class Oracle:
                 vals = self._sweep_values(mm, r, P)
                 if r.shm is None:
                     d = self.anon.get(mm.id, {})
-                    nz = np.nonzero(vals)[0]
+                    nz = vals.nonzero()[0]
                     # Addresses the shadow holds a value for, and non-zero ones it
                     # does not (which must then be zero).
                     vpns = sorted({r.start + int(i) for i in nz}
@@ -752,9 +756,9 @@ class Oracle:
             e[lo - r.start:hi - r.start] = pmd.table.entries[lo - idx * P:hi - idx * P]
         vals = np.zeros(n, dtype=np.int64)
         pres = (e & PTE_PRESENT) != 0
-        if pres.any():
+        if np.count_nonzero(pres):
             vals[pres] = pool.content[e[pres] >> PFN_SHIFT]
-        swp = np.nonzero((e & PTE_SWAP) != 0)[0]
+        swp = ((e & PTE_SWAP) != 0).nonzero()[0]
         if len(swp):
             cache = k.swap.cache
             for i in swp.tolist():
@@ -764,7 +768,7 @@ class Oracle:
         if r.shm is not None:
             obj = k.shmem.get(r.shm)
             if obj is not None:
-                for i in np.nonzero(e == 0)[0].tolist():
+                for i in (e == 0).nonzero()[0].tolist():
                     p = obj.pages.get(r.shm_base + i)
                     if p is not None:
                         vals[i] = int(pool.content[p])
@@ -791,8 +795,8 @@ class Oracle:
                 bad |= pres & ((e & PTE_WRITE) != 0) & pmd.write
             if not prot & 3:
                 bad |= pres & ((e & PTE_USER) != 0)
-            if bad.any():
-                i = int(np.nonzero(bad)[0][0])
+            if np.count_nonzero(bad):
+                i = int(bad.nonzero()[0][0])
                 self.k.report("syscall-contract", "mprotect",
                               f"mprotect returned 0 but {int(bad.sum())} PTE(s) keep old "
                               f"permissions (mm{mm.id} page {idx * P + lo + i:#x})")
@@ -829,7 +833,7 @@ class Oracle:
                 # 8. No entry outside the mm's VMAs: unmap_region zaps what it unmaps.
                 ne = len(e)
                 base = idx * ne
-                vs = mm.vmas_in(base, base + ne) if e.any() else None
+                vs = mm.vmas_in(base, base + ne) if np.count_nonzero(e) else None
                 # (A VMA spanning the whole table leaves nothing to look at.)
                 if vs is not None and not any(v.start <= base and v.end >= base + ne
                                               for v in vs):
@@ -838,9 +842,9 @@ class Oracle:
                     for v in vs:
                         covered[max(v.start, base) - base:min(v.end, base + ne) - base] = True
                     stray = live & ~covered
-                    if stray.any():
+                    if np.count_nonzero(stray):
                         rep("accounting", "unmap_region",
-                            f"mm{mm.id} maps page {base + int(np.nonzero(stray)[0][0]):#x} "
+                            f"mm{mm.id} maps page {base + int(stray.nonzero()[0][0]):#x} "
                             f"outside any VMA ({int(stray.sum())} entr(ies) left behind)")
             if live_tables:
                 e = live_tables[0] if len(live_tables) == 1 else np.concatenate(live_tables)
@@ -860,7 +864,7 @@ class Oracle:
                 nmig = int(np.count_nonzero(e & PTE_MIGRATION))
                 anon += nmig
                 if nmig:
-                    at = int(np.nonzero(e & PTE_MIGRATION)[0][0])
+                    at = int((e & PTE_MIGRATION).nonzero()[0][0])
                     rep("accounting", "remove_migration_ptes",
                         f"mm{mm.id} holds {nmig} migration entr(ies) with no migration in "
                         f"progress (first: entry {at} of its tables, naming page "
@@ -894,14 +898,14 @@ class Oracle:
         alloc[ZERO_PFN] = False
         data = alloc & ((pool.flags & PG_table) == 0)
         bad = data & (mc != pool.mapcount)
-        if bad.any():
-            p = int(np.nonzero(bad)[0][0])
+        if np.count_nonzero(bad):
+            p = int(bad.nonzero()[0][0])
             rep("accounting", "page_mapcount",
                 f"page {p} mapcount {int(pool.mapcount[p])}, mapped {int(mc[p])} time(s)")
         unalloc_mapped = (~alloc) & (mc > 0)
         unalloc_mapped[ZERO_PFN] = False
-        if unalloc_mapped.any():
-            p = int(np.nonzero(unalloc_mapped)[0][0])
+        if np.count_nonzero(unalloc_mapped):
+            p = int(unalloc_mapped.nonzero()[0][0])
             rep("memory-safety", "page_mapcount", f"free page {p} is still mapped")
         pins = np.zeros(nr, dtype=np.int64)
         npins = 0
@@ -927,15 +931,15 @@ class Oracle:
         if cache is not None:
             expect = expect + cache
         bad = data & (pool.refcount != expect)
-        if bad.any():
-            p = int(np.nonzero(bad)[0][0])
+        if np.count_nonzero(bad):
+            p = int(bad.nonzero()[0][0])
             what = "leaked (nothing references it)" if expect[p] == 0 else "wrong"
             rep("accounting", "page_ref_count",
                 f"page {p} refcount {int(pool.refcount[p])}, expected {int(expect[p])}: {what}")
         excl = data & ((pool.flags & PG_anon_exclusive) != 0)
         bad = excl & (mc > 1)
-        if bad.any():
-            p = int(np.nonzero(bad)[0][0])
+        if np.count_nonzero(bad):
+            p = int(bad.nonzero()[0][0])
             rep("accounting", "PageAnonExclusive",
                 f"exclusive page {p} mapped {int(mc[p])} times")
         if shared_mapped:
@@ -951,12 +955,12 @@ class Oracle:
         sw = np.bincount(np.concatenate(swaps) if swaps else np.zeros(0, np.int64),
                          minlength=len(k.swap.swap_map))[:len(k.swap.swap_map)]
         bad = sw != k.swap.swap_map
-        if bad.any():
-            s = int(np.nonzero(bad)[0][0])
+        if np.count_nonzero(bad):
+            s = int(bad.nonzero()[0][0])
             rep("accounting", "swap_map",
                 f"swap slot {s} swap_map {int(k.swap.swap_map[s])}, {int(sw[s])} PTE(s) name it")
         # 7'. Swap-cache coherence and slot leaks.
-        sc = np.nonzero(data & ((pool.flags & PG_swapcache) != 0))[0]
+        sc = (data & ((pool.flags & PG_swapcache) != 0)).nonzero()[0]
         for p in sc.tolist():
             s = int(pool.swap[p])
             if sw_cache.get(s) != p:
@@ -972,8 +976,8 @@ class Oracle:
         if sw_cache:
             nc[list(sw_cache)] = True
         bad = hc != nc
-        if bad.any():
-            s = int(np.nonzero(bad)[0][0])
+        if np.count_nonzero(bad):
+            s = int(bad.nonzero()[0][0])
             rep("accounting", "swap_cache",
                 f"swap slot {s} SWAP_HAS_CACHE {bool(hc[s])}, cached folio {bool(nc[s])}")
         if k.swap.nr:
@@ -981,7 +985,7 @@ class Oracle:
             free[k.swap.free] = True
             used = (k.swap.swap_map > 0) | hc
             bad = free == used
-            if bad.any():
-                s = int(np.nonzero(bad)[0][0])
+            if np.count_nonzero(bad):
+                s = int(bad.nonzero()[0][0])
                 what = "free but in use" if free[s] else "leaked (no count, no cache)"
                 rep("accounting", "swap_entry_free", f"swap slot {s} {what}")

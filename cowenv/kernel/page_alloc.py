@@ -171,7 +171,7 @@ class PageAllocMixin:
             # through a stale paging-structure-cache entry may set D in a table that fork
             # just shared (before its flush), harmlessly.
             changed = (old ^ new) & ~np.int64(PTE_YOUNG | (PTE_DIRTY if hw else 0))
-            if changed.any():
+            if np.count_nonzero(changed):
                 self._report("shared-table-write", site,
                              f"modified {int(np.count_nonzero(changed))} PTE(s) of table "
                              f"{table.pfn} shared by {table.refcount} PMDs")
@@ -190,12 +190,12 @@ class PageAllocMixin:
             pfns = pfns[(pool.flags[pfns] & 1) != 0]
         np.subtract.at(pool.refcount, pfns, 1)
         rc = pool.refcount[pfns]
-        if (rc < 0).any():
+        if np.count_nonzero(rc < 0):
             self._report("memory-safety", site,
                          f"refcount underflow on page {int(pfns[rc < 0][0])}")
-        dead = np.unique(pfns[rc <= 0])
-        if len(dead):
-            self.free_pages(dead, site)
+        dead = pfns[rc <= 0]
+        if len(dead):  # (np.unique costs microseconds even on an empty array)
+            self.free_pages(np.unique(dead), site)
     def put_page(self, pfn: int, site: str) -> None:
         """``put_page`` on one page (scalar fast path of :meth:`put_pages`)."""
         pool = self.pool

@@ -57,7 +57,7 @@ class RmapMixin:
             return
         np.subtract.at(self.pool.mapcount, pfns, 1)
         mc = self.pool.mapcount[pfns]
-        if (mc < 0).any():
+        if np.count_nonzero(mc < 0):
             p = int(pfns[mc < 0][0])
             self._report("accounting", site, f"Bad page map: mapcount of page {p} is "
                          f"{int(self.pool.mapcount[p])}")

@@ -35,7 +35,7 @@ from .locks import Lock
 from .mm import (
     MmStruct,
 )
-from .ops import OPS, validate_args
+from .ops import OPS, validate_args_memo
 from .trace import Event, Violation
 
 _tuple_new = tuple.__new__
@@ -185,7 +185,8 @@ class SchedMixin:
             raise KernelUsageError(f"cannot start {op} on thread {tid} "
                                    f"(state {self.thread_state(tid)})")
         try:
-            a = validate_args(op, dict(args or {}), self.config.page_size)
+            a = validate_args_memo(op, args if args.__class__ is dict else dict(args or {}),
+                                   self.config.page_size)
         except ValueError as e:
             raise KernelUsageError(str(e)) from None
         t = self.threads[tid]
@@ -208,11 +209,12 @@ class SchedMixin:
             KernelUsageError: the thread is not runnable.
         """
         t = self.threads.get(tid)
-        if t is None or not self.is_runnable(t):
+        # == self.is_runnable(t), inlined (a method call per step)
+        if t is None or t.gen is None or t.exited or (
+                t.waiting is not None and not t.waiting[0].can_acquire(tid, t.waiting[1])):
             raise KernelUsageError(f"thread {tid} is not runnable ({self.thread_state(tid)})")
         self.step_no += 1
         self._cur = t
-        assert t.gen is not None
         try:
             label = next(t.gen)
         except StopIteration as stop:
@@ -234,8 +236,10 @@ class SchedMixin:
             label = f"{t.op}:defect"
         else:
             t.label = label
-            self._ev(tid, "point", label)
-        self.coverage[label] = self.coverage.get(label, 0) + 1
+            if self.tracing:  # == self._ev(tid, "point", label), inlined
+                self.events.append(_tuple_new(Event, (self.step_no, tid, "point", label, None)))
+        cov = self.coverage
+        cov[label] = cov.get(label, 0) + 1
         self._cur = None
         if t.gen is None or t.waiting is not None or t.exited:
             self._check_deadlock()

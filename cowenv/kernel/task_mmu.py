@@ -177,7 +177,7 @@ class TaskMmuMixin:
                 new[swp] &= ~np.int64(PTE_SOFT_DIRTY)
             else:
                 new[present & (pfn != ZERO_PFN)] &= ~np.int64(PTE_YOUNG)
-            if (new != e).any():
+            if np.count_nonzero(new != e):
                 self.cost.charge("pte_write", int(np.count_nonzero(new != e)))
                 self.set_ptes(t, mm, table, lo, new, "clear_refs_pte_range")
             self.unlock(t, ptl, WRITE, "clear_refs_pte_range")
