@@ -44,6 +44,7 @@ import numpy as np
 from cowenv.greybox import (
     REC_ACTIONS,
     REC_CATALOGUE,
+    REC_CUTS,
     REC_FEATURES,
     CatalogueIndex,
     Corpus,
@@ -89,6 +90,9 @@ class GreyboxAgent(Agent):
             :data:`cowenv_agents.base.CHOICES`, or ``thread`` (a runnable thread with
             probability ``run_prob``, else an idle thread, an operation, a template;
             ``run_prob`` is used only here).
+        fault_prob: In random choice, probability that a chosen start is preceded by a
+            ``fail_nth`` event of its thread (syzkaller's per-call fault injection:
+            the fault is armed right before the call it should hit).
 
     """
 
@@ -98,7 +102,8 @@ class GreyboxAgent(Agent):
                  seed_exclude: list[str] | None = None, explore: float = 0.1,
                  run_prob: float = 0.5, event_prob: float = 0.03, sync_every: int = 20,
                  corpus_dir: str | None = None, cull_every: int = 200,
-                 choice: str = "weighted", extend: float = 0.3) -> None:
+                 choice: str = "weighted", extend: float = 0.3,
+                 fault_prob: float = 0.05) -> None:
         super().__init__()
         if not 0.0 <= extend <= 1.0:
             raise ValueError("extend: expected 0..1")
@@ -107,7 +112,8 @@ class GreyboxAgent(Agent):
             raise ValueError(f"choice: expected thread or one of {', '.join(CHOICES)}")
         self.choice = choice
         self._chooser: KindChooser | None = None
-        for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob)):
+        for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
+                      ("fault_prob", fault_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{nm}: expected 0..1")
         if sync_every < 0 or cull_every < 0:
@@ -119,6 +125,8 @@ class GreyboxAgent(Agent):
         self.explore = float(explore)
         self.run_prob = float(run_prob)
         self.event_prob = float(event_prob)
+        self.fault_prob = float(fault_prob)
+        self._queued = -1  # a start the random part chose, after its injected fault
         self.sync_every = int(sync_every)
         self.cull_every = int(cull_every)
         self.corpus_dir = Path(corpus_dir) if corpus_dir else None
@@ -142,6 +150,7 @@ class GreyboxAgent(Agent):
         self._taken: list[int] = []
         self._feats: set[int] = set()
         self._last_new = -1
+        self._cuts: list[int] = []
         self._from_plan = ""
 
     # ------------------------------------------------------------------ campaign
@@ -197,9 +206,10 @@ class GreyboxAgent(Agent):
             acts = [int(x) for x in str(rec.get(REC_ACTIONS, "")).split(",") if x]
             feats = frozenset(int(x, 16) for x in str(rec.get(REC_FEATURES, "")).split(",")
                               if x)
+            cuts = tuple(int(x) for x in str(rec.get(REC_CUTS, "")).split(",") if x)
         except (OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):
             return False
-        ok = self.corpus.add(CorpusEntry(acts, feats, path.stem))
+        ok = self.corpus.add(CorpusEntry(acts, feats, path.stem, cuts=cuts))
         if ok:
             self._files.append(str(path))
         return ok
@@ -220,22 +230,26 @@ class GreyboxAgent(Agent):
             self._sync()
         if self.cull_every and self.episodes and self.episodes % self.cull_every == 0:
             self.corpus.cull()
-        self._taken, self._feats, self._last_new = [], set(), -1
+        self._taken, self._feats, self._last_new, self._cuts = [], set(), -1, []
         self._plan, self._plan_pos, self._child, self._ci_pos = [], 0, [], 0
         self._from_plan = ""
+        self._queued = -1
         if self.episodes < len(self._plans):
             self._from_plan, self._plan = self._plans[self.episodes]
             self._plan_budget = _PLAN_STEP_LIMIT
         elif self.corpus.entries and rng.random() >= self.explore:
             parent = self.corpus.choose(rng)
+            # The parent up to one of its cut points (a state where it reached something
+            # new), so that the search goes on from there.
+            prefix = self.corpus.choose_cut(parent, rng)
             if rng.random() < self.extend:
-                # Replay the parent as it is and go on at random from where it reached
-                # its last new feature: a race is often reached in stages (a thread
-                # paused at one point, then another's progress, then a use).
-                self._child = list(parent.actions)
+                # Replay the prefix as it is and go on at random from there: a race is
+                # often reached in stages (a thread paused at one point, then another's
+                # progress, then a use).
+                self._child = prefix
             else:
                 other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
-                self._child, _ = mutate(parent.actions, rng, self._ci, other.actions,
+                self._child, _ = mutate(prefix, rng, self._ci, other.actions,
                                         max_len=env.max_steps)
         self._feats.update(self.tracker.reset(env.kernel))
 
@@ -305,6 +319,22 @@ class GreyboxAgent(Agent):
         return run
 
     def _random(self, env: CowEnv, mask: np.ndarray) -> int:
+        """Random choice, with per-call fault injection (``fault_prob``)."""
+        q, self._queued = self._queued, -1
+        if 0 <= q < len(mask) and mask[q]:
+            return q
+        a = self._choose(env, mask)
+        ci = self._ci
+        assert ci is not None
+        if self.fault_prob and ci.catalogue[a].kind == "start" \
+                and self.rng.random() < self.fault_prob:
+            f = ci.fault_for(self.rng, a)
+            if f is not None and mask[f]:
+                self._queued = a
+                return f
+        return a
+
+    def _choose(self, env: CowEnv, mask: np.ndarray) -> int:
         """Operation-level random choice (see the module docstring)."""
         ci = self._ci
         assert ci is not None
@@ -341,7 +371,10 @@ class GreyboxAgent(Agent):
             if f not in self._feats:
                 self._feats.add(f)
                 if f not in self.corpus.seen:
-                    self._last_new = len(self._taken)
+                    n = len(self._taken)
+                    if n != self._last_new:
+                        self._cuts.append(n)
+                    self._last_new = n
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1
@@ -352,7 +385,7 @@ class GreyboxAgent(Agent):
         acts = self._taken[:self._last_new]
         name = f"w{self.worker}-{self._added:06d}"
         self._added += 1
-        entry = CorpusEntry(acts, frozenset(self._feats), name)
+        entry = CorpusEntry(acts, frozenset(self._feats), name, cuts=tuple(self._cuts))
         self.corpus.add(entry)
         if self.corpus_dir is not None:
             self._write(env, entry)
@@ -370,6 +403,7 @@ class GreyboxAgent(Agent):
         rec[REC_ACTIONS] = ",".join(map(str, entry.actions))
         rec[REC_FEATURES] = ",".join(f"{f:x}" for f in sorted(entry.features))
         rec[REC_CATALOGUE] = self._digest
+        rec[REC_CUTS] = ",".join(map(str, entry.cuts))
         data["recorded"] = rec
         path = self.corpus_dir / f"{entry.name}.yaml"
         self.corpus_dir.mkdir(parents=True, exist_ok=True)
