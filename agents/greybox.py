@@ -131,6 +131,7 @@ class GreyboxAgent(Agent):
         self.cull_every = int(cull_every)
         self.corpus_dir = Path(corpus_dir) if corpus_dir else None
         self.worker = 0
+        self.workers = 1
         self.corpus = Corpus()
         self.episodes = 0
         self._added = 0
@@ -154,9 +155,14 @@ class GreyboxAgent(Agent):
         self._from_plan = ""
 
     # ------------------------------------------------------------------ campaign
-    def attach_campaign(self, out: str | Path, worker: int) -> None:
-        """Campaign hook: share the corpus through ``OUT/greybox`` and seed from findings."""
+    def attach_campaign(self, out: str | Path, worker: int, workers: int = 1) -> None:
+        """Campaign hook: share the corpus through ``OUT/greybox`` and seed from findings.
+
+        The seed plans are dealt out: worker ``w`` of ``workers`` plays plans ``w``,
+        ``w + workers``, ... (the others' results reach it through the shared corpus).
+        """
         self.worker = int(worker)
+        self.workers = max(1, int(workers))
         self.corpus_dir = Path(out) / CORPUS_DIR
         self._extra_seeds = sorted(p for p in Path(out).glob("*.yaml"))
 
@@ -189,7 +195,8 @@ class GreyboxAgent(Agent):
                 except Exception:  # noqa: BLE001 - a bad seed file is skipped, not fatal
                     continue
                 plans.append((p.stem, seed_plan(sc.steps)))
-            self._plans = plans
+            self._plans = [pl for i, pl in enumerate(plans)
+                           if i % self.workers == self.worker % self.workers]
         if self._pending_files is not None:
             for f in self._pending_files:
                 self._load_file(Path(f))
@@ -292,13 +299,20 @@ class GreyboxAgent(Agent):
         t = k.threads.get(tid)
         run = ci.run.get(tid)
         if kind == "start":
-            best, score = None, -1.0
+            best, score, ties = None, -1.0, 0
+            P = k.config.ptrs_per_pte
             for i in ci.by_tid_op.get((tid, item[2]), []):
                 if not mask[i]:
                     continue
-                s = _arg_score(ci.catalogue[i], item[3])
+                s = _arg_score(ci.catalogue[i], item[3], P)
                 if s > score:
-                    best, score = i, s
+                    best, score, ties = i, s, 1
+                elif s == score:
+                    # Ties (templates that differ in what the scenario leaves open) are
+                    # broken at random, so that each play of a plan varies them.
+                    ties += 1
+                    if self.rng.random() * ties < 1.0:
+                        best = i
             if best is None and t is not None and t.gen is not None and run is not None \
                     and mask[run] and self._plan_budget > 0:
                 self._plan_budget -= 1
@@ -411,11 +425,21 @@ class GreyboxAgent(Agent):
         self._files.append(str(path))
 
 
-def _arg_score(sp: Any, want: dict[str, Any]) -> float:
-    """How well template ``sp`` matches scenario arguments ``want`` (higher is better)."""
+def _arg_score(sp: Any, want: dict[str, Any], ptrs_per_pte: int = 0) -> float:
+    """How well template ``sp`` matches scenario arguments ``want`` (higher is better).
+
+    Addresses cannot match (the scenario's regions are not the workload's); an address
+    at the same entry of its page table (``addr / 4 KiB mod ptrs_per_pte``: the second
+    VMA of a PMD, a table's first page) scores half a point.
+    """
     have = dict(sp.args)
     s = 0.0
     for key, v in want.items():
+        if key == "addr" and ptrs_per_pte and isinstance(v, int) \
+                and isinstance(have.get("addr"), int):
+            if (v >> 12) % ptrs_per_pte == (have["addr"] >> 12) % ptrs_per_pte:
+                s += 0.5
+            continue
         if key in ("addr", "length"):
             continue
         if key == "pin" and sp.pin_slot == 0:

@@ -277,7 +277,7 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
     env = episode_host(cfg)
     agent = ca.make_agent(cfg.agent, model=cfg.model, **cfg.agent_kwargs)
     if hasattr(agent, "attach_campaign"):  # greybox: corpus shared through OUT/greybox
-        agent.attach_campaign(out, w)
+        agent.attach_campaign(out, w, cfg.workers)
     budget = worker_budget(cfg.budget, cfg.workers, w)
     steps = episodes = 0
     reported: set[str] = set()
