@@ -13,14 +13,18 @@ Per episode (``rng`` is the episode's only randomness):
    scenarios of ``scenarios/`` (minus ``seed_exclude``) and, in a campaign, the
    findings already in the out dir, mapped onto this configuration's catalogue.
 2. Afterwards a parent is chosen from the corpus (entries reaching the rarest features,
-   or favoured entries; :meth:`cowenv.greybox.Corpus.choose`) and mutated
+   or favoured entries, the less-picked of two; :meth:`cowenv.greybox.Corpus.choose`),
+   cut at one of the points where it reached something new
+   (:meth:`cowenv.greybox.Corpus.choose_cut`) and mutated
    (:func:`cowenv.greybox.mutate`), or with probability ``extend`` replayed as it is;
    with probability ``explore`` (or while the corpus is empty) the episode is purely
    random.
 3. The child is played: an action that is illegal when its turn comes is skipped; after
    the child's last action the episode goes on with **kind-first** random choice (the
    kind of action with the soak's weights, then an entry of that kind; a pressure
-   event with probability ``event_prob``; ``choice``).
+   event with probability ``event_prob``; ``choice``); a start chosen so is preceded
+   by its thread's ``fail_nth`` with probability ``fault_prob`` (per-call fault
+   injection, as syzkaller's).
 4. Each step's features (:class:`cowenv.greybox.FeatureTracker`) are collected; if the
    episode reached a feature the corpus has not, its actions, trimmed to the last step
    that reached a new feature, join the corpus (and, in a campaign, are written to

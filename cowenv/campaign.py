@@ -101,10 +101,11 @@ class CampaignConfig:
             operation finished, every thread exited: exit-time checks run), see
             :class:`cowenv_agents.Teardown`; 0 = none.
         minimise: Minimise findings before keeping them.
-        minimise_seconds: Search time per finding for the minimiser (0 = no limit);
-            past it the smallest schedule verified so far is kept.
-        cause_seconds: Wall time of the cause search at the end of a campaign with
-            several flaws on (0 = none; see :func:`cause_flaws`).
+        minimise_seconds: CPU seconds of search per finding for the minimiser (0 = no
+            limit); past them the smallest schedule verified so far is kept.
+        cause_seconds: CPU seconds (summed over the minimiser processes) of the cause
+            search at the end of a campaign with several flaws on (0 = none; see
+            :func:`cause_flaws`).
 
     """
 
@@ -434,7 +435,8 @@ def minimiser_main(tasks: Any, results: Any) -> None:
     """Body of a minimiser process: tasks in, results out (:func:`run_task`).
 
     Tasks: ``(path, signature, seconds)`` -> :func:`minimise_finding`;
-    ``("cause", key, data, signature, flaws)`` -> ``("cause", key, cause_flaws(...))``.
+    ``("cause", key, data, signature, flaws)`` -> ``("cause", key, cause_flaws(...),
+    cpu_seconds)``.
 
     Ends on a ``None`` task, or when the main process has gone (``PR_SET_PDEATHSIG``, and
     checked every 0.5 s).
@@ -458,7 +460,9 @@ def run_task(task: tuple[Any, ...]) -> tuple[Any, ...]:
     """One minimiser task (see :func:`minimiser_main`)."""
     if task[0] == "cause":
         _, key, data, sig, flaws = task
-        return ("cause", key, cause_flaws(data, sig, flaws))
+        t0 = time.process_time()
+        found = cause_flaws(data, sig, flaws)
+        return ("cause", key, found, time.process_time() - t0)
     return minimise_finding(*task)
 
 
@@ -797,7 +801,7 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
     minimisers: list[Any] = []
     pending_min: list[str] = []
     pending_cause: dict[int, tuple[str, str, dict[str, Any]]] = {}
-    cause_results: list[tuple[int, list[str]]] = []
+    cause_results: list[tuple[int, list[str], float]] = []
     # Cause-search candidates: (signature, context, schedule), first report per pair.
     rehits: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -854,7 +858,7 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                 continue
             if r[0] == "cause":
                 if r[1] in pending_cause:
-                    cause_results.append((r[1], r[2]))
+                    cause_results.append((r[1], r[2], float(r[3]) if len(r) > 3 else 0.0))
                     del pending_cause[r[1]]
                 if one:
                     return
@@ -897,10 +901,12 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
     def search_causes() -> int:
         """The cause search (:func:`cause_flaws`) over this session's re-reports.
 
-        Candidates are tried in the order they arrived, each against the flaws not
-        demonstrated yet, two per minimiser in flight, for ``cause_seconds`` at most. A
-        flaw found is filed as ``DIR/causes/<signature>--<flaw>.yaml`` (the recorded
-        schedule, replayable) and listed under its signature in ``campaign.json``.
+        Candidates are tried shortest first (a violation early in its episode has the
+        fewest other flaws' effects around it), each against the flaws not demonstrated
+        yet, two per minimiser in flight, until their CPU time adds up to
+        ``cause_seconds`` (or ten times that in wall time passes). A flaw found is filed
+        as ``DIR/causes/<signature>--<flaw>.yaml`` (the recorded schedule, replayable)
+        and listed under its signature in ``campaign.json``.
         """
         from .findings import signature_slug
         from .harness import Harness
@@ -910,21 +916,27 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
             return 0
         on = list(Harness(**cfg.env_kwargs).config.flaws)
         todo = [f for f in on if f not in demonstrated()]
-        cands = [(sig, ctx, d) for (sig, ctx), d in rehits.items()]
+        cands = sorted(((sig, ctx, d) for (sig, ctx), d in rehits.items()),
+                       key=lambda c: len(c[2]["steps"]))
         if not todo or not cands:
             return 0
         start_minimisers(max(1, min(cfg.workers, usable_cpus())))
-        deadline = time.monotonic() + float(cfg.cause_seconds)
+        wall = time.monotonic() + 10.0 * float(cfg.cause_seconds)
+        cpu = 0.0
         i = n_found = 0
-        while todo and (i < len(cands) or pending_cause) and time.monotonic() < deadline:
-            while i < len(cands) and len(pending_cause) < 2 * len(minimisers):
+        while todo and (i < len(cands) or pending_cause) and time.monotonic() < wall:
+            while (i < len(cands) and len(pending_cause) < 2 * len(minimisers)
+                   and cpu < cfg.cause_seconds):
                 sig, ctx, d = cands[i]
                 pending_cause[i] = (sig, ctx, d)
                 min_tasks.put(("cause", i, d, sig, list(todo)))
                 i += 1
+            if not pending_cause:
+                break
             collect(True, one=True)
             while cause_results:
-                j, fl = cause_results.pop(0)
+                j, fl, spent = cause_results.pop(0)
+                cpu += spent
                 sig, ctx, d = cands[j]
                 new = [f for f in fl if f in todo]
                 if not new:
@@ -943,6 +955,8 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                 save_state("running")
                 display.note(f"[{elapsed():7.1f}s] cause search: {', '.join(new)} shows "
                              f"{sig} -> {outp / rel}")
+        display.note(f"cause search: {min(i, len(cands))} of {len(cands)} candidate "
+                     f"schedule(s) tried, {cpu:.1f} CPU s")
         pending_cause.clear()
         return n_found
 

@@ -31,7 +31,11 @@ This module is the library half of ``cowenv fuzz --agent greybox`` (the agent is
 
 * :func:`mutate`: insert / delete / splice operations, change a start's thread or
   arguments, move a preemption point, insert runs of one thread (a preemption), insert a
-  pressure event, truncate.
+  pressure event (or a thread's ``fail_nth`` right before one of its calls), truncate;
+  ``preempt`` (another thread's operation and a few of its points inside a thread's
+  operation: a race window) and ``insert_missing`` (an operation kind the schedule
+  lacks). Parents are cut at the points where they reached something new
+  (:attr:`CorpusEntry.cuts`).
 
 * :func:`seed_plan`: a scenario (``scenarios/``, an earlier finding) as an abstract plan
   (start ``op`` on ``tid`` with these arguments, step to this label, finish, event) that

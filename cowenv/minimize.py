@@ -329,7 +329,7 @@ class _Oracle:
         if r is not None:
             self.hits += 1
             return r
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.deadline is not None and time.process_time() > self.deadline:
             # Out of time: every untested candidate counts as "not failing", so ddmin
             # ends at once with the smallest failing subsequence it has verified.
             self.expired = True
@@ -345,13 +345,13 @@ def _one_by_one(config: KernelConfig, steps: list[dict[str, Any]], targets: set[
                 counter: list[int], deadline: float | None = None) -> list[dict[str, Any]]:
     """Remove single steps while the violation stays; return a normalised 1-minimal list.
 
-    Past ``deadline`` (``time.perf_counter``) it stops removing: the list is then
+    Past ``deadline`` (``time.process_time``) it stops removing: the list is then
     normalised and still failing, but not necessarily 1-minimal.
     """
     cur = run_lenient(config, steps, stop_on=targets).effective
     j = 0
     for _ in range(100_000):
-        if j >= len(cur) or (deadline is not None and time.perf_counter() > deadline):
+        if j >= len(cur) or (deadline is not None and time.process_time() > deadline):
             break
         cand = cur[:j] + cur[j + 1:]
         counter[0] += 1
@@ -371,9 +371,10 @@ def minimize(sc: Scenario, signatures: list[str] | None = None,
     Args:
         sc: The scenario (recorded or hand-written).
         signatures: ``kind@site`` to keep (default: those of ``sc.expect``).
-        time_limit: Seconds of search at most (None: no limit). When it runs out, the
-            smallest schedule verified so far is returned (``complete`` False); it still
-            shows the violation and replays strictly.
+        time_limit: CPU seconds of search at most (this process's ``process_time``, so
+            that a loaded machine does not shrink the search; None: no limit). When they
+            run out, the smallest schedule verified so far is returned (``complete``
+            False); it still shows the violation and replays strictly.
 
     Returns:
         The minimised scenario and statistics.
@@ -383,7 +384,7 @@ def minimize(sc: Scenario, signatures: list[str] | None = None,
 
     """
     t0 = time.perf_counter()
-    deadline = None if time_limit is None else t0 + float(time_limit)
+    deadline = None if time_limit is None else time.process_time() + float(time_limit)
     targets = set(signatures or [f"{v['kind']}@{v['site']}" for v in sc.expect.violations])
     if not targets:
         raise NotReproducible("no violation to keep (expect: violation: null)")
@@ -405,7 +406,7 @@ def minimize(sc: Scenario, signatures: list[str] | None = None,
     keep = ddmin(len(steps), oracle)
     counter = [0]
     final = _one_by_one(cfg, [steps[i] for i in keep], targets, counter, deadline)
-    complete = not oracle.expired and (deadline is None or time.perf_counter() <= deadline)
+    complete = not oracle.expired and (deadline is None or time.process_time() <= deadline)
     # Strict verification run of the output (also yields the new expectation step).
     ex = execute(cfg, final, trace=True)
     if ex.error is not None or not targets <= ex.kernel.signatures:  # pragma: no cover
