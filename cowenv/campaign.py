@@ -65,7 +65,7 @@ STATE_VERSION = 1
 #: Seconds between worker checkpoints (when, not what: results do not depend on it).
 CHECKPOINT_SECONDS = 3.0
 #: Re-reports of known signatures in new contexts per worker (cause-search candidates).
-MAX_REHITS = 400
+MAX_REHITS = 1000
 AGENT_CHOICES = ("random", "pct", "ql", "ppo", "greybox")
 #: Caps on campaign flags (checked before anything is created).
 MAX_BUDGET = 10**12
@@ -334,20 +334,25 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
     q.put(("done", w, steps, episodes))
 
 
-def violation_context(env: Any) -> str:
-    """The context of a violation for the cause search: the operation started last.
+def violation_context(env: Any, depth: int = 2) -> str:
+    """The context of a violation for the cause search: the last operations started.
 
-    The same oracle failing after a different operation is a candidate for another root
+    The same oracle failing after different operations is a candidate for another root
     cause (syzkaller's crash titles name the function for the same reason); a worker
-    re-reports a known signature once per context (:data:`MAX_REHITS` in all).
+    re-reports a known signature once per context (:data:`MAX_REHITS` in all). The
+    context is the names of the last ``depth`` operations started in the episode, oldest
+    first (``madvise>fork``).
     """
     h = getattr(env, "harness", env)
     cat = h.catalogue
+    ops: list[str] = []
     for a in reversed(h.actions):
         sp = cat[a] if 0 <= a < len(cat) else None
         if sp is not None and sp.kind == "start":
-            return sp.op
-    return ""
+            ops.append(sp.op)
+            if len(ops) == depth:
+                break
+    return ">".join(reversed(ops))
 
 
 def episode_host(cfg: CampaignConfig) -> Any:

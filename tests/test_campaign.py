@@ -215,3 +215,7 @@ def test_cause_search_names_the_flaw_behind_a_known_signature():
                 and h.mask[i])
     h.step(fork)
     assert violation_context(h) == "fork"
+    read = next(i for i, sp in enumerate(h.catalogue) if sp.kind == "start" and sp.op == "read"
+                and sp.tid != h.catalogue[fork].tid and h.mask[i])
+    h.step(read)
+    assert violation_context(h) == "fork>read" and violation_context(h, 1) == "read"
