@@ -13,14 +13,18 @@ Per episode (``rng`` is the episode's only randomness):
    scenarios of ``scenarios/`` (minus ``seed_exclude``) and, in a campaign, the
    findings already in the out dir, mapped onto this configuration's catalogue.
 2. Afterwards a parent is chosen from the corpus (entries reaching the rarest features,
-   or favoured entries; :meth:`cowenv.greybox.Corpus.choose`) and mutated
+   or favoured entries, the less-picked of two; :meth:`cowenv.greybox.Corpus.choose`),
+   cut at one of the points where it reached something new
+   (:meth:`cowenv.greybox.Corpus.choose_cut`) and mutated
    (:func:`cowenv.greybox.mutate`), or with probability ``extend`` replayed as it is;
    with probability ``explore`` (or while the corpus is empty) the episode is purely
    random.
 3. The child is played: an action that is illegal when its turn comes is skipped; after
    the child's last action the episode goes on with **kind-first** random choice (the
    kind of action with the soak's weights, then an entry of that kind; a pressure
-   event with probability ``event_prob``; ``choice``).
+   event with probability ``event_prob``; ``choice``); a start chosen so is preceded
+   by its thread's ``fail_nth`` with probability ``fault_prob`` (per-call fault
+   injection, as syzkaller's).
 4. Each step's features (:class:`cowenv.greybox.FeatureTracker`) are collected; if the
    episode reached a feature the corpus has not, its actions, trimmed to the last step
    that reached a new feature, join the corpus (and, in a campaign, are written to
@@ -44,6 +48,7 @@ import numpy as np
 from cowenv.greybox import (
     REC_ACTIONS,
     REC_CATALOGUE,
+    REC_CUTS,
     REC_FEATURES,
     CatalogueIndex,
     Corpus,
@@ -89,6 +94,9 @@ class GreyboxAgent(Agent):
             :data:`cowenv_agents.base.CHOICES`, or ``thread`` (a runnable thread with
             probability ``run_prob``, else an idle thread, an operation, a template;
             ``run_prob`` is used only here).
+        fault_prob: In random choice, probability that a chosen start is preceded by a
+            ``fail_nth`` event of its thread (syzkaller's per-call fault injection:
+            the fault is armed right before the call it should hit).
 
     """
 
@@ -98,7 +106,8 @@ class GreyboxAgent(Agent):
                  seed_exclude: list[str] | None = None, explore: float = 0.1,
                  run_prob: float = 0.5, event_prob: float = 0.03, sync_every: int = 20,
                  corpus_dir: str | None = None, cull_every: int = 200,
-                 choice: str = "weighted", extend: float = 0.3) -> None:
+                 choice: str = "weighted", extend: float = 0.3,
+                 fault_prob: float = 0.05) -> None:
         super().__init__()
         if not 0.0 <= extend <= 1.0:
             raise ValueError("extend: expected 0..1")
@@ -107,7 +116,8 @@ class GreyboxAgent(Agent):
             raise ValueError(f"choice: expected thread or one of {', '.join(CHOICES)}")
         self.choice = choice
         self._chooser: KindChooser | None = None
-        for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob)):
+        for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
+                      ("fault_prob", fault_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{nm}: expected 0..1")
         if sync_every < 0 or cull_every < 0:
@@ -119,10 +129,13 @@ class GreyboxAgent(Agent):
         self.explore = float(explore)
         self.run_prob = float(run_prob)
         self.event_prob = float(event_prob)
+        self.fault_prob = float(fault_prob)
+        self._queued = -1  # a start the random part chose, after its injected fault
         self.sync_every = int(sync_every)
         self.cull_every = int(cull_every)
         self.corpus_dir = Path(corpus_dir) if corpus_dir else None
         self.worker = 0
+        self.workers = 1
         self.corpus = Corpus()
         self.episodes = 0
         self._added = 0
@@ -142,12 +155,18 @@ class GreyboxAgent(Agent):
         self._taken: list[int] = []
         self._feats: set[int] = set()
         self._last_new = -1
+        self._cuts: list[int] = []
         self._from_plan = ""
 
     # ------------------------------------------------------------------ campaign
-    def attach_campaign(self, out: str | Path, worker: int) -> None:
-        """Campaign hook: share the corpus through ``OUT/greybox`` and seed from findings."""
+    def attach_campaign(self, out: str | Path, worker: int, workers: int = 1) -> None:
+        """Campaign hook: share the corpus through ``OUT/greybox`` and seed from findings.
+
+        The seed plans are dealt out: worker ``w`` of ``workers`` plays plans ``w``,
+        ``w + workers``, ... (the others' results reach it through the shared corpus).
+        """
         self.worker = int(worker)
+        self.workers = max(1, int(workers))
         self.corpus_dir = Path(out) / CORPUS_DIR
         self._extra_seeds = sorted(p for p in Path(out).glob("*.yaml"))
 
@@ -180,7 +199,8 @@ class GreyboxAgent(Agent):
                 except Exception:  # noqa: BLE001 - a bad seed file is skipped, not fatal
                     continue
                 plans.append((p.stem, seed_plan(sc.steps)))
-            self._plans = plans
+            self._plans = [pl for i, pl in enumerate(plans)
+                           if i % self.workers == self.worker % self.workers]
         if self._pending_files is not None:
             for f in self._pending_files:
                 self._load_file(Path(f))
@@ -197,9 +217,10 @@ class GreyboxAgent(Agent):
             acts = [int(x) for x in str(rec.get(REC_ACTIONS, "")).split(",") if x]
             feats = frozenset(int(x, 16) for x in str(rec.get(REC_FEATURES, "")).split(",")
                               if x)
+            cuts = tuple(int(x) for x in str(rec.get(REC_CUTS, "")).split(",") if x)
         except (OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):
             return False
-        ok = self.corpus.add(CorpusEntry(acts, feats, path.stem))
+        ok = self.corpus.add(CorpusEntry(acts, feats, path.stem, cuts=cuts))
         if ok:
             self._files.append(str(path))
         return ok
@@ -220,22 +241,26 @@ class GreyboxAgent(Agent):
             self._sync()
         if self.cull_every and self.episodes and self.episodes % self.cull_every == 0:
             self.corpus.cull()
-        self._taken, self._feats, self._last_new = [], set(), -1
+        self._taken, self._feats, self._last_new, self._cuts = [], set(), -1, []
         self._plan, self._plan_pos, self._child, self._ci_pos = [], 0, [], 0
         self._from_plan = ""
+        self._queued = -1
         if self.episodes < len(self._plans):
             self._from_plan, self._plan = self._plans[self.episodes]
             self._plan_budget = _PLAN_STEP_LIMIT
         elif self.corpus.entries and rng.random() >= self.explore:
             parent = self.corpus.choose(rng)
+            # The parent up to one of its cut points (a state where it reached something
+            # new), so that the search goes on from there.
+            prefix = self.corpus.choose_cut(parent, rng)
             if rng.random() < self.extend:
-                # Replay the parent as it is and go on at random from where it reached
-                # its last new feature: a race is often reached in stages (a thread
-                # paused at one point, then another's progress, then a use).
-                self._child = list(parent.actions)
+                # Replay the prefix as it is and go on at random from there: a race is
+                # often reached in stages (a thread paused at one point, then another's
+                # progress, then a use).
+                self._child = prefix
             else:
                 other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
-                self._child, _ = mutate(parent.actions, rng, self._ci, other.actions,
+                self._child, _ = mutate(prefix, rng, self._ci, other.actions,
                                         max_len=env.max_steps)
         self._feats.update(self.tracker.reset(env.kernel))
 
@@ -278,13 +303,20 @@ class GreyboxAgent(Agent):
         t = k.threads.get(tid)
         run = ci.run.get(tid)
         if kind == "start":
-            best, score = None, -1.0
+            best, score, ties = None, -1.0, 0
+            P = k.config.ptrs_per_pte
             for i in ci.by_tid_op.get((tid, item[2]), []):
                 if not mask[i]:
                     continue
-                s = _arg_score(ci.catalogue[i], item[3])
+                s = _arg_score(ci.catalogue[i], item[3], P)
                 if s > score:
-                    best, score = i, s
+                    best, score, ties = i, s, 1
+                elif s == score:
+                    # Ties (templates that differ in what the scenario leaves open) are
+                    # broken at random, so that each play of a plan varies them.
+                    ties += 1
+                    if self.rng.random() * ties < 1.0:
+                        best = i
             if best is None and t is not None and t.gen is not None and run is not None \
                     and mask[run] and self._plan_budget > 0:
                 self._plan_budget -= 1
@@ -305,6 +337,22 @@ class GreyboxAgent(Agent):
         return run
 
     def _random(self, env: CowEnv, mask: np.ndarray) -> int:
+        """Random choice, with per-call fault injection (``fault_prob``)."""
+        q, self._queued = self._queued, -1
+        if 0 <= q < len(mask) and mask[q]:
+            return q
+        a = self._choose(env, mask)
+        ci = self._ci
+        assert ci is not None
+        if self.fault_prob and ci.catalogue[a].kind == "start" \
+                and self.rng.random() < self.fault_prob:
+            f = ci.fault_for(self.rng, a)
+            if f is not None and mask[f]:
+                self._queued = a
+                return f
+        return a
+
+    def _choose(self, env: CowEnv, mask: np.ndarray) -> int:
         """Operation-level random choice (see the module docstring)."""
         ci = self._ci
         assert ci is not None
@@ -341,7 +389,10 @@ class GreyboxAgent(Agent):
             if f not in self._feats:
                 self._feats.add(f)
                 if f not in self.corpus.seen:
-                    self._last_new = len(self._taken)
+                    n = len(self._taken)
+                    if n != self._last_new:
+                        self._cuts.append(n)
+                    self._last_new = n
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1
@@ -352,7 +403,7 @@ class GreyboxAgent(Agent):
         acts = self._taken[:self._last_new]
         name = f"w{self.worker}-{self._added:06d}"
         self._added += 1
-        entry = CorpusEntry(acts, frozenset(self._feats), name)
+        entry = CorpusEntry(acts, frozenset(self._feats), name, cuts=tuple(self._cuts))
         self.corpus.add(entry)
         if self.corpus_dir is not None:
             self._write(env, entry)
@@ -370,6 +421,7 @@ class GreyboxAgent(Agent):
         rec[REC_ACTIONS] = ",".join(map(str, entry.actions))
         rec[REC_FEATURES] = ",".join(f"{f:x}" for f in sorted(entry.features))
         rec[REC_CATALOGUE] = self._digest
+        rec[REC_CUTS] = ",".join(map(str, entry.cuts))
         data["recorded"] = rec
         path = self.corpus_dir / f"{entry.name}.yaml"
         self.corpus_dir.mkdir(parents=True, exist_ok=True)
@@ -377,11 +429,21 @@ class GreyboxAgent(Agent):
         self._files.append(str(path))
 
 
-def _arg_score(sp: Any, want: dict[str, Any]) -> float:
-    """How well template ``sp`` matches scenario arguments ``want`` (higher is better)."""
+def _arg_score(sp: Any, want: dict[str, Any], ptrs_per_pte: int = 0) -> float:
+    """How well template ``sp`` matches scenario arguments ``want`` (higher is better).
+
+    Addresses cannot match (the scenario's regions are not the workload's); an address
+    at the same entry of its page table (``addr / 4 KiB mod ptrs_per_pte``: the second
+    VMA of a PMD, a table's first page) scores half a point.
+    """
     have = dict(sp.args)
     s = 0.0
     for key, v in want.items():
+        if key == "addr" and ptrs_per_pte and isinstance(v, int) \
+                and isinstance(have.get("addr"), int):
+            if (v >> 12) % ptrs_per_pte == (have["addr"] >> 12) % ptrs_per_pte:
+                s += 0.5
+            continue
         if key in ("addr", "length"):
             continue
         if key == "pin" and sp.pin_slot == 0:

@@ -64,6 +64,8 @@ CHECKPOINT_DIR = ".campaign"
 STATE_VERSION = 1
 #: Seconds between worker checkpoints (when, not what: results do not depend on it).
 CHECKPOINT_SECONDS = 3.0
+#: Re-reports of known signatures in new contexts per worker (cause-search candidates).
+MAX_REHITS = 1000
 AGENT_CHOICES = ("random", "pct", "ql", "ppo", "greybox")
 #: Caps on campaign flags (checked before anything is created).
 MAX_BUDGET = 10**12
@@ -99,6 +101,11 @@ class CampaignConfig:
             operation finished, every thread exited: exit-time checks run), see
             :class:`cowenv_agents.Teardown`; 0 = none.
         minimise: Minimise findings before keeping them.
+        minimise_seconds: CPU seconds of search per finding for the minimiser (0 = no
+            limit); past them the smallest schedule verified so far is kept.
+        cause_seconds: CPU seconds (summed over the minimiser processes) of the cause
+            search at the end of a campaign with several flaws on (0 = none; see
+            :func:`cause_flaws`).
 
     """
 
@@ -111,12 +118,14 @@ class CampaignConfig:
     model: str | None = None
     teardown: int = 32
     minimise: bool = True
+    minimise_seconds: float = 20.0
+    cause_seconds: float = 30.0
 
     def identity(self) -> dict[str, Any]:
         """Return the settings a resumed campaign must share."""
         d = asdict(self)
-        d.pop("budget")
-        d.pop("minimise")
+        for k in ("budget", "minimise", "minimise_seconds", "cause_seconds"):
+            d.pop(k)
         return json.loads(json.dumps(d, sort_keys=True))
 
 
@@ -249,8 +258,10 @@ def worker_main(cfg: dict[str, Any], w: int, out: str, q: Any, stop: Any,
     """Body of worker process ``w`` (spawn entry point; see the module docstring).
 
     Messages put on ``q``: ``("progress", w, steps, episodes)``, ``("finding", w, sig,
-    schedule, worker_step, episode)``, ``("checkpoint", w, steps, episodes)``,
-    ``("done", w, steps, episodes)``, ``("error", w, text)``.
+    schedule, worker_step, episode)``, ``("rehit", w, sig, schedule, context)`` (a known
+    signature met in a new context, :func:`violation_context`; candidates of the cause
+    search), ``("checkpoint", w, steps, episodes)``, ``("done", w, steps, episodes)``,
+    ``("error", w, text)``.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
     die_with_parent()
@@ -267,10 +278,12 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
     env = episode_host(cfg)
     agent = ca.make_agent(cfg.agent, model=cfg.model, **cfg.agent_kwargs)
     if hasattr(agent, "attach_campaign"):  # greybox: corpus shared through OUT/greybox
-        agent.attach_campaign(out, w)
+        agent.attach_campaign(out, w, cfg.workers)
     budget = worker_budget(cfg.budget, cfg.workers, w)
     steps = episodes = 0
     reported: set[str] = set()
+    contexts: set[tuple[str, str]] = set()  # (signature, context) re-reported
+    rehits = bool(cfg.cause_seconds) and len(env.config.flaws) >= 2
     ck = _checkpoint_path(out, w)
     if ck.exists():
         st = json.loads(ck.read_text())
@@ -294,6 +307,12 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
             sig = v["signature"]
             if sig in reported or sig in known:
                 reported.add(sig)
+                if rehits:
+                    key = (sig, violation_context(env))
+                    if key not in contexts and len(contexts) < MAX_REHITS:
+                        contexts.add(key)
+                        q.put(("rehit", w, sig, finding_data(env, cfg, w, ep, base + i, v),
+                               key[1]))
                 return False
             reported.add(sig)
             q.put(("finding", w, sig, finding_data(env, cfg, w, ep, base + i, v), base + i, ep))
@@ -313,6 +332,27 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
             return
     checkpoint()
     q.put(("done", w, steps, episodes))
+
+
+def violation_context(env: Any, depth: int = 2) -> str:
+    """The context of a violation for the cause search: the last operations started.
+
+    The same oracle failing after different operations is a candidate for another root
+    cause (syzkaller's crash titles name the function for the same reason); a worker
+    re-reports a known signature once per context (:data:`MAX_REHITS` in all). The
+    context is the names of the last ``depth`` operations started in the episode, oldest
+    first (``madvise>fork``).
+    """
+    h = getattr(env, "harness", env)
+    cat = h.catalogue
+    ops: list[str] = []
+    for a in reversed(h.actions):
+        sp = cat[a] if 0 <= a < len(cat) else None
+        if sp is not None and sp.kind == "start":
+            ops.append(sp.op)
+            if len(ops) == depth:
+                break
+    return ">".join(reversed(ops))
 
 
 def episode_host(cfg: CampaignConfig) -> Any:
@@ -397,7 +437,11 @@ class LocalBackend:
 
 # ----------------------------------------------------------------------------- minimiser
 def minimiser_main(tasks: Any, results: Any) -> None:
-    """Body of the minimiser process: ``(path, signature)`` in, :func:`minimise_finding` out.
+    """Body of a minimiser process: tasks in, results out (:func:`run_task`).
+
+    Tasks: ``(path, signature, seconds)`` -> :func:`minimise_finding`;
+    ``("cause", key, data, signature, flaws)`` -> ``("cause", key, cause_flaws(...),
+    cpu_seconds)``.
 
     Ends on a ``None`` task, or when the main process has gone (``PR_SET_PDEATHSIG``, and
     checked every 0.5 s).
@@ -414,7 +458,44 @@ def minimiser_main(tasks: Any, results: Any) -> None:
             continue
         if task is None:
             return
-        results.put(minimise_finding(*task))
+        results.put(run_task(task))
+
+
+def run_task(task: tuple[Any, ...]) -> tuple[Any, ...]:
+    """One minimiser task (see :func:`minimiser_main`)."""
+    if task[0] == "cause":
+        _, key, data, sig, flaws = task
+        t0 = time.process_time()
+        found = cause_flaws(data, sig, flaws)
+        return ("cause", key, found, time.process_time() - t0)
+    return minimise_finding(*task)
+
+
+def cause_flaws(data: dict[str, Any], signature: str, flaws: list[str]) -> list[str]:
+    """Which of ``flaws``, each switched on alone, make schedule ``data`` show ``signature``.
+
+    The cause search: a signature is filed once, by its first schedule, and attributed
+    (:func:`attribute_flaws`) on that schedule; another flaw that reaches the same
+    oracle (``isolation@shadow_sweep`` is the harm of several) stays hidden behind it.
+    Schedules of the signature met later in other contexts are tried with each flaw
+    not demonstrated yet; a flaw that alone shows the signature, while ``fixed`` does
+    not, is a further cause. Returns those flaws (in the order given).
+    """
+    from .minimize import run_lenient
+    from .scenario import override_config, parse_scenario
+
+    try:
+        sc = parse_scenario(data)
+    except Exception:  # a schedule the worker recorded always parses; never fail on it
+        return []
+    target = {signature}
+    out = [f for f in flaws
+           if signature in run_lenient(override_config(sc.config, "cowpte", [f]), sc.steps,
+                                       stop_on=target).kernel.signatures]
+    if out and signature in run_lenient(override_config(sc.config, "fixed", None), sc.steps,
+                                        stop_on=target).kernel.signatures:
+        return []
+    return out
 
 
 def attribute_flaws(sc: Any, signature: str) -> list[str] | None:
@@ -444,9 +525,11 @@ def attribute_flaws(sc: Any, signature: str) -> list[str] | None:
     return [f for f in cfg.flaws if shows([f])]
 
 
-def minimise_finding(path: str, signature: str
+def minimise_finding(path: str, signature: str, seconds: float = 0.0
                      ) -> tuple[str, dict[str, Any] | None, str, list[str] | None]:
-    """Minimise the schedule in ``path`` for ``signature`` (runs in the minimiser process).
+    """Minimise the schedule in ``path`` for ``signature`` (runs in a minimiser process).
+
+    ``seconds`` caps the minimiser's search (0 = none; :func:`cowenv.minimize.minimize`).
 
     Returns:
         ``(signature, minimised data or None, note, flaws)``: data is None when
@@ -464,10 +547,12 @@ def minimise_finding(path: str, signature: str
     except Exception as e:  # the raw file is unreadable: nothing to do
         return signature, None, f"{type(e).__name__}: {e}", None
     try:
-        res = minimize(sc, [signature])
+        res = minimize(sc, [signature], time_limit=seconds or None)
         rep = replay(parse_scenario(res.data, path))
         if rep.reproduced:
             data, note = res.data, f"{res.original_len} -> {res.minimal_len} steps"
+            if not res.complete:
+                note += f" (stopped at the {seconds:g} s limit)"
         else:
             note = f"minimised schedule does not replay: {rep.divergence}"
     except NotReproducible as e:
@@ -718,19 +803,29 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
     procs = {w: be.worker(asdict(cfg), w, str(outp), q, stop, store.signatures) for w in todo}
     min_tasks: Any = None
     min_results: Any = None
-    minimiser: Any = None
+    minimisers: list[Any] = []
     pending_min: list[str] = []
+    pending_cause: dict[int, tuple[str, str, dict[str, Any]]] = {}
+    cause_results: list[tuple[int, list[str], float]] = []
+    # Cause-search candidates: (signature, context, schedule), first report per pair.
+    rehits: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def start_minimisers(n: int) -> None:
+        """Have ``n`` minimiser processes (one while the workers run, more after)."""
+        nonlocal min_tasks, min_results
+        if min_tasks is None:
+            min_tasks, min_results = be.queue(), be.queue()
+        while len(minimisers) < n:
+            m = be.minimiser(min_tasks, min_results)
+            m.start()
+            minimisers.append(m)
 
     def submit(sig: str) -> None:
-        nonlocal min_tasks, min_results, minimiser
         if not cfg.minimise or sig in pending_min:
             return
-        if minimiser is None:
-            min_tasks, min_results = be.queue(), be.queue()
-            minimiser = be.minimiser(min_tasks, min_results)
-            minimiser.start()
+        start_minimisers(1)
         pending_min.append(sig)
-        min_tasks.put((str(store.path_for(sig)), sig))
+        min_tasks.put((str(store.path_for(sig)), sig, float(cfg.minimise_seconds)))
 
     def apply(sig: str, data: dict[str, Any] | None, note: str,
               flaws: list[str] | None = None) -> None:
@@ -749,19 +844,31 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
             meta[sig]["flaws"] = flaws
         store.flush()
 
-    def collect(block: bool) -> None:
-        while pending_min:
+    def collect(block: bool, one: bool = False) -> None:
+        """Apply minimiser results; ``one``: return after one cause result (or a wait)."""
+        while pending_min or pending_cause:
             try:
-                sig, data, note, flaws = min_results.get(timeout=0.5 if block else 0.001)
+                r = min_results.get(timeout=0.5 if block else 0.001)
             except queue_mod.Empty:
                 if not block:
                     return
-                if not minimiser.is_alive():
+                if not any(m.is_alive() for m in minimisers):
                     for sig in list(pending_min):
-                        apply(sig, None, f"minimiser exited with code {minimiser.exitcode}")
+                        apply(sig, None, "minimiser exited with code "
+                                         f"{minimisers[0].exitcode if minimisers else None}")
+                    pending_cause.clear()
+                    return
+                if one:
+                    return  # the cause search polls
+                continue
+            if r[0] == "cause":
+                if r[1] in pending_cause:
+                    cause_results.append((r[1], r[2], float(r[3]) if len(r) > 3 else 0.0))
+                    del pending_cause[r[1]]
+                if one:
                     return
                 continue
-            apply(sig, data, note, flaws)
+            apply(*r)
 
     for sig in store.signatures:
         if store.findings[sig].get("minimised") is not True and cfg.minimise:
@@ -788,6 +895,75 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         display.note(f"[{elapsed():7.1f}s] new finding {sig} (worker {w}, "
                      f"step {wstep:,}) -> {store.path_for(sig)}")
         return True
+
+    def demonstrated() -> set[str]:
+        out: set[str] = set()
+        for m in meta.values():
+            out.update(f for f in m.get("flaws") or [] if f != "fixed")
+            out.update(c["flaw"] for c in m.get("causes", []))
+        return out
+
+    def search_causes() -> int:
+        """The cause search (:func:`cause_flaws`) over this session's re-reports.
+
+        Candidates are tried shortest first (a violation early in its episode has the
+        fewest other flaws' effects around it), each against the flaws not demonstrated
+        yet, two per minimiser in flight, until their CPU time adds up to
+        ``cause_seconds`` (or ten times that in wall time passes). A flaw found is filed
+        as ``DIR/causes/<signature>--<flaw>.yaml`` (the recorded schedule, replayable)
+        and listed under its signature in ``campaign.json``.
+        """
+        from .findings import signature_slug
+        from .harness import Harness
+        from .scenario import save_scenario
+
+        if not cfg.cause_seconds or not rehits or interrupted:
+            return 0
+        on = list(Harness(**cfg.env_kwargs).config.flaws)
+        todo = [f for f in on if f not in demonstrated()]
+        cands = sorted(((sig, ctx, d) for (sig, ctx), d in rehits.items()),
+                       key=lambda c: len(c[2]["steps"]))
+        if not todo or not cands:
+            return 0
+        start_minimisers(max(1, min(cfg.workers, usable_cpus())))
+        wall = time.monotonic() + 10.0 * float(cfg.cause_seconds)
+        cpu = 0.0
+        i = n_found = 0
+        while todo and (i < len(cands) or pending_cause) and time.monotonic() < wall:
+            while (i < len(cands) and len(pending_cause) < 2 * len(minimisers)
+                   and cpu < cfg.cause_seconds):
+                sig, ctx, d = cands[i]
+                pending_cause[i] = (sig, ctx, d)
+                min_tasks.put(("cause", i, d, sig, list(todo)))
+                i += 1
+            if not pending_cause:
+                break
+            collect(True, one=True)
+            while cause_results:
+                j, fl, spent = cause_results.pop(0)
+                cpu += spent
+                sig, ctx, d = cands[j]
+                new = [f for f in fl if f in todo]
+                if not new:
+                    continue
+                rel = f"causes/{signature_slug(sig)}--{new[0]}.yaml"
+                d = dict(d)
+                d["description"] = (d.get("description", "") + f" Cause search: with "
+                                    f"{', '.join(new)} alone (and not on fixed) this schedule "
+                                    f"shows {sig}, filed first for other flaws.").strip()
+                save_scenario(d, outp / rel)
+                meta.setdefault(sig, {}).setdefault("causes", []).extend(
+                    {"flaw": f, "file": rel, "context": ctx, "steps": len(d["steps"])}
+                    for f in new)
+                todo = [f for f in todo if f not in new]
+                n_found += len(new)
+                save_state("running")
+                display.note(f"[{elapsed():7.1f}s] cause search: {', '.join(new)} shows "
+                             f"{sig} -> {outp / rel}")
+        display.note(f"cause search: {min(i, len(cands))} of {len(cands)} candidate "
+                     f"schedule(s) tried, {cpu:.1f} CPU s")
+        pending_cause.clear()
+        return n_found
 
     old_term = signal.getsignal(signal.SIGTERM)
 
@@ -820,6 +996,8 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                 elif kind == "finding":
                     if record(msg):
                         submit(msg[2])
+                elif kind == "rehit":
+                    rehits.setdefault((msg[2], msg[4]), msg[3])
                 elif kind == "error":
                     errors.append(f"worker {w}: {msg[2]}")
                     live.discard(w)
@@ -837,7 +1015,12 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         display.update(sum(wsteps), sum(weps), len(store), rate)
         if pending_min:
             display.note(f"minimising {len(pending_min)} finding(s)...")
+            # The workers are done: their CPUs go to minimisation.
+            start_minimisers(max(1, min(cfg.workers, usable_cpus(), len(pending_min))))
         collect(True)
+        found = search_causes()
+        if found:
+            display.note(f"cause search: {found} more flaw(s) shown by known signatures")
     except KeyboardInterrupt:
         interrupted = True
         stop.set()
@@ -855,19 +1038,25 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         display.close()
         if in_main:
             signal.signal(signal.SIGTERM, old_term)
-        if minimiser is not None:
-            if minimiser.is_alive() and not interrupted:
-                min_tasks.put(None)
-                minimiser.join(timeout=5.0)
-            if minimiser.is_alive():
-                minimiser.terminate()
+        if minimisers:
+            if not interrupted:
+                for _ in minimisers:
+                    min_tasks.put(None)
+                for m in minimisers:
+                    if m.is_alive():
+                        m.join(timeout=5.0)
+            if any(m.is_alive() for m in minimisers):
+                for m in minimisers:
+                    if m.is_alive():
+                        m.terminate()
                 # Tasks still buffered for a minimiser that is gone would block this
                 # process's exit (the queue's feeder thread waits on a full pipe).
                 for mq in (min_tasks, min_results):
                     cancel = getattr(mq, "cancel_join_thread", None)
                     if cancel is not None:
                         cancel()
-            minimiser.join(timeout=5.0)
+            for m in minimisers:
+                m.join(timeout=5.0)
         for p in procs.values():
             if p.pid is None:  # never started
                 continue
@@ -887,6 +1076,7 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                      "campaign_step": m.get("campaign_step"), "seconds": m.get("seconds"),
                      "agent": m.get("agent", cfg.agent), "steps": f["steps"],
                      "flaws": m.get("flaws"), "reports": m.get("reports"),
+                     "causes": m.get("causes", []),
                      "minimised": f.get("minimised"), "hits": f.get("hits", 1)})
     return CampaignResult(str(outp), sum(wsteps), sum(weps), rows, interrupted,
                           round(elapsed(), 3), errors)

@@ -115,6 +115,13 @@ def _setup_fuzz(sp: argparse.ArgumentParser) -> None:
                          "operation and exit every thread (exit-time checks); 0 = none "
                          "(default 32)")
     sp.add_argument("--no-minimise", action="store_true", help="keep schedules as recorded")
+    sp.add_argument("--minimise-seconds", type=float, default=20.0,
+                    help="search time per finding for the minimiser; past it the smallest "
+                         "schedule verified so far is kept (0 = no limit; default 20)")
+    sp.add_argument("--cause-seconds", type=float, default=30.0,
+                    help="with several flaws on: time for the cause search at the end, which "
+                         "tries later schedules of known signatures with each flaw not yet "
+                         "demonstrated alone (0 = none; default 30)")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     sp.add_argument("--quiet", action="store_true", help="no progress output")
     _backend_args(sp, "workers as Ray actors, minimisation as Ray tasks")
@@ -183,11 +190,19 @@ def _print_summary(res: CampaignResult, flaws_on: tuple[str, ...] = ()) -> None:
                 shown[f] = None
         t.add_row(r["signature"], flaws, where, secs, r["agent"], f"{r['steps']}{mark}",
                   Path(r["file"]).name)
+        for c in r.get("causes") or []:  # further causes of the signature (cause search)
+            shown[c["flaw"]] = None
+            t.add_row(f"  {r['signature']} (cause search)", flaw_origins_text([c["flaw"]]),
+                      f"after op {c['context'] or '-'}", "-", r["agent"],
+                      f"{c['steps']} (raw)", c["file"])
     print_table(t)
     if shown:
         of = f" of the {len(flaws_on)} on" if flaws_on else ""
         print(f"flaws demonstrated (switched on alone, the flaw reproduces a finding): "
               f"{len(shown)}{of}: {', '.join(sorted(shown))}")
+        missing = [f for f in flaws_on if f not in shown]
+        if missing:
+            print(f"not demonstrated: {', '.join(missing)}")
     for e in res.errors:
         print(f"error: {e.strip().splitlines()[-1]}", file=sys.stderr)
     if res.findings:
@@ -208,6 +223,10 @@ def _run_fuzz(a: argparse.Namespace) -> int:
         raise BadInput(f"--seed: expected 0 to 2**63-1, got {a.seed}")
     if not a.out.strip():
         raise BadInput("--out: expected a folder name, got ''")
+    for flag, v in (("--minimise-seconds", a.minimise_seconds),
+                    ("--cause-seconds", a.cause_seconds)):
+        if not 0 <= v <= 86400:
+            raise BadInput(f"{flag}: expected 0 to 86400 seconds, got {v:g}")
     akw: dict[str, Any] = {}
     if a.depth is not None:
         if a.agent != "pct":
@@ -219,7 +238,8 @@ def _run_fuzz(a: argparse.Namespace) -> int:
     env_kw = env_kwargs_from_args(a, default_env_kwargs())
     cfg = CampaignConfig(agent=a.agent, seed=a.seed, workers=a.workers, budget=a.budget,
                          env_kwargs=env_kw, agent_kwargs=akw, model=model,
-                         teardown=a.teardown, minimise=not a.no_minimise)
+                         teardown=a.teardown, minimise=not a.no_minimise,
+                         minimise_seconds=a.minimise_seconds, cause_seconds=a.cause_seconds)
     try:
         with _backend_from_args(a, cfg.workers) as be:
             res = run_campaign(cfg, a.out, show=not a.quiet, backend=be)

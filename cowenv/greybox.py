@@ -31,7 +31,11 @@ This module is the library half of ``cowenv fuzz --agent greybox`` (the agent is
 
 * :func:`mutate`: insert / delete / splice operations, change a start's thread or
   arguments, move a preemption point, insert runs of one thread (a preemption), insert a
-  pressure event, truncate.
+  pressure event (or a thread's ``fail_nth`` right before one of its calls), truncate;
+  ``preempt`` (another thread's operation and a few of its points inside a thread's
+  operation: a race window) and ``insert_missing`` (an operation kind the schedule
+  lacks). Parents are cut at the points where they reached something new
+  (:attr:`CorpusEntry.cuts`).
 
 * :func:`seed_plan`: a scenario (``scenarios/``, an earlier finding) as an abstract plan
   (start ``op`` on ``tid`` with these arguments, step to this label, finish, event) that
@@ -57,6 +61,9 @@ FEEDBACKS = ("label", "interleaving")
 REC_ACTIONS = "greybox_actions"
 REC_FEATURES = "greybox_features"
 REC_CATALOGUE = "greybox_catalogue"
+REC_CUTS = "greybox_cuts"
+#: Most cut points kept per corpus entry (:attr:`CorpusEntry.cuts`).
+MAX_CUTS = 16
 
 
 def fid(*parts: Any) -> int:
@@ -201,6 +208,13 @@ class CorpusEntry:
         features: Every feature the schedule reached.
         name: File stem on disk ("" = memory only).
         picks: Times chosen as a parent.
+        cuts: Action counts after which the episode reached a feature new to the corpus
+            (ascending, the last one ``len(actions)``; at most :data:`MAX_CUTS`). A
+            parent is cut at one of them (:meth:`Corpus.choose_cut`): the prefix is a
+            state the search had not reached, and the search goes on from there (with
+            the whole entry only, the random continuation after a long prefix is a few
+            actions, and nearly every episode reaches some new interleaving pair, so
+            entries grow to whole episodes).
 
     """
 
@@ -208,6 +222,16 @@ class CorpusEntry:
     features: frozenset[int]
     name: str = ""
     picks: int = 0
+    cuts: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.actions)
+        cuts = sorted({c for c in self.cuts if 0 < c <= n} | {n})
+        if len(cuts) > MAX_CUTS:  # evenly spaced, the last one kept
+            step = len(cuts) / MAX_CUTS
+            cuts = [cuts[min(len(cuts) - 1, int((i + 1) * step) - 1)]
+                    for i in range(MAX_CUTS)]
+        self.cuts = tuple(cuts)
 
 
 @dataclass
@@ -308,18 +332,32 @@ class Corpus:
         return self._rare
 
     def choose(self, rng: np.random.Generator) -> CorpusEntry:
-        """A parent: a :meth:`rarest` entry (1/2), a favoured one (2/5), or any (1/10)."""
+        """A parent: a :meth:`rarest` entry (1/2), a favoured one (2/5), or any (1/10).
+
+        Power schedule: within the pool drawn, two candidates are drawn and the one
+        chosen fewer times so far wins (a tournament: AFLFast's point that the energy of
+        an input should fall with the times it was fuzzed, without its bookkeeping).
+        """
         fav = self.favoured()
         r = rng.random()
         rare = self.rarest() if r < 0.5 else []
         if rare:
-            e = self.entries[rare[int(rng.integers(len(rare)))]]
+            pool = rare
         elif fav and r < 0.9:
-            e = self.entries[fav[int(rng.integers(len(fav)))]]
+            pool = fav
         else:
-            e = self.entries[int(rng.integers(len(self.entries)))]
+            pool = range(len(self.entries))  # type: ignore[assignment]
+        a = self.entries[pool[int(rng.integers(len(pool)))]]
+        b = self.entries[pool[int(rng.integers(len(pool)))]]
+        e = b if b.picks < a.picks else a
         e.picks += 1
         return e
+
+    @staticmethod
+    def choose_cut(entry: CorpusEntry, rng: np.random.Generator) -> list[int]:
+        """The parent's actions up to one of its :attr:`CorpusEntry.cuts` (uniform)."""
+        cuts = entry.cuts or (len(entry.actions),)
+        return list(entry.actions[:cuts[int(rng.integers(len(cuts)))]])
 
 
 # ----------------------------------------------------------------------------- mutations
@@ -332,6 +370,8 @@ class CatalogueIndex:
         self.by_tid_op: dict[tuple[int, str], list[int]] = {}
         self.ops_of: dict[int, list[str]] = {}
         self.events: list[int] = []
+        #: Per-thread ``fail_nth`` events (``/proc/thread-self/fail-nth``) by thread.
+        self.fail_of: dict[int, list[int]] = {}
         self.index_of: dict[ActionSpec, int] = {}
         for i, sp in enumerate(self.catalogue):
             self.index_of[sp] = i
@@ -344,6 +384,8 @@ class CatalogueIndex:
                     ops.append(sp.op)
             elif sp.kind == "event":
                 self.events.append(i)
+                if sp.tid >= 0:
+                    self.fail_of.setdefault(sp.tid, []).append(i)
         self.tids = sorted(self.run)
         self.user_tids = [t for t in self.tids if t != KSWAPD_TID and t in self.ops_of]
 
@@ -357,6 +399,21 @@ class CatalogueIndex:
         c = self.by_tid_op[(tid, op)]
         return c[int(rng.integers(len(c)))]
 
+    def start_of(self, rng: np.random.Generator, tid: int, op: str) -> int | None:
+        """A random template of ``op`` on ``tid`` (None if the thread has none)."""
+        c = self.by_tid_op.get((tid, op))
+        return c[int(rng.integers(len(c)))] if c else None
+
+    def fault_for(self, rng: np.random.Generator, a: int) -> int | None:
+        """A ``fail_nth`` event aimed at start ``a``: its thread's (``n`` random), else None.
+
+        syzkaller's fault injection: the fault is armed on the thread right before the
+        call whose allocations it should fail.
+        """
+        sp = self.catalogue[a]
+        c = self.fail_of.get(sp.tid) if sp.kind == "start" else None
+        return c[int(rng.integers(len(c)))] if c else None
+
     def with_tid(self, a: int, tid: int) -> int | None:
         """The same start template on thread ``tid`` (None if it has none)."""
         sp = self.catalogue[a]
@@ -367,12 +424,17 @@ class CatalogueIndex:
 
 
 MUTATIONS = ("insert_start", "delete", "splice", "change_thread", "change_args",
-             "move_point", "insert_runs", "insert_event", "truncate")
+             "move_point", "insert_runs", "insert_event", "truncate", "preempt",
+             "insert_missing")
 
 
 def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
            other: list[int] | None = None, max_len: int = 256) -> tuple[list[int], list[str]]:
     """Apply 1–3 random mutations (:data:`MUTATIONS`) to a copy of ``actions``.
+
+    ``preempt`` and ``insert_missing`` are the ones that aim: a thread's operation
+    inserted, with a few of its points, where another thread is mid-operation; an
+    operation kind the schedule lacks.
 
     Args:
         actions: The parent schedule (catalogue indices).
@@ -438,9 +500,51 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
             tid = ci.tids[int(rng.integers(len(ci.tids)))]
             a[pos:pos] = [ci.run[tid]] * int(rng.integers(1, 6))
         elif m == "insert_event" and ci.events:
-            a.insert(pos, ci.events[int(rng.integers(len(ci.events)))])
+            # Half the time aimed at an operation: its thread's fail_nth right before
+            # one of the schedule's starts (syzkaller's per-call fault injection); else
+            # any pressure event anywhere.
+            starts = [i for i, x in enumerate(a) if ci.fault_for(rng, x) is not None]
+            if starts and rng.random() < 0.5:
+                i = starts[int(rng.integers(len(starts)))]
+                b = ci.fault_for(rng, a[i])
+                assert b is not None
+                a.insert(i, b)
+            else:
+                a.insert(pos, ci.events[int(rng.integers(len(ci.events)))])
         elif m == "truncate" and n:
             a = a[:pos]
+        elif m == "preempt" and n:
+            # A preemption inside another thread's operation: at a point where the
+            # schedule runs thread u (u is mid-operation there), another thread starts
+            # an operation and runs a few points before u goes on -- the race window
+            # of a pair of operations, which separate insert_start / insert_runs
+            # mutations seldom place together.
+            runs = [i for i, x in enumerate(a) if ci.catalogue[x].kind == "run"]
+            if not runs:
+                continue
+            i = runs[int(rng.integers(len(runs)))] + int(rng.integers(2))
+            u = ci.catalogue[a[min(i, n - 1)]].tid
+            tids = [t for t in ci.tids if t != u and t in ci.ops_of]
+            if not tids:
+                continue
+            t = tids[int(rng.integers(len(tids)))]
+            a[i:i] = [ci.random_start(rng, t)] + [ci.run[t]] * int(rng.integers(1, 9))
+        elif m == "insert_missing":
+            # An operation kind the schedule does not start yet (on a user thread),
+            # run for a few points: the schedule's context grows by a kind of
+            # operation it lacked (a madvise, a fork, a pin...), not by one more of
+            # the kinds it already has.
+            have = {ci.catalogue[x].op for x in a if ci.catalogue[x].kind == "start"}
+            t = ci.user_tids[int(rng.integers(len(ci.user_tids)))] if ci.user_tids else None
+            if t is None:
+                continue
+            ops = [op for op in ci.ops_of[t] if op not in have]
+            if not ops:
+                continue
+            b = ci.start_of(rng, t, ops[int(rng.integers(len(ops)))])
+            if b is None:
+                continue
+            a[pos:pos] = [b] + [ci.run[t]] * int(rng.integers(0, 9))
         else:
             continue
         done.append(m)
@@ -500,6 +604,7 @@ def scenario_files(paths: list[str | Path], exclude: list[str] | None = None) ->
     return [p for p in out if p.stem not in ex and not p.name.startswith(".")]
 
 
-__all__ = ["FEEDBACKS", "MUTATIONS", "CatalogueIndex", "Corpus", "CorpusEntry",
+__all__ = ["FEEDBACKS", "MAX_CUTS", "MUTATIONS", "REC_CUTS", "CatalogueIndex", "Corpus",
+           "CorpusEntry",
            "FeatureTracker", "catalogue_digest", "fid", "mutate", "scenario_files",
            "seed_plan"]

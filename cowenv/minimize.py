@@ -286,6 +286,9 @@ class MinimizeResult:
         cache_hits: Candidate results served from the cache.
         seconds: Wall time.
         expect_text: The output's expectation, as text.
+        complete: False when ``time_limit`` stopped the search early: the output still
+            shows the violation (every reduction kept was tested) but may not be
+            1-minimal.
 
     """
 
@@ -298,6 +301,7 @@ class MinimizeResult:
     cache_hits: int
     seconds: float
     expect_text: str
+    complete: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (without the scenario data)."""
@@ -310,11 +314,14 @@ class MinimizeResult:
 class _Oracle:
     """Cached interestingness test over subsequences of a fixed step list."""
 
-    def __init__(self, config: KernelConfig, steps: list[dict[str, Any]], targets: set[str]):
+    def __init__(self, config: KernelConfig, steps: list[dict[str, Any]], targets: set[str],
+                 deadline: float | None = None):
         self.config, self.steps, self.targets = config, steps, targets
         self.cache: dict[tuple[int, ...], bool] = {}
         self.tests = 0
         self.hits = 0
+        self.deadline = deadline
+        self.expired = False
 
     def __call__(self, idx: Sequence[int]) -> bool:
         key = tuple(idx)
@@ -322,6 +329,11 @@ class _Oracle:
         if r is not None:
             self.hits += 1
             return r
+        if self.deadline is not None and time.process_time() > self.deadline:
+            # Out of time: every untested candidate counts as "not failing", so ddmin
+            # ends at once with the smallest failing subsequence it has verified.
+            self.expired = True
+            return False
         self.tests += 1
         run = run_lenient(self.config, [self.steps[i] for i in key], stop_on=self.targets)
         r = self.targets <= run.kernel.signatures
@@ -330,12 +342,16 @@ class _Oracle:
 
 
 def _one_by_one(config: KernelConfig, steps: list[dict[str, Any]], targets: set[str],
-                counter: list[int]) -> list[dict[str, Any]]:
-    """Remove single steps while the violation stays; return a normalised 1-minimal list."""
+                counter: list[int], deadline: float | None = None) -> list[dict[str, Any]]:
+    """Remove single steps while the violation stays; return a normalised 1-minimal list.
+
+    Past ``deadline`` (``time.process_time``) it stops removing: the list is then
+    normalised and still failing, but not necessarily 1-minimal.
+    """
     cur = run_lenient(config, steps, stop_on=targets).effective
     j = 0
     for _ in range(100_000):
-        if j >= len(cur):
+        if j >= len(cur) or (deadline is not None and time.process_time() > deadline):
             break
         cand = cur[:j] + cur[j + 1:]
         counter[0] += 1
@@ -348,12 +364,17 @@ def _one_by_one(config: KernelConfig, steps: list[dict[str, Any]], targets: set[
     return cur
 
 
-def minimize(sc: Scenario, signatures: list[str] | None = None) -> MinimizeResult:
+def minimize(sc: Scenario, signatures: list[str] | None = None,
+             time_limit: float | None = None) -> MinimizeResult:
     """Shrink ``sc`` to a 1-minimal schedule that still shows the same violation(s).
 
     Args:
         sc: The scenario (recorded or hand-written).
         signatures: ``kind@site`` to keep (default: those of ``sc.expect``).
+        time_limit: CPU seconds of search at most (this process's ``process_time``, so
+            that a loaded machine does not shrink the search; None: no limit). When they
+            run out, the smallest schedule verified so far is returned (``complete``
+            False); it still shows the violation and replays strictly.
 
     Returns:
         The minimised scenario and statistics.
@@ -363,6 +384,7 @@ def minimize(sc: Scenario, signatures: list[str] | None = None) -> MinimizeResul
 
     """
     t0 = time.perf_counter()
+    deadline = None if time_limit is None else time.process_time() + float(time_limit)
     targets = set(signatures or [f"{v['kind']}@{v['site']}" for v in sc.expect.violations])
     if not targets:
         raise NotReproducible("no violation to keep (expect: violation: null)")
@@ -380,9 +402,11 @@ def minimize(sc: Scenario, signatures: list[str] | None = None) -> MinimizeResul
     oracle = _Oracle(cfg, steps, targets)
     if not oracle(range(len(steps))):  # pragma: no cover - guarded above
         steps, oracle = list(sc.steps), _Oracle(cfg, list(sc.steps), targets)
+    oracle.deadline = deadline
     keep = ddmin(len(steps), oracle)
     counter = [0]
-    final = _one_by_one(cfg, [steps[i] for i in keep], targets, counter)
+    final = _one_by_one(cfg, [steps[i] for i in keep], targets, counter, deadline)
+    complete = not oracle.expired and (deadline is None or time.process_time() <= deadline)
     # Strict verification run of the output (also yields the new expectation step).
     ex = execute(cfg, final, trace=True)
     if ex.error is not None or not targets <= ex.kernel.signatures:  # pragma: no cover
@@ -399,7 +423,7 @@ def minimize(sc: Scenario, signatures: list[str] | None = None) -> MinimizeResul
         minimal_len=len(final), context_switches=context_switches(final),
         tests=oracle.tests + counter[0] + 2, cache_hits=oracle.hits,
         seconds=time.perf_counter() - t0,
-        expect_text=Expectation(exp_list).describe())
+        expect_text=Expectation(exp_list).describe(), complete=complete)
 
 
 def _output_data(sc: Scenario, steps: list[dict[str, Any]], expect: dict[str, Any],

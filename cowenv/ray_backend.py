@@ -49,6 +49,7 @@ from .campaign import (
     episode_host,
     finding_data,
     minimise_finding,
+    run_task,
     worker_budget,
 )
 from .fileio import atomic_write_text
@@ -287,7 +288,7 @@ class _RayWorker(_ThreadProcess):
 
 
 # ----------------------------------------------------------------------------- minimiser
-def minimise_text(name: str, text: str, signature: str
+def minimise_text(name: str, text: str, signature: str, seconds: float = 0.0
                   ) -> tuple[str, dict[str, Any] | None, str, list[str] | None]:
     """:func:`cowenv.campaign.minimise_finding` of a scenario given as YAML text.
 
@@ -297,17 +298,17 @@ def minimise_text(name: str, text: str, signature: str
     with tempfile.TemporaryDirectory(prefix="cowenv-min-") as d:
         p = Path(d) / name
         p.write_text(text)
-        return minimise_finding(str(p), signature)
+        return minimise_finding(str(p), signature, seconds)
 
 
 class _RayMinimiser(_ThreadProcess):
-    """Driver-side minimiser: ``(path, signature)`` tasks in, Ray tasks out, results back."""
+    """Driver-side minimiser: tasks (:func:`cowenv.campaign.minimiser_main`) in, Ray out."""
 
     def __init__(self, be: RayBackend, tasks: queue_mod.Queue, results: queue_mod.Queue
                  ) -> None:
         self.be, self.tasks, self.results = be, tasks, results
         super().__init__("cowenv-ray-minimise")
-        self.inflight: dict[Any, str] = {}
+        self.inflight: dict[Any, tuple[Any, ...]] = {}
 
     def terminate(self) -> None:
         self.killed = True
@@ -325,21 +326,27 @@ class _RayMinimiser(_ThreadProcess):
                     task = False
                 if task is None:
                     ending = True
+                elif task and task[0] == "cause":
+                    self.inflight[self.be.cause_task.remote(task)] = task
                 elif task:
-                    path, sig = task
+                    path, sig = task[0], task[1]
+                    secs = float(task[2]) if len(task) > 2 else 0.0
                     ref = self.be.minimise_task.remote(Path(path).name, Path(path).read_text(),
-                                                       sig)
-                    self.inflight[ref] = sig
+                                                       sig, secs)
+                    self.inflight[ref] = task
             if not self.inflight:
                 continue
             ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.05)
             for ref in ready:
-                sig = self.inflight.pop(ref)
+                task = self.inflight.pop(ref)
                 try:
                     self.results.put(tuple(ray.get(ref)))
                 except Exception as e:  # the task failed for good: keep the raw schedule
-                    self.results.put((sig, None, f"minimisation task failed: "
-                                                 f"{type(e).__name__}: {e}", None))
+                    if task[0] == "cause":
+                        self.results.put(("cause", task[1], []))
+                        continue
+                    self.results.put((task[1], None, f"minimisation task failed: "
+                                                     f"{type(e).__name__}: {e}", None))
 
 
 # ----------------------------------------------------------------------------- backend
@@ -386,6 +393,7 @@ class RayBackend:
         # Minimisation is short and bursty: it shares the CPUs of the workers (num_cpus=0)
         # as the local backend's minimiser process does, instead of waiting for one.
         self.minimise_task = self.ray.remote(num_cpus=0)(minimise_text)
+        self.cause_task = self.ray.remote(num_cpus=0)(run_task)
 
     def __enter__(self) -> RayBackend:
         ray = self.ray

@@ -183,3 +183,39 @@ def test_cli_train_saves_a_model_fuzz_can_use(tmp_path: Path,
                      "--workers", "1", "--geometry", "small", "--flaws", ",".join(FLAWS),
                      "--out", str(tmp_path / "f"), "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 300
+
+
+def test_minimiser_time_limit_keeps_a_failing_schedule():
+    from cowenv.minimize import minimize
+    from cowenv.replay import replay
+    from cowenv.scenario import load_scenario, parse_scenario
+
+    sc = load_scenario("scenarios/flaws/wipeonfork-shared.yaml")
+    full = minimize(sc)
+    cut = minimize(sc, time_limit=0.0)
+    assert full.complete and not cut.complete
+    assert cut.minimal_len >= full.minimal_len
+    assert replay(parse_scenario(cut.data)).reproduced
+
+
+def test_cause_search_names_the_flaw_behind_a_known_signature():
+    from cowenv.campaign import cause_flaws, violation_context
+    from cowenv.harness import Harness
+    from cowenv.scenario import load_scenario
+
+    data = load_scenario("scenarios/flaws/wipeonfork-shared.yaml").to_data()
+    data["config"]["flaws"] = ["pmd-clear-window", "wipeonfork-shared"]
+    assert cause_flaws(data, "isolation@shadow_sweep",
+                       ["pmd-clear-window", "wipeonfork-shared"]) == ["wipeonfork-shared"]
+    assert cause_flaws(data, "isolation@shadow_sweep", ["pmd-clear-window"]) == []
+    h = Harness(geometry="small")
+    h.reset(0)
+    assert violation_context(h) == ""
+    fork = next(i for i, sp in enumerate(h.catalogue) if sp.kind == "start" and sp.op == "fork"
+                and h.mask[i])
+    h.step(fork)
+    assert violation_context(h) == "fork"
+    read = next(i for i, sp in enumerate(h.catalogue) if sp.kind == "start" and sp.op == "read"
+                and sp.tid != h.catalogue[fork].tid and h.mask[i])
+    h.step(read)
+    assert violation_context(h) == "fork>read" and violation_context(h, 1) == "read"

@@ -174,3 +174,70 @@ def test_campaign_workers_share_the_corpus_through_the_out_dir(tmp_path):
     files = sorted((tmp_path / "greybox").glob("*.yaml"))
     assert {f.name[:3] for f in files} == {"w0-", "w1-"}
     assert replay(load_scenario(res.findings[0]["file"])).reproduced
+
+
+def test_corpus_entry_cuts_are_capped_and_end_at_the_entry():
+    from cowenv.greybox import MAX_CUTS
+
+    e = CorpusEntry(list(range(100)), frozenset({1}), cuts=tuple(range(0, 140, 3)))
+    assert len(e.cuts) == MAX_CUTS and e.cuts[-1] == 100
+    assert list(e.cuts) == sorted(set(e.cuts)) and all(0 < c <= 100 for c in e.cuts)
+    assert CorpusEntry([1, 2], frozenset()).cuts == (2,)
+    rng = np.random.default_rng(0)
+    prefixes = {len(Corpus.choose_cut(e, rng)) for _ in range(200)}
+    assert prefixes == set(e.cuts)
+
+
+def test_fault_injection_is_aimed_at_the_call_on_its_thread():
+    h = Harness(**SMALL_KW)
+    ci = CatalogueIndex(h.catalogue)
+    rng = np.random.default_rng(0)
+    a = ci.by_tid_op[(2, "mprotect")][0]
+    for _ in range(20):
+        f = ci.fault_for(rng, a)
+        sp = h.catalogue[f]
+        assert sp.kind == "event" and sp.op == "fail_nth" and sp.tid == 2
+    assert ci.fault_for(rng, ci.run[1]) is None
+    # The agent's random part arms the fault right before the start it chose.
+    ag = ca.make_agent("greybox", seeds=[], explore=1.0, fault_prob=1.0)
+    h.reset(0)
+    ag.begin_episode(h, np.random.default_rng(3))
+    prev = None
+    for _ in range(60):
+        act = ag.act(h, None, h.mask)
+        sp = h.catalogue[act]
+        if prev is not None and prev.kind == "event" and prev.tid > 0:
+            assert sp.kind == "start" and sp.tid == prev.tid
+        h.step(act)
+        ag.observe(h, act, None, 0.0, False, False, {})
+        prev = sp
+    with pytest.raises(ValueError, match="fault_prob"):
+        ca.make_agent("greybox", fault_prob=2.0)
+
+
+def test_preempt_inserts_another_threads_operation_inside_a_run():
+    h = Harness(**SMALL_KW)
+    ci = CatalogueIndex(h.catalogue)
+    parent = [ci.by_tid_op[(1, "fork")][0]] + [ci.run[1]] * 6
+    rng = np.random.default_rng(5)
+    n = 0
+    for _ in range(300):
+        child, done = mutate(parent, rng, ci)
+        if done != ["preempt"]:
+            continue
+        n += 1
+        starts = [i for i, x in enumerate(child) if h.catalogue[x].kind == "start"]
+        assert len(starts) == 2 and 1 <= starts[1] <= len(parent)
+        t = h.catalogue[child[starts[1]]].tid
+        assert t != 1 and child[starts[1] + 1] == ci.run[t]
+    assert n
+
+
+def test_plan_addresses_match_by_page_table_entry():
+    from cowenv_agents.greybox import _arg_score
+
+    from cowenv.catalogue import ActionSpec
+
+    sp = ActionSpec("start", 1, "write", (("addr", 0x104000),))
+    assert _arg_score(sp, {"addr": 0x24000}, 8) == 0.5  # entry 4 of a table in both
+    assert _arg_score(sp, {"addr": 0x25000}, 8) == 0.0
