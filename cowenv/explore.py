@@ -395,6 +395,8 @@ class ExploreResult:
     pruned_bound: int = 0
     seconds: float = 0.0
     complete: bool = True
+    #: Stopped at the end of the first run that showed a ``stop_on`` signature.
+    stopped: bool = False
     findings: list[Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -419,7 +421,7 @@ def _cost(node: _Node, tid: int) -> int:
 
 def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
             max_interleavings: int = 1_000_000, max_seconds: float | None = None,
-            por: bool = True) -> ExploreResult:
+            por: bool = True, stop_on: set[str] | frozenset[str] | None = None) -> ExploreResult:
     """Explore every schedule of ``sc``'s operations with at most ``bound`` preemptions.
 
     Args:
@@ -429,6 +431,9 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         max_interleavings: Stop (``complete=False``) after this many complete runs.
         max_seconds: Stop (``complete=False``) after this long.
         por: Use sleep sets (False: plain preemption-bounded enumeration).
+        stop_on: Stop (``complete=False``, ``stopped=True``) at the end of the first run
+            that shows one of these signatures (a shortest-trigger search: see
+            :func:`shortest_trigger`).
 
     Returns:
         The :class:`ExploreResult`.
@@ -543,6 +548,10 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
                                                  len(r.steps),
                                                  _schedule(sc, cfg, r, v, stack[-1].pre))
         res.interleavings += 1
+        if stop_on and not stop_on.isdisjoint(found):
+            res.complete = False
+            res.stopped = True
+            break
         if res.interleavings >= max_interleavings or (
                 max_seconds is not None and time.perf_counter() - t0 > max_seconds):
             res.complete = False
@@ -571,6 +580,29 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
     res.seconds = round(time.perf_counter() - t0, 3)
     res.findings = sorted(found.values(), key=lambda f: (f.preemptions, f.steps))
     return res
+
+
+def shortest_trigger(sc: Scenario, targets: set[str] | frozenset[str], bound: int = 2,
+                     variant: str | None = None, max_seconds: float | None = None
+                     ) -> tuple[ExploreResult | None, list[ExploreResult]]:
+    """Explore at bounds 0, 1, ... ``bound`` until a run shows one of ``targets``.
+
+    Each bound's search stops at the end of the first run that shows a target, so the
+    bound of that run is the fewest preemptions that trigger it (modulo the sleep-set
+    reduction, as for certificates). Returns the result that found one (None if no bound
+    did) and every bound's result, in order.
+    """
+    t0 = time.perf_counter()
+    out: list[ExploreResult] = []
+    for b in range(bound + 1):
+        left = None if max_seconds is None else max(0.0, max_seconds - (time.perf_counter() - t0))
+        r = explore(sc, b, variant, max_seconds=left, stop_on=targets)
+        out.append(r)
+        if any(f.signature in targets for f in r.findings):
+            return r, out
+        if not r.complete:
+            break
+    return None, out
 
 
 def _schedule(sc: Scenario, cfg: KernelConfig, r: Run, v: Any, pre: int) -> dict[str, Any]:
@@ -634,4 +666,4 @@ CLI_COMMANDS = {"explore": (_setup, _run, "explore every schedule of a scenario'
                                           "operations up to K preemptions")}
 
 __all__ = ["ExploreResult", "Finding", "Footprint", "explore", "programs_of",
-           "state_fingerprint"]
+           "shortest_trigger", "state_fingerprint"]

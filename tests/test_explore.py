@@ -155,3 +155,17 @@ def test_reads_of_rmap_and_every_mm_walkers_are_global():
     run.execute(1)
     assert run.k.threads[1].op == "madvise"
     assert _reads(run.k, 1) is None
+
+
+def test_shortest_trigger_stops_at_the_first_run_that_shows_the_flaw():
+    from cowenv.explore import shortest_trigger
+
+    sc = load_scenario("scenarios/flaws/mremap-dst-shared.yaml")
+    hit, tried = shortest_trigger(sc, {"shared-table-write@move_ptes"}, bound=2)
+    assert hit is not None and hit.bound == 0 and len(tried) == 1
+    assert hit.stopped and not hit.complete
+    full = explore(sc, bound=0)
+    assert hit.interleavings < full.interleavings
+    none, tried = shortest_trigger(sc, {"no-such@signature"}, bound=1, variant="fixed")
+    assert none is None and [r.bound for r in tried] == [0, 1]
+    assert all(r.complete and not r.stopped for r in tried)
