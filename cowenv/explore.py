@@ -21,12 +21,18 @@ kernel):
   ``K`` preemptions are not explored.
 * **Partial-order reduction by sleep sets** (Godefroid, 1996) over step *footprints*:
   the locks a step took, waited for or released (trace events), the objects it changed
-  (PTE tables, PMD entries, ``struct page`` fields, VMA lists, pins, swap slots,
-  mm counters: a diff of the kernel state around the step) and the objects it may have
-  read, over-approximated by its operation's range: the VMA list, PMD entries, tables
-  and mapped pages of the range in its mm (the whole mm for operations without a
-  range: fork, exit, clone, prctl), the pin it names. kswapd steps and a pending
-  ``fail_nth`` (allocation order matters then) conflict with everything. Two steps
+  (a diff of the kernel state around the step, :func:`_snapshot`: PTE tables, PMD
+  entries, ``struct page`` fields, VMAs, anon_vmas, processes, pins, swap slots and
+  cache, shmem objects, mm counters, every CPU's TLB and paging-structure cache,
+  pending flushes, deferred table frees) and the objects it may have read,
+  over-approximated by its operation's range (:func:`_reads`): its process, the VMA
+  list, PMD entries, tables and mapped pages of the range in its mm (the whole mm for
+  operations without a range and for ``mremap``; the target's mm for
+  ``clear_refs``/``pagemap`` of another pid), the pin it names, its own TLB and the
+  frames and tables it caches. kthread steps (reclaim, compaction), rmap or all-mm
+  walkers (``move_pages``, ``MADV_PAGEOUT``, ``swapoff``) and a pending kernel-wide
+  ``fail_nth`` (allocation order matters then) conflict with everything; the LRU order
+  is a conflict when a ``reclaim`` (its only reader) is in the scenario. Two steps
   are independent when neither writes what the other reads or writes and they share no
   lock. Frame and content-token *numbering* is not a conflict (two allocations in the
   other order give a renamed, equivalent state). Sleep sets combined with a preemption
