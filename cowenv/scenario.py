@@ -395,9 +395,12 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
         _check_extras(extra_d, len(steps))
         return Scenario(name, desc, cfg, steps, expect, ebv, seed, path, version, extra_d)
     except ValueError as e:
-        raise ScenarioError(f"{path}: {e}") from None
+        # One line even when a field name from the file holds a line break.
+        msg = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        raise ScenarioError(f"{path}: {msg}") from None
     except (TypeError, KeyError, AttributeError) as e:  # last resort: still one line
-        raise ScenarioError(f"{path}: malformed scenario ({type(e).__name__}: {e})") from None
+        msg = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        raise ScenarioError(f"{path}: malformed scenario ({type(e).__name__}: {msg})") from None
 
 
 def load_scenario(path: str | Path) -> Scenario:
