@@ -399,13 +399,17 @@ def main(argv: list[str] | None = None) -> int:
                 fut = pool.submit(train_fold, k, train, a.train_steps, 1000 + k + 100 * j,
                                   a.model_dir, f"-t{j}")
                 pending[fut] = ("train", (k, col))
-        for f in flaws:
-            for ag in agents:
-                if ag.startswith("ppo-t"):
-                    continue
-                for s in range(a.seeds):
+        # Seed-major order (every flaw and agent at seed 0, then seed 1, ...), so that a run
+        # cut short still has every cell at the first seeds (see the partial writes below).
+        for s in range(a.seeds):
+            for f in flaws:
+                for ag in agents:
+                    if ag.startswith("ppo-t"):
+                        continue
                     fut = pool.submit(run_one, f, fidx[f], ag, s, a.budget, targets[f], None)
                     pending[fut] = ("run", (f, ag, s))
+        n_train = sum(kind == "train" for kind, _ in pending.values())
+        models: dict[tuple[int, str], str] = {}
         while pending:
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
@@ -414,20 +418,29 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "train":
                     trainings.append(r)
                     fk, col = key
+                    models[(fk, col)] = r["model"]
                     print(f"trained PPO {col} fold {fk} in {r['seconds']:.0f}s "
                           f"(held out: {', '.join(folds[fk])})", file=sys.stderr)
-                    for f in folds[fk]:
-                        if f not in flaws:
-                            continue
-                        for s in range(a.seeds):
-                            nf = pool.submit(run_one, f, fidx[f], col, s, a.budget, targets[f],
-                                             r["model"])
-                            pending[nf] = ("run", (f, col, s))
+                    if len(models) < n_train:
+                        continue
+                    # Every model is trained: measure them seed-major, training seeds
+                    # interleaved, so a cut run reports every training seed alike.
+                    for s in range(a.seeds):
+                        for f in flaws:
+                            for c in (c for c in agents if c.startswith("ppo-t")):
+                                nf = pool.submit(run_one, f, fidx[f], c, s, a.budget,
+                                                 targets[f], models[(fidx[f] % FOLDS, c)])
+                                pending[nf] = ("run", (f, c, s))
                 else:
                     runs.append(r)
                     res = f"step {r['steps']:,}" if r["found"] else "not found"
                     print(f"{r['flaw']:32s} {r['agent']:6s} seed {r['seed']}: {res} "
                           f"({r['run_seconds']:.1f}s)", file=sys.stderr)
+                    if a.out is not None:
+                        # Partial results after every run (json and md, no plot), marked
+                        # ``complete: false``: a run stopped early keeps what it measured.
+                        _write(a, p, list(runs), flaws, list(agents), list(trainings),
+                               targets, folds, t_start, final=False)
     merge_from = Path(a.out or OUT) / "bug_finding.json"
     if a.merge and merge_from.exists():
         old = json.loads(merge_from.read_text())
@@ -478,8 +491,12 @@ def _combine(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
 def _write(a: argparse.Namespace, p: argparse.ArgumentParser, runs: list[dict[str, Any]],
            flaws: list[str], agents: list[str], trainings: list[dict[str, Any]],
            targets: dict[str, list[str]], folds: dict[Any, Any], t_start: float,
-           combined: list[str] | None = None) -> int:
-    """Summarise ``runs`` and write ``bug_finding.{json,md,png}`` to ``a.out``."""
+           combined: list[str] | None = None, final: bool = True) -> int:
+    """Summarise ``runs`` and write ``bug_finding.{json,md,png}`` to ``a.out``.
+
+    With ``final=False`` (the partial writes during a run) only the json and md are
+    written, the json says ``"complete": false``, and nothing is printed.
+    """
     runs.sort(key=lambda r: (flaws.index(r["flaw"]), agents.index(r["agent"]), r["seed"]))
     summary = summarise(runs, flaws, agents, a.budget)
     if a.out is None:
@@ -489,6 +506,9 @@ def _write(a: argparse.Namespace, p: argparse.ArgumentParser, runs: list[dict[st
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(summary, flaws, agents, a.budget, a.seeds)
+    if not final:
+        md = (f"**Partial** ({len(runs)} runs so far; the run is still going or was "
+              f"stopped).\n\n" + md)
     result = {"budget": a.budget, "seeds": a.seeds, "agents": agents, "flaws": flaws,
               "seeds_per_agent": {ag: len({r["seed"] for r in runs if r["agent"] == ag})
                                   for ag in agents},
@@ -497,12 +517,15 @@ def _write(a: argparse.Namespace, p: argparse.ArgumentParser, runs: list[dict[st
               "summary": summary, "runs": runs,
               "wall_seconds": round(time.perf_counter() - t_start, 1),
               "commit": _commit(),
-              "cpus": os.cpu_count(), "jobs": a.jobs, "combined_from": combined}
+              "cpus": os.cpu_count(), "jobs": a.jobs, "combined_from": combined,
+              "complete": final}
     for name, text in (("bug_finding.json", json.dumps(result, indent=1, sort_keys=True) + "\n"),
                        ("bug_finding.md", md)):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
+    if not final:
+        return 0
     plot(runs, flaws, agents, a.budget, out / "bug_finding.png")
     if a.json:
         print(json.dumps(result, sort_keys=True))

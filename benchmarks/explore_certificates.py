@@ -1,17 +1,20 @@
 """Systematic exploration of every flaw scenario and conformance case (``cowenv explore``).
 
     .venv/bin/python benchmarks/explore_certificates.py [--bound 2] [--jobs 2]
-        [--max-seconds 900] [--json]
+        [--max-seconds 900] [--only NAME,...] [--runs flaw,fixed] [--merge] [--json]
 
 Runs :func:`cowenv.explore.explore` at preemption bound ``K`` on:
 
 * each ``scenarios/flaws/*.yaml`` with its own configuration (the flaw alone): does the
   search find the flaw's signatures (those the scenario reports with the flaw on and
   not on ``fixed``), and with how few preemptions;
-* each flaw scenario and each ``scenarios/conformance/*.yaml`` on ``fixed``: the
-  certificate (0 violations, interleavings, states, seconds) or the violations.
+* each flaw scenario and each conformance case (``scenarios/conformance/**/*.yaml``)
+  on ``fixed``: the certificate (0 violations, interleavings, states, seconds) or the
+  violations.
 
-Writes ``benchmarks/out/explore.{json,md}``. Deterministic except the seconds.
+Writes ``benchmarks/out/explore.{json,md}`` after every exploration (so a run stopped
+early keeps its rows); ``--merge`` keeps the rows of the existing ``explore.json`` (same
+bound) that this run does not redo. Deterministic except the seconds.
 """
 
 from __future__ import annotations
@@ -41,21 +44,36 @@ def flaw_targets(path: str) -> list[str]:
 
 
 def run(path: str, variant: str | None, bound: int, max_seconds: float) -> dict[str, Any]:
-    """One exploration, as a table row."""
-    from cowenv.explore import explore
+    """One exploration, as a table row.
+
+    On ``fixed``: the whole search at ``bound`` (a certificate when nothing is found).
+    With the flaw: the shortest-trigger search (:func:`cowenv.explore.shortest_trigger`:
+    bounds 0, 1, ... each stopped at the first run that shows one of the flaw's
+    signatures); the row counts the work of every bound tried.
+    """
+    from cowenv.explore import explore, shortest_trigger
     from cowenv.scenario import load_scenario
 
     sc = load_scenario(path)
     t0 = time.perf_counter()
-    r = explore(sc, bound, variant, max_seconds=max_seconds)
+    tg: list[str] = []
+    if variant is None:
+        tg = flaw_targets(path)
+        hit_r, rs = shortest_trigger(sc, set(tg), bound, max_seconds=max_seconds)
+        r = hit_r or rs[-1]
+    else:
+        r = explore(sc, bound, variant, max_seconds=max_seconds)
+        rs = [r]
     row = {"scenario": sc.name, "kind": Path(path).parent.name, "variant": variant or "flaw",
-           "bound": bound, "interleavings": r.interleavings, "states": r.states,
-           "transitions": r.transitions, "pruned_sleep": r.pruned_sleep,
-           "seconds": round(time.perf_counter() - t0, 1), "complete": r.complete,
+           "bound": r.bound, "interleavings": sum(x.interleavings for x in rs),
+           "states": sum(x.states for x in rs),
+           "transitions": sum(x.transitions for x in rs),
+           "pruned_sleep": sum(x.pruned_sleep for x in rs),
+           "seconds": round(time.perf_counter() - t0, 1),
+           "complete": r.complete or r.stopped,
            "findings": [{"signature": f.signature, "preemptions": f.preemptions,
                          "steps": f.steps} for f in r.findings]}
     if variant is None:
-        tg = flaw_targets(path)
         hit = [f for f in row["findings"] if f["signature"] in tg]
         row["targets"] = tg
         row["found"] = bool(hit)
@@ -65,7 +83,9 @@ def run(path: str, variant: str | None, bound: int, max_seconds: float) -> dict[
 
 def markdown(rows: list[dict[str, Any]], bound: int) -> str:
     """The two README tables."""
-    out = [f"Flaw scenarios, each with its flaw alone, bound {bound}:", "",
+    out = [f"Flaw scenarios, each with its flaw alone: shortest trigger (bounds 0, 1, ... "
+           f"{bound}, each stopped at the first run showing the flaw's signature; the work "
+           f"of every bound tried):", "",
            "| scenario | found | fewest preemptions | interleavings | states | seconds |",
            "|---|---|---|---|---|---|"]
     for r in rows:
@@ -98,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="which explorations: flaw (each flaw scenario with its flaw), "
                         "fixed (flaw scenarios and conformance cases on fixed)")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the existing explore.json (same bound) not redone")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     flaws = sorted((ROOT / "scenarios" / "flaws").glob("*.yaml"))
-    conf = sorted((ROOT / "scenarios" / "conformance").glob("*.yaml"))
+    conf = sorted((ROOT / "scenarios" / "conformance").rglob("*.yaml"))
     only = {x for x in a.only.split(",") if x}
     kinds = {x for x in a.runs.split(",") if x}
     jobs: list[tuple[str, str | None]] = []
@@ -111,8 +133,34 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [(str(c), "fixed") for c in conf]
     if only:
         jobs = [j for j in jobs if Path(j[0]).stem in only]
+    # Certificates first (the long ones), then the shortest-trigger searches.
+    jobs.sort(key=lambda j: j[1] is None)
     t0 = time.perf_counter()
-    rows = []
+    out = Path(a.out)
+    rows: list[dict[str, Any]] = []
+    if a.merge and (out / "explore.json").exists():
+        old = json.loads((out / "explore.json").read_text())
+        redo = {(Path(pth).stem, v or "flaw") for pth, v in jobs}
+        if old.get("bound") == a.bound:
+            rows = [r for r in old["rows"] if (r["scenario"], r["variant"]) not in redo]
+    order = {(pth.stem, v): i for i, (pth, v) in enumerate(
+        [(f, v) for f in flaws for v in ("flaw", "fixed")] + [(c, "fixed") for c in conf])}
+
+    def write(complete: bool) -> str:
+        rows.sort(key=lambda r: order.get((r["scenario"], r["variant"]), len(order)))
+        md = markdown(rows, a.bound)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in (
+                ("explore.json", json.dumps(
+                    {"bound": a.bound, "rows": rows, "complete": complete,
+                     "wall_seconds": round(time.perf_counter() - t0, 1),
+                     "cpus": os.cpu_count(), "jobs": a.jobs}, indent=1, sort_keys=True) + "\n"),
+                ("explore.md", md)):
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, out / name)
+        return md
+
     with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
         futs = {pool.submit(run, pth, v, a.bound, a.max_seconds): (pth, v) for pth, v in jobs}
         for fu in as_completed(futs):
@@ -121,17 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['scenario']:55s} {r['variant']:6s} {r['interleavings']:>8,} runs "
                   f"{r['seconds']:>7}s {[f['signature'] for f in r['findings']]}",
                   file=sys.stderr)
-    order = {(str(pth), v): i for i, (pth, v) in enumerate(jobs)}
-    rows.sort(key=lambda r: order.get((next(str(x) for x in flaws + conf
-                                            if x.stem == r["scenario"]),
-                                       None if r["variant"] == "flaw" else "fixed"), 0))
-    md = markdown(rows, a.bound)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "explore.json").write_text(json.dumps(
-        {"bound": a.bound, "rows": rows, "wall_seconds": round(time.perf_counter() - t0, 1),
-         "cpus": os.cpu_count(), "jobs": a.jobs}, indent=1, sort_keys=True) + "\n")
-    (out / "explore.md").write_text(md)
+            write(False)
+    md = write(True)
     print(json.dumps(rows) if a.json else md)
     return 0
 

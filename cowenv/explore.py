@@ -21,12 +21,18 @@ kernel):
   ``K`` preemptions are not explored.
 * **Partial-order reduction by sleep sets** (Godefroid, 1996) over step *footprints*:
   the locks a step took, waited for or released (trace events), the objects it changed
-  (PTE tables, PMD entries, ``struct page`` fields, VMA lists, pins, swap slots,
-  mm counters: a diff of the kernel state around the step) and the objects it may have
-  read, over-approximated by its operation's range: the VMA list, PMD entries, tables
-  and mapped pages of the range in its mm (the whole mm for operations without a
-  range: fork, exit, clone, prctl), the pin it names. kswapd steps and a pending
-  ``fail_nth`` (allocation order matters then) conflict with everything. Two steps
+  (a diff of the kernel state around the step, :func:`_snapshot`: PTE tables, PMD
+  entries, ``struct page`` fields, VMAs, anon_vmas, processes, pins, swap slots and
+  cache, shmem objects, mm counters, every CPU's TLB and paging-structure cache,
+  pending flushes, deferred table frees) and the objects it may have read,
+  over-approximated by its operation's range (:func:`_reads`): its process, the VMA
+  list, PMD entries, tables and mapped pages of the range in its mm (the whole mm for
+  operations without a range and for ``mremap``; the target's mm for
+  ``clear_refs``/``pagemap`` of another pid), the pin it names, its own TLB and the
+  frames and tables it caches. kthread steps (reclaim, compaction), rmap or all-mm
+  walkers (``move_pages``, ``MADV_PAGEOUT``, ``swapoff``) and a pending kernel-wide
+  ``fail_nth`` (allocation order matters then) conflict with everything; the LRU order
+  is a conflict when a ``reclaim`` (its only reader) is in the scenario. Two steps
   are independent when neither writes what the other reads or writes and they share no
   lock. Frame and content-token *numbering* is not a conflict (two allocations in the
   other order give a renamed, equivalent state). Sleep sets combined with a preemption
@@ -61,6 +67,13 @@ GLOBAL = ("global",)
 MAX_DEPTH = 5000
 _PAGE_FIELDS = ("refcount", "mapcount", "pincount", "flags", "content", "anon_vma", "index",
                 "shmem")
+#: ``struct page`` state a step may write besides :data:`_PAGE_FIELDS` (footprints only):
+#: the allocation generation (TLB use-after-free checks), the LRU position, ``folio->swap``.
+_PAGE_STATE = (*_PAGE_FIELDS, "gen", "lru_seq", "swap")
+#: Operations whose reads reach beyond the thread's own mm and range: rmap walks over
+#: every mm mapping a page (``move_pages`` → ``try_to_migrate``; ``MADV_PAGEOUT`` →
+#: ``reclaim_pages`` → ``try_to_unmap``) and ``swapoff`` (``try_to_unuse`` walks every mm).
+_GLOBAL_OPS = frozenset({"move_pages", "swapoff"})
 
 
 # ----------------------------------------------------------------------------- programs
@@ -71,22 +84,32 @@ class OpItem:
     op: str
     args: dict[str, Any]
     bind: str | None = None
+    #: Kernel-wide ``fail_nth`` events (their ``n``) fired just before the operation starts.
     events: list[int] = field(default_factory=list)
+    #: A per-thread ``fail_nth`` (``{event: fail_nth, tid: T, n: N}``) for this operation.
+    thread_fail_nth: int | None = None
 
 
 def programs_of(sc: Scenario) -> dict[int, list[OpItem]]:
     """Per-thread operation lists of a scenario (see the module docstring)."""
     progs: dict[int, list[OpItem]] = {}
     events: list[int] = []
+    per_thread: dict[int, int] = {}
     for s in sc.steps:
         if "event" in s:
-            events.append(int(s["n"]))
+            if s.get("tid") is not None:
+                # /proc/thread-self/fail-nth: belongs to that thread's next operation.
+                per_thread[int(s["tid"])] = int(s["n"])
+            else:
+                events.append(int(s["n"]))
             continue
         op = s.get("do") or s.get("start")
         if not op:
             continue
-        progs.setdefault(int(s["tid"]), []).append(
-            OpItem(str(op), dict(s.get("args") or {}), s.get("as"), events))
+        tid = int(s["tid"])
+        progs.setdefault(tid, []).append(
+            OpItem(str(op), dict(s.get("args") or {}), s.get("as"), events,
+                   per_thread.pop(tid, None)))
         events = []
     return progs
 
@@ -145,6 +168,9 @@ class Run:
             for n in it.events:
                 k.event("fail_nth", n=n)
                 self.steps.append({"event": "fail_nth", "n": n})
+            if it.thread_fail_nth is not None:
+                k.event("fail_nth", tid=tid, n=it.thread_fail_nth)
+                self.steps.append({"event": "fail_nth", "tid": tid, "n": it.thread_fail_nth})
             args = {a: (self.names[v] if isinstance(v, str) and v in self.bindable else v)
                     for a, v in it.args.items()}
             try:
@@ -167,37 +193,75 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- footprints
+def _tlb_state(t: Any) -> tuple:
+    """A thread's (CPU's) TLB, paging-structure cache and open gathers, comparable."""
+    return (tuple(sorted(t.tlb.items())),
+            tuple(sorted((i, tb.pfn, g, w) for i, (tb, g, w) in t.psc.items())),
+            tuple((g.start, g.end, len(g.pages), len(g.tables)) for g in t.gathers))
+
+
 def _snapshot(k: Kernel) -> dict[str, Any]:
+    """The kernel state a step can change, keyed by object (see :func:`_diff`).
+
+    Covers what every operation of the catalogue writes: frames (``struct page``, LRU
+    position), PTE tables, PMD entries, VMAs (with their anon_vma, per-VMA-lock sequence
+    and detached state), mm counters and sequence numbers, anon_vma lists, processes
+    (alive, OOM-killed, threads), pins, swap slots and the swap cache, shmem objects,
+    every CPU's TLB and paging-structure cache, pending TLB flushes, tables whose free
+    waits for GUP-fast (``tlb_remove_table``), the GUP-fast walker count.
+    """
     pool = k.pool
+    sw = k.swap
     tables = {pfn: (t.entries.tobytes(), t.refcount, t.freed) for pfn, t in k.tables.items()}
     pmds: dict[tuple[int, int], tuple[int, bool]] = {}
     vmas: dict[int, tuple] = {}
     acct: dict[int, tuple] = {}
+    procs: dict[int, tuple] = {}
     for p in k.procs.values():
         mm = p.mm
         for idx, e in mm.pmd.items():
             pmds[(mm.id, idx)] = (e.table.pfn, e.write)
-        vmas[mm.id] = tuple((v.id, v.start, v.end, v.flags) for v in mm.vmas)
-        acct[mm.id] = (tuple(mm.rss), mm.nr_ptes, mm.write_protect_seq, mm.flags, mm.dead)
+        vmas[mm.id] = tuple((v.id, v.start, v.end, v.flags, v.pgoff,
+                             v.shmem.id if v.shmem is not None else -1, v.detached,
+                             v.lock_seq, v.anon_vma.id if v.anon_vma is not None else -1,
+                             tuple(a.id for a in v.chain)) for v in mm.vmas)
+        acct[mm.id] = (tuple(mm.rss), mm.nr_ptes, mm.write_protect_seq, mm.flags, mm.dead,
+                       mm.mm_lock_seq, mm.users)
+        procs[p.pid] = (p.alive, p.killed, tuple(p.tids))
     pins = {i: (p.active, p.pfn, p.vpn) for i, p in k.pins.items()}
-    return {"pages": np.stack([getattr(pool, f) for f in _PAGE_FIELDS]),
+    return {"pages": np.stack([getattr(pool, f) for f in _PAGE_STATE]),
             "tables": tables, "pmds": pmds, "vmas": vmas, "acct": acct, "pins": pins,
-            "swap": np.stack([k.swap.swap_map, k.swap.data]), "nr_free": pool.nr_free,
+            "procs": procs,
+            "anon_vmas": {i: (a.root.id, tuple(v.id for v in a.vmas))
+                          for i, a in k.anon_vmas.items()},
+            "shmem": {i: tuple(sorted(o.pages.items())) for i, o in k.shmem.items()},
+            "tlb": {tid: _tlb_state(t) for tid, t in k.threads.items()},
+            "tlbp": dict(k.tlb_pending),
+            "swapcache": dict(sw.cache),
+            "swap": np.stack([sw.swap_map, sw.data, sw.has_cache.astype(np.int64)]),
+            "swapdev": sw.writeok, "deferred": tuple(t.pfn for t in k.deferred_tables),
+            "lru": pool.lru_clock, "nr_free": pool.nr_free,
             "fail_nth": k.fail_nth, "gfw": k.gup_fast_walkers}
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> set[tuple]:
+    """The objects whose state differs between two snapshots (a step's writes)."""
     w: set[tuple] = set()
     ch = np.nonzero((a["pages"] != b["pages"]).any(axis=0))[0]
     w.update(("page", int(x)) for x in ch)
     for key, tag in (("tables", "table"), ("pmds", "pmd"), ("vmas", "vmas"), ("acct", "acct"),
-                     ("pins", "pin")):
+                     ("pins", "pin"), ("procs", "proc"), ("anon_vmas", "anon_vma"),
+                     ("shmem", "shmem"), ("tlb", "tlb"), ("tlbp", "tlbp"),
+                     ("swapcache", "swap")):
         da, db = a[key], b[key]
         for x in set(da) | set(db):
             if da.get(x) != db.get(x):
                 w.add((tag, x))
     sw = np.nonzero((a["swap"] != b["swap"]).any(axis=0))[0]
     w.update(("swap", int(x)) for x in sw)
+    for key in ("swapdev", "deferred", "lru"):
+        if a[key] != b[key]:
+            w.add((key,))
     if a["gfw"] != b["gfw"]:
         w.add(("gup_fast_walkers",))
     if a["fail_nth"] or b["fail_nth"]:
@@ -207,20 +271,51 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> set[tuple]:
 
 
 def _reads(k: Kernel, tid: int) -> set[tuple] | None:
-    """Over-approximate read set of thread ``tid``'s current operation (None = global)."""
+    """Over-approximate read set of thread ``tid``'s current operation (None = global).
+
+    The thread's process and mm (VMAs, counters, pending flushes), the PMD entries,
+    tables and mapped pages or swap slots of the operation's range (the whole mm when it
+    has no range, and for ``mremap``, whose destination may be anywhere), the shmem
+    objects its mm maps, the pin it names, and its own CPU's TLB and paging-structure
+    cache with the frames and tables they point to (a TLB hit reads those, not the
+    page tables). ``clear_refs``/``pagemap`` with a ``pid`` read that process's mm.
+    Operations that walk other mms through rmap or every mm (:data:`_GLOBAL_OPS`,
+    ``MADV_PAGEOUT``) and kthread steps are global.
+    """
     t = k.threads.get(tid)
     if t is None or tid == KSWAPD_TID or t.pid not in k.procs:
         return None
-    mm = k.procs[t.pid].mm
-    r: set[tuple] = {("vmas", mm.id), ("acct", mm.id)}
     args = t.args
+    op = t.op if t.gen is not None else ""
+    if op in _GLOBAL_OPS or (op == "madvise" and str(args.get("advice", "")).upper()
+                             .removeprefix("MADV_") == "PAGEOUT"):
+        return None
+    own = k.procs[t.pid].mm
+    r: set[tuple] = {("vmas", own.id), ("acct", own.id), ("tlbp", own.id), ("proc", t.pid),
+                     ("tlb", tid)}
+    mm = own
+    target = args.get("pid")
+    if op in ("clear_refs", "pagemap") and isinstance(target, int) and target:
+        if target not in k.procs:
+            return r
+        mm = k.procs[target].mm
+        r |= {("vmas", mm.id), ("acct", mm.id), ("tlbp", mm.id), ("proc", target)}
     P, ps = k.P, k.config.page_size
-    if "addr" in args:
+    idxs: Any
+    if "addr" in args and op not in ("mremap", "clear_refs"):
         lo = int(args["addr"]) // ps
         hi = lo + max(1, int(args.get("length", ps)) // ps)
         idxs = range(lo // P, (hi - 1) // P + 1)
     else:
         idxs = list(mm.pmd)
+    for v in mm.vmas:
+        if v.shmem is not None:
+            r.add(("shmem", v.shmem.id))
+    for e in t.tlb.values():
+        r.add(("page", e[0]))
+    for tb, _g, _w in t.psc.values():
+        r.add(("table", tb.pfn))
+        r.add(("page", tb.pfn))
     for idx in idxs:
         e = mm.pmd.get(idx)
         r.add(("pmd", (mm.id, idx)))
@@ -259,7 +354,7 @@ class Footprint:
 
 
 def state_fingerprint(k: Kernel) -> int:
-    """CRC-32 of memory, tables, PMDs, VMAs, pins and every thread's position."""
+    """CRC-32 of memory, tables, PMDs, VMAs, pins, TLBs and every thread's position."""
     h = 0
     pool = k.pool
     for f in _PAGE_FIELDS:
@@ -275,6 +370,8 @@ def state_fingerprint(k: Kernel) -> int:
     parts.append(sorted((tid, t.op if t.gen is not None else "", t.label, t.exited)
                         for tid, t in k.threads.items()))
     parts.append(sorted((i, p.active, p.pfn) for i, p in k.pins.items()))
+    parts.append(sorted((tid, _tlb_state(t)) for tid, t in k.threads.items()))
+    parts.append(sorted(k.tlb_pending.items()))
     return zlib.crc32(repr(parts).encode(), h)
 
 
@@ -304,6 +401,8 @@ class ExploreResult:
     pruned_bound: int = 0
     seconds: float = 0.0
     complete: bool = True
+    #: Stopped at the end of the first run that showed a ``stop_on`` signature.
+    stopped: bool = False
     findings: list[Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -328,7 +427,7 @@ def _cost(node: _Node, tid: int) -> int:
 
 def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
             max_interleavings: int = 1_000_000, max_seconds: float | None = None,
-            por: bool = True) -> ExploreResult:
+            por: bool = True, stop_on: set[str] | frozenset[str] | None = None) -> ExploreResult:
     """Explore every schedule of ``sc``'s operations with at most ``bound`` preemptions.
 
     Args:
@@ -338,6 +437,9 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         max_interleavings: Stop (``complete=False``) after this many complete runs.
         max_seconds: Stop (``complete=False``) after this long.
         por: Use sleep sets (False: plain preemption-bounded enumeration).
+        stop_on: Stop (``complete=False``, ``stopped=True``) at the end of the first run
+            that shows one of these signatures (a shortest-trigger search: see
+            :func:`shortest_trigger`).
 
     Returns:
         The :class:`ExploreResult`.
@@ -345,16 +447,30 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
     """
     cfg = override_config(sc.config, variant, None) if variant else sc.config
     progs = programs_of(sc)
+    # LRU order is read only by reclaim (``shrink_inactive_list`` scans oldest first; a
+    # kthread step, global anyway); compaction scans in pfn order. Without a reclaim the
+    # order in which steps add pages to the LRU is never observed, so it is no conflict;
+    # with one, every LRU addition writes the list.
+    lru_read = any(it.op == "reclaim" for prog in progs.values() for it in prog)
     res = ExploreResult(sc.name, variant or "scenario", bound)
     t0 = time.perf_counter()
     found: dict[str, Finding] = {}
     states: set[int] = set()
 
     def new_run(path: list[int]) -> Run:
+        # Re-execute the prefix (deterministic: the same states as when it was first
+        # explored, whose violations are recorded already). The quiescent-point checks
+        # (recount, debug checks, shadow sweep: pure checks, only reporting) are off
+        # meanwhile; they cost more than the prefix's steps.
         r = Run(cfg, progs)
+        orc = r.k.oracle
+        if orc is not None:
+            orc.accounting_enabled = False
         for tid in path:
             r.execute(tid)
             res.transitions += 1
+        if orc is not None:
+            orc.accounting_enabled = True
         r.nv = len(r.k.violations)
         return r
 
@@ -395,6 +511,8 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         rd1 = _reads(k, tid)
         locks = frozenset(e.label for e in k.events[ne:] if e.kind in ("lock", "unlock", "wait"))
         w = _diff(before, after)
+        if not lru_read:
+            w.discard(("lru",))
         if rd0 is None or rd1 is None or before["fail_nth"]:
             fp = Footprint(locks, frozenset(w), frozenset(w), everything=True)
         else:
@@ -436,6 +554,10 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
                                                  len(r.steps),
                                                  _schedule(sc, cfg, r, v, stack[-1].pre))
         res.interleavings += 1
+        if stop_on and not stop_on.isdisjoint(found):
+            res.complete = False
+            res.stopped = True
+            break
         if res.interleavings >= max_interleavings or (
                 max_seconds is not None and time.perf_counter() - t0 > max_seconds):
             res.complete = False
@@ -464,6 +586,29 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
     res.seconds = round(time.perf_counter() - t0, 3)
     res.findings = sorted(found.values(), key=lambda f: (f.preemptions, f.steps))
     return res
+
+
+def shortest_trigger(sc: Scenario, targets: set[str] | frozenset[str], bound: int = 2,
+                     variant: str | None = None, max_seconds: float | None = None
+                     ) -> tuple[ExploreResult | None, list[ExploreResult]]:
+    """Explore at bounds 0, 1, ... ``bound`` until a run shows one of ``targets``.
+
+    Each bound's search stops at the end of the first run that shows a target, so the
+    bound of that run is the fewest preemptions that trigger it (modulo the sleep-set
+    reduction, as for certificates). Returns the result that found one (None if no bound
+    did) and every bound's result, in order.
+    """
+    t0 = time.perf_counter()
+    out: list[ExploreResult] = []
+    for b in range(bound + 1):
+        left = None if max_seconds is None else max(0.0, max_seconds - (time.perf_counter() - t0))
+        r = explore(sc, b, variant, max_seconds=left, stop_on=targets)
+        out.append(r)
+        if any(f.signature in targets for f in r.findings):
+            return r, out
+        if not r.complete:
+            break
+    return None, out
 
 
 def _schedule(sc: Scenario, cfg: KernelConfig, r: Run, v: Any, pre: int) -> dict[str, Any]:
@@ -527,4 +672,4 @@ CLI_COMMANDS = {"explore": (_setup, _run, "explore every schedule of a scenario'
                                           "operations up to K preemptions")}
 
 __all__ = ["ExploreResult", "Finding", "Footprint", "explore", "programs_of",
-           "state_fingerprint"]
+           "shortest_trigger", "state_fingerprint"]

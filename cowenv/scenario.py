@@ -416,11 +416,17 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
         extra_d = {k: data[k] for k in ("outcome", "recorded") if k in data}
         _check_extras(extra_d, len(steps))
         return Scenario(name, desc, cfg, steps, expect, ebv, seed, path, version, extra_d)
-    except ValueError as e:  # a field name echoed from the file may hold a line break
-        raise ScenarioError(f"{path}: {e}".replace("\n", "\\n")) from None
+    except ValueError as e:
+        # One line even when a field name (or the path) holds a line break.
+        raise ScenarioError(_one_line(f"{path}: {e}")) from None
     except (TypeError, KeyError, AttributeError) as e:  # last resort: still one line
-        raise ScenarioError(f"{path}: malformed scenario ({type(e).__name__}: {e})"
-                            .replace("\n", "\\n")) from None
+        raise ScenarioError(_one_line(
+            f"{path}: malformed scenario ({type(e).__name__}: {e})")) from None
+
+
+def _one_line(msg: str) -> str:
+    """``msg`` with its line breaks escaped, so an error stays one line."""
+    return msg.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -73,3 +73,99 @@ def test_each_signature_is_reported_with_its_fewest_preemptions():
     assert "shared-table-write@do_swap_page" in b0
     assert set(b0) <= set(b1)
     assert all(b1[s] == 0 for s in b0)
+
+
+def test_new_operations_flaw_found_and_fixed_certified():
+    """mremap with an injected allocation failure (issue 13's walkers): found, replayable,
+    and ``fixed`` certified on the same operations."""
+    sc = load_scenario("scenarios/flaws/mremap-ignores-break-failure.yaml")
+    res = explore(sc, bound=1)
+    sigs = {f.signature: f for f in res.findings}
+    assert "shared-table-write@move_ptes" in sigs
+    assert sigs["shared-table-write@move_ptes"].preemptions == 0
+    rep = replay(parse_scenario(sigs["shared-table-write@move_ptes"].schedule))
+    assert rep.reproduced, rep.summary()
+    cert = explore(sc, bound=1, variant="fixed")
+    assert cert.findings == [] and cert.complete and cert.interleavings > 1
+
+
+def test_per_thread_fail_nth_stays_with_its_thread():
+    sc = load_scenario("scenarios/upstream/fail-nth-per-thread.yaml")
+    progs = programs_of(sc)
+    marked = {tid: [it.op for it in p if it.thread_fail_nth is not None]
+              for tid, p in progs.items()}
+    assert marked[1] and marked[2]
+    assert all(not it.events for p in progs.values() for it in p)
+
+
+def _run_op(run, tid):
+    """Run thread ``tid``'s next operation to its end; return the union of its writes."""
+    from cowenv.explore import _diff, _snapshot
+
+    w: set = set()
+    run.execute(tid)
+    while run.k.threads[tid].gen is not None:
+        before = _snapshot(run.k)
+        run.execute(tid)
+        w |= _diff(before, _snapshot(run.k))
+    return w
+
+
+def test_tlb_flush_conflicts_with_the_flushed_cpus_access():
+    """A flush writes the other CPUs' TLBs; their accesses read their own TLB and the
+    frames it caches (a TLB hit reads no page table)."""
+    from cowenv.explore import Run, _reads
+
+    sc = load_scenario("scenarios/upstream/tlb-mprotect-flushes.yaml")
+    run = Run(sc.config, programs_of(sc))
+    for tid in (1, 1, 2):  # mmap, clone, thread 2's store (fills its TLB)
+        _run_op(run, tid)
+    tlb2 = dict(run.k.threads[2].tlb)
+    assert tlb2
+    w = _run_op(run, 1)  # mprotect(PROT_READ): change_pte_range, then the flush
+    assert ("tlb", 2) in w
+    run.execute(2)  # thread 2 starts its next store
+    r = _reads(run.k, 2)
+    assert r is not None and ("tlb", 2) in r
+
+
+def test_reads_cover_mremap_destination_and_other_mms():
+    from cowenv.explore import Run, _reads
+
+    sc = load_scenario("scenarios/flaws/mremap-dst-shared.yaml")
+    run = Run(sc.config, programs_of(sc))
+    for _ in range(5):  # mmap, mmap, write, prctl, fork
+        _run_op(run, 1)
+    run.execute(1)  # mremap starts
+    assert run.k.threads[1].op == "mremap"
+    r = _reads(run.k, 1)
+    mm = run.k.procs[1].mm
+    assert r is not None
+    assert {("pmd", (mm.id, i)) for i in mm.pmd} <= r  # the whole mm, destination included
+
+
+def test_reads_of_rmap_and_every_mm_walkers_are_global():
+    """MADV_PAGEOUT (rmap walks over other mms) and swapoff (every mm) conflict with all."""
+    from cowenv.explore import Run, _reads
+
+    sc = load_scenario("scenarios/upstream/swapoff.yaml")
+    run = Run(sc.config, programs_of(sc))
+    for _ in range(4):  # mmap and three stores
+        _run_op(run, 1)
+    run.execute(1)
+    assert run.k.threads[1].op == "madvise"
+    assert _reads(run.k, 1) is None
+
+
+def test_shortest_trigger_stops_at_the_first_run_that_shows_the_flaw():
+    from cowenv.explore import shortest_trigger
+
+    sc = load_scenario("scenarios/flaws/mremap-dst-shared.yaml")
+    hit, tried = shortest_trigger(sc, {"shared-table-write@move_ptes"}, bound=2)
+    assert hit is not None and hit.bound == 0 and len(tried) == 1
+    assert hit.stopped and not hit.complete
+    full = explore(sc, bound=0)
+    assert hit.interleavings < full.interleavings
+    none, tried = shortest_trigger(sc, {"no-such@signature"}, bound=1, variant="fixed")
+    assert none is None and [r.bound for r in tried] == [0, 1]
+    assert all(r.complete and not r.stopped for r in tried)
