@@ -106,7 +106,11 @@ def test_greybox_is_deterministic_and_grows_a_corpus():
 
 
 def test_greybox_finds_a_flaw_random_misses_on_the_same_budget():
-    """vma-lock-fault-breaks-shared: random found it in 0 of 8 runs of 100k steps."""
+    """vma-lock-fault-breaks-shared: random found it in 0 of 8 runs of 100k steps.
+
+    Greybox at campaign seed 1 needs 197 episodes (well under 100k steps) on the
+    catalogue and scenario seed plans of 2026-11-30; 300 leaves room for a grown corpus.
+    """
     from cowenv.minimize import run_lenient
     from cowenv.scenario import override_config, parse_scenario
 
@@ -126,12 +130,12 @@ def test_greybox_finds_a_flaw_random_misses_on_the_same_budget():
             return True
         return False
 
-    for e in range(60):
+    for e in range(300):
         rng, rs = ca.episode_rng(1, 0, e)
         ca.run_episode(h, ag, rng, rs, on_violation=hook, teardown=32)
         if hits:
             break
-    assert hits, "greybox did not find the flaw in 60 episodes"
+    assert hits, "greybox did not find the flaw in 300 episodes"
 
 
 def test_corpus_files_replay_and_reload(tmp_path):
