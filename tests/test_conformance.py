@@ -188,3 +188,54 @@ def test_swapped_cases_catch_the_planted_bugs(monkeypatch: pytest.MonkeyPatch,
         if any(v.kind == "selftest" for v in r.violations):
             (swapped if p.stem.endswith("-swapped") else base).append(p.stem)
     assert (len(base), len(swapped)) == (n_base, n_swapped), (base, swapped)
+
+
+class _NoReclaimFlushBeforeFree(Kernel):
+    """Planted (issue 13): reclaim frees a folio without flushing the TLB first.
+
+    6.2 ``try_to_unmap_one`` (mm/rmap.c) clears the PTE with TTU_BATCH_FLUSH and
+    ``shrink_folio_list`` (mm/vmscan.c) calls ``try_to_unmap_flush`` before the folio
+    is written and freed; here the flush of ``try_to_unmap`` is forgotten, so the
+    unmapped thread keeps a translation to the freed frame. The mmu_gather half of the
+    same bug (``tests/test_tlb.py:_NoFlushBeforeFree``) is caught by no cow.c case: none
+    touches memory after a zap, and fork's ``flush_tlb_mm`` drops the parent's entries.
+    """
+
+    _noflush = None
+
+    def try_to_unmap(self, t, pfn, slot):  # type: ignore[no-untyped-def]
+        self._noflush = t
+        try:
+            return (yield from super().try_to_unmap(t, pfn, slot))
+        finally:
+            self._noflush = None
+
+    def flush_tlb_page(self, mm, vpn):  # type: ignore[no-untyped-def]
+        if self._noflush is not None and self._cur is self._noflush:
+            return
+        super().flush_tlb_page(mm, vpn)
+
+
+def test_swapped_cases_catch_a_missing_reclaim_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing TLB flush before reclaim frees a page: only swapped cases can see it.
+
+    The thread that wrote the page before ``MADV_PAGEOUT`` still holds a writable
+    translation; the R/O-pin cases store through it after the page was freed
+    (``isolation@tlb_stale_write``). Base-page cases never reclaim, so they cannot.
+    """
+    monkeypatch.setattr(scenario_mod, "make_kernel",
+                        lambda cfg, **kw: _NoReclaimFlushBeforeFree(cfg, **kw))
+    base, swapped = [], []
+    for p in FILES:
+        r = run_scenario(load_scenario(p))
+        if any(v.signature.startswith(("isolation@tlb_", "memory-safety@tlb_"))
+               for v in r.violations):
+            (swapped if p.stem.endswith("-swapped") else base).append(p.stem)
+    assert base == []
+    assert sorted(swapped) == ["ro-gup-fast-pin-on-ro-mapped-exclusive-page-swapped",
+                               "ro-gup-pin-on-ro-mapped-exclusive-page-swapped"], swapped
+    # The kernel without the planted bug is clean on the same files.
+    monkeypatch.undo()
+    for p in FILES:
+        if p.stem in swapped:
+            assert not run_scenario(load_scenario(p)).violations
