@@ -1012,24 +1012,13 @@ class CowPteKernel(Kernel):
             self.unlock(t, ptl, WRITE, "zap_pte_range")
             return True
         teardown = mm.users == 0  # exit_mmap: every VMA of the mm is being zapped
-        if (self.config.has("free-pmd-deferred-flush") and vma.detached and not teardown
-                and vma.start <= idx * P and vma.end >= (idx + 1) * P):
-            # v4's zap of a munmapped VMA covering the whole PMD (pte_is_shared): the
-            # entries stay, rmap/rss/page references go, and free_pgtables drops the
-            # reference (cow_free_table) with the flush deferred to tlb_finish_mmu.
-            got = yield from self.pte_offset_map_lock(t, mm, idx, "zap_pte_range")
-            if got is None:
-                return True
-            table, ptl = got
-            cur = mm.pmd.get(idx)
-            if cur.write or self.cow_pte_count(table) == 1:
-                cur.write = True
-                self.unlock(t, ptl, WRITE, "zap_pte_range")
-                return False
-            self.zap_pte_range(t, vma, table, idx, lo, hi, clear=False)
-            self.unlock(t, ptl, WRITE, "zap_pte_range")
-            return True
-        if (lo == 0 and hi == P) or teardown:
+        # v4's zap of a munmapped VMA covering the whole PMD (pte_is_shared; flaw
+        # free-pmd-deferred-flush): the entries stay, rmap/rss/page references go, and
+        # free_pgtables drops the reference (cow_free_table) with the flush deferred to
+        # tlb_finish_mmu -- so the same zap as the fixed design's, without the drop.
+        deferred = (self.config.has("free-pmd-deferred-flush") and vma.detached
+                    and not teardown and vma.start <= idx * P and vma.end >= (idx + 1) * P)
+        if deferred or (lo == 0 and hi == P) or teardown:
             got = yield from self.pte_offset_map_lock(t, mm, idx, "zap_pte_range")
             if got is None:
                 return True
@@ -1046,6 +1035,9 @@ class CowPteKernel(Kernel):
                     self.zap_pte_range(t, v, table, idx, vlo, vhi, clear=False)
             else:
                 self.zap_pte_range(t, vma, table, idx, lo, hi, clear=False)
+            if deferred:
+                self.unlock(t, ptl, WRITE, "zap_pte_range")
+                return True
             self.pmd_put_pte(cur)
             self.cost.charge("table_ref")
             self.cost.charge("pmd_update")
