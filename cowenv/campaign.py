@@ -481,21 +481,29 @@ def cause_flaws(data: dict[str, Any], signature: str, flaws: list[str]) -> list[
     not demonstrated yet; a flaw that alone shows the signature, while ``fixed`` does
     not, is a further cause. Returns those flaws (in the order given).
     """
-    from .minimize import run_lenient
-    from .scenario import override_config, parse_scenario
+    from .scenario import parse_scenario
 
     try:
         sc = parse_scenario(data)
     except Exception:  # a schedule the worker recorded always parses; never fail on it
         return []
-    target = {signature}
-    out = [f for f in flaws
-           if signature in run_lenient(override_config(sc.config, "cowpte", [f]), sc.steps,
-                                       stop_on=target).kernel.signatures]
-    if out and signature in run_lenient(override_config(sc.config, "fixed", None), sc.steps,
-                                        stop_on=target).kernel.signatures:
+    out = [f for f in flaws if _shows(sc, signature, [f])]
+    if out and _shows(sc, signature, []):
         return []
     return out
+
+
+def _shows(sc: Any, signature: str, flaws: list[str]) -> bool:
+    """Whether ``sc``'s schedule shows ``signature`` with only ``flaws`` on (none: ``fixed``).
+
+    Run leniently (:func:`cowenv.minimize.run_lenient`), stopping at the signature.
+    """
+    from .minimize import run_lenient
+    from .scenario import override_config
+
+    c = (override_config(sc.config, "cowpte", flaws) if flaws
+         else override_config(sc.config, "fixed", None))
+    return signature in run_lenient(c, sc.steps, stop_on={signature}).kernel.signatures
 
 
 def attribute_flaws(sc: Any, signature: str) -> list[str] | None:
@@ -507,22 +515,12 @@ def attribute_flaws(sc: Any, signature: str) -> list[str] | None:
     variant shows it too (not a flaw: a simulator or upstream problem), or None when the
     configuration has no flaws to attribute to.
     """
-    from .minimize import run_lenient
-    from .scenario import override_config
-
     cfg = sc.config
     if cfg.variant != "cowpte" or not cfg.flaws:
         return None
-    target = {signature}
-
-    def shows(flaws: list[str]) -> bool:
-        c = override_config(cfg, "cowpte", flaws) if flaws else override_config(cfg, "fixed",
-                                                                                None)
-        return signature in run_lenient(c, sc.steps, stop_on=target).kernel.signatures
-
-    if shows([]):
+    if _shows(sc, signature, []):
         return ["fixed"]
-    return [f for f in cfg.flaws if shows([f])]
+    return [f for f in cfg.flaws if _shows(sc, signature, [f])]
 
 
 def minimise_finding(path: str, signature: str, seconds: float = 0.0
