@@ -475,6 +475,48 @@ class Oracle:
         self.mprotecting.pop(mm.id, None)
         self.moving.pop(mm.id, None)
 
+    def on_unuse_pass(self) -> bool:
+        """``swapoff``: a pass of ``try_to_unuse`` ran alone; no slot may be left in use.
+
+        6.2 ``try_to_unuse`` (mm/swapfile.c) ends only when ``si->inuse_pages`` is 0, or
+        with -EINTR when ``signal_pending(current)``::
+
+            if (READ_ONCE(si->inuse_pages)) {
+                if (!signal_pending(current))
+                    goto retry;
+                return -EINTR;
+            }
+
+        ``SWP_WRITEOK`` is cleared first, so no slot is handed out while it runs. A pass
+        during which no other task was inside the kernel (nothing can move, create,
+        lock or half-free a swap entry meanwhile) visits every swap PTE of every mm on
+        ``init_mm.mmlist`` and every swap-cache folio: afterwards no slot is in use, or
+        the kernel would retry the same pass for ever (a swapoff that never finishes).
+        The model's pass cap (the stand-in for the signal) is therefore legitimate only
+        while another task is inside the kernel. Called by the kernel after such a
+        solitary pass; recounts from the page tables where the slots still in use are
+        named. Reported as ``syscall-contract@swapoff``.
+
+        Returns:
+            Whether it reported (the kernel calls it at most until it has).
+        """
+        k = self.k
+        if k.swap.inuse_pages() == 0:
+            return False
+        named: list[str] = []
+        for mm in k.live_mms():
+            for idx in sorted(mm.pmd):
+                e = mm.pmd[idx].table.entries
+                for off in ((e & PTE_SWAP) != 0).nonzero()[0]:
+                    named.append(f"mm{mm.id} vpn {idx * k.P + int(off):#x} slot "
+                                 f"{int(e[off]) >> PFN_SHIFT}")
+        where = "; ".join(named[:3]) + (" ..." if len(named) > 3 else "")
+        k.report("syscall-contract", "swapoff",
+                 f"a try_to_unuse pass with no other task in the kernel left "
+                 f"{k.swap.inuse_pages()} slot(s) in use"
+                 + (f" (swap PTEs: {where})" if named else " (no swap PTE names them)"))
+        return True
+
     # ------------------------------------------------------------------ user access
     def _contract_access(self, t: Thread, mm: MmStruct, vpn: int, write: bool) -> bool:
         r = self._region_at(mm, vpn)

@@ -26,7 +26,11 @@ from .sched import Gen, Thread
 
 #: Passes of ``try_to_unuse`` (each over every mm and the swap cache) before the model's
 #: swapoff gives up with -EINTR, standing in for the signal that interrupts a swapoff
-#: that does not finish (the kernel retries until ``signal_pending``).
+#: that does not finish (the kernel retries until ``signal_pending``). The cap is needed
+#: because the model's swapoff skips what it would sleep on in the kernel (a folio
+#: reclaim holds locked, a slot a swap-in is filling, an mm being torn down) and so can
+#: spin while the scheduler keeps the other task paused; a pass during which no other
+#: task was in the kernel must leave nothing in use (the oracle's ``on_unuse_pass``).
 SWAPOFF_MAX_PASSES = 16
 
 
@@ -194,9 +198,18 @@ class SwapfileMixin:
         swapped here (reclaim scans the anon LRU only), so ``shmem_unuse`` has nothing
         to do. A swap-cache folio locked by reclaim is skipped on this pass
         (``folio_lock`` would sleep); the retry reaches it.
+
+        A *solitary* pass -- every other task idle when it starts and no operation
+        started before it ends -- is judged by the oracle (``Oracle.on_unuse_pass``): it
+        must leave no slot in use, since nothing could hide an entry from it.
         """
         sw = self.swap
+        judged = False
         for _ in range(SWAPOFF_MAX_PASSES):
+            # A solitary pass: every other task idle when it starts, and none starts an
+            # operation before it ends (the oracle's on_unuse_pass).
+            alone = all(o is t or o.gen is None for o in self.threads.values())
+            ops = self.op_count
             for mm in self.unuse_mm_list():
                 if sw.inuse_pages() == 0:
                     break
@@ -214,6 +227,8 @@ class SwapfileMixin:
                 self.get_pages_one(pfn)  # filemap_get_folio
                 self.folio_free_swap(pfn)
                 self.put_page(pfn, "try_to_unuse")
+            if alone and self.op_count == ops and not judged and self.oracle is not None:
+                judged = self.oracle.on_unuse_pass()
             if sw.inuse_pages() == 0:
                 return 0
             yield "try_to_unuse:retry"
