@@ -328,15 +328,18 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("| **detected, equivalent excluded** | "
                      + " | ".join(f"**{rate_ne[ag]}/{ne}**" for ag in agents)
                      + f" | **{sc_ne}/{ne}** | **{ex_ne}/{ne}** |")
-    best = max(agents, key=lambda ag: rate[ag]) if agents else ""
+    top = max(rate.values(), default=0)
+    bests = [ag for ag in agents if rate[ag] == top]
     md = "\n".join(lines) + (f"\n\nAgent cells: seeds that found it / seeds, fewest steps; "
                              f"budget {a.budget:,} steps per run, `fixed` preset, small "
                              f"geometry.\n")
     if equiv:
         md += (f"Equivalent (no oracle-visible behaviour differs, see `MUTANTS`): "
                f"{', '.join(f'`{x}`' for x in equiv)}.\n")
-    if best:
-        md += (f"Best agent: {best}, {rate[best]}/{n} ({100 * rate[best] / n:.0f} %)"
+    if bests:
+        best = bests[0]
+        md += (f"Best agent{'s' if len(bests) > 1 else ''}: {', '.join(bests)}, "
+               f"{rate[best]}/{n} ({100 * rate[best] / n:.0f} %)"
                + (f", {rate_ne[best]}/{ne} ({100 * rate_ne[best] / ne:.0f} %) with the "
                   f"equivalent excluded" if equiv and ne else "")
                + f"; scenarios {sc_rate}/{n}"

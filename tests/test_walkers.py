@@ -15,6 +15,7 @@ import pytest
 
 from cowenv.kernel import make_kernel
 from cowenv.kernel.config import KernelConfig
+from cowenv.kernel.memory import PG_locked
 from cowenv.kernel.pgtable import PTE_PRESENT, PTE_SOFT_DIRTY, PTE_SWAP, PTE_USER, PTE_WRITE
 from cowenv.kernel.task_mmu import PM_PRESENT, PM_SOFT_DIRTY, PM_SWAP
 from cowenv.scenario import load_scenario, run_scenario
@@ -162,7 +163,35 @@ def test_planted_swapoff_skipping_one_mm_is_caught_by_a_scenario():
     sites = {v.site for v in r.violations if v.kind == "selftest"}
     assert "swapoff brings every entry back" in sites
     assert "child entry present after swapoff" in sites
+    # The oracle sees it at the first pass that ran alone, before the return value.
+    first = r.violations[0]
+    assert first.signature == "syscall-contract@swapoff" and "mm2 vpn 0x100" in first.message
     assert run_scenario(sc).passed
+
+
+def test_swapoff_may_give_up_only_while_another_task_is_in_the_kernel():
+    """The pass cap stands in for a signal: legitimate while reclaim holds a folio locked.
+
+    kswapd paused in ``folio_referenced`` with a swap-cache folio locked: the kernel's
+    swapoff would sleep in ``folio_lock``; the model's skips it, spins through its 16
+    passes and returns -EINTR -- and the oracle stays silent, since no pass ran alone.
+    Once kswapd is done, a swapoff that runs alone succeeds.
+    """
+    k = kern("fixed")
+    k.do(1, "mmap", addr=A, length=0x2000)
+    k.do(1, "write", addr=A)
+    k.do(1, "write", addr=A + 0x1000)
+    k.do(1, "madvise", addr=A, length=0x2000, advice="PAGEOUT")
+    k.do(0, "reclaim", nr=8)
+    k.do(1, "read", addr=A)  # swapped in: mapped and still in the swap cache
+    k.start(0, "reclaim", {"nr": 8})
+    while not any(int(k.pool.flags[p]) & PG_locked for p in k.swap.cache.values()):
+        k.step(0)
+    assert k.do(1, "swapoff") == -4
+    assert not k.violations
+    k.run(0)
+    assert k.do(1, "swapoff") == 0 and k.swap.inuse_pages() == 0
+    assert not k.violations
 
 
 # ------------------------------------------------------------------ catalogue
