@@ -241,7 +241,7 @@ def test_sigkill_leaves_no_orphans_and_status_tells_the_truth(tmp_path: Path) ->
     proc.kill()
     proc.wait(timeout=10)
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 2.0 and any(_alive(k) for k in kids):
+    while time.monotonic() - t0 < 10.0 and any(_alive(k) for k in kids):
         time.sleep(0.02)
     assert not [k for k in kids if _alive(k)], "child processes outlived the SIGKILLed parent"
     # campaign.json still says running (nobody could rewrite it) but the truth is known.
