@@ -199,10 +199,12 @@ class _SnapshotPickler(pickle.Pickler):
             return (_tuple_new, (Event, tuple(obj)))
         if cls is np.ndarray and obj.ndim == 1 and obj.flags.c_contiguous \
                 and not obj.dtype.hasobject:
-            # np.frombuffer over a private bytearray: what numpy's own reduction rebuilds
-            # (a writable array of the same dtype and contents) without its Python-level
-            # _frombuffer/reshape.
-            return (np.frombuffer, (bytearray(obj.tobytes()), obj.dtype))
+            # An array over a private bytearray: what numpy's own reduction rebuilds (a
+            # writable array of the same dtype and contents) without its Python-level
+            # _frombuffer/reshape, and without the two garbage-collected objects
+            # (memoryview, managed buffer) that np.frombuffer puts between the array and
+            # its bytes.
+            return (np.ndarray, (obj.shape, obj.dtype, bytearray(obj.tobytes())))
         if not cls.__flags__ & _TPFLAGS_HEAPTYPE or isinstance(obj, type) \
                 or cls.__new__ is not object.__new__ \
                 or cls.__reduce_ex__ is not object.__reduce_ex__ \

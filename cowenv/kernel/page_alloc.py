@@ -31,6 +31,9 @@ from .pgtable import (
 )
 from .sched import Gen, Thread
 
+#: What :meth:`PageAllocMixin.set_ptes` takes as one entry.
+_INT_TYPES = (int, np.integer)
+
 
 class PageAllocMixin:
     """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
@@ -163,7 +166,7 @@ class PageAllocMixin:
             return
         if not hw and t is not None and not self.holds(t, self.pte_lockptr(mm, table)):
             self._report("lock-discipline", site, f"PTE write to table {table.pfn} without its PTL")
-        if isinstance(new, int | np.integer):
+        if isinstance(new, _INT_TYPES):
             # One entry: scalar reads and stores (what the one-element slices below do).
             e = table.entries
             if table.refcount > 1 and (t is None or t.tid != table.fork_tid):
