@@ -427,6 +427,8 @@ class Harness:
         # Episode state (set by reset).
         self._snapshot: Snapshot | None = None
         self._snapshot_tried = False
+        #: The coverage bitmap and count of the snapshot kernel's labels.
+        self._snapshot_cov: tuple[bytes, int] | None = None
         self._kernel: Kernel | None = None
         self.actions: list[int] = []
         self.recorded: list[dict[str, Any]] = []
@@ -561,9 +563,16 @@ class Harness:
                 self._seen[v.signature] = None
         self._nv, self._ne = len(k.violations), len(k.events)
         cov = self.coverage
-        cov.clear()
-        for lb in k.coverage:
-            cov.add(lb)
+        if use_snapshot and self._snapshot_cov is not None:
+            # Every snapshot kernel has reached the same labels: the same bitmap.
+            cov.seen[:] = self._snapshot_cov[0]
+            cov.n = self._snapshot_cov[1]
+        else:
+            cov.clear()
+            for lb in k.coverage:
+                cov.add(lb)
+            if use_snapshot:
+                self._snapshot_cov = (bytes(cov.seen), cov.n)
         self.objective_info = self.objective.reset(k)
         self._compute_mask()
         return list(k.violations)

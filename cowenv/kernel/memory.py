@@ -131,7 +131,8 @@ class PagePool:
         if n == 1:  # scalar stores: the same effect, without 1-element fancy indexing
             self.give_back_one(int(pfns[0]))
             return
-        pfns = np.sort(pfns)
+        pfns = pfns.copy()  # == np.sort(pfns), without numpy's Python-level wrapper
+        pfns.sort()
         self.flags[pfns] = 0
         self.lru_seq[pfns] = -1
         self.free.extend(pfns[::-1].tolist())  # Python ints, as int(p) for each
@@ -162,7 +163,7 @@ class PagePool:
     def lru_order(self) -> list[int]:
         """Pages on the LRU, oldest first."""
         on = (self.lru_seq >= 0).nonzero()[0]
-        return on[np.argsort(self.lru_seq[on], kind="stable")].tolist()
+        return on[self.lru_seq[on].argsort(kind="stable")].tolist()  # (== np.argsort)
 
     def on_lru(self, pfn: int) -> bool:
         """``folio_test_lru``."""
