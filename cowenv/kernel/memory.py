@@ -82,6 +82,13 @@ class PagePool:
     #: Frames only ``__GFP_NOFAIL``/``PF_MEMALLOC`` allocations may use (memory reserves).
     RESERVE = 8
 
+    #: Batches of up to this many pages take the scalar paths (one-page ``take`` and
+    #: ``give_back``; ``lru_add``, ``put_pages``, ``free_pages``, ``page_remove_rmap`` and
+    #: one-entry ``set_ptes`` in the kernel): Python stores in the same order, with the
+    #: same results as the numpy paths, which cost microseconds per call on such small
+    #: arrays. 0 = always the numpy paths (``tests/test_fast_paths.py`` compares the two).
+    SMALL_BATCH = 8
+
     def take(self, n: int, reserve_ok: bool = False) -> np.ndarray | None:
         """Remove ``n`` frames from the free list (``alloc_pages`` bulk); None if short.
 
@@ -92,7 +99,7 @@ class PagePool:
             return None
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        if n == 1:  # (the common case: scalar stores, ~10x cheaper than 1-element fancy ones)
+        if n == 1 and self.SMALL_BATCH:  # scalar stores, ~10x cheaper than fancy ones
             p = self.free.pop()
             self.nr_free -= 1
             self.gen[p] += 1
@@ -128,7 +135,7 @@ class PagePool:
         n = len(pfns)
         if n == 0:
             return
-        if n == 1:  # scalar stores: the same effect, without 1-element fancy indexing
+        if n == 1 and self.SMALL_BATCH:  # scalar stores, without 1-element fancy indexing
             self.give_back_one(int(pfns[0]))
             return
         pfns = pfns.copy()  # == np.sort(pfns), without numpy's Python-level wrapper
@@ -148,7 +155,7 @@ class PagePool:
     def lru_add(self, pfns: np.ndarray | list[int]) -> None:
         """``folio_add_lru``: append to the LRU tail in the given order."""
         n = len(pfns)
-        if n <= 8:  # scalar stores (same values, same order) beat numpy's fancy indexing
+        if n <= self.SMALL_BATCH:  # scalar stores (same values, same order)
             seq = self.lru_seq
             c = self.lru_clock
             for p in (pfns.tolist() if isinstance(pfns, np.ndarray) else pfns):

@@ -166,7 +166,7 @@ class PageAllocMixin:
             return
         if not hw and t is not None and not self.holds(t, self.pte_lockptr(mm, table)):
             self._report("lock-discipline", site, f"PTE write to table {table.pfn} without its PTL")
-        if isinstance(new, _INT_TYPES):
+        if isinstance(new, _INT_TYPES) and self.pool.SMALL_BATCH:
             # One entry: scalar reads and stores (what the one-element slices below do).
             e = table.entries
             if table.refcount > 1 and (t is None or t.tid != table.fork_tid):
@@ -177,6 +177,8 @@ class PageAllocMixin:
                                  f"{table.refcount} PMDs")
             e[lo] = new
             return
+        if isinstance(new, _INT_TYPES):
+            new = np.array([new], dtype=np.int64)
         old = table.entries[lo:lo + len(new)]
         if table.refcount > 1 and (t is None or t.tid != table.fork_tid):
             # The hardware walker's accessed/dirty-bit update is no software write; a walk
@@ -197,7 +199,7 @@ class PageAllocMixin:
         if n == 0:
             return
         pool = self.pool
-        if n <= 8:  # scalar updates: the same checks in the same order, without ufunc.at
+        if n <= pool.SMALL_BATCH:  # scalar updates: the same checks, the same order
             flags, refc = pool.flags, pool.refcount
             live = []
             bad_p = -1
@@ -241,10 +243,13 @@ class PageAllocMixin:
         if rc < 0:
             self._report("memory-safety", site, f"refcount underflow on page {pfn}")
         if rc <= 0:
-            self._free_page(pfn, site)
+            if pool.SMALL_BATCH:
+                self._free_page(pfn, site)
+            else:
+                self.free_pages(np.array([pfn], dtype=np.int64), site)
     def free_pages(self, pfns: np.ndarray, site: str) -> None:
         """``free_unref_page``: drop from LRU, release swap-less state, return to pool."""
-        if len(pfns) == 1:
+        if len(pfns) == 1 and self.pool.SMALL_BATCH:
             self._free_page(int(pfns[0]), site)
             return
         pool = self.pool

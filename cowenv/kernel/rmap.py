@@ -56,7 +56,7 @@ class RmapMixin:
         n = len(pfns)
         if n == 0:
             return
-        if n <= 8:  # scalar updates (the same, in order; ufunc.at costs microseconds)
+        if n <= self.pool.SMALL_BATCH:  # scalar updates (the same; ufunc.at is slow)
             mcount = self.pool.mapcount
             pl = pfns.tolist()
             for p in pl:
