@@ -32,7 +32,7 @@ import json
 import pickle
 import sys
 import zlib
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -57,6 +57,8 @@ from .kernel.trace import Event, Violation, trace_hash
 from .objectives import StepOutcome, make_objective
 from .replay import readable_args, thread_label
 from .scenario import FORMAT_VERSION, ScenarioError, StepError, apply_step, parse_scenario
+
+_tuple_new = tuple.__new__
 
 
 def make_config(preset: str | None, variant: str | None, flaws: Any, geometry: Any,
@@ -166,12 +168,43 @@ def _set_attrs(obj: Any, state: dict[str, Any]) -> None:
 class _SnapshotPickler(pickle.Pickler):
     """Pickles instances with a ``__dict__`` so that they unpickle through :func:`_set_attrs`.
 
-    ``__slots__`` classes, containers, numpy arrays and named tuples keep the default
-    reduction (their attribute access does not depend on the instance dict).
+    ``__slots__`` classes, containers and other named tuples keep the default reduction
+    (their attribute access does not depend on the instance dict). Trace events and
+    one-dimensional numpy arrays get cheaper reductions to the same values (see
+    :meth:`reducer_override`); the objects of ``shared`` are not copied at all (see
+    :func:`snapshot_dumps`).
+
+    Args:
+        file: Where to write.
+        shared: Objects every load gets as they are, by identity.
+
     """
+
+    def __init__(self, file: io.BytesIO, shared: tuple[Any, ...] = ()) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        #: persistent id -> what the load hands back: every string's interned self, and
+        #: each shared object by its index in ``shared``.
+        self.table: dict[Any, Any] = {}
+        # Identity lookup while this one dump runs (the objects stay alive meanwhile);
+        # never used for ordering.
+        self._shared = {id(o): i for i, o in enumerate(shared)}
+        for i, o in enumerate(shared):
+            self.table[i] = o
 
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
+        if cls is Event:
+            # tuple.__new__ in C, as the kernel builds events, instead of the named
+            # tuple's Python-level __new__ (the same tuple).
+            return (_tuple_new, (Event, tuple(obj)))
+        if cls is np.ndarray and obj.ndim == 1 and obj.flags.c_contiguous \
+                and not obj.dtype.hasobject:
+            # An array over a private bytearray: what numpy's own reduction rebuilds (a
+            # writable array of the same dtype and contents) without its Python-level
+            # _frombuffer/reshape, and without the two garbage-collected objects
+            # (memoryview, managed buffer) that np.frombuffer puts between the array and
+            # its bytes.
+            return (np.ndarray, (obj.shape, obj.dtype, bytearray(obj.tobytes())))
         if not cls.__flags__ & _TPFLAGS_HEAPTYPE or isinstance(obj, type) \
                 or cls.__new__ is not object.__new__ \
                 or cls.__reduce_ex__ is not object.__reduce_ex__ \
@@ -186,27 +219,46 @@ class _SnapshotPickler(pickle.Pickler):
             return NotImplemented
         return (copyreg.__newobj__, (cls,), dict(state), None, None, _set_attrs)
 
-
     def persistent_id(self, obj: Any) -> Any:
         # Every string goes out as a persistent id, so that the load interns it
         # (:func:`snapshot_loads`): a plain unpickled string is a new object, and
         # dict lookups and comparisons with the interned constants of the code (lock
         # classes, ops, cost categories) then compare contents instead of identities.
-        return obj if type(obj) is str else None
+        if type(obj) is str:
+            if obj not in self.table:
+                self.table[obj] = sys.intern(obj)
+            return obj
+        if self._shared:
+            return self._shared.get(id(obj))
+        return None
 
 
-def snapshot_loads(data: bytes) -> Any:
-    """Unpickle :func:`snapshot_dumps` data, interning every string."""
-    u = pickle.Unpickler(io.BytesIO(data))
-    u.persistent_load = sys.intern  # a built-in: no Python frame per string
+class Snapshot(NamedTuple):
+    """What :func:`snapshot_dumps` returns: the pickle and its persistent-id table."""
+
+    data: bytes
+    table: dict[Any, Any]
+
+
+def snapshot_loads(snap: Snapshot) -> Any:
+    """Unpickle :func:`snapshot_dumps` data: interned strings, the shared objects as they are."""
+    u = pickle.Unpickler(io.BytesIO(snap.data))
+    u.persistent_load = snap.table.__getitem__  # a built-in: no Python frame per string
     return u.load()
 
 
-def snapshot_dumps(obj: Any) -> bytes:
-    """Pickle ``obj`` (a post-workload kernel and friends) for :meth:`Harness.reset`."""
+def snapshot_dumps(obj: Any, shared: tuple[Any, ...] = ()) -> Snapshot:
+    """Pickle ``obj`` (a post-workload kernel and friends) for :meth:`Harness.reset`.
+
+    ``shared`` are immutable objects of ``obj`` that every load may share instead of
+    copying: :meth:`Harness._run_workload` passes the kernel's configuration (a frozen
+    dataclass) and the workload's trace events (tuples whose data the kernel and the
+    trace readers never modify), about a quarter of the pickle.
+    """
     buf = io.BytesIO()
-    _SnapshotPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return buf.getvalue()
+    p = _SnapshotPickler(buf, shared)
+    p.dump(obj)
+    return Snapshot(buf.getvalue(), p.table)
 
 
 class HarnessStep:
@@ -373,8 +425,10 @@ class Harness:
         self.objective = make_objective(objective, self, objective_kwargs)
 
         # Episode state (set by reset).
-        self._snapshot: bytes | None = None
+        self._snapshot: Snapshot | None = None
         self._snapshot_tried = False
+        #: The coverage bitmap and count of the snapshot kernel's labels.
+        self._snapshot_cov: tuple[bytes, int] | None = None
         self._kernel: Kernel | None = None
         self.actions: list[int] = []
         self.recorded: list[dict[str, Any]] = []
@@ -509,9 +563,16 @@ class Harness:
                 self._seen[v.signature] = None
         self._nv, self._ne = len(k.violations), len(k.events)
         cov = self.coverage
-        cov.clear()
-        for lb in k.coverage:
-            cov.add(lb)
+        if use_snapshot and self._snapshot_cov is not None:
+            # Every snapshot kernel has reached the same labels: the same bitmap.
+            cov.seen[:] = self._snapshot_cov[0]
+            cov.n = self._snapshot_cov[1]
+        else:
+            cov.clear()
+            for lb in k.coverage:
+                cov.add(lb)
+            if use_snapshot:
+                self._snapshot_cov = (bytes(cov.seen), cov.n)
         self.objective_info = self.objective.reset(k)
         self._compute_mask()
         return list(k.violations)
@@ -547,7 +608,8 @@ class Harness:
                 t.gen is None for t in k.threads.values()):
             self._snapshot_tried = True
             try:
-                self._snapshot = snapshot_dumps((k, self._names, self.workload_labels))
+                self._snapshot = snapshot_dumps((k, self._names, self.workload_labels),
+                                                (k.config, *k.events))
             except (pickle.PicklingError, TypeError, AttributeError):
                 self._snapshot = None
 
@@ -579,10 +641,24 @@ class Harness:
         record: dict[str, Any] | None = None
         label = ""
         if legal:
-            try:
-                record, label = self._apply(k, spec)
-            except (KernelUsageError, StepError):
-                record = None  # the mask said legal; treat a refusal as illegal
+            tid = spec.tid
+            if spec.kind == "run" and tid not in self._pending:
+                # == self._apply(k, spec) for a plain run action, inlined (most steps)
+                try:
+                    label = k.step(tid)
+                except KernelUsageError:
+                    pass  # the mask said legal; treat a refusal as illegal
+                else:
+                    record = {"tid": tid, "step": 1}
+                    self.recorded.append(record)
+                    t = k.threads[tid]
+                    self.labels.append(t.label if t.gen is not None else f"{t.op}:done")
+                    self.last_label = label
+            else:
+                try:
+                    record, label = self._apply(k, spec)
+                except (KernelUsageError, StepError):
+                    record = None  # the mask said legal; treat a refusal as illegal
         illegal = record is None
         new_slot = -1
         if label:
@@ -860,4 +936,4 @@ class Harness:
         }
 
 
-__all__ = ["Coverage", "Harness", "HarnessStep", "make_config"]
+__all__ = ["Coverage", "Harness", "HarnessStep", "Snapshot", "make_config"]

@@ -8,6 +8,8 @@
   legality with;
 * :meth:`cowenv.kernel.Kernel.start` validates arguments through
   :func:`cowenv.kernel.ops.validate_args_memo` (memoised :func:`validate_args`);
+* batches of up to ``PagePool.SMALL_BATCH`` pages take scalar paths in the frame pool,
+  ``page_alloc`` and ``rmap`` instead of numpy's (``SMALL_BATCH = 0``: always numpy);
 
 The trace-hash corpus (``tests/test_corpus.py``) replays env episodes through every fast
 path too; these tests compare the two paths step by step, with random legal actions.
@@ -193,3 +195,30 @@ def test_validate_args_memo_equals_validate_args():
             assert validate_args_memo(op, dict(args)) == want
     assert not any(isinstance(v, bool) or type(v).__module__ == "numpy"
                    for key in _VALID_MEMO for v in key)
+
+
+class _NumpyPathsHarness(Harness):
+    """A harness whose kernels take the numpy paths for every batch (``SMALL_BATCH`` 0)."""
+
+    def reset(self, seed: int = 0):  # noqa: D102
+        out = super().reset(seed)
+        self.kernel.pool.SMALL_BATCH = 0
+        return out
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("preset", ["as-posted", "fixed"])
+def test_small_batch_scalar_paths_equal_numpy_paths(env_id, preset):
+    """One-page and small-batch scalar paths: the same trace, violations, masks and pool."""
+    kw = dict(gym.spec(env_id).kwargs, preset=preset)
+    fast, plain = Harness(**kw), _NumpyPathsHarness(**kw)
+    a = list(harness_rollout(fast, 1500, seed=0, rng_seed=5))
+    b = list(harness_rollout(plain, 1500, seed=0, rng_seed=5))
+    assert plain.kernel.pool.SMALL_BATCH == 0 and fast.kernel.pool.SMALL_BATCH > 0
+    assert sum(1 for x in a if x[0] == "schedule") >= 2
+    assert a == b
+    pa, pb = fast.kernel.pool, plain.kernel.pool
+    for name in ("refcount", "mapcount", "pincount", "flags", "content", "anon_vma", "index",
+                 "shmem", "gen", "lru_seq", "swap"):
+        assert np.array_equal(getattr(pa, name), getattr(pb, name)), name
+    assert (pa.free, pa.nr_free, pa.lru_clock) == (pb.free, pb.nr_free, pb.lru_clock)

@@ -28,6 +28,9 @@ from .trace import Event
 
 _tuple_new = tuple.__new__
 
+#: Lock classes whose lockdep class (:meth:`LockingMixin.lockdep_key`) can be ``ptlock``.
+_PTLOCK_SOURCES = frozenset(("ptl", "page_table_lock", "ptlock"))
+
 
 class LockingMixin:
     """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
@@ -68,9 +71,12 @@ class LockingMixin:
                     self._report("lock-discipline", site, f"recursive acquisition of {lk.name}")
                     break
             if self.config.lockdep:
-                msg = self._lockdep_recursion(t, lk, subclass)
-                if msg is None:
-                    msg = self.lockdep.acquire([h.cls for h, _ in held], lk.cls)
+                c = lk.cls
+                # (_lockdep_recursion can only report for the ptlock class: lockdep_key)
+                msg = self._lockdep_recursion(t, lk, subclass) if c in _PTLOCK_SOURCES \
+                    else None
+                if msg is None and self.lockdep.debug_locks:  # (else acquire: None)
+                    msg = self.lockdep.acquire([h.cls for h, _ in held], c)
                 if msg:
                     self._report("lock-discipline", site, msg)
         if subclass:

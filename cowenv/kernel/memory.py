@@ -82,6 +82,13 @@ class PagePool:
     #: Frames only ``__GFP_NOFAIL``/``PF_MEMALLOC`` allocations may use (memory reserves).
     RESERVE = 8
 
+    #: Batches of up to this many pages take the scalar paths (one-page ``take`` and
+    #: ``give_back``; ``lru_add``, ``put_pages``, ``free_pages``, ``page_remove_rmap`` and
+    #: one-entry ``set_ptes`` in the kernel): Python stores in the same order, with the
+    #: same results as the numpy paths, which cost microseconds per call on such small
+    #: arrays. 0 = always the numpy paths (``tests/test_fast_paths.py`` compares the two).
+    SMALL_BATCH = 8
+
     def take(self, n: int, reserve_ok: bool = False) -> np.ndarray | None:
         """Remove ``n`` frames from the free list (``alloc_pages`` bulk); None if short.
 
@@ -92,6 +99,21 @@ class PagePool:
             return None
         if n == 0:
             return np.zeros(0, dtype=np.int64)
+        if n == 1 and self.SMALL_BATCH:  # scalar stores, ~10x cheaper than fancy ones
+            p = self.free.pop()
+            self.nr_free -= 1
+            self.gen[p] += 1
+            self.refcount[p] = 1
+            self.mapcount[p] = 0
+            self.pincount[p] = 0
+            self.flags[p] = PG_allocated
+            self.content[p] = 0
+            self.anon_vma[p] = -1
+            self.index[p] = 0
+            self.shmem[p] = -1
+            self.lru_seq[p] = -1
+            self.swap[p] = -1
+            return np.array((p,), dtype=np.int64)
         pfns = np.array(self.free[-n:][::-1], dtype=np.int64)
         del self.free[-n:]
         self.nr_free -= n
@@ -110,25 +132,45 @@ class PagePool:
 
     def give_back(self, pfns: np.ndarray) -> None:
         """Return frames to the free list (``free_unref_page``), in pfn order."""
-        if len(pfns) == 0:
+        n = len(pfns)
+        if n == 0:
             return
-        if len(pfns) > 1:  # (one pfn is sorted; np.sort costs microseconds)
-            pfns = np.sort(pfns)
+        if n == 1 and self.SMALL_BATCH:  # scalar stores, without 1-element fancy indexing
+            self.give_back_one(int(pfns[0]))
+            return
+        pfns = pfns.copy()  # == np.sort(pfns), without numpy's Python-level wrapper
+        pfns.sort()
         self.flags[pfns] = 0
         self.lru_seq[pfns] = -1
         self.free.extend(pfns[::-1].tolist())  # Python ints, as int(p) for each
         self.nr_free += len(pfns)
 
+    def give_back_one(self, pfn: int) -> None:
+        """:meth:`give_back` of one frame (``pfn`` a Python int)."""
+        self.flags[pfn] = 0
+        self.lru_seq[pfn] = -1
+        self.free.append(pfn)
+        self.nr_free += 1
+
     def lru_add(self, pfns: np.ndarray | list[int]) -> None:
         """``folio_add_lru``: append to the LRU tail in the given order."""
+        n = len(pfns)
+        if n <= self.SMALL_BATCH:  # scalar stores (same values, same order)
+            seq = self.lru_seq
+            c = self.lru_clock
+            for p in (pfns.tolist() if isinstance(pfns, np.ndarray) else pfns):
+                seq[p] = c
+                c += 1
+            self.lru_clock = c
+            return
         pfns = np.asarray(pfns, dtype=np.int64)
-        self.lru_seq[pfns] = self.lru_clock + np.arange(len(pfns))
-        self.lru_clock += len(pfns)
+        self.lru_seq[pfns] = self.lru_clock + np.arange(n)
+        self.lru_clock += n
 
     def lru_order(self) -> list[int]:
         """Pages on the LRU, oldest first."""
         on = (self.lru_seq >= 0).nonzero()[0]
-        return on[np.argsort(self.lru_seq[on], kind="stable")].tolist()
+        return on[self.lru_seq[on].argsort(kind="stable")].tolist()  # (== np.argsort)
 
     def on_lru(self, pfn: int) -> bool:
         """``folio_test_lru``."""

@@ -420,6 +420,8 @@ class MmapMixin:
         pool = self.pool
         e = table.entries[lo:hi]
         live = bool(np.count_nonzero(e))  # (e is a view: the clear below empties it)
+        if not live:
+            return  # all pte_none: nothing to account, clear, gather or free
         present = (e & PTE_PRESENT) != 0
         pfns = (e[present] >> PFN_SHIFT)
         pfns = pfns[pfns != ZERO_PFN]

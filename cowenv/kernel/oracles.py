@@ -161,8 +161,8 @@ class Oracle:
         """Split regions at start/end; return those inside (like ``__split_vma``)."""
         out: list[Region] = []
         for r in self._regions(mm):
-            if r.end <= start or r.start >= end:
-                out.append(r)
+            if r.end <= start or r.start >= end or (r.start >= start and r.end <= end):
+                out.append(r)  # outside, or wholly inside: kept as it is (no copy needed)
                 continue
             if r.start < start:
                 out.append(r.clone(r.start, start))

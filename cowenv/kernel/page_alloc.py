@@ -31,6 +31,9 @@ from .pgtable import (
 )
 from .sched import Gen, Thread
 
+#: What :meth:`PageAllocMixin.set_ptes` takes as one entry.
+_INT_TYPES = (int, np.integer)
+
 
 class PageAllocMixin:
     """Part of :class:`~cowenv.kernel.kernel.Kernel` (``self`` is the kernel)."""
@@ -135,7 +138,7 @@ class PageAllocMixin:
             self.deferred_tables.append(table)
             return
         self.pool.refcount[table.pfn] = 0
-        self.pool.give_back(np.array([table.pfn], dtype=np.int64))
+        self.pool.give_back_one(int(table.pfn))
     def pmd_populate(self, mm: MmStruct, idx: int, table: PteTable) -> None:
         """``pmd_populate`` + ``mm_inc_nr_ptes`` (``pmd_install``).
 
@@ -163,7 +166,18 @@ class PageAllocMixin:
             return
         if not hw and t is not None and not self.holds(t, self.pte_lockptr(mm, table)):
             self._report("lock-discipline", site, f"PTE write to table {table.pfn} without its PTL")
-        if isinstance(new, int | np.integer):
+        if isinstance(new, _INT_TYPES) and self.pool.SMALL_BATCH:
+            # One entry: scalar reads and stores (what the one-element slices below do).
+            e = table.entries
+            if table.refcount > 1 and (t is None or t.tid != table.fork_tid):
+                mask = ~(PTE_YOUNG | (PTE_DIRTY if hw else 0))
+                if (int(e[lo]) ^ int(new)) & mask:
+                    self._report("shared-table-write", site,
+                                 f"modified 1 PTE(s) of table {table.pfn} shared by "
+                                 f"{table.refcount} PMDs")
+            e[lo] = new
+            return
+        if isinstance(new, _INT_TYPES):
             new = np.array([new], dtype=np.int64)
         old = table.entries[lo:lo + len(new)]
         if table.refcount > 1 and (t is None or t.tid != table.fork_tid):
@@ -181,9 +195,31 @@ class PageAllocMixin:
         np.add.at(self.pool.refcount, pfns, n)
     def put_pages(self, pfns: np.ndarray, site: str) -> None:
         """``put_page`` on each pfn; frees pages whose refcount reaches 0."""
-        if len(pfns) == 0:
+        n = len(pfns)
+        if n == 0:
             return
         pool = self.pool
+        if n <= pool.SMALL_BATCH:  # scalar updates: the same checks, the same order
+            flags, refc = pool.flags, pool.refcount
+            live = []
+            bad_p = -1
+            for p in pfns.tolist():
+                if int(flags[p]) & 1:
+                    live.append(p)
+                elif bad_p < 0:
+                    bad_p = p
+            if bad_p >= 0:
+                self._report("memory-safety", site, f"put_page on free page {bad_p}")
+            for p in live:
+                refc[p] -= 1
+            for p in live:
+                if refc[p] < 0:
+                    self._report("memory-safety", site, f"refcount underflow on page {p}")
+                    break
+            dead = sorted({p for p in live if refc[p] <= 0})  # == np.unique(dead)
+            if dead:
+                self.free_pages(np.array(dead, dtype=np.int64), site)
+            return
         bad = pfns[(pool.flags[pfns] & 1) == 0]
         if len(bad):
             self._report("memory-safety", site, f"put_page on free page {int(bad[0])}")
@@ -207,9 +243,15 @@ class PageAllocMixin:
         if rc < 0:
             self._report("memory-safety", site, f"refcount underflow on page {pfn}")
         if rc <= 0:
-            self.free_pages(np.array([pfn], dtype=np.int64), site)
+            if pool.SMALL_BATCH:
+                self._free_page(pfn, site)
+            else:
+                self.free_pages(np.array([pfn], dtype=np.int64), site)
     def free_pages(self, pfns: np.ndarray, site: str) -> None:
         """``free_unref_page``: drop from LRU, release swap-less state, return to pool."""
+        if len(pfns) == 1 and self.pool.SMALL_BATCH:
+            self._free_page(int(pfns[0]), site)
+            return
         pool = self.pool
         mapped = pfns[pool.mapcount[pfns] > 0]
         if len(mapped):
@@ -229,6 +271,24 @@ class PageAllocMixin:
         pool.refcount[pfns] = 0
         pool.give_back(pfns)
         self.cost.charge("page_free", len(pfns))
+    def _free_page(self, p: int, site: str) -> None:
+        """:meth:`free_pages` of one page (``p`` a Python int): the same checks and steps."""
+        pool = self.pool
+        mc = int(pool.mapcount[p])
+        if mc > 0:
+            self._report("memory-safety", site, f"page {p} freed while mapped {mc} time(s)")
+        if int(pool.flags[p]) & PG_swapcache:
+            self._report("memory-safety", site, f"swap-cache page {p} freed while "
+                         "the swap cache holds it")
+            self.put_swap_folio(self._delete_from_swap_cache_xa(p))
+        sh = int(pool.shmem[p])
+        if sh >= 0:
+            obj = self.shmem.get(sh)
+            if obj is not None and obj.pages.get(int(pool.index[p])) == p:
+                del obj.pages[int(pool.index[p])]
+        pool.refcount[p] = 0
+        pool.give_back_one(p)
+        self.cost.charge("page_free", 1)
     def is_anon(self, pfn: int) -> bool:
         """``PageAnon``."""
         return bool(int(self.pool.flags[pfn]) & PG_anon)

@@ -53,7 +53,19 @@ class RmapMixin:
 
     def page_remove_rmap(self, pfns: np.ndarray, site: str) -> None:
         """``page_remove_rmap`` on each pfn; a negative mapcount is ``print_bad_pte``."""
-        if len(pfns) == 0:
+        n = len(pfns)
+        if n == 0:
+            return
+        if n <= self.pool.SMALL_BATCH:  # scalar updates (the same; ufunc.at is slow)
+            mcount = self.pool.mapcount
+            pl = pfns.tolist()
+            for p in pl:
+                mcount[p] -= 1
+            for p in pl:  # the first pfn whose (final) mapcount is negative
+                if mcount[p] < 0:
+                    self._report("accounting", site, f"Bad page map: mapcount of page {p} "
+                                 f"is {int(mcount[p])}")
+                    break
             return
         np.subtract.at(self.pool.mapcount, pfns, 1)
         mc = self.pool.mapcount[pfns]

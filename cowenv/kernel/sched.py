@@ -44,6 +44,9 @@ Gen = Generator[str, None, Any]
 
 KSWAPD_TID = 0
 
+#: Each operation's kernel method name (``sys_<op>``), built once rather than per start.
+_SYS_NAMES: dict[str, str] = {op: f"sys_{op}" for op in OPS}
+
 class KernelUsageError(Exception):
     """The scheduler asked for something illegal (e.g. stepping an idle thread)."""
 
@@ -195,7 +198,10 @@ class SchedMixin:
         t.out = None
         t.op_index = self.op_count
         self.op_count += 1
-        t.gen = getattr(self, f"sys_{op}")(t, **a)
+        name = _SYS_NAMES.get(op)
+        if name is None:  # (an operation registered after import)
+            name = _SYS_NAMES[op] = f"sys_{op}"
+        t.gen = getattr(self, name)(t, **a)
         # /proc/thread-self/fail-nth arms fault injection for this operation.
         t.fail_nth, t.fail_nth_next = t.fail_nth_next, 0
         self._ev(tid, "start", op, a)

@@ -360,4 +360,4 @@ class TlbMixin:
             self.deferred_tables.append(table)
             return
         self.pool.refcount[table.pfn] = 0
-        self.pool.give_back(np.array([table.pfn], dtype=np.int64))
+        self.pool.give_back_one(int(table.pfn))
