@@ -54,7 +54,9 @@ from cowenv.greybox import (
     Corpus,
     CorpusEntry,
     FeatureTracker,
+    WHOLE_VMA,
     catalogue_digest,
+    entry_class,
     mutate,
     scenario_files,
     seed_plan,
@@ -157,6 +159,12 @@ class GreyboxAgent(Agent):
         self._last_new = -1
         self._cuts: list[int] = []
         self._from_plan = ""
+        self._scn_ptrs = 0  # entries per table of the plan's scenario (0: the env's)
+        self._pmd_map: dict[int, int] = {}  # scenario PMD index -> workload PMD index
+        self._tmap: dict[int, int] = {}  # scenario thread id -> workload thread id
+        self._spawns: dict[int, frozenset[int]] = {}  # new scenario tid -> tids before
+        self._skip_clone = -1  # a plan's clone the workload has already done (its tid)
+        self._regions: set[tuple[int, int]] = set()  # the workload's mappings
 
     # ------------------------------------------------------------------ campaign
     def attach_campaign(self, out: str | Path, worker: int, workers: int = 1) -> None:
@@ -198,7 +206,7 @@ class GreyboxAgent(Agent):
                     sc = load_scenario(p)
                 except Exception:  # noqa: BLE001 - a bad seed file is skipped, not fatal
                     continue
-                plans.append((p.stem, seed_plan(sc.steps)))
+                plans.append((p.stem, seed_plan(sc.steps, sc.config.ptrs_per_pte)))
             self._plans = [pl for i, pl in enumerate(plans)
                            if i % self.workers == self.worker % self.workers]
         if self._pending_files is not None:
@@ -245,9 +253,13 @@ class GreyboxAgent(Agent):
         self._plan, self._plan_pos, self._child, self._ci_pos = [], 0, [], 0
         self._from_plan = ""
         self._queued = -1
+        self._scn_ptrs, self._pmd_map, self._tmap, self._spawns = 0, {}, {}, {}
+        self._skip_clone = -1
         if self.episodes < len(self._plans):
-            self._from_plan, self._plan = self._plans[self.episodes]
+            self._from_plan, plan = self._plans[self.episodes]
+            self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
+            self._map_pmds(env, rng)
         elif self.corpus.entries and rng.random() >= self.explore:
             parent = self.corpus.choose(rng)
             # The parent up to one of its cut points (a state where it reached something
@@ -285,30 +297,122 @@ class GreyboxAgent(Agent):
                 return a
         return None
 
+    def _map_pmds(self, env: CowEnv, rng: np.random.Generator) -> None:
+        """Map the plan's page tables onto the workload's, once per play of a plan.
+
+        A scenario's addresses are its own layout's; the plan is played on the workload's
+        regions. Each PMD the scenario addresses (in the order it first does) is mapped
+        to the workload PMD, not yet taken, whose address templates hold the most of the
+        entries (:func:`cowenv.greybox.entry_class`) the plan addresses in it (ties at
+        random, so that each play of a plan may differ), so that the plan's operations
+        on one table stay on one table (a read that fills a paging-structure cache and
+        the munmap of that table; a pin and the fork that shares its page).
+        """
+        ci = self._ci
+        assert ci is not None
+        P = env.kernel.config.ptrs_per_pte
+        Ps = P
+        want: dict[int, list[tuple[Any, ...]]] = {}
+        for item in self._plan:
+            if item[0] == "geometry":
+                Ps = int(item[1])
+            elif item[0] == "start":
+                sh = _shape(item[2], item[3], Ps)
+                if sh is not None:
+                    want.setdefault(sh[0], []).append(sh[1:])
+        self._scn_ptrs = Ps
+        self._regions = _regions(env)
+        if not want:
+            return
+        have: dict[int, set[tuple[Any, ...]]] = {}
+        regions = _regions(env)
+        for sp in ci.catalogue:
+            sh = _shape(sp.op, dict(sp.args), P, regions) if sp.kind == "start" else None
+            if sh is not None:
+                hs = have.setdefault(sh[0], set())
+                hs.add(sh[1:])
+                hs.add(sh[1:2])
+        free = sorted(have)
+        for spmd, shapes in want.items():
+            if not free:
+                break
+            # An entry the PMD's templates address scores one, the same operation on
+            # the same range shape (a whole table, half of one...) one more.
+            scores = [sum((sh[:1] in have[t]) + (sh in have[t]) for sh in shapes)
+                      for t in free]
+            top = max(scores)
+            best = [t for t, sc in zip(free, scores, strict=True) if sc == top]
+            t = best[int(rng.integers(len(best)))]
+            self._pmd_map[spmd] = t
+            free.remove(t)
+
+    def _tid(self, env: CowEnv, stid: int) -> int:
+        """The workload thread a plan's thread id stands for (see ``("spawn", ...)``)."""
+        if stid in self._tmap:
+            return self._tmap[stid]
+        before = self._spawns.get(stid)
+        if before is None:
+            return stid
+        k = env.kernel
+        mapped = set(self._tmap.values())
+        for t in sorted(k.threads):
+            th = k.threads[t]
+            if t not in before and t not in mapped and not th.exited:
+                self._tmap[stid] = t
+                del self._spawns[stid]
+                return t
+        return stid  # not there yet (the fork has not finished): as numbered
+
     def _plan_action(self, env: CowEnv, mask: np.ndarray, item: tuple[Any, ...]) -> int | None:
         """The next action for plan item ``item``, or None when it is done (or impossible)."""
         ci = self._ci
         assert ci is not None
         k = env.kernel
         kind = item[0]
+        if kind == "geometry":
+            return None
         if kind == "event":
+            tid = item[2] if len(item) > 2 else -1
+            if tid > 0:
+                tid = self._tid(env, tid)
             for i in ci.events:
                 sp = ci.catalogue[i]
-                tid = item[2] if len(item) > 2 else -1
                 if sp.n == item[1] and sp.tid == tid and mask[i]:
                     self._plan_pos += 1
                     return i
             return None
-        tid = item[1]
+        if kind == "spawn":
+            # The thread the scenario's fork/clone creates. A clone whose new thread the
+            # workload already has (the default workload clones tid 2 at reset) is not
+            # played: the plan's thread is that one. Otherwise the new thread is the one
+            # that appears once the operation is done.
+            _, stid, new, op = item
+            cloner = k.threads.get(self._tid(env, stid))
+            mapped = set(self._tmap.values())
+            if op == "clone" and cloner is not None:
+                for t in sorted(k.threads):
+                    th = k.threads[t]
+                    if (th.pid == cloner.pid and t != cloner.tid and not th.exited
+                            and t not in mapped and t not in self._tmap):
+                        self._tmap[new] = t
+                        self._skip_clone = stid
+                        return None
+            self._tmap.pop(new, None)
+            self._spawns[new] = frozenset(t for t, th in k.threads.items() if not th.exited)
+            return None
+        tid = self._tid(env, item[1])
         t = k.threads.get(tid)
         run = ci.run.get(tid)
         if kind == "start":
-            best, score, ties = None, -1.0, 0
-            P = k.config.ptrs_per_pte
+            if item[2] == "clone" and self._skip_clone == item[1]:
+                self._skip_clone = -1
+                return None
+            best, score, ties = None, -1e9, 0
             for i in ci.by_tid_op.get((tid, item[2]), []):
                 if not mask[i]:
                     continue
-                s = _arg_score(ci.catalogue[i], item[3], P)
+                s = _arg_score(ci.catalogue[i], item[3], k.config.ptrs_per_pte,
+                               self._scn_ptrs, self._pmd_map, self._regions)
                 if s > score:
                     best, score, ties = i, s, 1
                 elif s == score:
@@ -332,7 +436,7 @@ class GreyboxAgent(Agent):
         if kind == "steps":
             if item[2] <= 0:
                 return None
-            self._plan[self._plan_pos] = ("steps", tid, item[2] - 1)
+            self._plan[self._plan_pos] = ("steps", item[1], item[2] - 1)
         self._plan_budget -= 1
         return run
 
@@ -429,29 +533,76 @@ class GreyboxAgent(Agent):
         self._files.append(str(path))
 
 
-def _arg_score(sp: Any, want: dict[str, Any], ptrs_per_pte: int = 0) -> float:
+def _shape(op: str, args: dict[str, Any], ptrs_per_pte: int,
+           regions: set[tuple[int, int]] | None = None) -> tuple[Any, ...] | None:
+    """``(pmd, entry class, op, length class)`` of an operation on an address, else None.
+
+    The length class is ``"VMA"`` for a whole mapping (plan argument
+    :data:`cowenv.greybox.WHOLE_VMA`, or a template's range that is one of the
+    workload's ``regions``), else ``("T", n)`` for ``n`` whole tables, else the page count.
+    """
+    a = args.get("addr")
+    if not isinstance(a, int) or isinstance(a, bool):
+        return None
+    n = args.get("length")
+    lc: Any = None
+    if args.get(WHOLE_VMA) or (regions and (a, n) in regions):
+        lc = "VMA"
+    elif isinstance(n, int) and not isinstance(n, bool):
+        pages = n >> 12
+        lc = ("T", pages // ptrs_per_pte) if pages % ptrs_per_pte == 0 else pages
+    return ((a >> 12) // ptrs_per_pte, entry_class(a >> 12, ptrs_per_pte), op, lc)
+
+
+def _regions(env: Any) -> set[tuple[int, int]]:
+    """The workload's mappings ``(addr, length)`` (the harness's ``regions``)."""
+    h = getattr(env, "harness", env)
+    return {(int(a), int(n)) for a, n in getattr(h, "regions", ())}
+
+
+def _arg_score(sp: Any, want: dict[str, Any], ptrs_per_pte: int = 0, scn_ptrs: int = 0,
+               pmd_map: dict[int, int] | None = None,
+               regions: set[tuple[int, int]] | None = None) -> float:
     """How well template ``sp`` matches scenario arguments ``want`` (higher is better).
 
     Addresses cannot match (the scenario's regions are not the workload's); an address
-    at the same entry of its page table (``addr / 4 KiB mod ptrs_per_pte``: the second
-    VMA of a PMD, a table's first page) scores half a point.
+    at the same place in its page table (:func:`cowenv.greybox.entry_class`: the second
+    VMA of a PMD, a table's first or last page; the scenario's addresses read with
+    ``scn_ptrs`` entries per table, default ``ptrs_per_pte``) scores half a point, and,
+    when the scenario's PMD is mapped (``pmd_map``, :meth:`GreyboxAgent._map_pmds`), an
+    address in the mapped PMD one point (elsewhere minus one). A length scores half a
+    point when equal, or the same number of whole tables in both geometries; a range
+    that is a whole mapping in the scenario (:data:`cowenv.greybox.WHOLE_VMA`) scores one
+    point more on a template whose range is one of the workload's ``regions``.
     """
     have = dict(sp.args)
+    Ps = scn_ptrs or ptrs_per_pte
     s = 0.0
     for key, v in want.items():
         if key == "addr" and ptrs_per_pte and isinstance(v, int) \
                 and isinstance(have.get("addr"), int):
-            if (v >> 12) % ptrs_per_pte == (have["addr"] >> 12) % ptrs_per_pte:
+            vp, hp = v >> 12, have["addr"] >> 12
+            if entry_class(vp, Ps) == entry_class(hp, ptrs_per_pte):
                 s += 0.5
+            if pmd_map and vp // Ps in pmd_map:
+                s += 1.0 if pmd_map[vp // Ps] == hp // ptrs_per_pte else -1.0
             continue
         if key in ("addr", "length"):
+            continue
+        if key == WHOLE_VMA:
+            s += 1.0 if regions and (have.get("addr"), have.get("length")) in regions else 0.0
             continue
         if key == "pin" and sp.pin_slot == 0:
             s += 1.0
         elif key in have and have[key] == v:
             s += 1.0
     if "length" in want and "length" in have:
-        s += 0.5 if have["length"] == want["length"] else 0.0
+        wl, hl = want["length"], have["length"]
+        same = wl == hl
+        if not same and ptrs_per_pte and isinstance(wl, int) and isinstance(hl, int):
+            wp, hp = wl >> 12, hl >> 12
+            same = wp % Ps == 0 and hp % ptrs_per_pte == 0 and wp // Ps == hp // ptrs_per_pte
+        s += 0.5 if same else 0.0
     if sp.tid == KSWAPD_TID and "addr" in have and "addr" not in want:
         s -= 0.5
     return s

@@ -62,6 +62,8 @@ REC_ACTIONS = "greybox_actions"
 REC_FEATURES = "greybox_features"
 REC_CATALOGUE = "greybox_catalogue"
 REC_CUTS = "greybox_cuts"
+#: Plan argument: the range is exactly one of the scenario's mappings (:func:`seed_plan`).
+WHOLE_VMA = "whole_vma"
 #: Most cut points kept per corpus entry (:attr:`CorpusEntry.cuts`).
 MAX_CUTS = 16
 
@@ -552,17 +554,38 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
 
 
 # ----------------------------------------------------------------------------- seeds
-def seed_plan(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+def seed_plan(steps: list[dict[str, Any]], ptrs_per_pte: int = 0) -> list[tuple[Any, ...]]:
     """A scenario's steps as an abstract plan for :class:`cowenv_agents.GreyboxAgent`.
 
     Plan items: ``("start", tid, op, args)``, ``("until", tid, label)``,
     ``("finish", tid)`` (run to the end of the operation, or until blocked),
-    ``("steps", tid, n)``, ``("event", n, tid)`` (tid -1: the pressure event). ``mmap``
-    steps are left out (the harness workload maps its own regions); arguments keep their
-    scenario values and are matched to the nearest catalogue template when played; bound
-    names (``pin: PIN``) become the thread's oldest pin slot.
+    ``("steps", tid, n)``, ``("event", n, tid)`` (tid -1: the pressure event), and two
+    that carry what the scenario's numbers mean: ``("geometry", P)`` first (entries per
+    table of the scenario's configuration, when given: its addresses are read in that
+    geometry, :func:`entry_class`) and ``("spawn", tid, new_tid, op)`` right before a
+    ``fork``/``clone`` start (the thread id the scenario's kernel gives the new thread:
+    the lowest free one, as :meth:`cowenv.kernel.sched.SchedMixin._free_tid`; the agent
+    maps it onto the thread the workload's kernel gives, or onto a thread the workload
+    already cloned). ``mmap`` steps are left out (the harness workload maps its own
+    regions, but a range that is exactly one of the scenario's mappings gets the
+    argument :data:`WHOLE_VMA`: a munmap of a whole VMA frees its tables, one of a part
+    splits the VMA first); arguments keep their scenario values and are matched to the
+    nearest catalogue template when played; bound names (``pin: PIN``) become the
+    thread's oldest pin slot.
     """
     plan: list[tuple[Any, ...]] = []
+    if ptrs_per_pte:
+        plan.append(("geometry", int(ptrs_per_pte)))
+    alive = {1}
+    vmas: set[tuple[Any, Any]] = set()
+
+    def spawn() -> int:
+        n = 1
+        while n in alive:
+            n += 1
+        alive.add(n)
+        return n
+
     for s in steps:
         if "event" in s:
             et = s.get("tid")  # /proc/thread-self/fail-nth of a numbered thread
@@ -574,9 +597,18 @@ def seed_plan(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
             continue
         op = s.get("do") or s.get("start")
         if op:
+            args = dict(s.get("args") or {})
             if op == "mmap":
+                if isinstance(args.get("addr"), int) and isinstance(args.get("length"), int):
+                    vmas.add((args["addr"], args["length"]))
                 continue
-            plan.append(("start", int(tid), str(op), dict(s.get("args") or {})))
+            if (args.get("addr"), args.get("length")) in vmas:
+                args[WHOLE_VMA] = True
+            if op in ("fork", "clone"):
+                plan.append(("spawn", int(tid), spawn(), str(op)))
+            elif op == "exit":
+                alive.discard(int(tid))
+            plan.append(("start", int(tid), str(op), args))
             if "do" in s:
                 plan.append(("finish", int(tid)))
         elif "until" in s:
@@ -586,6 +618,22 @@ def seed_plan(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         elif "step" in s:
             plan.append(("steps", int(tid), int(s["step"])))
     return plan
+
+
+def entry_class(page: int, ptrs_per_pte: int) -> Any:
+    """Where page ``page`` sits in its page table, comparable across geometries.
+
+    The first and second entries and the last one are themselves (``0``, ``1``, ``"L"``:
+    the catalogue's address templates are a portion's first, second and last page);
+    any other entry is its fraction of the table (the second VMA of a PMD that starts
+    half-way is ``0.5`` with 8 or with 512 entries per table).
+    """
+    e = page % ptrs_per_pte
+    if e == ptrs_per_pte - 1 and e > 1:
+        return "L"
+    if e < 2:
+        return e
+    return round(e / ptrs_per_pte, 3)
 
 
 def scenario_files(paths: list[str | Path], exclude: list[str] | None = None) -> list[Path]:
@@ -604,7 +652,8 @@ def scenario_files(paths: list[str | Path], exclude: list[str] | None = None) ->
     return [p for p in out if p.stem not in ex and not p.name.startswith(".")]
 
 
-__all__ = ["FEEDBACKS", "MAX_CUTS", "MUTATIONS", "REC_CUTS", "CatalogueIndex", "Corpus",
+__all__ = ["FEEDBACKS", "MAX_CUTS", "MUTATIONS", "REC_CUTS", "WHOLE_VMA", "CatalogueIndex", "Corpus",
            "CorpusEntry",
-           "FeatureTracker", "catalogue_digest", "fid", "mutate", "scenario_files",
+           "FeatureTracker", "catalogue_digest", "entry_class", "fid", "mutate",
+           "scenario_files",
            "seed_plan"]
