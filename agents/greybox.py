@@ -259,7 +259,7 @@ class GreyboxAgent(Agent):
             self._from_plan, plan = self._plans[self.episodes]
             self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
-            self._map_pmds(env, rng)
+            self._map_pmds(env)
         elif self.corpus.entries and rng.random() >= self.explore:
             parent = self.corpus.choose(rng)
             # The parent up to one of its cut points (a state where it reached something
@@ -297,7 +297,7 @@ class GreyboxAgent(Agent):
                 return a
         return None
 
-    def _map_pmds(self, env: CowEnv, rng: np.random.Generator) -> None:
+    def _map_pmds(self, env: CowEnv) -> None:
         """Map the plan's page tables onto the workload's, once per play of a plan.
 
         A scenario's addresses are its own layout's; the plan is played on the workload's
@@ -333,7 +333,9 @@ class GreyboxAgent(Agent):
                 hs.add(sh[1:])
                 hs.add(sh[1:2])
         free = sorted(have)
-        for spmd, shapes in want.items():
+        last = -1
+        for spmd in sorted(want):
+            shapes = want[spmd]
             if not free:
                 break
             # An entry the PMD's templates address scores one, the same operation on
@@ -342,8 +344,10 @@ class GreyboxAgent(Agent):
                       for t in free]
             top = max(scores)
             best = [t for t, sc in zip(free, scores, strict=True) if sc == top]
-            t = best[int(rng.integers(len(best)))]
+            after = [t for t in best if t > last]
+            t = after[0] if after else best[0]
             self._pmd_map[spmd] = t
+            last = t
             free.remove(t)
 
     def _tid(self, env: CowEnv, stid: int) -> int:

@@ -466,7 +466,7 @@ def run_task(task: tuple[Any, ...]) -> tuple[Any, ...]:
     if task[0] == "cause":
         _, key, data, sig, flaws = task
         t0 = time.process_time()
-        found = cause_flaws(data, sig, flaws)
+        found = confirm_flaws(data, sig, flaws)
         return ("cause", key, found, time.process_time() - t0)
     return minimise_finding(*task)
 
@@ -490,6 +490,66 @@ def cause_flaws(data: dict[str, Any], signature: str, flaws: list[str]) -> list[
     out = [f for f in flaws if _shows(sc, signature, [f])]
     if out and _shows(sc, signature, []):
         return []
+    return out
+
+
+#: Violation kinds the cause search never attributes to a flaw (:func:`confirm_flaws`).
+_NOT_HARM = ("simulator", "selftest")
+
+
+def _harms(sc: Any, flaws: list[str]) -> set[str]:
+    """Signatures ``sc``'s schedule shows with only ``flaws`` on (none: ``fixed``).
+
+    Run leniently to the end (:func:`cowenv.minimize.run_lenient`); simulator defects and
+    scenario self-checks are left out.
+    """
+    from .minimize import run_lenient
+    from .scenario import override_config
+
+    c = (override_config(sc.config, "cowpte", flaws) if flaws
+         else override_config(sc.config, "fixed", None))
+    run = run_lenient(c, sc.steps)
+    return {s for s in run.kernel.signatures if s.split("@", 1)[0] not in _NOT_HARM}
+
+
+def confirm_flaws(data: dict[str, Any], signature: str, flaws: list[str]
+                  ) -> list[tuple[str, str, list[dict[str, Any]] | None]]:
+    """The cause search's confirm runs: what schedule ``data`` shows with each flaw alone.
+
+    :func:`cause_flaws` asks whether a flaw alone shows the schedule's own ``signature``.
+    A flaw can also be *masked* in a campaign with several flaws on: its violation never
+    fires there because another flaw's runs first (lockdep reports one splat and turns
+    itself off, as the kernel's ``debug_locks_off`` does, so ``fork-ptl-nesting``'s splat
+    at the first fork hides ``ptl-recursive-nesting``'s at the first COW break; an early
+    ``-ENOMEM`` of one flaw's path takes the road another flaw's needs). So each flaw of
+    ``flaws`` is switched on alone and the schedule is run to its end, and once on
+    ``fixed``; a flaw is a cause when its run shows a violation (not a simulator
+    defect) that the ``fixed`` run does not: ``signature`` itself if it is among them,
+    else the first other one in sorted order (*masked*).
+
+    Returns:
+        ``(flaw, signature shown, steps)`` per cause, in the order of ``flaws``; ``steps``
+        are the steps that took effect in the flaw-alone run (the schedule to file, with
+        that flaw alone, for a masked signature), None for ``signature`` itself.
+
+    """
+    from .minimize import run_lenient
+    from .scenario import override_config, parse_scenario
+
+    try:
+        sc = parse_scenario(data)
+    except Exception:  # a schedule the worker recorded always parses; never fail on it
+        return []
+    base = _harms(sc, [])
+    out: list[tuple[str, str, list[dict[str, Any]] | None]] = []
+    for f in flaws:
+        sigs = _harms(sc, [f]) - base
+        if signature in sigs:
+            out.append((f, signature, None))
+        elif sigs:
+            other = sorted(sigs)[0]
+            c = override_config(sc.config, "cowpte", [f])
+            out.append((f, other, run_lenient(c, sc.steps, stop_on={other}).effective))
     return out
 
 
@@ -902,14 +962,16 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         return out
 
     def search_causes() -> int:
-        """The cause search (:func:`cause_flaws`) over this session's re-reports.
+        """The cause search (:func:`confirm_flaws`) over this session's re-reports.
 
         Candidates are tried shortest first (a violation early in its episode has the
         fewest other flaws' effects around it), each against the flaws not demonstrated
         yet, two per minimiser in flight, until their CPU time adds up to
         ``cause_seconds`` (or ten times that in wall time passes). A flaw found is filed
         as ``DIR/causes/<signature>--<flaw>.yaml`` (the recorded schedule, replayable)
-        and listed under its signature in ``campaign.json``.
+        and listed under its signature in ``campaign.json``; a masked one
+        (:func:`confirm_flaws`) under the signature it was met as, with ``shows``, its
+        file named after the signature it shows and configured with that flaw alone.
         """
         from .findings import signature_slug
         from .harness import Harness
@@ -941,23 +1003,41 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                 j, fl, spent = cause_results.pop(0)
                 cpu += spent
                 sig, ctx, d = cands[j]
-                new = [f for f in fl if f in todo]
+                new = [c for c in fl if c[0] in todo]
                 if not new:
                     continue
-                rel = f"causes/{signature_slug(sig)}--{new[0]}.yaml"
-                d = dict(d)
-                d["description"] = (d.get("description", "") + f" Cause search: with "
-                                    f"{', '.join(new)} alone (and not on fixed) this schedule "
-                                    f"shows {sig}, filed first for other flaws.").strip()
-                save_scenario(d, outp / rel)
-                meta.setdefault(sig, {}).setdefault("causes", []).extend(
-                    {"flaw": f, "file": rel, "context": ctx, "steps": len(d["steps"])}
-                    for f in new)
-                todo = [f for f in todo if f not in new]
+                for flaw, shown, steps in new:
+                    fd = dict(d)
+                    if steps is None:  # the candidate's own signature
+                        fd["description"] = (
+                            d.get("description", "") + f" Cause search: with {flaw} alone "
+                            f"(and not on fixed) this schedule shows {sig}, filed first for "
+                            "other flaws.").strip()
+                    else:  # masked: the flaw alone shows another signature
+                        fd["config"] = dict(d["config"], variant="cowpte", flaws=[flaw])
+                        fd["steps"] = steps
+                        v_kind, v_site = shown.split("@", 1)
+                        fd["expect"] = {"violation": {"kind": v_kind, "site": v_site}}
+                        fd.pop("expect_by_variant", None)
+                        fd["description"] = (
+                            d.get("description", "") + f" Cause search (masked): with "
+                            f"{flaw} alone (and not on fixed) this schedule, met as {sig}, "
+                            f"shows {shown}, which the campaign's other flaws kept from "
+                            "firing; the steps are those that took effect with it alone."
+                        ).strip()
+                    rel = f"causes/{signature_slug(shown)}--{flaw}.yaml"
+                    save_scenario(fd, outp / rel)
+                    row = {"flaw": flaw, "file": rel, "context": ctx,
+                           "steps": len(fd["steps"])}
+                    if shown != sig:
+                        row["shows"] = shown
+                    meta.setdefault(sig, {}).setdefault("causes", []).append(row)
+                    display.note(f"[{elapsed():7.1f}s] cause search: {flaw} shows {shown}"
+                                 + (f" (masked; met as {sig})" if shown != sig else "")
+                                 + f" -> {outp / rel}")
+                todo = [f for f in todo if f not in {c[0] for c in new}]
                 n_found += len(new)
                 save_state("running")
-                display.note(f"[{elapsed():7.1f}s] cause search: {', '.join(new)} shows "
-                             f"{sig} -> {outp / rel}")
         display.note(f"cause search: {min(i, len(cands))} of {len(cands)} candidate "
                      f"schedule(s) tried, {cpu:.1f} CPU s")
         pending_cause.clear()
