@@ -50,11 +50,11 @@ from cowenv.greybox import (
     REC_CATALOGUE,
     REC_CUTS,
     REC_FEATURES,
+    WHOLE_VMA,
     CatalogueIndex,
     Corpus,
     CorpusEntry,
     FeatureTracker,
-    WHOLE_VMA,
     catalogue_digest,
     entry_class,
     mutate,
@@ -62,6 +62,8 @@ from cowenv.greybox import (
     seed_plan,
 )
 from cowenv.kernel import KSWAPD_TID
+from cowenv.kernel.memory import PG_allocated, PG_anon_exclusive
+from cowenv.kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
 
 from .base import CHOICES, Agent, KindChooser, uniform_legal
 
@@ -99,6 +101,11 @@ class GreyboxAgent(Agent):
         fault_prob: In random choice, probability that a chosen start is preceded by a
             ``fail_nth`` event of its thread (syzkaller's per-call fault injection:
             the fault is armed right before the call it should hit).
+        use_prob: In random choice, probability of a *use* when the kernel holds
+            something stale that an access would use (:meth:`_use`): a load through a
+            paging-structure-cache entry of a freed table, a load or store through a
+            stale TLB entry, a device read of a pin whose page sits in a COW-shared
+            table (or is not exclusive), or a store by its process to that page.
 
     """
 
@@ -109,7 +116,7 @@ class GreyboxAgent(Agent):
                  run_prob: float = 0.5, event_prob: float = 0.03, sync_every: int = 20,
                  corpus_dir: str | None = None, cull_every: int = 200,
                  choice: str = "weighted", extend: float = 0.3,
-                 fault_prob: float = 0.05) -> None:
+                 fault_prob: float = 0.05, use_prob: float = 0.3) -> None:
         super().__init__()
         if not 0.0 <= extend <= 1.0:
             raise ValueError("extend: expected 0..1")
@@ -119,7 +126,7 @@ class GreyboxAgent(Agent):
         self.choice = choice
         self._chooser: KindChooser | None = None
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
-                      ("fault_prob", fault_prob)):
+                      ("fault_prob", fault_prob), ("use_prob", use_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{nm}: expected 0..1")
         if sync_every < 0 or cull_every < 0:
@@ -132,6 +139,7 @@ class GreyboxAgent(Agent):
         self.run_prob = float(run_prob)
         self.event_prob = float(event_prob)
         self.fault_prob = float(fault_prob)
+        self.use_prob = float(use_prob)
         self._queued = -1  # a start the random part chose, after its injected fault
         self.sync_every = int(sync_every)
         self.cull_every = int(cull_every)
@@ -193,7 +201,7 @@ class GreyboxAgent(Agent):
         if self._env_id == id(env):
             return
         self._env_id = id(env)
-        self._ci = CatalogueIndex(env.catalogue)
+        self._ci = CatalogueIndex(env.catalogue, env.kernel.config.ptrs_per_pte)
         if self.choice != "thread":
             self._chooser = KindChooser(env.catalogue, self.choice)
         self._digest = catalogue_digest(env.catalogue)
@@ -445,10 +453,14 @@ class GreyboxAgent(Agent):
         return run
 
     def _random(self, env: CowEnv, mask: np.ndarray) -> int:
-        """Random choice, with per-call fault injection (``fault_prob``)."""
+        """Random choice, with per-call fault injection (``fault_prob``) and uses."""
         q, self._queued = self._queued, -1
         if 0 <= q < len(mask) and mask[q]:
             return q
+        if self.use_prob and self.rng.random() < self.use_prob:
+            u = self._use(env, mask)
+            if u is not None:
+                return u
         a = self._choose(env, mask)
         ci = self._ci
         assert ci is not None
@@ -459,6 +471,91 @@ class GreyboxAgent(Agent):
                 self._queued = a
                 return f
         return a
+
+    def _use(self, env: CowEnv, mask: np.ndarray) -> int | None:
+        """An access that would use a stale state the kernel holds now, or None.
+
+        Greybox, as the pin and TLB features (:func:`cowenv.greybox._tlb_states`,
+        :func:`cowenv.greybox._pin_states`): the fuzzer reads the model's state, here to
+        aim its next access, the way the ``DEBUG_VM`` checks and the page-table check
+        look at state a later read would show. The candidates (legal ones, one chosen at
+        random):
+
+        * a thread's paging-structure-cache entry whose table was freed or reused: a
+          load by that thread of a page of that PMD its TLB does not hold (the walk goes
+          through the cached entry);
+        * a TLB entry whose frame was freed or reused, or writable where the page tables
+          no longer grant it while no flush is pending: a load (freed) or a store
+          (write-protected) by that thread at that page;
+        * an active pin whose page is still mapped at the pinned address but sits in a
+          write-protected (COW-shared) table or is not ``PageAnonExclusive``: the
+          device's read of that pin by a thread of its process, or a store by one of
+          them at the pinned address.
+
+        States the fixed kernel passes through all the time (a table unlinked behind a
+        pending flush, a pinned page unmapped by the process) are left alone: a use
+        there is harmless, and the probe would crowd out the search.
+        """
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        cands: list[int] = []
+        pool = k.pool
+        P = k.config.ptrs_per_pte
+        if k.config.tlb:
+            for tid in ci.user_tids:
+                t = k.threads.get(tid)
+                if t is None or t.exited or t.gen is not None or (not t.psc and not t.tlb):
+                    continue
+                p = k.procs.get(t.pid)
+                if p is None:
+                    continue
+                mm = p.mm
+                for idx, (table, tgen, _w) in t.psc.items():
+                    tp = table.pfn
+                    if pool.gen[tp] != tgen or not pool.flags[tp] & PG_allocated:
+                        cands.extend(i for i in ci.reads_in.get((tid, idx), ())
+                                     if ci.where[i][1] >> 12 not in t.tlb)
+                if len(t.tlb) > 64:
+                    continue
+                pending = k.tlb_pending.get(mm.id, 0)
+                for vpn, (pfn, gen, writable, _d) in t.tlb.items():
+                    if pool.gen[pfn] != gen or not pool.flags[pfn] & PG_allocated:
+                        i = ci.access_at.get((tid, "read", vpn))
+                    elif writable and not pending:
+                        e = mm.pmd.get(vpn // P)
+                        pte = int(e.table.entries[vpn % P]) if e is not None else 0
+                        if e is not None and e.write and pte & PTE_WRITE \
+                                and pte >> PFN_SHIFT == pfn:
+                            continue
+                        i = ci.access_at.get((tid, "write", vpn))
+                    else:
+                        continue
+                    if i is not None:
+                        cands.append(i)
+        if k.pins:
+            slots: dict[int, int] = {}
+            for pin in k.pins.values():
+                if not pin.active:
+                    continue
+                slot = slots.get(pin.pid, 0)
+                slots[pin.pid] = slot + 1
+                e = pin.mm.pmd.get(pin.vpn // P)
+                pte = int(e.table.entries[pin.vpn % P]) if e is not None else 0
+                mapped = bool(pte & PTE_PRESENT) and pte >> PFN_SHIFT == pin.pfn
+                excl = bool(int(pool.flags[pin.pfn]) & PG_anon_exclusive)
+                if not mapped or (e is not None and e.write and excl):
+                    continue
+                proc = k.procs.get(pin.pid)
+                for tid in (proc.tids if proc is not None else ()):
+                    for i in (ci.dev_read_of.get((tid, slot)),
+                              ci.access_at.get((tid, "write", pin.vpn))):
+                        if i is not None:
+                            cands.append(i)
+        cands = [i for i in cands if mask[i]]
+        if not cands:
+            return None
+        return cands[int(self.rng.integers(len(cands)))]
 
     def _choose(self, env: CowEnv, mask: np.ndarray) -> int:
         """Operation-level random choice (see the module docstring)."""

@@ -1018,7 +1018,8 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                         fd["steps"] = steps
                         v_kind, v_site = shown.split("@", 1)
                         fd["expect"] = {"violation": {"kind": v_kind, "site": v_site}}
-                        fd.pop("expect_by_variant", None)
+                        for key in ("expect_by_variant", "outcome", "recorded"):
+                            fd.pop(key, None)  # of the campaign's run, not of this one
                         fd["description"] = (
                             d.get("description", "") + f" Cause search (masked): with "
                             f"{flaw} alone (and not on fixed) this schedule, met as {sig}, "
