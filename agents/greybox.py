@@ -375,6 +375,58 @@ class GreyboxAgent(Agent):
                 return t
         return stid  # not there yet (the fork has not finished): as numbered
 
+    def _pageout_as_reclaim(self, env: CowEnv, mask: np.ndarray, t: Any,
+                            want: dict[str, Any]) -> int | None:
+        """A plan's ``MADV_PAGEOUT`` of a few pages, where the catalogue's are far longer.
+
+        The catalogue's ``PAGEOUT`` templates cover whole regions and portions: with 512
+        entries per table that is hundreds of pages, more preemption points than an
+        episode has, where the scenario (small geometry) paged out one or two. The same
+        effect -- that page swapped out through ``shrink_folio_list`` /
+        ``try_to_unmap`` -- is kswapd's one-page reclaim at that address in the caller's
+        process (:func:`cowenv.catalogue.build_kswapd_templates`): the plan item becomes
+        that reclaim, and its ``finish`` runs kswapd. None when the catalogue has a
+        ``PAGEOUT`` short enough, or no such reclaim.
+        """
+        ci = self._ci
+        assert ci is not None
+        P = env.kernel.config.ptrs_per_pte
+        pages = int(want.get("length", 4096)) >> 12
+        Ps = self._scn_ptrs or P
+        lens = [int(dict(ci.catalogue[i].args).get("length", 0)) >> 12
+                for i in ci.by_tid_op.get((t.tid, "madvise"), [])
+                if dict(ci.catalogue[i].args).get("advice") == "PAGEOUT"]
+        if not lens or min(lens) <= max(4 * pages, 16) or pages >= Ps:
+            return None
+        a = want.get("addr")
+        if not isinstance(a, int):
+            return None
+        pids = [p.pid for p in env.kernel.live_procs()]
+        if t.pid not in pids:
+            return None
+        slot = pids.index(t.pid)
+        vp = a >> 12
+        pmd = self._pmd_map.get(vp // Ps)
+        best, score = None, -1.0
+        for i in ci.by_tid_op.get((KSWAPD_TID, "reclaim"), []):
+            sp = ci.catalogue[i]
+            ha = dict(sp.args).get("addr")
+            if sp.proc_slot != slot or not isinstance(ha, int) or not mask[i]:
+                continue
+            sc = float(entry_class(vp, Ps) == entry_class(ha >> 12, P))
+            if pmd is not None:
+                sc += 1.0 if (ha >> 12) // P == pmd else -1.0
+            if sc > score:
+                best, score = i, sc
+        if best is None:
+            return None
+        self._plan_pos += 1
+        self._plan_budget = _PLAN_STEP_LIMIT
+        nxt = self._plan[self._plan_pos] if self._plan_pos < len(self._plan) else ()
+        if nxt and nxt[0] == "finish" and self._tid(env, nxt[1]) == t.tid:
+            self._plan[self._plan_pos] = ("finish", KSWAPD_TID)
+        return best
+
     def _plan_action(self, env: CowEnv, mask: np.ndarray, item: tuple[Any, ...]) -> int | None:
         """The next action for plan item ``item``, or None when it is done (or impossible)."""
         ci = self._ci
@@ -419,6 +471,10 @@ class GreyboxAgent(Agent):
             if item[2] == "clone" and self._skip_clone == item[1]:
                 self._skip_clone = -1
                 return None
+            if item[2] == "madvise" and item[3].get("advice") == "PAGEOUT" and t is not None:
+                alt = self._pageout_as_reclaim(env, mask, t, item[3])
+                if alt is not None:
+                    return alt
             best, score, ties = None, -1e9, 0
             for i in ci.by_tid_op.get((tid, item[2]), []):
                 if not mask[i]:
