@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cowenv.greybox import (
+    DEFAULT_MUTATIONS,
+    MUTATIONS,
     REC_ACTIONS,
     REC_CATALOGUE,
     REC_CUTS,
@@ -106,6 +108,11 @@ class GreyboxAgent(Agent):
             paging-structure-cache entry of a freed table, a load or store through a
             stale TLB entry, a device read of a pin whose page sits in a COW-shared
             table (or is not exclusive), or a store by its process to that page.
+            Off by default (0): measured worse (README "Greybox").
+        tlb_features: Include the TLB staleness features
+            (:class:`cowenv.greybox.FeatureTracker`); off by default, measured worse.
+        mutations: The mutations to use (default
+            :data:`cowenv.greybox.DEFAULT_MUTATIONS`).
 
     """
 
@@ -116,7 +123,8 @@ class GreyboxAgent(Agent):
                  run_prob: float = 0.5, event_prob: float = 0.03, sync_every: int = 20,
                  corpus_dir: str | None = None, cull_every: int = 200,
                  choice: str = "weighted", extend: float = 0.3,
-                 fault_prob: float = 0.05, use_prob: float = 0.3) -> None:
+                 fault_prob: float = 0.05, use_prob: float = 0.0, tlb_features: bool = False,
+                 mutations: list[str] | None = None) -> None:
         super().__init__()
         if not 0.0 <= extend <= 1.0:
             raise ValueError("extend: expected 0..1")
@@ -131,7 +139,11 @@ class GreyboxAgent(Agent):
                 raise ValueError(f"{nm}: expected 0..1")
         if sync_every < 0 or cull_every < 0:
             raise ValueError("sync_every/cull_every: expected >= 0")
-        self.tracker = FeatureTracker(feedback)
+        self.tracker = FeatureTracker(feedback, tlb=tlb_features)
+        self.mutations = tuple(mutations) if mutations is not None else DEFAULT_MUTATIONS
+        bad = [m for m in self.mutations if m not in MUTATIONS]
+        if bad or not self.mutations:
+            raise ValueError(f"mutations: expected some of {', '.join(MUTATIONS)}")
         self.feedback = feedback
         self.seed_paths = [DEFAULT_SEEDS] if seeds is None else list(seeds)
         self.seed_exclude = list(seed_exclude or ())
@@ -281,7 +293,7 @@ class GreyboxAgent(Agent):
             else:
                 other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
                 self._child, _ = mutate(prefix, rng, self._ci, other.actions,
-                                        max_len=env.max_steps)
+                                        max_len=env.max_steps, kinds=self.mutations)
         self._feats.update(self.tracker.reset(env.kernel))
 
     def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
