@@ -184,6 +184,7 @@ class GreyboxAgent(Agent):
         self._tmap: dict[int, int] = {}  # scenario thread id -> workload thread id
         self._spawns: dict[int, frozenset[int]] = {}  # new scenario tid -> tids before
         self._skip_clone = -1  # a plan's clone the workload has already done (its tid)
+        self._rank: dict[int, int] = {}  # tid -> occurrence an "until" waits for
         self._regions: set[tuple[int, int]] = set()  # the workload's mappings
 
     # ------------------------------------------------------------------ campaign
@@ -274,7 +275,7 @@ class GreyboxAgent(Agent):
         self._from_plan = ""
         self._queued = -1
         self._scn_ptrs, self._pmd_map, self._tmap, self._spawns = 0, {}, {}, {}
-        self._skip_clone = -1
+        self._skip_clone, self._rank = -1, {}
         if self.episodes < len(self._plans):
             self._from_plan, plan = self._plans[self.episodes]
             self._plan = list(plan)
@@ -386,6 +387,23 @@ class GreyboxAgent(Agent):
                 del self._spawns[stid]
                 return t
         return stid  # not there yet (the fork has not finished): as numbered
+
+    def _walk_rank(self, env: CowEnv, t: Any, op: str) -> int:
+        """Which table of a whole-mm walk (fork, exit) stands for the scenario's first.
+
+        A scenario's mm has its tables where the plan's addresses are; the workload's
+        has more, below them. A walk reaches the plan's lowest table after the
+        workload's tables below the PMD it is mapped to (:meth:`_map_pmds`), so an
+        ``until`` of the walk stops at that occurrence of its label: 1 + the number of
+        the thread's mm's PMD entries below that PMD (1 for any other operation).
+        """
+        if op not in ("fork", "exit") or not self._pmd_map or t is None:
+            return 1
+        m = self._pmd_map[min(self._pmd_map)]
+        p = env.kernel.procs.get(t.pid)
+        if p is None:
+            return 1
+        return 1 + sum(1 for idx in p.mm.pmd if idx < m)
 
     def _pageout_as_reclaim(self, env: CowEnv, mask: np.ndarray, t: Any,
                             want: dict[str, Any]) -> int | None:
@@ -508,11 +526,17 @@ class GreyboxAgent(Agent):
             if best is not None:
                 self._plan_pos += 1
                 self._plan_budget = _PLAN_STEP_LIMIT
+                self._rank[tid] = self._walk_rank(env, t, item[2])
             return best
         if t is None or run is None or t.gen is None or not mask[run] or self._plan_budget <= 0:
             return None
         if kind == "until" and t.label == item[2]:
-            return None
+            # A walk over the whole mm (fork, exit) passes a per-table label once per
+            # table: the scenario's first one is the workload's table ``rank``.
+            seen = (item[3] if len(item) > 3 else 0) + 1
+            if seen >= self._rank.get(tid, 1):
+                return None
+            self._plan[self._plan_pos] = ("until", item[1], item[2], seen)
         if kind == "steps":
             if item[2] <= 0:
                 return None
