@@ -513,24 +513,36 @@ def _harms(sc: Any, flaws: list[str]) -> set[str]:
 
 
 def confirm_flaws(data: dict[str, Any], signature: str, flaws: list[str]
-                  ) -> list[tuple[str, str, list[dict[str, Any]] | None]]:
-    """The cause search's confirm runs: what schedule ``data`` shows with each flaw alone.
+                  ) -> list[tuple[str, str, list[dict[str, Any]] | None, str]]:
+    """The cause search's confirm runs: which of ``flaws`` schedule ``data`` shows.
 
     :func:`cause_flaws` asks whether a flaw alone shows the schedule's own ``signature``.
-    A flaw can also be *masked* in a campaign with several flaws on: its violation never
-    fires there because another flaw's runs first (lockdep reports one splat and turns
-    itself off, as the kernel's ``debug_locks_off`` does, so ``fork-ptl-nesting``'s splat
-    at the first fork hides ``ptl-recursive-nesting``'s at the first COW break; an early
-    ``-ENOMEM`` of one flaw's path takes the road another flaw's needs). So each flaw of
-    ``flaws`` is switched on alone and the schedule is run to its end, and once on
-    ``fixed``; a flaw is a cause when its run shows a violation (not a simulator
-    defect) that the ``fixed`` run does not: ``signature`` itself if it is among them,
-    else the first other one in sorted order (*masked*).
+    In a campaign with several flaws on, two more cases hide a flaw:
+
+    * *masked*: its violation never fires there because another flaw's runs first
+      (lockdep reports one splat and turns itself off, as the kernel's
+      ``debug_locks_off`` does, so ``fork-ptl-nesting``'s splat at the first fork hides
+      ``ptl-recursive-nesting``'s at the first COW break);
+    * *needed with the others*: the schedule was played with every flaw on, and with
+      one alone it takes another course (another flaw's path made a fork wait, an
+      allocation fail), so the flaw alone shows nothing there, yet it is what the
+      violation needs.
+
+    So each flaw ``f`` of ``flaws`` is tried three ways, the first that holds counts
+    (``how``):
+
+    1. ``alone``: ``f`` alone, run to the end, shows ``signature``, and ``fixed`` does not;
+    2. ``masked``: ``f`` alone shows another violation (not a simulator defect) that
+       ``fixed`` does not (the first in sorted order);
+    3. ``leave-one-out``: with the schedule's own flaws (as recorded) it shows
+       ``signature``, with the same flaws but ``f`` it does not, and ``fixed`` does not:
+       the violation goes away with ``f`` off.
 
     Returns:
-        ``(flaw, signature shown, steps)`` per cause, in the order of ``flaws``; ``steps``
-        are the steps that took effect in the flaw-alone run (the schedule to file, with
-        that flaw alone, for a masked signature), None for ``signature`` itself.
+        ``(flaw, signature shown, steps, how)`` per cause, in the order of ``flaws``;
+        ``steps`` are the steps that took effect in the flaw-alone run (the schedule
+        to file, with that flaw alone) for ``masked``, else None (the recorded
+        schedule replays as it is).
 
     """
     from .minimize import run_lenient
@@ -541,15 +553,23 @@ def confirm_flaws(data: dict[str, Any], signature: str, flaws: list[str]
     except Exception:  # a schedule the worker recorded always parses; never fail on it
         return []
     base = _harms(sc, [])
-    out: list[tuple[str, str, list[dict[str, Any]] | None]] = []
+    own = list(sc.config.flaws) if sc.config.variant == "cowpte" else []
+    with_all: bool | None = None
+    out: list[tuple[str, str, list[dict[str, Any]] | None, str]] = []
     for f in flaws:
         sigs = _harms(sc, [f]) - base
         if signature in sigs:
-            out.append((f, signature, None))
+            out.append((f, signature, None, "alone"))
         elif sigs:
             other = sorted(sigs)[0]
             c = override_config(sc.config, "cowpte", [f])
-            out.append((f, other, run_lenient(c, sc.steps, stop_on={other}).effective))
+            out.append((f, other, run_lenient(c, sc.steps, stop_on={other}).effective,
+                        "masked"))
+        elif f in own and len(own) > 1 and signature not in base:
+            if with_all is None:
+                with_all = _shows(sc, signature, own)
+            if with_all and not _shows(sc, signature, [x for x in own if x != f]):
+                out.append((f, signature, None, "leave-one-out"))
     return out
 
 
@@ -969,9 +989,10 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         yet, two per minimiser in flight, until their CPU time adds up to
         ``cause_seconds`` (or ten times that in wall time passes). A flaw found is filed
         as ``DIR/causes/<signature>--<flaw>.yaml`` (the recorded schedule, replayable)
-        and listed under its signature in ``campaign.json``; a masked one
-        (:func:`confirm_flaws`) under the signature it was met as, with ``shows``, its
-        file named after the signature it shows and configured with that flaw alone.
+        and listed under its signature in ``campaign.json`` with ``how`` (``alone``,
+        ``masked``, ``leave-one-out``: :func:`confirm_flaws`); a masked one under the
+        signature it was met as, with ``shows``, its file named after the signature it
+        shows and configured with that flaw alone.
         """
         from .findings import signature_slug
         from .harness import Harness
@@ -1006,14 +1027,20 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                 new = [c for c in fl if c[0] in todo]
                 if not new:
                     continue
-                for flaw, shown, steps in new:
+                for flaw, shown, steps, how in new:
                     fd = dict(d)
-                    if steps is None:  # the candidate's own signature
+                    if how == "alone":  # the candidate's own signature
                         fd["description"] = (
                             d.get("description", "") + f" Cause search: with {flaw} alone "
                             f"(and not on fixed) this schedule shows {sig}, filed first for "
                             "other flaws.").strip()
+                    elif how == "leave-one-out":
+                        fd["description"] = (
+                            d.get("description", "") + f" Cause search (leave-one-out): "
+                            f"this schedule shows {sig} with the campaign's flaws on, not "
+                            f"with all of them but {flaw}, and not on fixed.").strip()
                     else:  # masked: the flaw alone shows another signature
+                        assert steps is not None
                         fd["config"] = dict(d["config"], variant="cowpte", flaws=[flaw])
                         fd["steps"] = steps
                         v_kind, v_site = shown.split("@", 1)
@@ -1027,14 +1054,17 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                             "firing; the steps are those that took effect with it alone."
                         ).strip()
                     rel = f"causes/{signature_slug(shown)}--{flaw}.yaml"
+                    if (outp / rel).exists():  # the same signature and flaw, another way
+                        rel = f"causes/{signature_slug(shown)}--{flaw}--{how}.yaml"
                     save_scenario(fd, outp / rel)
                     row = {"flaw": flaw, "file": rel, "context": ctx,
-                           "steps": len(fd["steps"])}
+                           "steps": len(fd["steps"]), "how": how}
                     if shown != sig:
                         row["shows"] = shown
                     meta.setdefault(sig, {}).setdefault("causes", []).append(row)
                     display.note(f"[{elapsed():7.1f}s] cause search: {flaw} shows {shown}"
                                  + (f" (masked; met as {sig})" if shown != sig else "")
+                                 + (" (leave-one-out)" if how == "leave-one-out" else "")
                                  + f" -> {outp / rel}")
                 todo = [f for f in todo if f not in {c[0] for c in new}]
                 n_found += len(new)

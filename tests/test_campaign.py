@@ -248,12 +248,12 @@ def test_cause_search_confirms_a_flaw_whose_violation_another_masks():
     data = h.get_schedule()
     found = confirm_flaws(data, "lock-discipline@pmd_install",
                           ["ptl-recursive-nesting", "wipeonfork-shared"])
-    assert [(f, s) for f, s, _ in found] == [("ptl-recursive-nesting",
-                                            "lock-discipline@pte_offset_map_lock")]
+    assert [(f, s, how) for f, s, _, how in found] == [
+        ("ptl-recursive-nesting", "lock-discipline@pte_offset_map_lock", "masked")]
     steps = found[0][2]
     sc = parse_scenario(data)
     cfg = override_config(sc.config, "cowpte", ["ptl-recursive-nesting"])
     assert "lock-discipline@pte_offset_map_lock" in run_lenient(cfg, steps).kernel.signatures
     # The candidate's own signature comes first when the flaw shows it.
     own = confirm_flaws(data, "lock-discipline@pmd_install", ["fork-ptl-nesting"])
-    assert own == [("fork-ptl-nesting", "lock-discipline@pmd_install", None)]
+    assert own == [("fork-ptl-nesting", "lock-discipline@pmd_install", None, "alone")]
