@@ -257,3 +257,23 @@ def test_cause_search_confirms_a_flaw_whose_violation_another_masks():
     # The candidate's own signature comes first when the flaw shows it.
     own = confirm_flaws(data, "lock-discipline@pmd_install", ["fork-ptl-nesting"])
     assert own == [("fork-ptl-nesting", "lock-discipline@pmd_install", None, "alone")]
+
+
+def test_leave_one_out_counts_only_a_flaws_known_harm():
+    """Two schedules an as-posted campaign recorded (small geometry). In the first,
+    table-free-no-deferral's own harm (a walk through the paging-structure cache of a
+    freed table) goes away with that flaw off and the others on: a cause. In the second,
+    turning rmap-stale-table off makes the fault-asserts-write-lock assertion go away
+    (the schedule takes another course): not rmap-stale-table's harm, not a cause."""
+    import yaml
+
+    from cowenv.campaign import confirm_flaws, flaw_harms
+
+    assert "memory-safety@tlb_stale_table" in flaw_harms("table-free-no-deferral")
+    assert "lock-discipline@handle_cow_pte_fault" not in flaw_harms("rmap-stale-table")
+    d = yaml.safe_load(open("tests/data/leave-one-out-table-free.yaml"))
+    found = confirm_flaws(d, "memory-safety@tlb_stale_table", ["table-free-no-deferral"])
+    assert [(f, s, how) for f, s, _, how in found] == [
+        ("table-free-no-deferral", "memory-safety@tlb_stale_table", "leave-one-out")]
+    d = yaml.safe_load(open("tests/data/leave-one-out-path-change.yaml"))
+    assert confirm_flaws(d, "lock-discipline@handle_cow_pte_fault", ["rmap-stale-table"]) == []
