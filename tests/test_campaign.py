@@ -271,9 +271,9 @@ def test_leave_one_out_counts_only_a_flaws_known_harm():
 
     assert "memory-safety@tlb_stale_table" in flaw_harms("table-free-no-deferral")
     assert "lock-discipline@handle_cow_pte_fault" not in flaw_harms("rmap-stale-table")
-    d = yaml.safe_load(open("tests/data/leave-one-out-table-free.yaml"))
+    d = yaml.safe_load(open(Path(__file__).parent / "data" / "leave-one-out-table-free.yaml"))
     found = confirm_flaws(d, "memory-safety@tlb_stale_table", ["table-free-no-deferral"])
     assert [(f, s, how) for f, s, _, how in found] == [
         ("table-free-no-deferral", "memory-safety@tlb_stale_table", "leave-one-out")]
-    d = yaml.safe_load(open("tests/data/leave-one-out-path-change.yaml"))
+    d = yaml.safe_load(open(Path(__file__).parent / "data" / "leave-one-out-path-change.yaml"))
     assert confirm_flaws(d, "lock-discipline@handle_cow_pte_fault", ["rmap-stale-table"]) == []
