@@ -1024,7 +1024,8 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
     def search_causes() -> int:
         """The cause search (:func:`confirm_flaws`) over this session's re-reports.
 
-        Candidates are tried shortest first (a violation early in its episode has the
+        Candidates (this session's re-reports and every finding's own schedule) are
+        tried shortest first (a violation early in its episode has the
         fewest other flaws' effects around it), each against the flaws not demonstrated
         yet, two per minimiser in flight, until their CPU time adds up to
         ``cause_seconds`` (or ten times that in wall time passes). A flaw found is filed
@@ -1034,6 +1035,8 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         signature it was met as, with ``shows``, its file named after the signature it
         shows and configured with that flaw alone.
         """
+        import yaml
+
         from .findings import signature_slug
         from .harness import Harness
         from .scenario import save_scenario
@@ -1042,7 +1045,17 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
             return 0
         on = list(Harness(**cfg.env_kwargs).config.flaws)
         todo = [f for f in on if f not in demonstrated()]
-        cands = sorted(((sig, ctx, d) for (sig, ctx), d in rehits.items()),
+        # The findings' own (minimised) schedules too: one filed as "(combination)" or
+        # for one flaw may still show another one masked, or need it (leave-one-out).
+        filed: list[tuple[str, str, dict[str, Any]]] = []
+        for sig in store.signatures:
+            try:
+                d = yaml.safe_load(store.path_for(sig).read_text())
+            except (OSError, yaml.YAMLError):  # an unreadable file is no candidate
+                continue
+            if isinstance(d, dict) and isinstance(d.get("steps"), list):
+                filed.append((sig, "(finding)", d))
+        cands = sorted(filed + [(sig, ctx, d) for (sig, ctx), d in rehits.items()],
                        key=lambda c: len(c[2]["steps"]))
         if not todo or not cands:
             return 0
