@@ -46,20 +46,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cowenv.greybox import (
+    DEFAULT_MUTATIONS,
+    MUTATIONS,
     REC_ACTIONS,
     REC_CATALOGUE,
     REC_CUTS,
     REC_FEATURES,
+    WHOLE_VMA,
     CatalogueIndex,
     Corpus,
     CorpusEntry,
     FeatureTracker,
     catalogue_digest,
+    entry_class,
     mutate,
     scenario_files,
     seed_plan,
 )
 from cowenv.kernel import KSWAPD_TID
+from cowenv.kernel.memory import PG_allocated, PG_anon_exclusive
+from cowenv.kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
 
 from .base import CHOICES, Agent, KindChooser, uniform_legal
 
@@ -97,6 +103,16 @@ class GreyboxAgent(Agent):
         fault_prob: In random choice, probability that a chosen start is preceded by a
             ``fail_nth`` event of its thread (syzkaller's per-call fault injection:
             the fault is armed right before the call it should hit).
+        use_prob: In random choice, probability of a *use* when the kernel holds
+            something stale that an access would use (:meth:`_use`): a load through a
+            paging-structure-cache entry of a freed table, a load or store through a
+            stale TLB entry, a device read of a pin whose page sits in a COW-shared
+            table (or is not exclusive), or a store by its process to that page.
+            Off by default (0): measured worse (README "Greybox").
+        tlb_features: Include the TLB staleness features
+            (:class:`cowenv.greybox.FeatureTracker`); off by default, measured worse.
+        mutations: The mutations to use (default
+            :data:`cowenv.greybox.DEFAULT_MUTATIONS`).
 
     """
 
@@ -107,7 +123,8 @@ class GreyboxAgent(Agent):
                  run_prob: float = 0.5, event_prob: float = 0.03, sync_every: int = 20,
                  corpus_dir: str | None = None, cull_every: int = 200,
                  choice: str = "weighted", extend: float = 0.3,
-                 fault_prob: float = 0.05) -> None:
+                 fault_prob: float = 0.05, use_prob: float = 0.0, tlb_features: bool = False,
+                 mutations: list[str] | None = None) -> None:
         super().__init__()
         if not 0.0 <= extend <= 1.0:
             raise ValueError("extend: expected 0..1")
@@ -117,12 +134,16 @@ class GreyboxAgent(Agent):
         self.choice = choice
         self._chooser: KindChooser | None = None
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
-                      ("fault_prob", fault_prob)):
+                      ("fault_prob", fault_prob), ("use_prob", use_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{nm}: expected 0..1")
         if sync_every < 0 or cull_every < 0:
             raise ValueError("sync_every/cull_every: expected >= 0")
-        self.tracker = FeatureTracker(feedback)
+        self.tracker = FeatureTracker(feedback, tlb=tlb_features)
+        self.mutations = tuple(mutations) if mutations is not None else DEFAULT_MUTATIONS
+        bad = [m for m in self.mutations if m not in MUTATIONS]
+        if bad or not self.mutations:
+            raise ValueError(f"mutations: expected some of {', '.join(MUTATIONS)}")
         self.feedback = feedback
         self.seed_paths = [DEFAULT_SEEDS] if seeds is None else list(seeds)
         self.seed_exclude = list(seed_exclude or ())
@@ -130,6 +151,7 @@ class GreyboxAgent(Agent):
         self.run_prob = float(run_prob)
         self.event_prob = float(event_prob)
         self.fault_prob = float(fault_prob)
+        self.use_prob = float(use_prob)
         self._queued = -1  # a start the random part chose, after its injected fault
         self.sync_every = int(sync_every)
         self.cull_every = int(cull_every)
@@ -157,6 +179,13 @@ class GreyboxAgent(Agent):
         self._last_new = -1
         self._cuts: list[int] = []
         self._from_plan = ""
+        self._scn_ptrs = 0  # entries per table of the plan's scenario (0: the env's)
+        self._pmd_map: dict[int, int] = {}  # scenario PMD index -> workload PMD index
+        self._tmap: dict[int, int] = {}  # scenario thread id -> workload thread id
+        self._spawns: dict[int, frozenset[int]] = {}  # new scenario tid -> tids before
+        self._skip_clone = -1  # a plan's clone the workload has already done (its tid)
+        self._rank: dict[int, int] = {}  # tid -> occurrence an "until" waits for
+        self._regions: set[tuple[int, int]] = set()  # the workload's mappings
 
     # ------------------------------------------------------------------ campaign
     def attach_campaign(self, out: str | Path, worker: int, workers: int = 1) -> None:
@@ -185,7 +214,7 @@ class GreyboxAgent(Agent):
         if self._env_id == id(env):
             return
         self._env_id = id(env)
-        self._ci = CatalogueIndex(env.catalogue)
+        self._ci = CatalogueIndex(env.catalogue, env.kernel.config.ptrs_per_pte)
         if self.choice != "thread":
             self._chooser = KindChooser(env.catalogue, self.choice)
         self._digest = catalogue_digest(env.catalogue)
@@ -198,7 +227,7 @@ class GreyboxAgent(Agent):
                     sc = load_scenario(p)
                 except Exception:  # noqa: BLE001 - a bad seed file is skipped, not fatal
                     continue
-                plans.append((p.stem, seed_plan(sc.steps)))
+                plans.append((p.stem, seed_plan(sc.steps, sc.config.ptrs_per_pte)))
             self._plans = [pl for i, pl in enumerate(plans)
                            if i % self.workers == self.worker % self.workers]
         if self._pending_files is not None:
@@ -245,9 +274,13 @@ class GreyboxAgent(Agent):
         self._plan, self._plan_pos, self._child, self._ci_pos = [], 0, [], 0
         self._from_plan = ""
         self._queued = -1
+        self._scn_ptrs, self._pmd_map, self._tmap, self._spawns = 0, {}, {}, {}
+        self._skip_clone, self._rank = -1, {}
         if self.episodes < len(self._plans):
-            self._from_plan, self._plan = self._plans[self.episodes]
+            self._from_plan, plan = self._plans[self.episodes]
+            self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
+            self._map_pmds(env)
         elif self.corpus.entries and rng.random() >= self.explore:
             parent = self.corpus.choose(rng)
             # The parent up to one of its cut points (a state where it reached something
@@ -261,7 +294,7 @@ class GreyboxAgent(Agent):
             else:
                 other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
                 self._child, _ = mutate(prefix, rng, self._ci, other.actions,
-                                        max_len=env.max_steps)
+                                        max_len=env.max_steps, kinds=self.mutations)
         self._feats.update(self.tracker.reset(env.kernel))
 
     def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
@@ -285,30 +318,199 @@ class GreyboxAgent(Agent):
                 return a
         return None
 
+    def _map_pmds(self, env: CowEnv) -> None:
+        """Map the plan's page tables onto the workload's, once per play of a plan.
+
+        A scenario's addresses are its own layout's; the plan is played on the workload's
+        regions. Each PMD the scenario addresses (in the order it first does) is mapped
+        to the workload PMD, not yet taken, whose address templates hold the most of the
+        entries (:func:`cowenv.greybox.entry_class`) the plan addresses in it (ties at
+        random, so that each play of a plan may differ), so that the plan's operations
+        on one table stay on one table (a read that fills a paging-structure cache and
+        the munmap of that table; a pin and the fork that shares its page).
+        """
+        ci = self._ci
+        assert ci is not None
+        P = env.kernel.config.ptrs_per_pte
+        Ps = P
+        want: dict[int, list[tuple[Any, ...]]] = {}
+        for item in self._plan:
+            if item[0] == "geometry":
+                Ps = int(item[1])
+            elif item[0] == "start":
+                sh = _shape(item[2], item[3], Ps)
+                if sh is not None:
+                    want.setdefault(sh[0], []).append(sh[1:])
+        self._scn_ptrs = Ps
+        self._regions = _regions(env)
+        if not want:
+            return
+        have: dict[int, set[tuple[Any, ...]]] = {}
+        regions = _regions(env)
+        for sp in ci.catalogue:
+            sh = _shape(sp.op, dict(sp.args), P, regions) if sp.kind == "start" else None
+            if sh is not None:
+                hs = have.setdefault(sh[0], set())
+                hs.add(sh[1:])
+                hs.add(sh[1:2])
+        free = sorted(have)
+        last = -1
+        for spmd in sorted(want):
+            shapes = want[spmd]
+            if not free:
+                break
+            # An entry the PMD's templates address scores one, the same operation on
+            # the same range shape (a whole table, half of one...) one more.
+            scores = [sum((sh[:1] in have[t]) + (sh in have[t]) for sh in shapes)
+                      for t in free]
+            top = max(scores)
+            best = [t for t, sc in zip(free, scores, strict=True) if sc == top]
+            after = [t for t in best if t > last]
+            t = after[0] if after else best[0]
+            self._pmd_map[spmd] = t
+            last = t
+            free.remove(t)
+
+    def _tid(self, env: CowEnv, stid: int) -> int:
+        """The workload thread a plan's thread id stands for (see ``("spawn", ...)``)."""
+        if stid in self._tmap:
+            return self._tmap[stid]
+        before = self._spawns.get(stid)
+        if before is None:
+            return stid
+        k = env.kernel
+        mapped = set(self._tmap.values())
+        for t in sorted(k.threads):
+            th = k.threads[t]
+            if t not in before and t not in mapped and not th.exited:
+                self._tmap[stid] = t
+                del self._spawns[stid]
+                return t
+        return stid  # not there yet (the fork has not finished): as numbered
+
+    def _walk_rank(self, env: CowEnv, t: Any, op: str) -> int:
+        """Which table of a whole-mm walk (fork, exit) stands for the scenario's first.
+
+        A scenario's mm has its tables where the plan's addresses are; the workload's
+        has more, below them. A walk reaches the plan's lowest table after the
+        workload's tables below the PMD it is mapped to (:meth:`_map_pmds`), so an
+        ``until`` of the walk stops at that occurrence of its label: 1 + the number of
+        the thread's mm's PMD entries below that PMD (1 for any other operation).
+        """
+        if op not in ("fork", "exit") or not self._pmd_map or t is None:
+            return 1
+        m = self._pmd_map[min(self._pmd_map)]
+        p = env.kernel.procs.get(t.pid)
+        if p is None:
+            return 1
+        return 1 + sum(1 for idx in p.mm.pmd if idx < m)
+
+    def _pageout_as_reclaim(self, env: CowEnv, mask: np.ndarray, t: Any,
+                            want: dict[str, Any]) -> int | None:
+        """A plan's ``MADV_PAGEOUT`` of a few pages, where the catalogue's are far longer.
+
+        The catalogue's ``PAGEOUT`` templates cover whole regions and portions: with 512
+        entries per table that is hundreds of pages, more preemption points than an
+        episode has, where the scenario (small geometry) paged out one or two. The same
+        effect -- that page swapped out through ``shrink_folio_list`` /
+        ``try_to_unmap`` -- is kswapd's one-page reclaim at that address in the caller's
+        process (:func:`cowenv.catalogue.build_kswapd_templates`): the plan item becomes
+        that reclaim, and its ``finish`` runs kswapd. None when the catalogue has a
+        ``PAGEOUT`` short enough, or no such reclaim.
+        """
+        ci = self._ci
+        assert ci is not None
+        P = env.kernel.config.ptrs_per_pte
+        pages = int(want.get("length", 4096)) >> 12
+        Ps = self._scn_ptrs or P
+        lens = [int(dict(ci.catalogue[i].args).get("length", 0)) >> 12
+                for i in ci.by_tid_op.get((t.tid, "madvise"), [])
+                if dict(ci.catalogue[i].args).get("advice") == "PAGEOUT"]
+        if not lens or min(lens) <= max(4 * pages, 16) or pages >= Ps:
+            return None
+        a = want.get("addr")
+        if not isinstance(a, int):
+            return None
+        pids = [p.pid for p in env.kernel.live_procs()]
+        if t.pid not in pids:
+            return None
+        slot = pids.index(t.pid)
+        vp = a >> 12
+        pmd = self._pmd_map.get(vp // Ps)
+        best, score = None, -1.0
+        for i in ci.by_tid_op.get((KSWAPD_TID, "reclaim"), []):
+            sp = ci.catalogue[i]
+            ha = dict(sp.args).get("addr")
+            if sp.proc_slot != slot or not isinstance(ha, int) or not mask[i]:
+                continue
+            sc = float(entry_class(vp, Ps) == entry_class(ha >> 12, P))
+            if pmd is not None:
+                sc += 1.0 if (ha >> 12) // P == pmd else -1.0
+            if sc > score:
+                best, score = i, sc
+        if best is None:
+            return None
+        self._plan_pos += 1
+        self._plan_budget = _PLAN_STEP_LIMIT
+        nxt = self._plan[self._plan_pos] if self._plan_pos < len(self._plan) else ()
+        if nxt and nxt[0] == "finish" and self._tid(env, nxt[1]) == t.tid:
+            self._plan[self._plan_pos] = ("finish", KSWAPD_TID)
+        return best
+
     def _plan_action(self, env: CowEnv, mask: np.ndarray, item: tuple[Any, ...]) -> int | None:
         """The next action for plan item ``item``, or None when it is done (or impossible)."""
         ci = self._ci
         assert ci is not None
         k = env.kernel
         kind = item[0]
+        if kind == "geometry":
+            return None
         if kind == "event":
+            tid = item[2] if len(item) > 2 else -1
+            if tid > 0:
+                tid = self._tid(env, tid)
             for i in ci.events:
                 sp = ci.catalogue[i]
-                tid = item[2] if len(item) > 2 else -1
                 if sp.n == item[1] and sp.tid == tid and mask[i]:
                     self._plan_pos += 1
                     return i
             return None
-        tid = item[1]
+        if kind == "spawn":
+            # The thread the scenario's fork/clone creates. A clone whose new thread the
+            # workload already has (the default workload clones tid 2 at reset) is not
+            # played: the plan's thread is that one. Otherwise the new thread is the one
+            # that appears once the operation is done.
+            _, stid, new, op = item
+            cloner = k.threads.get(self._tid(env, stid))
+            mapped = set(self._tmap.values())
+            if op == "clone" and cloner is not None:
+                for t in sorted(k.threads):
+                    th = k.threads[t]
+                    if (th.pid == cloner.pid and t != cloner.tid and not th.exited
+                            and t not in mapped and t not in self._tmap):
+                        self._tmap[new] = t
+                        self._skip_clone = stid
+                        return None
+            self._tmap.pop(new, None)
+            self._spawns[new] = frozenset(t for t, th in k.threads.items() if not th.exited)
+            return None
+        tid = self._tid(env, item[1])
         t = k.threads.get(tid)
         run = ci.run.get(tid)
         if kind == "start":
-            best, score, ties = None, -1.0, 0
-            P = k.config.ptrs_per_pte
+            if item[2] == "clone" and self._skip_clone == item[1]:
+                self._skip_clone = -1
+                return None
+            if item[2] == "madvise" and item[3].get("advice") == "PAGEOUT" and t is not None:
+                alt = self._pageout_as_reclaim(env, mask, t, item[3])
+                if alt is not None:
+                    return alt
+            best, score, ties = None, -1e9, 0
             for i in ci.by_tid_op.get((tid, item[2]), []):
                 if not mask[i]:
                     continue
-                s = _arg_score(ci.catalogue[i], item[3], P)
+                s = _arg_score(ci.catalogue[i], item[3], k.config.ptrs_per_pte,
+                               self._scn_ptrs, self._pmd_map, self._regions)
                 if s > score:
                     best, score, ties = i, s, 1
                 elif s == score:
@@ -324,23 +526,33 @@ class GreyboxAgent(Agent):
             if best is not None:
                 self._plan_pos += 1
                 self._plan_budget = _PLAN_STEP_LIMIT
+                self._rank[tid] = self._walk_rank(env, t, item[2])
             return best
         if t is None or run is None or t.gen is None or not mask[run] or self._plan_budget <= 0:
             return None
         if kind == "until" and t.label == item[2]:
-            return None
+            # A walk over the whole mm (fork, exit) passes a per-table label once per
+            # table: the scenario's first one is the workload's table ``rank``.
+            seen = (item[3] if len(item) > 3 else 0) + 1
+            if seen >= self._rank.get(tid, 1):
+                return None
+            self._plan[self._plan_pos] = ("until", item[1], item[2], seen)
         if kind == "steps":
             if item[2] <= 0:
                 return None
-            self._plan[self._plan_pos] = ("steps", tid, item[2] - 1)
+            self._plan[self._plan_pos] = ("steps", item[1], item[2] - 1)
         self._plan_budget -= 1
         return run
 
     def _random(self, env: CowEnv, mask: np.ndarray) -> int:
-        """Random choice, with per-call fault injection (``fault_prob``)."""
+        """Random choice, with per-call fault injection (``fault_prob``) and uses."""
         q, self._queued = self._queued, -1
         if 0 <= q < len(mask) and mask[q]:
             return q
+        if self.use_prob and self.rng.random() < self.use_prob:
+            u = self._use(env, mask)
+            if u is not None:
+                return u
         a = self._choose(env, mask)
         ci = self._ci
         assert ci is not None
@@ -351,6 +563,91 @@ class GreyboxAgent(Agent):
                 self._queued = a
                 return f
         return a
+
+    def _use(self, env: CowEnv, mask: np.ndarray) -> int | None:
+        """An access that would use a stale state the kernel holds now, or None.
+
+        Greybox, as the pin and TLB features (:func:`cowenv.greybox._tlb_states`,
+        :func:`cowenv.greybox._pin_states`): the fuzzer reads the model's state, here to
+        aim its next access, the way the ``DEBUG_VM`` checks and the page-table check
+        look at state a later read would show. The candidates (legal ones, one chosen at
+        random):
+
+        * a thread's paging-structure-cache entry whose table was freed or reused: a
+          load by that thread of a page of that PMD its TLB does not hold (the walk goes
+          through the cached entry);
+        * a TLB entry whose frame was freed or reused, or writable where the page tables
+          no longer grant it while no flush is pending: a load (freed) or a store
+          (write-protected) by that thread at that page;
+        * an active pin whose page is still mapped at the pinned address but sits in a
+          write-protected (COW-shared) table or is not ``PageAnonExclusive``: the
+          device's read of that pin by a thread of its process, or a store by one of
+          them at the pinned address.
+
+        States the fixed kernel passes through all the time (a table unlinked behind a
+        pending flush, a pinned page unmapped by the process) are left alone: a use
+        there is harmless, and the probe would crowd out the search.
+        """
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        cands: list[int] = []
+        pool = k.pool
+        P = k.config.ptrs_per_pte
+        if k.config.tlb:
+            for tid in ci.user_tids:
+                t = k.threads.get(tid)
+                if t is None or t.exited or t.gen is not None or (not t.psc and not t.tlb):
+                    continue
+                p = k.procs.get(t.pid)
+                if p is None:
+                    continue
+                mm = p.mm
+                for idx, (table, tgen, _w) in t.psc.items():
+                    tp = table.pfn
+                    if pool.gen[tp] != tgen or not pool.flags[tp] & PG_allocated:
+                        cands.extend(i for i in ci.reads_in.get((tid, idx), ())
+                                     if ci.where[i][1] >> 12 not in t.tlb)
+                if len(t.tlb) > 64:
+                    continue
+                pending = k.tlb_pending.get(mm.id, 0)
+                for vpn, (pfn, gen, writable, _d) in t.tlb.items():
+                    if pool.gen[pfn] != gen or not pool.flags[pfn] & PG_allocated:
+                        i = ci.access_at.get((tid, "read", vpn))
+                    elif writable and not pending:
+                        e = mm.pmd.get(vpn // P)
+                        pte = int(e.table.entries[vpn % P]) if e is not None else 0
+                        if e is not None and e.write and pte & PTE_WRITE \
+                                and pte >> PFN_SHIFT == pfn:
+                            continue
+                        i = ci.access_at.get((tid, "write", vpn))
+                    else:
+                        continue
+                    if i is not None:
+                        cands.append(i)
+        if k.pins:
+            slots: dict[int, int] = {}
+            for pin in k.pins.values():
+                if not pin.active:
+                    continue
+                slot = slots.get(pin.pid, 0)
+                slots[pin.pid] = slot + 1
+                e = pin.mm.pmd.get(pin.vpn // P)
+                pte = int(e.table.entries[pin.vpn % P]) if e is not None else 0
+                mapped = bool(pte & PTE_PRESENT) and pte >> PFN_SHIFT == pin.pfn
+                excl = bool(int(pool.flags[pin.pfn]) & PG_anon_exclusive)
+                if not mapped or (e is not None and e.write and excl):
+                    continue
+                proc = k.procs.get(pin.pid)
+                for tid in (proc.tids if proc is not None else ()):
+                    for i in (ci.dev_read_of.get((tid, slot)),
+                              ci.access_at.get((tid, "write", pin.vpn))):
+                        if i is not None:
+                            cands.append(i)
+        cands = [i for i in cands if mask[i]]
+        if not cands:
+            return None
+        return cands[int(self.rng.integers(len(cands)))]
 
     def _choose(self, env: CowEnv, mask: np.ndarray) -> int:
         """Operation-level random choice (see the module docstring)."""
@@ -429,29 +726,76 @@ class GreyboxAgent(Agent):
         self._files.append(str(path))
 
 
-def _arg_score(sp: Any, want: dict[str, Any], ptrs_per_pte: int = 0) -> float:
+def _shape(op: str, args: dict[str, Any], ptrs_per_pte: int,
+           regions: set[tuple[int, int]] | None = None) -> tuple[Any, ...] | None:
+    """``(pmd, entry class, op, length class)`` of an operation on an address, else None.
+
+    The length class is ``"VMA"`` for a whole mapping (plan argument
+    :data:`cowenv.greybox.WHOLE_VMA`, or a template's range that is one of the
+    workload's ``regions``), else ``("T", n)`` for ``n`` whole tables, else the page count.
+    """
+    a = args.get("addr")
+    if not isinstance(a, int) or isinstance(a, bool):
+        return None
+    n = args.get("length")
+    lc: Any = None
+    if args.get(WHOLE_VMA) or (regions and (a, n) in regions):
+        lc = "VMA"
+    elif isinstance(n, int) and not isinstance(n, bool):
+        pages = n >> 12
+        lc = ("T", pages // ptrs_per_pte) if pages % ptrs_per_pte == 0 else pages
+    return ((a >> 12) // ptrs_per_pte, entry_class(a >> 12, ptrs_per_pte), op, lc)
+
+
+def _regions(env: Any) -> set[tuple[int, int]]:
+    """The workload's mappings ``(addr, length)`` (the harness's ``regions``)."""
+    h = getattr(env, "harness", env)
+    return {(int(a), int(n)) for a, n in getattr(h, "regions", ())}
+
+
+def _arg_score(sp: Any, want: dict[str, Any], ptrs_per_pte: int = 0, scn_ptrs: int = 0,
+               pmd_map: dict[int, int] | None = None,
+               regions: set[tuple[int, int]] | None = None) -> float:
     """How well template ``sp`` matches scenario arguments ``want`` (higher is better).
 
     Addresses cannot match (the scenario's regions are not the workload's); an address
-    at the same entry of its page table (``addr / 4 KiB mod ptrs_per_pte``: the second
-    VMA of a PMD, a table's first page) scores half a point.
+    at the same place in its page table (:func:`cowenv.greybox.entry_class`: the second
+    VMA of a PMD, a table's first or last page; the scenario's addresses read with
+    ``scn_ptrs`` entries per table, default ``ptrs_per_pte``) scores half a point, and,
+    when the scenario's PMD is mapped (``pmd_map``, :meth:`GreyboxAgent._map_pmds`), an
+    address in the mapped PMD one point (elsewhere minus one). A length scores half a
+    point when equal, or the same number of whole tables in both geometries; a range
+    that is a whole mapping in the scenario (:data:`cowenv.greybox.WHOLE_VMA`) scores one
+    point more on a template whose range is one of the workload's ``regions``.
     """
     have = dict(sp.args)
+    Ps = scn_ptrs or ptrs_per_pte
     s = 0.0
     for key, v in want.items():
         if key == "addr" and ptrs_per_pte and isinstance(v, int) \
                 and isinstance(have.get("addr"), int):
-            if (v >> 12) % ptrs_per_pte == (have["addr"] >> 12) % ptrs_per_pte:
+            vp, hp = v >> 12, have["addr"] >> 12
+            if entry_class(vp, Ps) == entry_class(hp, ptrs_per_pte):
                 s += 0.5
+            if pmd_map and vp // Ps in pmd_map:
+                s += 1.0 if pmd_map[vp // Ps] == hp // ptrs_per_pte else -1.0
             continue
         if key in ("addr", "length"):
+            continue
+        if key == WHOLE_VMA:
+            s += 1.0 if regions and (have.get("addr"), have.get("length")) in regions else 0.0
             continue
         if key == "pin" and sp.pin_slot == 0:
             s += 1.0
         elif key in have and have[key] == v:
             s += 1.0
     if "length" in want and "length" in have:
-        s += 0.5 if have["length"] == want["length"] else 0.0
+        wl, hl = want["length"], have["length"]
+        same = wl == hl
+        if not same and ptrs_per_pte and isinstance(wl, int) and isinstance(hl, int):
+            wp, hp = wl >> 12, hl >> 12
+            same = wp % Ps == 0 and hp % ptrs_per_pte == 0 and wp // Ps == hp // ptrs_per_pte
+        s += 0.5 if same else 0.0
     if sp.tid == KSWAPD_TID and "addr" in have and "addr" not in want:
         s -= 0.5
     return s

@@ -466,7 +466,7 @@ def run_task(task: tuple[Any, ...]) -> tuple[Any, ...]:
     if task[0] == "cause":
         _, key, data, sig, flaws = task
         t0 = time.process_time()
-        found = cause_flaws(data, sig, flaws)
+        found = confirm_flaws(data, sig, flaws)
         return ("cause", key, found, time.process_time() - t0)
     return minimise_finding(*task)
 
@@ -491,6 +491,126 @@ def cause_flaws(data: dict[str, Any], signature: str, flaws: list[str]) -> list[
     if out and _shows(sc, signature, []):
         return []
     return out
+
+
+#: Violation kinds the cause search never attributes to a flaw (:func:`confirm_flaws`).
+_NOT_HARM = ("simulator", "selftest")
+
+
+def _harms(sc: Any, flaws: list[str]) -> set[str]:
+    """Signatures ``sc``'s schedule shows with only ``flaws`` on (none: ``fixed``).
+
+    Run leniently to the end (:func:`cowenv.minimize.run_lenient`); simulator defects and
+    scenario self-checks are left out.
+    """
+    from .minimize import run_lenient
+    from .scenario import override_config
+
+    c = (override_config(sc.config, "cowpte", flaws) if flaws
+         else override_config(sc.config, "fixed", None))
+    run = run_lenient(c, sc.steps)
+    return {s for s in run.kernel.signatures if s.split("@", 1)[0] not in _NOT_HARM}
+
+
+def confirm_flaws(data: dict[str, Any], signature: str, flaws: list[str]
+                  ) -> list[tuple[str, str, list[dict[str, Any]] | None, str]]:
+    """The cause search's confirm runs: which of ``flaws`` schedule ``data`` shows.
+
+    :func:`cause_flaws` asks whether a flaw alone shows the schedule's own ``signature``.
+    In a campaign with several flaws on, two more cases hide a flaw:
+
+    * *masked*: its violation never fires there because another flaw's runs first
+      (lockdep reports one splat and turns itself off, as the kernel's
+      ``debug_locks_off`` does, so ``fork-ptl-nesting``'s splat at the first fork hides
+      ``ptl-recursive-nesting``'s at the first COW break);
+    * *needed with the others*: the schedule was played with every flaw on, and with
+      one alone it takes another course (another flaw's path made a fork wait, an
+      allocation fail), so the flaw alone shows nothing there, yet it is what the
+      violation needs.
+
+    So each flaw ``f`` of ``flaws`` is tried three ways, the first that holds counts
+    (``how``):
+
+    1. ``alone``: ``f`` alone, run to the end, shows ``signature``, and ``fixed`` does not;
+    2. ``masked``: ``f`` alone shows another violation (not a simulator defect) that
+       ``fixed`` does not (one of its known harms, :func:`flaw_harms`, if it shows one;
+       else the first in sorted order);
+    3. ``leave-one-out``: ``signature`` is one of ``f``'s known harms
+       (:func:`flaw_harms`), with the schedule's own flaws (as recorded) the schedule
+       shows it, with the same flaws but ``f`` it does not, and ``fixed`` does not: the
+       violation goes away with ``f`` off. (Without the first condition any flaw that
+       changes the course of the schedule would count: turning off ``rmap-stale-table``
+       made one schedule's ``lock-discipline@handle_cow_pte_fault``, the
+       ``fault-asserts-write-lock`` assertion, go away.)
+
+    Returns:
+        ``(flaw, signature shown, steps, how)`` per cause, in the order of ``flaws``;
+        ``steps`` are the steps that took effect in the flaw-alone run (the schedule
+        to file, with that flaw alone) for ``masked``, else None (the recorded
+        schedule replays as it is).
+
+    """
+    from .minimize import run_lenient
+    from .scenario import override_config, parse_scenario
+
+    try:
+        sc = parse_scenario(data)
+    except Exception:  # a schedule the worker recorded always parses; never fail on it
+        return []
+    base = _harms(sc, [])
+    own = list(sc.config.flaws) if sc.config.variant == "cowpte" else []
+    with_all: bool | None = None
+    out: list[tuple[str, str, list[dict[str, Any]] | None, str]] = []
+    for f in flaws:
+        sigs = _harms(sc, [f]) - base
+        if signature in sigs:
+            out.append((f, signature, None, "alone"))
+        elif sigs:
+            other = min(sigs, key=lambda x: (x not in flaw_harms(f), x))
+            c = override_config(sc.config, "cowpte", [f])
+            out.append((f, other, run_lenient(c, sc.steps, stop_on={other}).effective,
+                        "masked"))
+        elif f in own and len(own) > 1 and signature not in base \
+                and signature in flaw_harms(f):
+            if with_all is None:
+                with_all = _shows(sc, signature, own)
+            if with_all and not _shows(sc, signature, [x for x in own if x != f]):
+                out.append((f, signature, None, "leave-one-out"))
+    return out
+
+
+_HARMS: dict[str, frozenset[str]] = {}
+
+
+def flaw_harms(flaw: str) -> frozenset[str]:
+    """The violations ``flaw`` is known to cause: what its scenarios show with it alone.
+
+    Every scenario of the repository's ``scenarios/`` configured with exactly this flaw
+    (``scenarios/flaws/<flaw>.yaml`` and, e.g., ``scenarios/tlb/``'s) is run with the
+    flaw alone and on ``fixed``; the signatures of the first run that the second lacks
+    (simulator defects and scenario self-checks left out), as the bug-finding
+    benchmark's targets. Cached per process; empty when the scenarios are not there.
+    """
+    if flaw in _HARMS:
+        return _HARMS[flaw]
+    from .scenario import load_scenario, run_scenario
+
+    out: set[str] = set()
+    root = Path(__file__).resolve().parent.parent / "scenarios"
+    for path in sorted(root.rglob("*.yaml")) if root.is_dir() else []:
+        try:
+            sc = load_scenario(path)
+            if sc.config.variant != "cowpte" or list(sc.config.flaws) != [flaw]:
+                continue
+            on = run_scenario(sc, "cowpte", [flaw])
+            off = run_scenario(sc, "fixed")
+        except Exception:  # a scenario that does not load or run says nothing here
+            continue
+        bad = {v.signature for v in off.violations}
+        out |= {v.signature for v in on.violations
+                if v.kind not in _NOT_HARM and v.signature not in bad}
+    _HARMS[flaw] = frozenset(out)
+    return _HARMS[flaw]
 
 
 def _shows(sc: Any, signature: str, flaws: list[str]) -> bool:
@@ -902,15 +1022,21 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         return out
 
     def search_causes() -> int:
-        """The cause search (:func:`cause_flaws`) over this session's re-reports.
+        """The cause search (:func:`confirm_flaws`) over this session's re-reports.
 
-        Candidates are tried shortest first (a violation early in its episode has the
+        Candidates (this session's re-reports and every finding's own schedule) are
+        tried shortest first (a violation early in its episode has the
         fewest other flaws' effects around it), each against the flaws not demonstrated
         yet, two per minimiser in flight, until their CPU time adds up to
         ``cause_seconds`` (or ten times that in wall time passes). A flaw found is filed
         as ``DIR/causes/<signature>--<flaw>.yaml`` (the recorded schedule, replayable)
-        and listed under its signature in ``campaign.json``.
+        and listed under its signature in ``campaign.json`` with ``how`` (``alone``,
+        ``masked``, ``leave-one-out``: :func:`confirm_flaws`); a masked one under the
+        signature it was met as, with ``shows``, its file named after the signature it
+        shows and configured with that flaw alone.
         """
+        import yaml
+
         from .findings import signature_slug
         from .harness import Harness
         from .scenario import save_scenario
@@ -919,7 +1045,17 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
             return 0
         on = list(Harness(**cfg.env_kwargs).config.flaws)
         todo = [f for f in on if f not in demonstrated()]
-        cands = sorted(((sig, ctx, d) for (sig, ctx), d in rehits.items()),
+        # The findings' own (minimised) schedules too: one filed as "(combination)" or
+        # for one flaw may still show another one masked, or need it (leave-one-out).
+        filed: list[tuple[str, str, dict[str, Any]]] = []
+        for sig in store.signatures:
+            try:
+                d = yaml.safe_load(store.path_for(sig).read_text())
+            except (OSError, yaml.YAMLError):  # an unreadable file is no candidate
+                continue
+            if isinstance(d, dict) and isinstance(d.get("steps"), list):
+                filed.append((sig, "(finding)", d))
+        cands = sorted(filed + [(sig, ctx, d) for (sig, ctx), d in rehits.items()],
                        key=lambda c: len(c[2]["steps"]))
         if not todo or not cands:
             return 0
@@ -941,23 +1077,51 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                 j, fl, spent = cause_results.pop(0)
                 cpu += spent
                 sig, ctx, d = cands[j]
-                new = [f for f in fl if f in todo]
+                new = [c for c in fl if c[0] in todo]
                 if not new:
                     continue
-                rel = f"causes/{signature_slug(sig)}--{new[0]}.yaml"
-                d = dict(d)
-                d["description"] = (d.get("description", "") + f" Cause search: with "
-                                    f"{', '.join(new)} alone (and not on fixed) this schedule "
-                                    f"shows {sig}, filed first for other flaws.").strip()
-                save_scenario(d, outp / rel)
-                meta.setdefault(sig, {}).setdefault("causes", []).extend(
-                    {"flaw": f, "file": rel, "context": ctx, "steps": len(d["steps"])}
-                    for f in new)
-                todo = [f for f in todo if f not in new]
+                for flaw, shown, steps, how in new:
+                    fd = dict(d)
+                    if how == "alone":  # the candidate's own signature
+                        fd["description"] = (
+                            d.get("description", "") + f" Cause search: with {flaw} alone "
+                            f"(and not on fixed) this schedule shows {sig}, filed first for "
+                            "other flaws.").strip()
+                    elif how == "leave-one-out":
+                        fd["description"] = (
+                            d.get("description", "") + f" Cause search (leave-one-out): "
+                            f"this schedule shows {sig} with the campaign's flaws on, not "
+                            f"with all of them but {flaw}, and not on fixed.").strip()
+                    else:  # masked: the flaw alone shows another signature
+                        assert steps is not None
+                        fd["config"] = dict(d["config"], variant="cowpte", flaws=[flaw])
+                        fd["steps"] = steps
+                        v_kind, v_site = shown.split("@", 1)
+                        fd["expect"] = {"violation": {"kind": v_kind, "site": v_site}}
+                        for key in ("expect_by_variant", "outcome", "recorded"):
+                            fd.pop(key, None)  # of the campaign's run, not of this one
+                        fd["description"] = (
+                            d.get("description", "") + f" Cause search (masked): with "
+                            f"{flaw} alone (and not on fixed) this schedule, met as {sig}, "
+                            f"shows {shown}, which the campaign's other flaws kept from "
+                            "firing; the steps are those that took effect with it alone."
+                        ).strip()
+                    rel = f"causes/{signature_slug(shown)}--{flaw}.yaml"
+                    if (outp / rel).exists():  # the same signature and flaw, another way
+                        rel = f"causes/{signature_slug(shown)}--{flaw}--{how}.yaml"
+                    save_scenario(fd, outp / rel)
+                    row = {"flaw": flaw, "file": rel, "context": ctx,
+                           "steps": len(fd["steps"]), "how": how}
+                    if shown != sig:
+                        row["shows"] = shown
+                    meta.setdefault(sig, {}).setdefault("causes", []).append(row)
+                    display.note(f"[{elapsed():7.1f}s] cause search: {flaw} shows {shown}"
+                                 + (f" (masked; met as {sig})" if shown != sig else "")
+                                 + (" (leave-one-out)" if how == "leave-one-out" else "")
+                                 + f" -> {outp / rel}")
+                todo = [f for f in todo if f not in {c[0] for c in new}]
                 n_found += len(new)
                 save_state("running")
-                display.note(f"[{elapsed():7.1f}s] cause search: {', '.join(new)} shows "
-                             f"{sig} -> {outp / rel}")
         display.note(f"cause search: {min(i, len(cands))} of {len(cands)} candidate "
                      f"schedule(s) tried, {cpu:.1f} CPU s")
         pending_cause.clear()

@@ -192,7 +192,11 @@ def _print_summary(res: CampaignResult, flaws_on: tuple[str, ...] = ()) -> None:
                   Path(r["file"]).name)
         for c in r.get("causes") or []:  # further causes of the signature (cause search)
             shown[c["flaw"]] = None
-            t.add_row(f"  {r['signature']} (cause search)", flaw_origins_text([c["flaw"]]),
+            how = c.get("how", "alone")
+            label = (f"  {c['shows']} (cause search, masked; met as {r['signature']})"
+                     if c.get("shows") else f"  {r['signature']} (cause search"
+                     + (", leave-one-out)" if how == "leave-one-out" else ")"))
+            t.add_row(label, flaw_origins_text([c["flaw"]]),
                       f"after op {c['context'] or '-'}", "-", r["agent"],
                       f"{c['steps']} (raw)", c["file"])
     print_table(t)

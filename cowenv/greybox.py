@@ -17,8 +17,10 @@ This module is the library half of ``cowenv fuzz --agent greybox`` (the agent is
     classes other threads held when ``L`` was reached, the lock a step waited for, the
     page-table-sharing state (how many PMD entries point at a shared table, bucketed)
     at every label and operation start, the state of every active pin (still mapped
-    where it was taken, in a COW-shared table, ``PageAnonExclusive``) and every
-    violation signature.
+    where it was taken, in a COW-shared table, ``PageAnonExclusive``), the stale
+    entries the CPUs' TLBs and paging-structure caches hold (:func:`_tlb_states`: a
+    cached table freed or replaced, a cached writable page write-protected, with or
+    without a flush pending) and every violation signature.
 
 * :class:`CorpusEntry` / :class:`Corpus`: schedules kept because they reached a feature
   nothing earlier reached. An entry is a list of catalogue indices (stable for a harness
@@ -33,9 +35,11 @@ This module is the library half of ``cowenv fuzz --agent greybox`` (the agent is
   arguments, move a preemption point, insert runs of one thread (a preemption), insert a
   pressure event (or a thread's ``fail_nth`` right before one of its calls), truncate;
   ``preempt`` (another thread's operation and a few of its points inside a thread's
-  operation: a race window) and ``insert_missing`` (an operation kind the schedule
-  lacks). Parents are cut at the points where they reached something new
-  (:attr:`CorpusEntry.cuts`).
+  operation: a race window), ``insert_missing`` (an operation kind the schedule
+  lacks), ``insert_use`` (a load, store or device access to what an earlier
+  operation touched) and ``hoist`` (a later operation of one thread moved, with its
+  first points, inside an earlier operation of another). Parents are cut at the points
+  where they reached something new (:attr:`CorpusEntry.cuts`).
 
 * :func:`seed_plan`: a scenario (``scenarios/``, an earlier finding) as an abstract plan
   (start ``op`` on ``tid`` with these arguments, step to this label, finish, event) that
@@ -53,8 +57,8 @@ import numpy as np
 
 from .catalogue import ActionSpec
 from .kernel import KSWAPD_TID, Kernel
-from .kernel.memory import PG_anon_exclusive
-from .kernel.pgtable import PFN_SHIFT, PTE_PRESENT
+from .kernel.memory import PG_allocated, PG_anon_exclusive
+from .kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
 
 FEEDBACKS = ("label", "interleaving")
 #: ``recorded`` keys of a corpus file.
@@ -62,6 +66,8 @@ REC_ACTIONS = "greybox_actions"
 REC_FEATURES = "greybox_features"
 REC_CATALOGUE = "greybox_catalogue"
 REC_CUTS = "greybox_cuts"
+#: Plan argument: the range is exactly one of the scenario's mappings (:func:`seed_plan`).
+WHOLE_VMA = "whole_vma"
 #: Most cut points kept per corpus entry (:attr:`CorpusEntry.cuts`).
 MAX_CUTS = 16
 
@@ -118,18 +124,77 @@ def _shared_tables(k: Kernel) -> tuple[int, dict[int, set[int]]]:
     return n, tables
 
 
+def _tlb_states(k: Kernel) -> set[tuple[str, str, int]]:
+    """What the CPUs' caches hold that the page tables no longer say (:mod:`cowenv.kernel.tlb`).
+
+    Per live user thread: a paging-structure-cache entry whose table was freed or
+    reused (``psc``/``freed``), unlinked with its free pending (``unlinked``), or no
+    longer the table its PMD entry points at (``replaced``); a TLB entry whose frame
+    was freed or reused (``tlb``/``freed``) or that is writable where the page tables
+    no longer grant the store (``tlb``/``wp``); each with whether a flush is pending for
+    the thread's mm. These are the states one access away from the TLB oracles
+    (``memory-safety@tlb_stale_table``, ``tlb_stale_entry``, ``isolation@tlb_stale_write``):
+    the window between an unlink or a write-protection and its flush, which a search
+    then has to use. TLB entries are only looked at while a thread holds at most
+    :data:`_TLB_SCAN` of them (the cost of the feature stays per step, not per page).
+    """
+    out: set[tuple[str, str, int]] = set()
+    if not k.config.tlb:
+        return out
+    pool = k.pool
+    P = k.config.ptrs_per_pte
+    for t in k.threads.values():
+        if t.exited or (not t.psc and not t.tlb):
+            continue
+        p = k.procs.get(t.pid)
+        if p is None:
+            continue
+        mm = p.mm
+        pend = int(bool(k.tlb_pending.get(mm.id, 0)))
+        for idx, (table, tgen, _w) in t.psc.items():
+            tp = table.pfn
+            if pool.gen[tp] != tgen or not pool.flags[tp] & PG_allocated:
+                out.add(("psc", "freed", pend))
+            elif table.freed:
+                out.add(("psc", "unlinked", pend))
+            else:
+                e = mm.pmd.get(idx)
+                if e is None or e.table is not table:
+                    out.add(("psc", "replaced", pend))
+        if len(t.tlb) > _TLB_SCAN:
+            continue
+        for vpn, (pfn, gen, writable, _d) in t.tlb.items():
+            if pool.gen[pfn] != gen or not pool.flags[pfn] & PG_allocated:
+                out.add(("tlb", "freed", pend))
+            elif writable:
+                e = mm.pmd.get(vpn // P)
+                ok = False
+                if e is not None and e.write:
+                    pte = int(e.table.entries[vpn % P])
+                    ok = bool(pte & PTE_WRITE) and pte >> PFN_SHIFT == pfn
+                if not ok:
+                    out.add(("tlb", "wp", pend))
+    return out
+
+
+#: Most TLB entries of a thread :func:`_tlb_states` looks at.
+_TLB_SCAN = 64
+
+
 class FeatureTracker:
     """Features of the steps of one episode (see the module docstring).
 
     Args:
         feedback: One of :data:`FEEDBACKS`.
+        tlb: With ``interleaving``, also the TLB staleness features (:func:`_tlb_states`).
 
     """
 
-    def __init__(self, feedback: str = "interleaving") -> None:
+    def __init__(self, feedback: str = "interleaving", tlb: bool = True) -> None:
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback: expected one of {', '.join(FEEDBACKS)}")
         self.feedback = feedback
+        self.tlb = bool(tlb)
         self._ne = 0
         self._nv = 0
         self._variant: dict[int, str] = {}
@@ -189,6 +254,8 @@ class FeatureTracker:
             out.append(fid("K", label, ",".join(sorted(held))))
             if k.pins:
                 out.extend(fid("G", *g) for g in _pin_states(k))
+            if self.tlb:
+                out.extend(fid("T", *x) for x in sorted(_tlb_states(k)))
         elif spec.kind == "start" and inter:
             self._variant[spec.tid] = ",".join(
                 f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))
@@ -362,10 +429,30 @@ class Corpus:
 
 # ----------------------------------------------------------------------------- mutations
 class CatalogueIndex:
-    """The catalogue grouped for mutations: runs, starts by (tid, op), events."""
+    """The catalogue grouped for mutations: runs, starts by (tid, op), events, uses.
 
-    def __init__(self, catalogue: tuple[ActionSpec, ...] | list[ActionSpec]) -> None:
+    Args:
+        catalogue: The harness's catalogue.
+        ptrs_per_pte: Entries per table of its configuration (groups addresses by PMD).
+
+    """
+
+    def __init__(self, catalogue: tuple[ActionSpec, ...] | list[ActionSpec],
+                 ptrs_per_pte: int = 512) -> None:
         self.catalogue = tuple(catalogue)
+        self.ptrs_per_pte = int(ptrs_per_pte)
+        #: Start index -> (PMD index, address) of every user start with an address.
+        self.where: dict[int, tuple[int, int]] = {}
+        #: PMD index -> user read/write starts at an address in it (:data:`USE_OPS`).
+        self.uses: dict[int, list[int]] = {}
+        #: The device's side of a pin: dev_read / dev_write starts.
+        self.pin_uses: list[int] = []
+        #: (tid, op, page) -> start, for the user accesses (:data:`USE_OPS`).
+        self.access_at: dict[tuple[int, str, int], int] = {}
+        #: (tid, PMD index) -> reads of that thread in that PMD.
+        self.reads_in: dict[tuple[int, int], list[int]] = {}
+        #: (tid, pin slot) -> the device's read of that pin.
+        self.dev_read_of: dict[tuple[int, int], int] = {}
         self.run: dict[int, int] = {}
         self.by_tid_op: dict[tuple[int, str], list[int]] = {}
         self.ops_of: dict[int, list[str]] = {}
@@ -382,6 +469,20 @@ class CatalogueIndex:
                 ops = self.ops_of.setdefault(sp.tid, [])
                 if sp.op not in ops:
                     ops.append(sp.op)
+                addr = dict(sp.args).get("addr")
+                if sp.tid != KSWAPD_TID and isinstance(addr, int) \
+                        and not isinstance(addr, bool):
+                    pmd = (addr >> 12) // self.ptrs_per_pte
+                    self.where[i] = (pmd, addr)
+                    if sp.op in USE_OPS:
+                        self.uses.setdefault(pmd, []).append(i)
+                        self.access_at[(sp.tid, sp.op, addr >> 12)] = i
+                        if sp.op == "read":
+                            self.reads_in.setdefault((sp.tid, pmd), []).append(i)
+                elif sp.op in ("dev_read", "dev_write"):
+                    self.pin_uses.append(i)
+                    if sp.op == "dev_read":
+                        self.dev_read_of[(sp.tid, sp.pin_slot)] = i
             elif sp.kind == "event":
                 self.events.append(i)
                 if sp.tid >= 0:
@@ -423,18 +524,27 @@ class CatalogueIndex:
         return self.index_of.get(other)
 
 
+#: The operations ``insert_use`` inserts: a user access (a load or a store).
+USE_OPS = ("read", "write")
+
 MUTATIONS = ("insert_start", "delete", "splice", "change_thread", "change_args",
              "move_point", "insert_runs", "insert_event", "truncate", "preempt",
-             "insert_missing")
+             "insert_missing", "insert_use", "hoist")
+#: The greybox agent's default: all but ``insert_use`` and ``hoist``, which measured
+#: worse (README "Greybox": 2 of 4 flaws slower or not found at seed 0, none found
+#: sooner, and neither finds gup-fast-fork-race or free-pmd-deferred-flush).
+DEFAULT_MUTATIONS = MUTATIONS[:11]
 
 
 def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
-           other: list[int] | None = None, max_len: int = 256) -> tuple[list[int], list[str]]:
+           other: list[int] | None = None, max_len: int = 256,
+           kinds: tuple[str, ...] = MUTATIONS) -> tuple[list[int], list[str]]:
     """Apply 1–3 random mutations (:data:`MUTATIONS`) to a copy of ``actions``.
 
-    ``preempt`` and ``insert_missing`` are the ones that aim: a thread's operation
-    inserted, with a few of its points, where another thread is mid-operation; an
-    operation kind the schedule lacks.
+    ``preempt``, ``insert_missing``, ``insert_use`` and ``hoist`` are the ones that aim:
+    a thread's operation inserted, with a few of its points, where another thread is
+    mid-operation; an operation kind the schedule lacks; an access to what an earlier
+    operation touched; a later operation moved into an earlier one of another thread.
 
     Args:
         actions: The parent schedule (catalogue indices).
@@ -442,6 +552,7 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
         ci: The catalogue, grouped.
         other: A second corpus schedule for ``splice``.
         max_len: Longest result kept.
+        kinds: The mutations to draw from (default all of :data:`MUTATIONS`).
 
     Returns:
         The child schedule and the names of the mutations applied.
@@ -450,7 +561,7 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
     a = list(actions)
     done: list[str] = []
     for _ in range(int(rng.integers(1, 4))):
-        m = MUTATIONS[int(rng.integers(len(MUTATIONS)))]
+        m = kinds[int(rng.integers(len(kinds)))]
         n = len(a)
         pos = int(rng.integers(n + 1))
         if m == "insert_start":
@@ -545,6 +656,58 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
             if b is None:
                 continue
             a[pos:pos] = [b] + [ci.run[t]] * int(rng.integers(0, 9))
+        elif m == "insert_use" and n:
+            # A use of what an earlier operation touched (syzkaller's resources: a
+            # call's result fed to a later call): after a start on an address, a load
+            # or store by some thread in the same page table (half the time at the same
+            # address), or after a pin the device's read or write of a pin. The states
+            # the interleaving features reward (a pin in a shared table, a stale
+            # paging-structure-cache entry) are harmless until something uses them.
+            cand = [i for i, x in enumerate(a) if x in ci.where]
+            if not cand:
+                continue
+            i = cand[int(rng.integers(len(cand)))]
+            pmd, addr = ci.where[a[i]]
+            if ci.catalogue[a[i]].op == "pin" and ci.pin_uses and rng.random() < 0.5:
+                uses = ci.pin_uses
+            else:
+                uses = ci.uses.get(pmd, [])
+                same = [u for u in uses if ci.where[u][1] == addr]
+                if same and rng.random() < 0.5:
+                    uses = same
+            if not uses:
+                continue
+            b = uses[int(rng.integers(len(uses)))]
+            j = int(rng.integers(i + 1, n + 1))
+            a[j:j] = [b] + [ci.run[ci.catalogue[b].tid]] * int(rng.integers(1, 4))
+        elif m == "hoist" and n:
+            # An operation moved into an earlier operation of another thread: a start
+            # and the first few points of its thread after it go to a point where the
+            # schedule runs another thread (CHESS's preemption, at operation level):
+            # two operations a seed runs one after the other (a pin, then a fork)
+            # become a race of the two.
+            starts = [i for i, x in enumerate(a) if ci.catalogue[x].kind == "start"]
+            if not starts:
+                continue
+            i = starts[int(rng.integers(len(starts)))]
+            t = ci.catalogue[a[i]].tid
+            runs_t: list[int] = []
+            for j in range(i + 1, n):
+                sj = ci.catalogue[a[j]]
+                if sj.tid == t and sj.kind == "start":
+                    break
+                if sj.kind == "run" and sj.tid == t:
+                    runs_t.append(j)
+            before = [j for j in range(i) if ci.catalogue[a[j]].kind == "run"
+                      and ci.catalogue[a[j]].tid != t]
+            if not before:
+                continue
+            carry = runs_t[:int(rng.integers(len(runs_t) + 1))]
+            moved = [a[i]] + [a[j] for j in carry]
+            gone = {i, *carry}
+            at = before[int(rng.integers(len(before)))] + 1
+            a = [x for j, x in enumerate(a[:at]) if j not in gone] + moved + [
+                x for j, x in enumerate(a[at:], at) if j not in gone]
         else:
             continue
         done.append(m)
@@ -552,17 +715,38 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
 
 
 # ----------------------------------------------------------------------------- seeds
-def seed_plan(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+def seed_plan(steps: list[dict[str, Any]], ptrs_per_pte: int = 0) -> list[tuple[Any, ...]]:
     """A scenario's steps as an abstract plan for :class:`cowenv_agents.GreyboxAgent`.
 
     Plan items: ``("start", tid, op, args)``, ``("until", tid, label)``,
     ``("finish", tid)`` (run to the end of the operation, or until blocked),
-    ``("steps", tid, n)``, ``("event", n, tid)`` (tid -1: the pressure event). ``mmap``
-    steps are left out (the harness workload maps its own regions); arguments keep their
-    scenario values and are matched to the nearest catalogue template when played; bound
-    names (``pin: PIN``) become the thread's oldest pin slot.
+    ``("steps", tid, n)``, ``("event", n, tid)`` (tid -1: the pressure event), and two
+    that carry what the scenario's numbers mean: ``("geometry", P)`` first (entries per
+    table of the scenario's configuration, when given: its addresses are read in that
+    geometry, :func:`entry_class`) and ``("spawn", tid, new_tid, op)`` right before a
+    ``fork``/``clone`` start (the thread id the scenario's kernel gives the new thread:
+    the lowest free one, as :meth:`cowenv.kernel.sched.SchedMixin._free_tid`; the agent
+    maps it onto the thread the workload's kernel gives, or onto a thread the workload
+    already cloned). ``mmap`` steps are left out (the harness workload maps its own
+    regions, but a range that is exactly one of the scenario's mappings gets the
+    argument :data:`WHOLE_VMA`: a munmap of a whole VMA frees its tables, one of a part
+    splits the VMA first); arguments keep their scenario values and are matched to the
+    nearest catalogue template when played; bound names (``pin: PIN``) become the
+    thread's oldest pin slot.
     """
     plan: list[tuple[Any, ...]] = []
+    if ptrs_per_pte:
+        plan.append(("geometry", int(ptrs_per_pte)))
+    alive = {1}
+    vmas: set[tuple[Any, Any]] = set()
+
+    def spawn() -> int:
+        n = 1
+        while n in alive:
+            n += 1
+        alive.add(n)
+        return n
+
     for s in steps:
         if "event" in s:
             et = s.get("tid")  # /proc/thread-self/fail-nth of a numbered thread
@@ -574,9 +758,18 @@ def seed_plan(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
             continue
         op = s.get("do") or s.get("start")
         if op:
+            args = dict(s.get("args") or {})
             if op == "mmap":
+                if isinstance(args.get("addr"), int) and isinstance(args.get("length"), int):
+                    vmas.add((args["addr"], args["length"]))
                 continue
-            plan.append(("start", int(tid), str(op), dict(s.get("args") or {})))
+            if (args.get("addr"), args.get("length")) in vmas:
+                args[WHOLE_VMA] = True
+            if op in ("fork", "clone"):
+                plan.append(("spawn", int(tid), spawn(), str(op)))
+            elif op == "exit":
+                alive.discard(int(tid))
+            plan.append(("start", int(tid), str(op), args))
             if "do" in s:
                 plan.append(("finish", int(tid)))
         elif "until" in s:
@@ -586,6 +779,22 @@ def seed_plan(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         elif "step" in s:
             plan.append(("steps", int(tid), int(s["step"])))
     return plan
+
+
+def entry_class(page: int, ptrs_per_pte: int) -> Any:
+    """Where page ``page`` sits in its page table, comparable across geometries.
+
+    The first and second entries and the last one are themselves (``0``, ``1``, ``"L"``:
+    the catalogue's address templates are a portion's first, second and last page);
+    any other entry is its fraction of the table (the second VMA of a PMD that starts
+    half-way is ``0.5`` with 8 or with 512 entries per table).
+    """
+    e = page % ptrs_per_pte
+    if e == ptrs_per_pte - 1 and e > 1:
+        return "L"
+    if e < 2:
+        return e
+    return round(e / ptrs_per_pte, 3)
 
 
 def scenario_files(paths: list[str | Path], exclude: list[str] | None = None) -> list[Path]:
@@ -604,7 +813,9 @@ def scenario_files(paths: list[str | Path], exclude: list[str] | None = None) ->
     return [p for p in out if p.stem not in ex and not p.name.startswith(".")]
 
 
-__all__ = ["FEEDBACKS", "MAX_CUTS", "MUTATIONS", "REC_CUTS", "CatalogueIndex", "Corpus",
-           "CorpusEntry",
-           "FeatureTracker", "catalogue_digest", "fid", "mutate", "scenario_files",
+__all__ = ["FEEDBACKS", "MAX_CUTS", "DEFAULT_MUTATIONS", "MUTATIONS", "REC_CUTS", "USE_OPS",
+           "WHOLE_VMA",
+           "CatalogueIndex", "Corpus", "CorpusEntry",
+           "FeatureTracker", "catalogue_digest", "entry_class", "fid", "mutate",
+           "scenario_files",
            "seed_plan"]

@@ -219,3 +219,61 @@ def test_cause_search_names_the_flaw_behind_a_known_signature():
                 and sp.tid != h.catalogue[fork].tid and h.mask[i])
     h.step(read)
     assert violation_context(h) == "fork>read" and violation_context(h, 1) == "read"
+
+
+def test_cause_search_confirms_a_flaw_whose_violation_another_masks():
+    """On as-posted, fork-ptl-nesting's lockdep splat at the fork turns lockdep off, so
+    ptl-recursive-nesting's splat at the next COW break never fires: the schedule shows
+    only ``lock-discipline@pmd_install``. Run with ptl-recursive-nesting alone, the same
+    schedule shows its own splat, which fixed does not: a masked cause, with the steps
+    that took effect (they replay with that flaw alone)."""
+    from cowenv.campaign import confirm_flaws
+    from cowenv.harness import Harness
+    from cowenv.minimize import run_lenient
+    from cowenv.scenario import override_config, parse_scenario
+
+    h = Harness(geometry="small", preset="as-posted", terminate_on_violation=False)
+    h.reset(0)
+    T = h.config.ptrs_per_pte * 4096
+
+    def do(op, tid, **kw):
+        h.step(h.find_actions(op, tid=tid, **kw)[0])
+        run = h.find_actions("run", tid=tid)[0]
+        while h.kernel.threads[tid].gen is not None:
+            h.step(run)
+
+    do("fork", 1)
+    do("write", 1, addr=16 * T)
+    assert "lock-discipline@pte_offset_map_lock" not in h.kernel.signatures
+    data = h.get_schedule()
+    found = confirm_flaws(data, "lock-discipline@pmd_install",
+                          ["ptl-recursive-nesting", "wipeonfork-shared"])
+    assert [(f, s, how) for f, s, _, how in found] == [
+        ("ptl-recursive-nesting", "lock-discipline@pte_offset_map_lock", "masked")]
+    steps = found[0][2]
+    sc = parse_scenario(data)
+    cfg = override_config(sc.config, "cowpte", ["ptl-recursive-nesting"])
+    assert "lock-discipline@pte_offset_map_lock" in run_lenient(cfg, steps).kernel.signatures
+    # The candidate's own signature comes first when the flaw shows it.
+    own = confirm_flaws(data, "lock-discipline@pmd_install", ["fork-ptl-nesting"])
+    assert own == [("fork-ptl-nesting", "lock-discipline@pmd_install", None, "alone")]
+
+
+def test_leave_one_out_counts_only_a_flaws_known_harm():
+    """Two schedules an as-posted campaign recorded (small geometry). In the first,
+    table-free-no-deferral's own harm (a walk through the paging-structure cache of a
+    freed table) goes away with that flaw off and the others on: a cause. In the second,
+    turning rmap-stale-table off makes the fault-asserts-write-lock assertion go away
+    (the schedule takes another course): not rmap-stale-table's harm, not a cause."""
+    import yaml
+
+    from cowenv.campaign import confirm_flaws, flaw_harms
+
+    assert "memory-safety@tlb_stale_table" in flaw_harms("table-free-no-deferral")
+    assert "lock-discipline@handle_cow_pte_fault" not in flaw_harms("rmap-stale-table")
+    d = yaml.safe_load(open(Path(__file__).parent / "data" / "leave-one-out-table-free.yaml"))
+    found = confirm_flaws(d, "memory-safety@tlb_stale_table", ["table-free-no-deferral"])
+    assert [(f, s, how) for f, s, _, how in found] == [
+        ("table-free-no-deferral", "memory-safety@tlb_stale_table", "leave-one-out")]
+    d = yaml.safe_load(open(Path(__file__).parent / "data" / "leave-one-out-path-change.yaml"))
+    assert confirm_flaws(d, "lock-discipline@handle_cow_pte_fault", ["rmap-stale-table"]) == []

@@ -66,9 +66,10 @@ def test_corpus_favoured_is_a_set_cover_of_shortest_entries():
 
 def test_mutations_stay_in_the_catalogue_and_each_kind_happens():
     h = Harness(**SMALL_KW)
-    ci = CatalogueIndex(h.catalogue)
+    ci = CatalogueIndex(h.catalogue, h.config.ptrs_per_pte)
     rng = np.random.default_rng(0)
     parent = [ci.random_start(rng) for _ in range(10)] + [ci.run[1]] * 5
+    parent += [ci.run[2], ci.by_tid_op[(1, "fork")][0], ci.run[1]]  # for hoist
     seen = set()
     for _ in range(400):
         child, done = mutate(parent, rng, ci, other=parent[::-1], max_len=40)
@@ -83,10 +84,40 @@ def test_mutations_stay_in_the_catalogue_and_each_kind_happens():
 
 def test_seed_plan_keeps_operations_and_interleaving_points():
     sc = load_scenario("scenarios/flaws/gup-fast-fork-race.yaml")
-    plan = seed_plan(sc.steps)
+    plan = seed_plan(sc.steps, sc.config.ptrs_per_pte)
+    assert plan[0] == ("geometry", 8)
     assert ("until", 2, "gup_fast:pte_read") in plan
     assert ("start", 1, "fork", {}) in plan
     assert not any(p[0] == "start" and p[2] == "mmap" for p in plan)
+    # The scenario's clone makes tid 2, its fork's child is tid 3 (the lowest free tids).
+    spawns = [p for p in plan if p[0] == "spawn"]
+    assert spawns == [("spawn", 1, 2, "clone"), ("spawn", 1, 3, "fork")]
+
+
+def test_seed_plans_map_threads_and_tables_onto_the_workload():
+    """free-pmd-deferred-flush's plan on the default workload: its clone is the workload's
+    tid 2 (not replayed), the fork child is tid 3, the read and the munmap stay in one
+    table and the munmap covers a whole mapping (a part would split the VMA and break
+    the sharing first) -- and the flaw shows."""
+    from cowenv_agents.greybox import GreyboxAgent
+
+    kw = dict(SMALL_KW, variant="cowpte", flaws=["free-pmd-deferred-flush"],
+              terminate_on_violation=False)
+    h = Harness(**kw)
+    ag = GreyboxAgent(seeds=["scenarios/flaws/free-pmd-deferred-flush.yaml"], explore=0.0)
+    found = _play(ag, h, 0, 1)
+    assert "memory-safety@tlb_stale_table" in found
+    steps = h.get_schedule()["steps"]
+    starts = [s for s in steps[6:] if "start" in s]
+    assert [s["start"] for s in starts if s["start"] == "clone"] == []
+    munmap = next(s for s in starts if s["start"] == "munmap")
+    a, n = int(munmap["args"]["addr"], 16), munmap["args"]["length"]
+    assert (a, n) in h.regions
+    reads = [s for s in starts if s["start"] == "read"]
+    T = h.config.ptrs_per_pte * 4096
+    assert {int(r["args"]["addr"], 16) // T for r in reads} == {a // T}
+    assert {r["tid"] for r in reads} == {2}
+    assert any(s["start"] == "exit" and s["tid"] == 3 for s in starts)
 
 
 def test_greybox_is_deterministic_and_grows_a_corpus():
@@ -241,7 +272,86 @@ def test_plan_addresses_match_by_page_table_entry():
     from cowenv_agents.greybox import _arg_score
 
     from cowenv.catalogue import ActionSpec
+    from cowenv.greybox import entry_class
 
     sp = ActionSpec("start", 1, "write", (("addr", 0x104000),))
     assert _arg_score(sp, {"addr": 0x24000}, 8) == 0.5  # entry 4 of a table in both
     assert _arg_score(sp, {"addr": 0x25000}, 8) == 0.0
+    # A mapped scenario PMD: the template in the mapped PMD gains, elsewhere loses.
+    assert _arg_score(sp, {"addr": 0x24000}, 8, 8, {0x24000 >> 15: 0x104000 >> 15}) == 1.5
+    assert _arg_score(sp, {"addr": 0x24000}, 8, 8, {0x24000 >> 15: 0}) == -0.5
+    # Across geometries: the second VMA of a PMD starts half-way in both.
+    assert entry_class(4, 8) == entry_class(256, 512) == 0.5
+    assert entry_class(7, 8) == entry_class(511, 512) == "L"
+    assert entry_class(1, 8) == entry_class(513, 512) == 1
+
+
+def test_hoist_moves_an_operation_into_another_threads_earlier_one():
+    h = Harness(**SMALL_KW)
+    ci = CatalogueIndex(h.catalogue, h.config.ptrs_per_pte)
+    pin = ci.by_tid_op[(2, "pin")][0]
+    fork = ci.by_tid_op[(1, "fork")][0]
+    parent = [pin] + [ci.run[2]] * 4 + [fork] + [ci.run[1]] * 6
+    rng = np.random.default_rng(3)
+    n = 0
+    for _ in range(400):
+        child, done = mutate(parent, rng, ci)
+        if done != ["hoist"] or child == parent:
+            continue
+        n += 1
+        assert sorted(child) == sorted(parent)
+        i = child.index(fork)
+        assert 1 <= i <= 5 and child.index(pin) == 0  # inside the pin's points
+    assert n
+
+
+def test_insert_use_accesses_what_an_earlier_operation_touched():
+    h = Harness(**SMALL_KW)
+    P = h.config.ptrs_per_pte
+    ci = CatalogueIndex(h.catalogue, P)
+    mun = next(i for i in ci.by_tid_op[(1, "munmap")] if i in ci.where)
+    parent = [mun] + [ci.run[1]] * 3
+    rng = np.random.default_rng(5)
+    n = 0
+    for _ in range(300):
+        child, done = mutate(parent, rng, ci)
+        if done != ["insert_use"]:
+            continue
+        n += 1
+        new = [a for a in child if a not in parent and h.catalogue[a].kind == "start"]
+        assert len(new) == 1 and h.catalogue[new[0]].op in ("read", "write")
+        assert ci.where[new[0]][0] == ci.where[mun][0]  # the same page table
+    assert n
+
+
+def test_use_probe_reads_through_a_stale_paging_structure_cache_entry():
+    """The kernel holds a stale cached table (free-pmd-deferred-flush's window): the
+    greybox's use is a load by the thread that caches it, in that table."""
+    from cowenv_agents.greybox import GreyboxAgent
+
+    h = Harness(**SMALL_KW, variant="cowpte", flaws=["free-pmd-deferred-flush"],
+                terminate_on_violation=False)
+    h.reset(0)
+    T = h.config.ptrs_per_pte * 4096
+    A = 16 * T
+
+    def do(op, tid, until=None, **kw):
+        h.step(h.find_actions(op, tid=tid, **kw)[0])
+        run = h.find_actions("run", tid=tid)[0]
+        t = h.kernel.threads[tid]
+        while t.gen is not None and t.label != until:
+            h.step(run)
+
+    do("fork", 1)
+    do("read", 2, addr=A)
+    do("munmap", 1, until="unmap_region:pgtables_freed", addr=A, length=2 * T)
+    ag = GreyboxAgent(seeds=[])
+    ag.begin_episode(h, np.random.default_rng(0))
+    assert ag._use(h, h.mask) is None  # the cached table is unlinked but alive
+    do("exit", 3)
+    a = ag._use(h, h.mask)
+    sp = h.catalogue[a]
+    assert sp.op == "read" and sp.tid == 2 and dict(sp.args)["addr"] // T == A // T
+    h.step(a)
+    h.step(h.find_actions("run", tid=2)[0])
+    assert "memory-safety@tlb_stale_table" in h.kernel.signatures

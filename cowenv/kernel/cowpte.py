@@ -748,8 +748,12 @@ class CowPteKernel(Kernel):
                 ct = cur.table
                 cptl = self.pte_lockptr(mm, ct)
                 if cptl is not optl:
-                    # dst_pte = pte_offset_map_lock(mm, pmd, addr, &dst_ptl); under src_ptl
-                    yield from self.lock(t, cptl, WRITE, "pte_offset_map_lock", nest)
+                    # dst_pte = pte_offset_map_lock(mm, pmd, addr, &dst_ptl); under src_ptl.
+                    # Subclass 0: dst_ptl was released above, and src_ptl holds subclass
+                    # ``nest``. With ptl-recursive-nesting (``nest`` 0) the two plain
+                    # spin_locks of one class are lockdep's splat; annotated (src_ptl
+                    # taken with SINGLE_DEPTH_NESTING) this plain lock is not.
+                    yield from self.lock(t, cptl, WRITE, "pte_offset_map_lock", 0)
                 self.set_ptes(t, mm, ct, 0, np.zeros(self.P, dtype=np.int64),
                               "handle_cow_pte_fault")
                 if cptl is not optl:
