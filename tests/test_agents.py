@@ -372,3 +372,13 @@ def test_agents_package_is_not_imported_by_cowenv() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_ppo_eval_cost_benchmark_plays_the_same_schedules_on_both_backends(
+        tiny_model: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import ppo_eval_cost
+
+    r = ppo_eval_cost.measure(str(tiny_model), "gup-fast-fork-race", episodes=2, repeats=1)
+    assert r["same_schedules"] and r["steps"]["ppo-numpy"] == r["steps"]["ppo-torch"] > 0
+    assert set(r["ms_per_step"]) == {"random", "ppo-torch", "ppo-numpy"}
