@@ -386,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     fidx = {f: FLAW_IDS.index(f) for f in flaws}
     folds = {k: [f for f in FLAW_IDS if FLAW_IDS.index(f) % FOLDS == k] for k in range(FOLDS)}
     ctx = get_context("spawn")
+    # The jobs are the parallelism: one BLAS/OpenMP thread per worker (PPO's numpy actor
+    # and torch training would otherwise each start a thread per core).
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     runs: list[dict[str, Any]] = []
     trainings: list[dict[str, Any]] = []
     pending: dict[Future, tuple[str, Any]] = {}

@@ -299,6 +299,72 @@ def test_ppo_agent_samples_legal_actions_deterministically(tiny_model: Path) -> 
         ca.make_agent("ppo")
 
 
+def _random_obs(env: CowEnv, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.random((n, *env.observation_space.shape), dtype=np.float32)
+
+
+@pytest.mark.parametrize("arch", ["trained", "relu-2x32"])
+def test_ppo_numpy_actor_matches_the_torch_policy(tiny_model: Path, arch: str) -> None:
+    from sb3_contrib import MaskablePPO
+
+    env = CowEnv(**SMALL)
+    if arch == "trained":
+        model = ca.make_agent("ppo", model=str(tiny_model)).model  # type: ignore[attr-defined]
+    else:
+        import torch
+
+        model = MaskablePPO("MlpPolicy", env, seed=3, device="cpu",
+                            policy_kwargs={"net_arch": [32, 32],
+                                           "activation_fn": torch.nn.ReLU})
+    fast = ca.make_agent("ppo", model=model, backend="numpy")
+    slow = ca.make_agent("ppo", model=model, backend="torch")
+    assert (fast.backend, slow.backend) == ("numpy", "torch")  # type: ignore[attr-defined]
+    obs = _random_obs(env, 64, seed=1)
+    masks = np.random.default_rng(2).random((64, env.action_space.n)) < 0.3
+    masks[:, 0] = True
+    for o, m in zip(obs, masks, strict=True):
+        a, b = fast.logits(o), slow.logits(o)  # type: ignore[attr-defined]
+        assert a.dtype == np.float32 and a.shape == (env.action_space.n,)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fast.probabilities(o, m),  # type: ignore[attr-defined]
+                                   slow.probabilities(o, m),  # type: ignore[attr-defined]
+                                   rtol=1e-4, atol=1e-7)
+        # The logits are SB3's: its own distribution (the torch path of predict) agrees.
+        import torch
+
+        with torch.no_grad():
+            dist = model.policy.get_distribution(torch.as_tensor(o[None]))
+        np.testing.assert_allclose(a, dist.distribution.logits[0].numpy()
+                                   + torch.logsumexp(torch.as_tensor(b), 0).item(),
+                                   rtol=1e-4, atol=1e-4)
+    # Deterministic mode: the same action as SB3's predict(deterministic=True), both paths.
+    fast_d = ca.make_agent("ppo", model=model, backend="numpy", deterministic=True)
+    slow_d = ca.make_agent("ppo", model=model, backend="torch", deterministic=True)
+    for o, m in zip(obs, masks, strict=True):
+        want, _ = model.predict(o, action_masks=m, deterministic=True)
+        assert fast_d.act(env, o, m) == slow_d.act(env, o, m) == int(want)
+        assert m[fast_d.act(env, o, m)]
+    # And on real episodes, sampling: the same schedules.
+    s1 = _schedule(env, ca.make_agent("ppo", model=model, backend="numpy"), seed=4)
+    s2 = _schedule(env, ca.make_agent("ppo", model=model, backend="torch"), seed=4)
+    assert s1 == s2
+
+
+def test_ppo_numpy_backend_refuses_an_unsupported_policy(tiny_model: Path) -> None:
+    import torch
+    from sb3_contrib import MaskablePPO
+
+    env = CowEnv(**SMALL)
+    model = MaskablePPO("MlpPolicy", env, seed=0, device="cpu",
+                        policy_kwargs={"net_arch": [8], "activation_fn": torch.nn.ELU})
+    with pytest.raises(ValueError, match="layer ELU"):
+        ca.make_agent("ppo", model=model, backend="numpy")
+    assert ca.make_agent("ppo", model=model).backend == "torch"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="backend"):
+        ca.make_agent("ppo", model=model, backend="jax")
+
+
 def test_agents_package_is_not_imported_by_cowenv() -> None:
     code = ("import sys, cowenv, cowenv.env, cowenv.cli, cowenv.scenario;"
             "print(any(m.startswith('cowenv_agents') for m in sys.modules),"
@@ -306,3 +372,13 @@ def test_agents_package_is_not_imported_by_cowenv() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_ppo_eval_cost_benchmark_plays_the_same_schedules_on_both_backends(
+        tiny_model: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import ppo_eval_cost
+
+    r = ppo_eval_cost.measure(str(tiny_model), "gup-fast-fork-race", episodes=2, repeats=1)
+    assert r["same_schedules"] and r["steps"]["ppo-numpy"] == r["steps"]["ppo-torch"] > 0
+    assert set(r["ms_per_step"]) == {"random", "ppo-torch", "ppo-numpy"}
