@@ -356,12 +356,17 @@ def main(argv: list[str] | None = None) -> int:
                         "settings; any smaller run writes to a new temporary folder, so it "
                         "never overwrites the committed results)")
     p.add_argument("--merge", action="store_true",
-                   help="keep the runs of agents not run now from the existing "
-                        "bug_finding.json (same budget and seeds; runs are deterministic)")
+                   help="keep the (agent, flaw) cells not run now from the existing "
+                        "bug_finding.json in --out (same budget and seeds; runs are "
+                        "deterministic); cells run now replace the old ones")
     p.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                    help="run nothing: combine the runs of earlier bug_finding.json files "
                         "(same budget; each agent from the first file that has it) into one "
                         "table, written to --out")
+    p.add_argument("--reuse-models", action="store_true",
+                   help="use the models already in --model-dir (ppo-t<seed>-fold<k>.zip) "
+                        "instead of training them again, e.g. to re-measure some flaws "
+                        "after a kernel change with the same held-out models")
     p.add_argument("--model-dir", default=str(ROOT / "runs" / "bench"),
                    help="where PPO models, TensorBoard logs and checkpoints go")
     a = p.parse_args(argv)
@@ -393,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     trainings: list[dict[str, Any]] = []
     pending: dict[Future, tuple[str, Any]] = {}
+    reused: dict[tuple[int, str], str] = {}  # --reuse-models: (fold, column) -> model
+    # --merge reads the old results now: partial writes below go to the same file.
+    merge_from = Path(a.out or OUT) / "bug_finding.json"
+    old = json.loads(merge_from.read_text()) if a.merge and merge_from.exists() else None
     with ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as pool:
         for j, col in enumerate(c for c in agents if c.startswith("ppo-t")):
             for k in range(FOLDS):
@@ -400,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                 if not test:
                     continue
                 train = [f for f in FLAW_IDS if f not in folds[k]]
+                saved = Path(a.model_dir) / f"ppo-t{j}-fold{k}.zip"
+                if a.reuse_models and saved.exists():
+                    reused[(k, col)] = str(saved)
+                    continue
                 fut = pool.submit(train_fold, k, train, a.train_steps, 1000 + k + 100 * j,
                                   a.model_dir, f"-t{j}")
                 pending[fut] = ("train", (k, col))
@@ -412,8 +425,24 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     fut = pool.submit(run_one, f, fidx[f], ag, s, a.budget, targets[f], None)
                     pending[fut] = ("run", (f, ag, s))
-        n_train = sum(kind == "train" for kind, _ in pending.values())
-        models: dict[tuple[int, str], str] = {}
+        n_train = sum(kind == "train" for kind, _ in pending.values()) + len(reused)
+        models: dict[tuple[int, str], str] = dict(reused)
+        for (fk, col), path in sorted(reused.items()):
+            trainings.append({"fold": fk, "tag": col[3:], "model": path, "reused": True})
+            print(f"reusing PPO {col} fold {fk}: {path}", file=sys.stderr)
+
+        def measure_models() -> None:
+            # Every model is trained: measure them seed-major, training seeds
+            # interleaved, so a cut run reports every training seed alike.
+            for s in range(a.seeds):
+                for f in flaws:
+                    for c in (c for c in agents if c.startswith("ppo-t")):
+                        nf = pool.submit(run_one, f, fidx[f], c, s, a.budget,
+                                         targets[f], models[(fidx[f] % FOLDS, c)])
+                        pending[nf] = ("run", (f, c, s))
+
+        if reused and len(models) == n_train:
+            measure_models()
         while pending:
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
@@ -425,16 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                     models[(fk, col)] = r["model"]
                     print(f"trained PPO {col} fold {fk} in {r['seconds']:.0f}s "
                           f"(held out: {', '.join(folds[fk])})", file=sys.stderr)
-                    if len(models) < n_train:
-                        continue
-                    # Every model is trained: measure them seed-major, training seeds
-                    # interleaved, so a cut run reports every training seed alike.
-                    for s in range(a.seeds):
-                        for f in flaws:
-                            for c in (c for c in agents if c.startswith("ppo-t")):
-                                nf = pool.submit(run_one, f, fidx[f], c, s, a.budget,
-                                                 targets[f], models[(fidx[f] % FOLDS, c)])
-                                pending[nf] = ("run", (f, c, s))
+                    if len(models) == n_train:
+                        measure_models()
                 else:
                     runs.append(r)
                     res = f"step {r['steps']:,}" if r["found"] else "not found"
@@ -445,14 +466,15 @@ def main(argv: list[str] | None = None) -> int:
                         # ``complete: false``: a run stopped early keeps what it measured.
                         _write(a, p, list(runs), flaws, list(agents), list(trainings),
                                targets, folds, t_start, final=False)
-    merge_from = Path(a.out or OUT) / "bug_finding.json"
-    if a.merge and merge_from.exists():
-        old = json.loads(merge_from.read_text())
-        if old["budget"] == a.budget:
-            kept = [x for x in old["agents"] if x not in agents]
-            runs += [r for r in old["runs"] if r["agent"] in kept and r["flaw"] in flaws]
-            trainings = old.get("trainings", []) + trainings
-            agents = [x for x in old["agents"] if x in kept] + agents
+    if old is not None and old["budget"] == a.budget:
+        # Keep every (agent, flaw) cell not measured now; a cell measured now replaces
+        # the old one (runs are deterministic, so only a code change makes them differ).
+        now = {(r["agent"], r["flaw"]) for r in runs}
+        runs += [r for r in old["runs"] if (r["agent"], r["flaw"]) not in now]
+        trainings = old.get("trainings", []) + trainings
+        agents = old["agents"] + [x for x in agents if x not in old["agents"]]
+        flaws = [f for f in FLAW_IDS if f in set(old["flaws"]) | set(flaws)]
+        targets = {**old.get("flaw_signatures", {}), **targets}
     return _write(a, p, runs, flaws, agents, trainings, targets, folds, t_start)
 
 
