@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                         "deterministic); cells run now replace the old ones")
     p.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                    help="run nothing: combine the runs of earlier bug_finding.json files "
-                        "(same budget; each agent from the first file that has it) into one "
-                        "table, written to --out")
+                        "(same budget; each (agent, flaw) cell from the first file that "
+                        "has it) into one table, written to --out")
     p.add_argument("--reuse-models", action="store_true",
                    help="use the models already in --model-dir (ppo-t<seed>-fold<k>.zip) "
                         "instead of training them again, e.g. to re-measure some flaws "
@@ -498,11 +498,11 @@ def _combine(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         if budget is not None and b != budget:
             p.error(f"--combine: {path}: budget {b}, expected {budget} (the first file's)")
         budget = b
-        new = [x for x in d.get("agents", []) if x not in agents]
-        agents += new
-        runs += [r for r in file_runs if r["agent"] in new]
+        agents += [x for x in d.get("agents", []) if x not in agents]
+        have = {(r["agent"], r["flaw"]) for r in runs}
+        runs += [r for r in file_runs if (r["agent"], r["flaw"]) not in have]
         trainings += d.get("trainings", [])
-        targets.update(d.get("flaw_signatures", {}))
+        targets = {**d.get("flaw_signatures", {}), **targets}
         folds = folds or d.get("folds", {})
     assert budget is not None
     a.budget = budget
