@@ -39,11 +39,29 @@ kernel):
   bound can skip a run whose only representative needs one more preemption (the
   known incompleteness of bounded POR); the certificate is "no violation within the
   bound, modulo that reduction".
+* **Sleeping waits**: at a :data:`SLEEP_LABELS` point (a folio-lock wait) the kernel
+  sleeps; the thread is treated as blocked (leaving it is no preemption) until another
+  step writes something, instead of spinning.
+* **Snapshots** (``snapshots``): at a *quiescent* point (no thread inside an operation,
+  so no generator alive) the whole execution state is plain data; it is pickled
+  (:meth:`Run.snapshot`), and a branch resumes from the deepest snapshot of its prefix
+  instead of re-executing it from a fresh kernel. Same runs, same states, fewer steps.
+* **State caching** (``cache``, as in Godefroid's sleep sets with state caching): a
+  quiescent state is identified exactly (:meth:`Run.state_key`: a digest of the pickled
+  kernel with its oracle's shadow, id and token counters, and the programs' positions
+  and bound names; trace, coverage and cost left out). When a completely explored
+  visit of the same state had at least the remaining preemption budget and a subset of
+  the current sleep set, the revisit's subtree is a subset of the one already searched
+  (at a quiescent point no thread is mid-operation, so no switch costs anything yet):
+  it is not searched again. Its violations were recorded with at most as many
+  preemptions. ``tests/test_explore.py`` checks that the signatures and the set of
+  final states are those of the search without caching.
 
 Every violation signature is reported once, with a run that shows it with the fewest
 preemptions among the runs explored, as a replayable scenario (``cowenv replay``). With
-none, the result is a certificate: bound, interleavings (complete runs), distinct states
-(fingerprints of memory, tables, VMAs and thread positions), transitions and seconds.
+none, the result is a certificate: bound, interleavings (complete runs; revisits pruned
+by the cache are counted apart), distinct states (fingerprints of memory, tables, VMAs
+and thread positions), transitions and seconds.
 """
 
 from __future__ import annotations
@@ -830,6 +848,8 @@ def _setup(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--preemptions", type=int, default=2, help="preemption bound K (default 2)")
     sp.add_argument("--variant", help="run as this preset/variant (as-posted, fixed, classic)")
     sp.add_argument("--no-por", action="store_true", help="no sleep-set reduction")
+    sp.add_argument("--no-cache", action="store_true",
+                    help="no state caching or snapshots (re-execute every prefix)")
     sp.add_argument("--max-interleavings", type=int, default=1_000_000)
     sp.add_argument("--out", help="write each violation's schedule here (one YAML each)")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -852,7 +872,7 @@ def _run(a: argparse.Namespace) -> int:
     except (OSError, ScenarioError) as e:
         raise BadInput(str(e)) from None
     res = explore(sc, a.preemptions, a.variant, max_interleavings=a.max_interleavings,
-                  por=not a.no_por)
+                  por=not a.no_por, cache=not a.no_cache, snapshots=not a.no_cache)
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -867,7 +887,8 @@ def _run(a: argparse.Namespace) -> int:
         print(head)
         if not res.findings:
             print(f"certificate: no violation in any schedule with <= {res.bound} "
-                  f"preemption(s) (sleep-set reduced: {res.pruned_sleep:,} branches)")
+                  f"preemption(s) (sleep-set reduced: {res.pruned_sleep:,} branches; "
+                  f"{res.pruned_cache:,} revisited states not searched again)")
         for f in res.findings:
             print(f"  {f.signature}: {f.preemptions} preemption(s), {f.steps} steps: "
                   f"{f.message}")
