@@ -67,11 +67,13 @@ and thread positions), transitions and seconds.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import io
 import json
 import pickle
 import time
+import types
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -163,14 +165,23 @@ class _KeyPickler(pickle.Pickler):
     state: a set's iteration order (its insertion history; a restored set's, the order
     it was pickled in) and whether two equal strings are one object (pickle writes the
     second occurrence of an object as a back-reference; a restored kernel's strings are
-    not the code's constants). So a set of ints/strings is written sorted and every
-    string by value (a fresh ``bytes`` each time, never a back-reference); a real
-    ``bytes`` pickles as usual, so the two stay apart. Other objects pickle as usual
-    (identity sharing of mutable objects is kept: it is state).
+    not the code's constants). So a set of ints/strings is written sorted (every set of
+    the kernel state is used for membership only: lockdep's order graph, the oracle's
+    token sets) and every string by value (a fresh ``bytes`` each time, never a
+    back-reference); a real ``bytes`` pickles as usual, so the two stay apart.
+
+    A thread inside an operation is a suspended generator (with the ``yield from``
+    chain below it): it is written as its code, its instruction offset (``f_lasti``),
+    its named locals and everything its frame holds (``gc.get_referents``: the locals
+    and the value stack, e.g. a loop's iterator and the generator it delegates to, each
+    written the same way). Kernel objects a frame refers to are back-references into the
+    kernel pickled before, so which table or VMA a local names is part of the key.
+    Anything else pickles as usual (identity sharing of mutable objects is kept: it is
+    state); an object that cannot be pickled makes the state key-less (never cached).
     """
 
     def persistent_id(self, obj: Any) -> Any:
-        """The by-value stand-in for a string or a set of ints/strings; else None."""
+        """The by-value stand-in for a string, a set, a generator or code; else None."""
         cls = obj.__class__
         if cls is str:
             return obj.encode("utf-8", "surrogatepass")
@@ -179,7 +190,29 @@ class _KeyPickler(pickle.Pickler):
                 return (cls is set, tuple(sorted(obj)))
             except TypeError:
                 return None
+        if cls is types.GeneratorType:
+            return self._generator(obj)
+        if cls is types.CodeType:
+            return ("code", obj.co_filename, obj.co_qualname, obj.co_firstlineno)
+        if cls is types.FunctionType:
+            cells = tuple(c.cell_contents for c in obj.__closure__ or ())
+            return ("function", obj.__module__, obj.__qualname__, cells)
+        if cls is types.CellType:
+            return ("cell", obj.cell_contents)
         return None
+
+    @staticmethod
+    def _generator(g: types.GeneratorType) -> tuple:
+        fr = g.gi_frame
+        code = g.gi_code
+        if fr is None:  # finished
+            return ("generator-done", code.co_filename, code.co_qualname)
+        loc = fr.f_locals  # (materialised as a dict on the frame: left out below)
+        held = tuple(o for o in gc.get_referents(g)
+                     if o is not loc and o.__class__ is not types.FrameType
+                     and o is not code)
+        return ("generator", code.co_filename, code.co_qualname, code.co_firstlineno,
+                fr.f_lasti, tuple(loc.items()), held)
 
 
 class Run:
@@ -222,15 +255,17 @@ class Run:
         r.bindable = {it.bind for p in progs.values() for it in p if it.bind}
         return r
 
-    def state_key(self) -> bytes:
-        """Exact identity of the execution state at a quiescent point (for state caching).
+    def state_key(self) -> bytes | None:
+        """Exact identity of the execution state (for state caching), or None.
 
         A digest of the pickled kernel (every structure, the oracle's shadow, id and
-        token counters: anything a later step may read) and the programs' positions and
-        bound names, without :data:`_KEY_EXCLUDED` and without what an idle thread
+        token counters: anything a later step may read; each thread inside an operation
+        with its generator chain, see :class:`_KeyPickler`) and the programs' positions
+        and bound names, without :data:`_KEY_EXCLUDED` and without what an idle thread
         keeps of its last operation (result, op index). Equal keys mean equal object
         graphs, so every continuation behaves the same; states equal only up to a
         renaming (frames, tokens) get different keys, which costs hits, not soundness.
+        None when some object in the state cannot be pickled.
         """
         k = self.k
         saved = {a: k.__dict__[a] for a in _KEY_EXCLUDED}
@@ -241,8 +276,11 @@ class Run:
             for t, _i, _r in idle:
                 t.op_index, t.result = -1, None
             buf = io.BytesIO()
-            _KeyPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(
-                (k, sorted(self.pc.items()), sorted(self.names.items())))
+            try:
+                _KeyPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(
+                    (k, sorted(self.pc.items()), sorted(self.names.items())))
+            except (pickle.PicklingError, TypeError, AttributeError, ValueError):
+                return None
             data = buf.getvalue()
         finally:
             k.__dict__.update(saved)
@@ -612,7 +650,9 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
     found: dict[str, Finding] = {}
     states: set[int] = set()
     # state key -> [(budget, sleeping threads, final states)] of completely explored visits
-    seen: dict[bytes, list[tuple[int, frozenset[int], set[bytes] | None]]] = {}
+    # state key -> [(budget, sleep set, sleeping threads, last thread, it was mid-op,
+    # final states)] of completely explored visits
+    seen: dict[bytes, list[tuple]] = {}
     use_keys = cache or collect_finals
     stack: list[_Node] = []
 
@@ -669,18 +709,18 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         if awake or not en:
             en = awake  # (only sleepers left: let them spin, as before)
         node = _Node([], sleep, pre, last, mid, parked=parked)
-        quiet = (use_keys or snapshots) and r.k.quiescent()
-        if quiet and use_keys:
+        quiet = snapshots and r.k.quiescent()
+        if use_keys:
             node.key = r.state_key()
+        if node.key is not None:
             if collect_finals:
                 node.finals = set()
             if cache:
-                budget = bound - pre
-                zs = frozenset(sleep)
-                for b1, z1, fin in seen.get(node.key, ()):
-                    if b1 >= budget and z1 <= zs:
+                for entry in seen.get(node.key, ()):
+                    if _covers(entry, node):
                         node.cached = True
                         res.pruned_cache += 1
+                        fin = entry[-1]
                         if node.finals is not None and fin is not None:
                             node.finals |= fin
                         return node
@@ -726,11 +766,24 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         states.add(state_fingerprint(k))
         return fp
 
+    def _covers(entry: tuple, node: _Node) -> bool:
+        # Every schedule the revisit ``node`` would explore, the visit ``entry`` did: a
+        # subset of its sleep set and of its sleeping threads, and at least its budget
+        # for every first choice. The first switch costs the revisit c2(u) and cost
+        # the visit c1(u); c1(u) - c2(u) <= 0 for every u unless the visit's last thread
+        # was mid-operation and the revisit's is not the same thread mid-operation.
+        b1, z1, p1, last1, mid1, _fin = entry
+        need = bound - node.pre
+        if mid1 and not (node.last_mid and node.last == last1):
+            need += 1
+        return b1 >= need and z1 <= frozenset(node.sleep) and p1 <= node.parked
+
     def close(node: _Node) -> None:
         # ``node``'s subtree is completely explored: remember it, pass its finals up.
         if node.key is not None and cache and not node.cached:
             seen.setdefault(node.key, []).append(
-                (bound - node.pre, frozenset(node.sleep), node.finals))
+                (bound - node.pre, frozenset(node.sleep), node.parked, node.last,
+                 node.last_mid and node.last >= 0, node.finals))
         if node.finals is not None:
             for up in reversed(stack):
                 if up.finals is not None:
@@ -770,11 +823,9 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
                                                      _schedule(sc, cfg, r, v, leaf.pre))
             res.interleavings += 1
             if collect_finals:
-                # (a run cut short, blocked or at MAX_DEPTH, has live generators: its
-                # fingerprint stands in for the key)
+                # (a state that cannot be keyed: its fingerprint stands in)
                 fin = leaf.key if leaf.key is not None else (
-                    r.state_key() if k.quiescent()
-                    else b"live" + state_fingerprint(k).to_bytes(4, "little"))
+                    b"live" + state_fingerprint(k).to_bytes(4, "little"))
                 if leaf.finals is None:
                     leaf.finals = set()
                 leaf.finals.add(fin)

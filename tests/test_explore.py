@@ -246,3 +246,43 @@ def test_a_thread_waiting_for_a_folio_lock_sleeps():
     assert res.deepest < MAX_DEPTH // 10
     hit = {f.signature: f.preemptions for f in explore(sc, bound=1).findings}
     assert hit.get("accounting@remove_migration_ptes") == 1
+
+
+def _toy(items, extra):
+    for v in items:
+        yield from _toy_inner(v + extra)
+
+
+def _toy_inner(x):
+    y = x * 2
+    yield y
+
+
+def _key_of(obj):
+    import io
+    import pickle
+
+    from cowenv.explore import _KeyPickler
+
+    buf = io.BytesIO()
+    _KeyPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def test_state_key_sees_a_suspended_threads_position_locals_and_stack():
+    """A thread inside an operation is keyed by its generator chain: code position,
+    locals, and the frame's value stack (a loop's iterator position)."""
+    def at(items, extra, n):
+        g = _toy(items, extra)
+        for _ in range(n):
+            next(g)
+        return g
+
+    same = [at([1, 1, 2], 0, 1), at([1, 1, 2], 0, 1)]
+    assert _key_of(same[0]) == _key_of(same[1])
+    assert _key_of(at([1, 1, 2], 0, 1)) != _key_of(at([1, 1, 2], 5, 1))  # a local
+    # same locals (v == 1, y == 2) and position, iterator one element further on
+    assert _key_of(at([1, 1, 2], 0, 1)) != _key_of(at([1, 1, 2], 0, 2))
+    assert _key_of(at([1, 1, 2], 0, 2)) != _key_of(at([1, 1, 2], 0, 3))
+    ks = _key_of({"a", "b", "c"})
+    assert ks == _key_of({"c", "b", "a"})
