@@ -139,15 +139,16 @@ def markdown(rows: list[dict[str, Any]], bound: int) -> str:
                     + "".join(f"; `{fl}` through `{v[1]}`" for fl, v in sorted(best.items())
                               if v[1] != fl)]
     out += ["", f"Certificates on `fixed`, bound {bound} (violations: 0 = certified):", "",
-            "| scenario | violations | interleavings | states | seconds |",
-            "|---|---|---|---|---|"]
+            "| scenario | violations | interleavings | revisits not searched again | states "
+            "| seconds |",
+            "|---|---|---|---|---|---|"]
     for r in rows:
         if r["variant"] != "fixed":
             continue
         v = ", ".join(f["signature"] for f in r["findings"]) or "0"
         inc = "" if r["complete"] else " (time limit: incomplete)"
         out.append(f"| `{r['scenario']}` ({r['kind']}) | {v}{inc} | {r['interleavings']:,} | "
-                   f"{r['states']:,} | {r['seconds']} |")
+                   f"{r.get('pruned_cache', 0):,} | {r['states']:,} | {r['seconds']} |")
     return "\n".join(out) + "\n"
 
 
