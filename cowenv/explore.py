@@ -46,16 +46,16 @@ kernel):
   so no generator alive) the whole execution state is plain data; it is pickled
   (:meth:`Run.snapshot`), and a branch resumes from the deepest snapshot of its prefix
   instead of re-executing it from a fresh kernel. Same runs, same states, fewer steps.
-* **State caching** (``cache``, as in Godefroid's sleep sets with state caching): a
-  quiescent state is identified exactly (:meth:`Run.state_key`: a digest of the pickled
-  kernel with its oracle's shadow, id and token counters, and the programs' positions
-  and bound names; trace, coverage and cost left out). When a completely explored
-  visit of the same state had at least the remaining preemption budget and a subset of
-  the current sleep set, the revisit's subtree is a subset of the one already searched
-  (at a quiescent point no thread is mid-operation, so no switch costs anything yet):
-  it is not searched again. Its violations were recorded with at most as many
-  preemptions. ``tests/test_explore.py`` checks that the signatures and the set of
-  final states are those of the search without caching.
+* **State caching** (``cache``, as in Godefroid's sleep sets with state caching): every
+  state is identified exactly (:meth:`Run.state_key`: a digest of the pickled kernel
+  with its oracle's shadow, id and token counters, each suspended thread's generator
+  chain, and the programs' positions and bound names; trace, coverage and cost left
+  out). When a completely explored visit of the same state had at least the remaining
+  preemption budget (counting what the first switch costs each), a subset of the
+  current sleep set and of the sleeping threads, the revisit's subtree is a subset of
+  the one already searched: it is not searched again. Its violations were recorded
+  with at most as many preemptions. ``tests/test_explore.py`` checks that the
+  signatures and the set of final states are those of the search without caching.
 
 Every violation signature is reported once, with a run that shows it with the fewest
 preemptions among the runs explored, as a replayable scenario (``cowenv replay``). With
@@ -649,7 +649,6 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
     t0 = time.perf_counter()
     found: dict[str, Finding] = {}
     states: set[int] = set()
-    # state key -> [(budget, sleeping threads, final states)] of completely explored visits
     # state key -> [(budget, sleep set, sleeping threads, last thread, it was mid-op,
     # final states)] of completely explored visits
     seen: dict[bytes, list[tuple]] = {}
