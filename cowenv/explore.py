@@ -39,18 +39,41 @@ kernel):
   bound can skip a run whose only representative needs one more preemption (the
   known incompleteness of bounded POR); the certificate is "no violation within the
   bound, modulo that reduction".
+* **Sleeping waits**: at a :data:`SLEEP_LABELS` point (a folio-lock wait) the kernel
+  sleeps; the thread is treated as blocked (leaving it is no preemption) until another
+  step writes something, instead of spinning.
+* **Snapshots** (``snapshots``): at a *quiescent* point (no thread inside an operation,
+  so no generator alive) the whole execution state is plain data; it is pickled
+  (:meth:`Run.snapshot`), and a branch resumes from the deepest snapshot of its prefix
+  instead of re-executing it from a fresh kernel. Same runs, same states, fewer steps.
+* **State caching** (``cache``, as in Godefroid's sleep sets with state caching): every
+  state is identified exactly (:meth:`Run.state_key`: a digest of the pickled kernel
+  with its oracle's shadow, id and token counters, each suspended thread's generator
+  chain, and the programs' positions and bound names; trace, coverage and cost left
+  out). When a completely explored visit of the same state had at least the remaining
+  preemption budget (counting what the first switch costs each), a subset of the
+  current sleep set and of the sleeping threads, the revisit's subtree is a subset of
+  the one already searched: it is not searched again. Its violations were recorded
+  with at most as many preemptions. ``tests/test_explore.py`` checks that the
+  signatures and the set of final states are those of the search without caching.
 
 Every violation signature is reported once, with a run that shows it with the fewest
 preemptions among the runs explored, as a replayable scenario (``cowenv replay``). With
-none, the result is a certificate: bound, interleavings (complete runs), distinct states
-(fingerprints of memory, tables, VMAs and thread positions), transitions and seconds.
+none, the result is a certificate: bound, interleavings (complete runs; revisits pruned
+by the cache are counted apart), distinct states (fingerprints of memory, tables, VMAs
+and thread positions), transitions and seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
+import io
 import json
+import pickle
 import time
+import types
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -74,6 +97,22 @@ _PAGE_STATE = (*_PAGE_FIELDS, "gen", "lru_seq", "swap")
 #: every mm mapping a page (``move_pages`` → ``try_to_migrate``; ``MADV_PAGEOUT`` →
 #: ``reclaim_pages`` → ``try_to_unmap``) and ``swapoff`` (``try_to_unuse`` walks every mm).
 _GLOBAL_OPS = frozenset({"move_pages", "swapoff"})
+#: Preemption points at which the modelled kernel *sleeps* until another CPU changes
+#: something (the model re-checks the condition and yields again while it holds):
+#: ``migration_entry_wait`` → ``migration_entry_wait_on_locked`` (v6.2 mm/filemap.c: a
+#: ``TASK_UNINTERRUPTIBLE`` wait on the folio's ``PG_locked`` bit, ``io_schedule()``) and
+#: ``__unmap_and_move``'s ``folio_lock(src)`` (v6.2 mm/migrate.c → ``__folio_lock`` →
+#: ``folio_wait_bit_common(..., PG_locked, TASK_UNINTERRUPTIBLE, EXCLUSIVE)``). A thread
+#: there is blocked, as a lock waiter is: switching away from it is no preemption, and
+#: it is not scheduled again until another step wrote something (before that, its step
+#: would re-yield the same label on the same state: a no-op). Without this a spinning
+#: waiter that may not be preempted (bound spent) ran to :data:`MAX_DEPTH`.
+SLEEP_LABELS = frozenset({"migration_entry_wait:folio_wait", "__unmap_and_move:folio_lock"})
+#: Kernel attributes left out of :meth:`Run.state_key`: the trace, coverage, step and
+#: violation records (what was reported is already in the explorer's findings) and the
+#: cost meter (pure accounting: nothing the kernel decides reads it).
+_KEY_EXCLUDED = ("events", "coverage", "step_no", "violations", "signatures", "defects",
+                 "cost")
 
 
 # ----------------------------------------------------------------------------- programs
@@ -119,6 +158,63 @@ def _names_in(args: dict[str, Any], bound: set[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- execution
+class _KeyPickler(pickle.Pickler):
+    """A pickler whose output depends on values, not on history (for :meth:`Run.state_key`).
+
+    Two things in a plain pickle depend on how a state was reached rather than on the
+    state: a set's iteration order (its insertion history; a restored set's, the order
+    it was pickled in) and whether two equal strings are one object (pickle writes the
+    second occurrence of an object as a back-reference; a restored kernel's strings are
+    not the code's constants). So a set of ints/strings is written sorted (every set of
+    the kernel state is used for membership only: lockdep's order graph, the oracle's
+    token sets) and every string by value (a fresh ``bytes`` each time, never a
+    back-reference); a real ``bytes`` pickles as usual, so the two stay apart.
+
+    A thread inside an operation is a suspended generator (with the ``yield from``
+    chain below it): it is written as its code, its instruction offset (``f_lasti``),
+    its named locals and everything its frame holds (``gc.get_referents``: the locals
+    and the value stack, e.g. a loop's iterator and the generator it delegates to, each
+    written the same way). Kernel objects a frame refers to are back-references into the
+    kernel pickled before, so which table or VMA a local names is part of the key.
+    Anything else pickles as usual (identity sharing of mutable objects is kept: it is
+    state); an object that cannot be pickled makes the state key-less (never cached).
+    """
+
+    def persistent_id(self, obj: Any) -> Any:
+        """The by-value stand-in for a string, a set, a generator or code; else None."""
+        cls = obj.__class__
+        if cls is str:
+            return obj.encode("utf-8", "surrogatepass")
+        if cls is set or cls is frozenset:
+            try:
+                return (cls is set, tuple(sorted(obj)))
+            except TypeError:
+                return None
+        if cls is types.GeneratorType:
+            return self._generator(obj)
+        if cls is types.CodeType:
+            return ("code", obj.co_filename, obj.co_qualname, obj.co_firstlineno)
+        if cls is types.FunctionType:
+            cells = tuple(c.cell_contents for c in obj.__closure__ or ())
+            return ("function", obj.__module__, obj.__qualname__, cells)
+        if cls is types.CellType:
+            return ("cell", obj.cell_contents)
+        return None
+
+    @staticmethod
+    def _generator(g: types.GeneratorType) -> tuple:
+        fr = g.gi_frame
+        code = g.gi_code
+        if fr is None:  # finished
+            return ("generator-done", code.co_filename, code.co_qualname)
+        loc = fr.f_locals  # (materialised as a dict on the frame: left out below)
+        held = tuple(o for o in gc.get_referents(g)
+                     if o is not loc and o.__class__ is not types.FrameType
+                     and o is not code)
+        return ("generator", code.co_filename, code.co_qualname, code.co_firstlineno,
+                fr.f_lasti, tuple(loc.items()), held)
+
+
 class Run:
     """One execution: a fresh kernel driven transition by transition."""
 
@@ -131,6 +227,66 @@ class Run:
         self.steps: list[dict[str, Any]] = []
         self.nv = 0
         self.bindable = {it.bind for p in progs.values() for it in p if it.bind}
+
+    def snapshot(self) -> bytes:
+        """The whole execution state at a quiescent point (no generator alive), pickled.
+
+        Only taken when no thread is inside an operation: the kernel's threads are
+        generators, which cannot be copied, but between operations the kernel is plain
+        data (with its oracle's shadow state). The trace is left out (footprints read
+        only the events of the step being taken).
+        """
+        k = self.k
+        ev = k.events
+        k.events = []
+        try:
+            return pickle.dumps((k, self.pc, self.names, self.bind, self.steps, self.nv),
+                                protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            k.events = ev
+
+    @classmethod
+    def restore(cls, progs: dict[int, list[OpItem]], snap: bytes) -> Run:
+        """A run continuing from :meth:`snapshot` ``snap`` (a fresh copy each time)."""
+        r = cls.__new__(cls)
+        r.k, pc, names, bind, steps, r.nv = pickle.loads(snap)
+        r.progs = progs
+        r.pc, r.names, r.bind, r.steps = dict(pc), dict(names), dict(bind), list(steps)
+        r.bindable = {it.bind for p in progs.values() for it in p if it.bind}
+        return r
+
+    def state_key(self) -> bytes | None:
+        """Exact identity of the execution state (for state caching), or None.
+
+        A digest of the pickled kernel (every structure, the oracle's shadow, id and
+        token counters: anything a later step may read; each thread inside an operation
+        with its generator chain, see :class:`_KeyPickler`) and the programs' positions
+        and bound names, without :data:`_KEY_EXCLUDED` and without what an idle thread
+        keeps of its last operation (result, op index). Equal keys mean equal object
+        graphs, so every continuation behaves the same; states equal only up to a
+        renaming (frames, tokens) get different keys, which costs hits, not soundness.
+        None when some object in the state cannot be pickled.
+        """
+        k = self.k
+        saved = {a: k.__dict__[a] for a in _KEY_EXCLUDED}
+        idle = [(t, t.op_index, t.result) for t in k.threads.values() if t.gen is None]
+        try:
+            for a in _KEY_EXCLUDED:
+                k.__dict__[a] = None
+            for t, _i, _r in idle:
+                t.op_index, t.result = -1, None
+            buf = io.BytesIO()
+            try:
+                _KeyPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(
+                    (k, sorted(self.pc.items()), sorted(self.names.items())))
+            except (pickle.PicklingError, TypeError, AttributeError, ValueError):
+                return None
+            data = buf.getvalue()
+        finally:
+            k.__dict__.update(saved)
+            for t, i, res in idle:
+                t.op_index, t.result = i, res
+        return hashlib.blake2b(data, digest_size=20).digest()
 
     def enabled(self) -> list[int]:
         """Enabled threads, by tid."""
@@ -154,9 +310,18 @@ class Run:
         return out
 
     def mid_op(self, tid: int) -> bool:
-        """Thread ``tid`` is inside an operation and could run on (switching is a preemption)."""
+        """Thread ``tid`` is inside an operation and could run on (switching is a preemption).
+
+        Not at a :data:`SLEEP_LABELS` point: the kernel sleeps there.
+        """
         t = self.k.threads.get(tid)
-        return t is not None and t.gen is not None and self.k.is_runnable(t)
+        return (t is not None and t.gen is not None and self.k.is_runnable(t)
+                and t.label not in SLEEP_LABELS)
+
+    def sleeping(self, tid: int) -> bool:
+        """Thread ``tid`` waits at a :data:`SLEEP_LABELS` point."""
+        t = self.k.threads.get(tid)
+        return t is not None and t.gen is not None and t.label in SLEEP_LABELS
 
     def execute(self, tid: int) -> tuple[str, ...] | None:
         """Run transition ``tid``; returns nothing (footprints: see :meth:`footprint`)."""
@@ -399,15 +564,27 @@ class ExploreResult:
     transitions: int = 0
     pruned_sleep: int = 0
     pruned_bound: int = 0
+    #: Quiescent states met again with no more budget and no fewer sleeping threads
+    #: than a completely explored earlier visit: their subtree is not searched again.
+    pruned_cache: int = 0
+    #: Branches resumed from a quiescent-point snapshot instead of re-executed.
+    restores: int = 0
+    #: Transitions of the longest run (a run stops at :data:`MAX_DEPTH`).
+    deepest: int = 0
     seconds: float = 0.0
     complete: bool = True
     #: Stopped at the end of the first run that showed a ``stop_on`` signature.
     stopped: bool = False
     findings: list[Finding] = field(default_factory=list)
+    #: Keys (:meth:`Run.state_key`) of the final states reached (``collect_finals``
+    #: only; a cached subtree contributes the final states its first visit reached).
+    final_states: set[bytes] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        return asdict(self)
+        d = asdict(self)
+        d.pop("final_states")
+        return d
 
 
 @dataclass
@@ -419,6 +596,14 @@ class _Node:
     last_mid: bool  # that thread could have gone on (a switch now is a preemption)
     chosen: int = -1
     done: dict[int, Footprint] = field(default_factory=dict)
+    #: Threads asleep at a :data:`SLEEP_LABELS` point with nothing written since.
+    parked: frozenset[int] = frozenset()
+    #: Quiescent node: its :meth:`Run.state_key` (for the cache) and snapshot.
+    key: bytes | None = None
+    snap: bytes | None = None
+    #: Its subtree was skipped: an earlier visit of the same state covered it.
+    cached: bool = False
+    finals: set[bytes] | None = None
 
 
 def _cost(node: _Node, tid: int) -> int:
@@ -427,7 +612,9 @@ def _cost(node: _Node, tid: int) -> int:
 
 def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
             max_interleavings: int = 1_000_000, max_seconds: float | None = None,
-            por: bool = True, stop_on: set[str] | frozenset[str] | None = None) -> ExploreResult:
+            por: bool = True, stop_on: set[str] | frozenset[str] | None = None,
+            cache: bool = True, snapshots: bool = True,
+            collect_finals: bool = False) -> ExploreResult:
     """Explore every schedule of ``sc``'s operations with at most ``bound`` preemptions.
 
     Args:
@@ -440,6 +627,10 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         stop_on: Stop (``complete=False``, ``stopped=True``) at the end of the first run
             that shows one of these signatures (a shortest-trigger search: see
             :func:`shortest_trigger`).
+        cache: State caching at quiescent points (see the module docstring).
+        snapshots: Resume a branch from the deepest quiescent snapshot of its prefix
+            instead of re-executing the prefix from a fresh kernel.
+        collect_finals: Record the final states' keys (``final_states``; for tests).
 
     Returns:
         The :class:`ExploreResult`.
@@ -453,20 +644,39 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
     # with one, every LRU addition writes the list.
     lru_read = any(it.op == "reclaim" for prog in progs.values() for it in prog)
     res = ExploreResult(sc.name, variant or "scenario", bound)
+    if collect_finals:
+        res.final_states = set()
     t0 = time.perf_counter()
     found: dict[str, Finding] = {}
     states: set[int] = set()
+    # state key -> [(budget, sleep set, sleeping threads, last thread, it was mid-op,
+    # final states)] of completely explored visits
+    seen: dict[bytes, list[tuple]] = {}
+    use_keys = cache or collect_finals
+    stack: list[_Node] = []
 
     def new_run(path: list[int]) -> Run:
-        # Re-execute the prefix (deterministic: the same states as when it was first
-        # explored, whose violations are recorded already). The quiescent-point checks
-        # (recount, debug checks, shadow sweep: pure checks, only reporting) are off
-        # meanwhile; they cost more than the prefix's steps.
-        r = Run(cfg, progs)
+        # Resume from the deepest quiescent snapshot on the path (stack[i] is the state
+        # after path[:i]), else re-execute from a fresh kernel. Deterministic either way:
+        # the same states as when the prefix was first explored, whose violations are
+        # recorded already. The quiescent-point checks (recount, debug checks, shadow
+        # sweep: pure checks, only reporting) are off meanwhile; they cost more than the
+        # prefix's steps.
+        i0 = 0
+        r = None
+        if snapshots:
+            for i in range(len(path), 0, -1):
+                if stack[i].snap is not None:
+                    r = Run.restore(progs, stack[i].snap)
+                    i0 = i
+                    res.restores += 1
+                    break
+        if r is None:
+            r = Run(cfg, progs)
         orc = r.k.oracle
         if orc is not None:
             orc.accounting_enabled = False
-        for tid in path:
+        for tid in path[i0:]:
             r.execute(tid)
             res.transitions += 1
         if orc is not None:
@@ -475,10 +685,10 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         return r
 
     def node_at(r: Run, parent: _Node | None, tid: int, fp: Footprint | None) -> _Node:
-        en = r.enabled()
         if parent is None:
             sleep: dict[int, Footprint] = {}
             pre, last, mid = 0, -1, False
+            parked: frozenset[int] = frozenset()
         else:
             pre = parent.pre + _cost(parent, tid)
             last, mid = tid, r.mid_op(tid)
@@ -487,7 +697,34 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
                 for u, ufp in list(parent.sleep.items()) + list(parent.done.items()):
                     if u != tid and not ufp.conflicts(fp):
                         sleep[u] = ufp
-        node = _Node([], sleep, pre, last, mid)
+            # A write wakes every sleeper (it may be what they wait for); the stepping
+            # thread sleeps if it stopped at a sleep point.
+            parked = frozenset() if fp is not None and fp.writes else parent.parked
+            parked = parked - {tid}
+            if r.sleeping(tid):
+                parked = parked | {tid}
+        en = r.enabled()
+        awake = [u for u in en if u not in parked]
+        if awake or not en:
+            en = awake  # (only sleepers left: let them spin, as before)
+        node = _Node([], sleep, pre, last, mid, parked=parked)
+        quiet = snapshots and r.k.quiescent()
+        if use_keys:
+            node.key = r.state_key()
+        if node.key is not None:
+            if collect_finals:
+                node.finals = set()
+            if cache:
+                for entry in seen.get(node.key, ()):
+                    if _covers(entry, node):
+                        node.cached = True
+                        res.pruned_cache += 1
+                        fin = entry[-1]
+                        if node.finals is not None and fin is not None:
+                            node.finals |= fin
+                        return node
+        if quiet and snapshots:
+            node.snap = r.snapshot()
         # CHESS order: the current thread first (no preemption), then the others.
         order = ([last] if last in en else []) + [u for u in en if u != last]
         for u in order:
@@ -528,9 +765,36 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         states.add(state_fingerprint(k))
         return fp
 
+    def _covers(entry: tuple, node: _Node) -> bool:
+        # Every schedule the revisit ``node`` would explore, the visit ``entry`` did: a
+        # subset of its sleep set and of its sleeping threads, and at least its budget
+        # for every first choice. The first switch costs the revisit c2(u) and cost
+        # the visit c1(u); c1(u) - c2(u) <= 0 for every u unless the visit's last thread
+        # was mid-operation and the revisit's is not the same thread mid-operation.
+        b1, z1, p1, last1, mid1, _fin = entry
+        need = bound - node.pre
+        if mid1 and not (node.last_mid and node.last == last1):
+            need += 1
+        return b1 >= need and z1 <= frozenset(node.sleep) and p1 <= node.parked
+
+    def close(node: _Node) -> None:
+        # ``node``'s subtree is completely explored: remember it, pass its finals up.
+        if node.key is not None and cache and not node.cached:
+            seen.setdefault(node.key, []).append(
+                (bound - node.pre, frozenset(node.sleep), node.parked, node.last,
+                 node.last_mid and node.last >= 0, node.finals))
+        if node.finals is not None:
+            for up in reversed(stack):
+                if up.finals is not None:
+                    up.finals |= node.finals
+                    break
+            else:
+                if res.final_states is not None:
+                    res.final_states |= node.finals
+
     r = new_run([])
     states.add(state_fingerprint(r.k))
-    stack: list[_Node] = [node_at(r, None, -1, None)]
+    stack.append(node_at(r, None, -1, None))
     path: list[int] = []
     while stack:
         # Extend the current run to a leaf.
@@ -544,16 +808,26 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
             node.done[tid] = fp
             path.append(tid)
             stack.append(node_at(r, node, tid, fp))
-        # A leaf: one complete interleaving.
+        # A leaf: one complete interleaving (or a state whose subtree is cached).
+        leaf = stack[-1]
+        res.deepest = max(res.deepest, len(path))
         k = r.k
-        if k.oracle is not None and k.quiescent():
-            k.oracle.check_accounting()
-            for v in k.violations[r.nv:]:
-                if v.signature not in found:
-                    found[v.signature] = Finding(v.signature, v.message, stack[-1].pre,
-                                                 len(r.steps),
-                                                 _schedule(sc, cfg, r, v, stack[-1].pre))
-        res.interleavings += 1
+        if not leaf.cached:
+            if k.oracle is not None and k.quiescent():
+                k.oracle.check_accounting()
+                for v in k.violations[r.nv:]:
+                    if v.signature not in found:
+                        found[v.signature] = Finding(v.signature, v.message, leaf.pre,
+                                                     len(r.steps),
+                                                     _schedule(sc, cfg, r, v, leaf.pre))
+            res.interleavings += 1
+            if collect_finals:
+                # (a state that cannot be keyed: its fingerprint stands in)
+                fin = leaf.key if leaf.key is not None else (
+                    b"live" + state_fingerprint(k).to_bytes(4, "little"))
+                if leaf.finals is None:
+                    leaf.finals = set()
+                leaf.finals.add(fin)
         if stop_on and not stop_on.isdisjoint(found):
             res.complete = False
             res.stopped = True
@@ -563,7 +837,7 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
             res.complete = False
             break
         # Backtrack to the deepest node with an unexplored choice.
-        stack.pop()
+        close(stack.pop())
         nxt = None
         while stack:
             node = stack[-1]
@@ -572,7 +846,7 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
             if rest:
                 nxt = rest[0]
                 break
-            stack.pop()
+            close(stack.pop())
         if nxt is None:
             break
         r = new_run(path)
@@ -624,6 +898,8 @@ def _setup(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--preemptions", type=int, default=2, help="preemption bound K (default 2)")
     sp.add_argument("--variant", help="run as this preset/variant (as-posted, fixed, classic)")
     sp.add_argument("--no-por", action="store_true", help="no sleep-set reduction")
+    sp.add_argument("--no-cache", action="store_true",
+                    help="no state caching or snapshots (re-execute every prefix)")
     sp.add_argument("--max-interleavings", type=int, default=1_000_000)
     sp.add_argument("--out", help="write each violation's schedule here (one YAML each)")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -646,7 +922,7 @@ def _run(a: argparse.Namespace) -> int:
     except (OSError, ScenarioError) as e:
         raise BadInput(str(e)) from None
     res = explore(sc, a.preemptions, a.variant, max_interleavings=a.max_interleavings,
-                  por=not a.no_por)
+                  por=not a.no_por, cache=not a.no_cache, snapshots=not a.no_cache)
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -661,7 +937,8 @@ def _run(a: argparse.Namespace) -> int:
         print(head)
         if not res.findings:
             print(f"certificate: no violation in any schedule with <= {res.bound} "
-                  f"preemption(s) (sleep-set reduced: {res.pruned_sleep:,} branches)")
+                  f"preemption(s) (sleep-set reduced: {res.pruned_sleep:,} branches; "
+                  f"{res.pruned_cache:,} revisited states not searched again)")
         for f in res.findings:
             print(f"  {f.signature}: {f.preemptions} preemption(s), {f.steps} steps: "
                   f"{f.message}")

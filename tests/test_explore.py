@@ -37,7 +37,8 @@ def test_finds_the_flaw_with_a_replayable_schedule_and_certifies_fixed():
 
 def test_bound_and_reduction_change_the_work_not_the_verdict():
     sc = load_scenario(FLAW)
-    runs = {(b, por): explore(sc, bound=b, por=por) for b in (0, 1) for por in (True, False)}
+    runs = {(b, por): explore(sc, bound=b, por=por, cache=False)
+            for b in (0, 1) for por in (True, False)}
     for b in (0, 1):
         assert {f.signature for f in runs[(b, True)].findings} == \
                {f.signature for f in runs[(b, False)].findings}
@@ -86,7 +87,7 @@ def test_new_operations_flaw_found_and_fixed_certified():
     rep = replay(parse_scenario(sigs["shared-table-write@move_ptes"].schedule))
     assert rep.reproduced, rep.summary()
     cert = explore(sc, bound=1, variant="fixed")
-    assert cert.findings == [] and cert.complete and cert.interleavings > 1
+    assert cert.findings == [] and cert.complete and cert.interleavings + cert.pruned_cache > 1
 
 
 def test_per_thread_fail_nth_stays_with_its_thread():
@@ -169,3 +170,119 @@ def test_shortest_trigger_stops_at_the_first_run_that_shows_the_flaw():
     none, tried = shortest_trigger(sc, {"no-such@signature"}, bound=1, variant="fixed")
     assert none is None and [r.bound for r in tried] == [0, 1]
     assert all(r.complete and not r.stopped for r in tried)
+
+
+REDUCE_CASES = ("scenarios/flaws/fault-asserts-write-lock.yaml",
+                "scenarios/flaws/swapin-ignores-break-failure.yaml",
+                "scenarios/flaws/zap-partial-shared.yaml")
+
+
+def test_state_cache_keeps_every_signature_and_final_state():
+    """State caching prunes revisits, never a verdict: with and without it (each with and
+    without snapshots, on the flaw and on fixed, bounds 1 and 2) the violation signatures
+    and the set of final states reached (a cached subtree contributes its first visit's)
+    are the same, and the cache did prune."""
+    pruned = 0
+    for path in REDUCE_CASES:
+        sc = load_scenario(path)
+        for variant in (None, "fixed"):
+            for bound in (1, 2):
+                for snaps in (False, True):
+                    plain = explore(sc, bound, variant, cache=False, snapshots=snaps,
+                                    collect_finals=True)
+                    cached = explore(sc, bound, variant, cache=True, snapshots=snaps,
+                                     collect_finals=True)
+                    assert plain.pruned_cache == 0 and plain.complete and cached.complete
+                    assert {f.signature for f in plain.findings} == \
+                           {f.signature for f in cached.findings}, (path, variant, bound)
+                    assert plain.final_states and plain.final_states == cached.final_states
+                    assert cached.interleavings <= plain.interleavings
+                    pruned += cached.pruned_cache
+    assert pruned > 0
+
+
+def test_snapshots_change_the_cost_not_the_search():
+    """Resuming from quiescent snapshots explores exactly the runs re-execution does."""
+    for path in REDUCE_CASES:
+        sc = load_scenario(path)
+        a = explore(sc, 2, "fixed", cache=False, snapshots=False)
+        b = explore(sc, 2, "fixed", cache=False, snapshots=True)
+        assert (a.interleavings, a.states, a.pruned_sleep, a.pruned_bound) == \
+               (b.interleavings, b.states, b.pruned_sleep, b.pruned_bound)
+        assert b.restores > 0 and b.transitions < a.transitions
+        c = explore(sc, 2, None, cache=False, snapshots=True)
+        d = explore(sc, 2, None, cache=False, snapshots=False)
+        assert [(f.signature, f.preemptions, f.schedule) for f in c.findings] == \
+               [(f.signature, f.preemptions, f.schedule) for f in d.findings]
+
+
+def test_state_key_is_exact_and_survives_a_snapshot():
+    """Equal states get equal keys however they were reached (run on from a restored
+    snapshot or from scratch); a different state gets a different key."""
+    from cowenv.explore import Run
+
+    sc = load_scenario("scenarios/flaws/zap-partial-shared.yaml")
+    progs = programs_of(sc)
+    a = Run(sc.config, progs)
+    for _ in range(2):
+        _run_op(a, 1)
+    b = Run.restore(progs, a.snapshot())
+    assert a.state_key() == b.state_key()
+    _run_op(a, 1)
+    assert a.state_key() != b.state_key()
+    _run_op(b, 1)
+    assert a.state_key() == b.state_key()
+    assert a.k.pool.content.tolist() == b.k.pool.content.tolist()
+
+
+def test_a_thread_waiting_for_a_folio_lock_sleeps():
+    """A fault on a migration entry waits for the folio lock (migration_entry_wait): the
+    explorer treats it as blocked (no spinning to MAX_DEPTH, no preemption to leave it)."""
+    from cowenv.explore import MAX_DEPTH
+
+    sc = load_scenario("scenarios/flaws/fork-shares-migration-entry.yaml")
+    res = explore(sc, bound=1, variant="fixed")
+    assert res.complete and not res.findings
+    assert res.deepest < MAX_DEPTH // 10
+    hit = {f.signature: f.preemptions for f in explore(sc, bound=1).findings}
+    assert hit.get("accounting@remove_migration_ptes") == 1
+
+
+def _toy(items, extra):
+    for v in items:
+        yield from _toy_inner(v + extra)
+
+
+def _toy_inner(x):
+    y = x * 2
+    yield y
+
+
+def _key_of(obj):
+    import io
+    import pickle
+
+    from cowenv.explore import _KeyPickler
+
+    buf = io.BytesIO()
+    _KeyPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def test_state_key_sees_a_suspended_threads_position_locals_and_stack():
+    """A thread inside an operation is keyed by its generator chain: code position,
+    locals, and the frame's value stack (a loop's iterator position)."""
+    def at(items, extra, n):
+        g = _toy(items, extra)
+        for _ in range(n):
+            next(g)
+        return g
+
+    same = [at([1, 1, 2], 0, 1), at([1, 1, 2], 0, 1)]
+    assert _key_of(same[0]) == _key_of(same[1])
+    assert _key_of(at([1, 1, 2], 0, 1)) != _key_of(at([1, 1, 2], 5, 1))  # a local
+    # same locals (v == 1, y == 2) and position, iterator one element further on
+    assert _key_of(at([1, 1, 2], 0, 1)) != _key_of(at([1, 1, 2], 0, 2))
+    assert _key_of(at([1, 1, 2], 0, 2)) != _key_of(at([1, 1, 2], 0, 3))
+    ks = _key_of({"a", "b", "c"})
+    assert ks == _key_of({"c", "b", "a"})
