@@ -100,35 +100,23 @@ class PagePool:
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         if n == 1 and self.SMALL_BATCH:  # scalar stores, ~10x cheaper than fancy ones
-            p = self.free.pop()
-            self.nr_free -= 1
-            self.gen[p] += 1
-            self.refcount[p] = 1
-            self.mapcount[p] = 0
-            self.pincount[p] = 0
-            self.flags[p] = PG_allocated
-            self.content[p] = 0
-            self.anon_vma[p] = -1
-            self.index[p] = 0
-            self.shmem[p] = -1
-            self.lru_seq[p] = -1
-            self.swap[p] = -1
-            return np.array((p,), dtype=np.int64)
-        pfns = np.array(self.free[-n:][::-1], dtype=np.int64)
-        del self.free[-n:]
+            ix: int | np.ndarray = self.free.pop()
+        else:
+            ix = np.array(self.free[-n:][::-1], dtype=np.int64)
+            del self.free[-n:]
         self.nr_free -= n
-        self.gen[pfns] += 1
-        self.refcount[pfns] = 1
-        self.mapcount[pfns] = 0
-        self.pincount[pfns] = 0
-        self.flags[pfns] = PG_allocated
-        self.content[pfns] = 0
-        self.anon_vma[pfns] = -1
-        self.index[pfns] = 0
-        self.shmem[pfns] = -1
-        self.lru_seq[pfns] = -1
-        self.swap[pfns] = -1
-        return pfns
+        self.gen[ix] += 1
+        self.refcount[ix] = 1
+        self.mapcount[ix] = 0
+        self.pincount[ix] = 0
+        self.flags[ix] = PG_allocated
+        self.content[ix] = 0
+        self.anon_vma[ix] = -1
+        self.index[ix] = 0
+        self.shmem[ix] = -1
+        self.lru_seq[ix] = -1
+        self.swap[ix] = -1
+        return ix if isinstance(ix, np.ndarray) else np.array((ix,), dtype=np.int64)
 
     def give_back(self, pfns: np.ndarray) -> None:
         """Return frames to the free list (``free_unref_page``), in pfn order."""
