@@ -250,22 +250,29 @@ def test_fault_injection_is_aimed_at_the_call_on_its_thread():
         ca.make_agent("greybox", fault_prob=2.0)
 
 
+def _mutants(parent: list[int], ci: CatalogueIndex, seed: int, kind: str,
+             tries: int) -> list[list[int]]:
+    """The children of ``tries`` mutations of ``parent`` made by ``kind`` alone."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(tries):
+        child, done = mutate(parent, rng, ci)
+        if done == [kind]:
+            out.append(child)
+    return out
+
+
 def test_preempt_inserts_another_threads_operation_inside_a_run():
     h = Harness(**SMALL_KW)
     ci = CatalogueIndex(h.catalogue)
     parent = [ci.by_tid_op[(1, "fork")][0]] + [ci.run[1]] * 6
-    rng = np.random.default_rng(5)
-    n = 0
-    for _ in range(300):
-        child, done = mutate(parent, rng, ci)
-        if done != ["preempt"]:
-            continue
-        n += 1
+    children = _mutants(parent, ci, 5, "preempt", 300)
+    for child in children:
         starts = [i for i, x in enumerate(child) if h.catalogue[x].kind == "start"]
         assert len(starts) == 2 and 1 <= starts[1] <= len(parent)
         t = h.catalogue[child[starts[1]]].tid
         assert t != 1 and child[starts[1] + 1] == ci.run[t]
-    assert n
+    assert children
 
 
 def test_plan_addresses_match_by_page_table_entry():
@@ -292,17 +299,12 @@ def test_hoist_moves_an_operation_into_another_threads_earlier_one():
     pin = ci.by_tid_op[(2, "pin")][0]
     fork = ci.by_tid_op[(1, "fork")][0]
     parent = [pin] + [ci.run[2]] * 4 + [fork] + [ci.run[1]] * 6
-    rng = np.random.default_rng(3)
-    n = 0
-    for _ in range(400):
-        child, done = mutate(parent, rng, ci)
-        if done != ["hoist"] or child == parent:
-            continue
-        n += 1
+    children = [c for c in _mutants(parent, ci, 3, "hoist", 400) if c != parent]
+    for child in children:
         assert sorted(child) == sorted(parent)
         i = child.index(fork)
         assert 1 <= i <= 5 and child.index(pin) == 0  # inside the pin's points
-    assert n
+    assert children
 
 
 def test_insert_use_accesses_what_an_earlier_operation_touched():
@@ -311,17 +313,12 @@ def test_insert_use_accesses_what_an_earlier_operation_touched():
     ci = CatalogueIndex(h.catalogue, P)
     mun = next(i for i in ci.by_tid_op[(1, "munmap")] if i in ci.where)
     parent = [mun] + [ci.run[1]] * 3
-    rng = np.random.default_rng(5)
-    n = 0
-    for _ in range(300):
-        child, done = mutate(parent, rng, ci)
-        if done != ["insert_use"]:
-            continue
-        n += 1
+    children = _mutants(parent, ci, 5, "insert_use", 300)
+    for child in children:
         new = [a for a in child if a not in parent and h.catalogue[a].kind == "start"]
         assert len(new) == 1 and h.catalogue[new[0]].op in ("read", "write")
         assert ci.where[new[0]][0] == ci.where[mun][0]  # the same page table
-    assert n
+    assert children
 
 
 def test_use_probe_reads_through_a_stale_paging_structure_cache_entry():
