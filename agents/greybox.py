@@ -60,8 +60,11 @@ from cowenv.greybox import (
     catalogue_digest,
     entry_class,
     mutate,
+    paused_tables,
+    race_candidates,
     scenario_files,
     seed_plan,
+    spec_variant,
 )
 from cowenv.kernel import KSWAPD_TID
 from cowenv.kernel.memory import PG_allocated, PG_anon_exclusive
@@ -113,6 +116,15 @@ class GreyboxAgent(Agent):
             (:class:`cowenv.greybox.FeatureTracker`); off by default, measured worse.
         mutations: The mutations to use (default
             :data:`cowenv.greybox.DEFAULT_MUTATIONS`).
+        race_prob: In random choice, probability of a *race pair* (:meth:`_race`):
+            a thread's operation run to a point, then another related thread's
+            operation on the page table the first is inside, run to its end (or until
+            it blocks) before the first goes on; the pairs of (pause label, operation
+            variant) tried fewest times so far first. 0: off.
+        race_len: Most points each operation of a race pair is run for.
+        race_episodes: Probability that an episode (after the seed plans) is a *race
+            episode*: from the workload's state, or half the time from a corpus
+            entry's cut point, a race pair starts at every random step where one can.
 
     """
 
@@ -124,8 +136,30 @@ class GreyboxAgent(Agent):
                  corpus_dir: str | None = None, cull_every: int = 200,
                  choice: str = "weighted", extend: float = 0.3,
                  fault_prob: float = 0.05, use_prob: float = 0.0, tlb_features: bool = False,
-                 mutations: list[str] | None = None) -> None:
+                 mutations: list[str] | None = None, race_prob: float = 0.0,
+                 race_len: int = 16, race_episodes: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
+            raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
+        self.race_prob = float(race_prob)
+        self.race_episodes = float(race_episodes)
+        self._race_now = False
+        self.race_len = int(race_len)
+        # 0: no race pair; 1: running A; 2: running B; 3: draining; 4: resuming A (_race)
+        self._race_phase = 0
+        self._race_tid = -1  # the thread the race pair runs now
+        self._race_left = 0
+        #: (lock class/mode A held, operation, variant) -> times B blocked on it.
+        self._race_blocked: dict[tuple[str, str, str], int] = {}
+        self._race_blockkey: tuple[str, str] = ("", "")
+        self._race_held: list[str] = []
+        self._race_a = -1  # A's thread (phase 4 resumes it)
+        self._starts_of: dict[int, np.ndarray] = {}
+        #: operation -> (points run, times) of every operation run to its end.
+        self._race_oplen: dict[str, tuple[int, int]] = {}
+        self._op_cur: dict[int, tuple[str, int]] = {}  # tid -> (operation, points so far)
+        #: (pause label, operation, variant) -> race pairs tried (fewest first).
+        self._race_tries: dict[tuple[str, str, str], int] = {}
         if not 0.0 <= extend <= 1.0:
             raise ValueError("extend: expected 0..1")
         self.extend = float(extend)
@@ -215,6 +249,7 @@ class GreyboxAgent(Agent):
             return
         self._env_id = id(env)
         self._ci = CatalogueIndex(env.catalogue, env.kernel.config.ptrs_per_pte)
+        self._starts_of = {}
         if self.choice != "thread":
             self._chooser = KindChooser(env.catalogue, self.choice)
         self._digest = catalogue_digest(env.catalogue)
@@ -274,13 +309,22 @@ class GreyboxAgent(Agent):
         self._plan, self._plan_pos, self._child, self._ci_pos = [], 0, [], 0
         self._from_plan = ""
         self._queued = -1
+        self._race_phase, self._race_tid, self._race_left = 0, -1, 0
+        self._op_cur = {}
         self._scn_ptrs, self._pmd_map, self._tmap, self._spawns = 0, {}, {}, {}
         self._skip_clone, self._rank = -1, {}
+        self._race_now = False
         if self.episodes < len(self._plans):
             self._from_plan, plan = self._plans[self.episodes]
             self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
             self._map_pmds(env)
+        elif self.race_episodes and rng.random() < self.race_episodes:
+            # A race episode (:meth:`_race`): race pairs wherever one can be, from the
+            # workload's state or (half the time) from a corpus entry's cut point.
+            self._race_now = True
+            if self.corpus.entries and rng.random() < 0.5:
+                self._child = self.corpus.choose_cut(self.corpus.choose(rng), rng)
         elif self.corpus.entries and rng.random() >= self.explore:
             parent = self.corpus.choose(rng)
             # The parent up to one of its cut points (a state where it reached something
@@ -549,6 +593,10 @@ class GreyboxAgent(Agent):
         q, self._queued = self._queued, -1
         if 0 <= q < len(mask) and mask[q]:
             return q
+        if self.race_prob or self._race_now:
+            r = self._race(env, mask)
+            if r is not None:
+                return r
         if self.use_prob and self.rng.random() < self.use_prob:
             u = self._use(env, mask)
             if u is not None:
@@ -563,6 +611,190 @@ class GreyboxAgent(Agent):
                 self._queued = a
                 return f
         return a
+
+    def _race(self, env: CowEnv, mask: np.ndarray) -> int | None:
+        """The next action of a race pair, or None (then the choice is random).
+
+        Razzer (Jeong et al., S&P 2019) and Snowboard (Gong et al., SOSP 2021) test a
+        pair of calls that touch the same object by running one to a point, running the
+        other, and resuming the first; Snowboard tries uncommon pairs first. Here, with
+        probability ``race_prob`` at a random step where at least two user threads are
+        idle:
+
+        1. operation *A*: a start of an idle user thread ``u`` (chosen as the random
+           part chooses, among ``u``'s starts), run for 1..``race_len`` points (uniform);
+        2. operation *B*: where ``A`` is paused, the page tables it is inside
+           (:func:`cowenv.greybox.paused_tables`: those whose PTE lock it holds, else
+           its range's) and the starts of the other idle related threads that touch
+           them (:func:`cowenv.greybox.race_candidates`), grouped by (``A``'s label,
+           operation, variant); the group with the lowest score (ties at random), a
+           start of it at random; its thread is run until the operation ends or blocks,
+           at most ``race_len`` points;
+        3. ``A`` resumes, until it ends or blocks (at most ``race_len`` points), so that
+           the pair's outcome is settled (a quiescent point's checks run) before the
+           random part goes on.
+
+        A group's score is the times it was tried, plus 8 for each time ``B``'s
+        operation variant blocked at its first point on a lock class that ``A`` held
+        in the mode ``A`` holds now (``mmap_lock`` for write, a PTE lock...): a pair
+        that a lock serialises cannot race, and what blocks against one holder of a
+        lock blocks against all (fork, munmap, mprotect hold ``mmap_lock`` for
+        write), so the pairs that do interleave get the tries. The scores live as long as the
+        agent: over a run the pairs of a pause label and an operation variant that can
+        interleave are tried evenly. ``A`` ending early ends the pair.
+        """
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        rng = self.rng
+        phase, tid = self._race_phase, self._race_tid
+        if not phase:
+            return self._race_setup(env, mask)
+        t = k.threads.get(tid)
+        run = ci.run.get(tid)
+        busy = t is not None and t.gen is not None
+        runnable = busy and t.waiting is None and run is not None and bool(mask[run])
+        self._race_phase, self._race_tid = 0, -1
+        if phase == 3:  # draining a busy thread so that two are idle
+            if not busy:
+                return self._race_setup(env, mask, coin=False)
+        elif phase == 1:  # A
+            if not busy:
+                return None
+            ran = self._race_left < self.race_len
+            # A stops at a point where it is inside a page table (1 in 3, or when it
+            # cannot go on); at a point with no footprint it goes on.
+            if ran and (not runnable or self._race_left <= 0 or rng.random() < 1 / 3) \
+                    and (not runnable or self._race_left <= 0 or paused_tables(k, tid)):
+                return self._race_b(env, mask, tid)
+        elif phase == 2 and t is not None and t.waiting is not None \
+                and self._race_left == self.race_len - 1:
+            # B blocked at its first point, on a lock class A holds: B's variant
+            # blocks against that class held in that mode.
+            cls = t.waiting[0].cls
+            for h in self._race_held:
+                if h.split("/")[0] == cls:
+                    b = (h, *self._race_blockkey)
+                    self._race_blocked[b] = self._race_blocked.get(b, 0) + 1
+        if runnable and self._race_left > 0:
+            self._race_phase, self._race_tid = phase, tid
+            self._race_left -= 1
+            return run
+        if phase == 2:
+            # B ended (or blocked): resume A, to its end or until it blocks, so that
+            # the pair's outcome is settled before the random part goes on.
+            self._race_phase, self._race_tid, self._race_left = 4, self._race_a, self.race_len
+            return self._race(env, mask)
+        return None
+
+    def _race_setup(self, env: CowEnv, mask: np.ndarray, coin: bool = True) -> int | None:
+        """Start :meth:`_race`'s operation ``A``, or first drain a busy thread.
+
+        ``coin``: toss the ``race_prob`` coin (not after a drain: the pair was decided).
+        """
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        rng = self.rng
+        live = [u for u in ci.user_tids if k.threads.get(u) is not None
+                and not k.threads[u].exited and k.threads[u].pid in k.procs]
+        tabs = {p.pid: {e.table.pfn for e in p.mm.pmd.values()} for p in k.live_procs()}
+
+        def related(a: int, b: int) -> bool:
+            pa, pb = k.threads[a].pid, k.threads[b].pid
+            return pa == pb or bool(tabs.get(pa, set()) & tabs.get(pb, set()))
+
+        pairs = [(a, b) for a in live for b in live if a != b and related(a, b)]
+        # The coin is only tossed where a pair can be (two related live threads).
+        p = 1.0 if self._race_now else self.race_prob
+        if not pairs or (coin and rng.random() >= p):
+            return None
+        idle = {u for u in live if k.threads[u].gen is None}
+        ready = sorted({a for a, b in pairs if a in idle and b in idle})
+        if not ready:
+            # Razzer runs the pair from a state where both threads are free: run a busy
+            # thread that could be one of a pair until its operation ends (at most
+            # race_len points) first.
+            busy = sorted({b for _a, b in pairs if b not in idle
+                           and k.threads[b].waiting is None and mask[ci.run[b]]})
+            if not busy:
+                return None
+            u = busy[int(rng.integers(len(busy)))]
+            self._race_phase, self._race_tid, self._race_left = 3, u, self.race_len - 1
+            return ci.run[u]
+        u = ready[int(rng.integers(len(ready)))]
+        own = self._starts_of.get(u)
+        if own is None:
+            own = np.array([i for op in ci.ops_of.get(u, ()) for i in ci.by_tid_op[(u, op)]],
+                           dtype=np.int64)
+            self._starts_of[u] = own
+        legal = own[mask[own]]
+        if not len(legal):
+            return None
+        # The operation kind weighted by its mean number of points seen so far (an
+        # operation never seen yet counts race_len): a long operation (fork, exit, a
+        # munmap over tables) offers a window at each of its points, a read that hits
+        # the TLB none.
+        ops = sorted({ci.catalogue[int(i)].op for i in legal})
+        w = np.array([self._race_len_of(op) for op in ops])
+        op = ops[int(np.searchsorted(np.cumsum(w), rng.random() * w.sum(), side="right"))
+                 if len(ops) > 1 else 0]
+        c = [int(i) for i in legal if ci.catalogue[int(i)].op == op]
+        a = c[int(rng.integers(len(c)))]
+        self._race_phase, self._race_tid, self._race_left = 1, u, self.race_len
+        return a
+
+    def _race_len_of(self, op: str) -> float:
+        """Mean points an operation ``op`` has run to its end (``race_len`` if never seen)."""
+        tot, n = self._race_oplen.get(op, (0, 0))
+        return max(tot / n, 0.5) if n else float(self.race_len)
+
+    def _op_length(self, env: CowEnv, sp: Any) -> None:
+        """Count the points of every user operation to its end (for :meth:`_race_len_of`)."""
+        if sp.kind == "start":
+            self._op_cur[sp.tid] = (sp.op, 0)
+        elif sp.kind == "run" and sp.tid in self._op_cur:
+            op, n = self._op_cur[sp.tid]
+            t = env.kernel.threads.get(sp.tid)
+            if t is None or t.gen is None:
+                del self._op_cur[sp.tid]
+                tot, c = self._race_oplen.get(op, (0, 0))
+                self._race_oplen[op] = (tot + n + 1, c + 1)
+            else:
+                self._op_cur[sp.tid] = (op, n + 1)
+
+    def _race_b(self, env: CowEnv, mask: np.ndarray, u: int) -> int | None:
+        """Step 2 of :meth:`_race`: the start of ``B`` against paused thread ``u``."""
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        cands = race_candidates(k, ci, u, paused_tables(k, u), mask)
+        if not cands:
+            return None
+        tu = k.threads[u]
+        label = tu.label
+        held = sorted({f"{lk.cls}/{mode}" for lk, mode in tu.held})
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        for i in cands:
+            sp = ci.catalogue[i]
+            groups.setdefault((label, sp.op, spec_variant(sp)), []).append(i)
+
+        def score(g: tuple[str, str, str]) -> int:
+            return self._race_tries.get(g, 0) + 8 * sum(
+                self._race_blocked.get((h, g[1], g[2]), 0) for h in held)
+
+        keys = sorted(groups)
+        lo = min(score(g) for g in keys)
+        keys = [g for g in keys if score(g) == lo]
+        g = keys[int(self.rng.integers(len(keys)))]
+        self._race_tries[g] = self._race_tries.get(g, 0) + 1
+        self._race_held, self._race_blockkey = held, (g[1], g[2])
+        self._race_a = u
+        c = groups[g]
+        b = c[int(self.rng.integers(len(c)))]
+        self._race_phase, self._race_tid = 2, ci.catalogue[b].tid
+        self._race_left = self.race_len
+        return b
 
     def _use(self, env: CowEnv, mask: np.ndarray) -> int | None:
         """An access that would use a stale state the kernel holds now, or None.
@@ -681,7 +913,10 @@ class GreyboxAgent(Agent):
     def observe(self, env: CowEnv, action: int, obs: np.ndarray, reward: float,  # noqa: D102
                 terminated: bool, truncated: bool, info: dict[str, Any]) -> None:
         assert self._ci is not None
-        fs = self.tracker.step(env.kernel, self._ci.catalogue[action])
+        sp = self._ci.catalogue[action]
+        if self.race_prob or self.race_episodes:
+            self._op_length(env, sp)
+        fs = self.tracker.step(env.kernel, sp)
         for f in fs:
             if f not in self._feats:
                 self._feats.add(f)

@@ -453,6 +453,8 @@ class CatalogueIndex:
         self.reads_in: dict[tuple[int, int], list[int]] = {}
         #: (tid, pin slot) -> the device's read of that pin.
         self.dev_read_of: dict[tuple[int, int], int] = {}
+        #: Start index -> PMD indices of its address range (empty: no address).
+        self.span: dict[int, range] = {}
         self.run: dict[int, int] = {}
         self.by_tid_op: dict[tuple[int, str], list[int]] = {}
         self.ops_of: dict[int, list[str]] = {}
@@ -465,6 +467,7 @@ class CatalogueIndex:
             if sp.kind == "run":
                 self.run[sp.tid] = i
             elif sp.kind == "start":
+                self.span[i] = range_pmds(dict(sp.args), self.ptrs_per_pte)
                 self.by_tid_op.setdefault((sp.tid, sp.op), []).append(i)
                 ops = self.ops_of.setdefault(sp.tid, [])
                 if sp.op not in ops:
@@ -714,6 +717,77 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
     return a[:max_len], done
 
 
+# ----------------------------------------------------------------------------- race pairs
+def spec_variant(spec: ActionSpec) -> str:
+    """An operation's variant: its arguments other than addresses (``fast=True,write=True``)."""
+    return ",".join(f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))
+
+
+def paused_tables(k: Kernel, tid: int) -> set[int]:
+    """The page tables (pfns) thread ``tid``'s paused operation works on now.
+
+    The tables whose PTE lock (split PTL) it holds, else those its operation's address
+    range maps in its mm (``addr`` .. ``addr + length``, one page without a length), else
+    none (an operation without a range, or a thread not mid-operation). The footprint a
+    Snowboard/Razzer-style pair is aimed at: the object the paused thread is inside.
+    """
+    t = k.threads.get(tid)
+    if t is None or t.exited or t.gen is None or t.pid not in k.procs:
+        return set()
+    mm = k.procs[t.pid].mm
+    held = [lk for lk, _m in t.held]
+    out = {e.table.pfn for e in mm.pmd.values()
+           if k.config.split_ptl and any(e.table.ptl is lk for lk in held)}
+    if out:
+        return out
+    return {mm.pmd[i].table.pfn for i in range_pmds(t.args, k.P, k.config.page_size)
+            if i in mm.pmd}
+
+
+def range_pmds(args: dict[str, Any], ptrs_per_pte: int, page_size: int = 4096) -> range:
+    """PMD indices of an operation's address range (``addr``, ``length``; empty if none)."""
+    a = args.get("addr")
+    if not isinstance(a, int) or isinstance(a, bool):
+        return range(0)
+    n = args.get("length")
+    n = int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else page_size
+    return range((a // page_size) // ptrs_per_pte,
+                 ((a + n - 1) // page_size) // ptrs_per_pte + 1)
+
+
+def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
+                    mask: np.ndarray) -> list[int]:
+    """Starts of other threads that touch one of ``tables`` while thread ``u`` is paused.
+
+    Razzer's and Snowboard's race pairs, found dynamically: for every idle user thread
+    ``t`` other than ``u`` whose process is ``u``'s or maps one of the tables (a COW-shared
+    table), every legal start template of ``t`` whose address falls in a PMD of ``t``'s
+    mm that points at one of the tables, and every legal start without an address (an
+    operation without a range may touch the whole mm: fork, exit, ``clear_refs``; the
+    over-approximation :func:`cowenv.explore._reads` makes too).
+    """
+    tu = k.threads.get(u)
+    if tu is None or not tables:
+        return []
+    out: list[int] = []
+    for t in ci.user_tids:
+        th = k.threads.get(t)
+        if t == u or th is None or th.exited or th.gen is not None or th.pid not in k.procs:
+            continue
+        mm = k.procs[th.pid].mm
+        idxs = {i for i, e in mm.pmd.items() if e.table.pfn in tables}
+        if th.pid != tu.pid and not idxs:
+            continue
+        for op in ci.ops_of.get(t, ()):
+            for i in ci.by_tid_op[(t, op)]:
+                if not mask[i]:
+                    continue
+                r = ci.span[i]
+                if not r or any(j in idxs for j in r):
+                    out.append(i)
+    return out
+
+
 # ----------------------------------------------------------------------------- seeds
 def seed_plan(steps: list[dict[str, Any]], ptrs_per_pte: int = 0) -> list[tuple[Any, ...]]:
     """A scenario's steps as an abstract plan for :class:`cowenv_agents.GreyboxAgent`.
@@ -817,5 +891,5 @@ __all__ = ["FEEDBACKS", "MAX_CUTS", "DEFAULT_MUTATIONS", "MUTATIONS", "REC_CUTS"
            "WHOLE_VMA",
            "CatalogueIndex", "Corpus", "CorpusEntry",
            "FeatureTracker", "catalogue_digest", "entry_class", "fid", "mutate",
-           "scenario_files",
-           "seed_plan"]
+           "paused_tables", "race_candidates", "range_pmds", "scenario_files", "seed_plan",
+           "spec_variant"]
