@@ -617,31 +617,38 @@ class GreyboxAgent(Agent):
 
         Razzer (Jeong et al., S&P 2019) and Snowboard (Gong et al., SOSP 2021) test a
         pair of calls that touch the same object by running one to a point, running the
-        other, and resuming the first; Snowboard tries uncommon pairs first. Here, with
-        probability ``race_prob`` at a random step where at least two user threads are
-        idle:
+        other, and resuming the first; Snowboard tries uncommon pairs first. Here, at a
+        random step where two related user threads (same process, or processes that
+        share a table) exist, with probability ``race_prob`` (1 in a race episode,
+        ``race_episodes``):
 
-        1. operation *A*: a start of an idle user thread ``u`` (chosen as the random
-           part chooses, among ``u``'s starts), run for 1..``race_len`` points (uniform);
-        2. operation *B*: where ``A`` is paused, the page tables it is inside
+        0. if no two related threads are idle, a busy one is run until its operation
+           ends (at most ``race_len`` points) first (Razzer runs a pair from a state
+           where both threads are free);
+        1. operation *A*: a start of an idle thread ``u`` with an idle related thread,
+           the kind weighted by its mean number of points to its end so far
+           (:meth:`_race_len_of`: a fork or a munmap over tables has a window at each
+           point, a read that hits the TLB none), a template at random; run until it
+           stops: 1 in 3 at each point where it is inside a page table, or when it
+           blocks or has run ``race_len`` points (it ending first ends the pair);
+        2. operation *B*: the page tables ``A`` is inside
            (:func:`cowenv.greybox.paused_tables`: those whose PTE lock it holds, else
            its range's) and the starts of the other idle related threads that touch
            them (:func:`cowenv.greybox.race_candidates`), grouped by (``A``'s label,
            operation, variant); the group with the lowest score (ties at random), a
-           start of it at random; its thread is run until the operation ends or blocks,
-           at most ``race_len`` points;
+           start of it at random; its thread is run until the operation ends or
+           blocks, at most ``race_len`` points;
         3. ``A`` resumes, until it ends or blocks (at most ``race_len`` points), so that
            the pair's outcome is settled (a quiescent point's checks run) before the
            random part goes on.
 
         A group's score is the times it was tried, plus 8 for each time ``B``'s
-        operation variant blocked at its first point on a lock class that ``A`` held
+        operation variant blocked (before its end) on a lock class that ``A`` held
         in the mode ``A`` holds now (``mmap_lock`` for write, a PTE lock...): a pair
         that a lock serialises cannot race, and what blocks against one holder of a
         lock blocks against all (fork, munmap, mprotect hold ``mmap_lock`` for
-        write), so the pairs that do interleave get the tries. The scores live as long as the
-        agent: over a run the pairs of a pause label and an operation variant that can
-        interleave are tried evenly. ``A`` ending early ends the pair.
+        write), so the pairs that do interleave get the tries. The scores and the
+        operation lengths live as long as the agent.
         """
         ci = self._ci
         assert ci is not None
@@ -667,10 +674,9 @@ class GreyboxAgent(Agent):
             if ran and (not runnable or self._race_left <= 0 or rng.random() < 1 / 3) \
                     and (not runnable or self._race_left <= 0 or paused_tables(k, tid)):
                 return self._race_b(env, mask, tid)
-        elif phase == 2 and t is not None and t.waiting is not None \
-                and self._race_left == self.race_len - 1:
-            # B blocked at its first point, on a lock class A holds: B's variant
-            # blocks against that class held in that mode.
+        elif phase == 2 and t is not None and t.waiting is not None:
+            # B blocked, on a lock class A holds: B's variant blocks against that
+            # class held in that mode.
             cls = t.waiting[0].cls
             for h in self._race_held:
                 if h.split("/")[0] == cls:

@@ -352,3 +352,116 @@ def test_use_probe_reads_through_a_stale_paging_structure_cache_entry():
     h.step(a)
     h.step(h.find_actions("run", tid=2)[0])
     assert "memory-safety@tlb_stale_table" in h.kernel.signatures
+
+
+def _fork_paused_at_checked():
+    """gup-fast-fork-race's env: tid 1's fork paused at its first ``copy_present_pte:checked``
+    (region A's first table, shared by COW PTE), tid 2 idle."""
+    h = Harness(**SMALL_KW, variant="cowpte", flaws=["gup-fast-fork-race"],
+                terminate_on_violation=False)
+    h.reset(0)
+    h.step(h.find_actions("fork", tid=1)[0])
+    run = h.find_actions("run", tid=1)[0]
+    while h.kernel.threads[1].label != "copy_present_pte:checked":
+        h.step(run)
+    return h
+
+
+def test_race_pair_footprint_and_candidates():
+    """A fork paused at a table's pin check is inside that table (it holds its PTE lock);
+    the other thread's starts that touch it include the writable GUP-fast pin there, and
+    that pin completed before the fork goes on is the race (a pin in a shared table)."""
+    from cowenv.greybox import paused_tables, race_candidates
+
+    h = _fork_paused_at_checked()
+    k = h.kernel
+    P = h.config.ptrs_per_pte
+    T = P * 4096
+    A = 16 * T
+    mm = k.procs[k.threads[1].pid].mm
+    assert paused_tables(k, 1) == {mm.pmd[16].table.pfn}
+    assert paused_tables(k, 2) == set()  # idle
+    ci = CatalogueIndex(h.catalogue, P)
+    cands = race_candidates(k, ci, 1, paused_tables(k, 1), h.mask)
+    assert cands and all(h.catalogue[i].tid == 2 for i in cands)
+    assert all(not ci.span[i] or 16 in ci.span[i] for i in cands)
+    pin = h.find_actions("pin", tid=2, addr=A, fast=True, write=True)[0]
+    assert pin in cands
+    assert h.find_actions("read", tid=2, addr=A + 4 * T + T // 2)[0] not in cands  # table 20
+    assert race_candidates(k, ci, 1, set(), h.mask) == []
+    h.step(pin)
+    run2, run1 = h.find_actions("run", tid=2)[0], h.find_actions("run", tid=1)[0]
+    while k.threads[2].gen is not None:
+        h.step(run2)
+    while k.threads[1].gen is not None:
+        h.step(run1)
+    assert "pin-coherence@sanity_check_pinned_pages" in k.signatures
+
+
+def test_race_pair_runs_b_inside_a_then_resumes_a():
+    """In a race episode the agent starts A, runs it to a point inside a page table,
+    starts B on another thread touching that table, runs B, then resumes A."""
+    from cowenv_agents.greybox import GreyboxAgent
+
+    from cowenv.greybox import paused_tables
+
+    h = Harness(**SMALL_KW, variant="cowpte", flaws=["gup-fast-fork-race"],
+                terminate_on_violation=False)
+    ag = GreyboxAgent(seeds=[], race_episodes=1.0)
+    pairs = resumed = 0
+    for e in range(3):
+        rng, rs = ca.episode_rng(0, 0, e)
+        h.reset(rs)
+        ag.begin_episode(h, rng)
+        assert ag._race_now
+        for _ in range(150):
+            if h.done:
+                break
+            before = ag._race_phase
+            a_tid = ag._race_tid
+            tables = paused_tables(h.kernel, a_tid) if before == 1 else set()
+            a = ag.act(h, None, h.mask)
+            sp = h.catalogue[a]
+            if before == 1 and ag._race_phase == 2:
+                pairs += 1
+                assert sp.kind == "start" and sp.tid != a_tid
+                assert h.kernel.threads[a_tid].gen is not None and tables
+                mm = h.kernel.procs[h.kernel.threads[sp.tid].pid].mm
+                idx = {i for i, x in mm.pmd.items() if x.table.pfn in tables}
+                assert not ag._ci.span[a] or idx & set(ag._ci.span[a])
+            if before == 2 and ag._race_phase == 4:
+                resumed += 1
+                assert sp.kind == "run" and sp.tid == ag._race_a
+            h.step(a)
+            ag.observe(h, a, None, 0.0, False, False, {})
+        ag.end_episode(h)
+    assert pairs >= 3 and resumed >= 1
+
+
+def test_race_pairs_that_block_on_a_held_lock_are_tried_less():
+    """B variants that blocked on a lock class A held (the fork's mmap_lock, held for
+    write) score lower: once every group at the label has had its try, the next tries
+    go to groups that did not block (a GUP-fast pin among them)."""
+    from cowenv_agents.greybox import GreyboxAgent
+
+    ag = GreyboxAgent(seeds=[], race_episodes=1.0)
+    chosen = []
+    for i in range(60):
+        h = _fork_paused_at_checked()
+        ag.begin_episode(h, np.random.default_rng(i))
+        b = ag._race_b(h, h.mask, 1)
+        assert b is not None
+        chosen.append(ag._race_blockkey)
+        h.step(b)
+        # Play the pair on: B's runs (and the check whether B blocked), then A.
+        for _ in range(40):
+            a = ag._race(h, h.mask)
+            if a is None:
+                break
+            h.step(a)
+    first = len(set(chosen))
+    blocked = {(op, v) for (_h, op, v) in ag._race_blocked}
+    assert ("madvise", "advice=DONTNEED") in blocked and ("fork", "") in blocked
+    later = chosen[first:]
+    assert later and not set(later) & blocked
+    assert ("pin", "fast=True,write=True") in set(later)
