@@ -643,7 +643,7 @@ class GreyboxAgent(Agent):
            random part goes on.
 
         A group's score is the times it was tried, plus 8 for each time ``B``'s
-        operation variant blocked (before its end) on a lock class that ``A`` held
+        operation variant blocked at its first point on a lock class that ``A`` held
         in the mode ``A`` holds now (``mmap_lock`` for write, a PTE lock...): a pair
         that a lock serialises cannot race, and what blocks against one holder of a
         lock blocks against all (fork, munmap, mprotect hold ``mmap_lock`` for
@@ -674,9 +674,12 @@ class GreyboxAgent(Agent):
             if ran and (not runnable or self._race_left <= 0 or rng.random() < 1 / 3) \
                     and (not runnable or self._race_left <= 0 or paused_tables(k, tid)):
                 return self._race_b(env, mask, tid)
-        elif phase == 2 and t is not None and t.waiting is not None:
-            # B blocked, on a lock class A holds: B's variant blocks against that
-            # class held in that mode.
+        elif phase == 2 and t is not None and t.waiting is not None \
+                and self._race_left == self.race_len - 1:
+            # B blocked at its first point, on a lock class A holds: B's variant
+            # blocks against that class held in that mode (a later block is not
+            # counted: a GUP-fast pin that falls back to the slow path blocks then,
+            # which says nothing about its fast path).
             cls = t.waiting[0].cls
             for h in self._race_held:
                 if h.split("/")[0] == cls:
