@@ -64,7 +64,9 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``random-template`` / ``random-op`` / ``pct-template`` / ``pct-d10``: the uniform
 #: agents with their other ways of choosing an action (the measurement behind the
 #: defaults); ``ql-fine`` is QL as it was (fine states, Q over catalogue entries) and
-#: ``ql-fine-kind`` with Q over action kinds.
+#: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
+#: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
+#: 3 / 2 of 10 episodes after the seed replays.
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-template": ("random", {"choice": "template"}),
     "random-op": ("random", {"choice": "op"}),
