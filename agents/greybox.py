@@ -116,6 +116,26 @@ class GreyboxAgent(Agent):
             (:class:`cowenv.greybox.FeatureTracker`); off by default, measured worse.
         mutations: The mutations to use (default
             :data:`cowenv.greybox.DEFAULT_MUTATIONS`).
+        fault_triage: syzkaller's fault-injection triage (``failCall``): each call
+            that reached a new *code* feature (:attr:`cowenv.greybox.FeatureTracker.code`:
+            the call's variant on a new state of the page it addresses, a new
+            injected-failure site) is queued; a queued job replays the episode up to
+            there with the call's thread's ``fail_nth`` n = 1 armed right before the
+            call, and while the trace shows the fault fired inside the call, again with
+            n + 1 (up to the catalogue's largest n). Jobs are taken rarest first
+            (:meth:`_triage_pop`). Off by default.
+        triage_prob: With ``fault_triage``, probability that an episode after the seed
+            plays takes a queued job (when there is one and it is not a random one).
+        fault_features: Whether injected allocation failures (operation, site) are
+            corpus features (default: with ``fault_triage`` or ``explore_max``).
+        cut_fault: Probability that an unmutated replay of a parent's prefix arms a
+            fault on the call that reached the cut's new feature (sampled triage,
+            :meth:`_cut_fault_child`). Off by default; measured no better.
+        explore_max: Adaptive exploration (:meth:`explore_rate`): the rate of purely
+            random episodes rises from ``explore`` to ``explore_max`` while no episode
+            reaches a new code feature; None (default) keeps ``explore`` fixed.
+        explore_window: Episodes without a new code feature at which the rate reaches
+            ``explore_max``.
 
     """
 
@@ -323,8 +343,8 @@ class GreyboxAgent(Agent):
         elif self._triage_next is not None:
             self._child = self._triage_child(self._triage_pop())
         elif self.fault_triage or self.explore_max is not None:
-            # Exploration first (a purely random episode with the adaptive rate), then a
-            # queued fault-injection job, then a parent.
+            # A purely random episode (the adaptive rate :meth:`explore_rate`), else a
+            # queued fault-injection job (with probability triage_prob), else a child.
             if not self.corpus.entries or rng.random() < self.explore_rate():
                 pass
             elif self._triage_q and (self.triage_prob >= 1.0
@@ -356,22 +376,21 @@ class GreyboxAgent(Agent):
 
     def _parent_child(self, env: CowEnv, rng: np.random.Generator) -> None:
         """A child of a corpus parent: cut, then replayed as it is or mutated."""
-        if True:
-            parent = self.corpus.choose(rng)
-            # The parent up to one of its cut points (a state where it reached something
-            # new), so that the search goes on from there.
-            prefix = self.corpus.choose_cut(parent, rng)
-            if rng.random() < self.extend:
-                # Replay the prefix as it is and go on at random from there: a race is
-                # often reached in stages (a thread paused at one point, then another's
-                # progress, then a use).
-                self._child = prefix
-                if self.cut_fault and rng.random() < self.cut_fault:
-                    self._child = self._cut_fault_child(prefix, rng)
-            else:
-                other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
-                self._child, _ = mutate(prefix, rng, self._ci, other.actions,
-                                        max_len=env.max_steps, kinds=self.mutations)
+        parent = self.corpus.choose(rng)
+        # The parent up to one of its cut points (a state where it reached something
+        # new), so that the search goes on from there.
+        prefix = self.corpus.choose_cut(parent, rng)
+        if rng.random() < self.extend:
+            # Replay the prefix as it is and go on at random from there: a race is
+            # often reached in stages (a thread paused at one point, then another's
+            # progress, then a use).
+            self._child = prefix
+            if self.cut_fault and rng.random() < self.cut_fault:
+                self._child = self._cut_fault_child(prefix, rng)
+        else:
+            other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
+            self._child, _ = mutate(prefix, rng, self._ci, other.actions,
+                                    max_len=env.max_steps, kinds=self.mutations)
 
     def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
         a = self._next_planned(env, mask)

@@ -227,11 +227,9 @@ class FeatureTracker:
         self.feedback = feedback
         self.tlb = bool(tlb)
         self.faults = bool(faults)
-        self.edges = False
-        #: The *code* features of the last step (with ``faults``; :meth:`step`): the
-        #: edge a thread took (previous label, label) and injected allocation failures.
+        #: The *code* features of the last step (with ``faults``; :meth:`step`): a
+        #: call's argument state and injected allocation failures.
         self.code: list[int] = []
-        self._prev: dict[int, str] = {}
         self._ne = 0
         self._nv = 0
         self._variant: dict[int, str] = {}
@@ -241,20 +239,20 @@ class FeatureTracker:
         self._ne = len(k.events)
         self._nv = len(k.violations)
         self._variant = {}
-        self._prev = {}
         return [fid("V", v.signature) for v in k.violations]
 
     def step(self, k: Kernel, spec: ActionSpec) -> list[int]:
         """Features of the step just taken with catalogue entry ``spec``.
 
-        With ``faults``, :attr:`code` is set to the step's *code* features, what a
-        kernel's edge coverage would show: the edge the thread took (``E``: its previous
-        label, or its operation's start, to this label: AFL's ``prev_location ->
-        cur_location``; the labels of a shared helper such as ``break_cow_pte`` are
-        told apart by the caller's label before them) and an injected allocation
-        failure (``F``: the failing thread's operation and the allocation site, the
-        error path). ``F`` is also a corpus feature; ``E`` only feeds the fault
-        triage (:class:`cowenv_agents.GreyboxAgent`, ``fault_triage``).
+        With ``faults``, :attr:`code` is set to the step's *code* features: at an
+        operation start, the call with its variant (arguments other than addresses)
+        and the state of the page it addresses (``A``, :func:`_arg_state`: the same
+        ``mremap`` on a range whose table is COW-shared runs another path, a break
+        first, than on a private one), and an injected allocation failure (``F``: the
+        failing thread's operation and the allocation site, the error path a kernel's
+        coverage would show). ``F`` is also a corpus feature; ``A`` only feeds the
+        fault triage (:class:`cowenv_agents.GreyboxAgent`, ``fault_triage``) and the
+        adaptive exploration rate.
         """
         ev = k.events
         new = ev[self._ne:]
@@ -286,10 +284,6 @@ class FeatureTracker:
             if not label:
                 return out
             out.append(fid("L", label))
-            if faults and self.edges:
-                tid = spec.tid
-                code.append(fid("E", self._prev.get(tid, ""), label))
-                self._prev[tid] = label
             if not inter:
                 return out
             t = k.threads.get(spec.tid)
@@ -318,7 +312,6 @@ class FeatureTracker:
             if self.tlb:
                 out.extend(fid("T", *x) for x in sorted(_tlb_states(k)))
         if spec.kind == "start" and faults:
-            self._prev[spec.tid] = f"{spec.op}:start"
             code.append(fid("A", spec.op, ",".join(
                 f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid")),
                 *_arg_state(k, spec)))
