@@ -79,6 +79,9 @@ if TYPE_CHECKING:
 DEFAULT_SEEDS = str(Path(__file__).resolve().parent.parent / "scenarios")
 CORPUS_DIR = "greybox"
 _PLAN_STEP_LIMIT = 64  # runs spent on one "until"/"finish" plan item at most
+#: A fault-injection job: the schedule, the call's index in it, ``fail_nth``'s n, and
+#: the code features the call reached first (:meth:`GreyboxAgent._triage_pop`).
+_Job = tuple[tuple[int, ...], int, int, frozenset[int]]
 
 
 class GreyboxAgent(Agent):
@@ -125,6 +128,26 @@ class GreyboxAgent(Agent):
         race_episodes: Probability that an episode (after the seed plans) is a *race
             episode*: from the workload's state, or 1 in 4 from a corpus entry's cut
             point, a race pair starts at every random step where one can.
+        fault_triage: syzkaller's fault-injection triage (``failCall``): each call
+            that reached a new *code* feature (:attr:`cowenv.greybox.FeatureTracker.code`:
+            the call's variant on a new state of the page it addresses, a new
+            injected-failure site) is queued; a queued job replays the episode up to
+            there with the call's thread's ``fail_nth`` n = 1 armed right before the
+            call, and while the trace shows the fault fired inside the call, again with
+            n + 1 (up to the catalogue's largest n). Jobs are taken rarest first
+            (:meth:`_triage_pop`). Off by default.
+        triage_prob: With ``fault_triage``, probability that an episode after the seed
+            plays takes a queued job (when there is one and it is not a random one).
+        fault_features: Whether injected allocation failures (operation, site) are
+            corpus features (default: with ``fault_triage`` or ``explore_max``).
+        cut_fault: Probability that an unmutated replay of a parent's prefix arms a
+            fault on the call that reached the cut's new feature (sampled triage,
+            :meth:`_cut_fault_child`). Off by default; measured no better.
+        explore_max: Adaptive exploration (:meth:`explore_rate`): the rate of purely
+            random episodes rises from ``explore`` to ``explore_max`` while no episode
+            reaches a new code feature; None (default) keeps ``explore`` fixed.
+        explore_window: Episodes without a new code feature at which the rate reaches
+            ``explore_max``.
 
     """
 
@@ -137,7 +160,10 @@ class GreyboxAgent(Agent):
                  choice: str = "weighted", extend: float = 0.3,
                  fault_prob: float = 0.05, use_prob: float = 0.0, tlb_features: bool = False,
                  mutations: list[str] | None = None, race_prob: float = 0.0,
-                 race_len: int = 16, race_episodes: float = 0.0) -> None:
+                 race_len: int = 16, race_episodes: float = 0.0, fault_triage: bool = False,
+                 triage_prob: float = 1.0, fault_features: bool | None = None,
+                 cut_fault: float = 0.0, explore_max: float | None = None,
+                 explore_window: int = 40) -> None:
         super().__init__()
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
@@ -168,12 +194,42 @@ class GreyboxAgent(Agent):
         self.choice = choice
         self._chooser: KindChooser | None = None
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
-                      ("fault_prob", fault_prob), ("use_prob", use_prob)):
+                      ("fault_prob", fault_prob), ("use_prob", use_prob),
+                      ("triage_prob", triage_prob), ("cut_fault", cut_fault)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{nm}: expected 0..1")
+        if explore_max is not None and not explore <= explore_max <= 1.0:
+            raise ValueError("explore_max: expected explore..1")
+        if explore_window < 1:
+            raise ValueError("explore_window: expected >= 1")
+        self.explore_max = explore_max
+        self.explore_window = int(explore_window)
+        self._stale = 0  # episodes since one reached a new code feature
         if sync_every < 0 or cull_every < 0:
             raise ValueError("sync_every/cull_every: expected >= 0")
-        self.tracker = FeatureTracker(feedback, tlb=tlb_features)
+        self.tracker = FeatureTracker(
+            feedback, tlb=tlb_features,
+            faults=(fault_triage or explore_max is not None) if fault_features is None
+            else bool(fault_features))
+        self.fault_triage = bool(fault_triage)
+        self.triage_prob = float(triage_prob)
+        self.cut_fault = float(cut_fault)
+        #: Fault-injection jobs (:meth:`_triage_child`): (actions, call index, n, the
+        #: call's new code features).
+        self._triage_q: list[_Job] = []
+        self._job: _Job | None = None
+        self._job_state = 0  # 0 not armed yet, 1 armed, 2 call started, 3 done
+        self._job_fired = False
+        self._ev_pos = 0
+        self._call_of: dict[int, int] = {}  # tid -> index in _taken of its current start
+        #: Calls (index in _taken) that reached new code -> those code features.
+        self._novel_calls: dict[int, set[int]] = {}
+        self._code_seen: set[int] = set()  # code features earlier episodes reached
+        self._code_hits: dict[int, int] = {}  # code feature -> episodes that reached it
+        self._ep_code: set[int] = set()  # code features this episode reached
+        self._last_code = -1  # index in _taken of the last step that reached new code
+        self.triage_stats = {"jobs": 0, "fired": 0}
+        self._triage_next: _Job | None = None
         self.mutations = tuple(mutations) if mutations is not None else DEFAULT_MUTATIONS
         bad = [m for m in self.mutations if m not in MUTATIONS]
         if bad or not self.mutations:
@@ -314,11 +370,16 @@ class GreyboxAgent(Agent):
         self._scn_ptrs, self._pmd_map, self._tmap, self._spawns = 0, {}, {}, {}
         self._skip_clone, self._rank = -1, {}
         self._race_now = False
+        self._job, self._job_state, self._job_fired = None, 0, False
+        self._call_of, self._novel_calls, self._ep_code = {}, {}, set()
+        self._last_code = -1
         if self.episodes < len(self._plans):
             self._from_plan, plan = self._plans[self.episodes]
             self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
             self._map_pmds(env)
+        elif self._triage_next is not None:
+            self._child = self._triage_child(self._triage_pop())
         elif self.race_episodes and rng.random() < self.race_episodes:
             # A race episode (:meth:`_race`): race pairs wherever one can be, from the
             # workload's state or (1 in 4) from a corpus entry's cut point. (Measured on
@@ -329,21 +390,55 @@ class GreyboxAgent(Agent):
             self._race_now = True
             if self.corpus.entries and rng.random() < 0.25:
                 self._child = self.corpus.choose_cut(self.corpus.choose(rng), rng)
-        elif self.corpus.entries and rng.random() >= self.explore:
-            parent = self.corpus.choose(rng)
-            # The parent up to one of its cut points (a state where it reached something
-            # new), so that the search goes on from there.
-            prefix = self.corpus.choose_cut(parent, rng)
-            if rng.random() < self.extend:
-                # Replay the prefix as it is and go on at random from there: a race is
-                # often reached in stages (a thread paused at one point, then another's
-                # progress, then a use).
-                self._child = prefix
+        elif self.fault_triage or self.explore_max is not None:
+            # A purely random episode (the adaptive rate :meth:`explore_rate`), else a
+            # queued fault-injection job (with probability triage_prob), else a child.
+            if not self.corpus.entries or rng.random() < self.explore_rate():
+                pass
+            elif self._triage_q and (self.triage_prob >= 1.0
+                                     or rng.random() < self.triage_prob):
+                self._child = self._triage_child(self._triage_pop())
             else:
-                other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
-                self._child, _ = mutate(prefix, rng, self._ci, other.actions,
-                                        max_len=env.max_steps, kinds=self.mutations)
+                self._parent_child(env, rng)
+        elif self.corpus.entries and rng.random() >= self.explore:
+            self._parent_child(env, rng)
         self._feats.update(self.tracker.reset(env.kernel))
+        self._ev_pos = len(env.kernel.events)
+
+    def explore_rate(self) -> float:
+        """Probability of a purely random episode now.
+
+        ``explore``; with ``explore_max``, an AFL-like schedule between exploitation and
+        exploration: the rate rises linearly from ``explore`` to ``explore_max`` as the
+        number of episodes since one reached a new *code* feature
+        (:attr:`cowenv.greybox.FeatureTracker.code`: a call on a new argument state, a
+        new injected-failure site) grows to ``explore_window``, and falls back to
+        ``explore`` at the next new one (AFL's ``cycles_wo_finds`` drives its switch to
+        havoc/splice in the same way; the interleaving features are new in nearly every
+        episode, so they cannot tell a stalled corpus).
+        """
+        if self.explore_max is None:
+            return self.explore
+        f = min(1.0, self._stale / self.explore_window)
+        return self.explore + (self.explore_max - self.explore) * f
+
+    def _parent_child(self, env: CowEnv, rng: np.random.Generator) -> None:
+        """A child of a corpus parent: cut, then replayed as it is or mutated."""
+        parent = self.corpus.choose(rng)
+        # The parent up to one of its cut points (a state where it reached something
+        # new), so that the search goes on from there.
+        prefix = self.corpus.choose_cut(parent, rng)
+        if rng.random() < self.extend:
+            # Replay the prefix as it is and go on at random from there: a race is
+            # often reached in stages (a thread paused at one point, then another's
+            # progress, then a use).
+            self._child = prefix
+            if self.cut_fault and rng.random() < self.cut_fault:
+                self._child = self._cut_fault_child(prefix, rng)
+        else:
+            other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
+            self._child, _ = mutate(prefix, rng, self._ci, other.actions,
+                                    max_len=env.max_steps, kinds=self.mutations)
 
     def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
         a = self._next_planned(env, mask)
@@ -938,9 +1033,163 @@ class GreyboxAgent(Agent):
                     if n != self._last_new:
                         self._cuts.append(n)
                     self._last_new = n
+        if self.fault_triage or self.cut_fault or self.explore_max is not None:
+            self._triage_observe(env, sp)
+
+    # ------------------------------------------------------------------ fault triage
+    def _triage_child(self, job: _Job) -> list[int]:
+        """The schedule of a fault-injection job: the call's thread's ``fail_nth`` n first.
+
+        syzkaller's ``failCall`` (``syz-fuzzer/proc.go``, run by ``smashInput`` on each
+        new corpus input, for the call that brought new signal): the program again with
+        ``fail_nth = n`` on that call, for n = 1, 2, ... until the call no longer fails
+        an allocation. Here the job's actions with the thread's ``fail_nth`` event of
+        ``n`` right before the call's start; what the call does after it (the run
+        actions of the entry, then random choice as after any child) is unchanged.
+        """
+        ci = self._ci
+        assert ci is not None
+        acts, i, n, _f = job
+        tid = ci.catalogue[acts[i]].tid
+        ev = next(e for e in ci.fail_of[tid] if ci.catalogue[e].n == n)
+        self._job, self._job_state, self._job_fired = job, 0, False
+        self.triage_stats["jobs"] += 1
+        return [*acts[:i], ev, *acts[i:]]
+
+    def _cut_fault_child(self, prefix: list[int], rng: np.random.Generator) -> list[int]:
+        """The prefix with a fault armed on the call that reached its cut's new feature.
+
+        Sampled fault triage: syzkaller fails, one n after another, the call of a new
+        corpus input that brought new signal (``failCall``); the budget here (about 430
+        episodes per 100k steps) does not pay for that on every call of every new entry,
+        so an unmutated replay of a parent up to a cut point (a state where it reached
+        something new, :meth:`cowenv.greybox.Corpus.choose_cut`) arms, right before the
+        start of the call whose step reached it (the prefix's last action is that step:
+        a run of thread ``u``, so ``u``'s last start, or the start itself), ``u``'s
+        ``fail_nth`` with a random n. If the fault fires inside that call (the trace's
+        ``alloc_fail``), the next episode plays the same with n + 1 (:meth:`_triage_finish`).
+        """
+        ci = self._ci
+        assert ci is not None
+        if not prefix:
+            return prefix
+        u = ci.catalogue[prefix[-1]].tid
+        i = next((j for j in range(len(prefix) - 1, -1, -1)
+                  if ci.catalogue[prefix[j]].kind == "start"
+                  and ci.catalogue[prefix[j]].tid == u), -1)
+        fails = ci.fail_of.get(u)
+        if i < 0 or not fails:
+            return prefix
+        n = int(ci.catalogue[fails[int(rng.integers(len(fails)))]].n)
+        return self._triage_child((tuple(prefix), i, n, frozenset()))
+
+    def _triage_pop(self) -> _Job:
+        """The next job: the same call with n + 1 if its fault fired, else a queued call.
+
+        Queued calls are taken rarest first (FairFuzz's rare branches, applied to the
+        triage queue): the call whose new code is now reached by the fewest episodes
+        (the least over its code features of :attr:`_code_hits`), the newest of
+        equals. The seed plays queue a few hundred calls at once, most of them in
+        paths every episode takes soon after (a write fault's first allocation);
+        first-in-first-out spends the budget on those before the call that reached a
+        path few episodes reach (a break inside ``move_page_tables``) is failed.
+        """
+        if self._triage_next is not None:
+            job, self._triage_next = self._triage_next, None
+            return job
+        q = self._triage_q
+        hits = self._code_hits
+        best, bc = 0, -1
+        for j in range(len(q) - 1, -1, -1):
+            c = min((hits.get(f, 0) for f in q[j][3]), default=0)
+            if bc < 0 or c < bc:
+                best, bc = j, c
+        return q.pop(best)
+
+    def _triage_observe(self, env: CowEnv, sp: Any) -> None:
+        """After a step: attribute new code features to calls, follow a job's fault.
+
+        A step's new *code* features (:attr:`cowenv.greybox.FeatureTracker.code`) belong
+        to the call it ran (a start, or the current operation of the thread run); the
+        kernel's trace says whether the job's armed fault fired inside its call (an
+        ``alloc_fail`` event of the thread between the call's start and its end).
+        """
+        n = len(self._taken) - 1
+        if sp.kind == "start":
+            self._call_of[sp.tid] = n
+        call = self._call_of.get(sp.tid) if sp.kind in ("start", "run") else None
+        code = self.tracker.code
+        if code:
+            new = [f for f in code if f not in self._code_seen] if call is not None else []
+            if new:
+                self._novel_calls.setdefault(call, set()).update(new)
+                self._last_code = n
+            self._ep_code.update(code)
+        if self._job is None or self._job_state >= 3:
+            return
+        ci = self._ci
+        assert ci is not None
+        acts, i = self._job[0], self._job[1]
+        tid = ci.catalogue[acts[i]].tid
+        ev = env.kernel.events
+        for e in ev[self._ev_pos:]:
+            if e.tid == -1 and e.kind == "event" and e.label == "fail_nth" \
+                    and isinstance(e.data, dict) and e.data.get("tid") == tid:
+                self._job_state = max(self._job_state, 1)
+            elif e.tid != tid or self._job_state == 0:
+                continue
+            elif e.kind == "start" and self._job_state == 1:
+                self._job_state = 2
+            elif e.kind == "event" and e.label == "alloc_fail" and self._job_state == 2:
+                self._job_fired = True
+            elif e.kind == "end" and self._job_state == 2:
+                self._job_state = 3
+        self._ev_pos = len(ev)
+
+    def _triage_enqueue(self) -> None:
+        """Queue fault injection (n = 1) for each call of the episode that reached new code.
+
+        The job's schedule is the episode's actions up to the last step that reached new
+        code (syzkaller triages the program as it ran; the corpus entry is trimmed to
+        its last new corpus feature, which may come before). Only user threads' calls
+        that have a ``fail_nth`` event (``/proc/thread-self/fail-nth``) are queued.
+        """
+        ci = self._ci
+        assert ci is not None
+        acts = tuple(self._taken[:self._last_code + 1])
+        for i in sorted(self._novel_calls):
+            if i < len(acts) and ci.catalogue[acts[i]].kind == "start" \
+                    and ci.fail_of.get(ci.catalogue[acts[i]].tid):
+                self._triage_q.append((acts, i, 1, frozenset(self._novel_calls[i])))
+
+    def _triage_finish(self) -> None:
+        """End of a job's episode: if its fault fired, the same call with n + 1 next.
+
+        syzkaller's loop stops at the first n whose fault did not fire (the call made
+        fewer than n allocations); here also at the largest ``fail_nth`` the catalogue
+        has.
+        """
+        self._code_seen |= self._ep_code
+        hits = self._code_hits
+        for f in self._ep_code:
+            hits[f] = hits.get(f, 0) + 1
+        job, self._job = self._job, None
+        if job is None or not self._job_fired:
+            return
+        self.triage_stats["fired"] += 1
+        ci = self._ci
+        assert ci is not None
+        acts, i, n, feats = job
+        if any(ci.catalogue[e].n == n + 1 for e in ci.fail_of[ci.catalogue[acts[i]].tid]):
+            self._triage_next = (acts, i, n + 1, feats)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1
+        if self.fault_triage or self.cut_fault or self.explore_max is not None:
+            self._stale = 0 if self._ep_code - self._code_seen else self._stale + 1
+            self._triage_finish()
+        if self.fault_triage:
+            self._triage_enqueue()
         self.corpus.count(self._feats)
         novel = self.corpus.novel(self._feats)
         if not novel or self._last_new < 0:

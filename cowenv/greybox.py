@@ -177,6 +177,36 @@ def _tlb_states(k: Kernel) -> set[tuple[str, str, int]]:
     return out
 
 
+def _arg_state(k: Kernel, spec: ActionSpec) -> tuple[str, str]:
+    """The state of the page a starting call addresses, in the caller's page tables.
+
+    ``(pmd, pte)``: the PMD entry is absent (``none``), COW-shared (write-protected and
+    the table referenced more than once, ``shared``), write-protected with one
+    reference left (``wp``) or ``private``; the PTE is ``none``, ``present`` or ``swap`` (another
+    non-present entry). A call's argument state, as syzkaller's resources give a call
+    the state an earlier call left: the same ``mremap`` on a range whose table is
+    shared runs another path (a break first) than on a private one. ``("", "")`` for a
+    call without an address.
+    """
+    a = dict(spec.args).get("addr")
+    t = k.threads.get(spec.tid)
+    p = k.procs.get(t.pid) if t is not None else None
+    if not isinstance(a, int) or isinstance(a, bool) or p is None:
+        return "", ""
+    P = k.config.ptrs_per_pte
+    vpn = a // k.config.page_size
+    e = p.mm.pmd.get(vpn // P)
+    if e is None:
+        return "none", "none"
+    pte = int(e.table.entries[vpn % P])
+    st = "present" if pte & PTE_PRESENT else ("swap" if pte else "none")
+    if e.write:
+        return "private", st
+    # Write-protected: shared with another mm, or left write-protected after the other
+    # sharers went (the next break reuses the table without copying).
+    return ("shared" if e.table.refcount > 1 else "wp"), st
+
+
 #: Most TLB entries of a thread :func:`_tlb_states` looks at.
 _TLB_SCAN = 64
 
@@ -190,11 +220,16 @@ class FeatureTracker:
 
     """
 
-    def __init__(self, feedback: str = "interleaving", tlb: bool = True) -> None:
+    def __init__(self, feedback: str = "interleaving", tlb: bool = True,
+                 faults: bool = False) -> None:
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback: expected one of {', '.join(FEEDBACKS)}")
         self.feedback = feedback
         self.tlb = bool(tlb)
+        self.faults = bool(faults)
+        #: The *code* features of the last step (with ``faults``; :meth:`step`): a
+        #: call's argument state and injected allocation failures.
+        self.code: list[int] = []
         self._ne = 0
         self._nv = 0
         self._variant: dict[int, str] = {}
@@ -207,11 +242,31 @@ class FeatureTracker:
         return [fid("V", v.signature) for v in k.violations]
 
     def step(self, k: Kernel, spec: ActionSpec) -> list[int]:
-        """Features of the step just taken with catalogue entry ``spec``."""
+        """Features of the step just taken with catalogue entry ``spec``.
+
+        With ``faults``, :attr:`code` is set to the step's *code* features: at an
+        operation start, the call with its variant (arguments other than addresses)
+        and the state of the page it addresses (``A``, :func:`_arg_state`: the same
+        ``mremap`` on a range whose table is COW-shared runs another path, a break
+        first, than on a private one), and an injected allocation failure (``F``: the
+        failing thread's operation and the allocation site, the error path a kernel's
+        coverage would show). ``F`` is also a corpus feature; ``A`` only feeds the
+        fault triage (:class:`cowenv_agents.GreyboxAgent`, ``fault_triage``) and the
+        adaptive exploration rate.
+        """
         ev = k.events
         new = ev[self._ne:]
         self._ne = len(ev)
         out: list[int] = []
+        code: list[int] = []
+        self.code = code
+        faults = self.faults
+        if faults:
+            for e in new:
+                if e.kind == "event" and e.label == "alloc_fail":
+                    ft = k.threads.get(e.tid)
+                    code.append(fid("F", ft.op if ft is not None else "", e.data))
+            out.extend(code)
         vs = k.violations
         if len(vs) > self._nv:
             out.extend(fid("V", v.signature) for v in vs[self._nv:])
@@ -256,7 +311,11 @@ class FeatureTracker:
                 out.extend(fid("G", *g) for g in _pin_states(k))
             if self.tlb:
                 out.extend(fid("T", *x) for x in sorted(_tlb_states(k)))
-        elif spec.kind == "start" and inter:
+        if spec.kind == "start" and faults:
+            code.append(fid("A", spec.op, ",".join(
+                f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid")),
+                *_arg_state(k, spec)))
+        if spec.kind == "start" and inter:
             self._variant[spec.tid] = ",".join(
                 f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))
             nshared, _ = _shared_tables(k)

@@ -465,3 +465,104 @@ def test_race_pairs_that_block_on_a_held_lock_are_tried_less():
     later = chosen[first:]
     assert later and not set(later) & blocked
     assert ("pin", "fast=True,write=True") in set(later)
+def test_arg_state_tells_a_shared_table_from_a_private_one():
+    """The call-argument state a fault-triage job is queued for (``A`` code feature)."""
+    from cowenv.catalogue import ActionSpec
+    from cowenv.greybox import _arg_state
+    from cowenv.kernel import make_kernel
+    from cowenv.kernel.config import KernelConfig
+
+    a = 0x100000
+    k = make_kernel(KernelConfig.from_preset("fixed", ptrs_per_pte=8, nr_frames=64,
+                                             nr_swap_slots=0))
+    read = ActionSpec("start", 1, "read", (("addr", a),))
+    far = ActionSpec("start", 1, "read", (("addr", a + (1 << 21)),))
+    k.do(1, "mmap", addr=a, length=8 * 4096)
+    assert _arg_state(k, read) == ("none", "none")
+    k.do(1, "write", addr=a)
+    assert _arg_state(k, read) == ("private", "present")
+    assert _arg_state(k, ActionSpec("start", 1, "fork", ())) == ("", "")
+    k.do(1, "prctl_cow_pte")
+    child = k.do(1, "fork")
+    assert child > 0
+    assert _arg_state(k, read) == ("shared", "present")
+    assert _arg_state(k, far) == ("none", "none")
+    ctid = next(t for t, th in k.threads.items() if th.pid == child)
+    k.do(ctid, "exit")  # the other sharer goes: write-protected, one reference left
+    assert _arg_state(k, read) == ("wp", "present")
+
+
+def _triage_agent(**kw):
+    h = Harness(**SMALL_KW, terminate_on_violation=False)
+    ag = ca.make_agent("greybox", seeds=[], fault_triage=True, **kw)
+    h.reset(0)
+    ag.begin_episode(h, np.random.default_rng(0))  # builds the catalogue index
+    return h, ag
+
+
+def _play_job(h, ag, job, steps=40):
+    """One episode that plays ``job`` (as the next job), then ends it."""
+    ag._triage_next = job
+    h.reset(0)
+    ag.begin_episode(h, np.random.default_rng(1))
+    for _ in range(steps):
+        act = ag.act(h, None, h.mask)
+        h.step(act)
+        ag.observe(h, act, None, 0.0, False, False, {})
+    ag.end_episode(h)
+
+
+def test_fault_triage_fails_the_call_with_n_then_n_plus_one():
+    """syzkaller's failCall: fail_nth n right before the call; n + 1 next if it fired."""
+    from cowenv.greybox import _arg_state
+
+    h, ag = _triage_agent(explore=0.0)
+    ci = ag._ci
+    k = h.kernel
+    # A store to a page not mapped yet: the fault allocates a page.
+    w = next(i for i in ci.by_tid_op[(1, "write")]
+             if _arg_state(k, ci.catalogue[i]) == ("private", "none"))
+    job = ((w, ci.run[1], ci.run[1], ci.run[1]), 0, 1, frozenset())
+    child = ag._triage_child(job)
+    ev = ci.catalogue[child[0]]
+    assert ev.kind == "event" and ev.tid == 1 and ev.n == 1 and child[1:] == list(job[0])
+    _play_job(h, ag, job)
+    fails = [e for e in h.kernel.events if e.kind == "event" and e.label == "alloc_fail"]
+    assert fails and fails[0].tid == 1
+    assert ag._triage_next is not None and ag._triage_next[:3] == (job[0], 0, 2)
+    # A call that allocates nothing: the fault does not fire, the loop stops.
+    p = ci.by_tid_op[(1, "prctl_cow_pte")][0]
+    _play_job(h, ag, ((p, ci.run[1]), 0, 1, frozenset()), steps=2)
+    assert ag._triage_next is None
+    # n stops at the largest fail_nth of the catalogue (3).
+    _play_job(h, ag, (job[0], 0, 3, frozenset()))
+    assert ag._triage_next is None
+
+
+def test_fault_triage_queues_the_calls_that_reached_new_code():
+    h, ag = _triage_agent(explore=1.0)
+    _play(ag, h, 0, 2)
+    q = ag._triage_q
+    assert q and all(n == 1 for _a, _i, n, _f in q)
+    for acts, i, _n, feats in q:
+        sp = ag._ci.catalogue[acts[i]]
+        assert sp.kind == "start" and sp.tid in ag._ci.fail_of and feats
+    # A call whose code is reached by fewer episodes goes first.
+    acts = q[0][0]
+    ag._triage_q = [(acts, 0, 1, frozenset({1})), (acts, 0, 1, frozenset({2}))]
+    ag._code_hits = {1: 5, 2: 1}
+    assert ag._triage_pop()[3] == frozenset({2})
+
+
+def test_adaptive_explore_rises_while_no_new_code_is_found():
+    ag = ca.make_agent("greybox", seeds=[], explore=0.1, explore_max=0.5, explore_window=10)
+    assert ag.explore_rate() == pytest.approx(0.1)
+    ag._stale = 5
+    assert ag.explore_rate() == pytest.approx(0.3)
+    ag._stale = 25
+    assert ag.explore_rate() == pytest.approx(0.5)
+    assert ca.make_agent("greybox", explore=0.2).explore_rate() == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="explore_max"):
+        ca.make_agent("greybox", explore=0.3, explore_max=0.2)
+    with pytest.raises(ValueError, match="explore_window"):
+        ca.make_agent("greybox", explore_max=0.5, explore_window=0)
