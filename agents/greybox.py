@@ -127,7 +127,9 @@ class GreyboxAgent(Agent):
         race_len: Most points each operation of a race pair is run for.
         race_episodes: Probability that an episode (after the seed plans) is a *race
             episode*: from the workload's state, or 1 in 4 from a corpus entry's cut
-            point, a race pair starts at every random step where one can.
+            point, a race pair starts at every random step where one can. Default 0.2
+            (README "Greybox": 18 of 23 flaws in 8/8 against 15 without, no flaw in
+            fewer seeds); 0 turns race episodes off (``greybox-norace``).
         fault_triage: syzkaller's fault-injection triage (``failCall``): each call
             that reached a new *code* feature (:attr:`cowenv.greybox.FeatureTracker.code`:
             the call's variant on a new state of the page it addresses, a new
@@ -160,7 +162,7 @@ class GreyboxAgent(Agent):
                  choice: str = "weighted", extend: float = 0.3,
                  fault_prob: float = 0.05, use_prob: float = 0.0, tlb_features: bool = False,
                  mutations: list[str] | None = None, race_prob: float = 0.0,
-                 race_len: int = 16, race_episodes: float = 0.0, fault_triage: bool = False,
+                 race_len: int = 16, race_episodes: float = 0.2, fault_triage: bool = False,
                  triage_prob: float = 1.0, fault_features: bool | None = None,
                  cut_fault: float = 0.0, explore_max: float | None = None,
                  explore_window: int = 40) -> None:

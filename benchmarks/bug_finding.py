@@ -54,8 +54,8 @@ OUT = ROOT / "benchmarks" / "out"
 AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-d10",
           "ql", "ql-fine", "ql-fine-kind",
           "ppo", "greybox", "greybox-label", "greybox-noseed", "greybox-thread",
-          "greybox-explore30", "greybox-race", "greybox-race20", "greybox-triage",
-          "greybox-race20-triage")
+          "greybox-explore30", "greybox-race", "greybox-race20", "greybox-norace",
+          "greybox-triage", "greybox-race20-triage")
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenario of the flaw it is measured on (held out, like PPO's folds); it may
@@ -82,6 +82,7 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-explore30": ("greybox", {"explore": 0.3}),
     "greybox-race": ("greybox", {"race_episodes": 0.3}),
     "greybox-race20": ("greybox", {"race_episodes": 0.2}),
+    "greybox-norace": ("greybox", {"race_episodes": 0.0}),
     "greybox-triage": ("greybox", {"fault_triage": True, "explore_max": 0.4}),
     "greybox-race20-triage": ("greybox", {"race_episodes": 0.2, "fault_triage": True,
                                           "explore_max": 0.4}),
