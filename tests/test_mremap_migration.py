@@ -66,6 +66,41 @@ def test_mremap_failure_moves_back_and_returns_enomem() -> None:
     assert not k.violations
 
 
+def test_a_failed_unmap_of_the_old_range_leaves_it_mapped_and_empty() -> None:
+    """Random agent, benchmark run (``fixed``): the old range reads zero, legitimately.
+
+    ``move_vma`` (mm/mremap.c, 6.2) ignores a failing ``do_vmi_munmap`` of the old range
+    ("OOM: unable to split vma, just get accounts right") and returns the new address:
+    the old range stays mapped with its entries moved away, so a load there zero-fills.
+    In the model only COW PTE's break in ``__split_vma`` can fail the split: here the
+    table of the PMD after the old range is still shared with the child, the split at
+    the old range's end must break it, and that allocation fails (the first one, the
+    break of the old table in ``move_page_tables``, succeeds). The shadow used to keep
+    the old range's data until ``on_munmap``, which never came: ``isolation`` at
+    ``do_anonymous_page`` and ``shadow_sweep``.
+    """
+    k = _kernel("fixed")
+    k.do(1, "mmap", addr=16 * T, length=2 * T)
+    a = k.do(1, "write", addr=16 * T)
+    b = k.do(1, "write", addr=16 * T + 7 * 4096)
+    c = k.do(1, "write", addr=17 * T)
+    k.do(1, "prctl_cow_pte")
+    k.do(1, "fork")
+    k.event("fail_nth", n=2)
+    assert k.do(1, "mremap", addr=16 * T, old_length=T, new_length=T,
+                new_addr=32 * T) == 32 * T
+    mm = k.procs[1].mm
+    assert [(v.start, v.end) for v in mm.vmas][:1] == [(16 * 8, 18 * 8)]  # not unmapped
+    assert k.do(1, "read", addr=16 * T + 7 * 4096) == 0
+    assert k.do(1, "read", addr=16 * T) == 0
+    assert [k.do(1, "read", addr=32 * T), k.do(1, "read", addr=32 * T + 7 * 4096)] == [a, b]
+    assert k.do(1, "read", addr=17 * T) == c
+    assert k.do(2, "read", addr=16 * T + 7 * 4096) == b
+    k.do(2, "exit")
+    k.do(1, "exit")
+    assert not k.violations, [v.signature for v in k.violations]
+
+
 @pytest.mark.parametrize("preset", ["classic", "fixed"])
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_mremap_failure_keeps_a_pin_at_the_old_address(preset: str, fail_at: int) -> None:

@@ -294,6 +294,16 @@ class Oracle:
         not hold it off) before their entries moved. The pins that followed their pages
         at :meth:`on_mremap_begin` are coupled as before the move again (exactly, unless
         they were loose already).
+
+        After a complete move the old range holds no anonymous entry any more: its
+        tables were emptied (``move_ptes``) or moved away (``move_normal_pmd``). It is
+        unmapped next, but that unmap is best effort: ``move_vma`` (6.2, ``mm/mremap.c``)
+        ignores a failing ``do_vmi_munmap`` ("OOM: unable to split vma, just get accounts
+        right"; upstream's ``unmap_source_vma``: "if we fail to unmap then we simply try
+        to correct accounting and exit") and still returns the new address, so the old
+        range stays mapped, empty, and a load there zero-fills (``do_anonymous_page``).
+        The shadow therefore forgets the old range's anonymous contents here, not only at
+        :meth:`on_munmap`. (Shmem ranges keep mapping the object: nothing to forget.)
         """
         recs = self.moving.get(mm.id)
         if not recs:
@@ -301,6 +311,10 @@ class Oracle:
         s, e, delta, moved = recs.pop()
         if not recs:
             del self.moving[mm.id]
+        if not moved_back:
+            d = self.anon.get(mm.id, {})
+            for v in [v for v in d if s <= v < e]:
+                del d[v]
         lo, hi, shift = (s + delta, e + delta, -delta) if moved_back else (s, e, delta)
         for _, p in sorted(self.pins.items()):
             if p["mm"] == mm.id and lo <= p["vpn"] < hi and p["key"] is not None \
