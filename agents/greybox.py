@@ -60,17 +60,16 @@ from cowenv.greybox import (
     catalogue_digest,
     entry_class,
     mutate,
-    paused_tables,
-    race_candidates,
     scenario_files,
     seed_plan,
-    spec_variant,
 )
 from cowenv.kernel import KSWAPD_TID
 from cowenv.kernel.memory import PG_allocated, PG_anon_exclusive
 from cowenv.kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
 
 from .base import CHOICES, Agent, KindChooser, uniform_legal
+from .greybox_race import RacePairs
+from .greybox_triage import FaultTriage, _Job
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -79,12 +78,9 @@ if TYPE_CHECKING:
 DEFAULT_SEEDS = str(Path(__file__).resolve().parent.parent / "scenarios")
 CORPUS_DIR = "greybox"
 _PLAN_STEP_LIMIT = 64  # runs spent on one "until"/"finish" plan item at most
-#: A fault-injection job: the schedule, the call's index in it, ``fail_nth``'s n, and
-#: the code features the call reached first (:meth:`GreyboxAgent._triage_pop`).
-_Job = tuple[tuple[int, ...], int, int, frozenset[int]]
 
 
-class GreyboxAgent(Agent):
+class GreyboxAgent(RacePairs, FaultTriage, Agent):
     """Coverage-guided schedule fuzzing (see the module docstring).
 
     Args:
@@ -713,199 +709,6 @@ class GreyboxAgent(Agent):
                 return f
         return a
 
-    def _race(self, env: CowEnv, mask: np.ndarray) -> int | None:
-        """The next action of a race pair, or None (then the choice is random).
-
-        Razzer (Jeong et al., S&P 2019) and Snowboard (Gong et al., SOSP 2021) test a
-        pair of calls that touch the same object by running one to a point, running the
-        other, and resuming the first; Snowboard tries uncommon pairs first. Here, at a
-        random step where two related user threads (same process, or processes that
-        share a table) exist, with probability ``race_prob`` (1 in a race episode,
-        ``race_episodes``):
-
-        0. if no two related threads are idle, a busy one is run until its operation
-           ends (at most ``race_len`` points) first (Razzer runs a pair from a state
-           where both threads are free);
-        1. operation *A*: a start of an idle thread ``u`` with an idle related thread,
-           the kind weighted by its mean number of points to its end so far
-           (:meth:`_race_len_of`: a fork or a munmap over tables has a window at each
-           point, a read that hits the TLB none), a template at random; run until it
-           stops: 1 in 3 at each point where it is inside a page table, or when it
-           blocks or has run ``race_len`` points (it ending first ends the pair);
-        2. operation *B*: the page tables ``A`` is inside
-           (:func:`cowenv.greybox.paused_tables`: those whose PTE lock it holds, else
-           its range's) and the starts of the other idle related threads that touch
-           them (:func:`cowenv.greybox.race_candidates`), grouped by (``A``'s label,
-           operation, variant); the group with the lowest score (ties at random), a
-           start of it at random; its thread is run until the operation ends or
-           blocks, at most ``race_len`` points;
-        3. ``A`` resumes, until it ends or blocks (at most ``race_len`` points), so that
-           the pair's outcome is settled (a quiescent point's checks run) before the
-           random part goes on.
-
-        A group's score is the times it was tried, plus 8 for each time ``B``'s
-        operation variant blocked at its first point on a lock class that ``A`` held
-        in the mode ``A`` holds now (``mmap_lock`` for write, a PTE lock...): a pair
-        that a lock serialises cannot race, and what blocks against one holder of a
-        lock blocks against all (fork, munmap, mprotect hold ``mmap_lock`` for
-        write), so the pairs that do interleave get the tries. The scores and the
-        operation lengths live as long as the agent.
-        """
-        ci = self._ci
-        assert ci is not None
-        k = env.kernel
-        rng = self.rng
-        phase, tid = self._race_phase, self._race_tid
-        if not phase:
-            return self._race_setup(env, mask)
-        t = k.threads.get(tid)
-        run = ci.run.get(tid)
-        busy = t is not None and t.gen is not None
-        runnable = busy and t.waiting is None and run is not None and bool(mask[run])
-        self._race_phase, self._race_tid = 0, -1
-        if phase == 3:  # draining a busy thread so that two are idle
-            if not busy:
-                return self._race_setup(env, mask, coin=False)
-        elif phase == 1:  # A
-            if not busy:
-                return None
-            ran = self._race_left < self.race_len
-            # A stops at a point where it is inside a page table (1 in 3, or when it
-            # cannot go on); at a point with no footprint it goes on.
-            if ran and (not runnable or self._race_left <= 0 or rng.random() < 1 / 3) \
-                    and (not runnable or self._race_left <= 0 or paused_tables(k, tid)):
-                return self._race_b(env, mask, tid)
-        elif phase == 2 and t is not None and t.waiting is not None \
-                and self._race_left == self.race_len - 1:
-            # B blocked at its first point, on a lock class A holds: B's variant
-            # blocks against that class held in that mode (a later block is not
-            # counted: a GUP-fast pin that falls back to the slow path blocks then,
-            # which says nothing about its fast path).
-            cls = t.waiting[0].cls
-            for h in self._race_held:
-                if h.split("/")[0] == cls:
-                    b = (h, *self._race_blockkey)
-                    self._race_blocked[b] = self._race_blocked.get(b, 0) + 1
-        if runnable and self._race_left > 0:
-            self._race_phase, self._race_tid = phase, tid
-            self._race_left -= 1
-            return run
-        if phase == 2:
-            # B ended (or blocked): resume A, to its end or until it blocks, so that
-            # the pair's outcome is settled before the random part goes on.
-            self._race_phase, self._race_tid, self._race_left = 4, self._race_a, self.race_len
-            return self._race(env, mask)
-        return None
-
-    def _race_setup(self, env: CowEnv, mask: np.ndarray, coin: bool = True) -> int | None:
-        """Start :meth:`_race`'s operation ``A``, or first drain a busy thread.
-
-        ``coin``: toss the ``race_prob`` coin (not after a drain: the pair was decided).
-        """
-        ci = self._ci
-        assert ci is not None
-        k = env.kernel
-        rng = self.rng
-        live = [u for u in ci.user_tids if k.threads.get(u) is not None
-                and not k.threads[u].exited and k.threads[u].pid in k.procs]
-        tabs = {p.pid: {e.table.pfn for e in p.mm.pmd.values()} for p in k.live_procs()}
-
-        def related(a: int, b: int) -> bool:
-            pa, pb = k.threads[a].pid, k.threads[b].pid
-            return pa == pb or bool(tabs.get(pa, set()) & tabs.get(pb, set()))
-
-        pairs = [(a, b) for a in live for b in live if a != b and related(a, b)]
-        # The coin is only tossed where a pair can be (two related live threads).
-        p = 1.0 if self._race_now else self.race_prob
-        if not pairs or (coin and rng.random() >= p):
-            return None
-        idle = {u for u in live if k.threads[u].gen is None}
-        ready = sorted({a for a, b in pairs if a in idle and b in idle})
-        if not ready:
-            # Razzer runs the pair from a state where both threads are free: run a busy
-            # thread that could be one of a pair until its operation ends (at most
-            # race_len points) first.
-            busy = sorted({b for _a, b in pairs if b not in idle
-                           and k.threads[b].waiting is None and mask[ci.run[b]]})
-            if not busy:
-                return None
-            u = busy[int(rng.integers(len(busy)))]
-            self._race_phase, self._race_tid, self._race_left = 3, u, self.race_len - 1
-            return ci.run[u]
-        u = ready[int(rng.integers(len(ready)))]
-        own = self._starts_of.get(u)
-        if own is None:
-            own = np.array([i for op in ci.ops_of.get(u, ()) for i in ci.by_tid_op[(u, op)]],
-                           dtype=np.int64)
-            self._starts_of[u] = own
-        legal = own[mask[own]]
-        if not len(legal):
-            return None
-        # The operation kind weighted by its mean number of points seen so far (an
-        # operation never seen yet counts race_len): a long operation (fork, exit, a
-        # munmap over tables) offers a window at each of its points, a read that hits
-        # the TLB none.
-        ops = sorted({ci.catalogue[int(i)].op for i in legal})
-        w = np.array([self._race_len_of(op) for op in ops])
-        op = ops[int(np.searchsorted(np.cumsum(w), rng.random() * w.sum(), side="right"))
-                 if len(ops) > 1 else 0]
-        c = [int(i) for i in legal if ci.catalogue[int(i)].op == op]
-        a = c[int(rng.integers(len(c)))]
-        self._race_phase, self._race_tid, self._race_left = 1, u, self.race_len
-        return a
-
-    def _race_len_of(self, op: str) -> float:
-        """Mean points an operation ``op`` has run to its end (``race_len`` if never seen)."""
-        tot, n = self._race_oplen.get(op, (0, 0))
-        return max(tot / n, 0.5) if n else float(self.race_len)
-
-    def _op_length(self, env: CowEnv, sp: Any) -> None:
-        """Count the points of every user operation to its end (for :meth:`_race_len_of`)."""
-        if sp.kind == "start":
-            self._op_cur[sp.tid] = (sp.op, 0)
-        elif sp.kind == "run" and sp.tid in self._op_cur:
-            op, n = self._op_cur[sp.tid]
-            t = env.kernel.threads.get(sp.tid)
-            if t is None or t.gen is None:
-                del self._op_cur[sp.tid]
-                tot, c = self._race_oplen.get(op, (0, 0))
-                self._race_oplen[op] = (tot + n + 1, c + 1)
-            else:
-                self._op_cur[sp.tid] = (op, n + 1)
-
-    def _race_b(self, env: CowEnv, mask: np.ndarray, u: int) -> int | None:
-        """Step 2 of :meth:`_race`: the start of ``B`` against paused thread ``u``."""
-        ci = self._ci
-        assert ci is not None
-        k = env.kernel
-        cands = race_candidates(k, ci, u, paused_tables(k, u), mask)
-        if not cands:
-            return None
-        tu = k.threads[u]
-        label = tu.label
-        held = sorted({f"{lk.cls}/{mode}" for lk, mode in tu.held})
-        groups: dict[tuple[str, str, str], list[int]] = {}
-        for i in cands:
-            sp = ci.catalogue[i]
-            groups.setdefault((label, sp.op, spec_variant(sp)), []).append(i)
-
-        def score(g: tuple[str, str, str]) -> int:
-            return self._race_tries.get(g, 0) + 8 * sum(
-                self._race_blocked.get((h, g[1], g[2]), 0) for h in held)
-
-        keys = sorted(groups)
-        lo = min(score(g) for g in keys)
-        keys = [g for g in keys if score(g) == lo]
-        g = keys[int(self.rng.integers(len(keys)))]
-        self._race_tries[g] = self._race_tries.get(g, 0) + 1
-        self._race_held, self._race_blockkey = held, (g[1], g[2])
-        self._race_a = u
-        c = groups[g]
-        b = c[int(self.rng.integers(len(c)))]
-        self._race_phase, self._race_tid = 2, ci.catalogue[b].tid
-        self._race_left = self.race_len
-        return b
-
     def _use(self, env: CowEnv, mask: np.ndarray) -> int | None:
         """An access that would use a stale state the kernel holds now, or None.
 
@@ -1037,153 +840,6 @@ class GreyboxAgent(Agent):
                     self._last_new = n
         if self.fault_triage or self.cut_fault or self.explore_max is not None:
             self._triage_observe(env, sp)
-
-    # ------------------------------------------------------------------ fault triage
-    def _triage_child(self, job: _Job) -> list[int]:
-        """The schedule of a fault-injection job: the call's thread's ``fail_nth`` n first.
-
-        syzkaller's ``failCall`` (``syz-fuzzer/proc.go``, run by ``smashInput`` on each
-        new corpus input, for the call that brought new signal): the program again with
-        ``fail_nth = n`` on that call, for n = 1, 2, ... until the call no longer fails
-        an allocation. Here the job's actions with the thread's ``fail_nth`` event of
-        ``n`` right before the call's start; what the call does after it (the run
-        actions of the entry, then random choice as after any child) is unchanged.
-        """
-        ci = self._ci
-        assert ci is not None
-        acts, i, n, _f = job
-        tid = ci.catalogue[acts[i]].tid
-        ev = next(e for e in ci.fail_of[tid] if ci.catalogue[e].n == n)
-        self._job, self._job_state, self._job_fired = job, 0, False
-        self.triage_stats["jobs"] += 1
-        return [*acts[:i], ev, *acts[i:]]
-
-    def _cut_fault_child(self, prefix: list[int], rng: np.random.Generator) -> list[int]:
-        """The prefix with a fault armed on the call that reached its cut's new feature.
-
-        Sampled fault triage: syzkaller fails, one n after another, the call of a new
-        corpus input that brought new signal (``failCall``); the budget here (about 430
-        episodes per 100k steps) does not pay for that on every call of every new entry,
-        so an unmutated replay of a parent up to a cut point (a state where it reached
-        something new, :meth:`cowenv.greybox.Corpus.choose_cut`) arms, right before the
-        start of the call whose step reached it (the prefix's last action is that step:
-        a run of thread ``u``, so ``u``'s last start, or the start itself), ``u``'s
-        ``fail_nth`` with a random n. If the fault fires inside that call (the trace's
-        ``alloc_fail``), the next episode plays the same with n + 1 (:meth:`_triage_finish`).
-        """
-        ci = self._ci
-        assert ci is not None
-        if not prefix:
-            return prefix
-        u = ci.catalogue[prefix[-1]].tid
-        i = next((j for j in range(len(prefix) - 1, -1, -1)
-                  if ci.catalogue[prefix[j]].kind == "start"
-                  and ci.catalogue[prefix[j]].tid == u), -1)
-        fails = ci.fail_of.get(u)
-        if i < 0 or not fails:
-            return prefix
-        n = int(ci.catalogue[fails[int(rng.integers(len(fails)))]].n)
-        return self._triage_child((tuple(prefix), i, n, frozenset()))
-
-    def _triage_pop(self) -> _Job:
-        """The next job: the same call with n + 1 if its fault fired, else a queued call.
-
-        Queued calls are taken rarest first (FairFuzz's rare branches, applied to the
-        triage queue): the call whose new code is now reached by the fewest episodes
-        (the least over its code features of :attr:`_code_hits`), the newest of
-        equals. The seed plays queue a few hundred calls at once, most of them in
-        paths every episode takes soon after (a write fault's first allocation);
-        first-in-first-out spends the budget on those before the call that reached a
-        path few episodes reach (a break inside ``move_page_tables``) is failed.
-        """
-        if self._triage_next is not None:
-            job, self._triage_next = self._triage_next, None
-            return job
-        q = self._triage_q
-        hits = self._code_hits
-        best, bc = 0, -1
-        for j in range(len(q) - 1, -1, -1):
-            c = min((hits.get(f, 0) for f in q[j][3]), default=0)
-            if bc < 0 or c < bc:
-                best, bc = j, c
-        return q.pop(best)
-
-    def _triage_observe(self, env: CowEnv, sp: Any) -> None:
-        """After a step: attribute new code features to calls, follow a job's fault.
-
-        A step's new *code* features (:attr:`cowenv.greybox.FeatureTracker.code`) belong
-        to the call it ran (a start, or the current operation of the thread run); the
-        kernel's trace says whether the job's armed fault fired inside its call (an
-        ``alloc_fail`` event of the thread between the call's start and its end).
-        """
-        n = len(self._taken) - 1
-        if sp.kind == "start":
-            self._call_of[sp.tid] = n
-        call = self._call_of.get(sp.tid) if sp.kind in ("start", "run") else None
-        code = self.tracker.code
-        if code:
-            new = [f for f in code if f not in self._code_seen] if call is not None else []
-            if new:
-                self._novel_calls.setdefault(call, set()).update(new)
-                self._last_code = n
-            self._ep_code.update(code)
-        if self._job is None or self._job_state >= 3:
-            return
-        ci = self._ci
-        assert ci is not None
-        acts, i = self._job[0], self._job[1]
-        tid = ci.catalogue[acts[i]].tid
-        ev = env.kernel.events
-        for e in ev[self._ev_pos:]:
-            if e.tid == -1 and e.kind == "event" and e.label == "fail_nth" \
-                    and isinstance(e.data, dict) and e.data.get("tid") == tid:
-                self._job_state = max(self._job_state, 1)
-            elif e.tid != tid or self._job_state == 0:
-                continue
-            elif e.kind == "start" and self._job_state == 1:
-                self._job_state = 2
-            elif e.kind == "event" and e.label == "alloc_fail" and self._job_state == 2:
-                self._job_fired = True
-            elif e.kind == "end" and self._job_state == 2:
-                self._job_state = 3
-        self._ev_pos = len(ev)
-
-    def _triage_enqueue(self) -> None:
-        """Queue fault injection (n = 1) for each call of the episode that reached new code.
-
-        The job's schedule is the episode's actions up to the last step that reached new
-        code (syzkaller triages the program as it ran; the corpus entry is trimmed to
-        its last new corpus feature, which may come before). Only user threads' calls
-        that have a ``fail_nth`` event (``/proc/thread-self/fail-nth``) are queued.
-        """
-        ci = self._ci
-        assert ci is not None
-        acts = tuple(self._taken[:self._last_code + 1])
-        for i in sorted(self._novel_calls):
-            if i < len(acts) and ci.catalogue[acts[i]].kind == "start" \
-                    and ci.fail_of.get(ci.catalogue[acts[i]].tid):
-                self._triage_q.append((acts, i, 1, frozenset(self._novel_calls[i])))
-
-    def _triage_finish(self) -> None:
-        """End of a job's episode: if its fault fired, the same call with n + 1 next.
-
-        syzkaller's loop stops at the first n whose fault did not fire (the call made
-        fewer than n allocations); here also at the largest ``fail_nth`` the catalogue
-        has.
-        """
-        self._code_seen |= self._ep_code
-        hits = self._code_hits
-        for f in self._ep_code:
-            hits[f] = hits.get(f, 0) + 1
-        job, self._job = self._job, None
-        if job is None or not self._job_fired:
-            return
-        self.triage_stats["fired"] += 1
-        ci = self._ci
-        assert ci is not None
-        acts, i, n, feats = job
-        if any(ci.catalogue[e].n == n + 1 for e in ci.fail_of[ci.catalogue[acts[i]].tid]):
-            self._triage_next = (acts, i, n + 1, feats)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1

@@ -1,0 +1,216 @@
+"""Race pairs of the greybox agent (:class:`cowenv_agents.GreyboxAgent`, ``race_*`` options).
+
+Razzer's and Snowboard's way of testing a race (Jeong et al., S&P 2019; Gong et al.,
+SOSP 2021): run one call to a point inside a page table, run a second call of a related
+thread that touches the same tables, resume the first (README "Greybox", "Race pairs").
+A mixin: the methods read and write the agent's ``_race*`` state, set up in
+:meth:`cowenv_agents.GreyboxAgent.__init__`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cowenv.greybox import paused_tables, race_candidates, spec_variant
+
+if TYPE_CHECKING:
+    from cowenv.env import CowEnv
+
+
+class RacePairs:
+    """Race-pair methods of :class:`cowenv_agents.GreyboxAgent` (a mixin)."""
+
+    def _race(self, env: CowEnv, mask: np.ndarray) -> int | None:
+        """The next action of a race pair, or None (then the choice is random).
+
+        Razzer (Jeong et al., S&P 2019) and Snowboard (Gong et al., SOSP 2021) test a
+        pair of calls that touch the same object by running one to a point, running the
+        other, and resuming the first; Snowboard tries uncommon pairs first. Here, at a
+        random step where two related user threads (same process, or processes that
+        share a table) exist, with probability ``race_prob`` (1 in a race episode,
+        ``race_episodes``):
+
+        0. if no two related threads are idle, a busy one is run until its operation
+           ends (at most ``race_len`` points) first (Razzer runs a pair from a state
+           where both threads are free);
+        1. operation *A*: a start of an idle thread ``u`` with an idle related thread,
+           the kind weighted by its mean number of points to its end so far
+           (:meth:`_race_len_of`: a fork or a munmap over tables has a window at each
+           point, a read that hits the TLB none), a template at random; run until it
+           stops: 1 in 3 at each point where it is inside a page table, or when it
+           blocks or has run ``race_len`` points (it ending first ends the pair);
+        2. operation *B*: the page tables ``A`` is inside
+           (:func:`cowenv.greybox.paused_tables`: those whose PTE lock it holds, else
+           its range's) and the starts of the other idle related threads that touch
+           them (:func:`cowenv.greybox.race_candidates`), grouped by (``A``'s label,
+           operation, variant); the group with the lowest score (ties at random), a
+           start of it at random; its thread is run until the operation ends or
+           blocks, at most ``race_len`` points;
+        3. ``A`` resumes, until it ends or blocks (at most ``race_len`` points), so that
+           the pair's outcome is settled (a quiescent point's checks run) before the
+           random part goes on.
+
+        A group's score is the times it was tried, plus 8 for each time ``B``'s
+        operation variant blocked at its first point on a lock class that ``A`` held
+        in the mode ``A`` holds now (``mmap_lock`` for write, a PTE lock...): a pair
+        that a lock serialises cannot race, and what blocks against one holder of a
+        lock blocks against all (fork, munmap, mprotect hold ``mmap_lock`` for
+        write), so the pairs that do interleave get the tries. The scores and the
+        operation lengths live as long as the agent.
+        """
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        rng = self.rng
+        phase, tid = self._race_phase, self._race_tid
+        if not phase:
+            return self._race_setup(env, mask)
+        t = k.threads.get(tid)
+        run = ci.run.get(tid)
+        busy = t is not None and t.gen is not None
+        runnable = busy and t.waiting is None and run is not None and bool(mask[run])
+        self._race_phase, self._race_tid = 0, -1
+        if phase == 3:  # draining a busy thread so that two are idle
+            if not busy:
+                return self._race_setup(env, mask, coin=False)
+        elif phase == 1:  # A
+            if not busy:
+                return None
+            ran = self._race_left < self.race_len
+            # A stops at a point where it is inside a page table (1 in 3, or when it
+            # cannot go on); at a point with no footprint it goes on.
+            if ran and (not runnable or self._race_left <= 0 or rng.random() < 1 / 3) \
+                    and (not runnable or self._race_left <= 0 or paused_tables(k, tid)):
+                return self._race_b(env, mask, tid)
+        elif phase == 2 and t is not None and t.waiting is not None \
+                and self._race_left == self.race_len - 1:
+            # B blocked at its first point, on a lock class A holds: B's variant
+            # blocks against that class held in that mode (a later block is not
+            # counted: a GUP-fast pin that falls back to the slow path blocks then,
+            # which says nothing about its fast path).
+            cls = t.waiting[0].cls
+            for h in self._race_held:
+                if h.split("/")[0] == cls:
+                    b = (h, *self._race_blockkey)
+                    self._race_blocked[b] = self._race_blocked.get(b, 0) + 1
+        if runnable and self._race_left > 0:
+            self._race_phase, self._race_tid = phase, tid
+            self._race_left -= 1
+            return run
+        if phase == 2:
+            # B ended (or blocked): resume A, to its end or until it blocks, so that
+            # the pair's outcome is settled before the random part goes on.
+            self._race_phase, self._race_tid, self._race_left = 4, self._race_a, self.race_len
+            return self._race(env, mask)
+        return None
+
+    def _race_setup(self, env: CowEnv, mask: np.ndarray, coin: bool = True) -> int | None:
+        """Start :meth:`_race`'s operation ``A``, or first drain a busy thread.
+
+        ``coin``: toss the ``race_prob`` coin (not after a drain: the pair was decided).
+        """
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        rng = self.rng
+        live = [u for u in ci.user_tids if k.threads.get(u) is not None
+                and not k.threads[u].exited and k.threads[u].pid in k.procs]
+        tabs = {p.pid: {e.table.pfn for e in p.mm.pmd.values()} for p in k.live_procs()}
+
+        def related(a: int, b: int) -> bool:
+            pa, pb = k.threads[a].pid, k.threads[b].pid
+            return pa == pb or bool(tabs.get(pa, set()) & tabs.get(pb, set()))
+
+        pairs = [(a, b) for a in live for b in live if a != b and related(a, b)]
+        # The coin is only tossed where a pair can be (two related live threads).
+        p = 1.0 if self._race_now else self.race_prob
+        if not pairs or (coin and rng.random() >= p):
+            return None
+        idle = {u for u in live if k.threads[u].gen is None}
+        ready = sorted({a for a, b in pairs if a in idle and b in idle})
+        if not ready:
+            # Razzer runs the pair from a state where both threads are free: run a busy
+            # thread that could be one of a pair until its operation ends (at most
+            # race_len points) first.
+            busy = sorted({b for _a, b in pairs if b not in idle
+                           and k.threads[b].waiting is None and mask[ci.run[b]]})
+            if not busy:
+                return None
+            u = busy[int(rng.integers(len(busy)))]
+            self._race_phase, self._race_tid, self._race_left = 3, u, self.race_len - 1
+            return ci.run[u]
+        u = ready[int(rng.integers(len(ready)))]
+        own = self._starts_of.get(u)
+        if own is None:
+            own = np.array([i for op in ci.ops_of.get(u, ()) for i in ci.by_tid_op[(u, op)]],
+                           dtype=np.int64)
+            self._starts_of[u] = own
+        legal = own[mask[own]]
+        if not len(legal):
+            return None
+        # The operation kind weighted by its mean number of points seen so far (an
+        # operation never seen yet counts race_len): a long operation (fork, exit, a
+        # munmap over tables) offers a window at each of its points, a read that hits
+        # the TLB none.
+        ops = sorted({ci.catalogue[int(i)].op for i in legal})
+        w = np.array([self._race_len_of(op) for op in ops])
+        op = ops[int(np.searchsorted(np.cumsum(w), rng.random() * w.sum(), side="right"))
+                 if len(ops) > 1 else 0]
+        c = [int(i) for i in legal if ci.catalogue[int(i)].op == op]
+        a = c[int(rng.integers(len(c)))]
+        self._race_phase, self._race_tid, self._race_left = 1, u, self.race_len
+        return a
+
+    def _race_len_of(self, op: str) -> float:
+        """Mean points an operation ``op`` has run to its end (``race_len`` if never seen)."""
+        tot, n = self._race_oplen.get(op, (0, 0))
+        return max(tot / n, 0.5) if n else float(self.race_len)
+
+    def _op_length(self, env: CowEnv, sp: Any) -> None:
+        """Count the points of every user operation to its end (for :meth:`_race_len_of`)."""
+        if sp.kind == "start":
+            self._op_cur[sp.tid] = (sp.op, 0)
+        elif sp.kind == "run" and sp.tid in self._op_cur:
+            op, n = self._op_cur[sp.tid]
+            t = env.kernel.threads.get(sp.tid)
+            if t is None or t.gen is None:
+                del self._op_cur[sp.tid]
+                tot, c = self._race_oplen.get(op, (0, 0))
+                self._race_oplen[op] = (tot + n + 1, c + 1)
+            else:
+                self._op_cur[sp.tid] = (op, n + 1)
+
+    def _race_b(self, env: CowEnv, mask: np.ndarray, u: int) -> int | None:
+        """Step 2 of :meth:`_race`: the start of ``B`` against paused thread ``u``."""
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        cands = race_candidates(k, ci, u, paused_tables(k, u), mask)
+        if not cands:
+            return None
+        tu = k.threads[u]
+        label = tu.label
+        held = sorted({f"{lk.cls}/{mode}" for lk, mode in tu.held})
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        for i in cands:
+            sp = ci.catalogue[i]
+            groups.setdefault((label, sp.op, spec_variant(sp)), []).append(i)
+
+        def score(g: tuple[str, str, str]) -> int:
+            return self._race_tries.get(g, 0) + 8 * sum(
+                self._race_blocked.get((h, g[1], g[2]), 0) for h in held)
+
+        keys = sorted(groups)
+        lo = min(score(g) for g in keys)
+        keys = [g for g in keys if score(g) == lo]
+        g = keys[int(self.rng.integers(len(keys)))]
+        self._race_tries[g] = self._race_tries.get(g, 0) + 1
+        self._race_held, self._race_blockkey = held, (g[1], g[2])
+        self._race_a = u
+        c = groups[g]
+        b = c[int(self.rng.integers(len(c)))]
+        self._race_phase, self._race_tid = 2, ci.catalogue[b].tid
+        self._race_left = self.race_len
+        return b
