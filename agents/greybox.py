@@ -124,8 +124,8 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
         race_episodes: Probability that an episode (after the seed plans) is a *race
             episode*: from the workload's state, or 1 in 4 from a corpus entry's cut
             point, a race pair starts at every random step where one can. Default 0.2
-            (README "Greybox": 18 of 23 flaws in 8/8 against 15 without, no flaw in
-            fewer seeds); 0 turns race episodes off (``greybox-norace``).
+            (README "Greybox, round 5": 17 of 23 flaws in 8/8 against 15 without, on
+            the same tree); 0 turns race episodes off (``greybox-norace``).
         fault_triage: syzkaller's fault-injection triage (``failCall``): each call
             that reached a new *code* feature (:attr:`cowenv.greybox.FeatureTracker.code`:
             the call's variant on a new state of the page it addresses, a new
@@ -228,6 +228,8 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
         self._last_code = -1  # index in _taken of the last step that reached new code
         self.triage_stats = {"jobs": 0, "fired": 0}
         self._triage_next: _Job | None = None
+        #: Whether the triage bookkeeping runs (any of its three options set).
+        self._triage_on = self.fault_triage or self.cut_fault > 0 or explore_max is not None
         self.mutations = tuple(mutations) if mutations is not None else DEFAULT_MUTATIONS
         bad = [m for m in self.mutations if m not in MUTATIONS]
         if bad or not self.mutations:
@@ -838,12 +840,12 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
                     if n != self._last_new:
                         self._cuts.append(n)
                     self._last_new = n
-        if self.fault_triage or self.cut_fault or self.explore_max is not None:
+        if self._triage_on:
             self._triage_observe(env, sp)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1
-        if self.fault_triage or self.cut_fault or self.explore_max is not None:
+        if self._triage_on:
             self._stale = 0 if self._ep_code - self._code_seen else self._stale + 1
             self._triage_finish()
         if self.fault_triage:

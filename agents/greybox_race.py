@@ -81,8 +81,8 @@ class RacePairs:
             ran = self._race_left < self.race_len
             # A stops at a point where it is inside a page table (1 in 3, or when it
             # cannot go on); at a point with no footprint it goes on.
-            if ran and (not runnable or self._race_left <= 0 or rng.random() < 1 / 3) \
-                    and (not runnable or self._race_left <= 0 or paused_tables(k, tid)):
+            stuck = not runnable or self._race_left <= 0
+            if ran and (stuck or (rng.random() < 1 / 3 and paused_tables(k, tid))):
                 return self._race_b(env, mask, tid)
         elif phase == 2 and t is not None and t.waiting is not None \
                 and self._race_left == self.race_len - 1:

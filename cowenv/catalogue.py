@@ -428,3 +428,14 @@ def build_walker_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
     """
     return (build_scan_templates(regions, ptrs_per_pte, page_size)
             + build_move_templates(regions, ptrs_per_pte, page_size))
+
+
+def range_pmds(args: dict[str, Any], ptrs_per_pte: int, page_size: int = 4096) -> range:
+    """PMD indices of an operation's address range (``addr``, ``length``; empty if none)."""
+    a = args.get("addr")
+    if not isinstance(a, int) or isinstance(a, bool):
+        return range(0)
+    n = args.get("length")
+    n = int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else page_size
+    return range((a // page_size) // ptrs_per_pte,
+                 ((a + n - 1) // page_size) // ptrs_per_pte + 1)

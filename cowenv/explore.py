@@ -80,6 +80,7 @@ from typing import Any
 
 import numpy as np
 
+from .catalogue import range_pmds
 from .kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
 from .kernel.config import KernelConfig
 from .kernel.pgtable import PFN_SHIFT
@@ -468,9 +469,7 @@ def _reads(k: Kernel, tid: int) -> set[tuple] | None:
     P, ps = k.P, k.config.page_size
     idxs: Any
     if "addr" in args and op not in ("mremap", "clear_refs"):
-        lo = int(args["addr"]) // ps
-        hi = lo + max(1, int(args.get("length", ps)) // ps)
-        idxs = range(lo // P, (hi - 1) // P + 1)
+        idxs = range_pmds(args, P, ps)
     else:
         idxs = list(mm.pmd)
     for v in mm.vmas:

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from .catalogue import ActionSpec
+from .catalogue import ActionSpec, range_pmds
 from .kernel import KSWAPD_TID, Kernel
 from .kernel.memory import PG_allocated, PG_anon_exclusive
 from .kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
@@ -207,6 +207,11 @@ def _arg_state(k: Kernel, spec: ActionSpec) -> tuple[str, str]:
     return ("shared" if e.table.refcount > 1 else "wp"), st
 
 
+def spec_variant(spec: ActionSpec) -> str:
+    """An operation's variant: its arguments other than addresses (``fast=True,write=True``)."""
+    return ",".join(f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))
+
+
 #: Most TLB entries of a thread :func:`_tlb_states` looks at.
 _TLB_SCAN = 64
 
@@ -312,12 +317,9 @@ class FeatureTracker:
             if self.tlb:
                 out.extend(fid("T", *x) for x in sorted(_tlb_states(k)))
         if spec.kind == "start" and faults:
-            code.append(fid("A", spec.op, ",".join(
-                f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid")),
-                *_arg_state(k, spec)))
+            code.append(fid("A", spec.op, spec_variant(spec), *_arg_state(k, spec)))
         if spec.kind == "start" and inter:
-            self._variant[spec.tid] = ",".join(
-                f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))
+            self._variant[spec.tid] = spec_variant(spec)
             nshared, _ = _shared_tables(k)
             out.append(fid("O", spec.op, min(nshared, 3)))
             if k.pins:
@@ -777,11 +779,6 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
 
 
 # ----------------------------------------------------------------------------- race pairs
-def spec_variant(spec: ActionSpec) -> str:
-    """An operation's variant: its arguments other than addresses (``fast=True,write=True``)."""
-    return ",".join(f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))
-
-
 def paused_tables(k: Kernel, tid: int) -> set[int]:
     """The page tables (pfns) thread ``tid``'s paused operation works on now.
 
@@ -801,17 +798,6 @@ def paused_tables(k: Kernel, tid: int) -> set[int]:
         return out
     return {mm.pmd[i].table.pfn for i in range_pmds(t.args, k.P, k.config.page_size)
             if i in mm.pmd}
-
-
-def range_pmds(args: dict[str, Any], ptrs_per_pte: int, page_size: int = 4096) -> range:
-    """PMD indices of an operation's address range (``addr``, ``length``; empty if none)."""
-    a = args.get("addr")
-    if not isinstance(a, int) or isinstance(a, bool):
-        return range(0)
-    n = args.get("length")
-    n = int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else page_size
-    return range((a // page_size) // ptrs_per_pte,
-                 ((a + n - 1) // page_size) // ptrs_per_pte + 1)
 
 
 def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
