@@ -58,8 +58,8 @@ AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-
           "greybox-triage", "greybox-race20-triage")
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
-#: from the scenario of the flaw it is measured on (held out, like PPO's folds); it may
-#: seed from the other scenarios. ``greybox-label`` is greybox with plain label coverage
+#: from the scenarios of the flaw it is measured on (:func:`flaw_scenarios`: held out,
+#: like PPO's folds); it may seed from the other scenarios. ``greybox-label`` is greybox with plain label coverage
 #: as feedback (the measurement behind the choice of interleaving feedback);
 #: ``greybox-noseed`` starts from an empty corpus (no scenario seeds at all).
 #: ``random-template`` / ``random-op`` / ``pct-template`` / ``pct-d10``: the uniform
@@ -110,20 +110,53 @@ def flaw_base(flaw: str) -> str:
     return load_scenario(ROOT / "scenarios" / "flaws" / f"{flaw}.yaml").config.base
 
 
-def flaw_signatures(flaw: str) -> list[str]:
-    """Signatures the flaw's own scenario reports with the flaw alone (sorted).
+def flaw_scenarios(flaw: str) -> list[Path]:
+    """Every scenario of ``scenarios/`` that demonstrates the flaw alone (sorted).
+
+    The flaw's own file (``scenarios/flaws/<flaw>.yaml``) and any other scenario whose
+    config enables this flaw and no other (e.g. ``tlb/table-free-no-deferral-stale-psc``,
+    the same flaw through the hardware walker instead of GUP-fast;
+    ``windows/pmd-clear-window-empty-offset``). These are the flaw's held-out set:
+    their signatures are its targets (:func:`flaw_signatures`) and none of them seeds
+    greybox's corpus in the flaw's runs.
 
     Raises:
         FileNotFoundError: the flaw has no scenario.
 
     """
+    from cowenv.scenario import load_scenario
+
+    own = ROOT / "scenarios" / "flaws" / f"{flaw}.yaml"
+    if not own.is_file():
+        raise FileNotFoundError(own)
+    out = [own]
+    for p in sorted((ROOT / "scenarios").rglob("*.yaml")):
+        if p == own or p.name.startswith("."):
+            continue
+        if list(load_scenario(p).config.flaws) == [flaw]:
+            out.append(p)
+    return out
+
+
+def flaw_signatures(flaw: str) -> list[str]:
+    """Signatures the flaw's scenarios report with the flaw alone and not on fixed (sorted).
+
+    The union over :func:`flaw_scenarios`: a flaw with two manifestations (GUP-fast and
+    the paging-structure cache for ``table-free-no-deferral``) is detected by either.
+    Each signature is one the scenario reports with the flaw alone on its base and not on
+    ``fixed``; a run's detection is then checked again on its own schedule
+    (:func:`attributable`).
+    """
     from cowenv.scenario import load_scenario, run_scenario
 
-    sc = load_scenario(ROOT / "scenarios" / "flaws" / f"{flaw}.yaml")
-    on = run_scenario(sc, "cowpte", [flaw])
-    off = run_scenario(sc, "fixed")
-    bad = {v.signature for v in off.violations}
-    return sorted({v.signature for v in on.violations if v.kind != "selftest"} - bad)
+    sigs: set[str] = set()
+    for p in flaw_scenarios(flaw):
+        sc = load_scenario(p)
+        on = run_scenario(sc, "cowpte", [flaw])
+        off = run_scenario(sc, "fixed")
+        bad = {v.signature for v in off.violations}
+        sigs |= {v.signature for v in on.violations if v.kind != "selftest"} - bad
+    return sorted(sigs)
 
 
 def env_kwargs(flaw: str) -> dict[str, Any]:
@@ -152,7 +185,7 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
     env = CowEnv(**env_kwargs(flaw))
     name, akw = AGENT_SPECS.get(agent, ("ppo" if agent.startswith("ppo-t") else agent, {}))
     if name == "greybox":
-        akw = {**akw, "seed_exclude": [flaw]}
+        akw = {**akw, "seed_exclude": [p.stem for p in flaw_scenarios(flaw)]}
     ag = ca.make_agent(name, model=model, **akw)
     tset = set(targets)
     t0 = time.perf_counter()
