@@ -59,9 +59,10 @@ AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenarios of the flaw it is measured on (:func:`flaw_scenarios`: held out,
-#: like PPO's folds); it may seed from the other scenarios. ``greybox-label`` is greybox with plain label coverage
-#: as feedback (the measurement behind the choice of interleaving feedback);
-#: ``greybox-noseed`` starts from an empty corpus (no scenario seeds at all).
+#: like PPO's folds); it may seed from the other scenarios. ``greybox-label`` is greybox
+#: with plain label coverage as feedback (the measurement behind the choice of
+#: interleaving feedback); ``greybox-noseed`` starts from an empty corpus (no scenario
+#: seeds at all).
 #: ``random-template`` / ``random-op`` / ``pct-template`` / ``pct-d10``: the uniform
 #: agents with their other ways of choosing an action (the measurement behind the
 #: defaults); ``ql-fine`` is QL as it was (fine states, Q over catalogue entries) and
@@ -111,52 +112,43 @@ def flaw_base(flaw: str) -> str:
 
 
 def flaw_scenarios(flaw: str) -> list[Path]:
-    """Every scenario of ``scenarios/`` that demonstrates the flaw alone (sorted).
+    """The flaw's held-out set: every scenario that configures this flaw alone.
 
-    The flaw's own file (``scenarios/flaws/<flaw>.yaml``) and any other scenario whose
-    config enables this flaw and no other (e.g. ``tlb/table-free-no-deferral-stale-psc``,
-    the same flaw through the hardware walker instead of GUP-fast;
-    ``windows/pmd-clear-window-empty-offset``). These are the flaw's held-out set:
-    their signatures are its targets (:func:`flaw_signatures`) and none of them seeds
-    greybox's corpus in the flaw's runs.
+    :func:`cowenv.campaign.flaw_scenarios`: ``scenarios/flaws/<flaw>.yaml`` and any other
+    scenario whose config enables this flaw and no other (e.g.
+    ``tlb/table-free-no-deferral-stale-psc``, the same flaw through the hardware walker
+    instead of GUP-fast; ``windows/pmd-clear-window-empty-offset``). Their signatures
+    are the flaw's targets (:func:`flaw_signatures`) and none of them seeds greybox's
+    corpus in the flaw's runs.
 
     Raises:
-        FileNotFoundError: the flaw has no scenario.
+        FileNotFoundError: the flaw has no scenario of its own.
 
     """
-    from cowenv.scenario import load_scenario
+    from cowenv.campaign import flaw_scenarios as scenarios_of
 
     own = ROOT / "scenarios" / "flaws" / f"{flaw}.yaml"
     if not own.is_file():
         raise FileNotFoundError(own)
-    out = [own]
-    for p in sorted((ROOT / "scenarios").rglob("*.yaml")):
-        if p == own or p.name.startswith("."):
-            continue
-        if list(load_scenario(p).config.flaws) == [flaw]:
-            out.append(p)
-    return out
+    return scenarios_of(flaw)
 
 
 def flaw_signatures(flaw: str) -> list[str]:
-    """Signatures the flaw's scenarios report with the flaw alone and not on fixed (sorted).
+    """The flaw's targets: what its scenarios report with it alone and not on fixed.
 
-    The union over :func:`flaw_scenarios`: a flaw with two manifestations (GUP-fast and
-    the paging-structure cache for ``table-free-no-deferral``) is detected by either.
-    Each signature is one the scenario reports with the flaw alone on its base and not on
-    ``fixed``; a run's detection is then checked again on its own schedule
-    (:func:`attributable`).
+    :func:`cowenv.campaign.flaw_harms` over :func:`flaw_scenarios` (sorted): a flaw with
+    two manifestations (GUP-fast and the paging-structure cache for
+    ``table-free-no-deferral``) is detected by either. A run's detection is then checked
+    again on its own schedule (:func:`attributable`).
+
+    Raises:
+        FileNotFoundError: the flaw has no scenario of its own.
+
     """
-    from cowenv.scenario import load_scenario, run_scenario
+    from cowenv.campaign import flaw_harms
 
-    sigs: set[str] = set()
-    for p in flaw_scenarios(flaw):
-        sc = load_scenario(p)
-        on = run_scenario(sc, "cowpte", [flaw])
-        off = run_scenario(sc, "fixed")
-        bad = {v.signature for v in off.violations}
-        sigs |= {v.signature for v in on.violations if v.kind != "selftest"} - bad
-    return sorted(sigs)
+    flaw_scenarios(flaw)
+    return sorted(flaw_harms(flaw))
 
 
 def env_kwargs(flaw: str) -> dict[str, Any]:

@@ -582,29 +582,47 @@ def confirm_flaws(data: dict[str, Any], signature: str, flaws: list[str]
 _HARMS: dict[str, frozenset[str]] = {}
 
 
+def flaw_scenarios(flaw: str) -> list[Path]:
+    """Every scenario of the repository's ``scenarios/`` configured with exactly ``flaw``.
+
+    ``scenarios/flaws/<flaw>.yaml`` and any other file whose config is variant ``cowpte``
+    with this flaw and no other (e.g. ``scenarios/tlb/``'s stale-PSC scenario of
+    ``table-free-no-deferral``), sorted by path; a file that does not load is left out.
+    Empty when the scenarios are not there (an installed package without the repository).
+    """
+    from .scenario import load_scenario
+
+    root = Path(__file__).resolve().parent.parent / "scenarios"
+    out: list[Path] = []
+    for path in sorted(root.rglob("*.yaml")) if root.is_dir() else []:
+        try:
+            sc = load_scenario(path)
+        except Exception:  # a scenario that does not load says nothing here
+            continue
+        if sc.config.variant == "cowpte" and list(sc.config.flaws) == [flaw]:
+            out.append(path)
+    return out
+
+
 def flaw_harms(flaw: str) -> frozenset[str]:
     """The violations ``flaw`` is known to cause: what its scenarios show with it alone.
 
-    Every scenario of the repository's ``scenarios/`` configured with exactly this flaw
-    (``scenarios/flaws/<flaw>.yaml`` and, e.g., ``scenarios/tlb/``'s) is run with the
-    flaw alone and on ``fixed``; the signatures of the first run that the second lacks
-    (simulator defects and scenario self-checks left out), as the bug-finding
-    benchmark's targets. Cached per process; empty when the scenarios are not there.
+    Every scenario of :func:`flaw_scenarios` is run with the flaw alone and on ``fixed``;
+    the signatures of the first run that the second lacks (simulator defects and
+    scenario self-checks left out), as the bug-finding benchmark's targets. Cached per
+    process; empty when the scenarios are not there.
     """
     if flaw in _HARMS:
         return _HARMS[flaw]
     from .scenario import load_scenario, run_scenario
 
     out: set[str] = set()
-    root = Path(__file__).resolve().parent.parent / "scenarios"
-    for path in sorted(root.rglob("*.yaml")) if root.is_dir() else []:
+    for path in flaw_scenarios(flaw):
         try:
             sc = load_scenario(path)
-            if sc.config.variant != "cowpte" or list(sc.config.flaws) != [flaw]:
-                continue
             on = run_scenario(sc, "cowpte", [flaw])
             off = run_scenario(sc, "fixed")
-        except Exception:  # a scenario that does not load or run says nothing here
+        except Exception:  # a scenario that does not run says nothing here
             continue
         bad = {v.signature for v in off.violations}
         out |= {v.signature for v in on.violations

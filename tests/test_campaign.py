@@ -270,6 +270,7 @@ def test_leave_one_out_counts_only_a_flaws_known_harm():
     from cowenv.campaign import confirm_flaws, flaw_harms
 
     assert "memory-safety@tlb_stale_table" in flaw_harms("table-free-no-deferral")
+    assert "memory-safety@gup_pte_range" in flaw_harms("table-free-no-deferral")
     assert "lock-discipline@handle_cow_pte_fault" not in flaw_harms("rmap-stale-table")
     d = yaml.safe_load(open(Path(__file__).parent / "data" / "leave-one-out-table-free.yaml"))
     found = confirm_flaws(d, "memory-safety@tlb_stale_table", ["table-free-no-deferral"])
@@ -277,3 +278,17 @@ def test_leave_one_out_counts_only_a_flaws_known_harm():
         ("table-free-no-deferral", "memory-safety@tlb_stale_table", "leave-one-out")]
     d = yaml.safe_load(open(Path(__file__).parent / "data" / "leave-one-out-path-change.yaml"))
     assert confirm_flaws(d, "lock-discipline@handle_cow_pte_fault", ["rmap-stale-table"]) == []
+
+
+def test_flaw_scenarios_are_the_files_configured_with_the_flaw_alone():
+    """A flaw's held-out set (bug-finding benchmark) is its own file plus any scenario
+    configured with that flaw and no other; a scenario of several flaws is not in it."""
+    from cowenv.campaign import flaw_scenarios
+
+    root = Path(__file__).resolve().parent.parent / "scenarios"
+    rel = [p.relative_to(root).as_posix() for p in flaw_scenarios("table-free-no-deferral")]
+    assert rel == ["flaws/table-free-no-deferral.yaml",
+                   "tlb/table-free-no-deferral-stale-psc.yaml"]
+    rel = [p.relative_to(root).as_posix() for p in flaw_scenarios("fork-ptl-nesting")]
+    assert rel == ["flaws/fork-ptl-nesting.yaml"]
+    assert flaw_scenarios("no-such-flaw") == []
