@@ -149,13 +149,18 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
             ``explore_max``.
         fault_contexts: Context-sensitive fault injection
             (:class:`cowenv_agents.greybox_faultctx.FaultContexts`): outside the seed
-            plays and race pairs, the first ``fault_contexts`` calls of user threads in
+            plays, the first ``fault_contexts`` calls of user threads in
             each *context* (operation, variant, state of the page it addresses:
             :func:`cowenv.greybox.call_context`) get their thread's ``fail_nth`` n
             armed right before them: n = 1 first, n + 1 next if the failure fired
             inside the call, else 1 again (syzkaller's ``failCall`` loop, one try per
             call in that context instead of one replay per try; FIFUZZ's calling
             contexts). 0 (default): off.
+        state_features: Page-table state coverage: the (PMD state, entry class) pairs
+            the page tables hold at each label are corpus features
+            (:func:`cowenv.greybox._pt_states`: a COW-shared table holding a
+            NUMA-hinting entry, a write-protected one holding a swap entry...). Off by
+            default.
 
     """
 
@@ -171,7 +176,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
                  race_len: int = 16, race_episodes: float = 0.2, fault_triage: bool = False,
                  triage_prob: float = 1.0, fault_features: bool | None = None,
                  cut_fault: float = 0.0, explore_max: float | None = None,
-                 explore_window: int = 40, fault_contexts: int = 0) -> None:
+                 explore_window: int = 40, fault_contexts: int = 0,
+                 state_features: bool = False) -> None:
         super().__init__()
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
@@ -218,7 +224,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
         self.tracker = FeatureTracker(
             feedback, tlb=tlb_features,
             faults=(fault_triage or explore_max is not None) if fault_features is None
-            else bool(fault_features))
+            else bool(fault_features), pt_states=state_features)
         self.fault_triage = bool(fault_triage)
         self.triage_prob = float(triage_prob)
         self.cut_fault = float(cut_fault)
@@ -470,7 +476,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
         a = self._next_planned(env, mask)
         if a is None:
             a = self._random(env, mask)
-        if self.fault_contexts and not self._race_phase and self._job is None \
+        if self.fault_contexts and self._job is None \
                 and self.episodes >= len(self._plans or ()):
             f = self._fc_arm(env, mask, a)
             if f is not None:
