@@ -68,7 +68,7 @@ from cowenv.kernel.memory import PG_allocated, PG_anon_exclusive
 from cowenv.kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
 
 from .base import CHOICES, Agent, KindChooser, uniform_legal
-from .greybox_faultctx import Context, FaultContexts
+from .greybox_faultctx import Call, Context, FaultContexts
 from .greybox_race import RacePairs
 from .greybox_triage import FaultTriage, _Job
 
@@ -149,13 +149,13 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
             ``explore_max``.
         fault_contexts: Context-sensitive fault injection
             (:class:`cowenv_agents.greybox_faultctx.FaultContexts`): outside the seed
-            plays, the first ``fault_contexts`` calls of user threads in
-            each *context* (operation, variant, state of the page it addresses:
+            plays, the first ``fault_contexts`` calls of user threads in each
+            *context* (operation, variant, state of the page it addresses:
             :func:`cowenv.greybox.call_context`) get their thread's ``fail_nth`` n
-            armed right before them: n = 1 first, n + 1 next if the failure fired
-            inside the call, else 1 again (syzkaller's ``failCall`` loop, one try per
-            call in that context instead of one replay per try; FIFUZZ's calling
-            contexts). 0 (default): off.
+            armed right before them: per template, n = 1 first, n + 1 next if the
+            failure fired inside the call, else 1 again (syzkaller's ``failCall``
+            loop, one try per call in that context instead of one replay per try;
+            FIFUZZ's calling contexts). 0 (default): off.
         state_features: Page-table state coverage: the (PMD state, entry class) pairs
             the page tables hold at each label are corpus features
             (:func:`cowenv.greybox._pt_states`: a COW-shared table holding a
@@ -246,11 +246,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
         if fault_contexts < 0:
             raise ValueError("fault_contexts: expected >= 0")
         self.fault_contexts = int(fault_contexts)
-        #: Call context -> tries so far; -> the fail_nth n its next try arms (absent: 1).
+        #: Call context -> tries so far; (context, template) -> the fail_nth n its
+        #: next try arms (absent: 1).
         self._fc_tries: dict[Context, int] = {}
-        self._fc_n: dict[Context, int] = {}
-        #: tid -> (context, n, call started, fault fired) of an armed try.
-        self._fc_pending: dict[int, tuple[Context, int, bool, bool]] = {}
+        self._fc_n: dict[Call, int] = {}
+        #: tid -> ((context, template), n, call started, fault fired) of an armed try.
+        self._fc_pending: dict[int, tuple[Call, int, bool, bool]] = {}
         self._fc_queued = -1  # the start to take after the try's fail_nth event
         self._fc_ev = 0
         self.fc_stats = {"armed": 0, "fired": 0}

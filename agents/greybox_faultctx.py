@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 #: A call context: (operation, variant, PMD state, PTE state) (:func:`call_context`).
 Context = tuple[str, str, str, str]
+#: A call: its context and its start template (catalogue index).
+Call = tuple[Context, int]
 
 
 class FaultContexts:
@@ -37,7 +39,10 @@ class FaultContexts:
         Armed when ``a`` is a user thread's start whose context has had fewer than
         ``fault_contexts`` tries (:attr:`_fc_tries`), no try of that thread is pending,
         and the thread has no fault armed already (the random part's ``fault_prob``).
-        The try's n is the context's :attr:`_fc_n` (1 at first).
+        The try's n is :attr:`_fc_n` of the call (the context with the template: the
+        same context's templates differ in what they allocate first, e.g. an
+        ``mprotect`` of part of a VMA splits it, and breaks the table there, before it
+        changes the entries; 1 at first).
         """
         ci = self._ci
         assert ci is not None
@@ -52,12 +57,12 @@ class FaultContexts:
         tries = self._fc_tries.get(ctx, 0)
         if tries >= self.fault_contexts:
             return None
-        n = self._fc_n.get(ctx, 1)
+        n = self._fc_n.get((ctx, a), 1)
         ev = next((e for e in fails if ci.catalogue[e].n == n), None)
         if ev is None or not mask[ev]:
             return None
         self._fc_tries[ctx] = tries + 1
-        self._fc_pending[sp.tid] = (ctx, n, False, False)
+        self._fc_pending[sp.tid] = ((ctx, a), n, False, False)
         self.fc_stats["armed"] += 1
         return ev
 
@@ -65,7 +70,7 @@ class FaultContexts:
         """After a step: follow each armed try to the end of its call.
 
         The try fired if the kernel's trace has an ``alloc_fail`` of the thread between
-        the call's start and its end; then the context's next try arms n + 1 (while the
+        the call's start and its end; then the call's next try arms n + 1 (while the
         catalogue has that n), else n = 1 again (the call made fewer than n allocations:
         syzkaller's loop stops there; the next call in this context may take another
         path, e.g. split a VMA first or not, so its allocations are counted afresh).

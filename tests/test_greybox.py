@@ -611,7 +611,7 @@ def test_fault_contexts_enumerate_n_per_call_context():
     assert ev.kind == "event" and ev.tid == 1 and ev.n == 1 and taken[1] == w
     fails = [e for e in h.kernel.events if e.kind == "event" and e.label == "alloc_fail"]
     assert fails and fails[0].tid == 1
-    assert ag._fc_tries[ctx] == 1 and ag._fc_n[ctx] == 2  # it fired: n + 1 next
+    assert ag._fc_tries[ctx] == 1 and ag._fc_n[(ctx, w)] == 2  # it fired: n + 1 next
     taken = _play_acts(h, ag, [w, run, run, run, run])
     assert ci.catalogue[taken[0]].n == 2 and ag._fc_tries[ctx] == 2
     # The context has had its K tries: the next call in it is not armed.
@@ -621,7 +621,7 @@ def test_fault_contexts_enumerate_n_per_call_context():
     p = ci.by_tid_op[(1, "prctl_cow_pte")][0]
     pctx = call_context(k, ci.catalogue[p])
     _play_acts(h, ag, [p, run, run])
-    assert ag._fc_tries[pctx] == 1 and ag._fc_n[pctx] == 1
+    assert ag._fc_tries[pctx] == 1 and ag._fc_n[(pctx, p)] == 1
     # Off (0) by default, and during the seed plays: nothing armed.
     h2, ag2 = _fc_agent()
     assert _play_acts(h2, ag2, [w, run])[0] == w and not ag2._fc_tries
