@@ -149,13 +149,13 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
             ``explore_max``.
         fault_contexts: Context-sensitive fault injection
             (:class:`cowenv_agents.greybox_faultctx.FaultContexts`): outside the seed
-            plays, the first ``fault_contexts`` calls of user threads in each
-            *context* (operation, variant, state of the page it addresses:
-            :func:`cowenv.greybox.call_context`) get their thread's ``fail_nth`` n
-            armed right before them: per template, n = 1 first, n + 1 next if the
-            failure fired inside the call, else 1 again (syzkaller's ``failCall``
-            loop, one try per call in that context instead of one replay per try;
-            FIFUZZ's calling contexts). 0 (default): off.
+            plays and the second calls of race pairs, the first ``fault_contexts``
+            calls of user threads in each *context* (operation, variant, state of the
+            page it addresses: :func:`cowenv.greybox.call_context`) get their thread's
+            ``fail_nth`` n armed right before them: per template, n = 1 first, n + 1
+            next if the failure fired inside the call, else 1 again (syzkaller's
+            ``failCall`` loop, one try per call in that context instead of one replay
+            per try; FIFUZZ's calling contexts). 0 (default): off.
         state_features: Page-table state coverage: the (PMD state, entry class) pairs
             the page tables hold at each label are corpus features
             (:func:`cowenv.greybox._pt_states`: a COW-shared table holding a
@@ -477,7 +477,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
         a = self._next_planned(env, mask)
         if a is None:
             a = self._random(env, mask)
-        if self.fault_contexts and self._job is None \
+        # Not on a race pair's second call (phase 2 of RacePairs._race): the racing
+        # call failing early tests no race (measured: gup-fast-fork-race 8/8 -> 6/8).
+        if self.fault_contexts and self._job is None and self._race_phase != 2 \
                 and self.episodes >= len(self._plans or ()):
             f = self._fc_arm(env, mask, a)
             if f is not None:
