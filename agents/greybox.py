@@ -156,11 +156,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
             next if the failure fired inside the call, else 1 again (syzkaller's
             ``failCall`` loop, one try per call in that context instead of one replay
             per try; FIFUZZ's calling contexts). 0 (default): off.
-        state_features: Page-table state coverage: the (PMD state, entry class) pairs
-            the page tables hold at each label are corpus features
-            (:func:`cowenv.greybox._pt_states`: a COW-shared table holding a
-            NUMA-hinting entry, a write-protected one holding a swap entry...). Off by
-            default.
 
     """
 
@@ -176,8 +171,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
                  race_len: int = 16, race_episodes: float = 0.2, fault_triage: bool = False,
                  triage_prob: float = 1.0, fault_features: bool | None = None,
                  cut_fault: float = 0.0, explore_max: float | None = None,
-                 explore_window: int = 40, fault_contexts: int = 0,
-                 state_features: bool = False) -> None:
+                 explore_window: int = 40, fault_contexts: int = 0) -> None:
         super().__init__()
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
@@ -224,7 +218,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
         self.tracker = FeatureTracker(
             feedback, tlb=tlb_features,
             faults=(fault_triage or explore_max is not None) if fault_features is None
-            else bool(fault_features), pt_states=state_features)
+            else bool(fault_features))
         self.fault_triage = bool(fault_triage)
         self.triage_prob = float(triage_prob)
         self.cut_fault = float(cut_fault)

@@ -58,15 +58,7 @@ import numpy as np
 from .catalogue import ActionSpec, range_pmds
 from .kernel import KSWAPD_TID, Kernel
 from .kernel.memory import PG_allocated, PG_anon_exclusive
-from .kernel.mm import VM_READ, VM_WRITE
-from .kernel.pgtable import (
-    PFN_SHIFT,
-    PTE_MIGRATION,
-    PTE_PRESENT,
-    PTE_SWAP,
-    PTE_USER,
-    PTE_WRITE,
-)
+from .kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
 
 FEEDBACKS = ("label", "interleaving")
 #: ``recorded`` keys of a corpus file.
@@ -130,47 +122,6 @@ def _shared_tables(k: Kernel) -> tuple[int, dict[int, set[int]]]:
                 n += 1
         tables[p.pid] = s
     return n, tables
-
-
-def _pt_states(k: Kernel) -> set[tuple[str, str]]:
-    """The (PMD state, entry class) pairs the live processes' page tables hold now.
-
-    The PMD state as :func:`_arg_state` (``private``, ``shared``: write-protected and
-    referenced more than once, ``wp``: write-protected, one reference left); the entry
-    class is the handler a fault on that entry runs in ``handle_pte_fault`` (6.2):
-    ``none`` (``do_anonymous_page``/``do_fault``), ``swap`` (``do_swap_page``),
-    ``migration`` (``migration_entry_wait``), ``numa`` (``pte_protnone`` in an accessible
-    VMA: ``do_numa_page``), ``protnone`` (in a ``PROT_NONE`` VMA: the access faults out
-    before), ``present`` (``do_wp_page`` or a spurious fault). Page-table state
-    coverage (IJON's point: feedback on the state a program is in, not only on the code
-    it ran): a pair reached for the first time is a corpus feature, so the corpus keeps
-    the schedule that made, say, a COW-shared table hold a NUMA-hinting entry, and its
-    children go on from there.
-    """
-    out: set[tuple[str, str]] = set()
-    P = k.config.ptrs_per_pte
-    for p in k.live_procs():
-        mm = p.mm
-        for idx, e in mm.pmd.items():
-            st = "private" if e.write else ("shared" if e.table.refcount > 1 else "wp")
-            ent = e.table.entries
-            pres = (ent & PTE_PRESENT) != 0
-            if not pres.all():
-                if (ent == 0).any():
-                    out.add((st, "none"))
-                if ((ent & PTE_MIGRATION) != 0).any():
-                    out.add((st, "migration"))
-                if (((ent & PTE_SWAP) != 0) & ~pres).any():
-                    out.add((st, "swap"))
-            pn = pres & ((ent & PTE_USER) == 0)
-            if (pres & ~pn).any():
-                out.add((st, "present"))
-            if pn.any():
-                for j in pn.nonzero()[0]:
-                    v = mm.find_vma(idx * P + int(j))
-                    acc = v is not None and bool(v.flags & (VM_READ | VM_WRITE))
-                    out.add((st, "numa" if acc else "protnone"))
-    return out
 
 
 def _tlb_states(k: Kernel) -> set[tuple[str, str, int]]:
@@ -284,19 +235,16 @@ class FeatureTracker:
         tlb: With ``interleaving``, also the TLB staleness features (:func:`_tlb_states`).
         faults: Also the code features (:attr:`code`: call argument states, injected
             allocation failures).
-        pt_states: With ``interleaving``, also the page-table state features at each
-            label (:func:`_pt_states`).
 
     """
 
     def __init__(self, feedback: str = "interleaving", tlb: bool = True,
-                 faults: bool = False, pt_states: bool = False) -> None:
+                 faults: bool = False) -> None:
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback: expected one of {', '.join(FEEDBACKS)}")
         self.feedback = feedback
         self.tlb = bool(tlb)
         self.faults = bool(faults)
-        self.pt_states = bool(pt_states)
         #: The *code* features of the last step (with ``faults``; :meth:`step`): a
         #: call's argument state and injected allocation failures.
         self.code: list[int] = []
@@ -381,8 +329,6 @@ class FeatureTracker:
                 out.extend(fid("G", *g) for g in _pin_states(k))
             if self.tlb:
                 out.extend(fid("T", *x) for x in sorted(_tlb_states(k)))
-            if self.pt_states:
-                out.extend(fid("Q", *x) for x in sorted(_pt_states(k)))
         if spec.kind == "start" and faults:
             code.append(fid("A", spec.op, spec_variant(spec), *_arg_state(k, spec)))
         if spec.kind == "start" and inter:

@@ -626,32 +626,3 @@ def test_fault_contexts_enumerate_n_per_call_context():
     h2, ag2 = _fc_agent()
     assert _play_acts(h2, ag2, [w, run])[0] == w and not ag2._fc_tries
 
-
-def test_page_table_state_features_see_a_numa_entry_in_a_shared_table():
-    """_pt_states: (PMD state, fault-handler class) pairs; a NUMA-hinting entry is not
-    a PROT_NONE one."""
-    from cowenv.greybox import _pt_states
-    from cowenv.kernel import make_kernel
-    from cowenv.kernel.config import KernelConfig
-
-    a = 0x100000
-    k = make_kernel(KernelConfig.from_preset("fixed", ptrs_per_pte=8, nr_frames=64,
-                                             nr_swap_slots=0))
-    k.do(1, "mmap", addr=a, length=8 * 4096)
-    k.do(1, "write", addr=a)
-    assert _pt_states(k) == {("private", "present"), ("private", "none")}
-    k.do(1, "prctl_cow_pte")
-    k.do(1, "clone")  # change_prot_numa needs mm_users > 1
-    assert k.do(1, "numa_hint", addr=a, length=8 * 4096) >= 1
-    assert ("private", "numa") in _pt_states(k)
-    assert k.do(1, "fork") > 0
-    st = _pt_states(k)
-    assert ("shared", "numa") in st and ("private", "numa") not in st
-    k.do(1, "mprotect", addr=a, length=8 * 4096, prot="none")
-    # The parent's broken-off copy is in a PROT_NONE VMA now; the child's table (one
-    # reference left) still holds NUMA-hinting entries.
-    assert _pt_states(k) == {("private", "protnone"), ("private", "none"), ("wp", "numa"),
-                             ("wp", "none")}
-    tr = FeatureTracker("interleaving", pt_states=True)
-    off = FeatureTracker("interleaving")
-    assert tr.pt_states and not off.pt_states
