@@ -149,7 +149,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
             ``explore_max``.
         fault_contexts: Context-sensitive fault injection
             (:class:`cowenv_agents.greybox_faultctx.FaultContexts`): outside the seed
-            plays and the second calls of race pairs, the first ``fault_contexts``
+            plays and the calls of race pairs, the first ``fault_contexts``
             calls of user threads in each *context* (operation, variant, state of the
             page it addresses: :func:`cowenv.greybox.call_context`) get their thread's
             ``fail_nth`` n armed right before them: per template, n = 1 first, n + 1
@@ -471,9 +471,10 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
         a = self._next_planned(env, mask)
         if a is None:
             a = self._random(env, mask)
-        # Not on a race pair's second call (phase 2 of RacePairs._race): the racing
-        # call failing early tests no race (measured: gup-fast-fork-race 8/8 -> 6/8).
-        if self.fault_contexts and self._job is None and self._race_phase != 2 \
+        # Not on a race pair's calls (RacePairs._race sets _race_phase when it chose
+        # one): a call failing early tests no race (README "Greybox", measured on
+        # gup-fast-fork-race).
+        if self.fault_contexts and self._job is None and not self._race_phase \
                 and self.episodes >= len(self._plans or ()):
             f = self._fc_arm(env, mask, a)
             if f is not None:
