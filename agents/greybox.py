@@ -68,6 +68,7 @@ from cowenv.kernel.memory import PG_allocated, PG_anon_exclusive
 from cowenv.kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
 
 from .base import CHOICES, Agent, KindChooser, uniform_legal
+from .greybox_faultctx import Call, Context, FaultContexts
 from .greybox_race import RacePairs
 from .greybox_triage import FaultTriage, _Job
 
@@ -80,7 +81,7 @@ CORPUS_DIR = "greybox"
 _PLAN_STEP_LIMIT = 64  # runs spent on one "until"/"finish" plan item at most
 
 
-class GreyboxAgent(RacePairs, FaultTriage, Agent):
+class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
     """Coverage-guided schedule fuzzing (see the module docstring).
 
     Args:
@@ -146,6 +147,15 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
             reaches a new code feature; None (default) keeps ``explore`` fixed.
         explore_window: Episodes without a new code feature at which the rate reaches
             ``explore_max``.
+        fault_contexts: Context-sensitive fault injection
+            (:class:`cowenv_agents.greybox_faultctx.FaultContexts`): outside the seed
+            plays and the calls of race pairs, the first ``fault_contexts``
+            calls of user threads in each *context* (operation, variant, state of the
+            page it addresses: :func:`cowenv.greybox.call_context`) get their thread's
+            ``fail_nth`` n armed right before them: per template, n = 1 first, n + 1
+            next if the failure fired inside the call, else 1 again (syzkaller's
+            ``failCall`` loop, one try per call in that context instead of one replay
+            per try; FIFUZZ's calling contexts). 0 (default): off.
 
     """
 
@@ -161,7 +171,7 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
                  race_len: int = 16, race_episodes: float = 0.2, fault_triage: bool = False,
                  triage_prob: float = 1.0, fault_features: bool | None = None,
                  cut_fault: float = 0.0, explore_max: float | None = None,
-                 explore_window: int = 40) -> None:
+                 explore_window: int = 40, fault_contexts: int = 0) -> None:
         super().__init__()
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
@@ -227,6 +237,18 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
         self._ep_code: set[int] = set()  # code features this episode reached
         self._last_code = -1  # index in _taken of the last step that reached new code
         self.triage_stats = {"jobs": 0, "fired": 0}
+        if fault_contexts < 0:
+            raise ValueError("fault_contexts: expected >= 0")
+        self.fault_contexts = int(fault_contexts)
+        #: Call context -> tries so far; (context, template) -> the fail_nth n its
+        #: next try arms (absent: 1).
+        self._fc_tries: dict[Context, int] = {}
+        self._fc_n: dict[Call, int] = {}
+        #: tid -> ((context, template), n, call started, fault fired) of an armed try.
+        self._fc_pending: dict[int, tuple[Call, int, bool, bool]] = {}
+        self._fc_queued = -1  # the start to take after the try's fail_nth event
+        self._fc_ev = 0
+        self.fc_stats = {"armed": 0, "fired": 0}
         self._triage_next: _Job | None = None
         #: Whether the triage bookkeeping runs (any of its three options set).
         self._triage_on = self.fault_triage or self.cut_fault > 0 or explore_max is not None
@@ -373,6 +395,7 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
         self._job, self._job_state, self._job_fired = None, 0, False
         self._call_of, self._novel_calls, self._ep_code = {}, {}, set()
         self._last_code = -1
+        self._fc_pending, self._fc_queued = {}, -1
         if self.episodes < len(self._plans):
             self._from_plan, plan = self._plans[self.episodes]
             self._plan = list(plan)
@@ -403,7 +426,7 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
         elif self.corpus.entries and rng.random() >= self.explore:
             self._parent_child(env, rng)
         self._feats.update(self.tracker.reset(env.kernel))
-        self._ev_pos = len(env.kernel.events)
+        self._ev_pos = self._fc_ev = len(env.kernel.events)
 
     def explore_rate(self) -> float:
         """Probability of a purely random episode now.
@@ -441,9 +464,21 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
                                     max_len=env.max_steps, kinds=self.mutations)
 
     def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
+        q, self._fc_queued = self._fc_queued, -1
+        if 0 <= q < len(mask) and mask[q]:
+            self._taken.append(q)
+            return q
         a = self._next_planned(env, mask)
         if a is None:
             a = self._random(env, mask)
+        # Not on a race pair's calls (RacePairs._race sets _race_phase when it chose
+        # one): a call failing early tests no race (README "Greybox", measured on
+        # gup-fast-fork-race).
+        if self.fault_contexts and self._job is None and not self._race_phase \
+                and self.episodes >= len(self._plans or ()):
+            f = self._fc_arm(env, mask, a)
+            if f is not None:
+                self._fc_queued, a = a, f
         self._taken.append(a)
         return a
 
@@ -842,6 +877,8 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
                     self._last_new = n
         if self._triage_on:
             self._triage_observe(env, sp)
+        if self.fault_contexts:
+            self._fc_observe(env, sp)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1

@@ -55,7 +55,7 @@ AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-
           "ql", "ql-fine", "ql-fine-kind",
           "ppo", "greybox", "greybox-label", "greybox-noseed", "greybox-thread",
           "greybox-explore30", "greybox-race", "greybox-race20", "greybox-norace",
-          "greybox-triage", "greybox-race20-triage")
+          "greybox-triage", "greybox-race20-triage", "greybox-faultctx", "greybox-faultctx1")
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenarios of the flaw it is measured on (:func:`flaw_scenarios`: held out,
@@ -87,6 +87,8 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-triage": ("greybox", {"fault_triage": True, "explore_max": 0.4}),
     "greybox-race20-triage": ("greybox", {"race_episodes": 0.2, "fault_triage": True,
                                           "explore_max": 0.4}),
+    "greybox-faultctx": ("greybox", {"fault_contexts": 4}),
+    "greybox-faultctx1": ("greybox", {"fault_contexts": 1}),
 }
 FOLDS = 3
 BASE_ENV: dict[str, Any] = {"geometry": "small", "terminate_on_violation": False}

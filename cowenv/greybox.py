@@ -207,6 +207,17 @@ def _arg_state(k: Kernel, spec: ActionSpec) -> tuple[str, str]:
     return ("shared" if e.table.refcount > 1 else "wp"), st
 
 
+def call_context(k: Kernel, spec: ActionSpec) -> tuple[str, str, str, str]:
+    """A starting call's context: ``(operation, variant, PMD state, PTE state)``.
+
+    The operation with its arguments other than addresses (:func:`spec_variant`) and the
+    state of the page it addresses (:func:`_arg_state`): what the fault triage's code
+    feature ``A`` hashes, and the unit the agent's context-sensitive fault injection
+    tries (``fault_contexts``).
+    """
+    return (spec.op, spec_variant(spec), *_arg_state(k, spec))
+
+
 def spec_variant(spec: ActionSpec) -> str:
     """An operation's variant: its arguments other than addresses (``fast=True,write=True``)."""
     return ",".join(f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))
@@ -222,6 +233,8 @@ class FeatureTracker:
     Args:
         feedback: One of :data:`FEEDBACKS`.
         tlb: With ``interleaving``, also the TLB staleness features (:func:`_tlb_states`).
+        faults: Also the code features (:attr:`code`: call argument states, injected
+            allocation failures).
 
     """
 
@@ -935,6 +948,6 @@ def scenario_files(paths: list[str | Path], exclude: list[str] | None = None) ->
 __all__ = ["FEEDBACKS", "MAX_CUTS", "DEFAULT_MUTATIONS", "MUTATIONS", "REC_CUTS", "USE_OPS",
            "WHOLE_VMA",
            "CatalogueIndex", "Corpus", "CorpusEntry",
-           "FeatureTracker", "catalogue_digest", "entry_class", "fid", "mutate",
+           "FeatureTracker", "call_context", "catalogue_digest", "entry_class", "fid", "mutate",
            "paused_tables", "race_candidates", "range_pmds", "scenario_files", "seed_plan",
            "spec_variant"]

@@ -566,3 +566,63 @@ def test_adaptive_explore_rises_while_no_new_code_is_found():
         ca.make_agent("greybox", explore=0.3, explore_max=0.2)
     with pytest.raises(ValueError, match="explore_window"):
         ca.make_agent("greybox", explore_max=0.5, explore_window=0)
+
+
+def _fc_agent(**kw):
+    h = Harness(**SMALL_KW, terminate_on_violation=False)
+    ag = ca.make_agent("greybox", seeds=[], explore=1.0, race_episodes=0.0, **kw)
+    h.reset(0)
+    ag.begin_episode(h, np.random.default_rng(0))  # builds the catalogue index
+    ag.end_episode(h)
+    return h, ag
+
+
+def _play_acts(h, ag, acts):
+    """One episode whose agent is asked for an action before each of ``acts``."""
+    h.reset(0)
+    ag.begin_episode(h, np.random.default_rng(1))
+    taken = []
+    for a in acts:
+        ag._child, ag._ci_pos = [a], 0
+        for _ in range(2):  # the try's fail_nth event first, then the start
+            act = ag.act(h, None, h.mask)
+            taken.append(act)
+            h.step(act)
+            ag.observe(h, act, None, 0.0, False, False, {})
+            if act == a:
+                break
+    ag.end_episode(h)
+    return taken
+
+
+def test_fault_contexts_enumerate_n_per_call_context():
+    """fault_contexts=K: the first K calls of a context get fail_nth 1, 2, ... armed."""
+    from cowenv.greybox import call_context
+
+    h, ag = _fc_agent(fault_contexts=2)
+    ci = ag._ci
+    k = h.kernel
+    w = next(i for i in ci.by_tid_op[(1, "write")]
+             if call_context(k, ci.catalogue[i])[2:] == ("private", "none"))
+    ctx = call_context(k, ci.catalogue[w])
+    run = ci.run[1]
+    taken = _play_acts(h, ag, [w, run, run, run, run])
+    ev = ci.catalogue[taken[0]]
+    assert ev.kind == "event" and ev.tid == 1 and ev.n == 1 and taken[1] == w
+    fails = [e for e in h.kernel.events if e.kind == "event" and e.label == "alloc_fail"]
+    assert fails and fails[0].tid == 1
+    assert ag._fc_tries[ctx] == 1 and ag._fc_n[(ctx, w)] == 2  # it fired: n + 1 next
+    taken = _play_acts(h, ag, [w, run, run, run, run])
+    assert ci.catalogue[taken[0]].n == 2 and ag._fc_tries[ctx] == 2
+    # The context has had its K tries: the next call in it is not armed.
+    taken = _play_acts(h, ag, [w, run])
+    assert taken[0] == w
+    # A call that allocates nothing: the try does not fire, the next one arms n = 1.
+    p = ci.by_tid_op[(1, "prctl_cow_pte")][0]
+    pctx = call_context(k, ci.catalogue[p])
+    _play_acts(h, ag, [p, run, run])
+    assert ag._fc_tries[pctx] == 1 and ag._fc_n[(pctx, p)] == 1
+    # Off (0) by default, and during the seed plays: nothing armed.
+    h2, ag2 = _fc_agent()
+    assert _play_acts(h2, ag2, [w, run])[0] == w and not ag2._fc_tries
+

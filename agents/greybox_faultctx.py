@@ -1,0 +1,108 @@
+"""Context-sensitive fault injection of the greybox agent (``fault_contexts`` option).
+
+Each *call context* -- an operation with its variant and the state of the page it
+addresses (:func:`cowenv.greybox.call_context`) -- has its allocations failed one after
+another, ``fail_nth`` n = 1, 2, ... while the failure fires inside the call, on the
+first ``fault_contexts`` calls made in that context outside the seed plays. syzkaller's ``failCall``
+loop (README "Greybox"), paid for online: the n-th try is armed on the context's next
+call instead of on a replay of the program, so it costs no episode; and the unit of
+"tried" is the calling context, as in FIFUZZ (Jiang et al., "Fuzzing Error Handling
+Code using Context-Sensitive Software Fault Injection", USENIX Security 2020), which
+fails an allocation site again in each calling context it has not yet been failed in.
+A mixin: the methods use the agent's ``_fc*`` state, set up in
+:meth:`cowenv_agents.GreyboxAgent.__init__`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cowenv.greybox import call_context
+
+if TYPE_CHECKING:
+    from cowenv.env import CowEnv
+
+#: A call context: (operation, variant, PMD state, PTE state) (:func:`call_context`).
+Context = tuple[str, str, str, str]
+#: A call: its context and its start template (catalogue index).
+Call = tuple[Context, int]
+
+
+class FaultContexts:
+    """Context-sensitive fault injection methods of :class:`cowenv_agents.GreyboxAgent`."""
+
+    def _fc_arm(self, env: CowEnv, mask: np.ndarray, a: int) -> int | None:
+        """The ``fail_nth`` event to take before start ``a``, or None.
+
+        Armed when ``a`` is a user thread's start whose context has had fewer than
+        ``fault_contexts`` tries (:attr:`_fc_tries`), no try of that thread is pending,
+        and the thread has no fault armed already (the random part's ``fault_prob``).
+        The try's n is :attr:`_fc_n` of the call (the context with the template: the
+        same context's templates differ in what they allocate first, e.g. an
+        ``mprotect`` of part of a VMA splits it, and breaks the table there, before it
+        changes the entries; 1 at first).
+        """
+        ci = self._ci
+        assert ci is not None
+        sp = ci.catalogue[a]
+        if sp.kind != "start" or sp.tid in self._fc_pending:
+            return None
+        fails = ci.fail_of.get(sp.tid)
+        t = env.kernel.threads.get(sp.tid)
+        if not fails or t is None or t.fail_nth_next:
+            return None
+        ctx = call_context(env.kernel, sp)
+        tries = self._fc_tries.get(ctx, 0)
+        if tries >= self.fault_contexts:
+            return None
+        n = self._fc_n.get((ctx, a), 1)
+        ev = next((e for e in fails if ci.catalogue[e].n == n), None)
+        if ev is None or not mask[ev]:
+            return None
+        self._fc_tries[ctx] = tries + 1
+        self._fc_pending[sp.tid] = ((ctx, a), n, False, False)
+        self.fc_stats["armed"] += 1
+        return ev
+
+    def _fc_observe(self, env: CowEnv, sp: Any) -> None:
+        """After a step: follow each armed try to the end of its call.
+
+        The try fired if the kernel's trace has an ``alloc_fail`` of the thread between
+        the call's start and its end; then the call's next try arms n + 1 (while the
+        catalogue has that n), else n = 1 again (the call made fewer than n allocations:
+        syzkaller's loop stops there; the next call in this context may take another
+        path, e.g. split a VMA first or not, so its allocations are counted afresh).
+        """
+        pend = self._fc_pending
+        if not pend:
+            self._fc_ev = len(env.kernel.events)
+            return
+        k = env.kernel
+        ev = k.events
+        new = ev[self._fc_ev:]
+        self._fc_ev = len(ev)
+        if sp.kind == "start" and sp.tid in pend:
+            ctx, n, _s, fired = pend[sp.tid]
+            pend[sp.tid] = (ctx, n, True, fired)
+        for tid in sorted(pend):
+            ctx, n, started, fired = pend[tid]
+            if not started:
+                continue
+            if not fired and any(e.tid == tid and e.kind == "event" and e.label == "alloc_fail"
+                                 for e in new):
+                fired = True
+                pend[tid] = (ctx, n, started, fired)
+            t = k.threads.get(tid)
+            if t is not None and t.gen is not None and not t.exited:
+                continue
+            del pend[tid]
+            n_next = 1
+            if fired:
+                self.fc_stats["fired"] += 1
+                ci = self._ci
+                assert ci is not None
+                if any(ci.catalogue[e].n == n + 1 for e in ci.fail_of.get(tid, ())):
+                    n_next = n + 1
+            self._fc_n[ctx] = n_next
