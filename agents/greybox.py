@@ -70,6 +70,7 @@ from cowenv.kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
 from .base import CHOICES, Agent, KindChooser, uniform_legal
 from .greybox_race import RacePairs
 from .greybox_triage import FaultTriage, _Job
+from .greybox_window import WindowStage
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -80,7 +81,7 @@ CORPUS_DIR = "greybox"
 _PLAN_STEP_LIMIT = 64  # runs spent on one "until"/"finish" plan item at most
 
 
-class GreyboxAgent(RacePairs, FaultTriage, Agent):
+class GreyboxAgent(RacePairs, FaultTriage, WindowStage, Agent):
     """Coverage-guided schedule fuzzing (see the module docstring).
 
     Args:
@@ -146,6 +147,15 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
             reaches a new code feature; None (default) keeps ``explore`` fixed.
         explore_window: Episodes without a new code feature at which the rate reaches
             ``explore_max``.
+        window_prob: Systematic windows (:mod:`cowenv_agents.greybox_window`): the
+            probability that an operation working inside a page table shared between
+            mms, started at a quiescent point by a thread with a sibling, has the
+            window of operations around it searched (CHESS from the cut before it); a
+            violation the search shows is played as the next episode. 0 (default): off.
+        window_bound: Preemption bound of a window's search.
+        window_cap: Most transitions one window's search executes (each counts as a
+            step: ``offline_steps``).
+        window_uses: Accesses to the shared table by the sibling thread in a window.
 
     """
 
@@ -161,8 +171,10 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
                  race_len: int = 16, race_episodes: float = 0.2, fault_triage: bool = False,
                  triage_prob: float = 1.0, fault_features: bool | None = None,
                  cut_fault: float = 0.0, explore_max: float | None = None,
-                 explore_window: int = 40) -> None:
+                 explore_window: int = 40, window_prob: float = 0.0, window_bound: int = 1,
+                 window_cap: int = 2000, window_uses: int = 2) -> None:
         super().__init__()
+        self._window_init(window_prob, window_bound, window_cap, window_uses)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)
@@ -373,7 +385,13 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
         self._job, self._job_state, self._job_fired = None, 0, False
         self._call_of, self._novel_calls, self._ep_code = {}, {}, set()
         self._last_code = -1
-        if self.episodes < len(self._plans):
+        self._win_cut = {}
+        if self._win_next is not None:
+            # A violation a systematic window showed, played as an episode (its actions
+            # up to the window's cut, then the window's schedule).
+            self._child, self._win_next = self._win_next, None
+            self.window_stats["played"] += 1
+        elif self.episodes < len(self._plans):
             self._from_plan, plan = self._plans[self.episodes]
             self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
@@ -444,6 +462,8 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
         a = self._next_planned(env, mask)
         if a is None:
             a = self._random(env, mask)
+        if self.window_prob and 0 <= a < len(mask) and mask[a]:
+            self._window_note_start(env, a)
         self._taken.append(a)
         return a
 
@@ -842,9 +862,13 @@ class GreyboxAgent(RacePairs, FaultTriage, Agent):
                     self._last_new = n
         if self._triage_on:
             self._triage_observe(env, sp)
+        if self.window_prob:
+            self._window_observe(env, sp)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1
+        if self.window_prob:
+            self._win_sigs.update(env.kernel.signatures)
         if self._triage_on:
             self._stale = 0 if self._ep_code - self._code_seen else self._stale + 1
             self._triage_finish()

@@ -87,6 +87,8 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-triage": ("greybox", {"fault_triage": True, "explore_max": 0.4}),
     "greybox-race20-triage": ("greybox", {"race_episodes": 0.2, "fault_triage": True,
                                           "explore_max": 0.4}),
+    "greybox-window": ("greybox", {"window_prob": 1.0}),
+    "greybox-window30": ("greybox", {"window_prob": 0.3}),
 }
 FOLDS = 3
 BASE_ENV: dict[str, Any] = {"geometry": "small", "terminate_on_violation": False}
@@ -184,6 +186,9 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
     steps = episodes = 0
     found: dict[str, Any] | None = None
     unattributed: dict[str, int] = {}
+    # Steps an agent executes outside the env (greybox's systematic windows search from
+    # a state of the episode with their own kernel copy) count like env steps.
+    offline0 = getattr(ag, "offline_steps", 0)
     while steps < budget and found is None:
         rng, reset_seed = ca.episode_rng(seed, fi, episodes)
         base = steps
@@ -193,16 +198,21 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
             sig = v["signature"]
             if sig not in tset or v["kind"] == "simulator":
                 return False
+            step = base + i + getattr(ag, "offline_steps", 0) - offline0
+            if step > budget:
+                return False
             if not attributable(env, sig):
                 unattributed[sig] = unattributed.get(sig, 0) + 1
                 return False
-            found = {"step": base + i, "signature": sig,
+            found = {"step": step, "signature": sig,
                      "seconds": time.perf_counter() - t0}
             return True
 
         res = ca.run_episode(env, ag, rng, reset_seed, max_actions=budget - steps,
                              on_violation=hook, teardown=TEARDOWN)
-        steps += res.steps
+        off = getattr(ag, "offline_steps", 0)
+        steps += res.steps + off - offline0
+        offline0 = off
         episodes += 1
     return {"flaw": flaw, "agent": agent, "seed": seed, "found": found is not None,
             "steps": found["step"] if found else None,
