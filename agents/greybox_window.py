@@ -16,9 +16,10 @@ schedule of a small *window* of operations:
 
 * ``u``: *A* itself (its catalogue template, as the episode started it);
 * one other live thread of ``u``'s process: ``window_uses`` accesses to the shared
-  table (its ``read``/``write``/``pin`` templates whose address falls in that PMD, the
-  kind by the agent's kind weights, :data:`cowenv_agents.base.KIND_WEIGHTS`): the uses
-  that show a stale view of the table (a paging-structure cache, a GUP-fast walk);
+  table (distinct ``read``/``pin`` templates of pages the table maps at the cut, the
+  kind by the agent's kind weights, :data:`cowenv_agents.base.KIND_WEIGHTS`): the
+  observers that show a stale view of the table (a paging-structure cache, a GUP-fast
+  walk) without changing it (:data:`WINDOW_USES`);
 * one thread of one other process whose mm maps the same table: a release of it, the
   process's ``exit`` or a ``munmap`` over that PMD (uniformly among them): the other
   holder dropping its reference. Use-after-free races need a free and a use; KRace
@@ -44,6 +45,7 @@ from cowenv.explore import OpItem, Run, explore, state_fingerprint
 from cowenv.greybox import paused_tables
 from cowenv.harness import Harness
 from cowenv.kernel import KSWAPD_TID
+from cowenv.kernel.pgtable import PTE_PRESENT
 
 from .base import KIND_WEIGHTS
 
@@ -51,8 +53,9 @@ if TYPE_CHECKING:
     from cowenv.env import CowEnv
 
 #: The accesses a window's sibling thread makes to the shared table: the operations that
-#: walk it without writing it (a load; a pin, whose GUP-fast walk is lockless). A store
-#: would break the COW sharing first, a mutation of its own, not an observation.
+#: walk it without writing it (a load; a pin, whose GUP-fast walk is lockless), of pages
+#: it maps. A store would break the COW sharing first, and a load of an empty entry
+#: would fault and fill it: mutations of their own, not observations.
 WINDOW_USES = ("read", "pin")
 #: The ways another holder of the table drops its reference.
 WINDOW_RELEASES = ("exit", "munmap")
@@ -78,6 +81,8 @@ class WindowStage:
                              "played": 0}
         self._win_cut: dict[int, int] = {}  # tid -> index in _taken of its quiescent start
         self._win_next: list[int] | None = None  # the next episode's actions
+        #: Signatures windows showed, in order (each played as the next episode).
+        self.window_found: list[str] = []
         self._win_seen: set[tuple[Any, ...]] = set()  # windows searched already
         self._win_sigs: set[str] = set()  # signatures this agent saw or played
         self._win_h: Harness | None = None
@@ -144,7 +149,14 @@ class WindowStage:
                 and not k.threads[t].exited and k.threads[t].pid == tu.pid]
         if sibs and self.window_uses:
             s = sibs[int(rng.integers(len(sibs)))]
-            pool = {op: [i for i in ci.by_tid_op.get((s, op), ()) if pmd in ci.span[i]]
+            # Loads of pages the table maps at the cut: a load of an empty entry faults
+            # and fills it (a mutation, not an observation of the table).
+            e = k.procs[tu.pid].mm.pmd.get(pmd)
+            P = k.config.ptrs_per_pte
+            present = set() if e is None else {
+                pmd * P + j for j in range(P) if int(e.table.entries[j]) & PTE_PRESENT}
+            pool = {op: [i for i in ci.by_tid_op.get((s, op), ())
+                         if i in ci.where and ci.where[i][1] >> 12 in present]
                     for op in WINDOW_USES}
             kinds = [op for op in WINDOW_USES if pool[op]]
             if kinds:
@@ -203,6 +215,7 @@ class WindowStage:
                 continue
             self.window_stats["found"] += 1
             self._win_sigs.add(f.signature)
+            self.window_found.append(f.signature)
             self._win_next = self._taken[:cut] + play
             break
 

@@ -55,7 +55,7 @@ AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-
           "ql", "ql-fine", "ql-fine-kind",
           "ppo", "greybox", "greybox-label", "greybox-noseed", "greybox-thread",
           "greybox-explore30", "greybox-race", "greybox-race20", "greybox-norace",
-          "greybox-triage", "greybox-race20-triage")
+          "greybox-triage", "greybox-race20-triage", "greybox-window", "greybox-window30")
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenarios of the flaw it is measured on (:func:`flaw_scenarios`: held out,
