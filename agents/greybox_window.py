@@ -120,7 +120,12 @@ class WindowStage:
         if self.rng.random() >= self.window_prob:
             return
         mm = k.procs[t.pid].mm
-        idxs = sorted(i for i, e in mm.pmd.items() if e.table.pfn in tables)
+        # A's tables that another mm maps too.
+        shared = {e.table.pfn for p in holders if p.pid != t.pid for e in p.mm.pmd.values()}
+        idxs = sorted(i for i, e in mm.pmd.items()
+                      if e.table.pfn in tables and e.table.pfn in shared)
+        if not idxs:
+            return
         self._window(env, cut, sp.tid, idxs[int(self.rng.integers(len(idxs)))])
 
     def _window(self, env: CowEnv, cut: int, u: int, pmd: int) -> None:
@@ -167,8 +172,11 @@ class WindowStage:
                     w = np.array([KIND_WEIGHTS.get(op, 1.0) for op in kinds])
                     op = kinds[int(np.searchsorted(np.cumsum(w), rng.random() * w.sum(),
                                                    side="right"))]
-                    # Distinct templates: a second load of the same page hits the TLB.
-                    i = pool[op].pop(int(rng.integers(len(pool[op]))))
+                    # Distinct pages: a second load of the same page hits the TLB.
+                    i = pool[op][int(rng.integers(len(pool[op])))]
+                    page = ci.where[i][1] >> 12
+                    for o in pool:
+                        pool[o] = [j for j in pool[o] if ci.where[j][1] >> 12 != page]
                     progs.setdefault(s, []).append(self._op_item(h, ci.catalogue[i]))
                     acts.setdefault(s, []).append(i)
         # Another holder's release of the table.
