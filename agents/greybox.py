@@ -156,6 +156,11 @@ class GreyboxAgent(RacePairs, FaultTriage, WindowStage, Agent):
         window_cap: Most transitions one window's search executes (each counts as a
             step: ``offline_steps``).
         window_uses: Accesses to the shared table by the sibling thread in a window.
+        window_decay: ``d``: an operation (kind and variant) around which ``n`` windows
+            were searched opens the next with probability ``window_prob * d / (d + n)``
+            (0: no decay).
+        window_share: Windows open only while the steps they took are at most this
+            share of all steps so far.
 
     """
 
@@ -172,9 +177,11 @@ class GreyboxAgent(RacePairs, FaultTriage, WindowStage, Agent):
                  triage_prob: float = 1.0, fault_features: bool | None = None,
                  cut_fault: float = 0.0, explore_max: float | None = None,
                  explore_window: int = 40, window_prob: float = 0.0, window_bound: int = 1,
-                 window_cap: int = 2000, window_uses: int = 2) -> None:
+                 window_cap: int = 2000, window_uses: int = 2, window_decay: float = 0.0,
+                 window_share: float = 1.0) -> None:
         super().__init__()
-        self._window_init(window_prob, window_bound, window_cap, window_uses)
+        self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
+                          window_share)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)

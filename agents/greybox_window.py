@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cowenv.explore import OpItem, Run, explore, state_fingerprint
-from cowenv.greybox import paused_tables
+from cowenv.greybox import paused_tables, spec_variant
 from cowenv.harness import Harness
 from cowenv.kernel import KSWAPD_TID
 from cowenv.kernel.pgtable import PTE_PRESENT
@@ -65,11 +65,17 @@ class WindowStage:
     """Systematic-window methods of :class:`cowenv_agents.GreyboxAgent` (a mixin)."""
 
     def _window_init(self, window_prob: float, window_bound: int, window_cap: int,
-                     window_uses: int) -> None:
+                     window_uses: int, window_decay: float, window_share: float) -> None:
         if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
-                or window_uses < 0:
-            raise ValueError("window_prob: expected 0..1; window_bound, window_uses: "
-                             "expected >= 0; window_cap: expected >= 1")
+                or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
+            raise ValueError("window_prob: expected 0..1; window_bound, window_uses, "
+                             "window_decay: expected >= 0; window_cap: expected >= 1; "
+                             "window_share: expected 0 < share <= 1")
+        self.window_decay = float(window_decay)
+        self.window_share = float(window_share)
+        #: (operation, variant) of A -> windows searched around it (:meth:`_window_observe`).
+        self._win_tries: dict[tuple[str, str], int] = {}
+        self._env_steps = 0  # env steps this agent took (the share's denominator)
         self.window_prob = float(window_prob)
         self.window_bound = int(window_bound)
         self.window_cap = int(window_cap)
@@ -99,6 +105,7 @@ class WindowStage:
 
     def _window_observe(self, env: CowEnv, sp: Any) -> None:
         """After a step: open a window if the step's thread is inside a shared table."""
+        self._env_steps += 1
         if sp.kind != "run" or sp.tid not in self._win_cut:
             return
         k = env.kernel
@@ -117,7 +124,18 @@ class WindowStage:
             return
         cut = self._win_cut.pop(sp.tid)  # one window at most per operation
         self.window_stats["triggers"] += 1
-        if self.rng.random() >= self.window_prob:
+        # Stage scheduling: windows take at most window_share of all steps (AFL shares
+        # its time between stages likewise), and an operation kind searched n times
+        # before opens a window with probability prob * d / (d + n) (uncommon first,
+        # as Snowboard orders its pairs).
+        if self.offline_steps > self.window_share * (self._env_steps + self.offline_steps):
+            return
+        a_sp = self._ci.catalogue[self._taken[cut]]
+        cls = (a_sp.op, spec_variant(a_sp))
+        n = self._win_tries.get(cls, 0)
+        p = self.window_prob if not self.window_decay else \
+            self.window_prob * self.window_decay / (self.window_decay + n)
+        if self.rng.random() >= p:
             return
         mm = k.procs[t.pid].mm
         # A's tables that another mm maps too.
@@ -126,6 +144,7 @@ class WindowStage:
                       if e.table.pfn in tables and e.table.pfn in shared)
         if not idxs:
             return
+        self._win_tries[cls] = n + 1
         self._window(env, cut, sp.tid, idxs[int(self.rng.integers(len(idxs)))])
 
     def _window(self, env: CowEnv, cut: int, u: int, pmd: int) -> None:
