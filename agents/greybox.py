@@ -398,8 +398,10 @@ class GreyboxAgent(RacePairs, FaultTriage, WindowStage, Agent):
             # up to the window's cut, then the window's schedule).
             self._child, self._win_next = self._win_next, None
             self.window_stats["played"] += 1
-        elif self.episodes < len(self._plans):
-            self._from_plan, plan = self._plans[self.episodes]
+            if self.episodes - self._win_plan_skips < len(self._plans):
+                self._win_plan_skips += 1  # the seed plan of this episode comes next
+        elif self.episodes - self._win_plan_skips < len(self._plans):
+            self._from_plan, plan = self._plans[self.episodes - self._win_plan_skips]
             self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
             self._map_pmds(env)

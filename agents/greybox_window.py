@@ -92,6 +92,7 @@ class WindowStage:
         self._win_seen: set[tuple[Any, ...]] = set()  # windows searched already
         self._win_sigs: set[str] = set()  # signatures this agent saw or played
         self._win_h: Harness | None = None
+        self._win_plan_skips = 0  # played windows that came before a seed plan
 
     def _window_note_start(self, env: CowEnv, a: int) -> None:
         """Before action ``a`` is taken: a start at a quiescent point is a cut."""

@@ -196,12 +196,12 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
         rng, reset_seed = ca.episode_rng(seed, fi, episodes)
         base = steps
 
-        def hook(i: int, v: dict[str, Any], base: int = base) -> bool:
+        def hook(i: int, v: dict[str, Any], base: int = base, off0: int = offline0) -> bool:
             nonlocal found
             sig = v["signature"]
             if sig not in tset or v["kind"] == "simulator":
                 return False
-            step = base + i + getattr(ag, "offline_steps", 0) - offline0
+            step = base + i + getattr(ag, "offline_steps", 0) - off0
             if step > budget:
                 return False
             if not attributable(env, sig):
