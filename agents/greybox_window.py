@@ -6,8 +6,9 @@ to a systematic engine, which hands back inputs the fuzzer could not guess) with
 AFL's deterministic stages (a bounded, exhaustive pass over one input, instead of random
 mutations). README "Greybox", "Systematic windows".
 
-When an episode runs an operation *A* of thread ``u`` that works inside a page table
-shared by two or more mms (:func:`cowenv.greybox.paused_tables`), ``u``'s process has
+When an episode after the seed plans (as race episodes) runs an operation *A* of thread
+``u`` that works inside a page table shared by two or more mms
+(:func:`cowenv.greybox.paused_tables`), ``u``'s process has
 another live thread, and the kernel was quiescent (no operation in flight) right before
 *A* started, the state before *A* (the *cut*) is a start state for a systematic search
 with probability ``window_prob``. The search explores, with at most ``window_bound``
@@ -124,6 +125,8 @@ class WindowStage:
                 for u, th in k.threads.items() if u != KSWAPD_TID):
             return
         cut = self._win_cut.pop(sp.tid)  # one window at most per operation
+        if self.episodes - self._win_plan_skips < len(self._plans or ()):
+            return  # as race episodes: after the seed plans (those play as before)
         self.window_stats["triggers"] += 1
         # Stage scheduling: windows take at most window_share of all steps (AFL shares
         # its time between stages likewise), and an operation kind searched n times
