@@ -56,7 +56,7 @@ AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-
           "ppo", "greybox", "greybox-label", "greybox-noseed", "greybox-thread",
           "greybox-explore30", "greybox-race", "greybox-race20", "greybox-norace",
           "greybox-triage", "greybox-race20-triage", "greybox-window", "greybox-window30",
-          "greybox-window-d4s30")
+          "greybox-window-d4s30", "greybox-window-d4s20")
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenarios of the flaw it is measured on (:func:`flaw_scenarios`: held out,
@@ -92,6 +92,8 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-window30": ("greybox", {"window_prob": 0.3}),
     "greybox-window-d4s30": ("greybox", {"window_prob": 1.0, "window_decay": 4.0,
                                          "window_share": 0.3}),
+    "greybox-window-d4s20": ("greybox", {"window_prob": 1.0, "window_decay": 4.0,
+                                         "window_share": 0.2}),
 }
 FOLDS = 3
 BASE_ENV: dict[str, Any] = {"geometry": "small", "terminate_on_violation": False}
