@@ -71,6 +71,7 @@ from .base import CHOICES, Agent, KindChooser, uniform_legal
 from .greybox_faultctx import Call, Context, FaultContexts
 from .greybox_race import RacePairs
 from .greybox_triage import FaultTriage, _Job
+from .greybox_window import WindowStage
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -81,7 +82,7 @@ CORPUS_DIR = "greybox"
 _PLAN_STEP_LIMIT = 64  # runs spent on one "until"/"finish" plan item at most
 
 
-class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
+class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
     """Coverage-guided schedule fuzzing (see the module docstring).
 
     Args:
@@ -156,6 +157,20 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
             next if the failure fired inside the call, else 1 again (syzkaller's
             ``failCall`` loop, one try per call in that context instead of one replay
             per try; FIFUZZ's calling contexts). 0 (default): off.
+        window_prob: Systematic windows (:mod:`cowenv_agents.greybox_window`): the
+            probability that an operation working inside a page table shared between
+            mms, started at a quiescent point by a thread with a sibling, has the
+            window of operations around it searched (CHESS from the cut before it); a
+            violation the search shows is played as the next episode. 0 (default): off.
+        window_bound: Preemption bound of a window's search.
+        window_cap: Most transitions one window's search executes (each counts as a
+            step: ``offline_steps``).
+        window_uses: Accesses to the shared table by the sibling thread in a window.
+        window_decay: ``d``: an operation (kind and variant) around which ``n`` windows
+            were searched opens the next with probability ``window_prob * d / (d + n)``
+            (0: no decay).
+        window_share: Windows open only while the steps they took are at most this
+            share of all steps so far.
 
     """
 
@@ -171,8 +186,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
                  race_len: int = 16, race_episodes: float = 0.2, fault_triage: bool = False,
                  triage_prob: float = 1.0, fault_features: bool | None = None,
                  cut_fault: float = 0.0, explore_max: float | None = None,
-                 explore_window: int = 40, fault_contexts: int = 0) -> None:
+                 explore_window: int = 40, fault_contexts: int = 0, window_prob: float = 0.0,
+                 window_bound: int = 1, window_cap: int = 2000, window_uses: int = 2,
+                 window_decay: float = 0.0, window_share: float = 1.0) -> None:
         super().__init__()
+        self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
+                          window_share)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)
@@ -396,8 +415,18 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
         self._call_of, self._novel_calls, self._ep_code = {}, {}, set()
         self._last_code = -1
         self._fc_pending, self._fc_queued = {}, -1
-        if self.episodes < len(self._plans):
-            self._from_plan, plan = self._plans[self.episodes]
+        self._win_playing = False
+        self._win_cut = {}
+        if self._win_next is not None:
+            # A violation a systematic window showed, played as an episode (its actions
+            # up to the window's cut, then the window's schedule).
+            self._child, self._win_next = self._win_next, None
+            self._win_playing = True  # played as found: no fault-context tries in it
+            self.window_stats["played"] += 1
+            if self.episodes - self._win_plan_skips < len(self._plans):
+                self._win_plan_skips += 1  # the seed plan of this episode comes next
+        elif self.episodes - self._win_plan_skips < len(self._plans):
+            self._from_plan, plan = self._plans[self.episodes - self._win_plan_skips]
             self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
             self._map_pmds(env)
@@ -466,19 +495,27 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
     def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
         q, self._fc_queued = self._fc_queued, -1
         if 0 <= q < len(mask) and mask[q]:
-            self._taken.append(q)
-            return q
+            return self._take(env, mask, q)
         a = self._next_planned(env, mask)
         if a is None:
             a = self._random(env, mask)
         # Not on a race pair's calls (RacePairs._race sets _race_phase when it chose
         # one): a call failing early tests no race (README "Greybox", measured on
-        # gup-fast-fork-race).
+        # gup-fast-fork-race); not in the seed plans nor in a window's violation played.
         if self.fault_contexts and self._job is None and not self._race_phase \
-                and self.episodes >= len(self._plans or ()):
+                and not self._win_playing \
+                and self.episodes - self._win_plan_skips >= len(self._plans or ()):
             f = self._fc_arm(env, mask, a)
             if f is not None:
-                self._fc_queued, a = a, f
+                self._fc_queued = a
+                self._taken.append(f)
+                return f
+        return self._take(env, mask, a)
+
+    def _take(self, env: CowEnv, mask: np.ndarray, a: int) -> int:
+        """Take action ``a`` (noted for a systematic window's cut first)."""
+        if self.window_prob and 0 <= a < len(mask) and mask[a]:
+            self._window_note_start(env, a)
         self._taken.append(a)
         return a
 
@@ -879,9 +916,13 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, Agent):
             self._triage_observe(env, sp)
         if self.fault_contexts:
             self._fc_observe(env, sp)
+        if self.window_prob:
+            self._window_observe(env, sp)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1
+        if self.window_prob:
+            self._win_sigs.update(env.kernel.signatures)
         if self._triage_on:
             self._stale = 0 if self._ep_code - self._code_seen else self._stale + 1
             self._triage_finish()

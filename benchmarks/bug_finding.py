@@ -55,7 +55,9 @@ AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-
           "ql", "ql-fine", "ql-fine-kind",
           "ppo", "greybox", "greybox-label", "greybox-noseed", "greybox-thread",
           "greybox-explore30", "greybox-race", "greybox-race20", "greybox-norace",
-          "greybox-triage", "greybox-race20-triage", "greybox-faultctx", "greybox-faultctx1")
+          "greybox-triage", "greybox-race20-triage", "greybox-faultctx", "greybox-faultctx1",
+          "greybox-window", "greybox-window30", "greybox-window-d4s30", "greybox-window-d4s20",
+          "greybox-faultctx-window")
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenarios of the flaw it is measured on (:func:`flaw_scenarios`: held out,
@@ -89,6 +91,14 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
                                           "explore_max": 0.4}),
     "greybox-faultctx": ("greybox", {"fault_contexts": 4}),
     "greybox-faultctx1": ("greybox", {"fault_contexts": 1}),
+    "greybox-window": ("greybox", {"window_prob": 1.0}),
+    "greybox-window30": ("greybox", {"window_prob": 0.3}),
+    "greybox-window-d4s30": ("greybox", {"window_prob": 1.0, "window_decay": 4.0,
+                                         "window_share": 0.3}),
+    "greybox-window-d4s20": ("greybox", {"window_prob": 1.0, "window_decay": 4.0,
+                                         "window_share": 0.2}),
+    "greybox-faultctx-window": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
+                                            "window_decay": 4.0, "window_share": 0.2}),
 }
 FOLDS = 3
 BASE_ENV: dict[str, Any] = {"geometry": "small", "terminate_on_violation": False}
@@ -186,25 +196,33 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
     steps = episodes = 0
     found: dict[str, Any] | None = None
     unattributed: dict[str, int] = {}
+    # Steps an agent executes outside the env (greybox's systematic windows search from
+    # a state of the episode with their own kernel copy) count like env steps.
+    offline0 = getattr(ag, "offline_steps", 0)
     while steps < budget and found is None:
         rng, reset_seed = ca.episode_rng(seed, fi, episodes)
         base = steps
 
-        def hook(i: int, v: dict[str, Any], base: int = base) -> bool:
+        def hook(i: int, v: dict[str, Any], base: int = base, off0: int = offline0) -> bool:
             nonlocal found
             sig = v["signature"]
             if sig not in tset or v["kind"] == "simulator":
                 return False
+            step = base + i + getattr(ag, "offline_steps", 0) - off0
+            if step > budget:
+                return False
             if not attributable(env, sig):
                 unattributed[sig] = unattributed.get(sig, 0) + 1
                 return False
-            found = {"step": base + i, "signature": sig,
+            found = {"step": step, "signature": sig,
                      "seconds": time.perf_counter() - t0}
             return True
 
         res = ca.run_episode(env, ag, rng, reset_seed, max_actions=budget - steps,
                              on_violation=hook, teardown=TEARDOWN)
-        steps += res.steps
+        off = getattr(ag, "offline_steps", 0)
+        steps += res.steps + off - offline0
+        offline0 = off
         episodes += 1
     return {"flaw": flaw, "agent": agent, "seed": seed, "found": found is not None,
             "steps": found["step"] if found else None,

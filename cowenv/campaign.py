@@ -318,9 +318,12 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
             q.put(("finding", w, sig, finding_data(env, cfg, w, ep, base + i, v), base + i, ep))
             return False
 
+        off0 = getattr(agent, "offline_steps", 0)
         res = ca.run_episode(env, agent, rng, reset_seed, max_actions=budget - steps,
                              on_violation=on_violation, teardown=cfg.teardown)
-        steps += res.steps
+        # Steps an agent executed outside the env (greybox's systematic windows) count
+        # against the budget like env steps.
+        steps += res.steps + getattr(agent, "offline_steps", 0) - off0
         episodes += 1
         q.put(("progress", w, steps, episodes))
         now = time.monotonic()

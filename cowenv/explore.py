@@ -246,6 +246,28 @@ class Run:
         finally:
             k.events = ev
 
+    @staticmethod
+    def start_snapshot(k: Kernel, progs: dict[int, list[OpItem]]) -> bytes:
+        """A :meth:`snapshot` of kernel ``k`` at a quiescent point, before ``progs`` start.
+
+        The start state of a search that begins from a given kernel instead of a fresh
+        one (:func:`explore`'s ``start``: e.g. a fuzzer's quiescent cut of an episode).
+        ``k`` is not changed (its trace is left out of the copy, as in :meth:`snapshot`).
+
+        Raises:
+            ValueError: a thread of ``k`` is inside an operation.
+
+        """
+        if not k.quiescent():
+            raise ValueError("start_snapshot: the kernel is not at a quiescent point")
+        ev = k.events
+        k.events = []
+        try:
+            return pickle.dumps((k, dict.fromkeys(progs, 0), {}, {}, [], len(k.violations)),
+                                protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            k.events = ev
+
     @classmethod
     def restore(cls, progs: dict[int, list[OpItem]], snap: bytes) -> Run:
         """A run continuing from :meth:`snapshot` ``snap`` (a fresh copy each time)."""
@@ -613,7 +635,9 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
             max_interleavings: int = 1_000_000, max_seconds: float | None = None,
             por: bool = True, stop_on: set[str] | frozenset[str] | None = None,
             cache: bool = True, snapshots: bool = True,
-            collect_finals: bool = False) -> ExploreResult:
+            collect_finals: bool = False, start: bytes | None = None,
+            progs: dict[int, list[OpItem]] | None = None,
+            max_transitions: int | None = None) -> ExploreResult:
     """Explore every schedule of ``sc``'s operations with at most ``bound`` preemptions.
 
     Args:
@@ -630,13 +654,21 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         snapshots: Resume a branch from the deepest quiescent snapshot of its prefix
             instead of re-executing the prefix from a fresh kernel.
         collect_finals: Record the final states' keys (``final_states``; for tests).
+        start: Start from this state (:meth:`Run.start_snapshot` of a quiescent kernel,
+            e.g. a fuzzer's cut of an episode) instead of a fresh kernel of ``sc``'s
+            configuration; the scenario's steps then only name the operations (and
+            ``progs`` may replace them). None (default): a fresh kernel, as always.
+        progs: The threads' programs (default :func:`programs_of` ``sc``).
+        max_transitions: Stop (``complete=False``) once this many transitions were
+            executed (a fuzzer's step budget; re-executed prefixes count).
 
     Returns:
         The :class:`ExploreResult`.
 
     """
     cfg = override_config(sc.config, variant, None) if variant else sc.config
-    progs = programs_of(sc)
+    if progs is None:
+        progs = programs_of(sc)
     # LRU order is read only by reclaim (``shrink_inactive_list`` scans oldest first; a
     # kthread step, global anyway); compaction scans in pfn order. Without a reclaim the
     # order in which steps add pages to the LRU is never observed, so it is no conflict;
@@ -671,7 +703,7 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
                     res.restores += 1
                     break
         if r is None:
-            r = Run(cfg, progs)
+            r = Run(cfg, progs) if start is None else Run.restore(progs, start)
         orc = r.k.oracle
         if orc is not None:
             orc.accounting_enabled = False
@@ -832,7 +864,8 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
             res.stopped = True
             break
         if res.interleavings >= max_interleavings or (
-                max_seconds is not None and time.perf_counter() - t0 > max_seconds):
+                max_seconds is not None and time.perf_counter() - t0 > max_seconds) or (
+                max_transitions is not None and res.transitions >= max_transitions):
             res.complete = False
             break
         # Backtrack to the deepest node with an unexplored choice.

@@ -286,3 +286,54 @@ def test_state_key_sees_a_suspended_threads_position_locals_and_stack():
     assert _key_of(at([1, 1, 2], 0, 2)) != _key_of(at([1, 1, 2], 0, 3))
     ks = _key_of({"a", "b", "c"})
     assert ks == _key_of({"c", "b", "a"})
+
+
+def _free_pmd_start(variant=None):
+    """free-pmd-deferred-flush's set-up (through the fork) run, and its racing operations."""
+    from cowenv.explore import OpItem
+    from cowenv.minimize import run_lenient
+    from cowenv.scenario import override_config
+
+    sc = load_scenario("scenarios/flaws/free-pmd-deferred-flush.yaml")
+    cfg = override_config(sc.config, variant, None) if variant else sc.config
+    setup = sc.steps[:6]
+    assert setup[-1].get("do") == "fork"
+    k = run_lenient(cfg, setup).kernel
+    progs = {1: [OpItem("munmap", {"addr": 0x100000, "length": 0x8000})],
+             2: [OpItem("read", {"addr": 0x100000}), OpItem("read", {"addr": 0x101000})],
+             3: [OpItem("exit", {})]}
+    return sc, cfg, setup, k, progs
+
+
+def test_explore_from_a_given_kernel_state_finds_and_replays():
+    """A search started from a kernel state (a fuzzer's cut) finds the race, its schedule
+    replays after the steps that built that state, and the fixed kernel shows nothing."""
+    from cowenv.explore import Run
+    from cowenv.minimize import run_lenient
+
+    sc, cfg, setup, k, progs = _free_pmd_start()
+    before = len(k.events), k.step_no
+    res = explore(sc, 1, start=Run.start_snapshot(k, progs), progs=progs)
+    assert (len(k.events), k.step_no) == before  # the start kernel is not touched
+    sigs = {f.signature: f for f in res.findings}
+    assert "memory-safety@tlb_stale_table" in sigs
+    steps = sigs["memory-safety@tlb_stale_table"].schedule["steps"]
+    assert {s["tid"] for s in steps} == {1, 2, 3}  # only the window's operations
+    again = run_lenient(cfg, [*setup, *steps]).kernel
+    assert "memory-safety@tlb_stale_table" in again.signatures
+    sc2, _cfg, _setup, k2, progs2 = _free_pmd_start("fixed")
+    cert = explore(sc2, 1, start=Run.start_snapshot(k2, progs2), progs=progs2)
+    assert cert.complete and not cert.findings and cert.interleavings > 1
+
+
+def test_explore_start_needs_a_quiescent_kernel_and_max_transitions_stops():
+    import pytest
+
+    from cowenv.explore import Run
+
+    sc, _cfg, _setup, k, progs = _free_pmd_start()
+    res = explore(sc, 1, start=Run.start_snapshot(k, progs), progs=progs, max_transitions=5)
+    assert not res.complete and 5 <= res.transitions < 40
+    k.start(1, "read", {"addr": 0x100000})
+    with pytest.raises(ValueError, match="quiescent"):
+        Run.start_snapshot(k, progs)

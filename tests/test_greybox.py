@@ -626,3 +626,38 @@ def test_fault_contexts_enumerate_n_per_call_context():
     h2, ag2 = _fc_agent()
     assert _play_acts(h2, ag2, [w, run])[0] == w and not ag2._fc_tries
 
+def test_window_stage_counts_its_steps_and_plays_what_it_finds():
+    """A systematic window's search counts as offline steps; the violation it shows is
+    played as the next episode, in which the env reports it (an ordinary schedule)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    flaw = "table-free-no-deferral"
+    h = Harness(**bf.env_kwargs(flaw))
+    ag = ca.make_agent("greybox", window_prob=1.0, seeds=[])  # (windows follow the seeds)
+    off = []
+    for e in range(200):
+        rng, rs = ca.episode_rng(0, 0, e)
+        n = len(ag.window_found)
+        res = ca.run_episode(h, ag, rng, rs, teardown=32)
+        off.append(ag.offline_steps)
+        if e and n and ag.window_stats["played"] == n:
+            # This episode played the window's finding of the episode before.
+            assert ag.window_found[n - 1] in res.signatures
+            break
+    else:
+        raise AssertionError(f"no window finding played in 200 episodes: {ag.window_stats}")
+    assert ag.window_stats["windows"] >= 1 and off[-1] >= ag.window_stats["transitions"] > 0
+
+
+def test_window_stage_off_by_default_and_checks_its_options():
+    h = Harness(**SMALL_KW, terminate_on_violation=False)
+    a = ca.make_agent("greybox", seeds=[])
+    _play(a, h, 3, 6)
+    assert a.window_prob == 0.0 and a.offline_steps == 0 and a.window_stats["triggers"] == 0
+    for bad in ({"window_prob": 1.5}, {"window_bound": -1}, {"window_cap": 0}):
+        with pytest.raises(ValueError, match="window_prob"):
+            ca.make_agent("greybox", **bad)

@@ -1,0 +1,283 @@
+"""Systematic window stage of the greybox agent (:class:`cowenv_agents.GreyboxAgent`, ``window_*``).
+
+Hybrid fuzzing (Driller, Stephens et al., NDSS 2016: the fuzzer hands a state it reached
+to a systematic engine, which hands back inputs the fuzzer could not guess) with CHESS
+(Musuvathi & Qadeer, PLDI 2007; :mod:`cowenv.explore`) as the engine, in the way of
+AFL's deterministic stages (a bounded, exhaustive pass over one input, instead of random
+mutations). README "Greybox", "Systematic windows".
+
+When an episode after the seed plans (as race episodes) runs an operation *A* of thread
+``u`` that works inside a page table shared by two or more mms
+(:func:`cowenv.greybox.paused_tables`), ``u``'s process has
+another live thread, and the kernel was quiescent (no operation in flight) right before
+*A* started, the state before *A* (the *cut*) is a start state for a systematic search
+with probability ``window_prob``. The search explores, with at most ``window_bound``
+preemptions and sleep sets (:func:`cowenv.explore.explore` from that state), every
+schedule of a small *window* of operations:
+
+* ``u``: *A* itself (its catalogue template, as the episode started it);
+* one other live thread of ``u``'s process: ``window_uses`` accesses to the shared
+  table (distinct ``read``/``pin`` templates of pages the table maps at the cut, the
+  kind by the agent's kind weights, :data:`cowenv_agents.base.KIND_WEIGHTS`): the
+  observers that show a stale view of the table (a paging-structure cache, a GUP-fast
+  walk) without changing it (:data:`WINDOW_USES`);
+* one thread of one other process whose mm maps the same table: a release of it, the
+  process's ``exit`` or a ``munmap`` over that PMD (uniformly among them): the other
+  holder dropping its reference. Use-after-free races need a free and a use; KRace
+  (Xu et al., S&P 2020) and Razzer aim at exactly those pairs.
+
+Every transition the search executes (re-executed prefixes included), and the replay
+of the episode's actions up to the cut that rebuilt its state, counts in
+``offline_steps``, which the bug-finding benchmark adds to its step count. A violation
+signature the search shows, not seen before by this agent, is *played*: the next episode
+is the episode's actions up to the cut followed by the search's schedule, as ordinary
+catalogue actions (starts and runs), so the env reports it, records it in
+``get_schedule()`` and the benchmark's attribution replays it on ``fixed`` as any other
+episode.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cowenv.explore import OpItem, Run, explore, state_fingerprint
+from cowenv.greybox import paused_tables, spec_variant
+from cowenv.harness import Harness
+from cowenv.kernel import KSWAPD_TID
+from cowenv.kernel.pgtable import PTE_PRESENT
+
+from .base import KIND_WEIGHTS
+
+if TYPE_CHECKING:
+    from cowenv.env import CowEnv
+
+#: The accesses a window's sibling thread makes to the shared table: the operations that
+#: walk it without writing it (a load; a pin, whose GUP-fast walk is lockless), of pages
+#: it maps. A store would break the COW sharing first, and a load of an empty entry
+#: would fault and fill it: mutations of their own, not observations.
+WINDOW_USES = ("read", "pin")
+#: The ways another holder of the table drops its reference.
+WINDOW_RELEASES = ("exit", "munmap")
+
+
+class WindowStage:
+    """Systematic-window methods of :class:`cowenv_agents.GreyboxAgent` (a mixin)."""
+
+    def _window_init(self, window_prob: float, window_bound: int, window_cap: int,
+                     window_uses: int, window_decay: float, window_share: float) -> None:
+        if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
+                or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
+            raise ValueError("window_prob: expected 0..1; window_bound, window_uses, "
+                             "window_decay: expected >= 0; window_cap: expected >= 1; "
+                             "window_share: expected 0 < share <= 1")
+        self.window_decay = float(window_decay)
+        self.window_share = float(window_share)
+        #: (operation, variant) of A -> windows searched around it (:meth:`_window_observe`).
+        self._win_tries: dict[tuple[str, str], int] = {}
+        self._env_steps = 0  # env steps this agent took (the share's denominator)
+        self.window_prob = float(window_prob)
+        self.window_bound = int(window_bound)
+        self.window_cap = int(window_cap)
+        self.window_uses = int(window_uses)
+        #: Steps executed outside the env (searches, state rebuilds): the benchmark adds
+        #: them to the env's steps.
+        self.offline_steps = 0
+        self.window_stats = {"triggers": 0, "windows": 0, "transitions": 0, "found": 0,
+                             "played": 0}
+        self._win_cut: dict[int, int] = {}  # tid -> index in _taken of its quiescent start
+        self._win_next: list[int] | None = None  # the next episode's actions
+        #: Signatures windows showed, in order (each played as the next episode).
+        self.window_found: list[str] = []
+        self._win_seen: set[tuple[Any, ...]] = set()  # windows searched already
+        self._win_sigs: set[str] = set()  # signatures this agent saw or played
+        self._win_h: Harness | None = None
+        self._win_plan_skips = 0  # played windows that came before a seed plan
+
+    def _window_note_start(self, env: CowEnv, a: int) -> None:
+        """Before action ``a`` is taken: a start at a quiescent point is a cut."""
+        ci = self._ci
+        sp = ci.catalogue[a]
+        if sp.kind == "start" and sp.tid != KSWAPD_TID:
+            if env.kernel.quiescent():
+                self._win_cut[sp.tid] = len(self._taken)
+            else:
+                self._win_cut.pop(sp.tid, None)
+
+    def _window_observe(self, env: CowEnv, sp: Any) -> None:
+        """After a step: open a window if the step's thread is inside a shared table."""
+        self._env_steps += 1
+        if sp.kind != "run" or sp.tid not in self._win_cut:
+            return
+        k = env.kernel
+        t = k.threads.get(sp.tid)
+        if t is None or t.gen is None:
+            self._win_cut.pop(sp.tid, None)  # A ended without touching a shared table
+            return
+        tables = paused_tables(k, sp.tid)
+        if not tables:
+            return
+        holders = [p for p in k.live_procs() if any(e.table.pfn in tables
+                                                    for e in p.mm.pmd.values())]
+        if len(holders) < 2 or not any(
+                u != sp.tid and not th.exited and th.pid == t.pid
+                for u, th in k.threads.items() if u != KSWAPD_TID):
+            return
+        cut = self._win_cut.pop(sp.tid)  # one window at most per operation
+        if self.episodes - self._win_plan_skips < len(self._plans or ()):
+            return  # as race episodes: after the seed plans (those play as before)
+        self.window_stats["triggers"] += 1
+        # Stage scheduling: windows take at most window_share of all steps (AFL shares
+        # its time between stages likewise), and an operation kind searched n times
+        # before opens a window with probability prob * d / (d + n) (uncommon first,
+        # as Snowboard orders its pairs).
+        if self.offline_steps > self.window_share * (self._env_steps + self.offline_steps):
+            return
+        a_sp = self._ci.catalogue[self._taken[cut]]
+        cls = (a_sp.op, spec_variant(a_sp))
+        n = self._win_tries.get(cls, 0)
+        p = self.window_prob if not self.window_decay else \
+            self.window_prob * self.window_decay / (self.window_decay + n)
+        if self.rng.random() >= p:
+            return
+        mm = k.procs[t.pid].mm
+        # A's tables that another mm maps too.
+        shared = {e.table.pfn for p in holders if p.pid != t.pid for e in p.mm.pmd.values()}
+        idxs = sorted(i for i, e in mm.pmd.items()
+                      if e.table.pfn in tables and e.table.pfn in shared)
+        if not idxs:
+            return
+        self._win_tries[cls] = n + 1
+        self._window(env, cut, sp.tid, idxs[int(self.rng.integers(len(idxs)))])
+
+    def _window(self, env: CowEnv, cut: int, u: int, pmd: int) -> None:
+        """Search the window of operation ``_taken[cut]`` of ``u`` on PMD index ``pmd``."""
+        ci = self._ci
+        rng = self.rng
+        k_env = env.kernel
+        h = self._win_h
+        if h is None:
+            base = getattr(env, "harness", env)
+            h = self._win_h = Harness(**base.init_kwargs)
+        base = getattr(env, "harness", env)
+        h.reset(base.episode_seed)
+        for a in self._taken[:cut]:
+            h.step(a)
+        self.offline_steps += cut
+        k = h.kernel
+        if not k.quiescent() or u not in k.threads:
+            return
+        tu = k.threads[u]
+        a_sp = ci.catalogue[self._taken[cut]]
+        progs: dict[int, list[OpItem]] = {u: [self._op_item(h, a_sp)]}
+        acts: dict[int, list[int]] = {u: [self._taken[cut]]}
+        # A sibling's uses of the table.
+        sibs = [t for t in ci.user_tids if t != u and t in k.threads
+                and not k.threads[t].exited and k.threads[t].pid == tu.pid]
+        if sibs and self.window_uses:
+            s = sibs[int(rng.integers(len(sibs)))]
+            # Loads of pages the table maps at the cut: a load of an empty entry faults
+            # and fills it (a mutation, not an observation of the table).
+            e = k.procs[tu.pid].mm.pmd.get(pmd)
+            P = k.config.ptrs_per_pte
+            present = set() if e is None else {
+                pmd * P + j for j in range(P) if int(e.table.entries[j]) & PTE_PRESENT}
+            pool = {op: [i for i in ci.by_tid_op.get((s, op), ())
+                         if i in ci.where and ci.where[i][1] >> 12 in present]
+                    for op in WINDOW_USES}
+            kinds = [op for op in WINDOW_USES if pool[op]]
+            if kinds:
+                for _ in range(self.window_uses):
+                    kinds = [op for op in kinds if pool[op]]
+                    if not kinds:
+                        break
+                    w = np.array([KIND_WEIGHTS.get(op, 1.0) for op in kinds])
+                    op = kinds[int(np.searchsorted(np.cumsum(w), rng.random() * w.sum(),
+                                                   side="right"))]
+                    # Distinct pages: a second load of the same page hits the TLB.
+                    i = pool[op][int(rng.integers(len(pool[op])))]
+                    page = ci.where[i][1] >> 12
+                    for o in pool:
+                        pool[o] = [j for j in pool[o] if ci.where[j][1] >> 12 != page]
+                    progs.setdefault(s, []).append(self._op_item(h, ci.catalogue[i]))
+                    acts.setdefault(s, []).append(i)
+        # Another holder's release of the table.
+        pfn = k_env.procs[k_env.threads[u].pid].mm.pmd[pmd].table.pfn
+        others = [p for p in k.live_procs() if p.pid != tu.pid
+                  and any(e.table.pfn == pfn for e in p.mm.pmd.values())]
+        if others:
+            p = others[int(rng.integers(len(others)))]
+            ts = [t for t in ci.user_tids if t in k.threads and not k.threads[t].exited
+                  and k.threads[t].pid == p.pid]
+            oidx = {i for i, e in p.mm.pmd.items() if e.table.pfn == pfn}
+            if ts:
+                t = ts[int(rng.integers(len(ts)))]
+                cands = [i for i in ci.by_tid_op.get((t, "exit"), ())]
+                mun = [i for i in ci.by_tid_op.get((t, "munmap"), ())
+                       if oidx & set(ci.span[i])]
+                kinds = [c for c in (cands, mun) if c]
+                if kinds:
+                    c = kinds[int(rng.integers(len(kinds)))]
+                    i = c[int(rng.integers(len(c)))]
+                    progs[t] = [self._op_item(h, ci.catalogue[i])]
+                    acts[t] = [i]
+        if len(progs) < 2:
+            return
+        key = (state_fingerprint(k), tuple(sorted((t, tuple(v)) for t, v in acts.items())))
+        if key in self._win_seen:
+            return
+        self._win_seen.add(key)
+        self.window_stats["windows"] += 1
+        from cowenv.scenario import Expectation, Scenario
+
+        sc = Scenario("window", "", k.config, [], Expectation(), {})
+        res = explore(sc, self.window_bound, start=Run.start_snapshot(k, progs), progs=progs,
+                      max_transitions=self.window_cap)
+        self.offline_steps += res.transitions
+        self.window_stats["transitions"] += res.transitions
+        limit = env.max_steps - 32
+        for f in res.findings:
+            kind = f.signature.split("@", 1)[0]
+            if kind == "simulator" or f.signature in self._win_sigs:
+                continue
+            play = self._window_actions(ci, acts, f.schedule["steps"])
+            if play is None or cut + len(play) > limit:
+                continue
+            self.window_stats["found"] += 1
+            self._win_sigs.add(f.signature)
+            self.window_found.append(f.signature)
+            self._win_next = self._taken[:cut] + play
+            break
+
+    @staticmethod
+    def _op_item(h: Harness, sp: Any) -> OpItem:
+        """Catalogue start ``sp`` as an explore operation (slots resolved as the harness does)."""
+        args = dict(sp.args)
+        k = h.kernel
+        if sp.pin_slot >= 0:
+            pins = h.pins_of(k, k.threads[sp.tid].pid)
+            args["pin"] = pins[sp.pin_slot] if sp.pin_slot < len(pins) else -1
+        if sp.proc_slot >= 0:
+            procs = k.live_procs()
+            args["pid"] = procs[sp.proc_slot].pid if sp.proc_slot < len(procs) else -1
+        return OpItem(sp.op, args)
+
+    @staticmethod
+    def _window_actions(ci: Any, acts: dict[int, list[int]],
+                        steps: list[dict[str, Any]]) -> list[int] | None:
+        """A search's schedule as catalogue actions (its starts and runs), or None."""
+        pos = dict.fromkeys(acts, 0)
+        out: list[int] = []
+        for s in steps:
+            tid = s.get("tid")
+            if tid is None or tid not in acts:
+                return None  # (a fail_nth event: windows have none)
+            if "start" in s:
+                if pos[tid] >= len(acts[tid]):
+                    return None
+                out.append(acts[tid][pos[tid]])
+                pos[tid] += 1
+            else:
+                out.extend([ci.run[tid]] * int(s.get("step", 1)))
+        return out
