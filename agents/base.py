@@ -31,7 +31,8 @@ import numpy as np
 
 from cowenv.harness import Harness
 from cowenv.kernel import KSWAPD_TID
-from cowenv.kernel.pgtable import PTE_SWAP
+from cowenv.kernel.mm import VM_READ, VM_WRITE
+from cowenv.kernel.pgtable import PTE_SWAP, pte_protnone
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -197,6 +198,23 @@ class KindChooser:
         return int(pool[rng.integers(len(pool))])
 
 
+def load_faults(mm: Any, vpn: int, pte: int) -> bool:
+    """Whether a user load of ``vpn`` through entry ``pte`` runs a kernel fault path.
+
+    ``handle_pte_fault`` (mm/memory.c, 6.2): ``if (!pte_present(vmf->orig_pte)) return
+    do_swap_page(vmf);`` (a swap or migration entry) and ``if (pte_protnone(vmf->orig_pte)
+    && vma_is_accessible(vmf->vma)) return do_numa_page(vmf);`` (a NUMA-hinting entry;
+    in a ``PROT_NONE`` VMA the load fails in ``access_error`` instead). An empty entry
+    faults too, but maps a fresh page: nothing left behind to read back.
+    """
+    if pte & PTE_SWAP:
+        return True
+    if pte and pte_protnone(pte):
+        vma = mm.find_vma(vpn)
+        return vma is not None and bool(vma.flags & (VM_READ | VM_WRITE))
+    return False
+
+
 class Teardown:
     """The harness's end of an episode: finish every operation, observe, then exit.
 
@@ -209,11 +227,13 @@ class Teardown:
        quiescent point, where the kernel's quiescent-point checks, the shadow sweep
        included, compare every mapped page and every pin with the shadow;
     2. **observes**, once per live process, through its lowest idle thread: a
-       ``dev_read`` of each of its pins, then a ``read`` of each catalogue address it
-       maps through a swap entry, each run to completion -- so corruption left behind
-       is read back through the kernel's own paths (DMA, swap-in) before the threads
-       exit. (A present page needs no read: the sweep at the quiescent point has just
-       compared the very value a read would return.) Observation only starts while the
+       ``dev_read`` of each of its pins, then a ``read`` of each catalogue address
+       whose entry a user load would fault on (:func:`load_faults`: a swap or migration
+       entry, or a NUMA-hinting entry -- ``pte_protnone`` in an accessible VMA), each
+       run to completion -- so corruption left behind is read back through the kernel's
+       own paths (DMA, swap-in, ``do_numa_page``) before the threads exit. (An accessible
+       present page needs no read: the sweep at the quiescent point has just compared
+       the very value a read would return.) Observation only starts while the
        reserve keeps :attr:`EXIT_SHARE` actions per live user thread for the exits, so
        that exit-time checks still run;
     3. exits idle user threads (highest tid first: children before their parents).
@@ -266,7 +286,7 @@ class Teardown:
             P = k.P
             for vpn, a in self._read.get(tid, []):
                 pmd = mm.pmd.get(vpn // P)
-                if pmd is None or not int(pmd.table.entries[vpn % P]) & PTE_SWAP:
+                if pmd is None or not load_faults(mm, vpn, int(pmd.table.entries[vpn % P])):
                     continue
                 if mask[a] and (t.pid, "page", vpn) not in self._observed:
                     self._observed.add((t.pid, "page", vpn))

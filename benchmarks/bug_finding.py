@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=100_000,
                    help="steps per run (default 100000)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per (flaw, agent) (default 8)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first run seed (default 0): seeds FIRST .. FIRST+SEEDS-1, to "
+                        "confirm on fresh seeds a setting chosen on seeds 0-7")
     p.add_argument("--agents", default=",".join(DEFAULT_AGENTS),
                    help=f"comma-separated, of {', '.join(AGENTS)} (default "
                         f"{','.join(DEFAULT_AGENTS)}; ppo = one column per training seed)")
@@ -432,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--agents: unknown agent {x!r}")
     if a.train_seeds < 1:
         p.error("--train-seeds: expected >= 1")
+    if a.first_seed < 0:
+        p.error("--first-seed: expected >= 0")
     ppo_cols = [f"ppo-t{j}" for j in range(a.train_seeds)]
     if "ppo" in agents:
         i = agents.index("ppo")
@@ -474,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 pending[fut] = ("train", (k, col))
         # Seed-major order (every flaw and agent at seed 0, then seed 1, ...), so that a run
         # cut short still has every cell at the first seeds (see the partial writes below).
-        for s in range(a.seeds):
+        for s in range(a.first_seed, a.first_seed + a.seeds):
             for f in flaws:
                 for ag in agents:
                     if ag.startswith("ppo-t"):
@@ -490,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         def measure_models() -> None:
             # Every model is trained: measure them seed-major, training seeds
             # interleaved, so a cut run reports every training seed alike.
-            for s in range(a.seeds):
+            for s in range(a.first_seed, a.first_seed + a.seeds):
                 for f in flaws:
                     for c in (c for c in agents if c.startswith("ppo-t")):
                         nf = pool.submit(run_one, f, fidx[f], c, s, a.budget,
@@ -583,7 +588,7 @@ def _write(a: argparse.Namespace, p: argparse.ArgumentParser, runs: list[dict[st
     summary = summarise(runs, flaws, agents, a.budget)
     if a.out is None:
         full = all(getattr(a, k) == p.get_default(k) for k in
-                   ("budget", "seeds", "agents", "flaws", "train_steps", "train_seeds"))
+                   ("budget", "seeds", "first_seed", "agents", "flaws", "train_steps", "train_seeds"))
         a.out = str(OUT) if full else tempfile.mkdtemp(prefix="cowenv-bug-finding-")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -591,7 +596,8 @@ def _write(a: argparse.Namespace, p: argparse.ArgumentParser, runs: list[dict[st
     if not final:
         md = (f"**Partial** ({len(runs)} runs so far; the run is still going or was "
               f"stopped).\n\n" + md)
-    result = {"budget": a.budget, "seeds": a.seeds, "agents": agents, "flaws": flaws,
+    result = {"budget": a.budget, "seeds": a.seeds, "first_seed": a.first_seed,
+              "agents": agents, "flaws": flaws,
               "seeds_per_agent": {ag: len({r["seed"] for r in runs if r["agent"] == ag})
                                   for ag in agents},
               "base_env": BASE_ENV, "bases": {f: flaw_base(f) for f in flaws},

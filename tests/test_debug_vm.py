@@ -177,6 +177,36 @@ def test_teardown_observes_pins_and_swapped_pages_before_exits() -> None:
     assert not [v for v in h.kernel.violations if v.kind != "selftest"]
 
 
+@pytest.mark.parametrize("flaws", [["numa-fault-writes-shared"], None])
+def test_teardown_reads_numa_hinting_entries(flaws) -> None:
+    """A NUMA-hinting entry left in a table COW-shared at fork is read back by the
+    teardown (a load takes do_numa_page): the flaw shows there; fixed stays silent."""
+    from cowenv.kernel.pgtable import pte_protnone
+
+    kw = {"geometry": "small", "terminate_on_violation": False}
+    h = Harness(variant="cowpte", flaws=flaws, **kw) if flaws else Harness(preset="fixed", **kw)
+    h.reset(0)
+    cat = h.catalogue
+    for op in ("write", "prctl_cow_pte", "numa_hint", "fork"):  # (tid 2 shares the mm)
+        h.step(next(i for i, sp in enumerate(cat)
+                    if sp.kind == "start" and sp.tid == 1 and sp.op == op))
+        while h.kernel.threads[1].gen is not None:
+            h.step(1)
+    mm = h.kernel.procs[1].mm
+    assert any(pte_protnone(int(e)) for tb in mm.pmd.values() for e in tb.table.entries if e)
+    assert not h.kernel.violations
+    td = Teardown()
+    reads = 0
+    for _ in range(400):
+        a = td.action(h)
+        if a is None:
+            break
+        reads += cat[a].kind == "start" and cat[a].op == "read"
+        h.step(a)
+    sigs = {v.signature for v in h.kernel.violations}
+    assert reads and sigs == ({"shared-table-write@do_numa_page"} if flaws else set())
+
+
 @pytest.mark.parametrize("variant", ["classic", "fixed"])
 def test_random_episodes_with_teardown_are_silent(variant: str) -> None:
     h = Harness(geometry="small", preset=variant, terminate_on_violation=False)

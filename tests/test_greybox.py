@@ -626,9 +626,12 @@ def test_fault_contexts_enumerate_n_per_call_context():
     h2, ag2 = _fc_agent()
     assert _play_acts(h2, ag2, [w, run])[0] == w and not ag2._fc_tries
 
-def test_window_stage_counts_its_steps_and_plays_what_it_finds():
+
+@pytest.mark.parametrize("fault_contexts", [0, 4])
+def test_window_stage_counts_its_steps_and_plays_what_it_finds(fault_contexts):
     """A systematic window's search counts as offline steps; the violation it shows is
-    played as the next episode, in which the env reports it (an ordinary schedule)."""
+    played as the next episode, in which the env reports it (an ordinary schedule). With
+    fault-context tries on as well, none is armed while that episode plays."""
     import sys
     from pathlib import Path
 
@@ -637,16 +640,19 @@ def test_window_stage_counts_its_steps_and_plays_what_it_finds():
 
     flaw = "table-free-no-deferral"
     h = Harness(**bf.env_kwargs(flaw))
-    ag = ca.make_agent("greybox", window_prob=1.0, seeds=[])  # (windows follow the seeds)
+    ag = ca.make_agent("greybox", window_prob=1.0, seeds=[],  # (windows follow the seeds)
+                       fault_contexts=fault_contexts)
     off = []
     for e in range(200):
         rng, rs = ca.episode_rng(0, 0, e)
         n = len(ag.window_found)
+        armed = ag.fc_stats["armed"]
         res = ca.run_episode(h, ag, rng, rs, teardown=32)
         off.append(ag.offline_steps)
         if e and n and ag.window_stats["played"] == n:
             # This episode played the window's finding of the episode before.
             assert ag.window_found[n - 1] in res.signatures
+            assert ag.fc_stats["armed"] == armed
             break
     else:
         raise AssertionError(f"no window finding played in 200 episodes: {ag.window_stats}")
