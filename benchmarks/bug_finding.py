@@ -588,7 +588,8 @@ def _write(a: argparse.Namespace, p: argparse.ArgumentParser, runs: list[dict[st
     summary = summarise(runs, flaws, agents, a.budget)
     if a.out is None:
         full = all(getattr(a, k) == p.get_default(k) for k in
-                   ("budget", "seeds", "first_seed", "agents", "flaws", "train_steps", "train_seeds"))
+                   ("budget", "seeds", "first_seed", "agents", "flaws", "train_steps",
+                    "train_seeds"))
         a.out = str(OUT) if full else tempfile.mkdtemp(prefix="cowenv-bug-finding-")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
