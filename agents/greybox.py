@@ -156,21 +156,23 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             ``fail_nth`` n armed right before them: per template, n = 1 first, n + 1
             next if the failure fired inside the call, else 1 again (syzkaller's
             ``failCall`` loop, one try per call in that context instead of one replay
-            per try; FIFUZZ's calling contexts). 0 (default): off.
+            per try; FIFUZZ's calling contexts). Default 4 (round 6); 0: off (the round-5
+            agent, ``--agents greybox-r5`` in the bug-finding benchmark).
         window_prob: Systematic windows (:mod:`cowenv_agents.greybox_window`): the
             probability that an operation working inside a page table shared between
             mms, started at a quiescent point by a thread with a sibling, has the
             window of operations around it searched (CHESS from the cut before it); a
-            violation the search shows is played as the next episode. 0 (default): off.
+            violation the search shows is played as the next episode. Default 1.0 (with
+            ``window_decay`` 4 and ``window_share`` 0.2: round 6); 0: off.
         window_bound: Preemption bound of a window's search.
         window_cap: Most transitions one window's search executes (each counts as a
             step: ``offline_steps``).
         window_uses: Accesses to the shared table by the sibling thread in a window.
         window_decay: ``d``: an operation (kind and variant) around which ``n`` windows
             were searched opens the next with probability ``window_prob * d / (d + n)``
-            (0: no decay).
+            (0: no decay; default 4).
         window_share: Windows open only while the steps they took are at most this
-            share of all steps so far.
+            share of all steps so far (default 0.2).
 
     """
 
@@ -186,9 +188,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  race_len: int = 16, race_episodes: float = 0.2, fault_triage: bool = False,
                  triage_prob: float = 1.0, fault_features: bool | None = None,
                  cut_fault: float = 0.0, explore_max: float | None = None,
-                 explore_window: int = 40, fault_contexts: int = 0, window_prob: float = 0.0,
+                 explore_window: int = 40, fault_contexts: int = 4, window_prob: float = 1.0,
                  window_bound: int = 1, window_cap: int = 2000, window_uses: int = 2,
-                 window_decay: float = 0.0, window_share: float = 1.0) -> None:
+                 window_decay: float = 4.0, window_share: float = 0.2) -> None:
         super().__init__()
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
                           window_share)

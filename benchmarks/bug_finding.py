@@ -57,7 +57,7 @@ AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-
           "greybox-explore30", "greybox-race", "greybox-race20", "greybox-norace",
           "greybox-triage", "greybox-race20-triage", "greybox-faultctx", "greybox-faultctx1",
           "greybox-window", "greybox-window30", "greybox-window-d4s30", "greybox-window-d4s20",
-          "greybox-faultctx-window")
+          "greybox-faultctx-window", "greybox-r5")
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenarios of the flaw it is measured on (:func:`flaw_scenarios`: held out,
@@ -71,6 +71,12 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
+#: ``greybox-r5``: the round-5 greybox (context-sensitive fault injection and systematic
+#: windows off: the defaults before round 6). Every variant measured before round 6 pins
+#: it, so that its command still measures what its table says; the round-6 stages are set
+#: on top where a variant names them.
+R5: dict[str, Any] = {"fault_contexts": 0, "window_prob": 0.0, "window_decay": 0.0,
+                      "window_share": 1.0}
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-template": ("random", {"choice": "template"}),
     "random-op": ("random", {"choice": "op"}),
@@ -79,23 +85,24 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "ql-fine": ("ql", {"state": "fine", "actions": "catalogue"}),
     "ql-fine-kind": ("ql", {"state": "fine", "actions": "kind"}),
     "greybox": ("greybox", {}),
-    "greybox-label": ("greybox", {"feedback": "label"}),
-    "greybox-noseed": ("greybox", {"seeds": []}),
-    "greybox-thread": ("greybox", {"choice": "thread"}),
-    "greybox-explore30": ("greybox", {"explore": 0.3}),
-    "greybox-race": ("greybox", {"race_episodes": 0.3}),
-    "greybox-race20": ("greybox", {"race_episodes": 0.2}),
-    "greybox-norace": ("greybox", {"race_episodes": 0.0}),
-    "greybox-triage": ("greybox", {"fault_triage": True, "explore_max": 0.4}),
-    "greybox-race20-triage": ("greybox", {"race_episodes": 0.2, "fault_triage": True,
+    "greybox-r5": ("greybox", R5),
+    "greybox-label": ("greybox", {**R5, "feedback": "label"}),
+    "greybox-noseed": ("greybox", {**R5, "seeds": []}),
+    "greybox-thread": ("greybox", {**R5, "choice": "thread"}),
+    "greybox-explore30": ("greybox", {**R5, "explore": 0.3}),
+    "greybox-race": ("greybox", {**R5, "race_episodes": 0.3}),
+    "greybox-race20": ("greybox", {**R5, "race_episodes": 0.2}),
+    "greybox-norace": ("greybox", {**R5, "race_episodes": 0.0}),
+    "greybox-triage": ("greybox", {**R5, "fault_triage": True, "explore_max": 0.4}),
+    "greybox-race20-triage": ("greybox", {**R5, "race_episodes": 0.2, "fault_triage": True,
                                           "explore_max": 0.4}),
-    "greybox-faultctx": ("greybox", {"fault_contexts": 4}),
-    "greybox-faultctx1": ("greybox", {"fault_contexts": 1}),
-    "greybox-window": ("greybox", {"window_prob": 1.0}),
-    "greybox-window30": ("greybox", {"window_prob": 0.3}),
-    "greybox-window-d4s30": ("greybox", {"window_prob": 1.0, "window_decay": 4.0,
+    "greybox-faultctx": ("greybox", {**R5, "fault_contexts": 4}),
+    "greybox-faultctx1": ("greybox", {**R5, "fault_contexts": 1}),
+    "greybox-window": ("greybox", {**R5, "window_prob": 1.0}),
+    "greybox-window30": ("greybox", {**R5, "window_prob": 0.3}),
+    "greybox-window-d4s30": ("greybox", {**R5, "window_prob": 1.0, "window_decay": 4.0,
                                          "window_share": 0.3}),
-    "greybox-window-d4s20": ("greybox", {"window_prob": 1.0, "window_decay": 4.0,
+    "greybox-window-d4s20": ("greybox", {**R5, "window_prob": 1.0, "window_decay": 4.0,
                                          "window_share": 0.2}),
     "greybox-faultctx-window": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
                                             "window_decay": 4.0, "window_share": 0.2}),

@@ -622,9 +622,10 @@ def test_fault_contexts_enumerate_n_per_call_context():
     pctx = call_context(k, ci.catalogue[p])
     _play_acts(h, ag, [p, run, run])
     assert ag._fc_tries[pctx] == 1 and ag._fc_n[(pctx, p)] == 1
-    # Off (0) by default, and during the seed plays: nothing armed.
-    h2, ag2 = _fc_agent()
+    # Off with 0 (on by default: K = 4): nothing armed.
+    h2, ag2 = _fc_agent(fault_contexts=0)
     assert _play_acts(h2, ag2, [w, run])[0] == w and not ag2._fc_tries
+    assert ca.make_agent("greybox").fault_contexts == 4
 
 
 @pytest.mark.parametrize("fault_contexts", [0, 4])
@@ -659,11 +660,13 @@ def test_window_stage_counts_its_steps_and_plays_what_it_finds(fault_contexts):
     assert ag.window_stats["windows"] >= 1 and off[-1] >= ag.window_stats["transitions"] > 0
 
 
-def test_window_stage_off_by_default_and_checks_its_options():
+def test_window_stage_off_with_zero_and_checks_its_options():
     h = Harness(**SMALL_KW, terminate_on_violation=False)
-    a = ca.make_agent("greybox", seeds=[])
+    a = ca.make_agent("greybox", seeds=[], window_prob=0.0)
     _play(a, h, 3, 6)
-    assert a.window_prob == 0.0 and a.offline_steps == 0 and a.window_stats["triggers"] == 0
+    assert a.offline_steps == 0 and a.window_stats["triggers"] == 0
+    d = ca.make_agent("greybox")  # on by default (round 6): decay 4, share 0.2
+    assert (d.window_prob, d.window_decay, d.window_share) == (1.0, 4.0, 0.2)
     for bad in ({"window_prob": 1.5}, {"window_bound": -1}, {"window_cap": 0}):
         with pytest.raises(ValueError, match="window_prob"):
             ca.make_agent("greybox", **bad)
