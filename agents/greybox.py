@@ -140,6 +140,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             plays takes a queued job (when there is one and it is not a random one).
         fault_features: Whether injected allocation failures (operation, site) are
             corpus features (default: with ``fault_triage`` or ``explore_max``).
+        arg_features: Whether call argument states (operation, variant, state of the
+            page it addresses: :func:`cowenv.greybox.call_context`) are corpus features.
         cut_fault: Probability that an unmutated replay of a parent's prefix arms a
             fault on the call that reached the cut's new feature (sampled triage,
             :meth:`_cut_fault_child`). Off by default; measured no better.
@@ -188,7 +190,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  race_len: int = 16, race_episodes: float = 0.2, fault_triage: bool = False,
                  triage_prob: float = 1.0, fault_features: bool | None = None,
                  cut_fault: float = 0.0, explore_max: float | None = None,
-                 explore_window: int = 40, fault_contexts: int = 4, window_prob: float = 1.0,
+                 explore_window: int = 40, fault_contexts: int = 4, arg_features: bool = False,
+                 window_prob: float = 1.0,
                  window_bound: int = 1, window_cap: int = 2000, window_uses: int = 2,
                  window_decay: float = 4.0, window_share: float = 0.2) -> None:
         super().__init__()
@@ -239,7 +242,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.tracker = FeatureTracker(
             feedback, tlb=tlb_features,
             faults=(fault_triage or explore_max is not None) if fault_features is None
-            else bool(fault_features))
+            else bool(fault_features), args=arg_features)
+        self.arg_features = bool(arg_features)
         self.fault_triage = bool(fault_triage)
         self.triage_prob = float(triage_prob)
         self.cut_fault = float(cut_fault)

@@ -58,7 +58,7 @@ import numpy as np
 from .catalogue import ActionSpec, range_pmds
 from .kernel import KSWAPD_TID, Kernel
 from .kernel.memory import PG_allocated, PG_anon_exclusive
-from .kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE
+from .kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE, pte_protnone
 
 FEEDBACKS = ("label", "interleaving")
 #: ``recorded`` keys of a corpus file.
@@ -182,10 +182,12 @@ def _arg_state(k: Kernel, spec: ActionSpec) -> tuple[str, str]:
 
     ``(pmd, pte)``: the PMD entry is absent (``none``), COW-shared (write-protected and
     the table referenced more than once, ``shared``), write-protected with one
-    reference left (``wp``) or ``private``; the PTE is ``none``, ``present`` or ``swap`` (another
-    non-present entry). A call's argument state, as syzkaller's resources give a call
-    the state an earlier call left: the same ``mremap`` on a range whose table is
-    shared runs another path (a break first) than on a private one. ``("", "")`` for a
+    reference left (``wp``) or ``private``; the PTE is ``none``, ``present``,
+    ``protnone`` (``pte_protnone``: a ``PROT_NONE`` or NUMA-hinting entry, on which a
+    fault runs ``do_numa_page``) or ``swap`` (another non-present entry). A call's
+    argument state, as syzkaller's resources give a call the state an earlier call
+    left: the same ``mremap`` on a range whose table is shared runs another path (a
+    break first) than on a private one. ``("", "")`` for a
     call without an address.
     """
     a = dict(spec.args).get("addr")
@@ -200,6 +202,8 @@ def _arg_state(k: Kernel, spec: ActionSpec) -> tuple[str, str]:
         return "none", "none"
     pte = int(e.table.entries[vpn % P])
     st = "present" if pte & PTE_PRESENT else ("swap" if pte else "none")
+    if st == "present" and pte_protnone(pte):
+        st = "protnone"  # PROT_NONE or NUMA-hinting: a load takes another path
     if e.write:
         return "private", st
     # Write-protected: shared with another mm, or left write-protected after the other
@@ -235,16 +239,20 @@ class FeatureTracker:
         tlb: With ``interleaving``, also the TLB staleness features (:func:`_tlb_states`).
         faults: Also the code features (:attr:`code`: call argument states, injected
             allocation failures).
+        args: Call argument states (``A``) are corpus features too (a call reaching a
+            page in a state no call reached before: syzkaller's resources, the state an
+            earlier call left).
 
     """
 
     def __init__(self, feedback: str = "interleaving", tlb: bool = True,
-                 faults: bool = False) -> None:
+                 faults: bool = False, args: bool = False) -> None:
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback: expected one of {', '.join(FEEDBACKS)}")
         self.feedback = feedback
         self.tlb = bool(tlb)
         self.faults = bool(faults)
+        self.args = bool(args)
         #: The *code* features of the last step (with ``faults``; :meth:`step`): a
         #: call's argument state and injected allocation failures.
         self.code: list[int] = []
@@ -329,8 +337,12 @@ class FeatureTracker:
                 out.extend(fid("G", *g) for g in _pin_states(k))
             if self.tlb:
                 out.extend(fid("T", *x) for x in sorted(_tlb_states(k)))
-        if spec.kind == "start" and faults:
-            code.append(fid("A", spec.op, spec_variant(spec), *_arg_state(k, spec)))
+        if spec.kind == "start" and (faults or self.args):
+            a = fid("A", spec.op, spec_variant(spec), *_arg_state(k, spec))
+            if faults:
+                code.append(a)
+            if self.args:
+                out.append(a)
         if spec.kind == "start" and inter:
             self._variant[spec.tid] = spec_variant(spec)
             nshared, _ = _shared_tables(k)

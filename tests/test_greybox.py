@@ -670,3 +670,30 @@ def test_window_stage_off_with_zero_and_checks_its_options():
     for bad in ({"window_prob": 1.5}, {"window_bound": -1}, {"window_cap": 0}):
         with pytest.raises(ValueError, match="window_prob"):
             ca.make_agent("greybox", **bad)
+
+
+def test_arg_states_tell_protnone_and_can_be_corpus_features():
+    """A NUMA-hinting entry is its own PTE state (a load runs do_numa_page), and with
+    ``arg_features`` a call's argument state is a corpus feature, not only a code one."""
+    from cowenv.greybox import FeatureTracker, call_context, fid
+
+    h = Harness(**SMALL_KW, terminate_on_violation=False)
+    h.reset(0)
+    cat = h.catalogue
+    hint = next(sp for sp in cat if sp.kind == "start" and sp.tid == 1 and sp.op == "numa_hint")
+    lo = dict(hint.args)["addr"]
+    hi = lo + dict(hint.args)["length"]
+    read = next(i for i, sp in enumerate(cat) if sp.kind == "start" and sp.tid == 1
+                and sp.op == "read" and lo <= dict(sp.args)["addr"] < hi)
+    for a in (read, cat.index(hint)):  # map the page, then make it protnone
+        h.step(a)
+        while h.kernel.threads[1].gen is not None:
+            h.step(1)
+    assert call_context(h.kernel, cat[read])[2:] == ("private", "protnone")
+    plain, args = FeatureTracker(), FeatureTracker(args=True)
+    plain.reset(h.kernel)
+    args.reset(h.kernel)
+    a_feat = fid("A", "read", "", "private", "protnone")
+    assert a_feat not in plain.step(h.kernel, cat[read])
+    assert a_feat in args.step(h.kernel, cat[read]) and not args.code
+    assert ca.make_agent("greybox").arg_features is False
