@@ -337,6 +337,13 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
     q.put(("done", w, steps, episodes))
 
 
+def _config_flaws(cfg: Any) -> list[str]:
+    """The flaws a campaign configuration switches on."""
+    from .harness import Harness
+
+    return list(Harness(**cfg.env_kwargs).config.flaws)
+
+
 def violation_context(env: Any, depth: int = 2) -> str:
     """The context of a violation for the cause search: the last operations started.
 
@@ -948,6 +955,7 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
     cause_results: list[tuple[int, list[str], float]] = []
     # Cause-search candidates: (signature, context, schedule), first report per pair.
     rehits: dict[tuple[str, str], dict[str, Any]] = {}
+    cause_on = bool(cfg.cause_seconds) and len(_config_flaws(cfg)) >= 2
 
     def start_minimisers(n: int) -> None:
         """Have ``n`` minimiser processes (one while the workers run, more after)."""
@@ -1059,13 +1067,11 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
         import yaml
 
         from .findings import signature_slug
-        from .harness import Harness
         from .scenario import save_scenario
 
         if not cfg.cause_seconds or not rehits or interrupted:
             return 0
-        on = list(Harness(**cfg.env_kwargs).config.flaws)
-        todo = [f for f in on if f not in demonstrated()]
+        todo = [f for f in _config_flaws(cfg) if f not in demonstrated()]
         # The findings' own (minimised) schedules too: one filed as "(combination)" or
         # for one flaw may still show another one masked, or need it (leave-one-out).
         filed: list[tuple[str, str, dict[str, Any]]] = []
@@ -1179,6 +1185,12 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                 elif kind == "finding":
                     if record(msg):
                         submit(msg[2])
+                    if cause_on:
+                        # The first report's own schedule, before minimisation, is a
+                        # cause-search candidate too: minimising keeps the signature,
+                        # not its cause (a shorter schedule may reach the same oracle
+                        # through other flaws' paths).
+                        rehits.setdefault((msg[2], "(first report)"), msg[3])
                 elif kind == "rehit":
                     rehits.setdefault((msg[2], msg[4]), msg[3])
                 elif kind == "error":
