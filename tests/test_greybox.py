@@ -642,9 +642,13 @@ def test_window_stage_counts_its_steps_and_plays_what_it_finds(fault_contexts):
     flaw = "table-free-no-deferral"
     h = Harness(**bf.env_kwargs(flaw))
     ag = ca.make_agent("greybox", window_prob=1.0, seeds=[],  # (windows follow the seeds)
-                       fault_contexts=fault_contexts)
+                       window_decay=0.0, window_share=1.0,  # every trigger opens one
+                       fault_contexts=0)
     off = []
     for e in range(200):
+        if ag._win_next is not None:
+            # Fault-context tries on from the episode that plays the window's finding.
+            ag.fault_contexts = fault_contexts
         rng, rs = ca.episode_rng(0, 0, e)
         n = len(ag.window_found)
         armed = ag.fc_stats["armed"]
