@@ -57,7 +57,7 @@ AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-
           "greybox-explore30", "greybox-race", "greybox-race20", "greybox-norace",
           "greybox-triage", "greybox-race20-triage", "greybox-faultctx", "greybox-faultctx1",
           "greybox-window", "greybox-window30", "greybox-window-d4s30", "greybox-window-d4s20",
-          "greybox-faultctx-window", "greybox-r5", "greybox-fcw-args")
+          "greybox-faultctx-window", "greybox-r5", "greybox-fcw-args", "greybox-s30")
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenarios of the flaw it is measured on (:func:`flaw_scenarios`: held out,
@@ -106,6 +106,8 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
                                          "window_share": 0.2}),
     "greybox-faultctx-window": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
                                             "window_decay": 4.0, "window_share": 0.2}),
+    "greybox-s30": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
+                                "window_decay": 4.0, "window_share": 0.3}),
     "greybox-fcw-args": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
                                      "window_decay": 4.0, "window_share": 0.2,
                                      "arg_features": True}),

@@ -669,8 +669,8 @@ def test_window_stage_off_with_zero_and_checks_its_options():
     a = ca.make_agent("greybox", seeds=[], window_prob=0.0)
     _play(a, h, 3, 6)
     assert a.offline_steps == 0 and a.window_stats["triggers"] == 0
-    d = ca.make_agent("greybox")  # on by default (round 6): decay 4, share 0.2
-    assert (d.window_prob, d.window_decay, d.window_share) == (1.0, 4.0, 0.2)
+    d = ca.make_agent("greybox")  # on by default (round 6): decay 4, share 0.3
+    assert (d.window_prob, d.window_decay, d.window_share) == (1.0, 4.0, 0.3)
     for bad in ({"window_prob": 1.5}, {"window_bound": -1}, {"window_cap": 0}):
         with pytest.raises(ValueError, match="window_prob"):
             ca.make_agent("greybox", **bad)
