@@ -31,7 +31,7 @@ import numpy as np
 
 from cowenv.harness import Harness
 from cowenv.kernel import KSWAPD_TID
-from cowenv.kernel.mm import VM_READ, VM_WRITE
+from cowenv.kernel.mm import MmStruct, vma_is_accessible
 from cowenv.kernel.pgtable import PTE_SWAP, pte_protnone
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ class KindChooser:
         return int(pool[rng.integers(len(pool))])
 
 
-def load_faults(mm: Any, vpn: int, pte: int) -> bool:
+def load_faults(mm: MmStruct, vpn: int, pte: int) -> bool:
     """Whether a user load of ``vpn`` through entry ``pte`` runs a kernel fault path.
 
     ``handle_pte_fault`` (mm/memory.c, 6.2): ``if (!pte_present(vmf->orig_pte)) return
@@ -209,9 +209,9 @@ def load_faults(mm: Any, vpn: int, pte: int) -> bool:
     """
     if pte & PTE_SWAP:
         return True
-    if pte and pte_protnone(pte):
+    if pte_protnone(pte):
         vma = mm.find_vma(vpn)
-        return vma is not None and bool(vma.flags & (VM_READ | VM_WRITE))
+        return vma is not None and vma_is_accessible(vma)
     return False
 
 
@@ -345,10 +345,14 @@ class EpisodeResult:
         signatures: ``signature -> action index`` (1-based, 0 = during reset) of the
             first report of each violation signature in this episode, simulator
             defects included.
+        offline_steps: Steps the agent executed outside the env during the episode
+            (its ``offline_steps`` counter: greybox's systematic windows search with a
+            kernel copy of their own); a step budget counts them like env steps.
 
     """
 
     steps: int = 0
+    offline_steps: int = 0
     ret: float = 0.0
     terminated: bool = False
     stopped: bool = False
@@ -393,6 +397,7 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
     else:
         obs, info = None, {}
         first = [v.to_dict() for v in h.reset(reset_seed)]
+    off0 = getattr(agent, "offline_steps", 0)
     agent.begin_episode(env, rng)
     res = EpisodeResult()
     stop = False
@@ -437,4 +442,5 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
     res.terminated = bool(terminated)
     res.stopped = stop
     agent.end_episode(env)
+    res.offline_steps = getattr(agent, "offline_steps", 0) - off0
     return res

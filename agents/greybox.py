@@ -244,7 +244,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             feedback, tlb=tlb_features,
             faults=(fault_triage or explore_max is not None) if fault_features is None
             else bool(fault_features), args=arg_features)
-        self.arg_features = bool(arg_features)
         self.fault_triage = bool(fault_triage)
         self.triage_prob = float(triage_prob)
         self.cut_fault = float(cut_fault)

@@ -58,8 +58,9 @@ if TYPE_CHECKING:
 #: it maps. A store would break the COW sharing first, and a load of an empty entry
 #: would fault and fill it: mutations of their own, not observations.
 WINDOW_USES = ("read", "pin")
-#: The ways another holder of the table drops its reference.
-WINDOW_RELEASES = ("exit", "munmap")
+#: Actions at the end of an episode a played window leaves free: the harness teardown of
+#: campaigns and the bug-finding benchmark (``CampaignConfig.teardown``, 32 by default).
+TEARDOWN_RESERVE = 32
 
 
 class WindowStage:
@@ -156,11 +157,10 @@ class WindowStage:
         ci = self._ci
         rng = self.rng
         k_env = env.kernel
+        base = getattr(env, "harness", env)
         h = self._win_h
         if h is None:
-            base = getattr(env, "harness", env)
             h = self._win_h = Harness(**base.init_kwargs)
-        base = getattr(env, "harness", env)
         h.reset(base.episode_seed)
         for a in self._taken[:cut]:
             h.step(a)
@@ -213,7 +213,7 @@ class WindowStage:
             oidx = {i for i, e in p.mm.pmd.items() if e.table.pfn == pfn}
             if ts:
                 t = ts[int(rng.integers(len(ts)))]
-                cands = [i for i in ci.by_tid_op.get((t, "exit"), ())]
+                cands = list(ci.by_tid_op.get((t, "exit"), ()))
                 mun = [i for i in ci.by_tid_op.get((t, "munmap"), ())
                        if oidx & set(ci.span[i])]
                 kinds = [c for c in (cands, mun) if c]
@@ -236,7 +236,7 @@ class WindowStage:
                       max_transitions=self.window_cap)
         self.offline_steps += res.transitions
         self.window_stats["transitions"] += res.transitions
-        limit = env.max_steps - 32
+        limit = env.max_steps - TEARDOWN_RESERVE
         for f in res.findings:
             kind = f.signature.split("@", 1)[0]
             if kind == "simulator" or f.signature in self._win_sigs:
@@ -253,15 +253,7 @@ class WindowStage:
     @staticmethod
     def _op_item(h: Harness, sp: Any) -> OpItem:
         """Catalogue start ``sp`` as an explore operation (slots resolved as the harness does)."""
-        args = dict(sp.args)
-        k = h.kernel
-        if sp.pin_slot >= 0:
-            pins = h.pins_of(k, k.threads[sp.tid].pid)
-            args["pin"] = pins[sp.pin_slot] if sp.pin_slot < len(pins) else -1
-        if sp.proc_slot >= 0:
-            procs = k.live_procs()
-            args["pid"] = procs[sp.proc_slot].pid if sp.proc_slot < len(procs) else -1
-        return OpItem(sp.op, args)
+        return OpItem(sp.op, h.start_args(h.kernel, sp))
 
     @staticmethod
     def _window_actions(ci: Any, acts: dict[int, list[int]],

@@ -209,13 +209,14 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
     found: dict[str, Any] | None = None
     unattributed: dict[str, int] = {}
     # Steps an agent executes outside the env (greybox's systematic windows search from
-    # a state of the episode with their own kernel copy) count like env steps.
-    offline0 = getattr(ag, "offline_steps", 0)
+    # a state of the episode with their own kernel copy) count like env steps: those of
+    # the episode so far at a detection, all of them after it (EpisodeResult).
     while steps < budget and found is None:
         rng, reset_seed = ca.episode_rng(seed, fi, episodes)
         base = steps
+        off0 = getattr(ag, "offline_steps", 0)
 
-        def hook(i: int, v: dict[str, Any], base: int = base, off0: int = offline0) -> bool:
+        def hook(i: int, v: dict[str, Any], base: int = base, off0: int = off0) -> bool:
             nonlocal found
             sig = v["signature"]
             if sig not in tset or v["kind"] == "simulator":
@@ -232,9 +233,7 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
 
         res = ca.run_episode(env, ag, rng, reset_seed, max_actions=budget - steps,
                              on_violation=hook, teardown=TEARDOWN)
-        off = getattr(ag, "offline_steps", 0)
-        steps += res.steps + off - offline0
-        offline0 = off
+        steps += res.steps + res.offline_steps
         episodes += 1
     return {"flaw": flaw, "agent": agent, "seed": seed, "found": found is not None,
             "steps": found["step"] if found else None,

@@ -318,12 +318,11 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
             q.put(("finding", w, sig, finding_data(env, cfg, w, ep, base + i, v), base + i, ep))
             return False
 
-        off0 = getattr(agent, "offline_steps", 0)
         res = ca.run_episode(env, agent, rng, reset_seed, max_actions=budget - steps,
                              on_violation=on_violation, teardown=cfg.teardown)
         # Steps an agent executed outside the env (greybox's systematic windows) count
         # against the budget like env steps.
-        steps += res.steps + getattr(agent, "offline_steps", 0) - off0
+        steps += res.steps + res.offline_steps
         episodes += 1
         q.put(("progress", w, steps, episodes))
         now = time.monotonic()
@@ -335,13 +334,6 @@ def _worker_loop(cfg: CampaignConfig, w: int, out: Path, q: Any, stop: Any,
             return
     checkpoint()
     q.put(("done", w, steps, episodes))
-
-
-def _config_flaws(cfg: Any) -> list[str]:
-    """The flaws a campaign configuration switches on."""
-    from .harness import Harness
-
-    return list(Harness(**cfg.env_kwargs).config.flaws)
 
 
 def violation_context(env: Any, depth: int = 2) -> str:
@@ -884,6 +876,7 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
                 backend: Any = None) -> CampaignResult:
     """:func:`run_campaign` once ``outp`` is locked."""
     from .findings import FindingStore
+    from .harness import Harness
 
     prev = _load_state(outp)
     if prev is not None and prev.get("config") != cfg.identity():
@@ -955,7 +948,9 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
     cause_results: list[tuple[int, list[str], float]] = []
     # Cause-search candidates: (signature, context, schedule), first report per pair.
     rehits: dict[tuple[str, str], dict[str, Any]] = {}
-    cause_on = bool(cfg.cause_seconds) and len(_config_flaws(cfg)) >= 2
+    # The flaws the cause search tries (none without one).
+    flaws_on = list(Harness(**cfg.env_kwargs).config.flaws) if cfg.cause_seconds else []
+    cause_on = len(flaws_on) >= 2
 
     def start_minimisers(n: int) -> None:
         """Have ``n`` minimiser processes (one while the workers run, more after)."""
@@ -1071,7 +1066,7 @@ def _run_locked(cfg: CampaignConfig, outp: Path, show: bool,
 
         if not cfg.cause_seconds or not rehits or interrupted:
             return 0
-        todo = [f for f in _config_flaws(cfg) if f not in demonstrated()]
+        todo = [f for f in flaws_on if f not in demonstrated()]
         # The findings' own (minimised) schedules too: one filed as "(combination)" or
         # for one flaw may still show another one masked, or need it (leave-one-out).
         filed: list[tuple[str, str, dict[str, Any]]] = []

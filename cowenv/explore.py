@@ -237,12 +237,15 @@ class Run:
         data (with its oracle's shadow state). The trace is left out (footprints read
         only the events of the step being taken).
         """
-        k = self.k
+        return self._dump(self.k, self.pc, self.names, self.bind, self.steps, self.nv)
+
+    @staticmethod
+    def _dump(k: Kernel, *state: Any) -> bytes:
+        """Pickle kernel ``k`` and the run's ``state`` (as :meth:`restore` unpacks), no trace."""
         ev = k.events
         k.events = []
         try:
-            return pickle.dumps((k, self.pc, self.names, self.bind, self.steps, self.nv),
-                                protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((k, *state), protocol=pickle.HIGHEST_PROTOCOL)
         finally:
             k.events = ev
 
@@ -260,13 +263,7 @@ class Run:
         """
         if not k.quiescent():
             raise ValueError("start_snapshot: the kernel is not at a quiescent point")
-        ev = k.events
-        k.events = []
-        try:
-            return pickle.dumps((k, dict.fromkeys(progs, 0), {}, {}, [], len(k.violations)),
-                                protocol=pickle.HIGHEST_PROTOCOL)
-        finally:
-            k.events = ev
+        return Run._dump(k, dict.fromkeys(progs, 0), {}, {}, [], len(k.violations))
 
     @classmethod
     def restore(cls, progs: dict[int, list[OpItem]], snap: bytes) -> Run:

@@ -726,11 +726,7 @@ class Harness:
                 k.event("fail_nth", n=spec.n)
                 rec = {"event": "fail_nth", "n": spec.n}
         else:
-            args = dict(spec.args)
-            if spec.pin_slot >= 0:
-                args["pin"] = self.pins_of(k, k.threads[spec.tid].pid)[spec.pin_slot]
-            if spec.proc_slot >= 0:
-                args["pid"] = k.live_procs()[spec.proc_slot].pid
+            args = self.start_args(k, spec)
             k.start(spec.tid, spec.op, args)
             rec = {"tid": spec.tid, "start": spec.op}
             if args:
@@ -738,6 +734,23 @@ class Harness:
         self.recorded.append(rec)
         self.labels.append(None)
         return rec, ""
+
+    @classmethod
+    def start_args(cls, k: Kernel, spec: ActionSpec) -> dict[str, Any]:
+        """The kernel arguments of catalogue start ``spec`` in ``k``'s current state.
+
+        A pin slot names the process's pin of that rank (:meth:`pins_of`), a process slot
+        the live process of that rank; a slot with nothing in it (the action is not legal
+        now) gives -1, which the operation rejects.
+        """
+        args = dict(spec.args)
+        if spec.pin_slot >= 0:
+            pins = cls.pins_of(k, k.threads[spec.tid].pid)
+            args["pin"] = pins[spec.pin_slot] if spec.pin_slot < len(pins) else -1
+        if spec.proc_slot >= 0:
+            procs = k.live_procs()
+            args["pid"] = procs[spec.proc_slot].pid if spec.proc_slot < len(procs) else -1
+        return args
 
     @staticmethod
     def pins_of(k: Kernel, pid: int) -> list[int]:

@@ -235,3 +235,28 @@ def test_new_scenario_catches_unmap_ignores_pin_through_the_pin_check() -> None:
     assert not r.passed
     assert sigs[0] == "pin-coherence@sanity_check_pinned_pages"
     assert "pin-coherence@dev_read" in sigs  # and the device really reads stale data
+
+
+def test_numa_reach_counts_the_shared_numa_state() -> None:
+    """benchmarks/numa_reach.py: the state it counts is the one the flaw's scenario builds
+    right before its read (a COW-shared table holding accessible NUMA-hinting entries)."""
+    import numa_reach as nr
+
+    h = Harness(variant="cowpte", flaws=["numa-fault-writes-shared"], geometry="small",
+                terminate_on_violation=False)
+    h.reset(0)
+    cat = h.catalogue
+    assert nr.shared_numa_entries(h.kernel) == 0
+    for op in ("write", "prctl_cow_pte", "numa_hint"):
+        h.step(next(i for i, sp in enumerate(cat)
+                    if sp.kind == "start" and sp.tid == 1 and sp.op == op))
+        while h.kernel.threads[1].gen is not None:
+            h.step(1)
+    assert nr.shared_numa_entries(h.kernel) == 0  # protnone, but the table is private
+    h.step(next(i for i, sp in enumerate(cat)
+                if sp.kind == "start" and sp.tid == 1 and sp.op == "fork"))
+    while h.kernel.threads[1].gen is not None:
+        h.step(1)
+    assert nr.shared_numa_entries(h.kernel) > 0
+    r = nr.measure("random", 0, 300)
+    assert r["steps"] >= 300 and r["episodes"] >= 1

@@ -700,4 +700,4 @@ def test_arg_states_tell_protnone_and_can_be_corpus_features():
     a_feat = fid("A", "read", "", "private", "protnone")
     assert a_feat not in plain.step(h.kernel, cat[read])
     assert a_feat in args.step(h.kernel, cat[read]) and not args.code
-    assert ca.make_agent("greybox").arg_features is False
+    assert ca.make_agent("greybox").tracker.args is False

@@ -31,6 +31,7 @@ from .mm import (
     VM_WRITE,
     MmStruct,
     Vma,
+    vma_is_accessible,
 )
 from .ops import EAGAIN, EFAULT
 from .pgtable import (
@@ -281,7 +282,7 @@ class FaultMixin:
         # if (pte_protnone(vmf->orig_pte) && vma_is_accessible(vmf->vma))
         #         return do_numa_page(vmf);
         # (A protnone entry in a PROT_NONE VMA never gets here: access_error() above.)
-        if not orig & PTE_USER and vma.flags & (VM_READ | VM_WRITE):
+        if not orig & PTE_USER and vma_is_accessible(vma):
             ret = yield from self.cow_numa_fault_hook(t, vma, vpn, flags)
             if ret != VM_FAULT_OK:
                 return ret

@@ -20,7 +20,7 @@ return to user space -- over an explicit ``[addr, addr + length)`` window instea
 from __future__ import annotations
 
 from .locks import READ
-from .mm import VM_READ, VM_WRITE, Vma
+from .mm import Vma, vma_is_accessible
 from .sched import Gen, Thread
 
 
@@ -67,7 +67,7 @@ class MempolicyMixin:
         yield from self.lock(t, lk, READ, "task_numa_work")
         total = 0
         for vma in mm.vmas_in(start, end):
-            if vma.detached or not vma.flags & (VM_READ | VM_WRITE):
+            if vma.detached or not vma_is_accessible(vma):
                 continue
             n = yield from self.change_prot_numa(t, vma, max(start, vma.start),
                                                  min(end, vma.end))

@@ -133,6 +133,14 @@ class Vma:
         return f"Vma({self.id}, {self.start:#x}-{self.end:#x}, {self.flags:#x})"
 
 
+def vma_is_accessible(vma: Vma) -> bool:
+    """``vma_is_accessible`` (include/linux/mm.h, 6.2): ``vm_flags & VM_ACCESS_FLAGS``.
+
+    Read, write or exec; the model has no ``VM_EXEC`` (x86 has no write-only pages).
+    """
+    return bool(vma.flags & (VM_READ | VM_WRITE))
+
+
 class MmStruct:
     """``struct mm_struct``.
 
