@@ -109,6 +109,15 @@ class Agent:
                 terminated: bool, truncated: bool, info: dict[str, Any]) -> None:
         """Feedback after ``env.step(action)`` (learning agents update here)."""
 
+    def done(self) -> bool:
+        """Whether the agent is through with this episode before its last action.
+
+        :func:`run_episode` then hands the rest of the episode to the harness's
+        :class:`Teardown` (or, without one, ends the episode): a fuzzer's test case has
+        its own length. Default: never (the agent plays until the teardown's reserve).
+        """
+        return False
+
     def end_episode(self, env: CowEnv) -> None:
         """End of an episode (after the last :meth:`observe`)."""
 
@@ -384,7 +393,8 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
             violation (``kind``, ``site``, ``signature``, ``step``, ``message``, ...);
             returning True stops the episode after this action.
         teardown: The last ``teardown`` actions of the episode (of ``env.max_steps``)
-            are the harness's :class:`Teardown`, not the agent's (0 = none).
+            are the harness's :class:`Teardown`, not the agent's (0 = none); it also
+            takes over, with the rest of ``env.max_steps``, once :meth:`Agent.done`.
 
     Returns:
         The :class:`EpisodeResult`.
@@ -411,9 +421,11 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
     harness = Teardown() if teardown > 0 else None
     terminated = truncated = False
     while not stop and res.steps < limit:
-        if res.steps < agent_limit or harness is None:
+        if (res.steps < agent_limit or harness is None) and not agent.done():
             a = agent.act(env, obs, env.action_masks() if h is None else h.mask)
             mine = True
+        elif harness is None:
+            break
         else:
             td = harness.action(env, limit - res.steps)
             if td is None:

@@ -176,6 +176,16 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         window_share: Windows open only while the steps they took are at most this
             share of all steps so far (default 0.3; 0.2 at first, measured below 0.3
             over 16 seeds: README "Greybox, round 6 — the default now").
+        content_features: Whether what the COW-shared tables hold at the end of each
+            operation (:func:`cowenv.greybox._shared_contents`: a NUMA-hinting, swap,
+            migration or pinned entry in a table two mms map, a thread's cached walk
+            through one) is a corpus feature.
+        tail: Mean length of the random continuation after a corpus parent's child
+            (drawn per episode, geometric); then the agent is :meth:`done` and the
+            harness's teardown observes the state the child left (AFL's test cases
+            have their own length: a short child is one more execution of the state
+            it reached, not 200 random actions away from it). 0: the child's episode
+            runs to ``env.max_steps`` as every other episode.
 
     """
 
@@ -194,8 +204,13 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  explore_window: int = 40, fault_contexts: int = 4, arg_features: bool = False,
                  window_prob: float = 1.0,
                  window_bound: int = 1, window_cap: int = 2000, window_uses: int = 2,
-                 window_decay: float = 4.0, window_share: float = 0.3) -> None:
+                 window_decay: float = 4.0, window_share: float = 0.3,
+                 content_features: bool = False, tail: float = 0.0) -> None:
         super().__init__()
+        if tail < 0:
+            raise ValueError("tail: expected >= 0")
+        self.tail = float(tail)
+        self._tail_left = -1  # random actions left in this episode (-1: no limit)
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
                           window_share)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
@@ -243,7 +258,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.tracker = FeatureTracker(
             feedback, tlb=tlb_features,
             faults=(fault_triage or explore_max is not None) if fault_features is None
-            else bool(fault_features), args=arg_features)
+            else bool(fault_features), args=arg_features, contents=content_features)
         self.fault_triage = bool(fault_triage)
         self.triage_prob = float(triage_prob)
         self.cut_fault = float(cut_fault)
@@ -417,6 +432,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._scn_ptrs, self._pmd_map, self._tmap, self._spawns = 0, {}, {}, {}
         self._skip_clone, self._rank = -1, {}
         self._race_now = False
+        self._tail_left = -1
         self._job, self._job_state, self._job_fired = None, 0, False
         self._call_of, self._novel_calls, self._ep_code = {}, {}, set()
         self._last_code = -1
@@ -497,6 +513,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
             self._child, _ = mutate(prefix, rng, self._ci, other.actions,
                                     max_len=env.max_steps, kinds=self.mutations)
+        if self.tail:
+            self._tail_left = int(rng.geometric(1.0 / (1.0 + self.tail))) - 1
+
+    def done(self) -> bool:  # noqa: D102
+        return (self._tail_left == 0 and self._fc_queued < 0
+                and self._ci_pos >= len(self._child))
 
     def act(self, env: CowEnv, obs: np.ndarray, mask: np.ndarray) -> int:  # noqa: D102
         q, self._fc_queued = self._fc_queued, -1
@@ -505,6 +527,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         a = self._next_planned(env, mask)
         if a is None:
             a = self._random(env, mask)
+            if self._tail_left > 0:
+                self._tail_left -= 1
         # Not on a race pair's calls (RacePairs._race sets _race_phase when it chose
         # one): a call failing early tests no race (README "Greybox", measured on
         # gup-fast-fork-race); not in the seed plans nor in a window's violation played.

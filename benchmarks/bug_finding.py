@@ -51,13 +51,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
-AGENTS = ("random", "random-template", "random-op", "pct", "pct-template", "pct-d10",
-          "ql", "ql-fine", "ql-fine-kind",
-          "ppo", "greybox", "greybox-label", "greybox-noseed", "greybox-thread",
-          "greybox-explore30", "greybox-race", "greybox-race20", "greybox-norace",
-          "greybox-triage", "greybox-race20-triage", "greybox-faultctx", "greybox-faultctx1",
-          "greybox-window", "greybox-window30", "greybox-window-d4s30", "greybox-window-d4s20",
-          "greybox-faultctx-window", "greybox-r5", "greybox-fcw-args", "greybox-s30")
 DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: Benchmark agent name -> (cowenv_agents name, settings). Greybox never seeds its corpus
 #: from the scenarios of the flaw it is measured on (:func:`flaw_scenarios`: held out,
@@ -111,7 +104,12 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-fcw-args": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
                                      "window_decay": 4.0, "window_share": 0.2,
                                      "arg_features": True}),
+    "greybox-contents": ("greybox", {"content_features": True}),
+    "greybox-tail32": ("greybox", {"tail": 32.0}),
+    "greybox-tail32-contents": ("greybox", {"tail": 32.0, "content_features": True}),
 }
+#: Every agent the benchmark runs: the four base agents and every named setting above.
+AGENTS = ("random", "pct", "ql", "ppo") + tuple(AGENT_SPECS)
 FOLDS = 3
 BASE_ENV: dict[str, Any] = {"geometry": "small", "terminate_on_violation": False}
 #: The last actions of every episode are the harness's teardown (cowenv_agents.Teardown).

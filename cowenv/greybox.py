@@ -58,7 +58,17 @@ import numpy as np
 from .catalogue import ActionSpec, range_pmds
 from .kernel import KSWAPD_TID, Kernel
 from .kernel.memory import PG_allocated, PG_anon_exclusive
-from .kernel.pgtable import PFN_SHIFT, PTE_PRESENT, PTE_WRITE, pte_protnone
+from .kernel.mm import vma_is_accessible
+from .kernel.pgtable import (
+    PFN_SHIFT,
+    PTE_MIGRATION,
+    PTE_PRESENT,
+    PTE_SWAP,
+    PTE_SWP_EXCLUSIVE,
+    PTE_WRITE,
+    ZERO_PFN,
+    pte_protnone,
+)
 
 FEEDBACKS = ("label", "interleaving")
 #: ``recorded`` keys of a corpus file.
@@ -122,6 +132,58 @@ def _shared_tables(k: Kernel) -> tuple[int, dict[int, set[int]]]:
                 n += 1
         tables[p.pid] = s
     return n, tables
+
+
+def _shared_contents(k: Kernel) -> set[str]:
+    """What the COW-shared page tables hold (the page-table-sharing states of issue 15).
+
+    The kinds of entry found in a PTE table referenced by more than one PMD entry
+    (``cow_pte_count`` > 1): ``zero`` (the zero page), ``anon`` (another present page),
+    ``pinned`` (a present page a pin holds), ``numa`` (``pte_protnone`` in an accessible
+    VMA: a load runs ``do_numa_page``), ``protnone`` (in a ``PROT_NONE`` VMA),
+    ``swap``/``swap-excl`` (a swap entry, ``pte_swp_exclusive`` or not), ``migration``;
+    and ``psc`` when a live thread's paging-structure cache holds such a table. Each is
+    one step from a flaw's trigger (a NUMA-hinting load, ``remove_migration_ptes``, a
+    device read, a load through the cache while the table is dropped), which the search
+    then has to take; without the state as a feature an episode that reached it joins
+    the corpus only if it also reached a new interleaving pair. Entries are looked at
+    once per table (a shared table is scanned once, through its first mapper).
+    """
+    out: set[str] = set()
+    P = k.config.ptrs_per_pte
+    seen: set[int] = set()
+    pinned = {pin.pfn for pin in k.pins.values() if pin.active} if k.pins else set()
+    shared_ids: set[int] = set()
+    for p in k.live_procs():
+        mm = p.mm
+        for idx, e in mm.pmd.items():
+            tb = e.table
+            if tb.refcount < 2:
+                continue
+            shared_ids.add(id(tb))
+            if id(tb) in seen:
+                continue
+            seen.add(id(tb))
+            ents = tb.entries
+            for j in np.flatnonzero(ents):
+                x = int(ents[j])
+                if x & PTE_MIGRATION:
+                    out.add("migration")
+                elif x & PTE_SWAP:
+                    out.add("swap-excl" if x & PTE_SWP_EXCLUSIVE else "swap")
+                elif pte_protnone(x):
+                    v = mm.find_vma(idx * P + int(j))
+                    out.add("numa" if v is not None and vma_is_accessible(v) else "protnone")
+                else:
+                    pfn = x >> PFN_SHIFT
+                    out.add("zero" if pfn == ZERO_PFN else
+                            "pinned" if pfn in pinned else "anon")
+    if shared_ids and k.config.tlb:
+        for t in k.threads.values():
+            if not t.exited and any(id(v[0]) in shared_ids for v in t.psc.values()):
+                out.add("psc")
+                break
+    return out
 
 
 def _tlb_states(k: Kernel) -> set[tuple[str, str, int]]:
@@ -242,17 +304,20 @@ class FeatureTracker:
         args: Call argument states (``A``) are corpus features too (a call reaching a
             page in a state no call reached before: syzkaller's resources, the state an
             earlier call left).
+        contents: With ``interleaving``, at the end of each operation, what the
+            COW-shared tables hold (``C``, :func:`_shared_contents`) with the operation.
 
     """
 
     def __init__(self, feedback: str = "interleaving", tlb: bool = True,
-                 faults: bool = False, args: bool = False) -> None:
+                 faults: bool = False, args: bool = False, contents: bool = False) -> None:
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback: expected one of {', '.join(FEEDBACKS)}")
         self.feedback = feedback
         self.tlb = bool(tlb)
         self.faults = bool(faults)
         self.args = bool(args)
+        self.contents = bool(contents)
         #: The *code* features of the last step (with ``faults``; :meth:`step`): a
         #: call's argument state and injected allocation failures.
         self.code: list[int] = []
@@ -333,6 +398,8 @@ class FeatureTracker:
                                    self._variant.get(u.tid, ""),
                                    self._variant.get(t.tid, "")))
             out.append(fid("K", label, ",".join(sorted(held))))
+            if self.contents and label.endswith(":done"):
+                out.extend(fid("C", label, c) for c in sorted(_shared_contents(k)))
             if k.pins:
                 out.extend(fid("G", *g) for g in _pin_states(k))
             if self.tlb:

@@ -701,3 +701,74 @@ def test_arg_states_tell_protnone_and_can_be_corpus_features():
     assert a_feat not in plain.step(h.kernel, cat[read])
     assert a_feat in args.step(h.kernel, cat[read]) and not args.code
     assert ca.make_agent("greybox").tracker.args is False
+
+
+def test_shared_contents_name_what_cow_shared_tables_hold():
+    """The page-table-sharing states (``C`` features): a NUMA-hinting entry in a table
+    fork shared, then a sibling's cached walk through it; nothing while no table is
+    shared; with ``contents`` the tracker reports them at an operation's end."""
+    from cowenv.greybox import _shared_contents, fid
+    from cowenv.kernel import make_kernel
+    from cowenv.kernel.config import KernelConfig
+
+    a = 0x100000
+    k = make_kernel(KernelConfig.from_preset("fixed", ptrs_per_pte=8, nr_frames=64,
+                                             nr_swap_slots=0))
+    k.do(1, "mmap", addr=a, length=8 * 4096)
+    k.do(1, "write", addr=a)
+    k.do(1, "write", addr=a + 4096)
+    sib = k.do(1, "clone")
+    assert k.do(1, "numa_hint", addr=a, length=4096) == 1
+    assert _shared_contents(k) == set()
+    k.do(1, "prctl_cow_pte")
+    assert k.do(1, "fork") > 0
+    assert _shared_contents(k) == {"anon", "numa"}
+    k.do(sib, "read", addr=a + 4096)
+    assert _shared_contents(k) == {"anon", "numa", "psc"}
+
+    h = Harness(**SMALL_KW, terminate_on_violation=False)
+    h.reset(0)
+    cat = h.catalogue
+    fork = next(i for i, sp in enumerate(cat) if sp.kind == "start" and sp.tid == 1
+                and sp.op == "fork")
+    prctl = next(i for i, sp in enumerate(cat) if sp.kind == "start" and sp.tid == 1
+                 and sp.op == "prctl_cow_pte")
+    tr, plain = FeatureTracker(contents=True), FeatureTracker()
+    tr.reset(h.kernel)
+    plain.reset(h.kernel)
+    feats: set[int] = set()
+    pfeats: set[int] = set()
+    for a_ in (prctl, fork):
+        h.step(a_)
+        while h.kernel.threads[1].gen is not None:
+            h.step(1)
+            feats.update(tr.step(h.kernel, cat[1]))
+            pfeats.update(plain.step(h.kernel, cat[1]))
+    want = {fid("C", "fork:done", c) for c in _shared_contents(h.kernel)}
+    assert want and want <= feats and not want & pfeats
+
+
+def test_tail_ends_a_childs_episode_early_and_the_teardown_observes():
+    """With ``tail`` a child's random continuation is bounded (:meth:`Agent.done`), the
+    teardown takes over, and the episodes stay deterministic; without, every episode
+    runs to the end."""
+    h = Harness(**SMALL_KW, preset="as-posted", terminate_on_violation=False)
+
+    def lengths(**kw):
+        ag = ca.make_agent("greybox", seeds=[], window_prob=0.0, **kw)
+        out = []
+        for e in range(30):
+            rng, rs = ca.episode_rng(3, 0, e)
+            res = ca.run_episode(h, ag, rng, rs, teardown=32)
+            out.append((res.steps, res.terminated, ag.done()))
+        return out
+
+    short, full = lengths(tail=4.0), lengths()
+    assert short == lengths(tail=4.0)
+    # Ended early by the agent, then the teardown ran every thread's exit.
+    assert sum(n < h.max_steps - 32 and term and done for n, term, done in short) >= 10
+    assert not any(done for _, _, done in full)
+    assert sum(n for n, _, _ in short) < 0.7 * sum(n for n, _, _ in full)
+    with pytest.raises(ValueError, match="tail"):
+        ca.make_agent("greybox", tail=-1.0)
+
