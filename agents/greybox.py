@@ -190,6 +190,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
     """
 
     name = "greybox"
+    #: What the current episode is (set by :meth:`begin_episode`): ``plan`` (a seed
+    #: plan), ``window`` (a violation a systematic window showed, played), ``triage``
+    #: (a fault-injection job), ``race`` (a race episode), ``extend`` (a parent's prefix
+    #: replayed as it is), ``mutate`` (a mutated child) or ``random``. The bug-finding
+    #: benchmark records it for each detection (``stage``).
+    episode_kind = "random"
 
     def __init__(self, feedback: str = "interleaving", seeds: list[str] | None = None,
                  seed_exclude: list[str] | None = None, explore: float = 0.1,
@@ -433,6 +439,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._skip_clone, self._rank = -1, {}
         self._race_now = False
         self._tail_left = -1
+        self.episode_kind = "random"
         self._job, self._job_state, self._job_fired = None, 0, False
         self._call_of, self._novel_calls, self._ep_code = {}, {}, set()
         self._last_code = -1
@@ -444,16 +451,19 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             # up to the window's cut, then the window's schedule).
             self._child, self._win_next = self._win_next, None
             self._win_playing = True  # played as found: no fault-context tries in it
+            self.episode_kind = "window"
             self.window_stats["played"] += 1
             if self.episodes - self._win_plan_skips < len(self._plans):
                 self._win_plan_skips += 1  # the seed plan of this episode comes next
         elif self.episodes - self._win_plan_skips < len(self._plans):
             self._from_plan, plan = self._plans[self.episodes - self._win_plan_skips]
+            self.episode_kind = "plan"
             self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
             self._map_pmds(env)
         elif self._triage_next is not None:
             self._child = self._triage_child(self._triage_pop())
+            self.episode_kind = "triage"
         elif self.race_episodes and rng.random() < self.race_episodes:
             # A race episode (:meth:`_race`): race pairs wherever one can be, from the
             # workload's state or (1 in 4) from a corpus entry's cut point. (Measured on
@@ -462,6 +472,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             # on the workload's fresh tables, before other operations shared or
             # write-protected them.)
             self._race_now = True
+            self.episode_kind = "race"
             if self.corpus.entries and rng.random() < 0.25:
                 self._child = self.corpus.choose_cut(self.corpus.choose(rng), rng)
         elif self.fault_triage or self.explore_max is not None:
@@ -472,6 +483,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             elif self._triage_q and (self.triage_prob >= 1.0
                                      or rng.random() < self.triage_prob):
                 self._child = self._triage_child(self._triage_pop())
+                self.episode_kind = "triage"
             else:
                 self._parent_child(env, rng)
         elif self.corpus.entries and rng.random() >= self.explore:
@@ -507,12 +519,14 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             # often reached in stages (a thread paused at one point, then another's
             # progress, then a use).
             self._child = prefix
+            self.episode_kind = "extend"
             if self.cut_fault and rng.random() < self.cut_fault:
                 self._child = self._cut_fault_child(prefix, rng)
         else:
             other = self.corpus.entries[int(rng.integers(len(self.corpus.entries)))]
             self._child, _ = mutate(prefix, rng, self._ci, other.actions,
                                     max_len=env.max_steps, kinds=self.mutations)
+            self.episode_kind = "mutate"
         if self.tail:
             self._tail_left = int(rng.geometric(1.0 / (1.0 + self.tail))) - 1
 

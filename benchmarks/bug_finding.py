@@ -226,7 +226,8 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
                 unattributed[sig] = unattributed.get(sig, 0) + 1
                 return False
             found = {"step": step, "signature": sig,
-                     "seconds": time.perf_counter() - t0}
+                     "seconds": time.perf_counter() - t0,
+                     "stage": getattr(ag, "episode_kind", None)}
             return True
 
         res = ca.run_episode(env, ag, rng, reset_seed, max_actions=budget - steps,
@@ -237,8 +238,35 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
             "steps": found["step"] if found else None,
             "seconds": round(found["seconds"], 3) if found else None,
             "signature": found["signature"] if found else None,
+            "stage": found["stage"] if found else None,
             "steps_run": steps, "episodes": episodes,
             "run_seconds": round(time.perf_counter() - t0, 3), "unattributed": unattributed}
+
+
+def stage_table(runs: list[dict[str, Any]], flaws: list[str], agents: list[str]) -> str:
+    """Which kind of greybox episode made each detection (``stage``), per flaw and agent.
+
+    Markdown (empty when no run recorded a stage): the counts of the found runs per
+    :attr:`cowenv_agents.GreyboxAgent.episode_kind` (a seed plan, a played window, a race
+    episode, a replayed prefix, a mutated child, a random episode, a triage job).
+    """
+    staged = [a for a in agents if any(r["agent"] == a and r.get("stage") for r in runs)]
+    if not staged:
+        return ""
+    lines = ["", "Detections by greybox episode kind (found runs):", "",
+             "| flaw | " + " | ".join(staged) + " |", "|---|" + "---|" * len(staged)]
+    for f in flaws:
+        row = [f"`{f}`"]
+        for a in staged:
+            c: dict[str, int] = {}
+            for r in runs:
+                if r["agent"] == a and r["flaw"] == f and r["found"]:
+                    k = r.get("stage") or "?"
+                    c[k] = c.get(k, 0) + 1
+            row.append(", ".join(f"{k} {n}" for k, n in sorted(c.items(), key=lambda x: -x[1]))
+                       or "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def train_fold(fold: int, flaws: list[str], steps: int, seed: int, model_dir: str,
@@ -602,7 +630,7 @@ def _write(a: argparse.Namespace, p: argparse.ArgumentParser, runs: list[dict[st
         a.out = str(OUT) if full else tempfile.mkdtemp(prefix="cowenv-bug-finding-")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(summary, flaws, agents, a.budget, a.seeds)
+    md = markdown(summary, flaws, agents, a.budget, a.seeds) + stage_table(runs, flaws, agents)
     if not final:
         md = (f"**Partial** ({len(runs)} runs so far; the run is still going or was "
               f"stopped).\n\n" + md)

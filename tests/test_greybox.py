@@ -658,6 +658,7 @@ def test_window_stage_counts_its_steps_and_plays_what_it_finds(fault_contexts):
             # This episode played the window's finding of the episode before.
             assert ag.window_found[n - 1] in res.signatures
             assert ag.fc_stats["armed"] == armed
+            assert ag.episode_kind == "window"  # what the benchmark records as its stage
             break
     else:
         raise AssertionError(f"no window finding played in 200 episodes: {ag.window_stats}")
@@ -772,3 +773,31 @@ def test_tail_ends_a_childs_episode_early_and_the_teardown_observes():
     with pytest.raises(ValueError, match="tail"):
         ca.make_agent("greybox", tail=-1.0)
 
+
+def test_episode_kinds_and_the_benchmarks_stage_table():
+    """Each greybox episode says what it is (seed plan first, then children, random
+    episodes, race episodes); the bug-finding benchmark tabulates the detections' kinds."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**SMALL_KW, terminate_on_violation=False)
+    ag = ca.make_agent("greybox", seeds=[str(Path(bf.ROOT) / "scenarios" / "flaws" /
+                                             "fork-ptl-nesting.yaml")], window_prob=0.0)
+    kinds = []
+    for e in range(40):
+        rng, rs = ca.episode_rng(0, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+        kinds.append(ag.episode_kind)
+    assert kinds[0] == "plan" and "plan" not in kinds[1:]
+    assert {"mutate", "extend", "random", "race"} <= set(kinds)
+    runs = [{"agent": "greybox", "flaw": "f", "found": True, "stage": "window"},
+            {"agent": "greybox", "flaw": "f", "found": True, "stage": "window"},
+            {"agent": "greybox", "flaw": "f", "found": True, "stage": "race"},
+            {"agent": "greybox", "flaw": "f", "found": False, "stage": None},
+            {"agent": "random", "flaw": "f", "found": True}]
+    t = bf.stage_table(runs, ["f"], ["random", "greybox"])
+    assert "| `f` | window 2, race 1 |" in t and "random" not in t.split("\n")[3]
+    assert bf.stage_table(runs[4:], ["f"], ["random"]) == ""
