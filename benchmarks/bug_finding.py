@@ -104,6 +104,7 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-fcw-args": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
                                      "window_decay": 4.0, "window_share": 0.2,
                                      "arg_features": True}),
+    "greybox-race30d": ("greybox", {"race_episodes": 0.3}),
     "greybox-contents": ("greybox", {"content_features": True}),
     "greybox-tail32": ("greybox", {"tail": 32.0}),
     "greybox-tail32-contents": ("greybox", {"tail": 32.0, "content_features": True}),
