@@ -176,16 +176,25 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         window_share: Windows open only while the steps they took are at most this
             share of all steps so far (default 0.3; 0.2 at first, measured below 0.3
             over 16 seeds: README "Greybox, round 6 — the default now").
+        window_release: Probability that a step ending an operation at a quiescent
+            point opens a *table-release window*
+            (:meth:`cowenv_agents.greybox_window.WindowStage._release_observe`): a
+            ``munmap`` of a whole COW-shared table, by a thread whose sibling can load
+            from it, searched against the other mm's release. Default 0.1 (round 7);
+            0: off.
         content_features: Whether what the COW-shared tables hold at the end of each
             operation (:func:`cowenv.greybox._shared_contents`: a NUMA-hinting, swap,
             migration or pinned entry in a table two mms map, a thread's cached walk
-            through one) is a corpus feature.
+            through one) is a corpus feature. On by default from round 7 (with
+            ``tail`` 32 and ``window_release`` 0.1: README "Greybox, round 7");
+            ``--agents greybox-r6`` in the bug-finding benchmark is the agent without
+            the three.
         tail: Mean length of the random continuation after a corpus parent's child
             (drawn per episode, geometric); then the agent is :meth:`done` and the
             harness's teardown observes the state the child left (AFL's test cases
             have their own length: a short child is one more execution of the state
-            it reached, not 200 random actions away from it). 0: the child's episode
-            runs to ``env.max_steps`` as every other episode.
+            it reached, not 200 random actions away from it). Default 32 (round 7);
+            0: the child's episode runs to ``env.max_steps`` as every other episode.
 
     """
 
@@ -211,14 +220,15 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_prob: float = 1.0,
                  window_bound: int = 1, window_cap: int = 2000, window_uses: int = 2,
                  window_decay: float = 4.0, window_share: float = 0.3,
-                 content_features: bool = False, tail: float = 0.0) -> None:
+                 content_features: bool = True, tail: float = 32.0,
+                 window_release: float = 0.1) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
         self.tail = float(tail)
         self._tail_left = -1  # random actions left in this episode (-1: no limit)
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
-                          window_share)
+                          window_share, window_release)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)
@@ -962,6 +972,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self._fc_observe(env, sp)
         if self.window_prob:
             self._window_observe(env, sp)
+            if self.window_release:
+                mask = info.get("action_mask")
+                self._release_observe(env, sp, env.action_masks() if mask is None else mask)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1

@@ -67,7 +67,8 @@ class WindowStage:
     """Systematic-window methods of :class:`cowenv_agents.GreyboxAgent` (a mixin)."""
 
     def _window_init(self, window_prob: float, window_bound: int, window_cap: int,
-                     window_uses: int, window_decay: float, window_share: float) -> None:
+                     window_uses: int, window_decay: float, window_share: float,
+                     window_release: float = 0.0) -> None:
         if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
                 or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
             raise ValueError("window_prob: expected 0..1; window_bound, window_uses, "
@@ -75,6 +76,9 @@ class WindowStage:
                              "window_share: expected 0 < share <= 1")
         self.window_decay = float(window_decay)
         self.window_share = float(window_share)
+        if not 0.0 <= window_release <= 1.0:
+            raise ValueError("window_release: expected 0..1")
+        self.window_release = float(window_release)
         #: (operation, variant) of A -> windows searched around it (:meth:`_window_observe`).
         self._win_tries: dict[tuple[str, str], int] = {}
         self._env_steps = 0  # env steps this agent took (the share's denominator)
@@ -86,12 +90,13 @@ class WindowStage:
         #: them to the env's steps.
         self.offline_steps = 0
         self.window_stats = {"triggers": 0, "windows": 0, "transitions": 0, "found": 0,
-                             "played": 0}
+                             "played": 0, "release": 0}
         self._win_cut: dict[int, int] = {}  # tid -> index in _taken of its quiescent start
         self._win_next: list[int] | None = None  # the next episode's actions
         #: Signatures windows showed, in order (each played as the next episode).
         self.window_found: list[str] = []
         self._win_seen: set[tuple[Any, ...]] = set()  # windows searched already
+        self._win_pages: tuple[Any, dict[int, set[int]]] | None = None
         self._win_sigs: set[str] = set()  # signatures this agent saw or played
         self._win_h: Harness | None = None
         self._win_plan_skips = 0  # played windows that came before a seed plan
@@ -152,9 +157,89 @@ class WindowStage:
         self._win_tries[cls] = n + 1
         self._window(env, cut, sp.tid, idxs[int(self.rng.integers(len(idxs)))])
 
-    def _window(self, env: CowEnv, cut: int, u: int, pmd: int) -> None:
-        """Search the window of operation ``_taken[cut]`` of ``u`` on PMD index ``pmd``."""
+    def _release_observe(self, env: CowEnv, sp: Any, mask: np.ndarray) -> None:
+        """Maybe open a *table-release window* the episode did not reach by itself.
+
+        After a step that ended an operation at a quiescent point (after the seed
+        plans), in a state that has one, with probability ``window_release``: a user
+        thread ``u`` with an idle
+        sibling, whose mm shares a page table with another live mm, the table holding
+        a present entry at a page a load or pin template addresses, is given a
+        ``munmap`` covering that whole table (``free_pgtables`` -> ``free_pmd_range``
+        drops ``u``'s reference to the table), and the window around it is searched as
+        :meth:`_window_observe`'s: the sibling's uses, the other mm's release. The
+        lifetime of a refcounted, shared page table is what COW PTE adds to the kernel;
+        the window is the free/use/free triangle of it (KRace's and Razzer's
+        use-after-free pairs), which an episode reaches by choosing a rare operation in
+        a rare state (about once per 100k steps, measured on the benchmark's env).
+        """
+        if sp.kind != "run" or self._win_next is not None:
+            return
+        k = env.kernel
+        t = k.threads.get(sp.tid)
+        if t is None or t.gen is not None or not k.quiescent():
+            return
+        if self.episodes - self._win_plan_skips < len(self._plans or ()):
+            return
+        rng = self.rng
         ci = self._ci
+        P = k.config.ptrs_per_pte
+        holders: dict[int, set[int]] = {}
+        for p in k.live_procs():
+            for e in p.mm.pmd.values():
+                if e.table.refcount > 1:
+                    holders.setdefault(e.table.pfn, set()).add(p.pid)
+        if not any(len(v) > 1 for v in holders.values()):
+            return
+        pages = self._use_pages()
+        span = P * k.config.page_size
+        live = [u for u in ci.user_tids if u in k.threads and not k.threads[u].exited
+                and k.threads[u].gen is None]
+        cands: list[tuple[int, int, int]] = []
+        for u in live:
+            pid = k.threads[u].pid
+            if not any(v != u and k.threads[v].pid == pid for v in live):
+                continue
+            mm = k.procs[pid].mm
+            for i, e in sorted(mm.pmd.items()):
+                if len(holders.get(e.table.pfn, ())) < 2 or not any(
+                        int(e.table.entries[v % P]) & PTE_PRESENT for v in pages.get(i, ())):
+                    continue
+                for a in ci.by_tid_op.get((u, "munmap"), ()):
+                    ar = dict(ci.catalogue[a].args)
+                    if mask[a] and ar["addr"] <= i * span and \
+                            ar["addr"] + ar["length"] >= (i + 1) * span:
+                        cands.append((u, i, a))
+        # The generator is drawn from only in such a state: elsewhere the episode's
+        # choices are the agent's without this stage.
+        if not cands or rng.random() >= self.window_release:
+            return
+        u, pmd, a = cands[int(rng.integers(len(cands)))]
+        if self.offline_steps > self.window_share * (self._env_steps + self.offline_steps):
+            return
+        self.window_stats["release"] += 1
+        self._window(env, len(self._taken), u, pmd, a)
+
+    def _use_pages(self) -> dict[int, set[int]]:
+        """PMD index -> pages some :data:`WINDOW_USES` template addresses (cached)."""
+        ci = self._ci
+        if self._win_pages is None or self._win_pages[0] is not ci:
+            out: dict[int, set[int]] = {}
+            for i, (pmd, addr) in ci.where.items():
+                if ci.catalogue[i].op in WINDOW_USES:
+                    out.setdefault(pmd, set()).add(addr >> 12)
+            self._win_pages = (ci, out)
+        return self._win_pages[1]
+
+    def _window(self, env: CowEnv, cut: int, u: int, pmd: int, a: int | None = None) -> None:
+        """Search the window of operation ``a`` of ``u`` on PMD index ``pmd``.
+
+        From the state after ``_taken[:cut]``; ``a`` is ``_taken[cut]`` (the episode's
+        own operation) unless given.
+        """
+        ci = self._ci
+        if a is None:
+            a = self._taken[cut]
         rng = self.rng
         k_env = env.kernel
         base = getattr(env, "harness", env)
@@ -162,16 +247,16 @@ class WindowStage:
         if h is None:
             h = self._win_h = Harness(**base.init_kwargs)
         h.reset(base.episode_seed)
-        for a in self._taken[:cut]:
-            h.step(a)
+        for x in self._taken[:cut]:
+            h.step(x)
         self.offline_steps += cut
         k = h.kernel
         if not k.quiescent() or u not in k.threads:
             return
         tu = k.threads[u]
-        a_sp = ci.catalogue[self._taken[cut]]
+        a_sp = ci.catalogue[a]
         progs: dict[int, list[OpItem]] = {u: [self._op_item(h, a_sp)]}
-        acts: dict[int, list[int]] = {u: [self._taken[cut]]}
+        acts: dict[int, list[int]] = {u: [a]}
         # A sibling's uses of the table.
         sibs = [t for t in ci.user_tids if t != u and t in k.threads
                 and not k.threads[t].exited and k.threads[t].pid == tu.pid]

@@ -69,7 +69,12 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: it, so that its command still measures what its table says; the round-6 stages are set
 #: on top where a variant names them.
 R5: dict[str, Any] = {"fault_contexts": 0, "window_prob": 0.0, "window_decay": 0.0,
-                      "window_share": 1.0}
+                      "window_share": 1.0, "tail": 0.0, "content_features": False,
+                      "window_release": 0.0}
+#: Round 6's default (sessions 8–9): the settings round 7 added, off. Every variant
+#: measured before round 7 became the default pins them, so its command still measures
+#: what its table says.
+R6: dict[str, Any] = {"tail": 0.0, "content_features": False, "window_release": 0.0}
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-template": ("random", {"choice": "template"}),
     "random-op": ("random", {"choice": "op"}),
@@ -97,17 +102,21 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
                                          "window_share": 0.3}),
     "greybox-window-d4s20": ("greybox", {**R5, "window_prob": 1.0, "window_decay": 4.0,
                                          "window_share": 0.2}),
-    "greybox-faultctx-window": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
+    "greybox-faultctx-window": ("greybox", {**R6, "fault_contexts": 4, "window_prob": 1.0,
                                             "window_decay": 4.0, "window_share": 0.2}),
-    "greybox-s30": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
+    "greybox-s30": ("greybox", {**R6, "fault_contexts": 4, "window_prob": 1.0,
                                 "window_decay": 4.0, "window_share": 0.3}),
-    "greybox-fcw-args": ("greybox", {"fault_contexts": 4, "window_prob": 1.0,
+    "greybox-fcw-args": ("greybox", {**R6, "fault_contexts": 4, "window_prob": 1.0,
                                      "window_decay": 4.0, "window_share": 0.2,
                                      "arg_features": True}),
-    "greybox-race30d": ("greybox", {"race_episodes": 0.3}),
-    "greybox-contents": ("greybox", {"content_features": True}),
-    "greybox-tail32": ("greybox", {"tail": 32.0}),
-    "greybox-tail32-contents": ("greybox", {"tail": 32.0, "content_features": True}),
+    "greybox-r6": ("greybox", R6),
+    "greybox-race30d": ("greybox", {**R6, "race_episodes": 0.3}),
+    "greybox-release": ("greybox", {**R6, "window_release": 0.1}),
+    "greybox-trc": ("greybox", {"window_release": 0.1, "tail": 32.0,
+                                "content_features": True}),
+    "greybox-contents": ("greybox", {**R6, "content_features": True}),
+    "greybox-tail32": ("greybox", {**R6, "tail": 32.0}),
+    "greybox-tail32-contents": ("greybox", {**R6, "tail": 32.0, "content_features": True}),
 }
 #: Every agent the benchmark runs: the four base agents and every named setting above.
 AGENTS = ("random", "pct", "ql", "ppo") + tuple(AGENT_SPECS)

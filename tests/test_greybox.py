@@ -764,7 +764,7 @@ def test_tail_ends_a_childs_episode_early_and_the_teardown_observes():
             out.append((res.steps, res.terminated, ag.done()))
         return out
 
-    short, full = lengths(tail=4.0), lengths()
+    short, full = lengths(tail=4.0), lengths(tail=0.0)
     assert short == lengths(tail=4.0)
     # Ended early by the agent, then the teardown ran every thread's exit.
     assert sum(n < h.max_steps - 32 and term and done for n, term, done in short) >= 10
@@ -801,3 +801,32 @@ def test_episode_kinds_and_the_benchmarks_stage_table():
     t = bf.stage_table(runs, ["f"], ["random", "greybox"])
     assert "| `f` | window 2, race 1 |" in t and "random" not in t.split("\n")[3]
     assert bf.stage_table(runs[4:], ["f"], ["random"]) == ""
+
+
+def test_release_windows_show_the_free_pmd_flaw_the_episodes_miss():
+    """A table-release window (``window_release``): a whole-table munmap of a COW-shared
+    table with loads by the sibling and the other mm's release, searched from a
+    quiescent state the episode reached; its finding (free-pmd-deferred-flush's stale
+    paging-structure-cache walk) is played as a window episode. Off (0), none opens."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    flaw = "free-pmd-deferred-flush"
+    h = Harness(**bf.env_kwargs(flaw))
+    ag = ca.make_agent("greybox", seeds=[], window_release=1.0)
+    for e in range(120):
+        rng, rs = ca.episode_rng(0, 0, e)
+        res = ca.run_episode(h, ag, rng, rs, teardown=32)
+        if "memory-safety@tlb_stale_table" in res.signatures and ag.episode_kind == "window":
+            break
+    else:
+        raise AssertionError(f"not shown in 120 episodes: {ag.window_stats}")
+    assert ag.window_stats["release"] >= 1
+    off = ca.make_agent("greybox", seeds=[], window_release=0.0)
+    _play(off, h, 0, 5)
+    assert off.window_stats["release"] == 0
+    with pytest.raises(ValueError, match="window_release"):
+        ca.make_agent("greybox", window_release=2.0)
