@@ -162,16 +162,16 @@ class WindowStage:
 
         After a step that ended an operation at a quiescent point (after the seed
         plans), in a state that has one, with probability ``window_release``: a user
-        thread ``u`` with an idle
-        sibling, whose mm shares a page table with another live mm, the table holding
-        a present entry at a page a load or pin template addresses, is given a
-        ``munmap`` covering that whole table (``free_pgtables`` -> ``free_pmd_range``
-        drops ``u``'s reference to the table), and the window around it is searched as
-        :meth:`_window_observe`'s: the sibling's uses, the other mm's release. The
-        lifetime of a refcounted, shared page table is what COW PTE adds to the kernel;
-        the window is the free/use/free triangle of it (KRace's and Razzer's
-        use-after-free pairs), which an episode reaches by choosing a rare operation in
-        a rare state (about once per 100k steps, measured on the benchmark's env).
+        thread ``u`` with an idle sibling, whose mm shares a page table with another
+        live mm, the table holding a present entry at a page a load or pin template
+        addresses, is given a legal ``munmap`` covering that whole table
+        (``free_pgtables`` -> ``free_pmd_range`` drops ``u``'s reference to it), and
+        the window around it is searched as :meth:`_window_observe`'s: the sibling's
+        uses, the other mm's release. The lifetime of a refcounted, shared page table
+        is what COW PTE adds to the kernel; the window is its free/use/free triangle
+        (KRace's and Razzer's use-after-free pairs), which an episode reaches only by
+        choosing a rare operation in a rare state (once in a missed 100k-step run of
+        the benchmark, seed 9 of ``free-pmd-deferred-flush``, with no page to load).
         """
         if sp.kind != "run" or self._win_next is not None:
             return
@@ -200,16 +200,17 @@ class WindowStage:
             pid = k.threads[u].pid
             if not any(v != u and k.threads[v].pid == pid for v in live):
                 continue
-            mm = k.procs[pid].mm
-            for i, e in sorted(mm.pmd.items()):
+            muns = [(a, dict(ci.catalogue[a].args)) for a in ci.by_tid_op.get((u, "munmap"), ())
+                    if mask[a]]
+            if not muns:
+                continue
+            for i, e in sorted(k.procs[pid].mm.pmd.items()):
                 if len(holders.get(e.table.pfn, ())) < 2 or not any(
                         int(e.table.entries[v % P]) & PTE_PRESENT for v in pages.get(i, ())):
                     continue
-                for a in ci.by_tid_op.get((u, "munmap"), ()):
-                    ar = dict(ci.catalogue[a].args)
-                    if mask[a] and ar["addr"] <= i * span and \
-                            ar["addr"] + ar["length"] >= (i + 1) * span:
-                        cands.append((u, i, a))
+                lo, hi = i * span, (i + 1) * span
+                cands.extend((u, i, a) for a, ar in muns
+                             if ar["addr"] <= lo and ar["addr"] + ar["length"] >= hi)
         # The generator is drawn from only in such a state: elsewhere the episode's
         # choices are the agent's without this stage.
         if not cands or rng.random() >= self.window_release:

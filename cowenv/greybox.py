@@ -151,19 +151,15 @@ def _shared_contents(k: Kernel) -> set[str]:
     """
     out: set[str] = set()
     P = k.config.ptrs_per_pte
-    seen: set[int] = set()
     pinned = {pin.pfn for pin in k.pins.values() if pin.active} if k.pins else set()
-    shared_ids: set[int] = set()
+    shared: set[int] = set()  # id() of the shared tables scanned
     for p in k.live_procs():
         mm = p.mm
         for idx, e in mm.pmd.items():
             tb = e.table
-            if tb.refcount < 2:
+            if tb.refcount < 2 or id(tb) in shared:
                 continue
-            shared_ids.add(id(tb))
-            if id(tb) in seen:
-                continue
-            seen.add(id(tb))
+            shared.add(id(tb))
             ents = tb.entries
             for j in np.flatnonzero(ents):
                 x = int(ents[j])
@@ -178,9 +174,9 @@ def _shared_contents(k: Kernel) -> set[str]:
                     pfn = x >> PFN_SHIFT
                     out.add("zero" if pfn == ZERO_PFN else
                             "pinned" if pfn in pinned else "anon")
-    if shared_ids and k.config.tlb:
+    if shared and k.config.tlb:
         for t in k.threads.values():
-            if not t.exited and any(id(v[0]) in shared_ids for v in t.psc.values()):
+            if not t.exited and any(id(v[0]) in shared for v in t.psc.values()):
                 out.add("psc")
                 break
     return out
