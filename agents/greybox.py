@@ -195,6 +195,17 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             have their own length: a short child is one more execution of the state
             it reached, not 200 random actions away from it). Default 32 (round 7);
             0: the child's episode runs to ``env.max_steps`` as every other episode.
+        race_block_ops: Whether a race pair's ``B`` whose variant was never tried
+            against a lock class ``A`` holds counts as blocked on it when every variant
+            of its operation tried against that class blocked at its first point (an
+            ``mremap`` of a new length blocks on ``mmap_lock`` held for write as every
+            other ``mremap`` did; a GUP-fast ``pin`` does not inherit the slow pin's
+            block, since the fast variants did not block). Off: every variant learns
+            its own blocks (round 7).
+        race_meet: Whether a race pair's ``B`` template is drawn, within its group,
+            from those that address a populated entry of the tables ``A`` is in
+            (:func:`cowenv.greybox.meets_entries`, Snowboard's memory communication at
+            PTE grain), when there are any. Off: any template of the group (round 7).
 
     """
 
@@ -221,7 +232,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_bound: int = 1, window_cap: int = 2000, window_uses: int = 2,
                  window_decay: float = 4.0, window_share: float = 0.3,
                  content_features: bool = True, tail: float = 32.0,
-                 window_release: float = 0.1) -> None:
+                 window_release: float = 0.1, race_block_ops: bool = True,
+                 race_meet: bool = True) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -241,6 +253,10 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._race_left = 0
         #: (lock class/mode A held, operation, variant) -> times B blocked on it.
         self._race_blocked: dict[tuple[str, str, str], int] = {}
+        #: (lock class/mode A held, operation) -> {variant: B started against it}.
+        self._race_tried: dict[tuple[str, str], dict[str, int]] = {}
+        self.race_block_ops = bool(race_block_ops)
+        self.race_meet = bool(race_meet)
         self._race_blockkey: tuple[str, str] = ("", "")
         self._race_held: list[str] = []
         self._race_a = -1  # A's thread (phase 4 resumes it)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cowenv.greybox import paused_tables, race_candidates, spec_variant
+from cowenv.greybox import meets_entries, paused_tables, race_candidates, spec_variant
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -163,6 +163,27 @@ class RacePairs:
         self._race_phase, self._race_tid, self._race_left = 1, u, self.race_len
         return a
 
+    def _race_block_count(self, h: str, op: str, var: str) -> int:
+        """Times ``B`` (``op``, variant ``var``) blocked at its first point on ``h`` held by ``A``.
+
+        ``h`` is a lock class and mode (``mmap_lock/write``).
+
+        With ``race_block_ops``, a variant never tried against ``h`` counts 1 when three
+        or more variants of ``op`` were tried against ``h`` and every one of them
+        blocked: an ``mremap`` of a new length blocks on ``mmap_lock`` held for write
+        as the other lengths did. Three, so that an operation whose variants take
+        different locks does not pass one variant's block on to the others before
+        they were tried (a slow ``pin`` blocks on ``mmap_lock``, the GUP-fast one
+        does not).
+        """
+        n = self._race_blocked.get((h, op, var), 0)
+        if n or not self.race_block_ops:
+            return n
+        tried = self._race_tried.get((h, op), {})
+        if var in tried or len(tried) < 3:
+            return 0
+        return int(all(self._race_blocked.get((h, op, v), 0) for v in tried))
+
     def _race_len_of(self, op: str) -> float:
         """Mean points an operation ``op`` has run to its end (``race_len`` if never seen)."""
         tot, n = self._race_oplen.get(op, (0, 0))
@@ -187,7 +208,8 @@ class RacePairs:
         ci = self._ci
         assert ci is not None
         k = env.kernel
-        cands = race_candidates(k, ci, u, paused_tables(k, u), mask)
+        tables = paused_tables(k, u)
+        cands = race_candidates(k, ci, u, tables, mask)
         if not cands:
             return None
         tu = k.threads[u]
@@ -200,7 +222,7 @@ class RacePairs:
 
         def score(g: tuple[str, str, str]) -> int:
             return self._race_tries.get(g, 0) + 8 * sum(
-                self._race_blocked.get((h, g[1], g[2]), 0) for h in held)
+                self._race_block_count(h, g[1], g[2]) for h in held)
 
         keys = sorted(groups)
         lo = min(score(g) for g in keys)
@@ -208,8 +230,15 @@ class RacePairs:
         g = keys[int(self.rng.integers(len(keys)))]
         self._race_tries[g] = self._race_tries.get(g, 0) + 1
         self._race_held, self._race_blockkey = held, (g[1], g[2])
+        for h in held:
+            tried = self._race_tried.setdefault((h, g[1]), {})
+            tried[g[2]] = tried.get(g[2], 0) + 1
         self._race_a = u
         c = groups[g]
+        if self.race_meet:
+            # Within the group, the templates that meet A's tables at a populated
+            # entry (meets_entries), if any.
+            c = [i for i in c if meets_entries(k, ci, i, tables)] or c
         b = c[int(self.rng.integers(len(c)))]
         self._race_phase, self._race_tid = 2, ci.catalogue[b].tid
         self._race_left = self.race_len

@@ -70,11 +70,12 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: on top where a variant names them.
 R5: dict[str, Any] = {"fault_contexts": 0, "window_prob": 0.0, "window_decay": 0.0,
                       "window_share": 1.0, "tail": 0.0, "content_features": False,
-                      "window_release": 0.0}
+                      "window_release": 0.0, "race_block_ops": False, "race_meet": False}
 #: Round 6's default (sessions 8–9): the settings round 7 added, off. Every variant
 #: measured before round 7 became the default pins them, so its command still measures
 #: what its table says.
-R6: dict[str, Any] = {"tail": 0.0, "content_features": False, "window_release": 0.0}
+R6: dict[str, Any] = {"tail": 0.0, "content_features": False, "window_release": 0.0,
+                      "race_block_ops": False, "race_meet": False}
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-template": ("random", {"choice": "template"}),
     "random-op": ("random", {"choice": "op"}),
@@ -113,7 +114,12 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-race30d": ("greybox", {**R6, "race_episodes": 0.3}),
     "greybox-release": ("greybox", {**R6, "window_release": 0.1}),
     "greybox-trc": ("greybox", {"window_release": 0.1, "tail": 32.0,
-                                "content_features": True}),
+                                "content_features": True, "race_block_ops": False,
+                                "race_meet": False}),
+    "greybox-r7": ("greybox", {"race_block_ops": False, "race_meet": False}),
+    "greybox-blockops": ("greybox", {"race_block_ops": True, "race_meet": False}),
+    "greybox-meet": ("greybox", {"race_block_ops": False, "race_meet": True}),
+    "greybox-bm": ("greybox", {"race_block_ops": True, "race_meet": True}),
     "greybox-contents": ("greybox", {**R6, "content_features": True}),
     "greybox-tail32": ("greybox", {**R6, "tail": 32.0}),
     "greybox-tail32-contents": ("greybox", {**R6, "tail": 32.0, "content_features": True}),

@@ -921,6 +921,35 @@ def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
     return out
 
 
+def meets_entries(k: Kernel, ci: CatalogueIndex, i: int, tables: set[int]) -> bool:
+    """Whether start template ``i`` addresses a populated entry of one of ``tables``.
+
+    Snowboard's potential memory communication (Gong et al., SOSP 2021), at the grain of
+    a PTE: a pair is worth running when both operations access the same location. A
+    template with an address range meets the paused operation's tables where its
+    thread's mm maps one of them at an address of the range whose entry is not
+    ``pte_none`` (a present, swap, migration or PROT_NONE entry the paused operation can
+    read or rewrite); a template without a range (fork, exit) meets every table.
+    """
+    sp = ci.catalogue[i]
+    args = dict(sp.args)
+    a = args.get("addr")
+    th = k.threads.get(sp.tid)
+    if not isinstance(a, int) or isinstance(a, bool):
+        return True
+    if th is None or th.pid not in k.procs:
+        return False
+    mm = k.procs[th.pid].mm
+    ps, P = k.config.page_size, k.P
+    n = args.get("length")
+    n = int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else ps
+    for vpn in range(a // ps, (a + n - 1) // ps + 1):
+        e = mm.pmd.get(vpn // P)
+        if e is not None and e.table.pfn in tables and int(e.table.entries[vpn % P]):
+            return True
+    return False
+
+
 # ----------------------------------------------------------------------------- seeds
 def seed_plan(steps: list[dict[str, Any]], ptrs_per_pte: int = 0) -> list[tuple[Any, ...]]:
     """A scenario's steps as an abstract plan for :class:`cowenv_agents.GreyboxAgent`.

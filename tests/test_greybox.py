@@ -465,6 +465,60 @@ def test_race_pairs_that_block_on_a_held_lock_are_tried_less():
     later = chosen[first:]
     assert later and not set(later) & blocked
     assert ("pin", "fast=True,write=True") in set(later)
+def test_race_b_templates_meet_a_populated_entry_of_the_paused_table():
+    """``meets_entries`` (``race_meet``): with page 0 of region A zapped before the fork,
+    a GUP-fast pin of page 0 meets nothing the paused fork reads; one of page 1 does, and
+    so does an operation without a range; a table the fork is not in meets nothing."""
+    from cowenv.greybox import meets_entries, paused_tables
+
+    h = Harness(**SMALL_KW, variant="cowpte", flaws=["gup-fast-fork-race"],
+                terminate_on_violation=False)
+    h.reset(0)
+    P = h.config.ptrs_per_pte
+    T = P * 4096
+    A = 16 * T
+    h.step(h.find_actions("madvise", tid=1, addr=A, advice="DONTNEED", length=4096)[0])
+    run = h.find_actions("run", tid=1)[0]
+    while h.kernel.threads[1].gen is not None:
+        h.step(run)
+    h.step(h.find_actions("fork", tid=1)[0])
+    while h.kernel.threads[1].label != "copy_present_pte:checked":
+        h.step(run)
+    k = h.kernel
+    ci = CatalogueIndex(h.catalogue, P)
+    tables = paused_tables(k, 1)
+    table = k.procs[k.threads[1].pid].mm.pmd[16].table
+    assert tables == {table.pfn} and not int(table.entries[0]) and int(table.entries[1])
+    pin0 = h.find_actions("pin", tid=2, addr=A, fast=True, write=True)[0]
+    read1 = h.find_actions("read", tid=2, addr=A + 4096)[0]
+    assert not meets_entries(k, ci, pin0, tables)
+    assert meets_entries(k, ci, read1, tables)
+    assert meets_entries(k, ci, h.find_actions("exit", tid=2)[0], tables)
+    assert not meets_entries(k, ci, read1, {table.pfn + 1})
+
+
+def test_race_block_ops_passes_a_block_to_untried_variants_after_three():
+    """``race_block_ops``: an untried variant inherits its operation's block only when
+    three or more variants were tried against the lock and all blocked."""
+    from cowenv_agents.greybox import GreyboxAgent
+
+    h = "mmap_lock/write"
+    for on in (True, False):
+        ag = GreyboxAgent(seeds=[], race_block_ops=on)
+        for v in ("a", "b"):
+            ag._race_tried[(h, "mremap")] = {**ag._race_tried.get((h, "mremap"), {}), v: 1}
+            ag._race_blocked[(h, "mremap", v)] = 1
+        assert ag._race_block_count(h, "mremap", "c") == 0  # two tried: not yet
+        ag._race_tried[(h, "mremap")]["d"] = 1
+        ag._race_blocked[(h, "mremap", "d")] = 1
+        assert ag._race_block_count(h, "mremap", "c") == int(on)
+        assert ag._race_block_count("mmap_lock/read", "mremap", "c") == 0
+        # One variant that did not block: no inheritance.
+        ag._race_tried[(h, "mremap")]["e"] = 1
+        assert ag._race_block_count(h, "mremap", "c") == 0
+        assert ag._race_block_count(h, "mremap", "a") == 1
+
+
 def test_arg_state_tells_a_shared_table_from_a_private_one():
     """The call-argument state a fault-triage job is queued for (``A`` code feature)."""
     from cowenv.catalogue import ActionSpec
