@@ -206,6 +206,10 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             from those that address a populated entry of the tables ``A`` is in
             (:func:`cowenv.greybox.meets_entries`, Snowboard's memory communication at
             PTE grain), when there are any. Off: any template of the group (round 7).
+        plan_tail: Mean length of the random continuation after a seed plan has been
+            played (geometric, at least one action); then the agent is :meth:`done` and
+            the harness's teardown observes. 0: the plan's episode runs to
+            ``env.max_steps``.
 
     """
 
@@ -233,12 +237,16 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_decay: float = 4.0, window_share: float = 0.3,
                  content_features: bool = True, tail: float = 32.0,
                  window_release: float = 0.1, race_block_ops: bool = True,
-                 race_meet: bool = True) -> None:
+                 race_meet: bool = True, plan_tail: float = 0.0) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
         self.tail = float(tail)
         self._tail_left = -1  # random actions left in this episode (-1: no limit)
+        if plan_tail < 0:
+            raise ValueError("plan_tail: expected >= 0")
+        self.plan_tail = float(plan_tail)
+        self._plan_tail_pending = False
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
                           window_share, window_release)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
@@ -465,6 +473,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._skip_clone, self._rank = -1, {}
         self._race_now = False
         self._tail_left = -1
+        self._plan_tail_pending = False
         self.episode_kind = "random"
         self._job, self._job_state, self._job_fired = None, 0, False
         self._call_of, self._novel_calls, self._ep_code = {}, {}, set()
@@ -486,6 +495,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self.episode_kind = "plan"
             self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
+            self._plan_tail_pending = self.plan_tail > 0
             self._map_pmds(env)
         elif self._triage_next is not None:
             self._child = self._triage_child(self._triage_pop())
@@ -566,6 +576,10 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             return self._take(env, mask, q)
         a = self._next_planned(env, mask)
         if a is None:
+            if self._plan_tail_pending:
+                # The seed plan has been played: a geometric continuation (plan_tail).
+                self._plan_tail_pending = False
+                self._tail_left = int(self.rng.geometric(1.0 / (1.0 + self.plan_tail)))
             a = self._random(env, mask)
             if self._tail_left > 0:
                 self._tail_left -= 1

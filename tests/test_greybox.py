@@ -828,6 +828,30 @@ def test_tail_ends_a_childs_episode_early_and_the_teardown_observes():
         ca.make_agent("greybox", tail=-1.0)
 
 
+def test_plan_tail_ends_a_seed_plans_episode_soon_after_the_plan():
+    """With ``plan_tail`` a seed plan's episode ends a short random continuation after
+    the plan (then the teardown), deterministically; without, it runs to the end."""
+    h = Harness(**SMALL_KW, preset="as-posted", terminate_on_violation=False)
+
+    def plans(**kw):
+        ag = ca.make_agent("greybox", window_prob=0.0, **kw)
+        out = []
+        for e in range(12):
+            rng, rs = ca.episode_rng(5, 0, e)
+            res = ca.run_episode(h, ag, rng, rs, teardown=32)
+            assert ag.episode_kind == "plan"
+            out.append((res.steps, ag.done(), ag._plan_pos >= len(ag._plan)))
+        return out
+
+    short, full = plans(plan_tail=4.0), plans(plan_tail=0.0)
+    assert short == plans(plan_tail=4.0)
+    assert sum(done and played for _, done, played in short) >= 8
+    assert not any(done for _, done, _ in full)
+    assert sum(n for n, _, _ in short) < 0.7 * sum(n for n, _, _ in full)
+    with pytest.raises(ValueError, match="plan_tail"):
+        ca.make_agent("greybox", plan_tail=-1.0)
+
+
 def test_episode_kinds_and_the_benchmarks_stage_table():
     """Each greybox episode says what it is (seed plan first, then children, random
     episodes, race episodes); the bug-finding benchmark tabulates the detections' kinds."""
