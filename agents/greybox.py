@@ -206,6 +206,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             from those that address a populated entry of the tables ``A`` is in
             (:func:`cowenv.greybox.meets_entries`, Snowboard's memory communication at
             PTE grain), when there are any. Off: any template of the group (round 7).
+        race_kthreads: Whether the kernel thread (kswapd/kcompactd: a reclaim or a
+            compaction, targeted at a page or in LRU order) takes part in race pairs,
+            as ``A`` (paused inside the table its rmap walk holds locked, or its target
+            page's) and as ``B`` (aimed at a page of the tables ``A`` is in): the
+            reclaim paused mid-rmap-walk and the migration that completes while a fork
+            is half done. Off: user threads only (round 7).
         plan_tail: Mean length of the random continuation after a seed plan has been
             played (geometric, at least one action); then the agent is :meth:`done` and
             the harness's teardown observes. 0: the plan's episode runs to
@@ -237,7 +243,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_decay: float = 4.0, window_share: float = 0.3,
                  content_features: bool = True, tail: float = 32.0,
                  window_release: float = 0.1, race_block_ops: bool = True,
-                 race_meet: bool = True, plan_tail: float = 0.0) -> None:
+                 race_meet: bool = True, plan_tail: float = 0.0,
+                 race_kthreads: bool = False) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -265,6 +272,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._race_tried: dict[tuple[str, str], dict[str, int]] = {}
         self.race_block_ops = bool(race_block_ops)
         self.race_meet = bool(race_meet)
+        self.race_kthreads = bool(race_kthreads)
         self._race_blockkey: tuple[str, str] = ("", "")
         self._race_held: list[str] = []
         self._race_a = -1  # A's thread (phase 4 resumes it)

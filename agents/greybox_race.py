@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cowenv.greybox import meets_entries, paused_tables, race_candidates, spec_variant
+from cowenv.kernel import KSWAPD_TID
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -82,7 +83,8 @@ class RacePairs:
             # A stops at a point where it is inside a page table (1 in 3, or when it
             # cannot go on); at a point with no footprint it goes on.
             stuck = not runnable or self._race_left <= 0
-            if ran and (stuck or (rng.random() < 1 / 3 and paused_tables(k, tid))):
+            if ran and (stuck or (rng.random() < 1 / 3
+                                  and paused_tables(k, tid, self.race_kthreads))):
                 return self._race_b(env, mask, tid)
         elif phase == 2 and t is not None and t.waiting is not None \
                 and self._race_left == self.race_len - 1:
@@ -120,9 +122,14 @@ class RacePairs:
         tabs = {p.pid: {e.table.pfn for e in p.mm.pmd.values()} for p in k.live_procs()}
 
         def related(a: int, b: int) -> bool:
+            if KSWAPD_TID in (a, b):
+                return True  # reclaim and compaction walk every mm's tables (rmap)
             pa, pb = k.threads[a].pid, k.threads[b].pid
             return pa == pb or bool(tabs.get(pa, set()) & tabs.get(pb, set()))
 
+        kt = k.threads.get(KSWAPD_TID)
+        if self.race_kthreads and kt is not None and KSWAPD_TID in ci.ops_of:
+            live = [*live, KSWAPD_TID]
         pairs = [(a, b) for a in live for b in live if a != b and related(a, b)]
         # The coin is only tossed where a pair can be (two related live threads).
         p = 1.0 if self._race_now else self.race_prob
@@ -208,8 +215,8 @@ class RacePairs:
         ci = self._ci
         assert ci is not None
         k = env.kernel
-        tables = paused_tables(k, u)
-        cands = race_candidates(k, ci, u, tables, mask)
+        tables = paused_tables(k, u, self.race_kthreads)
+        cands = race_candidates(k, ci, u, tables, mask, self.race_kthreads)
         if not cands:
             return None
         tu = k.threads[u]

@@ -121,6 +121,7 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-meet": ("greybox", {"race_block_ops": False, "race_meet": True}),
     "greybox-bm": ("greybox", {"race_block_ops": True, "race_meet": True}),
     "greybox-pt32": ("greybox", {"plan_tail": 32.0}),
+    "greybox-kt": ("greybox", {"race_kthreads": True}),
     "greybox-pt64": ("greybox", {"plan_tail": 64.0}),
     "greybox-pt128": ("greybox", {"plan_tail": 128.0}),
     "greybox-contents": ("greybox", {**R6, "content_features": True}),

@@ -867,21 +867,38 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
 
 
 # ----------------------------------------------------------------------------- race pairs
-def paused_tables(k: Kernel, tid: int) -> set[int]:
+def paused_tables(k: Kernel, tid: int, kthreads: bool = False) -> set[int]:
     """The page tables (pfns) thread ``tid``'s paused operation works on now.
 
     The tables whose PTE lock (split PTL) it holds, else those its operation's address
     range maps in its mm (``addr`` .. ``addr + length``, one page without a length), else
     none (an operation without a range, or a thread not mid-operation). The footprint a
     Snowboard/Razzer-style pair is aimed at: the object the paused thread is inside.
+
+    ``kthreads``: also for the kernel thread (kswapd/kcompactd, which has no mm): the
+    tables of any mm whose PTE lock it holds (an rmap walk in ``try_to_unmap_one`` /
+    ``try_to_migrate_one`` / ``remove_migration_pte``), else the table its target page
+    is mapped through (the ``pid`` and ``addr`` a targeted reclaim or compaction was
+    given), else none.
     """
     t = k.threads.get(tid)
-    if t is None or t.exited or t.gen is None or t.pid not in k.procs:
+    if t is None or t.exited or t.gen is None:
         return set()
-    mm = k.procs[t.pid].mm
     held = [lk for lk, _m in t.held]
+    split = k.config.split_ptl
+    if t.pid not in k.procs:
+        if not kthreads or tid != KSWAPD_TID:
+            return set()
+        out = {e.table.pfn for p in k.live_procs() for e in p.mm.pmd.values()
+               if split and any(e.table.ptl is lk for lk in held)}
+        pid, addr = t.args.get("pid"), t.args.get("addr")
+        if out or pid not in k.procs or not isinstance(addr, int) or addr < 0:
+            return out
+        e = k.procs[pid].mm.pmd.get((addr // k.config.page_size) // k.P)
+        return {e.table.pfn} if e is not None else set()
+    mm = k.procs[t.pid].mm
     out = {e.table.pfn for e in mm.pmd.values()
-           if k.config.split_ptl and any(e.table.ptl is lk for lk in held)}
+           if split and any(e.table.ptl is lk for lk in held)}
     if out:
         return out
     return {mm.pmd[i].table.pfn for i in range_pmds(t.args, k.P, k.config.page_size)
@@ -889,7 +906,7 @@ def paused_tables(k: Kernel, tid: int) -> set[int]:
 
 
 def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
-                    mask: np.ndarray) -> list[int]:
+                    mask: np.ndarray, kthreads: bool = False) -> list[int]:
     """Starts of other threads that touch one of ``tables`` while thread ``u`` is paused.
 
     Razzer's and Snowboard's race pairs, found dynamically: for every idle user thread
@@ -898,11 +915,33 @@ def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
     mm that points at one of the tables, and every legal start without an address (an
     operation without a range may touch the whole mm: fork, exit, ``clear_refs``; the
     over-approximation :func:`cowenv.explore._reads` makes too).
+
+    ``kthreads`` (with ``u`` a user thread): also the kernel thread's idle reclaim and
+    compaction starts aimed at a page mapped through one of the tables (the template's
+    process slot and address), and the untargeted ones (LRU order: any table).
     """
     tu = k.threads.get(u)
     if tu is None or not tables:
         return []
     out: list[int] = []
+    if kthreads and u != KSWAPD_TID:
+        kt = k.threads.get(KSWAPD_TID)
+        if kt is not None and kt.gen is None:
+            procs = k.live_procs()
+            for op in ci.ops_of.get(KSWAPD_TID, ()):
+                for i in ci.by_tid_op[(KSWAPD_TID, op)]:
+                    if not mask[i]:
+                        continue
+                    sp = ci.catalogue[i]
+                    a = dict(sp.args).get("addr")
+                    if not isinstance(a, int) or sp.proc_slot < 0:
+                        out.append(i)  # LRU order: may reach any table
+                        continue
+                    if sp.proc_slot >= len(procs):
+                        continue
+                    e = procs[sp.proc_slot].mm.pmd.get((a // k.config.page_size) // k.P)
+                    if e is not None and e.table.pfn in tables:
+                        out.append(i)
     for t in ci.user_tids:
         th = k.threads.get(t)
         if t == u or th is None or th.exited or th.gen is not None or th.pid not in k.procs:
@@ -929,7 +968,8 @@ def meets_entries(k: Kernel, ci: CatalogueIndex, i: int, tables: set[int]) -> bo
     template with an address range meets the paused operation's tables where its
     thread's mm maps one of them at an address of the range whose entry is not
     ``pte_none`` (a present, swap, migration or PROT_NONE entry the paused operation can
-    read or rewrite); a template without a range (fork, exit) meets every table.
+    read or rewrite); a template without a range (fork, exit) meets every table. A
+    targeted reclaim or compaction addresses the page of its process slot's process.
     """
     sp = ci.catalogue[i]
     args = dict(sp.args)
@@ -937,9 +977,15 @@ def meets_entries(k: Kernel, ci: CatalogueIndex, i: int, tables: set[int]) -> bo
     th = k.threads.get(sp.tid)
     if not isinstance(a, int) or isinstance(a, bool):
         return True
-    if th is None or th.pid not in k.procs:
+    if sp.proc_slot >= 0:  # a targeted reclaim or compaction: the slot's process
+        procs = k.live_procs()
+        if sp.proc_slot >= len(procs):
+            return False
+        mm = procs[sp.proc_slot].mm
+    elif th is None or th.pid not in k.procs:
         return False
-    mm = k.procs[th.pid].mm
+    else:
+        mm = k.procs[th.pid].mm
     ps, P = k.config.page_size, k.P
     n = args.get("length")
     n = int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else ps

@@ -497,6 +497,67 @@ def test_race_b_templates_meet_a_populated_entry_of_the_paused_table():
     assert not meets_entries(k, ci, read1, {table.pfn + 1})
 
 
+def test_race_pairs_with_the_kernel_thread():
+    """``race_kthreads``: a compaction paused inside its target's table is inside that
+    table (for race pairs only), a fork touches it; a fork paused in a table meets the
+    compactions aimed at a page of that table and the untargeted ones, not those aimed
+    elsewhere; in race episodes the kernel thread is A and B of some pairs."""
+    from cowenv_agents.greybox import GreyboxAgent
+
+    from cowenv.greybox import paused_tables, race_candidates
+    from cowenv.kernel import KSWAPD_TID
+
+    h = Harness(**SMALL_KW, variant="cowpte", flaws=["fork-shares-migration-entry"],
+                terminate_on_violation=False)
+    h.reset(0)
+    k = h.kernel
+    P = h.config.ptrs_per_pte
+    T = P * 4096
+    A = 16 * T
+    ci = CatalogueIndex(h.catalogue, P)
+    h.step(h.find_actions("compact", tid=KSWAPD_TID, addr=A, proc_slot=0)[0])
+    run0 = h.find_actions("run", tid=KSWAPD_TID)[0]
+    while k.threads[KSWAPD_TID].label != "move_to_new_folio:done":
+        h.step(run0)
+    table = k.procs[1].mm.pmd[16].table.pfn
+    assert paused_tables(k, KSWAPD_TID) == set()
+    assert paused_tables(k, KSWAPD_TID, kthreads=True) == {table}
+    cands = race_candidates(k, ci, KSWAPD_TID, {table}, h.mask)
+    assert h.find_actions("fork", tid=1)[0] in cands
+    while k.threads[KSWAPD_TID].gen is not None:
+        h.step(run0)
+
+    h = _fork_paused_at_checked()
+    k = h.kernel
+    tables = paused_tables(k, 1)
+    cands = set(race_candidates(k, ci, 1, tables, h.mask, kthreads=True))
+    assert h.find_actions("compact", tid=KSWAPD_TID, addr=A, proc_slot=0)[0] in cands
+    assert h.find_actions("reclaim", tid=KSWAPD_TID, nr=1, addr=None)[0] in cands
+    assert h.find_actions("compact", tid=KSWAPD_TID, addr=A + T, proc_slot=0)[0] \
+        not in cands
+    assert not any(h.catalogue[i].tid == KSWAPD_TID
+                   for i in race_candidates(k, ci, 1, tables, h.mask))
+
+    roles = set()
+    ag = GreyboxAgent(seeds=[], race_episodes=1.0, race_kthreads=True)
+    for e in range(4):
+        rng, rs = ca.episode_rng(1, 0, e)
+        h.reset(rs)
+        ag.begin_episode(h, rng)
+        for _ in range(200):
+            if h.done:
+                break
+            before, a_tid = ag._race_phase, ag._race_tid
+            a = ag.act(h, None, h.mask)
+            if before == 1 and ag._race_phase == 2:
+                roles.add(("A", a_tid == KSWAPD_TID))
+                roles.add(("B", h.catalogue[a].tid == KSWAPD_TID))
+            h.step(a)
+            ag.observe(h, a, None, 0.0, False, False, {})
+        ag.end_episode(h)
+    assert {("A", True), ("B", True), ("A", False), ("B", False)} <= roles
+
+
 def test_race_block_ops_passes_a_block_to_untried_variants_after_three():
     """``race_block_ops``: an untried variant inherits its operation's block only when
     three or more variants were tried against the lock and all blocked."""
