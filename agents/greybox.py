@@ -201,11 +201,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             ``mremap`` of a new length blocks on ``mmap_lock`` held for write as every
             other ``mremap`` did; a GUP-fast ``pin`` does not inherit the slow pin's
             block, since the fast variants did not block). Off: every variant learns
-            its own blocks (round 7).
+            its own blocks (round 7). On by default from round 8.
         race_meet: Whether a race pair's ``B`` template is drawn, within its group,
             from those that address a populated entry of the tables ``A`` is in
             (:func:`cowenv.greybox.meets_entries`, Snowboard's memory communication at
-            PTE grain), when there are any. Off: any template of the group (round 7).
+            PTE grain), when there are any. On by default from round 8; off: any
+            template of the group (round 7).
         race_kthreads: Whether the kernel thread (kswapd/kcompactd: a reclaim or a
             compaction, targeted at a page or in LRU order) takes part in race pairs,
             as ``A`` (paused inside the table its rmap walk holds locked, or its target
@@ -214,8 +215,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             is half done. Off: user threads only (round 7).
         plan_tail: Mean length of the random continuation after a seed plan has been
             played (geometric, at least one action); then the agent is :meth:`done` and
-            the harness's teardown observes. 0: the plan's episode runs to
-            ``env.max_steps``.
+            the harness's teardown observes. Default 64 (round 8); 0: the plan's
+            episode runs to ``env.max_steps`` (round 7).
 
     """
 
@@ -243,7 +244,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_decay: float = 4.0, window_share: float = 0.3,
                  content_features: bool = True, tail: float = 32.0,
                  window_release: float = 0.1, race_block_ops: bool = True,
-                 race_meet: bool = True, plan_tail: float = 0.0,
+                 race_meet: bool = True, plan_tail: float = 64.0,
                  race_kthreads: bool = False) -> None:
         super().__init__()
         if tail < 0:

@@ -70,12 +70,17 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: on top where a variant names them.
 R5: dict[str, Any] = {"fault_contexts": 0, "window_prob": 0.0, "window_decay": 0.0,
                       "window_share": 1.0, "tail": 0.0, "content_features": False,
-                      "window_release": 0.0, "race_block_ops": False, "race_meet": False}
+                      "window_release": 0.0, "race_block_ops": False, "race_meet": False,
+                      "plan_tail": 0.0}
 #: Round 6's default (sessions 8–9): the settings round 7 added, off. Every variant
 #: measured before round 7 became the default pins them, so its command still measures
 #: what its table says.
 R6: dict[str, Any] = {"tail": 0.0, "content_features": False, "window_release": 0.0,
-                      "race_block_ops": False, "race_meet": False}
+                      "race_block_ops": False, "race_meet": False, "plan_tail": 0.0}
+#: Round 7's default (session 10): round 8's race-pair choices and plan tails off.
+R7: dict[str, Any] = {"race_block_ops": False, "race_meet": False, "plan_tail": 0.0}
+#: Round 8's race-pair choices (session 11), what the plan-tail variants were measured on.
+BM: dict[str, Any] = {"race_block_ops": True, "race_meet": True, "race_kthreads": False}
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-template": ("random", {"choice": "template"}),
     "random-op": ("random", {"choice": "op"}),
@@ -113,17 +118,18 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-r6": ("greybox", R6),
     "greybox-race30d": ("greybox", {**R6, "race_episodes": 0.3}),
     "greybox-release": ("greybox", {**R6, "window_release": 0.1}),
-    "greybox-trc": ("greybox", {"window_release": 0.1, "tail": 32.0,
-                                "content_features": True, "race_block_ops": False,
-                                "race_meet": False}),
-    "greybox-r7": ("greybox", {"race_block_ops": False, "race_meet": False}),
-    "greybox-blockops": ("greybox", {"race_block_ops": True, "race_meet": False}),
-    "greybox-meet": ("greybox", {"race_block_ops": False, "race_meet": True}),
-    "greybox-bm": ("greybox", {"race_block_ops": True, "race_meet": True}),
-    "greybox-pt32": ("greybox", {"plan_tail": 32.0}),
-    "greybox-kt": ("greybox", {"race_kthreads": True}),
-    "greybox-pt64": ("greybox", {"plan_tail": 64.0}),
-    "greybox-pt128": ("greybox", {"plan_tail": 128.0}),
+    "greybox-trc": ("greybox", {**R7, "window_release": 0.1, "tail": 32.0,
+                                "content_features": True}),
+    "greybox-r7": ("greybox", R7),
+    "greybox-blockops": ("greybox", {**R7, "race_block_ops": True}),
+    "greybox-meet": ("greybox", {**R7, "race_meet": True}),
+    "greybox-bm": ("greybox", {**R7, "race_block_ops": True, "race_meet": True}),
+    "greybox-kt": ("greybox", {**R7, "race_block_ops": True, "race_meet": True,
+                               "race_kthreads": True}),
+    "greybox-pt32": ("greybox", {**BM, "plan_tail": 32.0}),
+    "greybox-pt64": ("greybox", {**BM, "plan_tail": 64.0}),
+    "greybox-pt128": ("greybox", {**BM, "plan_tail": 128.0}),
+    "greybox-pt64-race30": ("greybox", {**BM, "plan_tail": 64.0, "race_episodes": 0.3}),
     "greybox-contents": ("greybox", {**R6, "content_features": True}),
     "greybox-tail32": ("greybox", {**R6, "tail": 32.0}),
     "greybox-tail32-contents": ("greybox", {**R6, "tail": 32.0, "content_features": True}),

@@ -955,7 +955,10 @@ def test_release_windows_show_the_free_pmd_flaw_the_episodes_miss():
 
     flaw = "free-pmd-deferred-flush"
     h = Harness(**bf.env_kwargs(flaw))
-    ag = ca.make_agent("greybox", seeds=[], window_release=1.0)
+    # Round 7's race-pair choices (the episodes this test was written on; with round
+    # 8's the same window opens at episode 170 of this seed).
+    ag = ca.make_agent("greybox", seeds=[], window_release=1.0, race_block_ops=False,
+                       race_meet=False)
     for e in range(120):
         rng, rs = ca.episode_rng(0, 0, e)
         res = ca.run_episode(h, ag, rng, rs, teardown=32)
