@@ -58,8 +58,13 @@ class RacePairs:
         in the mode ``A`` holds now (``mmap_lock`` for write, a PTE lock...): a pair
         that a lock serialises cannot race, and what blocks against one holder of a
         lock blocks against all (fork, munmap, mprotect hold ``mmap_lock`` for
-        write), so the pairs that do interleave get the tries. The scores and the
-        operation lengths live as long as the agent.
+        write), so the pairs that do interleave get the tries; with
+        ``race_block_ops``, an untried variant of an operation whose tried variants
+        all blocked counts as blocked (:meth:`_race_block_count`). With
+        ``race_meet``, the start is drawn from the group's templates that address a
+        populated entry of ``A``'s tables (:func:`cowenv.greybox.meets_entries`).
+        With ``race_kthreads``, the kernel thread (reclaim, compaction) may be ``A``
+        or ``B`` too. The scores and the operation lengths live as long as the agent.
         """
         ci = self._ci
         assert ci is not None

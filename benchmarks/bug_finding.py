@@ -130,6 +130,7 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-pt64": ("greybox", {**BM, "plan_tail": 64.0}),
     "greybox-pt128": ("greybox", {**BM, "plan_tail": 128.0}),
     "greybox-pt64-race30": ("greybox", {**BM, "plan_tail": 64.0, "race_episodes": 0.3}),
+    "greybox-pt64-fc6": ("greybox", {**BM, "plan_tail": 64.0, "fault_contexts": 6}),
     "greybox-contents": ("greybox", {**R6, "content_features": True}),
     "greybox-tail32": ("greybox", {**R6, "tail": 32.0}),
     "greybox-tail32-contents": ("greybox", {**R6, "tail": 32.0, "content_features": True}),
