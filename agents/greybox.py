@@ -254,7 +254,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         if plan_tail < 0:
             raise ValueError("plan_tail: expected >= 0")
         self.plan_tail = float(plan_tail)
-        self._plan_tail_pending = False
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
                           window_share, window_release)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
@@ -269,8 +268,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._race_left = 0
         #: (lock class/mode A held, operation, variant) -> times B blocked on it.
         self._race_blocked: dict[tuple[str, str, str], int] = {}
-        #: (lock class/mode A held, operation) -> {variant: B started against it}.
-        self._race_tried: dict[tuple[str, str], dict[str, int]] = {}
+        #: (lock class/mode A held, operation) -> the variants B started against it.
+        self._race_tried: dict[tuple[str, str], set[str]] = {}
         self.race_block_ops = bool(race_block_ops)
         self.race_meet = bool(race_meet)
         self.race_kthreads = bool(race_kthreads)
@@ -482,7 +481,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._skip_clone, self._rank = -1, {}
         self._race_now = False
         self._tail_left = -1
-        self._plan_tail_pending = False
         self.episode_kind = "random"
         self._job, self._job_state, self._job_fired = None, 0, False
         self._call_of, self._novel_calls, self._ep_code = {}, {}, set()
@@ -504,7 +502,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self.episode_kind = "plan"
             self._plan = list(plan)
             self._plan_budget = _PLAN_STEP_LIMIT
-            self._plan_tail_pending = self.plan_tail > 0
             self._map_pmds(env)
         elif self._triage_next is not None:
             self._child = self._triage_child(self._triage_pop())
@@ -585,9 +582,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             return self._take(env, mask, q)
         a = self._next_planned(env, mask)
         if a is None:
-            if self._plan_tail_pending:
+            if self.episode_kind == "plan" and self._tail_left < 0 and self.plan_tail:
                 # The seed plan has been played: a geometric continuation (plan_tail).
-                self._plan_tail_pending = False
                 self._tail_left = int(self.rng.geometric(1.0 / (1.0 + self.plan_tail)))
             a = self._random(env, mask)
             if self._tail_left > 0:

@@ -88,8 +88,7 @@ class RacePairs:
             # A stops at a point where it is inside a page table (1 in 3, or when it
             # cannot go on); at a point with no footprint it goes on.
             stuck = not runnable or self._race_left <= 0
-            if ran and (stuck or (rng.random() < 1 / 3
-                                  and paused_tables(k, tid, self.race_kthreads))):
+            if ran and (stuck or (rng.random() < 1 / 3 and paused_tables(k, tid))):
                 return self._race_b(env, mask, tid)
         elif phase == 2 and t is not None and t.waiting is not None \
                 and self._race_left == self.race_len - 1:
@@ -191,7 +190,7 @@ class RacePairs:
         n = self._race_blocked.get((h, op, var), 0)
         if n or not self.race_block_ops:
             return n
-        tried = self._race_tried.get((h, op), {})
+        tried = self._race_tried.get((h, op), set())
         if var in tried or len(tried) < 3:
             return 0
         return int(all(self._race_blocked.get((h, op, v), 0) for v in tried))
@@ -220,7 +219,7 @@ class RacePairs:
         ci = self._ci
         assert ci is not None
         k = env.kernel
-        tables = paused_tables(k, u, self.race_kthreads)
+        tables = paused_tables(k, u)
         cands = race_candidates(k, ci, u, tables, mask, self.race_kthreads)
         if not cands:
             return None
@@ -243,8 +242,7 @@ class RacePairs:
         self._race_tries[g] = self._race_tries.get(g, 0) + 1
         self._race_held, self._race_blockkey = held, (g[1], g[2])
         for h in held:
-            tried = self._race_tried.setdefault((h, g[1]), {})
-            tried[g[2]] = tried.get(g[2], 0) + 1
+            self._race_tried.setdefault((h, g[1]), set()).add(g[2])
         self._race_a = u
         c = groups[g]
         if self.race_meet:

@@ -64,21 +64,18 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
+#: Round 7's default (session 10): round 8's race-pair choices and plan tails off.
+R7: dict[str, Any] = {"race_block_ops": False, "race_meet": False, "plan_tail": 0.0}
+#: Round 6's default (sessions 8–9): the settings round 7 added, off too. Every variant
+#: measured before round 7 became the default pins them, so its command still measures
+#: what its table says.
+R6: dict[str, Any] = {**R7, "tail": 0.0, "content_features": False, "window_release": 0.0}
 #: ``greybox-r5``: the round-5 greybox (context-sensitive fault injection and systematic
 #: windows off: the defaults before round 6). Every variant measured before round 6 pins
 #: it, so that its command still measures what its table says; the round-6 stages are set
 #: on top where a variant names them.
-R5: dict[str, Any] = {"fault_contexts": 0, "window_prob": 0.0, "window_decay": 0.0,
-                      "window_share": 1.0, "tail": 0.0, "content_features": False,
-                      "window_release": 0.0, "race_block_ops": False, "race_meet": False,
-                      "plan_tail": 0.0}
-#: Round 6's default (sessions 8–9): the settings round 7 added, off. Every variant
-#: measured before round 7 became the default pins them, so its command still measures
-#: what its table says.
-R6: dict[str, Any] = {"tail": 0.0, "content_features": False, "window_release": 0.0,
-                      "race_block_ops": False, "race_meet": False, "plan_tail": 0.0}
-#: Round 7's default (session 10): round 8's race-pair choices and plan tails off.
-R7: dict[str, Any] = {"race_block_ops": False, "race_meet": False, "plan_tail": 0.0}
+R5: dict[str, Any] = {**R6, "fault_contexts": 0, "window_prob": 0.0, "window_decay": 0.0,
+                      "window_share": 1.0}
 #: Round 8's race-pair choices (session 11), what the plan-tail variants were measured on.
 BM: dict[str, Any] = {"race_block_ops": True, "race_meet": True, "race_kthreads": False}
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -123,9 +120,8 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-r7": ("greybox", R7),
     "greybox-blockops": ("greybox", {**R7, "race_block_ops": True}),
     "greybox-meet": ("greybox", {**R7, "race_meet": True}),
-    "greybox-bm": ("greybox", {**R7, "race_block_ops": True, "race_meet": True}),
-    "greybox-kt": ("greybox", {**R7, "race_block_ops": True, "race_meet": True,
-                               "race_kthreads": True}),
+    "greybox-bm": ("greybox", {**R7, **BM}),
+    "greybox-kt": ("greybox", {**R7, **BM, "race_kthreads": True}),
     "greybox-pt32": ("greybox", {**BM, "plan_tail": 32.0}),
     "greybox-pt64": ("greybox", {**BM, "plan_tail": 64.0}),
     "greybox-pt128": ("greybox", {**BM, "plan_tail": 128.0}),

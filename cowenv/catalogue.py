@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .kernel import KSWAPD_TID
+from .kernel import KSWAPD_TID, Kernel
 from .kernel.ops import OPS
 
 _PIN_OPS = ("unpin", "dev_read", "dev_write")
@@ -430,12 +430,29 @@ def build_walker_templates(regions: list[tuple[int, int]], ptrs_per_pte: int,
             + build_move_templates(regions, ptrs_per_pte, page_size))
 
 
-def range_pmds(args: dict[str, Any], ptrs_per_pte: int, page_size: int = 4096) -> range:
-    """PMD indices of an operation's address range (``addr``, ``length``; empty if none)."""
+def slot_pid(k: Kernel, spec: ActionSpec) -> int:
+    """The pid a template's process slot names in ``k`` now (-1: no such process).
+
+    A targeted reclaim or compaction names the live process of that rank (by pid).
+    """
+    procs = k.live_procs()
+    return procs[spec.proc_slot].pid if 0 <= spec.proc_slot < len(procs) else -1
+
+
+def range_pages(args: dict[str, Any], page_size: int = 4096) -> range:
+    """Page numbers of an operation's address range (``addr``, ``length``; empty if none).
+
+    One page without a length.
+    """
     a = args.get("addr")
     if not isinstance(a, int) or isinstance(a, bool):
         return range(0)
     n = args.get("length")
     n = int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else page_size
-    return range((a // page_size) // ptrs_per_pte,
-                 ((a + n - 1) // page_size) // ptrs_per_pte + 1)
+    return range(a // page_size, (a + n - 1) // page_size + 1)
+
+
+def range_pmds(args: dict[str, Any], ptrs_per_pte: int, page_size: int = 4096) -> range:
+    """PMD indices of an operation's address range (``addr``, ``length``; empty if none)."""
+    r = range_pages(args, page_size)
+    return range(r.start // ptrs_per_pte, (r.stop - 1) // ptrs_per_pte + 1) if r else range(0)

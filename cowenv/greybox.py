@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from .catalogue import ActionSpec, range_pmds
+from .catalogue import ActionSpec, range_pages, range_pmds, slot_pid
 from .kernel import KSWAPD_TID, Kernel
 from .kernel.memory import PG_allocated, PG_anon_exclusive
 from .kernel.mm import vma_is_accessible
@@ -867,42 +867,72 @@ def mutate(actions: list[int], rng: np.random.Generator, ci: CatalogueIndex,
 
 
 # ----------------------------------------------------------------------------- race pairs
-def paused_tables(k: Kernel, tid: int, kthreads: bool = False) -> set[int]:
+def paused_tables(k: Kernel, tid: int) -> set[int]:
     """The page tables (pfns) thread ``tid``'s paused operation works on now.
 
     The tables whose PTE lock (split PTL) it holds, else those its operation's address
     range maps in its mm (``addr`` .. ``addr + length``, one page without a length), else
     none (an operation without a range, or a thread not mid-operation). The footprint a
     Snowboard/Razzer-style pair is aimed at: the object the paused thread is inside.
-
-    ``kthreads``: also for the kernel thread (kswapd/kcompactd, which has no mm): the
-    tables of any mm whose PTE lock it holds (an rmap walk in ``try_to_unmap_one`` /
-    ``try_to_migrate_one`` / ``remove_migration_pte``), else the table its target page
-    is mapped through (the ``pid`` and ``addr`` a targeted reclaim or compaction was
-    given), else none.
+    The kernel thread (kswapd/kcompactd) has no mm: the tables of any mm whose PTE lock
+    it holds (an rmap walk in ``try_to_unmap_one`` / ``try_to_migrate_one`` /
+    ``remove_migration_pte``), else the table its target page is mapped through (the
+    ``pid`` and ``addr`` a targeted reclaim or compaction was given).
     """
     t = k.threads.get(tid)
     if t is None or t.exited or t.gen is None:
         return set()
+    if t.pid in k.procs:
+        mm = k.procs[t.pid].mm
+        mms = [mm]
+    elif tid == KSWAPD_TID:
+        target = k.procs.get(t.args.get("pid"))
+        mm = target.mm if target is not None else None
+        mms = [p.mm for p in k.live_procs()]
+    else:
+        return set()
     held = [lk for lk, _m in t.held]
-    split = k.config.split_ptl
-    if t.pid not in k.procs:
-        if not kthreads or tid != KSWAPD_TID:
-            return set()
-        out = {e.table.pfn for p in k.live_procs() for e in p.mm.pmd.values()
-               if split and any(e.table.ptl is lk for lk in held)}
-        pid, addr = t.args.get("pid"), t.args.get("addr")
-        if out or pid not in k.procs or not isinstance(addr, int) or addr < 0:
-            return out
-        e = k.procs[pid].mm.pmd.get((addr // k.config.page_size) // k.P)
-        return {e.table.pfn} if e is not None else set()
-    mm = k.procs[t.pid].mm
-    out = {e.table.pfn for e in mm.pmd.values()
-           if split and any(e.table.ptl is lk for lk in held)}
-    if out:
+    out = {e.table.pfn for m in mms for e in m.pmd.values()
+           if k.config.split_ptl and any(e.table.ptl is lk for lk in held)}
+    if out or mm is None:
         return out
     return {mm.pmd[i].table.pfn for i in range_pmds(t.args, k.P, k.config.page_size)
             if i in mm.pmd}
+
+
+def _template_target(k: Kernel, sp: ActionSpec) -> tuple[Any, range] | None:
+    """The mm and the pages start template ``sp`` addresses now; None without a range.
+
+    A user thread's template addresses its process's mm; a targeted reclaim or
+    compaction the mm of its process slot's process (None when the slot is empty).
+    """
+    pages = range_pages(dict(sp.args), k.config.page_size)
+    if not pages:
+        return None
+    pid = slot_pid(k, sp) if sp.proc_slot >= 0 else getattr(k.threads.get(sp.tid), "pid", -1)
+    p = k.procs.get(pid)
+    return (p.mm if p is not None else None), pages
+
+
+def _meets(k: Kernel, sp: ActionSpec, tables: set[int], populated: bool) -> bool:
+    """Whether template ``sp`` addresses a page mapped through one of ``tables``.
+
+    ``populated``: at an entry that is not ``pte_none``. A template without a range
+    meets every table.
+    """
+    tgt = _template_target(k, sp)
+    if tgt is None:
+        return True
+    mm, pages = tgt
+    if mm is None:
+        return False
+    P = k.P
+    for vpn in pages:
+        e = mm.pmd.get(vpn // P)
+        if e is not None and e.table.pfn in tables and (
+                not populated or int(e.table.entries[vpn % P])):
+            return True
+    return False
 
 
 def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
@@ -927,21 +957,9 @@ def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
     if kthreads and u != KSWAPD_TID:
         kt = k.threads.get(KSWAPD_TID)
         if kt is not None and kt.gen is None:
-            procs = k.live_procs()
-            for op in ci.ops_of.get(KSWAPD_TID, ()):
-                for i in ci.by_tid_op[(KSWAPD_TID, op)]:
-                    if not mask[i]:
-                        continue
-                    sp = ci.catalogue[i]
-                    a = dict(sp.args).get("addr")
-                    if not isinstance(a, int) or sp.proc_slot < 0:
-                        out.append(i)  # LRU order: may reach any table
-                        continue
-                    if sp.proc_slot >= len(procs):
-                        continue
-                    e = procs[sp.proc_slot].mm.pmd.get((a // k.config.page_size) // k.P)
-                    if e is not None and e.table.pfn in tables:
-                        out.append(i)
+            out.extend(i for op in ci.ops_of.get(KSWAPD_TID, ())
+                       for i in ci.by_tid_op[(KSWAPD_TID, op)]
+                       if mask[i] and _meets(k, ci.catalogue[i], tables, populated=False))
     for t in ci.user_tids:
         th = k.threads.get(t)
         if t == u or th is None or th.exited or th.gen is not None or th.pid not in k.procs:
@@ -971,29 +989,7 @@ def meets_entries(k: Kernel, ci: CatalogueIndex, i: int, tables: set[int]) -> bo
     read or rewrite); a template without a range (fork, exit) meets every table. A
     targeted reclaim or compaction addresses the page of its process slot's process.
     """
-    sp = ci.catalogue[i]
-    args = dict(sp.args)
-    a = args.get("addr")
-    th = k.threads.get(sp.tid)
-    if not isinstance(a, int) or isinstance(a, bool):
-        return True
-    if sp.proc_slot >= 0:  # a targeted reclaim or compaction: the slot's process
-        procs = k.live_procs()
-        if sp.proc_slot >= len(procs):
-            return False
-        mm = procs[sp.proc_slot].mm
-    elif th is None or th.pid not in k.procs:
-        return False
-    else:
-        mm = k.procs[th.pid].mm
-    ps, P = k.config.page_size, k.P
-    n = args.get("length")
-    n = int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else ps
-    for vpn in range(a // ps, (a + n - 1) // ps + 1):
-        e = mm.pmd.get(vpn // P)
-        if e is not None and e.table.pfn in tables and int(e.table.entries[vpn % P]):
-            return True
-    return False
+    return _meets(k, ci.catalogue[i], tables, populated=True)
 
 
 # ----------------------------------------------------------------------------- seeds

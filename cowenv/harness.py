@@ -48,6 +48,7 @@ from .catalogue import (
     build_walker_templates,
     default_workload,
     label_vocabulary,
+    slot_pid,
     workload_regions,
 )
 from .kernel import KSWAPD_TID, Kernel, KernelUsageError, make_kernel
@@ -748,8 +749,7 @@ class Harness:
             pins = cls.pins_of(k, k.threads[spec.tid].pid)
             args["pin"] = pins[spec.pin_slot] if spec.pin_slot < len(pins) else -1
         if spec.proc_slot >= 0:
-            procs = k.live_procs()
-            args["pid"] = procs[spec.proc_slot].pid if spec.proc_slot < len(procs) else -1
+            args["pid"] = slot_pid(k, spec)
         return args
 
     @staticmethod
