@@ -213,8 +213,13 @@ def attributable(env: Any, signature: str) -> bool:
 
 
 def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: list[str],
-            model: str | None) -> dict[str, Any]:
-    """One (flaw, agent, seed) run: play until an attributed detection or the budget."""
+            model: str | None, make: Any = None) -> dict[str, Any]:
+    """One (flaw, agent, seed) run: play until an attributed detection or the budget.
+
+    ``make``: builds the agent from its cowenv_agents name and settings (default
+    :func:`cowenv_agents.make_agent`; ``benchmarks/race_pairs.py`` passes one that
+    records the greybox agent's race pairs).
+    """
     import cowenv_agents as ca
 
     from cowenv.env import CowEnv
@@ -223,7 +228,7 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
     name, akw = AGENT_SPECS.get(agent, ("ppo" if agent.startswith("ppo-t") else agent, {}))
     if name == "greybox":
         akw = {**akw, "seed_exclude": [p.stem for p in flaw_scenarios(flaw)]}
-    ag = ca.make_agent(name, model=model, **akw)
+    ag = (make or ca.make_agent)(name, model=model, **akw)
     tset = set(targets)
     t0 = time.perf_counter()
     steps = episodes = 0

@@ -941,6 +941,31 @@ def test_episode_kinds_and_the_benchmarks_stage_table():
     assert bf.stage_table(runs[4:], ["f"], ["random"]) == ""
 
 
+def test_race_pairs_tool_records_the_pairs_of_a_benchmark_run(capsys):
+    """``benchmarks/race_pairs.py``: the pairs a run's race episodes tried, per A label,
+    and what the entry a B start addresses holds; a non-greybox agent is refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import race_pairs as rp
+
+    h = _fork_paused_at_checked()
+    P = h.config.ptrs_per_pte
+    A = 16 * P * 4096
+    sp = h.catalogue[h.find_actions("pin", tid=2, addr=A, fast=True, write=True)[0]]
+    assert rp.entry_state(h.kernel, sp) == "present-w"
+    assert rp.entry_state(h.kernel, h.catalogue[h.find_actions("exit", tid=2)[0]]) == "-"
+    assert rp.main(["--flaw", "gup-fast-fork-race", "--budget", "4000",
+                    "--agent", "greybox-noseed", "--label", "copy_present_pte:checked"]) == 0
+    out = capsys.readouterr().out
+    assert "17 episodes, 5 race pairs" in out
+    assert "      1  copy_present_pte:checked" in out
+    assert "      1  mmap -  present-ro  same" in out
+    with pytest.raises(SystemExit):
+        rp.main(["--flaw", "gup-fast-fork-race", "--agent", "random"])
+
+
 def test_release_windows_show_the_free_pmd_flaw_the_episodes_miss():
     """A table-release window (``window_release``): a whole-table munmap of a COW-shared
     table with loads by the sibling and the other mm's release, searched from a

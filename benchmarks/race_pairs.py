@@ -1,0 +1,109 @@
+"""Which race pairs a greybox run tried: the diagnosis behind README "Greybox, round 8".
+
+One bug-finding run (:func:`bug_finding.run_one`: the flaw alone on its base, its own
+scenarios held out, the same steps and detection rule), with the greybox agent's race
+pairs recorded as they are chosen (:meth:`cowenv_agents.greybox_race.RacePairs._race_b`):
+for each pair, the label *A* was paused at and *B*'s operation and variant; for *B*
+starts with an address, what the entry it addresses holds (``none``, ``present-w``,
+``present-ro``, ``other``: a swap, migration or PROT_NONE entry; ``unmapped``: no table
+there) and whether *B*'s thread is in *A*'s process.
+
+Usage::
+
+    .venv/bin/python benchmarks/race_pairs.py --flaw gup-fast-fork-race --seed 4 \\
+        --agent greybox-r7 --label copy_present_pte:checked
+
+prints the run's outcome, the pairs per *A* label (the most common first) and, for
+``--label``, every *B* group tried there with its count and the entries its starts
+addressed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bug_finding as bf  # noqa: E402
+
+
+def entry_state(k: Any, sp: Any) -> str:
+    """What the entry start ``sp`` addresses holds now (its first page)."""
+    from cowenv.catalogue import range_pages
+    from cowenv.kernel.pgtable import PTE_PRESENT, PTE_WRITE
+
+    pages = range_pages(dict(sp.args), k.config.page_size)
+    th = k.threads.get(sp.tid)
+    if not pages or th is None or th.pid not in k.procs:
+        return "-"
+    vpn = pages[0]
+    e = k.procs[th.pid].mm.pmd.get(vpn // k.P)
+    if e is None:
+        return "unmapped"
+    x = int(e.table.entries[vpn % k.P])
+    if not x:
+        return "none"
+    if x & PTE_PRESENT:
+        return "present-w" if x & PTE_WRITE and e.write else "present-ro"
+    return "other"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one recorded bug-finding run and print its race pairs."""
+    import cowenv_agents as ca
+    from cowenv_agents.greybox import GreyboxAgent
+
+    from cowenv.greybox import spec_variant
+    from cowenv.kernel.config import FLAW_IDS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--flaw", required=True, choices=FLAW_IDS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--agent", default="greybox",
+                   help="greybox or a greybox setting of bug_finding.AGENT_SPECS")
+    p.add_argument("--budget", type=int, default=100_000)
+    p.add_argument("--label", default=None, help="A's pause label to detail")
+    a = p.parse_args(argv)
+    name = bf.AGENT_SPECS.get(a.agent, (a.agent, {}))[0]
+    if name != "greybox":
+        p.error(f"--agent: expected greybox or a greybox setting, got {a.agent!r}")
+    by_label: Counter[str] = Counter()
+    at_label: Counter[tuple[str, str, str, str]] = Counter()
+
+    class Recording(GreyboxAgent):
+        def _race_b(self, env: Any, mask: Any, u: int) -> int | None:
+            k = env.kernel
+            label, pid = k.threads[u].label, k.threads[u].pid
+            b = super()._race_b(env, mask, u)
+            if b is not None:
+                by_label[label] += 1
+                if label == a.label:
+                    sp = self._ci.catalogue[b]
+                    same = "same" if k.threads[sp.tid].pid == pid else "other"
+                    at_label[(sp.op, spec_variant(sp), entry_state(k, sp), same)] += 1
+            return b
+
+    def make(nm: str, model: str | None = None, **kw: Any) -> Any:
+        return Recording(**kw) if nm == "greybox" else ca.make_agent(nm, model=model, **kw)
+
+    r = bf.run_one(a.flaw, FLAW_IDS.index(a.flaw), a.agent, a.seed, a.budget,
+                   bf.flaw_signatures(a.flaw), None, make=make)
+    found = f"found at step {r['steps']:,} ({r['stage']})" if r["found"] else "not found"
+    print(f"{a.flaw}, {a.agent}, seed {a.seed}: {found}; {r['episodes']} episodes, "
+          f"{sum(by_label.values())} race pairs")
+    print("\npairs by A's pause label:")
+    for lab, n in by_label.most_common():
+        print(f"  {n:5d}  {lab}")
+    if a.label:
+        print(f"\nB at {a.label} (operation, variant, entry it addresses, B's process):")
+        for (op, var, st, same), n in sorted(at_label.items(), key=lambda x: (-x[1], x[0])):
+            print(f"  {n:5d}  {op} {var or '-'}  {st}  {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
