@@ -52,6 +52,7 @@ from cowenv.greybox import (
     REC_CATALOGUE,
     REC_CUTS,
     REC_FEATURES,
+    REC_STATES,
     WHOLE_VMA,
     CatalogueIndex,
     Corpus,
@@ -217,6 +218,16 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             played (geometric, at least one action); then the agent is :meth:`done` and
             the harness's teardown observes. Default 64 (round 8); 0: the plan's
             episode runs to ``env.max_steps`` (round 7).
+        state_pick: Probability that a corpus child starts from a *state* instead of
+            a parent drawn by :meth:`cowenv.greybox.Corpus.choose`: a state feature
+            (what a COW-shared table holds after an operation: a NUMA-hinting,
+            migration, swap or pinned entry...) drawn rarest first
+            (:meth:`cowenv.greybox.Corpus.choose_state`), the schedule of an entry that
+            reached it up to that point, then a random continuation (``tail``). Such a
+            state is one step from a trigger, and the interleaving pairs new in nearly
+            every episode keep the entries that reach it from being drawn more often
+            than any other (measured: ``numa-fault-writes-shared`` seed 0 reached a
+            NUMA-hinting entry in a shared table in 8 of 462 episodes). 0: off.
 
     """
 
@@ -245,7 +256,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  content_features: bool = True, tail: float = 32.0,
                  window_release: float = 0.1, race_block_ops: bool = True,
                  race_meet: bool = True, plan_tail: float = 64.0,
-                 race_kthreads: bool = False) -> None:
+                 race_kthreads: bool = False, state_pick: float = 0.0) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -254,6 +265,10 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         if plan_tail < 0:
             raise ValueError("plan_tail: expected >= 0")
         self.plan_tail = float(plan_tail)
+        if not 0.0 <= state_pick <= 1.0:
+            raise ValueError("state_pick: expected 0..1")
+        self.state_pick = float(state_pick)
+        self._state_pos: dict[int, int] = {}  # state feature -> action count first at
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
                           window_share, window_release)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
@@ -358,7 +373,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.corpus_dir = Path(corpus_dir) if corpus_dir else None
         self.worker = 0
         self.workers = 1
-        self.corpus = Corpus()
+        self.corpus = Corpus(state=self.tracker.state_ids)
         self.episodes = 0
         self._added = 0
         self._files: list[str] = []  # corpus files loaded or written, in order
@@ -448,10 +463,14 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             feats = frozenset(int(x, 16) for x in str(rec.get(REC_FEATURES, "")).split(",")
                               if x)
             cuts = tuple(int(x) for x in str(rec.get(REC_CUTS, "")).split(",") if x)
+            states = {int(f, 16): (int(n), c) for f, n, c in (
+                x.split(":") for x in str(rec.get(REC_STATES, "")).split(",") if x)}
         except (OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):
             return False
-        ok = self.corpus.add(CorpusEntry(acts, feats, path.stem, cuts=cuts))
+        ok = self.corpus.add(CorpusEntry(acts, feats, path.stem, cuts=cuts,
+                                         state_at={f: n for f, (n, _) in states.items()}))
         if ok:
+            self.corpus.state.update({f: c for f, (_, c) in states.items()})
             self._files.append(str(path))
         return ok
 
@@ -472,6 +491,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         if self.cull_every and self.episodes and self.episodes % self.cull_every == 0:
             self.corpus.cull()
         self._taken, self._feats, self._last_new, self._cuts = [], set(), -1, []
+        self._state_pos = {}
         self._plan, self._plan_pos, self._child, self._ci_pos = [], 0, [], 0
         self._from_plan = ""
         self._queued = -1
@@ -552,6 +572,17 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
 
     def _parent_child(self, env: CowEnv, rng: np.random.Generator) -> None:
         """A child of a corpus parent: cut, then replayed as it is or mutated."""
+        if self.state_pick and rng.random() < self.state_pick:
+            got = self.corpus.choose_state(rng)
+            if got is not None:
+                # A state one step from a trigger, the rarer first (state_pick): the
+                # parent up to where it reached it, then on at random from there.
+                e, f = got
+                self._child = list(e.actions[:e.state_at.get(f, len(e.actions))])
+                self.episode_kind = "state"
+                if self.tail:
+                    self._tail_left = int(rng.geometric(1.0 / (1.0 + self.tail))) - 1
+                return
         parent = self.corpus.choose(rng)
         # The parent up to one of its cut points (a state where it reached something
         # new), so that the search goes on from there.
@@ -592,8 +623,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         # one): a call failing early tests no race (README "Greybox", measured on
         # gup-fast-fork-race); not in the seed plans nor in a window's violation played.
         if self.fault_contexts and self._job is None and not self._race_phase \
-                and not self._win_playing \
-                and self.episodes - self._win_plan_skips >= len(self._plans or ()):
+                and not self._win_playing and self.episode_kind != "plan":
             f = self._fc_arm(env, mask, a)
             if f is not None:
                 self._fc_queued = a
@@ -994,6 +1024,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self._op_length(env, sp)
         fs = self.tracker.step(env.kernel, sp)
         for f in fs:
+            if f not in self._state_pos and f in self.corpus.state:
+                self._state_pos[f] = len(self._taken)
             if f not in self._feats:
                 self._feats.add(f)
                 if f not in self.corpus.seen:
@@ -1027,7 +1059,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         acts = self._taken[:self._last_new]
         name = f"w{self.worker}-{self._added:06d}"
         self._added += 1
-        entry = CorpusEntry(acts, frozenset(self._feats), name, cuts=tuple(self._cuts))
+        entry = CorpusEntry(acts, frozenset(self._feats), name, cuts=tuple(self._cuts),
+                            state_at={f: n for f, n in self._state_pos.items()
+                                      if n <= len(acts)})
         self.corpus.add(entry)
         if self.corpus_dir is not None:
             self._write(env, entry)
@@ -1046,6 +1080,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         rec[REC_FEATURES] = ",".join(f"{f:x}" for f in sorted(entry.features))
         rec[REC_CATALOGUE] = self._digest
         rec[REC_CUTS] = ",".join(map(str, entry.cuts))
+        st = self.corpus.state
+        rec[REC_STATES] = ",".join(f"{f:x}:{n}:{st[f]}"
+                                   for f, n in sorted(entry.state_at.items()))
         data["recorded"] = rec
         path = self.corpus_dir / f"{entry.name}.yaml"
         self.corpus_dir.mkdir(parents=True, exist_ok=True)

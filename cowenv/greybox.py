@@ -76,6 +76,7 @@ REC_ACTIONS = "greybox_actions"
 REC_FEATURES = "greybox_features"
 REC_CATALOGUE = "greybox_catalogue"
 REC_CUTS = "greybox_cuts"
+REC_STATES = "greybox_states"
 #: Plan argument: the range is exactly one of the scenario's mappings (:func:`seed_plan`).
 WHOLE_VMA = "whole_vma"
 #: Most cut points kept per corpus entry (:attr:`CorpusEntry.cuts`).
@@ -317,6 +318,10 @@ class FeatureTracker:
         #: The *code* features of the last step (with ``faults``; :meth:`step`): a
         #: call's argument state and injected allocation failures.
         self.code: list[int] = []
+        #: The *state* features produced so far (``C``: what the COW-shared tables
+        #: hold), id -> the kind of entry (:func:`_shared_contents`), for
+        #: :meth:`Corpus.choose_state`.
+        self.state_ids: dict[int, str] = {}
         self._ne = 0
         self._nv = 0
         self._variant: dict[int, str] = {}
@@ -395,7 +400,10 @@ class FeatureTracker:
                                    self._variant.get(t.tid, "")))
             out.append(fid("K", label, ",".join(sorted(held))))
             if self.contents and label.endswith(":done"):
-                out.extend(fid("C", label, c) for c in sorted(_shared_contents(k)))
+                for c in sorted(_shared_contents(k)):
+                    f = fid("C", label, c)
+                    self.state_ids[f] = c
+                    out.append(f)
             if k.pins:
                 out.extend(fid("G", *g) for g in _pin_states(k))
             if self.tlb:
@@ -439,6 +447,9 @@ class CorpusEntry:
     name: str = ""
     picks: int = 0
     cuts: tuple[int, ...] = ()
+    #: State feature (:attr:`FeatureTracker.state_ids`) -> action count after which the
+    #: schedule first reached it (those it reached within ``actions``).
+    state_at: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.actions)
@@ -459,14 +470,25 @@ class Corpus:
     names: set[str] = field(default_factory=set)
     #: Feature -> number of episodes that reached it (:meth:`count`; rarity).
     hits: dict[int, int] = field(default_factory=dict)
+    #: The *state* features (:attr:`FeatureTracker.state_ids`: id -> kind), for
+    #: :meth:`choose_state`.
+    state: dict[int, str] = field(default_factory=dict)
+    #: State kind -> number of episodes that reached a state feature of that kind.
+    kind_hits: dict[str, int] = field(default_factory=dict)
     _fav: list[int] | None = None
     _rare: list[int] | None = None
+    _states: dict[int, list[int]] | None = None
 
     def count(self, features: set[int] | frozenset[int]) -> None:
         """Record that one episode reached ``features`` (for :meth:`choose`'s rarity)."""
         h = self.hits
         for f in features:
             h[f] = h.get(f, 0) + 1
+        st = self.state
+        if st:
+            kh = self.kind_hits
+            for c in {st[f] for f in features if f in st}:
+                kh[c] = kh.get(c, 0) + 1
         self._rare = None
 
     def novel(self, features: set[int] | frozenset[int]) -> set[int]:
@@ -483,6 +505,7 @@ class Corpus:
             self.names.add(entry.name)
         self._fav = None
         self._rare = None
+        self._states = None
         return True
 
     def favoured(self) -> list[int]:
@@ -517,6 +540,7 @@ class Corpus:
         self.entries = [e for i, e in enumerate(self.entries) if i in fav]
         self._fav = None
         self._rare = None
+        self._states = None
         return before - len(self.entries)
 
     def rarest(self) -> list[int]:
@@ -568,6 +592,41 @@ class Corpus:
         e = b if b.picks < a.picks else a
         e.picks += 1
         return e
+
+    def choose_state(self, rng: np.random.Generator) -> tuple[CorpusEntry, int] | None:
+        """A state feature and an entry that reached it, rarer states first; else None.
+
+        Among the state features (:attr:`state`) some entry reached within its actions
+        (:attr:`CorpusEntry.state_at`): the kind of entry is drawn with weight 1 /
+        (episodes that reached a state of that kind, :attr:`kind_hits`), then a feature
+        of that kind (the kind after one operation or another) with weight 1 /
+        (episodes that reached it), then one of the entries that reached it uniformly.
+        A state is one step from a trigger (a NUMA-hinting or migration entry in a table
+        two mms map...): the interleaving pairs that make most entries rare in
+        :meth:`rarest` are new in nearly every episode, so an entry that reached such a
+        state is drawn there about as often as any other; and a rare kind is drawn
+        before the rare operations after which a common kind (a present page) was seen.
+        """
+        if self._states is None:
+            idx: dict[int, list[int]] = {}
+            for i, e in enumerate(self.entries):
+                for f in e.state_at:
+                    idx.setdefault(f, []).append(i)
+            self._states = idx
+        idx = self._states
+        if not idx:
+            return None
+        st = self.state
+        kinds = sorted({st[f] for f in idx})
+        w = np.array([1.0 / max(1, self.kind_hits.get(c, 1)) for c in kinds])
+        c = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
+        fs = sorted(f for f in idx if st[f] == c)
+        w = np.array([1.0 / max(1, self.hits.get(f, 1)) for f in fs])
+        f = fs[int(rng.choice(len(fs), p=w / w.sum()))]
+        ents = idx[f]
+        e = self.entries[ents[int(rng.integers(len(ents)))]]
+        e.picks += 1
+        return e, f
 
     @staticmethod
     def choose_cut(entry: CorpusEntry, rng: np.random.Generator) -> list[int]:
@@ -1091,7 +1150,8 @@ def scenario_files(paths: list[str | Path], exclude: list[str] | None = None) ->
     return [p for p in out if p.stem not in ex and not p.name.startswith(".")]
 
 
-__all__ = ["FEEDBACKS", "MAX_CUTS", "DEFAULT_MUTATIONS", "MUTATIONS", "REC_CUTS", "USE_OPS",
+__all__ = ["FEEDBACKS", "MAX_CUTS", "DEFAULT_MUTATIONS", "MUTATIONS", "REC_CUTS", "REC_STATES",
+           "USE_OPS",
            "WHOLE_VMA",
            "CatalogueIndex", "Corpus", "CorpusEntry",
            "FeatureTracker", "call_context", "catalogue_digest", "entry_class", "fid", "mutate",

@@ -861,6 +861,64 @@ def test_shared_contents_name_what_cow_shared_tables_hold():
             pfeats.update(plain.step(h.kernel, cat[1]))
     want = {fid("C", "fork:done", c) for c in _shared_contents(h.kernel)}
     assert want and want <= feats and not want & pfeats
+    assert want <= set(tr.state_ids) and not plain.state_ids  # the state features (state_pick)
+
+
+def test_choose_state_draws_rarer_kinds_first_and_cuts_where_they_were_reached():
+    c = Corpus(state={10: "numa", 11: "anon", 12: "anon"})
+    assert c.choose_state(np.random.default_rng(0)) is None  # no entry reached a state
+    c.add(CorpusEntry(list(range(20)), frozenset({1, 10, 11}), "a", state_at={10: 5, 11: 9}))
+    c.add(CorpusEntry(list(range(8)), frozenset({2, 11}), "b", state_at={11: 3}))
+    c.add(CorpusEntry(list(range(9)), frozenset({4, 12}), "d", state_at={12: 2}))
+    c.add(CorpusEntry(list(range(30)), frozenset({3, 10}), "c"))  # reached it after its end
+    c.count({10})
+    for _ in range(89):
+        c.count({11})
+    for _ in range(9):
+        c.count({11, 12})  # one episode of either anon feature counts once for the kind
+    assert c.kind_hits == {"numa": 1, "anon": 98}
+    rng = np.random.default_rng(0)
+    draws = [c.choose_state(rng) for _ in range(4000)]
+    by_f = {10: 0, 11: 0, 12: 0}
+    for e, f in draws:
+        assert f in e.state_at and e.name != "c"
+        by_f[f] += 1
+    assert 0.97 < by_f[10] / len(draws) < 1.0  # kinds 1 : 1/98
+    assert by_f[12] > by_f[11] > 0  # within anon, 1/9 : 1/98
+    assert {e.name for e, f in draws if f == 11} == {"a", "b"}
+    assert c.entries[3].picks == 0 and c.entries[0].picks > 3800
+
+
+def test_state_pick_children_replay_up_to_the_state_and_files_keep_it(tmp_path):
+    """With ``state_pick`` 1 every corpus child after the first entries with a state is
+    an entry's schedule up to the state it reached (then the tail); the corpus file keeps
+    where (``greybox_states``) and a reloaded corpus draws states from it."""
+    kw = dict(SMALL_KW, preset="as-posted", terminate_on_violation=False)
+    h = Harness(**kw)
+    ag = ca.make_agent("greybox", seeds=["scenarios/conformance"], state_pick=1.0,
+                       race_episodes=0.0, window_prob=0.0, explore=0.0)
+    ag.attach_campaign(tmp_path, 0)
+    kinds = []
+    for e in range(60):
+        rng, rs = ca.episode_rng(2, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+        kinds.append(ag.episode_kind)
+        if ag.episode_kind == "state":
+            prefixes = {tuple(x.actions[:n]) for x in ag.corpus.entries
+                        for n in x.state_at.values()}
+            assert tuple(ag._child) in prefixes
+    assert "state" in kinds
+    with_states = [x for x in ag.corpus.entries if x.state_at]
+    assert with_states and all(n <= len(x.actions) for x in with_states
+                               for n in x.state_at.values())
+    back = ca.make_agent("greybox", seeds=[], state_pick=1.0)
+    back.load_state_dict(ag.state_dict())
+    back.begin_episode(h, np.random.default_rng(0))
+    assert {x.name: x.state_at for x in back.corpus.entries} == \
+        {x.name: x.state_at for x in ag.corpus.entries}
+    assert back.corpus.choose_state(np.random.default_rng(0)) is not None
+    with pytest.raises(ValueError, match="state_pick"):
+        ca.make_agent("greybox", state_pick=1.5)
 
 
 def test_tail_ends_a_childs_episode_early_and_the_teardown_observes():
