@@ -64,8 +64,10 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
+#: Round 8's default (session 11): round 9's state picks off.
+R8: dict[str, Any] = {"state_pick": 0.0}
 #: Round 7's default (session 10): round 8's race-pair choices and plan tails off.
-R7: dict[str, Any] = {"race_block_ops": False, "race_meet": False, "plan_tail": 0.0}
+R7: dict[str, Any] = {**R8, "race_block_ops": False, "race_meet": False, "plan_tail": 0.0}
 #: Round 6's default (sessions 8–9): the settings round 7 added, off too. Every variant
 #: measured before round 7 became the default pins them, so its command still measures
 #: what its table says.
@@ -77,7 +79,8 @@ R6: dict[str, Any] = {**R7, "tail": 0.0, "content_features": False, "window_rele
 R5: dict[str, Any] = {**R6, "fault_contexts": 0, "window_prob": 0.0, "window_decay": 0.0,
                       "window_share": 1.0}
 #: Round 8's race-pair choices (session 11), what the plan-tail variants were measured on.
-BM: dict[str, Any] = {"race_block_ops": True, "race_meet": True, "race_kthreads": False}
+BM: dict[str, Any] = {**R8, "race_block_ops": True, "race_meet": True,
+                      "race_kthreads": False}
 AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "random-template": ("random", {"choice": "template"}),
     "random-op": ("random", {"choice": "op"}),
@@ -124,6 +127,7 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-kt": ("greybox", {**R7, **BM, "race_kthreads": True}),
     "greybox-pt32": ("greybox", {**BM, "plan_tail": 32.0}),
     "greybox-pt64": ("greybox", {**BM, "plan_tail": 64.0}),
+    "greybox-r8": ("greybox", {**BM, "plan_tail": 64.0}),
     "greybox-pt128": ("greybox", {**BM, "plan_tail": 128.0}),
     "greybox-pt64-race30": ("greybox", {**BM, "plan_tail": 64.0, "race_episodes": 0.3}),
     "greybox-pt64-fc6": ("greybox", {**BM, "plan_tail": 64.0, "fault_contexts": 6}),
@@ -272,6 +276,31 @@ def run_one(flaw: str, fi: int, agent: str, seed: int, budget: int, targets: lis
             "stage": found["stage"] if found else None,
             "steps_run": steps, "episodes": episodes,
             "run_seconds": round(time.perf_counter() - t0, 3), "unattributed": unattributed}
+
+
+def one_run_args(description: str, argv: list[str] | None,
+                 extra: Any = None) -> argparse.Namespace:
+    """Parse the arguments of a one-run diagnosis tool (``race_pairs.py``, ``states.py``).
+
+    ``--flaw``, ``--seed``, ``--agent`` (greybox or a greybox setting of
+    :data:`AGENT_SPECS`; another agent exits 2 with a one-line error) and ``--budget``;
+    ``extra(parser)`` adds the tool's own.
+    """
+    from cowenv.kernel.config import FLAW_IDS
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--flaw", required=True, choices=FLAW_IDS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--agent", default="greybox",
+                   help="greybox or a greybox setting of bug_finding.AGENT_SPECS")
+    p.add_argument("--budget", type=int, default=100_000)
+    if extra is not None:
+        extra(p)
+    a = p.parse_args(argv)
+    if AGENT_SPECS.get(a.agent, (a.agent, {}))[0] != "greybox":
+        p.error(f"--agent: expected greybox or a greybox setting, got {a.agent!r}")
+    a.parser = p
+    return a
 
 
 def stage_table(runs: list[dict[str, Any]], flaws: list[str], agents: list[str]) -> str:

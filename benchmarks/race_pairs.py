@@ -20,7 +20,6 @@ addressed.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from pathlib import Path
@@ -60,17 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from cowenv.greybox import spec_variant
     from cowenv.kernel.config import FLAW_IDS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--flaw", required=True, choices=FLAW_IDS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--agent", default="greybox",
-                   help="greybox or a greybox setting of bug_finding.AGENT_SPECS")
-    p.add_argument("--budget", type=int, default=100_000)
-    p.add_argument("--label", default=None, help="A's pause label to detail")
-    a = p.parse_args(argv)
-    name = bf.AGENT_SPECS.get(a.agent, (a.agent, {}))[0]
-    if name != "greybox":
-        p.error(f"--agent: expected greybox or a greybox setting, got {a.agent!r}")
+    a = bf.one_run_args(__doc__.split("\n")[0], argv, lambda p: p.add_argument(
+        "--label", default=None, help="A's pause label to detail"))
     by_label: Counter[str] = Counter()
     at_label: Counter[tuple[str, str, str, str]] = Counter()
 

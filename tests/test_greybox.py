@@ -755,9 +755,11 @@ def test_window_stage_counts_its_steps_and_plays_what_it_finds(fault_contexts):
 
     flaw = "table-free-no-deferral"
     h = Harness(**bf.env_kwargs(flaw))
+    # state_pick=0: the episodes this test was written on (round 8's; with round 9's
+    # state picks campaign seed 0 plays no window finding in its first 200 episodes).
     ag = ca.make_agent("greybox", window_prob=1.0, seeds=[],  # (windows follow the seeds)
                        window_decay=0.0, window_share=1.0,  # every trigger opens one
-                       fault_contexts=0)
+                       fault_contexts=0, state_pick=0.0)
     off = []
     for e in range(200):
         if ag._win_next is not None:
@@ -1054,3 +1056,23 @@ def test_release_windows_show_the_free_pmd_flaw_the_episodes_miss():
     assert off.window_stats["release"] == 0
     with pytest.raises(ValueError, match="window_release"):
         ca.make_agent("greybox", window_release=2.0)
+
+
+def test_states_tool_counts_the_sharing_states_a_benchmark_run_reached(capsys):
+    """``benchmarks/states.py``: per kind of entry a COW-shared table held, the first
+    episode and the episodes (by kind) that reached it; agents without the states are
+    refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import states
+
+    assert states.main(["--flaw", "numa-fault-writes-shared", "--budget", "3000"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0: not found; 23 episodes" in out
+    assert "  numa           4     1  (plan 1)" in out
+    assert "  anon           0    16  (plan 16)" in out
+    for agent in ("random", "greybox-r6"):
+        with pytest.raises(SystemExit):
+            states.main(["--flaw", "numa-fault-writes-shared", "--agent", agent])
