@@ -229,6 +229,11 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             than any other (measured: ``numa-fault-writes-shared`` seed 0 reached a
             NUMA-hinting entry in a shared table in 8 of 462 episodes). Default 0.3
             (round 9); 0: off (round 8).
+        layout_states: Whether the fork layouts of a COW PTE process's populated PMDs
+            (:func:`cowenv.greybox._fork_layouts`: a ``VM_DONTCOPY`` or
+            ``VM_WIPEONFORK`` VMA before, after or among populated entries, which a
+            fork sends down the recover path) are sharing states too (``C`` features
+            and state-child kinds). On by default from round 10; off: round 9.
 
     """
 
@@ -257,7 +262,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  content_features: bool = True, tail: float = 32.0,
                  window_release: float = 0.1, race_block_ops: bool = True,
                  race_meet: bool = True, plan_tail: float = 64.0,
-                 race_kthreads: bool = False, state_pick: float = 0.3) -> None:
+                 race_kthreads: bool = False, state_pick: float = 0.3,
+                 layout_states: bool = True) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -322,7 +328,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.tracker = FeatureTracker(
             feedback, tlb=tlb_features,
             faults=(fault_triage or explore_max is not None) if fault_features is None
-            else bool(fault_features), args=arg_features, contents=content_features)
+            else bool(fault_features), args=arg_features, contents=content_features,
+            layouts=layout_states)
         self.fault_triage = bool(fault_triage)
         self.triage_prob = float(triage_prob)
         self.cut_fault = float(cut_fault)
@@ -465,7 +472,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                               if x)
             cuts = tuple(int(x) for x in str(rec.get(REC_CUTS, "")).split(",") if x)
             states = {int(f, 16): (int(n), c) for f, n, c in (
-                x.split(":") for x in str(rec.get(REC_STATES, "")).split(",") if x)}
+                x.split(":", 2) for x in str(rec.get(REC_STATES, "")).split(",") if x)}
         except (OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):
             return False
         ok = self.corpus.add(CorpusEntry(acts, feats, path.stem, cuts=cuts,

@@ -64,8 +64,10 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
+#: Round 9's default (session 12): the fork layouts as sharing states off.
+R9: dict[str, Any] = {"layout_states": False}
 #: Round 8's default (session 11): round 9's state picks off.
-R8: dict[str, Any] = {"state_pick": 0.0}
+R8: dict[str, Any] = {**R9, "state_pick": 0.0}
 #: Round 7's default (session 10): round 8's race-pair choices and plan tails off.
 R7: dict[str, Any] = {**R8, "race_block_ops": False, "race_meet": False, "plan_tail": 0.0}
 #: Round 6's default (sessions 8–9): the settings round 7 added, off too. Every variant
@@ -134,6 +136,8 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-sp10": ("greybox", {**BM, "plan_tail": 64.0, "state_pick": 0.1}),
     "greybox-sp20": ("greybox", {**BM, "plan_tail": 64.0, "state_pick": 0.2}),
     "greybox-sp30": ("greybox", {**BM, "plan_tail": 64.0, "state_pick": 0.3}),
+    "greybox-r9": ("greybox", {**R9}),
+    "greybox-lay": ("greybox", {"layout_states": True}),
     "greybox-contents": ("greybox", {**R6, "content_features": True}),
     "greybox-tail32": ("greybox", {**R6, "tail": 32.0}),
     "greybox-tail32-contents": ("greybox", {**R6, "tail": 32.0, "content_features": True}),

@@ -58,7 +58,13 @@ import numpy as np
 from .catalogue import ActionSpec, range_pages, range_pmds, slot_pid
 from .kernel import KSWAPD_TID, Kernel
 from .kernel.memory import PG_allocated, PG_anon_exclusive
-from .kernel.mm import vma_is_accessible
+from .kernel.mm import (
+    MMF_COW_PTE,
+    MMF_COW_PTE_READY,
+    VM_DONTCOPY,
+    VM_WIPEONFORK,
+    vma_is_accessible,
+)
 from .kernel.pgtable import (
     PFN_SHIFT,
     PTE_MIGRATION,
@@ -183,6 +189,52 @@ def _shared_contents(k: Kernel) -> set[str]:
     return out
 
 
+def _fork_layouts(k: Kernel) -> set[str]:
+    """How the next fork would treat the populated PMDs of a COW PTE process.
+
+    v4 02/14 ``copy_cow_pte_range`` walks every VMA of the PMD (``for_each_vma_range``);
+    one that refuses sharing (``VM_DONTCOPY``; ``VM_WIPEONFORK`` too, fixed) sends the
+    PMD to ``recover_pte_range`` and the later VMAs to ``copy_pte_range`` from
+    ``recover_end``. For each populated PMD (a non-zero entry) of an mm with
+    ``MMF_COW_PTE`` (or ``MMF_COW_PTE_READY``: its next fork sets it) that holds such a
+    VMA: ``fork:<flag>-before`` (it lies before a populated VMA that does not refuse),
+    ``fork:<flag>-after`` (after one), ``fork:<flag>-populated`` (it has populated
+    entries itself), ``<flag>`` being ``dontcopy`` or ``wipeonfork``. A fork is one
+    step from each: the corner layouts of the recover path and of the wipe-on-fork
+    check, which an episode reaches only by a rare ``madvise`` on part of a region.
+    """
+    out: set[str] = set()
+    P = k.config.ptrs_per_pte
+    for p in k.live_procs():
+        mm = p.mm
+        if not mm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY):
+            continue
+        for idx, e in mm.pmd.items():
+            ents = e.table.entries
+            if not ents.any():
+                continue
+            lo, hi = idx * P, (idx + 1) * P
+            vmas = mm.vmas_in(lo, hi)
+            if not any(v.flags & (VM_DONTCOPY | VM_WIPEONFORK) for v in vmas):
+                continue
+            seen_pop = False
+            refusing: list[str] = []
+            for v in vmas:
+                pop = bool(ents[max(v.start, lo) - lo:min(v.end, hi) - lo].any())
+                flag = ("dontcopy" if v.flags & VM_DONTCOPY else
+                        "wipeonfork" if v.flags & VM_WIPEONFORK else "")
+                if flag:
+                    if pop:
+                        out.add(f"fork:{flag}-populated")
+                    if seen_pop:
+                        out.add(f"fork:{flag}-after")
+                    refusing.append(flag)
+                elif pop:
+                    seen_pop = True
+                    out.update(f"fork:{f}-before" for f in refusing)
+    return out
+
+
 def _tlb_states(k: Kernel) -> set[tuple[str, str, int]]:
     """What the CPUs' caches hold that the page tables no longer say (:mod:`cowenv.kernel.tlb`).
 
@@ -303,11 +355,14 @@ class FeatureTracker:
             earlier call left).
         contents: With ``interleaving``, at the end of each operation, what the
             COW-shared tables hold (``C``, :func:`_shared_contents`) with the operation.
+        layouts: With ``contents``, the fork layouts (:func:`_fork_layouts`) are ``C``
+            states too.
 
     """
 
     def __init__(self, feedback: str = "interleaving", tlb: bool = True,
-                 faults: bool = False, args: bool = False, contents: bool = False) -> None:
+                 faults: bool = False, args: bool = False, contents: bool = False,
+                 layouts: bool = False) -> None:
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback: expected one of {', '.join(FEEDBACKS)}")
         self.feedback = feedback
@@ -315,6 +370,7 @@ class FeatureTracker:
         self.faults = bool(faults)
         self.args = bool(args)
         self.contents = bool(contents)
+        self.layouts = bool(layouts)
         #: The *code* features of the last step (with ``faults``; :meth:`step`): a
         #: call's argument state and injected allocation failures.
         self.code: list[int] = []
@@ -400,7 +456,10 @@ class FeatureTracker:
                                    self._variant.get(t.tid, "")))
             out.append(fid("K", label, ",".join(sorted(held))))
             if self.contents and label.endswith(":done"):
-                for c in sorted(_shared_contents(k)):
+                cs = _shared_contents(k)
+                if self.layouts:
+                    cs |= _fork_layouts(k)
+                for c in sorted(cs):
                     f = fid("C", label, c)
                     self.state_ids[f] = c
                     out.append(f)

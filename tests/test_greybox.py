@@ -1076,3 +1076,29 @@ def test_states_tool_counts_the_sharing_states_a_benchmark_run_reached(capsys):
     for agent in ("random", "greybox-r6"):
         with pytest.raises(SystemExit):
             states.main(["--flaw", "numa-fault-writes-shared", "--agent", agent])
+
+
+def test_fork_layouts_name_the_recover_paths_corner_layouts():
+    """``_fork_layouts``: a ``VM_DONTCOPY``/``VM_WIPEONFORK`` VMA before, after or among
+    the populated entries of a PMD of a COW PTE process; nothing without
+    ``MMF_COW_PTE`` or without such a VMA; with ``layouts`` the tracker's ``C`` states."""
+    from cowenv.greybox import _fork_layouts
+    from cowenv.kernel import make_kernel
+    from cowenv.kernel.config import KernelConfig
+
+    a = 0x100000  # PMD-aligned (8 entries of 4 KiB)
+    k = make_kernel(KernelConfig.from_preset("fixed", ptrs_per_pte=8, nr_frames=64,
+                                             nr_swap_slots=0))
+    k.do(1, "mmap", addr=a, length=8 * 4096)
+    k.do(1, "write", addr=a + 6 * 4096)
+    assert k.do(1, "madvise", addr=a, length=2 * 4096, advice="DONTFORK") == 0
+    assert _fork_layouts(k) == set()  # no MMF_COW_PTE: fork copies as upstream
+    k.do(1, "prctl_cow_pte")
+    assert _fork_layouts(k) == {"fork:dontcopy-before"}
+    k.do(1, "write", addr=a)
+    assert _fork_layouts(k) == {"fork:dontcopy-before", "fork:dontcopy-populated"}
+    assert k.do(1, "madvise", addr=a + 7 * 4096, length=4096, advice="WIPEONFORK") == 0
+    assert _fork_layouts(k) == {"fork:dontcopy-before", "fork:dontcopy-populated",
+                                "fork:wipeonfork-after"}
+    k.do(1, "munmap", addr=a, length=8 * 4096)
+    assert _fork_layouts(k) == set()
