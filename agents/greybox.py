@@ -1032,7 +1032,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self._op_length(env, sp)
         fs = self.tracker.step(env.kernel, sp)
         for f in fs:
-            if f not in self._state_pos and f in self.corpus.state:
+            if f in self.corpus.state and f not in self._state_pos:
                 self._state_pos[f] = len(self._taken)
             if f not in self._feats:
                 self._feats.add(f)

@@ -379,8 +379,13 @@ def summarise(runs: list[dict[str, Any]], flaws: list[str], agents: list[str],
         for a in agents:
             vals = [cells[f"{f}|{a}"]["median_steps"] for f in common]
             geo_common[a] = float(math.exp(np.mean([math.log(max(v, 1.0)) for v in vals])))
+    # The tail: runs found late or not at all (what decides "every flaw in every seed").
+    tail = {a: {"runs": len(rs), "found": sum(r["found"] for r in rs),
+                "over_50k": sum(not r["found"] or r["steps"] > 50_000 for r in rs),
+                "over_70k": sum(not r["found"] or r["steps"] > 70_000 for r in rs)}
+            for a in agents if (rs := [r for r in runs if r["agent"] == a])}
     return {"cells": cells, "geomean_steps": geo, "found_by_any": found_by_any,
-            "common_flaws": common, "geomean_common": geo_common}
+            "common_flaws": common, "geomean_common": geo_common, "tail": tail}
 
 
 def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budget: int,
@@ -419,6 +424,11 @@ def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budge
                      f"agent ran** | | "
                      + " | ".join(f"**{gc[a]:,.0f}**" for a in agents) + " |")
         geo = gc
+    tail = summary.get("tail") or {}
+    lines.append("| **runs found / runs above 50k / above 70k steps (not found included)** "
+                 "| | " + " | ".join(
+                     f"{tail[a]['found']}/{tail[a]['runs']} / {tail[a]['over_50k']} / "
+                     f"{tail[a]['over_70k']}" if a in tail else "-" for a in agents) + " |")
     ppo = sorted(geo[a] for a in agents if a.startswith("ppo-t") and a in geo)
     if len(ppo) > 1:
         lines.append("")
@@ -661,8 +671,9 @@ def _combine(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             p.error(f"--combine: {path}: budget {b}, expected {budget} (the first file's)")
         budget = b
         agents += [x for x in d.get("agents", []) if x not in agents]
-        have = {(r["agent"], r["flaw"]) for r in runs}
-        runs += [r for r in file_runs if (r["agent"], r["flaw"]) not in have]
+        # A run is (agent, flaw, seed): files of other seed blocks add their runs.
+        have = {(r["agent"], r["flaw"], r["seed"]) for r in runs}
+        runs += [r for r in file_runs if (r["agent"], r["flaw"], r["seed"]) not in have]
         trainings += d.get("trainings", [])
         targets = {**d.get("flaw_signatures", {}), **targets}
         folds = folds or d.get("folds", {})

@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                    bf.flaw_signatures(a.flaw), None, make=make)
     found = f"found at step {r['steps']:,} ({r['stage']})" if r["found"] else "not found"
     print(f"{a.flaw}, {a.agent}, seed {a.seed}: {found}; {r['episodes']} episodes")
-    print("\nstate (kind of entry in a COW-shared table), first episode, episodes "
-          "that reached it, by episode kind:")
+    print("\nstate (kind of entry in a COW-shared table, or fork layout), first episode, "
+          "episodes that reached it, by episode kind:")
     for c in sorted(eps, key=lambda c: (eps[c], c)):
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(by_kind[c].items(),
                                                          key=lambda x: (-x[1], x[0])))

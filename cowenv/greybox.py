@@ -375,7 +375,8 @@ class FeatureTracker:
         #: call's argument state and injected allocation failures.
         self.code: list[int] = []
         #: The *state* features produced so far (``C``: what the COW-shared tables
-        #: hold), id -> the kind of entry (:func:`_shared_contents`), for
+        #: hold, and with ``layouts`` the fork layouts), id -> the kind
+        #: (:func:`_shared_contents`, :func:`_fork_layouts`), for
         #: :meth:`Corpus.choose_state`.
         self.state_ids: dict[int, str] = {}
         self._ne = 0

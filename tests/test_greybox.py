@@ -1102,3 +1102,32 @@ def test_fork_layouts_name_the_recover_paths_corner_layouts():
                                 "fork:wipeonfork-after"}
     k.do(1, "munmap", addr=a, length=8 * 4096)
     assert _fork_layouts(k) == set()
+
+
+def test_bug_finding_combine_keeps_every_seed_block_and_counts_the_tail(tmp_path):
+    """``bug_finding.py --combine``: two seed blocks of one agent give one column over
+    both (a run is agent, flaw, seed), with the runs found and those above 50k / 70k
+    steps, not-found runs included."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    def run(seed, steps):
+        return {"agent": "greybox", "flaw": "nr-ptes-on-oom", "seed": seed,
+                "found": steps is not None, "steps": steps, "seconds": 0.1 if steps else None,
+                "unattributed": {}}
+
+    files = []
+    for i, block in enumerate([[run(0, 60_000), run(1, 1_000)], [run(2, None), run(3, 80_000)]]):
+        f = tmp_path / f"b{i}.json"
+        f.write_text(json.dumps({"budget": 100_000, "agents": ["greybox"], "runs": block}))
+        files.append(str(f))
+    assert bf.main(["--combine", *files, files[0], "--out", str(tmp_path / "out")]) == 0
+    d = json.loads((tmp_path / "out" / "bug_finding.json").read_text())
+    assert sorted(r["seed"] for r in d["runs"]) == [0, 1, 2, 3]  # the repeated file adds none
+    assert d["summary"]["tail"]["greybox"] == {"runs": 4, "found": 3, "over_50k": 3,
+                                               "over_70k": 2}
+    assert "| 3/4 / 3 / 2 |" in (tmp_path / "out" / "bug_finding.md").read_text()
