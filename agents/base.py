@@ -77,6 +77,10 @@ class Agent:
     name: ClassVar[str] = ""
     #: Whether :meth:`act` reads ``obs``; False lets campaigns drive the harness directly.
     needs_observation: ClassVar[bool] = False
+    #: Steps left of the caller's budget when :meth:`observe` is called (set by
+    #: :func:`run_episode` given ``max_actions``; None: no budget). An agent that
+    #: executes steps outside the env (``offline_steps``) executes at most this many.
+    step_room: int | None = None
 
     def __init__(self) -> None:
         self.rng: np.random.Generator = np.random.default_rng(0)
@@ -387,7 +391,8 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
         rng: The agent's generator for this episode.
         reset_seed: Seed for ``env.reset``.
         max_actions: Stop after this many actions even if the episode goes on (the
-            campaign's remaining budget).
+            campaign's remaining budget); the agent's ``offline_steps`` count against
+            it, and :attr:`Agent.step_room` tells the agent how many are left.
         on_violation: Called once per violation signature, the first time it is
             reported in this episode, with the action index (0 = during reset) and the
             violation (``kind``, ``site``, ``signature``, ``step``, ``message``, ...);
@@ -417,10 +422,16 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
             if on_violation is not None and on_violation(0, v):
                 stop = True
     limit = env.max_steps if max_actions is None else min(max_actions, env.max_steps)
+    # Steps the agent executes outside the env count against ``max_actions`` (a budget)
+    # like env steps; ``budget - spent()`` is the agent's ``step_room``.
+    budget = max_actions
+
+    def spent() -> int:
+        return res.steps + getattr(agent, "offline_steps", 0) - off0
     agent_limit = env.max_steps - max(0, int(teardown))
     harness = Teardown() if teardown > 0 else None
     terminated = truncated = False
-    while not stop and res.steps < limit:
+    while not stop and res.steps < limit and (budget is None or spent() < budget):
         if (res.steps < agent_limit or harness is None) and not agent.done():
             a = agent.act(env, obs, env.action_masks() if h is None else h.mask)
             mine = True
@@ -442,6 +453,8 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
         res.steps += 1
         res.ret += float(reward)
         if mine:
+            if budget is not None:
+                agent.step_room = budget - spent()
             agent.observe(env, a, obs, float(reward), terminated, truncated, info)
         for v in violations:
             sig = v["signature"]
@@ -453,6 +466,7 @@ def run_episode(env: CowEnv, agent: Agent, rng: np.random.Generator, reset_seed:
             break
     res.terminated = bool(terminated)
     res.stopped = stop
+    agent.step_room = None
     agent.end_episode(env)
     res.offline_steps = getattr(agent, "offline_steps", 0) - off0
     return res

@@ -247,10 +247,20 @@ class WindowStage:
         h = self._win_h
         if h is None:
             h = self._win_h = Harness(**base.init_kwargs)
+        room = self.step_room
+        if room is not None and cut >= room:
+            # The rebuild alone would spend the rest of the budget: it is cut off there
+            # (nothing after it could count).
+            self.offline_steps += max(0, room)
+            self.step_room = 0
+            return
         h.reset(base.episode_seed)
         for x in self._taken[:cut]:
             h.step(x)
         self.offline_steps += cut
+        if room is not None:
+            room -= cut
+            self.step_room = room
         k = h.kernel
         if not k.quiescent() or u not in k.threads:
             return
@@ -318,10 +328,20 @@ class WindowStage:
         from cowenv.scenario import Expectation, Scenario
 
         sc = Scenario("window", "", k.config, [], Expectation(), {})
+        cap = self.window_cap if room is None else min(self.window_cap, room)
         res = explore(sc, self.window_bound, start=Run.start_snapshot(k, progs), progs=progs,
-                      max_transitions=self.window_cap)
-        self.offline_steps += res.transitions
+                      max_transitions=cap)
         self.window_stats["transitions"] += res.transitions
+        if room is not None and res.transitions >= room:
+            # The search stops at the end of the run that crossed the budget's end (it
+            # checks its cap between runs); the steps past it are not counted, and its
+            # findings are not played (nothing after the budget counts).
+            self.offline_steps += room
+            self.step_room = 0
+            return
+        self.offline_steps += res.transitions
+        if room is not None:
+            self.step_room = room - res.transitions
         limit = env.max_steps - TEARDOWN_RESERVE
         for f in res.findings:
             kind = f.signature.split("@", 1)[0]

@@ -781,6 +781,53 @@ def test_window_stage_counts_its_steps_and_plays_what_it_finds(fault_contexts):
     assert ag.window_stats["windows"] >= 1 and off[-1] >= ag.window_stats["transitions"] > 0
 
 
+def test_window_searches_stop_at_the_budget():
+    """A budget (``run_episode``'s ``max_actions``, a campaign's steps left) bounds the
+    steps a window executes outside the env as well as the env's: a campaign loop's
+    env + offline steps land exactly on the budget, wherever in a window it ends (a
+    2-worker campaign once ran 4,303 steps of a 4,000-step budget)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    kw = bf.env_kwargs("table-free-no-deferral")
+
+    def agent():
+        return ca.make_agent("greybox", window_prob=1.0, seeds=[], window_decay=0.0,
+                             window_share=1.0, fault_contexts=0)
+
+    def campaign(budget):
+        h, ag = Harness(**kw), agent()
+        steps = e = 0
+        while steps < budget:
+            rng, rs = ca.episode_rng(0, 0, e)
+            res = ca.run_episode(h, ag, rng, rs, max_actions=budget - steps, teardown=32)
+            steps += res.steps + res.offline_steps
+            e += 1
+        return steps, ag
+
+    # Unbounded: the first episode that opens a window, and where it starts and ends.
+    h, ag = Harness(**kw), agent()
+    before = 0
+    for e in range(50):
+        rng, rs = ca.episode_rng(0, 0, e)
+        res = ca.run_episode(h, ag, rng, rs, teardown=32)
+        if res.offline_steps:
+            break
+        before += res.steps
+    else:
+        raise AssertionError("no window in 50 episodes")
+    end = before + res.steps + res.offline_steps
+    assert res.offline_steps > 100  # (episode 11: a release window, 117 + 307 steps)
+    for budget in np.linspace(before + 1, end, 9).astype(int):
+        steps, ag = campaign(int(budget))
+        assert steps == budget, (budget, steps)
+        assert ag.step_room is None  # only while an episode runs
+    assert campaign(end)[1].offline_steps == res.offline_steps  # the whole window fits
+
+
 def test_window_stage_off_with_zero_and_checks_its_options():
     h = Harness(**SMALL_KW, terminate_on_violation=False)
     a = ca.make_agent("greybox", seeds=[], window_prob=0.0)
