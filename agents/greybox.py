@@ -234,6 +234,20 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             ``VM_WIPEONFORK`` VMA before, after or among populated entries, which a
             fork sends down the recover path) are sharing states too (``C`` features
             and state-child kinds). On by default from round 10; off: round 9.
+        fault_ranges: Whether a fault-injection context (``fault_contexts``) also
+            holds the call's range class (:func:`cowenv.greybox.range_class`: it splits
+            a VMA first, or covers whole VMAs), whose first allocations are at other
+            call sites: an ``mprotect(PROT_NONE)`` of a whole VMA over a shared table
+            fails in ``change_pte_range``'s break (v4's ``return 0``), one of part of it
+            in ``__split_vma``'s (-ENOMEM, nothing wrong). Off: round 10.
+        aim_shared: In the operation-level random choice, the probability that a
+            thread whose mm shares a page table with another mm draws its template
+            among those addressing a shared table (:meth:`_aim`). 0: off.
+        fault_shared: Once a fault-injection context has had its ``fault_contexts``
+            tries, the probability that a call in it addressing a COW-shared table of
+            its mm still gets its try (n as the context's tries go on): the patch's own
+            allocation, ``break_cow_pte``'s table copy, failed again in later states
+            (AFLGo's patch targets, with FIFUZZ's unit). 0: off.
 
     """
 
@@ -263,7 +277,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_release: float = 0.1, race_block_ops: bool = True,
                  race_meet: bool = True, plan_tail: float = 64.0,
                  race_kthreads: bool = False, state_pick: float = 0.3,
-                 layout_states: bool = True) -> None:
+                 layout_states: bool = True, fault_ranges: bool = True,
+                 aim_shared: float = 0.0, fault_shared: float = 0.0) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -351,6 +366,13 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         if fault_contexts < 0:
             raise ValueError("fault_contexts: expected >= 0")
         self.fault_contexts = int(fault_contexts)
+        self.fault_ranges = bool(fault_ranges)
+        if not 0.0 <= aim_shared <= 1.0:
+            raise ValueError("aim_shared: expected 0..1")
+        self.aim_shared = float(aim_shared)
+        if not 0.0 <= fault_shared <= 1.0:
+            raise ValueError("fault_shared: expected 0..1")
+        self.fault_shared = float(fault_shared)
         #: Call context -> tries so far; (context, template) -> the fail_nth n its
         #: next try arms (absent: 1).
         self._fc_tries: dict[Context, int] = {}
@@ -359,7 +381,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._fc_pending: dict[int, tuple[Call, int, bool, bool]] = {}
         self._fc_queued = -1  # the start to take after the try's fail_nth event
         self._fc_ev = 0
-        self.fc_stats = {"armed": 0, "fired": 0}
+        self.fc_stats = {"armed": 0, "fired": 0, "shared": 0}
         self._triage_next: _Job | None = None
         #: Whether the triage bookkeeping runs (any of its three options set).
         self._triage_on = self.fault_triage or self.cut_fault > 0 or explore_max is not None
@@ -1005,7 +1027,15 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             if ev:
                 return ev[int(rng.integers(len(ev)))]
         if self._chooser is not None:
-            return self._chooser.choose(rng, mask)
+            a = self._chooser.choose(rng, mask)
+            sp = ci.catalogue[a]
+            if self.aim_shared and sp.kind == "start" and ci.span[a]:
+                c = [i for i in ci.by_tid_op[(sp.tid, sp.op)] if mask[i]]
+                if len(c) > 1:
+                    on = self._aim(env.kernel, sp.tid, c)
+                    if on is not c:
+                        a = on[int(rng.integers(len(on)))]
+            return a
         runs = [i for t, i in ci.run.items() if mask[i]]
         if runs and rng.random() < self.run_prob:
             return runs[int(rng.integers(len(runs)))]
@@ -1019,10 +1049,39 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                 continue
             op = ops[int(rng.integers(len(ops)))]
             c = [i for i in ci.by_tid_op[(t, op)] if mask[i]]
+            if self.aim_shared and len(c) > 1:
+                c = self._aim(k, t, c)
             return c[int(rng.integers(len(c)))]
         if runs:
             return runs[int(rng.integers(len(runs)))]
         return uniform_legal(rng, mask)
+
+    @staticmethod
+    def _shared_pmds(k: Any, tid: int) -> set[int]:
+        """PMD indices where ``tid``'s mm maps a page table another mm maps too."""
+        t = k.threads.get(tid)
+        p = k.procs.get(t.pid) if t is not None else None
+        if p is None:  # kswapd's reclaim templates: no mm of their own
+            return set()
+        return {i for i, e in p.mm.pmd.items() if e.table.refcount > 1}
+
+    def _aim(self, k: Any, tid: int, cands: list[int]) -> list[int]:
+        """``aim_shared``: the templates of ``cands`` on a COW-shared table, maybe.
+
+        When ``tid``'s mm maps a page table another mm maps too (``refcount > 1``), with
+        probability ``aim_shared`` the templates whose address range meets such a table
+        (``cands`` itself if none does). Directed greybox fuzzing (AFLGo, Böhme et al.,
+        CCS 2017) with the shared tables as the targets: every COW PTE path starts from
+        an operation on one, and the uniform template choice spends most calls of an
+        operation on the other tables of the address space.
+        """
+        ci = self._ci
+        assert ci is not None
+        shared = self._shared_pmds(k, tid)
+        if not shared or self.rng.random() >= self.aim_shared:
+            return cands
+        on = [i for i in cands if not shared.isdisjoint(ci.span[i])]
+        return on or cands
 
     def observe(self, env: CowEnv, action: int, obs: np.ndarray, reward: float,  # noqa: D102
                 terminated: bool, truncated: bool, info: dict[str, Any]) -> None:

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cowenv.greybox import call_context
+from cowenv.greybox import call_context, range_class
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
 
-#: A call context: (operation, variant, PMD state, PTE state) (:func:`call_context`).
-Context = tuple[str, str, str, str]
+#: A call context: (operation, variant, PMD state, PTE state) (:func:`call_context`),
+#: with ``fault_ranges`` the range class (:func:`cowenv.greybox.range_class`) too.
+Context = tuple[str, ...]
 #: A call: its context and its start template (catalogue index).
 Call = tuple[Context, int]
 
@@ -53,15 +54,23 @@ class FaultContexts:
         t = env.kernel.threads.get(sp.tid)
         if not fails or t is None or t.fail_nth_next:
             return None
-        ctx = call_context(env.kernel, sp)
+        ctx: Context = call_context(env.kernel, sp)
+        if self.fault_ranges:
+            ctx = (*ctx, range_class(env.kernel, sp))
         tries = self._fc_tries.get(ctx, 0)
-        if tries >= self.fault_contexts:
+        extra = tries >= self.fault_contexts
+        if extra and (not self.fault_shared or ci.span[a].start == ci.span[a].stop
+                      or self._shared_pmds(env.kernel, sp.tid).isdisjoint(ci.span[a])
+                      or self.rng.random() >= self.fault_shared):
             return None
         n = self._fc_n.get((ctx, a), 1)
         ev = next((e for e in fails if ci.catalogue[e].n == n), None)
         if ev is None or not mask[ev]:
             return None
-        self._fc_tries[ctx] = tries + 1
+        if extra:
+            self.fc_stats["shared"] += 1
+        else:
+            self._fc_tries[ctx] = tries + 1
         self._fc_pending[sp.tid] = ((ctx, a), n, False, False)
         self.fc_stats["armed"] += 1
         return ev

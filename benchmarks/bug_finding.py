@@ -64,8 +64,10 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
+#: Round 10's default (session 12): the range class in fault-injection contexts off.
+R10: dict[str, Any] = {"fault_ranges": False}
 #: Round 9's default (session 12): the fork layouts as sharing states off.
-R9: dict[str, Any] = {"layout_states": False}
+R9: dict[str, Any] = {**R10, "layout_states": False}
 #: Round 8's default (session 11): round 9's state picks off.
 R8: dict[str, Any] = {**R9, "state_pick": 0.0}
 #: Round 7's default (session 10): round 8's race-pair choices and plan tails off.
@@ -137,7 +139,12 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-sp20": ("greybox", {**BM, "plan_tail": 64.0, "state_pick": 0.2}),
     "greybox-sp30": ("greybox", {**BM, "plan_tail": 64.0, "state_pick": 0.3}),
     "greybox-r9": ("greybox", {**R9}),
-    "greybox-lay": ("greybox", {"layout_states": True}),
+    "greybox-lay": ("greybox", {**R10, "layout_states": True}),
+    "greybox-r10": ("greybox", {**R10}),
+    "greybox-fr": ("greybox", {"fault_ranges": True}),
+    "greybox-aim30": ("greybox", {"aim_shared": 0.3}),
+    "greybox-fs10": ("greybox", {"fault_shared": 0.1}),
+    "greybox-aim30-fs10": ("greybox", {"aim_shared": 0.3, "fault_shared": 0.1}),
     "greybox-contents": ("greybox", {**R6, "content_features": True}),
     "greybox-tail32": ("greybox", {**R6, "tail": 32.0}),
     "greybox-tail32-contents": ("greybox", {**R6, "tail": 32.0, "content_features": True}),

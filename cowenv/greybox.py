@@ -333,6 +333,33 @@ def call_context(k: Kernel, spec: ActionSpec) -> tuple[str, str, str, str]:
     return (spec.op, spec_variant(spec), *_arg_state(k, spec))
 
 
+def range_class(k: Kernel, spec: ActionSpec) -> str:
+    """Where a ranged call's boundaries fall among the caller's VMAs.
+
+    ``split``: the range starts or ends inside a VMA, so the call splits it first
+    (``__split_vma``, whose COW PTE v4 03/14 ``break_cow_pte(vma, NULL, addr)`` breaks
+    the table of the split address before anything else); ``whole``: it covers whole
+    VMAs (or runs into a hole), so the first break is the walker's own
+    (``change_pte_range``'s, ``move_page_tables``'s, ``zap_pte_range``'s); ``hole``: no
+    VMA in range; ``""``: no range (``addr`` with ``length``, or ``old_length`` for
+    mremap). The two first classes fail their first allocation at different call
+    sites: a proxy of the allocation's calling context (FIFUZZ's unit) that the
+    operation, its variant and the page state do not see.
+    """
+    args = dict(spec.args)
+    if "length" not in args and "old_length" in args:
+        args["length"] = args["old_length"]
+    r = range_pages(args, k.config.page_size)
+    t = k.threads.get(spec.tid)
+    p = k.procs.get(t.pid) if t is not None else None
+    if not r or "length" not in args or p is None:
+        return ""
+    vs = p.mm.vmas_in(r.start, r.stop)
+    if not vs:
+        return "hole"
+    return "split" if vs[0].start < r.start or vs[-1].end > r.stop else "whole"
+
+
 def spec_variant(spec: ActionSpec) -> str:
     """An operation's variant: its arguments other than addresses (``fast=True,write=True``)."""
     return ",".join(f"{a}={v}" for a, v in spec.args if a not in ("addr", "length", "pid"))

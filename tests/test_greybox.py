@@ -718,7 +718,7 @@ def test_fault_contexts_enumerate_n_per_call_context():
     k = h.kernel
     w = next(i for i in ci.by_tid_op[(1, "write")]
              if call_context(k, ci.catalogue[i])[2:] == ("private", "none"))
-    ctx = call_context(k, ci.catalogue[w])
+    ctx = (*call_context(k, ci.catalogue[w]), "")  # with fault_ranges: no range
     run = ci.run[1]
     taken = _play_acts(h, ag, [w, run, run, run, run])
     ev = ci.catalogue[taken[0]]
@@ -733,13 +733,151 @@ def test_fault_contexts_enumerate_n_per_call_context():
     assert taken[0] == w
     # A call that allocates nothing: the try does not fire, the next one arms n = 1.
     p = ci.by_tid_op[(1, "prctl_cow_pte")][0]
-    pctx = call_context(k, ci.catalogue[p])
+    pctx = (*call_context(k, ci.catalogue[p]), "")
     _play_acts(h, ag, [p, run, run])
     assert ag._fc_tries[pctx] == 1 and ag._fc_n[(pctx, p)] == 1
     # Off with 0 (on by default: K = 4): nothing armed.
     h2, ag2 = _fc_agent(fault_contexts=0)
     assert _play_acts(h2, ag2, [w, run])[0] == w and not ag2._fc_tries
     assert ca.make_agent("greybox").fault_contexts == 4
+
+
+def test_range_class_tells_a_split_from_a_whole_vma():
+    from cowenv.catalogue import ActionSpec
+    from cowenv.greybox import range_class
+    from cowenv.kernel import make_kernel
+    from cowenv.kernel.config import KernelConfig
+
+    k = make_kernel(KernelConfig.from_preset("fixed", ptrs_per_pte=8, nr_frames=64,
+                                             nr_swap_slots=0))
+    a = 0x100000
+    k.do(1, "mmap", addr=a, length=16 * 4096)
+
+    def rc(op, **args):
+        return range_class(k, ActionSpec("start", 1, op, tuple(sorted(args.items()))))
+
+    assert rc("mprotect", addr=a, length=16 * 4096, prot="none") == "whole"
+    assert rc("mprotect", addr=a, length=8 * 4096, prot="none") == "split"
+    assert rc("munmap", addr=a + 4096, length=15 * 4096) == "split"
+    assert rc("mremap", addr=a, old_length=16 * 4096, new_length=4096) == "whole"
+    assert rc("madvise", addr=a + 16 * 4096, length=4096, advice="DONTNEED") == "hole"
+    assert rc("mprotect", addr=a, length=32 * 4096, prot="r") == "whole"  # runs into a hole
+    assert rc("read", addr=a) == ""  # no range
+    k.do(1, "mprotect", addr=a, length=8 * 4096, prot="r")  # now two VMAs
+    assert rc("mprotect", addr=a, length=8 * 4096, prot="none") == "whole"
+
+
+@pytest.mark.parametrize(("fault_ranges", "fault_shared"),
+                         [(False, 0.0), (True, 0.0), (False, 1.0)])
+def test_fault_ranges_give_a_whole_vma_call_its_own_tries(fault_ranges, fault_shared):
+    """``mprotect-ignores-break-failure``: after a COW PTE fork, an armed
+    ``mprotect(PROT_NONE)`` of part of the VMA fails in ``__split_vma``'s break
+    (-ENOMEM, nothing wrong); one of the whole VMA fails in ``change_pte_range``'s,
+    which v4 ignores. With one try per context, the second call is armed only with
+    ``fault_ranges`` (the range class in the context: a try of its own) or
+    ``fault_shared`` (a call on a shared table armed past its context's tries), and
+    then the flaw shows."""
+    import sys
+    from pathlib import Path
+
+    from cowenv.greybox import call_context
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("mprotect-ignores-break-failure"))
+    ag = ca.make_agent("greybox", seeds=[], explore=1.0, race_episodes=0.0,
+                       fault_contexts=1, fault_ranges=fault_ranges,
+                       fault_shared=fault_shared)
+    h.reset(0)
+    ag.begin_episode(h, np.random.default_rng(1))
+    ag.episode_kind = "random"
+    cat = h.catalogue
+
+    def call(op, **args):
+        """Thread 1's call, as the agent takes it (its try first if it arms one)."""
+        a = h.find_actions(op, tid=1, **args)[0]
+        ag._child, ag._ci_pos = [a], 0
+        armed = False
+        while True:
+            act = ag.act(h, None, h.mask)
+            h.step(act)
+            ag.observe(h, act, None, 0.0, False, False, {})
+            if act == a:
+                break
+            armed = cat[act].kind == "event"
+        t = h.kernel.threads[1]
+        while t.gen is not None:
+            act = h.run_action(1)
+            h.step(act)
+            ag.observe(h, act, None, 0.0, False, False, {})
+        return armed, t.result
+
+    call("write", addr=0x80000)
+    call("write", addr=0x88000)
+    call("prctl_cow_pte")
+    call("fork")
+    ctx = call_context(h.kernel, cat[h.find_actions("mprotect", tid=1, addr=0x80000,
+                                                     length=0x10000, prot="none")[0]])
+    assert ctx[2:] == ("shared", "present")
+    assert call("mprotect", addr=0x80000, length=0x4000, prot="none") == (True, -12)
+    armed, ret = call("mprotect", addr=0x80000, length=0x10000, prot="none")
+    assert armed == (fault_ranges or fault_shared > 0)
+    assert ag.fc_stats["shared"] == (0 if fault_ranges else int(fault_shared))
+    shown = any(s.startswith("syscall-contract@mprotect") for s in h.kernel.signatures)
+    assert shown == armed, h.kernel.signatures
+    assert ret == 0  # v4: the failed break skips the PMD, mprotect succeeds
+
+
+def test_aim_shared_draws_templates_on_shared_tables():
+    """``aim_shared=1``: a ranged start the operation-level choice draws for a thread
+    whose mm shares a table addresses a shared table (when the operation has such a
+    template); 0: the templates elsewhere too; nothing shared: no effect."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("mprotect-ignores-break-failure"))
+
+    def draws(aim, fork=True):
+        ag = ca.make_agent("greybox", seeds=[], aim_shared=aim)
+        h.reset(0)
+        ag.begin_episode(h, np.random.default_rng(3))
+        ci = ag._ci
+        if fork:
+            # The workload populates four tables; the fork shares them, two stores
+            # break two of them again in the parent.
+            for op, kw in (("prctl_cow_pte", {}), ("fork", {}), ("write", {"addr": 0xa4000}),
+                           ("write", {"addr": 0xa8000})):
+                h.step(h.find_actions(op, tid=1, **kw)[0])
+                while h.kernel.threads[1].gen is not None:
+                    h.step(h.run_action(1))
+        k = h.kernel
+        out = []
+        for _ in range(400):
+            a = ag._choose(h, h.mask)
+            sp = ci.catalogue[a]
+            t = k.threads.get(sp.tid)
+            if sp.kind != "start" or not ci.span[a] or t is None or t.pid not in k.procs:
+                continue
+            mm = k.procs[t.pid].mm
+            shared = {i for i, e in mm.pmd.items() if e.table.refcount > 1}
+            others = [i for i in ci.by_tid_op[(sp.tid, sp.op)]
+                      if h.mask[i] and not shared.isdisjoint(ci.span[i])]
+            if shared and others:
+                out.append(not shared.isdisjoint(ci.span[a]))
+        return out
+
+    on, off = draws(1.0), draws(0.0)
+    assert {i for i, e in h.kernel.procs[1].mm.pmd.items() if e.table.refcount > 1} == {16, 17}
+    assert len(on) > 50 and all(on)
+    assert len(off) > 50 and sum(off) < 0.8 * len(off)
+    assert draws(1.0, fork=False) == []  # nothing shared
+    for bad in ({"aim_shared": 1.5}, {"fault_shared": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ca.make_agent("greybox", **bad)
 
 
 @pytest.mark.parametrize("fault_contexts", [0, 4])
