@@ -244,10 +244,14 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             thread whose mm shares a page table with another mm draws its template
             among those addressing a shared table (:meth:`_aim`). 0: off.
         fault_shared: Once a fault-injection context has had its ``fault_contexts``
-            tries, the probability that a call in it addressing a COW-shared table of
+            tries, the probability that a ranged call in it (``mprotect``, ``mremap``,
+            ``madvise``, ``munmap``... over whole VMAs or splitting one:
+            :func:`cowenv.greybox.range_class`) whose range meets a COW-shared table of
             its mm still gets its try (n as the context's tries go on): the patch's own
             allocation, ``break_cow_pte``'s table copy, failed again in later states
-            (AFLGo's patch targets, with FIFUZZ's unit). 0: off.
+            (AFLGo's patch targets, with FIFUZZ's unit). Loads, stores and pins are
+            left alone: failing them on shared tables (a first version) starves the
+            flaws that need those calls to succeed. 0: off.
 
     """
 
