@@ -240,6 +240,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             call sites: an ``mprotect(PROT_NONE)`` of a whole VMA over a shared table
             fails in ``change_pte_range``'s break (v4's ``return 0``), one of part of it
             in ``__split_vma``'s (-ENOMEM, nothing wrong). Off: round 10.
+        fault_split_pmd: The range class tells a split at PMD-aligned addresses
+            (``split-pmd``: the walker breaks its own table after the split's break)
+            from one inside a table.
         aim_shared: In the operation-level random choice, the probability that a
             thread whose mm shares a page table with another mm draws its template
             among those addressing a shared table (:meth:`_aim`). 0: off.
@@ -282,7 +285,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  race_meet: bool = True, plan_tail: float = 64.0,
                  race_kthreads: bool = False, state_pick: float = 0.3,
                  layout_states: bool = True, fault_ranges: bool = True,
-                 aim_shared: float = 0.0, fault_shared: float = 0.0) -> None:
+                 aim_shared: float = 0.0, fault_shared: float = 0.0,
+                 fault_split_pmd: bool = False) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -371,6 +375,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             raise ValueError("fault_contexts: expected >= 0")
         self.fault_contexts = int(fault_contexts)
         self.fault_ranges = bool(fault_ranges)
+        self.fault_split_pmd = bool(fault_split_pmd)
         if not 0.0 <= aim_shared <= 1.0:
             raise ValueError("aim_shared: expected 0..1")
         self.aim_shared = float(aim_shared)

@@ -55,12 +55,13 @@ class FaultContexts:
         if not fails or t is None or t.fail_nth_next:
             return None
         ctx: Context = call_context(env.kernel, sp)
-        rc = range_class(env.kernel, sp) if self.fault_ranges or self.fault_shared else ""
+        rc = range_class(env.kernel, sp, self.fault_split_pmd) \
+            if self.fault_ranges or self.fault_shared else ""
         if self.fault_ranges:
             ctx = (*ctx, rc)
         tries = self._fc_tries.get(ctx, 0)
         extra = tries >= self.fault_contexts
-        if extra and (not self.fault_shared or rc not in ("split", "whole")
+        if extra and (not self.fault_shared or rc not in ("split", "split-pmd", "whole")
                       or self._shared_pmds(env.kernel, sp.tid).isdisjoint(ci.span[a])
                       or self.rng.random() >= self.fault_shared):
             return None

@@ -145,6 +145,8 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-aim30": ("greybox", {"aim_shared": 0.3}),
     "greybox-fsr10": ("greybox", {"fault_shared": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {"aim_shared": 0.3, "fault_shared": 0.1}),
+    "greybox-aim30-fsr10-sp": ("greybox", {"aim_shared": 0.3, "fault_shared": 0.1,
+                                           "fault_split_pmd": True}),
     "greybox-contents": ("greybox", {**R6, "content_features": True}),
     "greybox-tail32": ("greybox", {**R6, "tail": 32.0}),
     "greybox-tail32-contents": ("greybox", {**R6, "tail": 32.0, "content_features": True}),

@@ -333,7 +333,7 @@ def call_context(k: Kernel, spec: ActionSpec) -> tuple[str, str, str, str]:
     return (spec.op, spec_variant(spec), *_arg_state(k, spec))
 
 
-def range_class(k: Kernel, spec: ActionSpec) -> str:
+def range_class(k: Kernel, spec: ActionSpec, pmd: bool = False) -> str:
     """Where a ranged call's boundaries fall among the caller's VMAs.
 
     ``split``: the range starts or ends inside a VMA, so the call splits it first
@@ -344,7 +344,11 @@ def range_class(k: Kernel, spec: ActionSpec) -> str:
     VMA in range; ``""``: no range (``addr`` with ``length``, or ``old_length`` for
     mremap). The two first classes fail their first allocation at different call
     sites: a proxy of the allocation's calling context (FIFUZZ's unit) that the
-    operation, its variant and the page state do not see.
+    operation, its variant and the page state do not see. With ``pmd``, a split whose
+    every split address is PMD-aligned is ``split-pmd``: the split's break is of the
+    table *after* the address, so a walker over the lower part breaks its own table
+    next (the second allocation), where a split inside a table leaves it nothing to
+    break.
     """
     args = dict(spec.args)
     if "length" not in args and "old_length" in args:
@@ -357,7 +361,12 @@ def range_class(k: Kernel, spec: ActionSpec) -> str:
     vs = p.mm.vmas_in(r.start, r.stop)
     if not vs:
         return "hole"
-    return "split" if vs[0].start < r.start or vs[-1].end > r.stop else "whole"
+    cuts = [x for x, inside in ((r.start, vs[0].start < r.start), (r.stop, vs[-1].end > r.stop))
+            if inside]
+    if not cuts:
+        return "whole"
+    P = k.config.ptrs_per_pte
+    return "split-pmd" if pmd and all(x % P == 0 for x in cuts) else "split"
 
 
 def spec_variant(spec: ActionSpec) -> str:

@@ -763,6 +763,11 @@ def test_range_class_tells_a_split_from_a_whole_vma():
     assert rc("madvise", addr=a + 16 * 4096, length=4096, advice="DONTNEED") == "hole"
     assert rc("mprotect", addr=a, length=32 * 4096, prot="r") == "whole"  # runs into a hole
     assert rc("read", addr=a) == ""  # no range
+    # A split at a PMD boundary (8 entries per table) vs one inside a table.
+    assert range_class(k, ActionSpec("start", 1, "mprotect", (
+        ("addr", a), ("length", 8 * 4096), ("prot", "none"))), pmd=True) == "split-pmd"
+    assert range_class(k, ActionSpec("start", 1, "mprotect", (
+        ("addr", a), ("length", 4 * 4096), ("prot", "none"))), pmd=True) == "split"
     k.do(1, "mprotect", addr=a, length=8 * 4096, prot="r")  # now two VMAs
     assert rc("mprotect", addr=a, length=8 * 4096, prot="none") == "whole"
 
