@@ -239,13 +239,16 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             a VMA first, or covers whole VMAs), whose first allocations are at other
             call sites: an ``mprotect(PROT_NONE)`` of a whole VMA over a shared table
             fails in ``change_pte_range``'s break (v4's ``return 0``), one of part of it
-            in ``__split_vma``'s (-ENOMEM, nothing wrong). Off: round 10.
+            in ``__split_vma``'s (-ENOMEM, nothing wrong). On by default from round
+            11; off: round 10.
         fault_split_pmd: The range class tells a split at PMD-aligned addresses
-            (``split-pmd``: the walker breaks its own table after the split's break)
-            from one inside a table.
+            (``split-pmd``: the walker breaks its own table after the split's break,
+            so n = 2 reaches v4's ignored failure) from one inside a table. On by
+            default from round 11.
         aim_shared: In the operation-level random choice, the probability that a
             thread whose mm shares a page table with another mm draws its template
-            among those addressing a shared table (:meth:`_aim`). 0: off.
+            among those addressing a shared table (:meth:`_aim`). Default 0.3 (round
+            11); 0: off.
         fault_shared: Once a fault-injection context has had its ``fault_contexts``
             tries, the probability that a ranged call in it (``mprotect``, ``mremap``,
             ``madvise``, ``munmap``... over whole VMAs or splitting one:
@@ -254,7 +257,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             allocation, ``break_cow_pte``'s table copy, failed again in later states
             (AFLGo's patch targets, with FIFUZZ's unit). Loads, stores and pins are
             left alone: failing them on shared tables (a first version) starves the
-            flaws that need those calls to succeed. 0: off.
+            flaws that need those calls to succeed. Default 0.1 (round 11); 0: off.
 
     """
 
@@ -285,8 +288,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  race_meet: bool = True, plan_tail: float = 64.0,
                  race_kthreads: bool = False, state_pick: float = 0.3,
                  layout_states: bool = True, fault_ranges: bool = True,
-                 aim_shared: float = 0.0, fault_shared: float = 0.0,
-                 fault_split_pmd: bool = False) -> None:
+                 aim_shared: float = 0.3, fault_shared: float = 0.1,
+                 fault_split_pmd: bool = True) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")

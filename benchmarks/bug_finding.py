@@ -64,9 +64,11 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
-#: Round 10's default (session 12): the range class in fault-injection contexts off.
-R10: dict[str, Any] = {"fault_ranges": False}
-#: Round 9's default (session 12): the fork layouts as sharing states off.
+#: Round 10's default (session 12): round 11's fault-injection range classes, shared-
+#: table aiming and extra tries on shared tables off.
+R10: dict[str, Any] = {"fault_ranges": False, "fault_split_pmd": False, "aim_shared": 0.0,
+                       "fault_shared": 0.0}
+#: Round 9's default (session 12): round 10's fork layouts as sharing states off too.
 R9: dict[str, Any] = {**R10, "layout_states": False}
 #: Round 8's default (session 11): round 9's state picks off.
 R8: dict[str, Any] = {**R9, "state_pick": 0.0}
@@ -141,12 +143,11 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-r9": ("greybox", {**R9}),
     "greybox-lay": ("greybox", {**R10, "layout_states": True}),
     "greybox-r10": ("greybox", {**R10}),
-    "greybox-fr": ("greybox", {"fault_ranges": True}),
-    "greybox-aim30": ("greybox", {"aim_shared": 0.3}),
-    "greybox-fsr10": ("greybox", {"fault_shared": 0.1}),
-    "greybox-aim30-fsr10": ("greybox", {"aim_shared": 0.3, "fault_shared": 0.1}),
-    "greybox-aim30-fsr10-sp": ("greybox", {"aim_shared": 0.3, "fault_shared": 0.1,
-                                           "fault_split_pmd": True}),
+    "greybox-fr": ("greybox", {**R10, "fault_ranges": True}),
+    "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,
+                                        "fault_shared": 0.1}),
+    "greybox-aim30-fsr10-sp": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,
+                                           "fault_shared": 0.1, "fault_split_pmd": True}),
     "greybox-contents": ("greybox", {**R6, "content_features": True}),
     "greybox-tail32": ("greybox", {**R6, "tail": 32.0}),
     "greybox-tail32-contents": ("greybox", {**R6, "tail": 32.0, "content_features": True}),
