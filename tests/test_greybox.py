@@ -902,7 +902,9 @@ def test_window_stage_counts_its_steps_and_plays_what_it_finds(fault_contexts):
     # state picks campaign seed 0 plays no window finding in its first 200 episodes).
     ag = ca.make_agent("greybox", window_prob=1.0, seeds=[],  # (windows follow the seeds)
                        window_decay=0.0, window_share=1.0,  # every trigger opens one
-                       fault_contexts=0, state_pick=0.0)
+                       fault_contexts=0, state_pick=0.0,
+                       # (and round 11's aiming and extra fault tries off, likewise)
+                       aim_shared=0.0, fault_shared=0.0, fault_ranges=False)
     off = []
     for e in range(200):
         if ag._win_next is not None:
