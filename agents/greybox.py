@@ -60,7 +60,6 @@ from cowenv.greybox import (
     FeatureTracker,
     catalogue_digest,
     entry_class,
-    fork_layouts_of,
     mutate,
     scenario_files,
     seed_plan,
@@ -259,10 +258,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             (AFLGo's patch targets, with FIFUZZ's unit). Loads, stores and pins are
             left alone: failing them on shared tables (a first version) starves the
             flaws that need those calls to succeed. Default 0.1 (round 11); 0: off.
-        layout_fork: The probability that a state child of a fork-layout kind
-            (``layout_states``) takes, right after its replay, a ``fork`` of a thread
-            whose mm holds such a layout (:meth:`_layout_fork`): the state was defined
-            as one fork from the recover path's corners. 0: off.
 
     """
 
@@ -294,7 +289,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  race_kthreads: bool = False, state_pick: float = 0.3,
                  layout_states: bool = True, fault_ranges: bool = True,
                  aim_shared: float = 0.3, fault_shared: float = 0.1,
-                 fault_split_pmd: bool = True, layout_fork: float = 0.0) -> None:
+                 fault_split_pmd: bool = True) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -384,10 +379,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.fault_contexts = int(fault_contexts)
         self.fault_ranges = bool(fault_ranges)
         self.fault_split_pmd = bool(fault_split_pmd)
-        if not 0.0 <= layout_fork <= 1.0:
-            raise ValueError("layout_fork: expected 0..1")
-        self.layout_fork = float(layout_fork)
-        self._fork_next = False  # this state child forks once its replay is done
         if not 0.0 <= aim_shared <= 1.0:
             raise ValueError("aim_shared: expected 0..1")
         self.aim_shared = float(aim_shared)
@@ -551,7 +542,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._scn_ptrs, self._pmd_map, self._tmap, self._spawns = 0, {}, {}, {}
         self._skip_clone, self._rank = -1, {}
         self._race_now = False
-        self._fork_next = False
         self._tail_left = -1
         self.episode_kind = "random"
         self._job, self._job_state, self._job_fired = None, 0, False
@@ -632,9 +622,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                 e, f = got
                 self._child = list(e.actions[:e.state_at.get(f, len(e.actions))])
                 self.episode_kind = "state"
-                # A fork layout is a state one fork from its trigger (layout_fork).
-                self._fork_next = bool(self.layout_fork) and self.corpus.state.get(
-                    f, "").startswith("fork:") and rng.random() < self.layout_fork
                 if self.tail:
                     self._tail_left = int(rng.geometric(1.0 / (1.0 + self.tail))) - 1
                 return
@@ -667,11 +654,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         if 0 <= q < len(mask) and mask[q]:
             return self._take(env, mask, q)
         a = self._next_planned(env, mask)
-        if a is None and self._fork_next:
-            self._fork_next = False
-            a = self._layout_fork(env, mask)
-            if a is not None:
-                return self._take(env, mask, a)
         if a is None:
             if self.episode_kind == "plan" and self._tail_left < 0 and self.plan_tail:
                 # The seed plan has been played: a geometric continuation (plan_tail).
@@ -1085,25 +1067,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         if runs:
             return runs[int(rng.integers(len(runs)))]
         return uniform_legal(rng, mask)
-
-    def _layout_fork(self, env: CowEnv, mask: np.ndarray) -> int | None:
-        """``layout_fork``: a legal ``fork`` of a thread whose mm holds a fork layout.
-
-        An idle thread's, of an mm with a layout now
-        (:func:`cowenv.greybox.fork_layouts_of`); None if there is none.
-        """
-        ci = self._ci
-        assert ci is not None
-        k = env.kernel
-        cands: list[int] = []
-        for tid in ci.user_tids:
-            t = k.threads.get(tid)
-            p = k.procs.get(t.pid) if t is not None else None
-            if p is None or t is None or t.exited or t.gen is not None \
-                    or not fork_layouts_of(k, p.mm):
-                continue
-            cands.extend(i for i in ci.by_tid_op.get((tid, "fork"), ()) if mask[i])
-        return cands[int(self.rng.integers(len(cands)))] if cands else None
 
     @staticmethod
     def _shared_pmds(k: Any, tid: int) -> set[int]:

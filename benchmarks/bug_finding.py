@@ -143,7 +143,6 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-r9": ("greybox", {**R9}),
     "greybox-lay": ("greybox", {**R10, "layout_states": True}),
     "greybox-r10": ("greybox", {**R10}),
-    "greybox-lf50": ("greybox", {"layout_fork": 0.5}),
     "greybox-fr": ("greybox", {**R10, "fault_ranges": True}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,
                                         "fault_shared": 0.1}),

@@ -63,7 +63,6 @@ from .kernel.mm import (
     MMF_COW_PTE_READY,
     VM_DONTCOPY,
     VM_WIPEONFORK,
-    MmStruct,
     vma_is_accessible,
 )
 from .kernel.pgtable import (
@@ -205,40 +204,34 @@ def _fork_layouts(k: Kernel) -> set[str]:
     check, which an episode reaches only by a rare ``madvise`` on part of a region.
     """
     out: set[str] = set()
-    for p in k.live_procs():
-        out |= fork_layouts_of(k, p.mm)
-    return out
-
-
-def fork_layouts_of(k: Kernel, mm: MmStruct) -> set[str]:
-    """:func:`_fork_layouts` of one mm (empty without ``MMF_COW_PTE*``)."""
-    out: set[str] = set()
-    if not mm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY):
-        return out
     P = k.config.ptrs_per_pte
-    for idx, e in mm.pmd.items():
-        ents = e.table.entries
-        if not ents.any():
+    for p in k.live_procs():
+        mm = p.mm
+        if not mm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY):
             continue
-        lo, hi = idx * P, (idx + 1) * P
-        vmas = mm.vmas_in(lo, hi)
-        if not any(v.flags & (VM_DONTCOPY | VM_WIPEONFORK) for v in vmas):
-            continue
-        seen_pop = False
-        refusing: list[str] = []
-        for v in vmas:
-            pop = bool(ents[max(v.start, lo) - lo:min(v.end, hi) - lo].any())
-            flag = ("dontcopy" if v.flags & VM_DONTCOPY else
-                    "wipeonfork" if v.flags & VM_WIPEONFORK else "")
-            if flag:
-                if pop:
-                    out.add(f"fork:{flag}-populated")
-                if seen_pop:
-                    out.add(f"fork:{flag}-after")
-                refusing.append(flag)
-            elif pop:
-                seen_pop = True
-                out.update(f"fork:{f}-before" for f in refusing)
+        for idx, e in mm.pmd.items():
+            ents = e.table.entries
+            if not ents.any():
+                continue
+            lo, hi = idx * P, (idx + 1) * P
+            vmas = mm.vmas_in(lo, hi)
+            if not any(v.flags & (VM_DONTCOPY | VM_WIPEONFORK) for v in vmas):
+                continue
+            seen_pop = False
+            refusing: list[str] = []
+            for v in vmas:
+                pop = bool(ents[max(v.start, lo) - lo:min(v.end, hi) - lo].any())
+                flag = ("dontcopy" if v.flags & VM_DONTCOPY else
+                        "wipeonfork" if v.flags & VM_WIPEONFORK else "")
+                if flag:
+                    if pop:
+                        out.add(f"fork:{flag}-populated")
+                    if seen_pop:
+                        out.add(f"fork:{flag}-after")
+                    refusing.append(flag)
+                elif pop:
+                    seen_pop = True
+                    out.update(f"fork:{f}-before" for f in refusing)
     return out
 
 

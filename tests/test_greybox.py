@@ -1296,43 +1296,6 @@ def test_fork_layouts_name_the_recover_paths_corner_layouts():
     assert _fork_layouts(k) == set()
 
 
-def test_layout_fork_forks_a_process_that_holds_a_fork_layout():
-    """``layout_fork``: once a state child of a fork-layout kind has replayed its
-    parent, the agent's next action is a ``fork`` of a thread whose mm holds a fork
-    layout; none without a refusing VMA (``_fork_layouts``' test covers the rest)."""
-    import sys
-    from pathlib import Path
-
-    from cowenv.greybox import fork_layouts_of
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
-
-    h = Harness(**bf.env_kwargs("recover-skips-vma"))
-    ag = ca.make_agent("greybox", seeds=[], layout_fork=1.0)
-    h.reset(0)
-    ag.begin_episode(h, np.random.default_rng(0))
-
-    def do(op, **kw):
-        h.step(h.find_actions(op, tid=1, **kw)[0])
-        while h.kernel.threads[1].gen is not None:
-            h.step(h.run_action(1))
-
-    mm = h.kernel.procs[1].mm
-    assert ag._layout_fork(h, h.mask) is None  # no layout
-    do("prctl_cow_pte")
-    assert ag._layout_fork(h, h.mask) is None  # COW PTE on, no refusing VMA
-    do("madvise", addr=0x80000, length=0x4000, advice="DONTFORK")
-    assert "fork:dontcopy-before" in fork_layouts_of(h.kernel, mm)
-    ag._child, ag._ci_pos, ag._fork_next = [], 0, True
-    a = ag.act(h, None, h.mask)
-    sp = h.catalogue[a]
-    assert sp.kind == "start" and sp.op == "fork" and h.kernel.threads[sp.tid].pid == 1
-    assert not ag._fork_next  # once
-    with pytest.raises(ValueError, match="layout_fork"):
-        ca.make_agent("greybox", layout_fork=2.0)
-
-
 def test_bug_finding_combine_keeps_every_seed_block_and_counts_the_tail(tmp_path):
     """``bug_finding.py --combine``: two seed blocks of one agent give one column over
     both (a run is agent, flaw, seed), with the runs found and those above 50k / 70k
