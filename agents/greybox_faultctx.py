@@ -43,7 +43,10 @@ class FaultContexts:
         The try's n is :attr:`_fc_n` of the call (the context with the template: the
         same context's templates differ in what they allocate first, e.g. an
         ``mprotect`` of part of a VMA splits it, and breaks the table there, before it
-        changes the entries; 1 at first).
+        changes the entries; 1 at first). With ``fault_ranges`` the context holds the
+        call's range class too (:func:`cowenv.greybox.range_class`); with
+        ``fault_shared``, a ranged call on a COW-shared table of its mm whose context has
+        had its tries is still armed with that probability (``fc_stats["shared"]``).
         """
         ci = self._ci
         assert ci is not None
