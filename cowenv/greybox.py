@@ -348,7 +348,10 @@ def range_class(k: Kernel, spec: ActionSpec, pmd: bool = False) -> str:
     every split address is PMD-aligned is ``split-pmd``: the split's break is of the
     table *after* the address, so a walker over the lower part breaks its own table
     next (the second allocation), where a split inside a table leaves it nothing to
-    break.
+    break. A proxy read from the arguments and the VMA boundaries only: an ``mprotect``
+    to a VMA's own protection (``mprotect_fixup`` leaves it alone) and the ``madvise``
+    advices that change no VMA flag (``MADV_DONTNEED``, ``MADV_FREE``, ...) split nothing
+    although they are classed ``split``.
     """
     args = dict(spec.args)
     if "length" not in args and "old_length" in args:

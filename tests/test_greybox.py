@@ -1270,6 +1270,26 @@ def test_states_tool_counts_the_sharing_states_a_benchmark_run_reached(capsys):
             states.main(["--flaw", "numa-fault-writes-shared", "--agent", agent])
 
 
+def test_fault_calls_tool_counts_the_calls_on_shared_tables(capsys):
+    """``benchmarks/fault_calls.py``: the calls of one operation on a COW-shared table by
+    variant, range class, armed fault, failure inside and return value; a split
+    ``mprotect`` whose break failed returns -ENOMEM (``__split_vma``'s break)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import fault_calls
+
+    assert fault_calls.main(["--flaw", "mprotect-ignores-break-failure", "--seed", "6",
+                             "--agent", "greybox-r10", "--budget", "15000"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 6: not found; 111 episodes" in out
+    assert "  prot=rw split-pmd armed failed -12: 1 (random 1)" in out
+    assert "  prot=none split armed - -12: 2 (race 2)" in out
+    with pytest.raises(SystemExit):
+        fault_calls.main(["--flaw", "mprotect-ignores-break-failure", "--agent", "random"])
+
+
 def test_fork_layouts_name_the_recover_paths_corner_layouts():
     """``_fork_layouts``: a ``VM_DONTCOPY``/``VM_WIPEONFORK`` VMA before, after or among
     the populated entries of a PMD of a COW PTE process; nothing without
