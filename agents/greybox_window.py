@@ -251,7 +251,7 @@ class WindowStage:
         if room is not None and cut >= room:
             # The rebuild alone would spend the rest of the budget: it is cut off there
             # (nothing after it could count).
-            self.offline_steps += max(0, room)
+            self.offline_steps += room  # (>= 0: run_episode stops at the budget)
             self.step_room = 0
             return
         h.reset(base.episode_seed)
