@@ -183,6 +183,16 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             ``munmap`` of a whole COW-shared table, by a thread whose sibling can load
             from it, searched against the other mm's release. Default 0.1 (round 7);
             0: off.
+        window_release_bound: Preemption bound of a table-release window's search
+            (None: ``window_bound``). The free/use/free triangle's stale walk can need
+            two preemptions (measured: ``free-pmd-deferred-flush`` seed 32, missed by
+            round 11 whose nine release windows at bound 1 showed nothing; at bound 2
+            one shows the stale walk with two). Default 2 (round 12); None: round 11.
+        window_whole_release: The other holder's release in a window is its ``exit``
+            or a ``munmap`` covering the whole table (``free_pgtables`` drops its
+            reference), as the release window's own ``munmap`` is; off (round 11), any
+            ``munmap`` meeting the PMD, a part of the table too (a zap of some
+            entries, which releases nothing). On by default from round 12.
         content_features: Whether what the COW-shared tables hold at the end of each
             operation (:func:`cowenv.greybox._shared_contents`: a NUMA-hinting, swap,
             migration or pinned entry in a table two mms map, a thread's cached walk
@@ -234,6 +244,11 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             ``VM_WIPEONFORK`` VMA before, after or among populated entries, which a
             fork sends down the recover path) are sharing states too (``C`` features
             and state-child kinds). On by default from round 10; off: round 9.
+        layout_data: With ``layout_states``, a fork layout whose pages hold data (a
+            store reached them: :func:`cowenv.greybox._fork_layouts` ``data``) is a
+            sharing state of its own, so that the state picks come back to it: the
+            oracles see a page lost or leaked by the recover path only if it held
+            something other than zeroes. On by default from round 12.
         fault_ranges: Whether a fault-injection context (``fault_contexts``) also
             holds the call's range class (:func:`cowenv.greybox.range_class`: it splits
             a VMA first, or covers whole VMAs), whose first allocations are at other
@@ -258,6 +273,11 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             (AFLGo's patch targets, with FIFUZZ's unit). Loads, stores and pins are
             left alone: failing them on shared tables (a first version) starves the
             flaws that need those calls to succeed. Default 0.1 (round 11); 0: off.
+        window_early: A window's search stops at the end of its first run that shows a
+            violation this agent has not seen, and the episode it opened in ends there
+            (the harness teardown), so that the violation is played at once as the
+            next episode; off, the search runs to its cap and the episode to its end
+            first (round 11). On by default from round 12.
 
     """
 
@@ -289,7 +309,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  race_kthreads: bool = False, state_pick: float = 0.3,
                  layout_states: bool = True, fault_ranges: bool = True,
                  aim_shared: float = 0.3, fault_shared: float = 0.1,
-                 fault_split_pmd: bool = True) -> None:
+                 fault_split_pmd: bool = True, window_early: bool = True,
+                 layout_data: bool = True, window_release_bound: int | None = 2,
+                 window_whole_release: bool = True) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -303,7 +325,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.state_pick = float(state_pick)
         self._state_pos: dict[int, int] = {}  # state feature -> action count first at
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
-                          window_share, window_release)
+                          window_share, window_release, window_early, window_release_bound,
+                          window_whole_release)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)
@@ -355,7 +378,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             feedback, tlb=tlb_features,
             faults=(fault_triage or explore_max is not None) if fault_features is None
             else bool(fault_features), args=arg_features, contents=content_features,
-            layouts=layout_states)
+            layouts=layout_states, layout_data=layout_data)
         self.fault_triage = bool(fault_triage)
         self.triage_prob = float(triage_prob)
         self.cut_fault = float(cut_fault)
@@ -646,6 +669,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self._tail_left = int(rng.geometric(1.0 / (1.0 + self.tail))) - 1
 
     def done(self) -> bool:  # noqa: D102
+        if self.window_early and self._win_next is not None and self._fc_queued < 0:
+            return True  # a window's violation is played next: no need to go on
         return (self._tail_left == 0 and self._fc_queued < 0
                 and self._ci_pos >= len(self._child))
 

@@ -68,7 +68,9 @@ class WindowStage:
 
     def _window_init(self, window_prob: float, window_bound: int, window_cap: int,
                      window_uses: int, window_decay: float, window_share: float,
-                     window_release: float = 0.0) -> None:
+                     window_release: float = 0.0, window_early: bool = False,
+                     window_release_bound: int | None = None,
+                     window_whole_release: bool = False) -> None:
         if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
                 or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
             raise ValueError("window_prob: expected 0..1; window_bound, window_uses, "
@@ -79,6 +81,12 @@ class WindowStage:
         if not 0.0 <= window_release <= 1.0:
             raise ValueError("window_release: expected 0..1")
         self.window_release = float(window_release)
+        self.window_early = bool(window_early)
+        if window_release_bound is not None and window_release_bound < 0:
+            raise ValueError("window_release_bound: expected >= 0")
+        #: Preemption bound of a table-release window's search (None: ``window_bound``).
+        self.window_release_bound = window_release_bound
+        self.window_whole_release = bool(window_whole_release)
         #: (operation, variant) of A -> windows searched around it (:meth:`_window_observe`).
         self._win_tries: dict[tuple[str, str], int] = {}
         self._env_steps = 0  # env steps this agent took (the share's denominator)
@@ -116,6 +124,8 @@ class WindowStage:
         self._env_steps += 1
         if sp.kind != "run" or sp.tid not in self._win_cut:
             return
+        if self.window_early and self._win_playing:
+            return  # a played violation is replayed as found, not searched again
         k = env.kernel
         t = k.threads.get(sp.tid)
         if t is None or t.gen is None:
@@ -173,7 +183,8 @@ class WindowStage:
         choosing a rare operation in a rare state (once in a missed 100k-step run of
         the benchmark, seed 9 of ``free-pmd-deferred-flush``, with no page to load).
         """
-        if sp.kind != "run" or self._win_next is not None:
+        if sp.kind != "run" or self._win_next is not None or (
+                self.window_early and self._win_playing):
             return
         k = env.kernel
         t = k.threads.get(sp.tid)
@@ -236,9 +247,11 @@ class WindowStage:
         """Search the window of operation ``a`` of ``u`` on PMD index ``pmd``.
 
         From the state after ``_taken[:cut]``; ``a`` is ``_taken[cut]`` (the episode's
-        own operation) unless given.
+        own operation) unless given (a table-release window: its bound is
+        ``window_release_bound``).
         """
         ci = self._ci
+        release = a is not None
         if a is None:
             a = self._taken[cut]
         rng = self.rng
@@ -312,6 +325,13 @@ class WindowStage:
                 cands = list(ci.by_tid_op.get((t, "exit"), ()))
                 mun = [i for i in ci.by_tid_op.get((t, "munmap"), ())
                        if oidx & set(ci.span[i])]
+                if self.window_whole_release:
+                    # A release drops the holder's reference: a munmap of the whole
+                    # table (free_pgtables), not of part of it (a zap of some entries).
+                    span = k.config.ptrs_per_pte * k.config.page_size
+                    mun = [i for i in mun if any(
+                        a["addr"] <= j * span and a["addr"] + a["length"] >= (j + 1) * span
+                        for a in (dict(ci.catalogue[i].args),) for j in oidx)]
                 kinds = [c for c in (cands, mun) if c]
                 if kinds:
                     c = kinds[int(rng.integers(len(kinds)))]
@@ -329,8 +349,16 @@ class WindowStage:
 
         sc = Scenario("window", "", k.config, [], Expectation(), {})
         cap = self.window_cap if room is None else min(self.window_cap, room)
-        res = explore(sc, self.window_bound, start=Run.start_snapshot(k, progs), progs=progs,
-                      max_transitions=cap)
+        # window_early: the search stops at the end of its first run that shows a
+        # violation this agent has not seen (what it would play), instead of spending
+        # the rest of its cap on a state whose news is already in hand.
+        stop = None if not self.window_early else (
+            lambda s: s.split("@", 1)[0] != "simulator" and s not in self._win_sigs)
+        bound = self.window_bound
+        if release and self.window_release_bound is not None:
+            bound = self.window_release_bound
+        res = explore(sc, bound, start=Run.start_snapshot(k, progs), progs=progs,
+                      max_transitions=cap, stop_on=stop)
         self.window_stats["transitions"] += res.transitions
         if room is not None and res.transitions >= room:
             # The search stops at the end of the run that crossed the budget's end (it

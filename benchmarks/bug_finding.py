@@ -64,10 +64,14 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
+#: Round 11's default (session 13): round 12's early-played windows, fork layouts with
+#: data, bound-2 release windows and whole-table releases off.
+R11: dict[str, Any] = {"window_early": False, "layout_data": False,
+                       "window_release_bound": None, "window_whole_release": False}
 #: Round 10's default (session 12): round 11's fault-injection range classes, shared-
 #: table aiming and extra tries on shared tables off.
-R10: dict[str, Any] = {"fault_ranges": False, "fault_split_pmd": False, "aim_shared": 0.0,
-                       "fault_shared": 0.0}
+R10: dict[str, Any] = {**R11, "fault_ranges": False, "fault_split_pmd": False,
+                       "aim_shared": 0.0, "fault_shared": 0.0}
 #: Round 9's default (session 12): round 10's fork layouts as sharing states off too.
 R9: dict[str, Any] = {**R10, "layout_states": False}
 #: Round 8's default (session 11): round 9's state picks off.
@@ -144,6 +148,14 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-lay": ("greybox", {**R10, "layout_states": True}),
     "greybox-r10": ("greybox", {**R10}),
     "greybox-fr": ("greybox", {**R10, "fault_ranges": True}),
+    "greybox-r11": ("greybox", {**R11}),
+    "greybox-we": ("greybox", {**R11, "window_early": True}),
+    "greybox-ld": ("greybox", {**R11, "layout_data": True}),
+    "greybox-rb2": ("greybox", {**R11, "window_release_bound": 2}),
+    "greybox-we-rb2": ("greybox", {**R11, "window_early": True, "window_release_bound": 2}),
+    "greybox-wr": ("greybox", {**R11, "window_whole_release": True}),
+    "greybox-we-ld-wr": ("greybox", {**R11, "window_early": True, "layout_data": True,
+                                     "window_whole_release": True}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,
                                         "fault_shared": 0.1}),
     "greybox-aim30-fsr10-sp": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

@@ -75,6 +75,7 @@ import pickle
 import time
 import types
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -630,7 +631,8 @@ def _cost(node: _Node, tid: int) -> int:
 
 def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
             max_interleavings: int = 1_000_000, max_seconds: float | None = None,
-            por: bool = True, stop_on: set[str] | frozenset[str] | None = None,
+            por: bool = True,
+            stop_on: set[str] | frozenset[str] | Callable[[str], bool] | None = None,
             cache: bool = True, snapshots: bool = True,
             collect_finals: bool = False, start: bytes | None = None,
             progs: dict[int, list[OpItem]] | None = None,
@@ -646,7 +648,8 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
         por: Use sleep sets (False: plain preemption-bounded enumeration).
         stop_on: Stop (``complete=False``, ``stopped=True``) at the end of the first run
             that shows one of these signatures (a shortest-trigger search: see
-            :func:`shortest_trigger`).
+            :func:`shortest_trigger`), or, given a predicate, a signature it holds for
+            (a fuzzer's window stops at its first new violation).
         cache: State caching at quiescent points (see the module docstring).
         snapshots: Resume a branch from the deepest quiescent snapshot of its prefix
             instead of re-executing the prefix from a fresh kernel.
@@ -856,7 +859,8 @@ def explore(sc: Scenario, bound: int = 2, variant: str | None = None,
                 if leaf.finals is None:
                     leaf.finals = set()
                 leaf.finals.add(fin)
-        if stop_on and not stop_on.isdisjoint(found):
+        if stop_on and (any(map(stop_on, found)) if callable(stop_on)
+                        else not stop_on.isdisjoint(found)):
             res.complete = False
             res.stopped = True
             break

@@ -189,7 +189,7 @@ def _shared_contents(k: Kernel) -> set[str]:
     return out
 
 
-def _fork_layouts(k: Kernel) -> set[str]:
+def _fork_layouts(k: Kernel, data: bool = False) -> set[str]:
     """How the next fork would treat the populated PMDs of a COW PTE process.
 
     v4 02/14 ``copy_cow_pte_range`` walks every VMA of the PMD (``for_each_vma_range``);
@@ -202,9 +202,24 @@ def _fork_layouts(k: Kernel) -> set[str]:
     entries itself), ``<flag>`` being ``dontcopy`` or ``wipeonfork``. A fork is one
     step from each: the corner layouts of the recover path and of the wipe-on-fork
     check, which an episode reaches only by a rare ``madvise`` on part of a region.
+
+    With ``data``, each of them also as ``<layout>-data`` when the populated VMA it
+    names (the later one, the earlier one, the refusing one) maps a page holding data:
+    a present entry whose page's content is not zero (a store reached it). The oracles
+    compare contents (the shadow, a read), so a page lost or leaked by the recover or
+    wipe-on-fork path is visible only if it held something other than zeroes; a
+    region only populated (``MAP_POPULATE``, a read's zero page) reaches the layout
+    and shows nothing (measured: ``recover-skips-vma`` seed 2, 21 COW forks in the
+    ``dontcopy-before`` layout, every page of the later VMA zero-filled).
     """
     out: set[str] = set()
     P = k.config.ptrs_per_pte
+    content = k.pool.content
+
+    def holds_data(e: np.ndarray) -> bool:
+        pres = (e & PTE_PRESENT) != 0
+        return bool(pres.any() and content[e[pres] >> PFN_SHIFT].any())
+
     for p in k.live_procs():
         mm = p.mm
         if not mm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY):
@@ -217,21 +232,30 @@ def _fork_layouts(k: Kernel) -> set[str]:
             vmas = mm.vmas_in(lo, hi)
             if not any(v.flags & (VM_DONTCOPY | VM_WIPEONFORK) for v in vmas):
                 continue
-            seen_pop = False
+            seen_pop = seen_data = False
             refusing: list[str] = []
             for v in vmas:
-                pop = bool(ents[max(v.start, lo) - lo:min(v.end, hi) - lo].any())
+                ve = ents[max(v.start, lo) - lo:min(v.end, hi) - lo]
+                pop = bool(ve.any())
+                dat = data and pop and holds_data(ve)
                 flag = ("dontcopy" if v.flags & VM_DONTCOPY else
                         "wipeonfork" if v.flags & VM_WIPEONFORK else "")
                 if flag:
                     if pop:
                         out.add(f"fork:{flag}-populated")
+                    if dat:
+                        out.add(f"fork:{flag}-populated-data")
                     if seen_pop:
                         out.add(f"fork:{flag}-after")
+                    if seen_data:
+                        out.add(f"fork:{flag}-after-data")
                     refusing.append(flag)
                 elif pop:
                     seen_pop = True
                     out.update(f"fork:{f}-before" for f in refusing)
+                    if dat:
+                        seen_data = True
+                        out.update(f"fork:{f}-before-data" for f in refusing)
     return out
 
 
@@ -396,12 +420,14 @@ class FeatureTracker:
             COW-shared tables hold (``C``, :func:`_shared_contents`) with the operation.
         layouts: With ``contents``, the fork layouts (:func:`_fork_layouts`) are ``C``
             states too.
+        layout_data: With ``layouts``, also the fork layouts whose pages hold data
+            (:func:`_fork_layouts` ``data``).
 
     """
 
     def __init__(self, feedback: str = "interleaving", tlb: bool = True,
                  faults: bool = False, args: bool = False, contents: bool = False,
-                 layouts: bool = False) -> None:
+                 layouts: bool = False, layout_data: bool = False) -> None:
         if feedback not in FEEDBACKS:
             raise ValueError(f"feedback: expected one of {', '.join(FEEDBACKS)}")
         self.feedback = feedback
@@ -410,6 +436,7 @@ class FeatureTracker:
         self.args = bool(args)
         self.contents = bool(contents)
         self.layouts = bool(layouts)
+        self.layout_data = bool(layout_data)
         #: The *code* features of the last step (with ``faults``; :meth:`step`): a
         #: call's argument state and injected allocation failures.
         self.code: list[int] = []
@@ -498,7 +525,7 @@ class FeatureTracker:
             if self.contents and label.endswith(":done"):
                 cs = _shared_contents(k)
                 if self.layouts:
-                    cs |= _fork_layouts(k)
+                    cs |= _fork_layouts(k, self.layout_data)
                 for c in sorted(cs):
                     f = fid("C", label, c)
                     self.state_ids[f] = c

@@ -926,6 +926,43 @@ def test_window_stage_counts_its_steps_and_plays_what_it_finds(fault_contexts):
     assert ag.window_stats["windows"] >= 1 and off[-1] >= ag.window_stats["transitions"] > 0
 
 
+def test_window_early_stops_at_the_finding_and_plays_it_next():
+    """``window_early`` (round 12): the search stops at its first run that shows a new
+    violation and the episode ends there; the next episode plays it as found (no window
+    opens while it does). Off (round 11), the same window is found in the same episode,
+    its search runs on to its cap and the episode to its end."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("table-free-no-deferral"))
+
+    def until_played(early):
+        ag = ca.make_agent("greybox", window_prob=1.0, seeds=[], window_decay=0.0,
+                           window_share=1.0, fault_contexts=0, state_pick=0.0,
+                           aim_shared=0.0, fault_shared=0.0, fault_ranges=False,
+                           window_early=early)
+        found = None
+        for e in range(200):
+            rng, rs = ca.episode_rng(0, 0, e)
+            tr = ag.window_stats["transitions"]
+            res = ca.run_episode(h, ag, rng, rs, teardown=32)
+            if found is not None:
+                assert ag.episode_kind == "window" and ag.window_found[0] in res.signatures
+                return found, res, ag
+            if ag.window_found:
+                found = (e, res.steps, ag.window_stats["transitions"] - tr)
+        raise AssertionError(f"no window finding in 200 episodes: {ag.window_stats}")
+
+    (e1, steps1, tr1), played1, early = until_played(True)
+    (e0, steps0, tr0), played0, late = until_played(False)
+    assert e1 == e0 and early.window_found[0] == late.window_found[0]
+    assert tr1 < tr0 and steps1 < steps0, (tr1, tr0, steps1, steps0)
+    assert played1.offline_steps == 0
+
+
 def test_window_searches_stop_at_the_budget():
     """A budget (``run_episode``'s ``max_actions``, a campaign's steps left) bounds the
     steps a window executes outside the env as well as the env's: a campaign loop's
@@ -1250,6 +1287,89 @@ def test_release_windows_show_the_free_pmd_flaw_the_episodes_miss():
         ca.make_agent("greybox", window_release=2.0)
 
 
+@pytest.mark.parametrize("rbound", [None, 2])
+def test_release_windows_search_at_their_own_bound(monkeypatch, rbound):
+    """``window_release_bound``: a table-release window's search runs at that bound,
+    the other windows at ``window_bound`` (None: every window at ``window_bound``)."""
+    import sys
+    from pathlib import Path
+
+    import cowenv_agents.greybox_window as gw
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    bounds: list[tuple[bool, int]] = []
+    real = gw.explore
+
+    def spy(sc, bound, **kw):
+        bounds.append((release[0], bound))
+        return real(sc, bound, **kw)
+
+    monkeypatch.setattr(gw, "explore", spy)
+    h = Harness(**bf.env_kwargs("free-pmd-deferred-flush"))
+    ag = ca.make_agent("greybox", seeds=[], window_release=1.0, window_share=1.0,
+                       window_release_bound=rbound)
+    release = [False]
+    real_window = ag._window
+
+    def window(env, cut, u, pmd, a=None):
+        release[0] = a is not None
+        real_window(env, cut, u, pmd, a)
+
+    ag._window = window
+    for e in range(60):
+        rng, rs = ca.episode_rng(0, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+        if {r for r, _ in bounds} == {False, True}:
+            break
+    assert {r for r, _ in bounds} == {False, True}, bounds
+    assert {b for r, b in bounds if r} == {rbound or 1}
+    assert {b for r, b in bounds if not r} == {1}
+    with pytest.raises(ValueError, match="window_release_bound"):
+        ca.make_agent("greybox", window_release_bound=-1)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_window_releases_cover_the_whole_table(monkeypatch, whole):
+    """``window_whole_release``: the other holder's ``munmap`` in a window covers a whole
+    table (a release); off (round 11), a part of one is drawn too."""
+    import sys
+    from pathlib import Path
+
+    import cowenv_agents.greybox_window as gw
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    releases: list[bool] = []
+    real = gw.explore
+    h = Harness(**bf.env_kwargs("free-pmd-deferred-flush"))
+    h.reset(0)
+    span = h.kernel.config.ptrs_per_pte * h.kernel.config.page_size
+
+    def spy(sc, bound, **kw):
+        progs = kw["progs"]
+        for t in list(progs)[1:]:  # (the first is the window's own operation)
+            for it in progs[t]:
+                if it.op == "munmap":
+                    a, n = it.args["addr"], it.args["length"]
+                    releases.append(any(a <= j * span and a + n >= (j + 1) * span
+                                        for j in range(a // span, (a + n) // span + 1)))
+        return real(sc, bound, **kw)
+
+    monkeypatch.setattr(gw, "explore", spy)
+    ag = ca.make_agent("greybox", seeds=[], window_release=1.0, window_share=1.0,
+                       window_whole_release=whole)
+    for e in range(80):
+        rng, rs = ca.episode_rng(0, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+        if len(releases) >= 4:
+            break
+    assert len(releases) >= 4, releases
+    assert all(releases) if whole else not all(releases)
+
+
 def test_states_tool_counts_the_sharing_states_a_benchmark_run_reached(capsys):
     """``benchmarks/states.py``: per kind of entry a COW-shared table held, the first
     episode and the episodes (by kind) that reached it; agents without the states are
@@ -1314,6 +1434,37 @@ def test_fork_layouts_name_the_recover_paths_corner_layouts():
                                 "fork:wipeonfork-after"}
     k.do(1, "munmap", addr=a, length=8 * 4096)
     assert _fork_layouts(k) == set()
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_fork_layouts_with_data_are_the_ones_the_recover_flaw_shows(store):
+    """``_fork_layouts(data=True)``: ``<layout>-data`` only where the VMA it names maps a
+    page holding data; with ``recover-skips-vma``, a fork in the ``dontcopy-before``
+    layout loses the later VMA's entries either way, but only data makes the loss a
+    violation (a zero-filled page reads back as zero: round 12's reason)."""
+    from cowenv.greybox import _fork_layouts
+    from cowenv.kernel import make_kernel
+    from cowenv.kernel.config import KernelConfig
+
+    a = 0x100000  # PMD-aligned (8 entries of 4 KiB)
+    k = make_kernel(KernelConfig(variant="cowpte", flaws=["recover-skips-vma"],
+                                 ptrs_per_pte=8, nr_frames=64, nr_swap_slots=0))
+    # MAP_POPULATE: every page an anon page, zero-filled (the later VMA has an
+    # anon_vma, so the fork reaches copy_page_range there either way).
+    k.do(1, "mmap", addr=a, length=8 * 4096, populate=True)
+    if store:
+        k.do(1, "write", addr=a + 6 * 4096)
+    assert k.do(1, "madvise", addr=a, length=2 * 4096, advice="DONTFORK") == 0
+    k.do(1, "prctl_cow_pte")
+    layouts = {"fork:dontcopy-before", "fork:dontcopy-populated"}
+    data = {"fork:dontcopy-before-data"} if store else set()
+    assert _fork_layouts(k) == layouts
+    assert _fork_layouts(k, data=True) == layouts | data
+    k.do(1, "fork")
+    child = max(k.procs)
+    e = k.procs[child].mm.pmd.get(a // 4096 // 8)
+    assert e is None or not e.table.entries[6:].any()  # the later VMA was not copied
+    assert bool(k.signatures) == store
 
 
 def test_bug_finding_combine_keeps_every_seed_block_and_counts_the_tail(tmp_path):
