@@ -187,12 +187,25 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             (None: ``window_bound``). The free/use/free triangle's stale walk can need
             two preemptions (measured: ``free-pmd-deferred-flush`` seed 32, missed by
             round 11 whose nine release windows at bound 1 showed nothing; at bound 2
-            one shows the stale walk with two). Default 2 (round 12); None: round 11.
+            one shows the stale walk with two). Default None: measured over seeds
+            0-55 of that flaw and ``mremap-ignores-break-failure`` (``greybox-rb2``
+            with round 12's other settings) no better than bound 1 (README "Greybox,
+            round 12").
         window_whole_release: The other holder's release in a window is its ``exit``
             or a ``munmap`` covering the whole table (``free_pgtables`` drops its
             reference), as the release window's own ``munmap`` is; off (round 11), any
             ``munmap`` meeting the PMD, a part of the table too (a zap of some
             entries, which releases nothing). On by default from round 12.
+        race_settle: After a race pair (``A`` resumed to its end), the other threads
+            still inside an operation run until the kernel is quiescent
+            (:meth:`cowenv_agents.greybox_race.RacePairs._race_settle`), so that the
+            quiescent-point checks see the state the pair left. On by default from
+            round 12; off: round 11.
+        race_walk: A race pair's ``A`` paused inside a walk over a range of entries
+            (:attr:`cowenv.kernel.sched.Thread.walk`) gets a ``B`` that addresses a
+            populated entry of that range, when one can
+            (:meth:`cowenv_agents.greybox_race.RacePairs._race`). On by default from
+            round 12; off: round 11.
         content_features: Whether what the COW-shared tables hold at the end of each
             operation (:func:`cowenv.greybox._shared_contents`: a NUMA-hinting, swap,
             migration or pinned entry in a table two mms map, a thread's cached walk
@@ -310,8 +323,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  layout_states: bool = True, fault_ranges: bool = True,
                  aim_shared: float = 0.3, fault_shared: float = 0.1,
                  fault_split_pmd: bool = True, window_early: bool = True,
-                 layout_data: bool = True, window_release_bound: int | None = 2,
-                 window_whole_release: bool = True) -> None:
+                 layout_data: bool = True, window_release_bound: int | None = None,
+                 window_whole_release: bool = True, race_settle: bool = True,
+                 race_walk: bool = True) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -344,6 +358,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.race_block_ops = bool(race_block_ops)
         self.race_meet = bool(race_meet)
         self.race_kthreads = bool(race_kthreads)
+        self.race_settle = bool(race_settle)
+        self.race_walk = bool(race_walk)
         self._race_blockkey: tuple[str, str] = ("", "")
         self._race_held: list[str] = []
         self._race_a = -1  # A's thread (phase 4 resumes it)

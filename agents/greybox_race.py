@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cowenv.greybox import meets_entries, paused_tables, race_candidates, spec_variant
+from cowenv.greybox import (
+    meets_entries,
+    meets_walk,
+    paused_tables,
+    race_candidates,
+    spec_variant,
+)
 from cowenv.kernel import KSWAPD_TID
 
 if TYPE_CHECKING:
@@ -51,7 +57,9 @@ class RacePairs:
            blocks, at most ``race_len`` points;
         3. ``A`` resumes, until it ends or blocks (at most ``race_len`` points), so that
            the pair's outcome is settled (a quiescent point's checks run) before the
-           random part goes on.
+           random part goes on;
+        4. with ``race_settle``, the other busy threads run until the kernel is
+           quiescent (:meth:`_race_settle`): the checks run only then.
 
         A group's score is the times it was tried, plus 8 for each time ``B``'s
         operation variant blocked at its first point on a lock class that ``A`` held
@@ -63,6 +71,10 @@ class RacePairs:
         all blocked counts as blocked (:meth:`_race_block_count`). With
         ``race_meet``, the start is drawn from the group's templates that address a
         populated entry of ``A``'s tables (:func:`cowenv.greybox.meets_entries`).
+        With ``race_walk``, when ``A`` is paused inside a walk over a range of entries
+        (:attr:`cowenv.kernel.sched.Thread.walk`: fork's ``copy_pte_entries`` between
+        its pin check and its sharing), only the groups and starts that address a
+        populated entry of that range (:func:`cowenv.greybox.meets_walk`), if any.
         With ``race_kthreads``, the kernel thread (reclaim, compaction) may be ``A``
         or ``B`` too. The scores and the operation lengths live as long as the agent.
         """
@@ -78,6 +90,8 @@ class RacePairs:
         busy = t is not None and t.gen is not None
         runnable = busy and t.waiting is None and run is not None and bool(mask[run])
         self._race_phase, self._race_tid = 0, -1
+        if phase == 5:  # settling: running the kernel to a quiescent point
+            return self._race_settle(env, mask)
         if phase == 3:  # draining a busy thread so that two are idle
             if not busy:
                 return self._race_setup(env, mask, coin=False)
@@ -110,7 +124,47 @@ class RacePairs:
             # the pair's outcome is settled before the random part goes on.
             self._race_phase, self._race_tid, self._race_left = 4, self._race_a, self.race_len
             return self._race(env, mask)
+        if phase in (4, 5) and self.race_settle:
+            return self._race_settle(env, mask)
         return None
+
+    def _race_settle(self, env: CowEnv, mask: np.ndarray) -> int | None:
+        """Step 4 of :meth:`_race` (``race_settle``): run the kernel to a quiescent point.
+
+        The oracles' checks run at quiescent points only (no operation in flight:
+        :meth:`cowenv.kernel.Kernel.quiescent`). A third thread still inside its own
+        operation when the pair ends (a reclaim, a pin paused by the random part)
+        keeps the kernel from one, and the random part that goes on may change the
+        state the pair left before any check has seen it (measured:
+        ``gup-fast-fork-race`` seed 5, a pin taken between fork's check and its
+        sharing, left in the shared table while a reclaim and another pin were in
+        flight, and no check ran on it). So each busy runnable thread in turn (the
+        lowest thread id first) runs until its operation ends or blocks, at most
+        ``race_len`` points each, until the kernel is quiescent or no busy thread
+        can run.
+        """
+        ci = self._ci
+        assert ci is not None
+        k = env.kernel
+        tid = self._race_tid if self._race_phase == 5 else -1
+        t = k.threads.get(tid)
+        run = ci.run.get(tid)
+        if (t is not None and t.gen is not None and t.waiting is None and run is not None
+                and bool(mask[run]) and self._race_left > 0):
+            self._race_left -= 1
+            return run
+        if k.quiescent():
+            self._race_phase, self._race_tid = 0, -1
+            return None
+        busy = [u for u in sorted(ci.run) if u != tid and u in k.threads
+                and k.threads[u].gen is not None and k.threads[u].waiting is None
+                and bool(mask[ci.run[u]])]
+        if not busy:
+            self._race_phase, self._race_tid = 0, -1
+            return None
+        u = busy[0]
+        self._race_phase, self._race_tid, self._race_left = 5, u, self.race_len - 1
+        return ci.run[u]
 
     def _race_setup(self, env: CowEnv, mask: np.ndarray, coin: bool = True) -> int | None:
         """Start :meth:`_race`'s operation ``A``, or first drain a busy thread.
@@ -230,6 +284,15 @@ class RacePairs:
         for i in cands:
             sp = ci.catalogue[i]
             groups.setdefault((label, sp.op, spec_variant(sp)), []).append(i)
+        if self.race_walk and tu.walk is not None:
+            # A is paused inside a walk over a range of entries it checked and will
+            # now process (Thread.walk): the groups, and in them the starts, that
+            # address a populated entry of that range, if any (meets_walk).
+            near = {g: [i for i in c if meets_walk(k, ci, i, tu.walk)]
+                    for g, c in groups.items()}
+            near = {g: c for g, c in near.items() if c}
+            if near:
+                groups = near
 
         def score(g: tuple[str, str, str]) -> int:
             return self._race_tries.get(g, 0) + 8 * sum(

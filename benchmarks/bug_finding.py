@@ -65,9 +65,10 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
 #: Round 11's default (session 13): round 12's early-played windows, fork layouts with
-#: data, bound-2 release windows and whole-table releases off.
+#: data and whole-table releases off.
 R11: dict[str, Any] = {"window_early": False, "layout_data": False,
-                       "window_release_bound": None, "window_whole_release": False}
+                       "window_whole_release": False, "race_settle": False,
+                       "race_walk": False}
 #: Round 10's default (session 12): round 11's fault-injection range classes, shared-
 #: table aiming and extra tries on shared tables off.
 R10: dict[str, Any] = {**R11, "fault_ranges": False, "fault_split_pmd": False,
@@ -151,11 +152,14 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-r11": ("greybox", {**R11}),
     "greybox-we": ("greybox", {**R11, "window_early": True}),
     "greybox-ld": ("greybox", {**R11, "layout_data": True}),
-    "greybox-rb2": ("greybox", {**R11, "window_release_bound": 2}),
-    "greybox-we-rb2": ("greybox", {**R11, "window_early": True, "window_release_bound": 2}),
+    "greybox-rb2": ("greybox", {**R11, "window_early": True, "layout_data": True,
+                                "window_release_bound": 2}),
     "greybox-wr": ("greybox", {**R11, "window_whole_release": True}),
     "greybox-we-ld-wr": ("greybox", {**R11, "window_early": True, "layout_data": True,
                                      "window_whole_release": True}),
+    "greybox-we-wr": ("greybox", {**R11, "window_early": True, "window_whole_release": True}),
+    "greybox-rs": ("greybox", {**R11, "race_settle": True}),
+    "greybox-rs-rw": ("greybox", {**R11, "race_settle": True, "race_walk": True}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,
                                         "fault_shared": 0.1}),
     "greybox-aim30-fsr10-sp": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

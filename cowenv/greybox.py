@@ -1120,6 +1120,29 @@ def _meets(k: Kernel, sp: ActionSpec, tables: set[int], populated: bool) -> bool
     return False
 
 
+def meets_walk(k: Kernel, ci: CatalogueIndex, i: int, walk: tuple[int, int, int]) -> bool:
+    """Whether start template ``i`` addresses a populated entry of a paused walk's range.
+
+    ``walk`` is a paused thread's :attr:`cowenv.kernel.sched.Thread.walk` (table pfn,
+    ``lo``, ``hi``): the entries it checked and will still process. Snowboard's potential
+    memory communication at its finest grain: the entries the paused operation is
+    about to change, not every populated entry of its table. A template without a
+    range does not meet it (it may touch the table, but not aimed at those entries).
+    """
+    tgt = _template_target(k, ci.catalogue[i])
+    if tgt is None or tgt[0] is None:
+        return False
+    mm, pages = tgt
+    pfn, lo, hi = walk
+    P = k.P
+    for vpn in pages:
+        e = mm.pmd.get(vpn // P)
+        if e is not None and e.table.pfn == pfn and lo <= vpn % P < hi \
+                and int(e.table.entries[vpn % P]):
+            return True
+    return False
+
+
 def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
                     mask: np.ndarray, kthreads: bool = False) -> list[int]:
     """Starts of other threads that touch one of ``tables`` while thread ``u`` is paused.

@@ -963,6 +963,44 @@ def test_window_early_stops_at_the_finding_and_plays_it_next():
     assert played1.offline_steps == 0
 
 
+@pytest.mark.parametrize("settle", [False, True])
+def test_race_pairs_settle_to_a_quiescent_point(settle):
+    """``race_settle``: after a race pair, the threads still inside an operation run
+    until the kernel is quiescent (the checks run only there), unless none can run;
+    off (round 11), the random part goes on from wherever the pair left them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("gup-fast-fork-race"))
+    ag = ca.make_agent("greybox", seeds=[], race_episodes=1.0, race_settle=settle)
+    ends: list[bool] = []  # settled: quiescent, or no busy thread could run
+    worked = [0]
+    real = ag._race_settle
+
+    def spy(env, mask):
+        a = real(env, mask)
+        k = env.kernel
+        if a is None:
+            busy = [u for u in ag._ci.run if u in k.threads and k.threads[u].gen is not None
+                    and k.threads[u].waiting is None and mask[ag._ci.run[u]]]
+            ends.append(k.quiescent() or not busy)
+        else:
+            worked[0] += 1
+        return a
+
+    ag._race_settle = spy
+    for e in range(12):
+        rng, rs = ca.episode_rng(0, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+    if settle:
+        assert len(ends) >= 10 and all(ends) and worked[0] > 0, (len(ends), worked)
+    else:
+        assert ends == [] and worked[0] == 0
+
+
 def test_window_searches_stop_at_the_budget():
     """A budget (``run_episode``'s ``max_actions``, a campaign's steps left) bounds the
     steps a window executes outside the env as well as the env's: a campaign loop's

@@ -276,7 +276,11 @@ class ForkMixin:
             # so recovery starts at ``lo`` (the entries before the pinned one are then
             # copied by the copy_pte_range fallback, with the same accounting).
             return -EAGAIN
-        yield "copy_present_pte:checked"
+        t.walk = (src_t.pfn, lo, hi)  # what it checked and will now process
+        try:
+            yield "copy_present_pte:checked"
+        finally:
+            t.walk = None
         # Re-read: entries may have changed only through lockless paths (hardware A/D).
         e = src_t.entries[lo:hi].copy()
         if have is not None:

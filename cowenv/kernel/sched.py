@@ -66,11 +66,16 @@ class Thread:
         result: Return value of the last completed operation.
         out: Output parameters of the last operation that has them (``move_pages``'s
             ``{"status": [...]}``), else None; reset when an operation starts.
+        walk: ``(table pfn, lo, hi)``: the entries ``[lo, hi)`` of a page table that
+            a walk paused inside it has checked and will still process when it
+            resumes (set by walkers with a preemption point inside a range:
+            ``copy_pte_entries``), else None. Read by search agents (the entries a
+            racing operation has to meet); no kernel path reads it.
     """
 
     __slots__ = ("tid", "pid", "gen", "op", "args", "label", "waiting", "held", "exited",
                  "result", "op_index", "fault_site", "fail_nth", "fail_nth_next", "tlb", "psc",
-                 "gathers", "out", "nest")
+                 "gathers", "out", "nest", "walk")
 
     def __init__(self, tid: int, pid: int) -> None:
         self.tid = tid
@@ -98,6 +103,7 @@ class Thread:
         self.tlb: dict[int, tuple[int, int, bool, bool]] = {}
         self.psc: dict[int, tuple[Any, int, bool]] = {}
         self.gathers: list[Any] = []
+        self.walk: tuple[int, int, int] | None = None
 
     @property
     def idle(self) -> bool:
