@@ -261,7 +261,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             store reached them: :func:`cowenv.greybox._fork_layouts` ``data``) is a
             sharing state of its own, so that the state picks come back to it: the
             oracles see a page lost or leaked by the recover path only if it held
-            something other than zeroes. On by default from round 12.
+            something other than zeroes. Off by default (README "Greybox, round
+            12": it finds ``recover-skips-vma`` seed 2, which round 11 misses, but was
+            not better over the benchmark).
         fault_ranges: Whether a fault-injection context (``fault_contexts``) also
             holds the call's range class (:func:`cowenv.greybox.range_class`: it splits
             a VMA first, or covers whole VMAs), whose first allocations are at other
@@ -323,7 +325,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  layout_states: bool = True, fault_ranges: bool = True,
                  aim_shared: float = 0.3, fault_shared: float = 0.1,
                  fault_split_pmd: bool = True, window_early: bool = True,
-                 layout_data: bool = True, window_release_bound: int | None = None,
+                 layout_data: bool = False, window_release_bound: int | None = None,
                  window_whole_release: bool = True, race_settle: bool = True,
                  race_walk: bool = True) -> None:
         super().__init__()

@@ -64,11 +64,10 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
-#: Round 11's default (session 13): round 12's early-played windows, fork layouts with
-#: data and whole-table releases off.
-R11: dict[str, Any] = {"window_early": False, "layout_data": False,
-                       "window_whole_release": False, "race_settle": False,
-                       "race_walk": False}
+#: Round 11's default (session 13): round 12's early-played windows, whole-table
+#: releases, settled race pairs and race pairs aimed at a paused walk's range off.
+R11: dict[str, Any] = {"window_early": False, "window_whole_release": False,
+                       "race_settle": False, "race_walk": False}
 #: Round 10's default (session 12): round 11's fault-injection range classes, shared-
 #: table aiming and extra tries on shared tables off.
 R10: dict[str, Any] = {**R11, "fault_ranges": False, "fault_split_pmd": False,
@@ -154,6 +153,7 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-ld": ("greybox", {**R11, "layout_data": True}),
     "greybox-rb2": ("greybox", {**R11, "window_early": True, "layout_data": True,
                                 "window_release_bound": 2}),
+    "greybox-r12-ld": ("greybox", {"layout_data": True}),
     "greybox-wr": ("greybox", {**R11, "window_whole_release": True}),
     "greybox-we-ld-wr": ("greybox", {**R11, "window_early": True, "layout_data": True,
                                      "window_whole_release": True}),

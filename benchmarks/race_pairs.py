@@ -15,7 +15,8 @@ Usage::
 
 prints the run's outcome, the pairs per *A* label (the most common first) and, for
 ``--label``, every *B* group tried there with its count and the entries its starts
-addressed.
+addressed, and whether that entry lies in the range *A*'s walk will still process
+(``Thread.walk``: ``in-walk``, ``off-walk``; ``-``: *A* is not paused inside a walk).
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def entry_state(k: Any, sp: Any) -> str:
     return "other"
 
 
+def walk_entry(k: Any, sp: Any, walk: tuple[int, int, int]) -> bool:
+    """Whether start ``sp``'s first page is in a paused walk's range (``Thread.walk``)."""
+    from cowenv.catalogue import range_pages
+
+    pages = range_pages(dict(sp.args), k.config.page_size)
+    th = k.threads.get(sp.tid)
+    if not pages or th is None or th.pid not in k.procs:
+        return False
+    e = k.procs[th.pid].mm.pmd.get(pages[0] // k.P)
+    return (e is not None and e.table.pfn == walk[0]
+            and walk[1] <= pages[0] % k.P < walk[2])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one recorded bug-finding run and print its race pairs."""
     import cowenv_agents as ca
@@ -62,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     a = bf.one_run_args(__doc__.split("\n")[0], argv, lambda p: p.add_argument(
         "--label", default=None, help="A's pause label to detail"))
     by_label: Counter[str] = Counter()
-    at_label: Counter[tuple[str, str, str, str]] = Counter()
+    at_label: Counter[tuple[str, str, str, str, str]] = Counter()
 
     class Recording(GreyboxAgent):
         def _race_b(self, env: Any, mask: Any, u: int) -> int | None:
@@ -74,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                 if label == a.label:
                     sp = self._ci.catalogue[b]
                     same = "same" if k.threads[sp.tid].pid == pid else "other"
-                    at_label[(sp.op, spec_variant(sp), entry_state(k, sp), same)] += 1
+                    walk = k.threads[u].walk
+                    inw = "-" if walk is None else (
+                        "in-walk" if walk_entry(k, sp, walk) else "off-walk")
+                    at_label[(sp.op, spec_variant(sp), entry_state(k, sp), same, inw)] += 1
             return b
 
     def make(nm: str, model: str | None = None, **kw: Any) -> Any:
@@ -89,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     for lab, n in by_label.most_common():
         print(f"  {n:5d}  {lab}")
     if a.label:
-        print(f"\nB at {a.label} (operation, variant, entry it addresses, B's process):")
-        for (op, var, st, same), n in sorted(at_label.items(), key=lambda x: (-x[1], x[0])):
-            print(f"  {n:5d}  {op} {var or '-'}  {st}  {same}")
+        print(f"\nB at {a.label} (operation, variant, entry it addresses, B's process, "
+              "whether that entry is in the range A's walk will process):")
+        for (op, var, st, same, inw), n in sorted(at_label.items(),
+                                                  key=lambda x: (-x[1], x[0])):
+            print(f"  {n:5d}  {op} {var or '-'}  {st}  {same}  {inw}")
     return 0
 
 
