@@ -447,7 +447,9 @@ def test_race_pairs_that_block_on_a_held_lock_are_tried_less():
     go to groups that did not block (a GUP-fast pin among them)."""
     from cowenv_agents.greybox import GreyboxAgent
 
-    ag = GreyboxAgent(seeds=[], race_episodes=1.0)
+    # race_walk off: at this pause (fork inside copy_pte_entries) round 12 draws only
+    # the groups that address the walk's range; the scoring is what is tested here.
+    ag = GreyboxAgent(seeds=[], race_episodes=1.0, race_walk=False)
     chosen = []
     for i in range(60):
         h = _fork_paused_at_checked()
@@ -468,6 +470,25 @@ def test_race_pairs_that_block_on_a_held_lock_are_tried_less():
     later = chosen[first:]
     assert later and not set(later) & blocked
     assert ("pin", "fast=True,write=True") in set(later)
+@pytest.mark.parametrize("walk", [False, True])
+def test_race_b_aims_at_the_range_the_paused_walk_will_process(walk):
+    """``race_walk``: with fork paused inside ``copy_pte_entries``, every ``B`` drawn
+    addresses a populated entry of the walk's range; off, other starts are drawn too
+    (an ``exit``, a page of another table)."""
+    from cowenv_agents.greybox import GreyboxAgent
+
+    from cowenv.greybox import meets_walk
+
+    ag = GreyboxAgent(seeds=[], race_episodes=1.0, race_walk=walk)
+    met = []
+    for i in range(24):
+        h = _fork_paused_at_checked()
+        ag.begin_episode(h, np.random.default_rng(i))
+        b = ag._race_b(h, h.mask, 1)
+        met.append(meets_walk(h.kernel, ag._ci, b, h.kernel.threads[1].walk))
+    assert all(met) if walk else not all(met)
+
+
 def test_race_b_templates_meet_a_populated_entry_of_the_paused_table():
     """``meets_entries`` (``race_meet``): with page 0 of region A zapped before the fork,
     a GUP-fast pin of page 0 meets nothing the paused fork reads; one of page 1 does, and
