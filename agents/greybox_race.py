@@ -149,16 +149,17 @@ class RacePairs:
         tid = self._race_tid if self._race_phase == 5 else -1
         t = k.threads.get(tid)
         run = ci.run.get(tid)
-        if (t is not None and t.gen is not None and t.waiting is None and run is not None
-                and bool(mask[run]) and self._race_left > 0):
+        if (t is not None and k.is_runnable(t) and run is not None and bool(mask[run])
+                and self._race_left > 0):
             self._race_left -= 1
             return run
         if k.quiescent():
             self._race_phase, self._race_tid = 0, -1
             return None
+        # Runnable: idle threads are not, nor those blocked on a lock still held (a
+        # waiter whose lock was released meanwhile is).
         busy = [u for u in sorted(ci.run) if u != tid and u in k.threads
-                and k.threads[u].gen is not None and k.threads[u].waiting is None
-                and bool(mask[ci.run[u]])]
+                and k.is_runnable(k.threads[u]) and bool(mask[ci.run[u]])]
         if not busy:
             self._race_phase, self._race_tid = 0, -1
             return None

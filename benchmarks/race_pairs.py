@@ -13,7 +13,9 @@ Usage::
     .venv/bin/python benchmarks/race_pairs.py --flaw gup-fast-fork-race --seed 4 \\
         --agent greybox-r7 --label copy_present_pte:checked
 
-prints the run's outcome, the pairs per *A* label (the most common first) and, for
+prints the run's outcome, how many pairs ended with the kernel quiescent (where the
+checks run) or with an operation still in flight, the pairs per *A* label (the most
+common first) and, for
 ``--label``, every *B* group tried there with its count and the entries its starts
 addressed, and whether that entry lies in the range *A*'s walk will still process
 (``Thread.walk``: ``in-walk``, ``off-walk``; ``-``: *A* is not paused inside a walk).
@@ -78,7 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     by_label: Counter[str] = Counter()
     at_label: Counter[tuple[str, str, str, str, str]] = Counter()
 
+    ended = Counter()  # race pairs that ended with the kernel quiescent, or not
+
     class Recording(GreyboxAgent):
+        def _race(self, env: Any, mask: Any) -> int | None:
+            before = self._race_phase
+            act = super()._race(env, mask)
+            if before in (4, 5) and not self._race_phase:
+                # The pair is over: A resumed (and, with race_settle, the others ran).
+                ended["quiescent" if env.kernel.quiescent() else "in flight"] += 1
+            return act
+
         def _race_b(self, env: Any, mask: Any, u: int) -> int | None:
             k = env.kernel
             label, pid = k.threads[u].label, k.threads[u].pid
@@ -102,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     found = f"found at step {r['steps']:,} ({r['stage']})" if r["found"] else "not found"
     print(f"{a.flaw}, {a.agent}, seed {a.seed}: {found}; {r['episodes']} episodes, "
           f"{sum(by_label.values())} race pairs")
+    print(f"pairs that ended with the kernel quiescent (the checks run): "
+          f"{ended['quiescent']}; with an operation still in flight: {ended['in flight']}")
     print("\npairs by A's pause label:")
     for lab, n in by_label.most_common():
         print(f"  {n:5d}  {lab}")
