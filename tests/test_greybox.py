@@ -1008,8 +1008,8 @@ def test_race_pairs_settle_to_a_quiescent_point(settle):
         a = real(env, mask)
         k = env.kernel
         if a is None:
-            busy = [u for u in ag._ci.run if u in k.threads and k.threads[u].gen is not None
-                    and k.threads[u].waiting is None and mask[ag._ci.run[u]]]
+            busy = [u for u in ag._ci.run if u in k.threads
+                    and k.is_runnable(k.threads[u]) and mask[ag._ci.run[u]]]
             ends.append(k.quiescent() or not busy)
         else:
             worked[0] += 1
@@ -1350,6 +1350,9 @@ def test_race_pairs_tool_records_the_pairs_of_a_benchmark_run(capsys):
                     "--agent", "greybox-noseed", "--label", "copy_present_pte:checked"]) == 0
     out = capsys.readouterr().out
     assert "17 episodes, 5 race pairs" in out
+    # (round 5's agent: no race_settle, and none of its pairs ended at a quiescent point)
+    assert "ended with the kernel quiescent (the checks run): 0; with an operation " \
+        "still in flight: 5" in out
     assert "      1  copy_present_pte:checked" in out
     assert "      1  mmap -  present-ro  same  off-walk" in out
     with pytest.raises(SystemExit):
