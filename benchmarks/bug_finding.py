@@ -153,7 +153,6 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-ld": ("greybox", {**R11, "layout_data": True}),
     "greybox-rb2": ("greybox", {**R11, "window_early": True, "layout_data": True,
                                 "window_release_bound": 2}),
-    "greybox-r12-ld": ("greybox", {"layout_data": True}),
     "greybox-wr": ("greybox", {**R11, "window_whole_release": True}),
     "greybox-we-ld-wr": ("greybox", {**R11, "window_early": True, "layout_data": True,
                                      "window_whole_release": True}),
@@ -331,6 +330,30 @@ def one_run_args(description: str, argv: list[str] | None,
         p.error(f"--agent: expected greybox or a greybox setting, got {a.agent!r}")
     a.parser = p
     return a
+
+
+def run_recorded(a: argparse.Namespace, recording: type) -> dict[str, Any]:
+    """One bug-finding run of :func:`one_run_args`'s ``a``, greybox played by ``recording``.
+
+    ``recording`` is a :class:`cowenv_agents.greybox.GreyboxAgent` subclass that records
+    what a diagnosis tool counts; the run is :func:`run_one`'s (the same steps and
+    detection rule as the benchmark).
+    """
+    import cowenv_agents as ca
+
+    from cowenv.kernel.config import FLAW_IDS
+
+    def make(nm: str, model: str | None = None, **kw: Any) -> Any:
+        return recording(**kw) if nm == "greybox" else ca.make_agent(nm, model=model, **kw)
+
+    return run_one(a.flaw, FLAW_IDS.index(a.flaw), a.agent, a.seed, a.budget,
+                   flaw_signatures(a.flaw), None, make=make)
+
+
+def run_outcome(a: argparse.Namespace, r: dict[str, Any]) -> str:
+    """The first line of a one-run diagnosis tool: the run and what it found."""
+    found = f"found at step {r['steps']:,} ({r['stage']})" if r["found"] else "not found"
+    return f"{a.flaw}, {a.agent}, seed {a.seed}: {found}; {r['episodes']} episodes"
 
 
 def stage_table(runs: list[dict[str, Any]], flaws: list[str], agents: list[str]) -> str:

@@ -34,11 +34,9 @@ import bug_finding as bf  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     """Run one bug-finding run and print its calls of ``--op`` on shared tables."""
-    import cowenv_agents as ca
     from cowenv_agents.greybox import GreyboxAgent
 
     from cowenv.greybox import call_context, range_class
-    from cowenv.kernel.config import FLAW_IDS
 
     a = bf.one_run_args(__doc__.split("\n")[0], argv, extra=lambda p: p.add_argument(
         "--op", default="mprotect", help="the operation whose calls are counted"))
@@ -76,13 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                        "failed" if failed else "-", str(k.threads[tid].result))
                 calls.setdefault(key, Counter())[self.episode_kind] += 1
 
-    def make(nm: str, model: str | None = None, **kw: Any) -> Any:
-        return Recording(**kw) if nm == "greybox" else ca.make_agent(nm, model=model, **kw)
-
-    r = bf.run_one(a.flaw, FLAW_IDS.index(a.flaw), a.agent, a.seed, a.budget,
-                   bf.flaw_signatures(a.flaw), None, make=make)
-    found = f"found at step {r['steps']:,} ({r['stage']})" if r["found"] else "not found"
-    print(f"{a.flaw}, {a.agent}, seed {a.seed}: {found}; {r['episodes']} episodes")
+    r = bf.run_recorded(a, Recording)
+    print(bf.run_outcome(a, r))
     print(f"\n{a.op} calls on a COW-shared table: variant, range class, fail_nth armed, "
           "allocation failure inside, returned: calls (by episode kind)")
     for key in sorted(calls, key=lambda c: (-sum(calls[c].values()), c)):

@@ -17,8 +17,9 @@ prints the run's outcome, how many pairs ended with the kernel quiescent (where 
 checks run) or with an operation still in flight, the pairs per *A* label (the most
 common first) and, for
 ``--label``, every *B* group tried there with its count and the entries its starts
-addressed, and whether that entry lies in the range *A*'s walk will still process
-(``Thread.walk``: ``in-walk``, ``off-walk``; ``-``: *A* is not paused inside a walk).
+addressed, and whether it addresses a populated entry of the range *A*'s walk will
+still process (``Thread.walk``, :func:`cowenv.greybox.meets_walk`, what ``race_walk``
+aims at: ``in-walk``, ``off-walk``; ``-``: *A* is not paused inside a walk).
 """
 
 from __future__ import annotations
@@ -54,26 +55,11 @@ def entry_state(k: Any, sp: Any) -> str:
     return "other"
 
 
-def walk_entry(k: Any, sp: Any, walk: tuple[int, int, int]) -> bool:
-    """Whether start ``sp``'s first page is in a paused walk's range (``Thread.walk``)."""
-    from cowenv.catalogue import range_pages
-
-    pages = range_pages(dict(sp.args), k.config.page_size)
-    th = k.threads.get(sp.tid)
-    if not pages or th is None or th.pid not in k.procs:
-        return False
-    e = k.procs[th.pid].mm.pmd.get(pages[0] // k.P)
-    return (e is not None and e.table.pfn == walk[0]
-            and walk[1] <= pages[0] % k.P < walk[2])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one recorded bug-finding run and print its race pairs."""
-    import cowenv_agents as ca
     from cowenv_agents.greybox import GreyboxAgent
 
-    from cowenv.greybox import spec_variant
-    from cowenv.kernel.config import FLAW_IDS
+    from cowenv.greybox import meets_walk, spec_variant
 
     a = bf.one_run_args(__doc__.split("\n")[0], argv, lambda p: p.add_argument(
         "--label", default=None, help="A's pause label to detail"))
@@ -102,18 +88,12 @@ def main(argv: list[str] | None = None) -> int:
                     same = "same" if k.threads[sp.tid].pid == pid else "other"
                     walk = k.threads[u].walk
                     inw = "-" if walk is None else (
-                        "in-walk" if walk_entry(k, sp, walk) else "off-walk")
+                        "in-walk" if meets_walk(k, self._ci, b, walk) else "off-walk")
                     at_label[(sp.op, spec_variant(sp), entry_state(k, sp), same, inw)] += 1
             return b
 
-    def make(nm: str, model: str | None = None, **kw: Any) -> Any:
-        return Recording(**kw) if nm == "greybox" else ca.make_agent(nm, model=model, **kw)
-
-    r = bf.run_one(a.flaw, FLAW_IDS.index(a.flaw), a.agent, a.seed, a.budget,
-                   bf.flaw_signatures(a.flaw), None, make=make)
-    found = f"found at step {r['steps']:,} ({r['stage']})" if r["found"] else "not found"
-    print(f"{a.flaw}, {a.agent}, seed {a.seed}: {found}; {r['episodes']} episodes, "
-          f"{sum(by_label.values())} race pairs")
+    r = bf.run_recorded(a, Recording)
+    print(f"{bf.run_outcome(a, r)}, {sum(by_label.values())} race pairs")
     print(f"pairs that ended with the kernel quiescent (the checks run): "
           f"{ended['quiescent']}; with an operation still in flight: {ended['in flight']}")
     print("\npairs by A's pause label:")
@@ -121,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {n:5d}  {lab}")
     if a.label:
         print(f"\nB at {a.label} (operation, variant, entry it addresses, B's process, "
-              "whether that entry is in the range A's walk will process):")
+              "whether it addresses a populated entry of the range A's walk will process):")
         for (op, var, st, same, inw), n in sorted(at_label.items(),
                                                   key=lambda x: (-x[1], x[0])):
             print(f"  {n:5d}  {op} {var or '-'}  {st}  {same}  {inw}")

@@ -30,10 +30,8 @@ import bug_finding as bf  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     """Run one bug-finding run and print the sharing states its episodes reached."""
-    import cowenv_agents as ca
     from cowenv_agents.greybox import GreyboxAgent
 
-    from cowenv.kernel.config import FLAW_IDS
 
     a = bf.one_run_args(__doc__.split("\n")[0], argv)
     if not dict(bf.AGENT_SPECS.get(a.agent, ("", {}))[1]).get("content_features", True):
@@ -52,13 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                 by_kind.setdefault(c, Counter())[self.episode_kind] += 1
             super().end_episode(env)
 
-    def make(nm: str, model: str | None = None, **kw: Any) -> Any:
-        return Recording(**kw) if nm == "greybox" else ca.make_agent(nm, model=model, **kw)
-
-    r = bf.run_one(a.flaw, FLAW_IDS.index(a.flaw), a.agent, a.seed, a.budget,
-                   bf.flaw_signatures(a.flaw), None, make=make)
-    found = f"found at step {r['steps']:,} ({r['stage']})" if r["found"] else "not found"
-    print(f"{a.flaw}, {a.agent}, seed {a.seed}: {found}; {r['episodes']} episodes")
+    r = bf.run_recorded(a, Recording)
+    print(bf.run_outcome(a, r))
     print("\nstate (kind of entry in a COW-shared table, or fork layout), first episode, "
           "episodes that reached it, by episode kind:")
     for c in sorted(eps, key=lambda c: (eps[c], c)):

@@ -209,8 +209,9 @@ def _fork_layouts(k: Kernel, data: bool = False) -> set[str]:
     compare contents (the shadow, a read), so a page lost or leaked by the recover or
     wipe-on-fork path is visible only if it held something other than zeroes; a
     region only populated (``MAP_POPULATE``, a read's zero page) reaches the layout
-    and shows nothing (measured: ``recover-skips-vma`` seed 2, 21 COW forks in the
-    ``dontcopy-before`` layout, every page of the later VMA zero-filled).
+    and shows nothing (``recover-skips-vma`` seed 2, counted by a probe not kept: 21
+    COW forks in the ``dontcopy-before`` layout, every page of the later VMA
+    zero-filled; the test of the flaw with and without a store shows the rule).
     """
     out: set[str] = set()
     P = k.config.ptrs_per_pte

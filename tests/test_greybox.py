@@ -370,6 +370,14 @@ def _fork_paused_at_checked():
     return h
 
 
+def _race_b_at_checked(ag, i):
+    """``ag``'s race-pair ``B`` against a fresh fork paused at ``copy_present_pte:checked``
+    (episode ``i``): the harness and ``B``'s catalogue index."""
+    h = _fork_paused_at_checked()
+    ag.begin_episode(h, np.random.default_rng(i))
+    return h, ag._race_b(h, h.mask, 1)
+
+
 def test_race_pair_footprint_and_candidates():
     """A fork paused at a table's pin check is inside that table (it holds its PTE lock);
     the other thread's starts that touch it include the writable GUP-fast pin there, and
@@ -452,9 +460,7 @@ def test_race_pairs_that_block_on_a_held_lock_are_tried_less():
     ag = GreyboxAgent(seeds=[], race_episodes=1.0, race_walk=False)
     chosen = []
     for i in range(60):
-        h = _fork_paused_at_checked()
-        ag.begin_episode(h, np.random.default_rng(i))
-        b = ag._race_b(h, h.mask, 1)
+        h, b = _race_b_at_checked(ag, i)
         assert b is not None
         chosen.append(ag._race_blockkey)
         h.step(b)
@@ -482,9 +488,7 @@ def test_race_b_aims_at_the_range_the_paused_walk_will_process(walk):
     ag = GreyboxAgent(seeds=[], race_episodes=1.0, race_walk=walk)
     met = []
     for i in range(24):
-        h = _fork_paused_at_checked()
-        ag.begin_episode(h, np.random.default_rng(i))
-        b = ag._race_b(h, h.mask, 1)
+        h, b = _race_b_at_checked(ag, i)
         met.append(meets_walk(h.kernel, ag._ci, b, h.kernel.threads[1].walk))
     assert all(met) if walk else not all(met)
 
@@ -1332,6 +1336,8 @@ def test_race_pairs_tool_records_the_pairs_of_a_benchmark_run(capsys):
     import sys
     from pathlib import Path
 
+    from cowenv.greybox import meets_walk
+
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import race_pairs as rp
 
@@ -1342,10 +1348,11 @@ def test_race_pairs_tool_records_the_pairs_of_a_benchmark_run(capsys):
     assert rp.entry_state(h.kernel, sp) == "present-w"
     assert rp.entry_state(h.kernel, h.catalogue[h.find_actions("exit", tid=2)[0]]) == "-"
     walk = h.kernel.threads[1].walk
-    assert rp.walk_entry(h.kernel, sp, walk)  # the fork's first table, whole
-    other = h.catalogue[h.find_actions("pin", tid=2, addr=A + P * 4096, fast=True,
-                                       write=True)[0]]
-    assert not rp.walk_entry(h.kernel, other, walk)  # the next table
+    ci = CatalogueIndex(h.catalogue, P)
+    pin = h.find_actions("pin", tid=2, addr=A, fast=True, write=True)[0]
+    assert meets_walk(h.kernel, ci, pin, walk)  # the fork's first table, whole
+    other = h.find_actions("pin", tid=2, addr=A + P * 4096, fast=True, write=True)[0]
+    assert not meets_walk(h.kernel, ci, other, walk)  # the next table
     assert rp.main(["--flaw", "gup-fast-fork-race", "--budget", "4000",
                     "--agent", "greybox-noseed", "--label", "copy_present_pte:checked"]) == 0
     out = capsys.readouterr().out
@@ -1354,7 +1361,7 @@ def test_race_pairs_tool_records_the_pairs_of_a_benchmark_run(capsys):
     assert "ended with the kernel quiescent (the checks run): 0; with an operation " \
         "still in flight: 5" in out
     assert "      1  copy_present_pte:checked" in out
-    assert "      1  mmap -  present-ro  same  off-walk" in out
+    assert "      1  mmap -  present-ro  same  in-walk" in out  # (its range meets it)
     with pytest.raises(SystemExit):
         rp.main(["--flaw", "gup-fast-fork-race", "--agent", "random"])
 
