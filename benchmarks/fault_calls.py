@@ -6,7 +6,7 @@ scenarios held out, the same steps and detection rule). Every call of ``--op`` w
 page is in a COW-shared table when it starts (:func:`cowenv.greybox.call_context`'s PMD
 state ``shared``) is counted by its variant, its range class
 (:func:`cowenv.greybox.range_class`, with ``split-pmd``), whether a ``fail_nth`` was
-armed for its thread when it started, whether an allocation failure fired inside it,
+armed for its thread when it started, which allocation site failed inside it (if any),
 and what it returned; with the kinds of episode it came from. An ``mprotect`` of part of
 a VMA fails in ``__split_vma``'s break (-ENOMEM, a correct error path) before its walker
 reaches ``change_pte_range``'s (v4's ignored failure: the call returns 0).
@@ -68,16 +68,16 @@ def main(argv: list[str] | None = None) -> int:
             for tid in [t for t in self._open if k.threads[t].gen is None
                         or k.threads[t].exited]:
                 variant, rc, armed, e0 = self._open.pop(tid)
-                failed = any(e.tid == tid and e.kind == "event" and e.label == "alloc_fail"
-                             for e in k.events[e0:])
+                sites = [e.data for e in k.events[e0:]
+                         if e.tid == tid and e.kind == "event" and e.label == "alloc_fail"]
                 key = (variant, rc, "armed" if armed else "-",
-                       "failed" if failed else "-", str(k.threads[tid].result))
+                       f"failed@{sites[0]}" if sites else "-", str(k.threads[tid].result))
                 calls.setdefault(key, Counter())[self.episode_kind] += 1
 
     r = bf.run_recorded(a, Recording)
     print(bf.run_outcome(a, r))
     print(f"\n{a.op} calls on a COW-shared table: variant, range class, fail_nth armed, "
-          "allocation failure inside, returned: calls (by episode kind)")
+          "the site of the allocation failure inside, returned: calls (by episode kind)")
     for key in sorted(calls, key=lambda c: (-sum(calls[c].values()), c)):
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(calls[key].items(),
                                                          key=lambda x: (-x[1], x[0])))

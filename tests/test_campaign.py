@@ -291,4 +291,8 @@ def test_flaw_scenarios_are_the_files_configured_with_the_flaw_alone():
                    "tlb/table-free-no-deferral-stale-psc.yaml"]
     rel = [p.relative_to(root).as_posix() for p in flaw_scenarios("fork-ptl-nesting")]
     assert rel == ["flaws/fork-ptl-nesting.yaml"]
+    rel = [p.relative_to(root).as_posix()
+           for p in flaw_scenarios("mremap-ignores-break-failure")]
+    assert rel == ["flaws/mremap-ignores-break-failure.yaml",
+                   "mremap/ignores-break-failure-move-normal-pmd.yaml"]
     assert flaw_scenarios("no-such-flaw") == []

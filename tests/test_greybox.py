@@ -1503,7 +1503,7 @@ def test_states_tool_counts_the_sharing_states_a_benchmark_run_reached(capsys):
 
 def test_fault_calls_tool_counts_the_calls_on_shared_tables(capsys):
     """``benchmarks/fault_calls.py``: the calls of one operation on a COW-shared table by
-    variant, range class, armed fault, failure inside and return value; a split
+    variant, range class, armed fault, failed allocation site and return value; a split
     ``mprotect`` whose break failed returns -ENOMEM (``__split_vma``'s break)."""
     import sys
     from pathlib import Path
@@ -1514,9 +1514,9 @@ def test_fault_calls_tool_counts_the_calls_on_shared_tables(capsys):
     assert fault_calls.main(["--flaw", "mprotect-ignores-break-failure", "--seed", "6",
                              "--agent", "greybox-r10", "--budget", "15000"]) == 0
     out = capsys.readouterr().out
-    assert "seed 6: not found; 111 episodes" in out
-    assert "  prot=rw split-pmd armed failed -12: 1 (random 1)" in out
-    assert "  prot=none split armed - -12: 2 (race 2)" in out
+    assert "seed 6: not found; 122 episodes" in out
+    assert "  prot=none split armed failed@break_cow_pte -12: 2 (random 2)" in out
+    assert "  prot=none split armed - -12: 1 (race 1)" in out
     with pytest.raises(SystemExit):
         fault_calls.main(["--flaw", "mprotect-ignores-break-failure", "--agent", "random"])
 
