@@ -206,6 +206,11 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             populated entry of that range, when one can
             (:meth:`cowenv_agents.greybox_race.RacePairs._race`). On by default from
             round 12; off: round 11.
+        race_nest: Probability that a race pair is *nested* (a second preemption, as
+            CHESS's bound 2 allows): ``B`` stops at a point inside a page table too (1
+            in 3 at each, as ``A`` does), ``A`` is resumed to its end, then ``B``
+            (:meth:`cowenv_agents.greybox_race.RacePairs._race`); needs
+            ``race_settle``, which runs ``B`` on. 0: off.
         content_features: Whether what the COW-shared tables hold at the end of each
             operation (:func:`cowenv.greybox._shared_contents`: a NUMA-hinting, swap,
             migration or pinned entry in a table two mms map, a thread's cached walk
@@ -327,7 +332,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  fault_split_pmd: bool = True, window_early: bool = True,
                  layout_data: bool = False, window_release_bound: int | None = None,
                  window_whole_release: bool = True, race_settle: bool = True,
-                 race_walk: bool = True) -> None:
+                 race_walk: bool = True, race_nest: float = 0.0) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -362,6 +367,11 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.race_kthreads = bool(race_kthreads)
         self.race_settle = bool(race_settle)
         self.race_walk = bool(race_walk)
+        if not 0.0 <= race_nest <= 1.0:
+            raise ValueError("race_nest: expected 0..1")
+        self.race_nest = float(race_nest)
+        self._race_nested = False  # this pair's B stops early (race_nest)
+        self.race_nested_pairs = 0  # pairs whose B was preempted (race_nest), so far
         self._race_blockkey: tuple[str, str] = ("", "")
         self._race_held: list[str] = []
         self._race_a = -1  # A's thread (phase 4 resumes it)

@@ -61,6 +61,14 @@ class RacePairs:
         4. with ``race_settle``, the other busy threads run until the kernel is
            quiescent (:meth:`_race_settle`): the checks run only then.
 
+        With ``race_nest`` (the probability that a pair is *nested*), ``B`` stops as
+        ``A`` did, 1 in 3 at each point where it is inside a page table after its
+        first; ``A`` then resumes to its end and the settling runs ``B`` on: two
+        preemptions, the schedules of CHESS's bound 2 (a migration paused with its
+        entry in the table, a fork paused between sharing that table and linking the
+        child's VMA into the rmap, the migration completing: v4's
+        ``fork-shares-migration-entry``).
+
         A group's score is the times it was tried, plus 8 for each time ``B``'s
         operation variant blocked at its first point on a lock class that ``A`` held
         in the mode ``A`` holds now (``mmap_lock`` for write, a PTE lock...): a pair
@@ -115,6 +123,14 @@ class RacePairs:
                 if h.split("/")[0] == cls:
                     b = (h, *self._race_blockkey)
                     self._race_blocked[b] = self._race_blocked.get(b, 0) + 1
+        elif (phase == 2 and self._race_nested and runnable
+              and self._race_left < self.race_len and rng.random() < 1 / 3
+              and paused_tables(k, tid)):
+            # A nested pair: B is preempted inside a page table; A resumes first.
+            self._race_nested = False
+            self.race_nested_pairs += 1
+            self._race_phase, self._race_tid, self._race_left = 4, self._race_a, self.race_len
+            return self._race(env, mask)
         if runnable and self._race_left > 0:
             self._race_phase, self._race_tid = phase, tid
             self._race_left -= 1
@@ -315,6 +331,8 @@ class RacePairs:
             # entry (meets_entries), if any.
             c = [i for i in c if meets_entries(k, ci, i, tables)] or c
         b = c[int(self.rng.integers(len(c)))]
+        self._race_nested = (self.race_nest > 0 and self.race_settle
+                             and self.rng.random() < self.race_nest)
         self._race_phase, self._race_tid = 2, ci.catalogue[b].tid
         self._race_left = self.race_len
         return b

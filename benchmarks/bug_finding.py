@@ -159,6 +159,8 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-we-wr": ("greybox", {**R11, "window_early": True, "window_whole_release": True}),
     "greybox-rs": ("greybox", {**R11, "race_settle": True}),
     "greybox-rs-rw": ("greybox", {**R11, "race_settle": True, "race_walk": True}),
+    "greybox-rn25": ("greybox", {"race_nest": 0.25}),
+    "greybox-rn50": ("greybox", {"race_nest": 0.5}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,
                                         "fault_shared": 0.1}),
     "greybox-aim30-fsr10-sp": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

@@ -1029,6 +1029,50 @@ def test_race_pairs_settle_to_a_quiescent_point(settle):
         assert ends == [] and worked[0] == 0
 
 
+@pytest.mark.parametrize("nest", [0.0, 1.0])
+def test_nested_race_pairs_preempt_b_inside_a_table_and_resume_a_first(nest):
+    """``race_nest``: a nested pair's ``B`` is preempted inside a page table while it
+    could go on, ``A`` resumes first, and the settling runs ``B`` to its end (the
+    kernel quiescent, or nothing can run); off, no pair is nested."""
+    import sys
+    from pathlib import Path
+
+    from cowenv.greybox import paused_tables
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("fork-shares-migration-entry"))
+    ag = ca.make_agent("greybox", seeds=[], race_episodes=1.0, race_nest=nest)
+    real = ag._race
+    seen: list[tuple[bool, bool]] = []  # at each nesting: B runnable, B inside a table
+    settled: list[bool] = []
+
+    def spy(env, mask):
+        n0, b = ag.race_nested_pairs, ag._race_tid
+        a = real(env, mask)
+        k = env.kernel
+        if ag.race_nested_pairs > n0:
+            t = k.threads[b]
+            seen.append((t.gen is not None and k.is_runnable(t), bool(paused_tables(k, b))))
+            assert ag._race_phase == 4 and ag._race_tid == ag._race_a != b
+        if a is None and ag._race_phase == 0 and seen and len(settled) < len(seen):
+            busy = [u for u in ag._ci.run if u in k.threads
+                    and k.is_runnable(k.threads[u]) and mask[ag._ci.run[u]]]
+            settled.append(k.quiescent() or not busy)
+        return a
+
+    ag._race = spy
+    for e in range(12):
+        rng, rs = ca.episode_rng(0, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+    if nest:
+        assert len(seen) >= 5 and all(r and inside for r, inside in seen), seen
+        assert settled and all(settled), settled
+    else:
+        assert ag.race_nested_pairs == 0 and seen == []
+
+
 def test_a_paused_fork_names_the_entries_it_will_share():
     """``Thread.walk`` while fork's ``copy_pte_entries`` is paused between its pin check
     and its sharing, and ``meets_walk``: a pin of a page in that range meets it, one
