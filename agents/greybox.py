@@ -211,6 +211,11 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             in 3 at each, as ``A`` does), ``A`` is resumed to its end, then ``B``
             (:meth:`cowenv_agents.greybox_race.RacePairs._race`); needs
             ``race_settle``, which runs ``B`` on. 0: off.
+        race_kthread_b: The kernel thread's reclaim and compaction may be a race pair's
+            ``B`` (aimed at a page mapped through ``A``'s tables, or untargeted), not its
+            ``A`` (``race_kthreads`` makes it both): a fork paused after sharing a PMD,
+            then kcompactd migrating a page of a later VMA of it, which dup_mmap has not
+            linked into the child's rmap yet (v4's ``fork-shares-migration-entry``).
         content_features: Whether what the COW-shared tables hold at the end of each
             operation (:func:`cowenv.greybox._shared_contents`: a NUMA-hinting, swap,
             migration or pinned entry in a table two mms map, a thread's cached walk
@@ -332,7 +337,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  fault_split_pmd: bool = True, window_early: bool = True,
                  layout_data: bool = False, window_release_bound: int | None = None,
                  window_whole_release: bool = True, race_settle: bool = True,
-                 race_walk: bool = True, race_nest: float = 0.0) -> None:
+                 race_walk: bool = True, race_nest: float = 0.0,
+                 race_kthread_b: bool = False) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -372,6 +378,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.race_nest = float(race_nest)
         self._race_nested = False  # this pair's B stops early (race_nest)
         self.race_nested_pairs = 0  # pairs whose B was preempted (race_nest), so far
+        self.race_kthread_b = bool(race_kthread_b)
         self._race_blockkey: tuple[str, str] = ("", "")
         self._race_held: list[str] = []
         self._race_a = -1  # A's thread (phase 4 resumes it)

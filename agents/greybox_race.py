@@ -84,7 +84,7 @@ class RacePairs:
         its pin check and its sharing), only the groups and starts that address a
         populated entry of that range (:func:`cowenv.greybox.meets_walk`), if any.
         With ``race_kthreads``, the kernel thread (reclaim, compaction) may be ``A``
-        or ``B`` too. The scores and the operation lengths live as long as the agent.
+        or ``B`` too; with ``race_kthread_b``, ``B`` only. The scores and the operation lengths live as long as the agent.
         """
         ci = self._ci
         assert ci is not None
@@ -292,7 +292,8 @@ class RacePairs:
         assert ci is not None
         k = env.kernel
         tables = paused_tables(k, u)
-        cands = race_candidates(k, ci, u, tables, mask, self.race_kthreads)
+        cands = race_candidates(k, ci, u, tables, mask,
+                                self.race_kthreads or self.race_kthread_b)
         if not cands:
             return None
         tu = k.threads[u]

@@ -1073,6 +1073,38 @@ def test_nested_race_pairs_preempt_b_inside_a_table_and_resume_a_first(nest):
         assert ag.race_nested_pairs == 0 and seen == []
 
 
+@pytest.mark.parametrize("kb", [False, True])
+def test_kernel_thread_as_b_only(kb):
+    """``race_kthread_b``: kcompactd's/kswapd's starts are among the ``B`` candidates
+    (so some pair's ``B`` is the kernel thread), while ``A`` is always a user thread;
+    off, neither is the kernel thread."""
+    import sys
+    from pathlib import Path
+
+    from cowenv.kernel import KSWAPD_TID
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("fork-shares-migration-entry"))
+    ag = ca.make_agent("greybox", seeds=[], race_episodes=1.0, race_kthread_b=kb)
+    real = ag._race_b
+    pairs: list[tuple[int, int]] = []
+
+    def spy(env, mask, u):
+        b = real(env, mask, u)
+        if b is not None:
+            pairs.append((u, ag._ci.catalogue[b].tid))
+        return b
+
+    ag._race_b = spy
+    for e in range(16):
+        rng, rs = ca.episode_rng(0, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+    assert len(pairs) > 20 and all(a != KSWAPD_TID for a, _b in pairs)
+    assert any(b == KSWAPD_TID for _a, b in pairs) == kb, pairs
+
+
 def test_a_paused_fork_names_the_entries_it_will_share():
     """``Thread.walk`` while fork's ``copy_pte_entries`` is paused between its pin check
     and its sharing, and ``meets_walk``: a pin of a page in that range meets it, one
