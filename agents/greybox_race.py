@@ -84,7 +84,8 @@ class RacePairs:
         its pin check and its sharing), only the groups and starts that address a
         populated entry of that range (:func:`cowenv.greybox.meets_walk`), if any.
         With ``race_kthreads``, the kernel thread (reclaim, compaction) may be ``A``
-        or ``B`` too; with ``race_kthread_b``, ``B`` only. The scores and the operation lengths live as long as the agent.
+        or ``B`` too; with ``race_kthread_b``, ``B`` only. The scores and the
+        operation lengths live as long as the agent.
         """
         ci = self._ci
         assert ci is not None
