@@ -211,6 +211,13 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             in 3 at each, as ``A`` does), ``A`` is resumed to its end, then ``B``
             (:meth:`cowenv_agents.greybox_race.RacePairs._race`); needs
             ``race_settle``, which runs ``B`` on. 0: off.
+        fault_n_context: The ``fail_nth`` n of a context's next try follows the
+            context (the last try of any template in it fired: n + 1), not the call's
+            template (:meth:`cowenv_agents.greybox_faultctx.FaultContexts._fc_arm`):
+            with ``fault_ranges``, the templates of a context allocate alike (an
+            ``mprotect(PROT_NONE)`` of part of a VMA ending at a PMD boundary breaks the
+            table at the split first, its walker's second), and a context's few tries
+            otherwise go to n = 1 on a new template each time.
         race_kthread_b: The kernel thread's reclaim and compaction may be a race pair's
             ``B`` (aimed at a page mapped through ``A``'s tables, or untargeted), not its
             ``A`` (``race_kthreads`` makes it both): a fork paused after sharing a PMD,
@@ -338,7 +345,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  layout_data: bool = False, window_release_bound: int | None = None,
                  window_whole_release: bool = True, race_settle: bool = True,
                  race_walk: bool = True, race_nest: float = 0.0,
-                 race_kthread_b: bool = False) -> None:
+                 race_kthread_b: bool = False, fault_n_context: bool = False) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -379,6 +386,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._race_nested = False  # this pair's B stops early (race_nest)
         self.race_nested_pairs = 0  # pairs whose B was preempted (race_nest), so far
         self.race_kthread_b = bool(race_kthread_b)
+        self.fault_n_context = bool(fault_n_context)
         self._race_blockkey: tuple[str, str] = ("", "")
         self._race_held: list[str] = []
         self._race_a = -1  # A's thread (phase 4 resumes it)

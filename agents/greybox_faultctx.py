@@ -43,7 +43,9 @@ class FaultContexts:
         The try's n is :attr:`_fc_n` of the call (the context with the template: the
         same context's templates differ in what they allocate first, e.g. an
         ``mprotect`` of part of a VMA splits it, and breaks the table there, before it
-        changes the entries; 1 at first). With ``fault_ranges`` the context holds the
+        changes the entries; 1 at first; with ``fault_n_context``, the context's alone:
+        the next call in that context tries n + 1 whatever its template). With
+        ``fault_ranges`` the context holds the
         call's range class too (:func:`cowenv.greybox.range_class`); with
         ``fault_shared``, a ranged call on a COW-shared table of its mm whose context has
         had its tries is still armed with that probability (``fc_stats["shared"]``).
@@ -68,7 +70,10 @@ class FaultContexts:
                       or self._shared_pmds(env.kernel, sp.tid).isdisjoint(ci.span[a])
                       or self.rng.random() >= self.fault_shared):
             return None
-        n = self._fc_n.get((ctx, a), 1)
+        # With fault_n_context the context's n (its range class tells the calls that
+        # allocate alike apart), else the call's (the context with the template).
+        key: Call = (ctx, -1) if self.fault_n_context else (ctx, a)
+        n = self._fc_n.get(key, 1)
         ev = next((e for e in fails if ci.catalogue[e].n == n), None)
         if ev is None or not mask[ev]:
             return None
@@ -76,7 +81,7 @@ class FaultContexts:
             self.fc_stats["shared"] += 1
         else:
             self._fc_tries[ctx] = tries + 1
-        self._fc_pending[sp.tid] = ((ctx, a), n, False, False)
+        self._fc_pending[sp.tid] = (key, n, False, False)
         self.fc_stats["armed"] += 1
         return ev
 

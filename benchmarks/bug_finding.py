@@ -163,6 +163,7 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-rn50": ("greybox", {"race_nest": 0.5}),
     "greybox-kb": ("greybox", {"race_kthread_b": True}),
     "greybox-rn25-kb": ("greybox", {"race_nest": 0.25, "race_kthread_b": True}),
+    "greybox-kb-fnc": ("greybox", {"race_kthread_b": True, "fault_n_context": True}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,
                                         "fault_shared": 0.1}),
     "greybox-aim30-fsr10-sp": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

@@ -770,6 +770,30 @@ def test_fault_contexts_enumerate_n_per_call_context():
     assert ca.make_agent("greybox").fault_contexts == 4
 
 
+@pytest.mark.parametrize("by_context", [False, True])
+def test_fault_n_follows_the_context_with_fault_n_context(by_context):
+    """``fault_n_context``: after a try in a context fired, the next call in that context
+    tries n + 1 even with another template; off, a new template starts at n = 1."""
+    from cowenv.greybox import call_context
+
+    h, ag = _fc_agent(fault_contexts=4, fault_n_context=by_context)
+    ci = ag._ci
+    k = h.kernel
+    ws = [i for i in ci.by_tid_op[(1, "write")]
+          if call_context(k, ci.catalogue[i])[2:] == ("private", "none")]
+    ctx = (*call_context(k, ci.catalogue[ws[0]]), "")
+    w1 = ws[0]
+    w2 = next(i for i in ws[1:] if (*call_context(k, ci.catalogue[i]), "") == ctx)
+    run = ci.run[1]
+    taken = _play_acts(h, ag, [w1, run, run, run, run])
+    assert ci.catalogue[taken[0]].n == 1 and taken[1] == w1
+    assert any(e.kind == "event" and e.label == "alloc_fail" for e in h.kernel.events)
+    taken = _play_acts(h, ag, [w2, run, run, run, run])
+    assert ci.catalogue[taken[0]].kind == "event" and taken[1] == w2
+    assert ci.catalogue[taken[0]].n == (2 if by_context else 1)
+    assert ag._fc_tries[ctx] == 2
+
+
 def test_range_class_tells_a_split_from_a_whole_vma():
     from cowenv.catalogue import ActionSpec
     from cowenv.greybox import range_class
