@@ -476,6 +476,8 @@ def test_race_pairs_that_block_on_a_held_lock_are_tried_less():
     later = chosen[first:]
     assert later and not set(later) & blocked
     assert ("pin", "fast=True,write=True") in set(later)
+
+
 @pytest.mark.parametrize("walk", [False, True])
 def test_race_b_aims_at_the_range_the_paused_walk_will_process(walk):
     """``race_walk``: with fork paused inside ``copy_pte_entries``, every ``B`` drawn
@@ -1015,18 +1017,31 @@ def test_window_early_stops_at_the_finding_and_plays_it_next():
     assert played1.offline_steps == 0
 
 
-@pytest.mark.parametrize("settle", [False, True])
-def test_race_pairs_settle_to_a_quiescent_point(settle):
-    """``race_settle``: after a race pair, the threads still inside an operation run
-    until the kernel is quiescent (the checks run only there), unless none can run;
-    off (round 11), the random part goes on from wherever the pair left them."""
+def _bench_harness(flaw):
+    """The bug-finding benchmark's env of ``flaw`` (``benchmarks/bug_finding.py``)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import bug_finding as bf
 
-    h = Harness(**bf.env_kwargs("gup-fast-fork-race"))
+    return Harness(**bf.env_kwargs(flaw))
+
+
+def _settled(ag, k, mask):
+    """Whether a race pair left the kernel quiescent, or with no busy thread that can run
+    (what ``RacePairs._race_settle`` runs to)."""
+    busy = [u for u in ag._ci.run if u in k.threads
+            and k.is_runnable(k.threads[u]) and mask[ag._ci.run[u]]]
+    return k.quiescent() or not busy
+
+
+@pytest.mark.parametrize("settle", [False, True])
+def test_race_pairs_settle_to_a_quiescent_point(settle):
+    """``race_settle``: after a race pair, the threads still inside an operation run
+    until the kernel is quiescent (the checks run only there), unless none can run;
+    off (round 11), the random part goes on from wherever the pair left them."""
+    h = _bench_harness("gup-fast-fork-race")
     ag = ca.make_agent("greybox", seeds=[], race_episodes=1.0, race_settle=settle)
     ends: list[bool] = []  # settled: quiescent, or no busy thread could run
     worked = [0]
@@ -1034,11 +1049,8 @@ def test_race_pairs_settle_to_a_quiescent_point(settle):
 
     def spy(env, mask):
         a = real(env, mask)
-        k = env.kernel
         if a is None:
-            busy = [u for u in ag._ci.run if u in k.threads
-                    and k.is_runnable(k.threads[u]) and mask[ag._ci.run[u]]]
-            ends.append(k.quiescent() or not busy)
+            ends.append(_settled(ag, env.kernel, mask))
         else:
             worked[0] += 1
         return a
@@ -1058,15 +1070,9 @@ def test_nested_race_pairs_preempt_b_inside_a_table_and_resume_a_first(nest):
     """``race_nest``: a nested pair's ``B`` is preempted inside a page table while it
     could go on, ``A`` resumes first, and the settling runs ``B`` to its end (the
     kernel quiescent, or nothing can run); off, no pair is nested."""
-    import sys
-    from pathlib import Path
-
     from cowenv.greybox import paused_tables
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
-
-    h = Harness(**bf.env_kwargs("fork-shares-migration-entry"))
+    h = _bench_harness("fork-shares-migration-entry")
     ag = ca.make_agent("greybox", seeds=[], race_episodes=1.0, race_nest=nest)
     real = ag._race
     seen: list[tuple[bool, bool]] = []  # at each nesting: B runnable, B inside a table
@@ -1081,9 +1087,7 @@ def test_nested_race_pairs_preempt_b_inside_a_table_and_resume_a_first(nest):
             seen.append((t.gen is not None and k.is_runnable(t), bool(paused_tables(k, b))))
             assert ag._race_phase == 4 and ag._race_tid == ag._race_a != b
         if a is None and ag._race_phase == 0 and seen and len(settled) < len(seen):
-            busy = [u for u in ag._ci.run if u in k.threads
-                    and k.is_runnable(k.threads[u]) and mask[ag._ci.run[u]]]
-            settled.append(k.quiescent() or not busy)
+            settled.append(_settled(ag, k, mask))
         return a
 
     ag._race = spy
@@ -1102,15 +1106,9 @@ def test_kernel_thread_as_b_only(kb):
     """``race_kthread_b``: kcompactd's/kswapd's starts are among the ``B`` candidates
     (so some pair's ``B`` is the kernel thread), while ``A`` is always a user thread;
     off, neither is the kernel thread."""
-    import sys
-    from pathlib import Path
-
     from cowenv.kernel import KSWAPD_TID
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
-
-    h = Harness(**bf.env_kwargs("fork-shares-migration-entry"))
+    h = _bench_harness("fork-shares-migration-entry")
     ag = ca.make_agent("greybox", seeds=[], race_episodes=1.0, race_kthread_b=kb)
     real = ag._race_b
     pairs: list[tuple[int, int]] = []
