@@ -218,11 +218,28 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             ``mprotect(PROT_NONE)`` of part of a VMA ending at a PMD boundary breaks the
             table at the split first, its walker's second), and a context's few tries
             otherwise go to n = 1 on a new template each time.
+        plan_cycle: Probability that an episode after the first pass over the seed
+            plans (and not a race episode) replays one of them, with a fresh random
+            continuation (``plan_tail``) and fresh tie-breaks of its mapping: AFL's
+            queue cycles. The plans are replayed in cycles, each in a new random order
+            of all of them. 0: each plan is played once (round 13).
+        plan_tail_faults: Whether the random continuation after a seed plan
+            (``plan_tail``) gets context-sensitive fault tries (``fault_contexts``)
+            like the random part of other episodes; the plan itself never does. Off:
+            none in a plan's episode (round 13).
         race_kthread_b: The kernel thread's reclaim and compaction may be a race pair's
             ``B`` (aimed at a page mapped through ``A``'s tables, or untargeted), not its
             ``A`` (``race_kthreads`` makes it both): a fork paused after sharing a PMD,
             then kcompactd migrating a page of a later VMA of it, which dup_mmap has not
             linked into the child's rmap yet (v4's ``fork-shares-migration-entry``).
+        race_kthread_a: Probability that a race pair's ``A`` is the kernel thread's
+            reclaim or compaction (when it is idle and a user thread is too): kswapd
+            paused inside its rmap walk while a fork runs (v4's ``rmap-stale-table``:
+            the fork blocks in ``anon_vma_fork`` on the anon_vma lock kswapd holds),
+            or, nested (1 in 2 of these pairs), kcompactd paused with its migration
+            entry in place while a fork stops after sharing the table
+            (``fork-shares-migration-entry``). 0: off (``race_kthreads`` makes the
+            kernel thread one more candidate ``A`` among the user threads).
         content_features: Whether what the COW-shared tables hold at the end of each
             operation (:func:`cowenv.greybox._shared_contents`: a NUMA-hinting, swap,
             migration or pinned entry in a table two mms map, a thread's cached walk
@@ -345,7 +362,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  layout_data: bool = False, window_release_bound: int | None = None,
                  window_whole_release: bool = True, race_settle: bool = True,
                  race_walk: bool = True, race_nest: float = 0.0,
-                 race_kthread_b: bool = False, fault_n_context: bool = False) -> None:
+                 race_kthread_b: bool = False, fault_n_context: bool = False,
+                 plan_cycle: float = 0.0, race_kthread_a: float = 0.0,
+                 plan_tail_faults: bool = False) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
@@ -386,7 +405,16 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._race_nested = False  # this pair's B stops early (race_nest)
         self.race_nested_pairs = 0  # pairs whose B was preempted (race_nest), so far
         self.race_kthread_b = bool(race_kthread_b)
+        if not 0.0 <= race_kthread_a <= 1.0:
+            raise ValueError("race_kthread_a: expected 0..1")
+        self.race_kthread_a = float(race_kthread_a)
         self.fault_n_context = bool(fault_n_context)
+        if not 0.0 <= plan_cycle <= 1.0:
+            raise ValueError("plan_cycle: expected 0..1")
+        self.plan_cycle = float(plan_cycle)
+        self.plan_tail_faults = bool(plan_tail_faults)
+        self._cycle_order: list[int] = []  # this cycle's plans still to replay
+        self.plans_replayed = 0  # seed plans replayed after the first pass, so far
         self._race_blockkey: tuple[str, str] = ("", "")
         self._race_held: list[str] = []
         self._race_a = -1  # A's thread (phase 4 resumes it)
@@ -626,11 +654,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             if self.episodes - self._win_plan_skips < len(self._plans):
                 self._win_plan_skips += 1  # the seed plan of this episode comes next
         elif self.episodes - self._win_plan_skips < len(self._plans):
-            self._from_plan, plan = self._plans[self.episodes - self._win_plan_skips]
-            self.episode_kind = "plan"
-            self._plan = list(plan)
-            self._plan_budget = _PLAN_STEP_LIMIT
-            self._map_pmds(env)
+            self._start_plan(env, self.episodes - self._win_plan_skips)
         elif self._triage_next is not None:
             self._child = self._triage_child(self._triage_pop())
             self.episode_kind = "triage"
@@ -645,6 +669,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self.episode_kind = "race"
             if self.corpus.entries and rng.random() < 0.25:
                 self._child = self.corpus.choose_cut(self.corpus.choose(rng), rng)
+        elif self.plan_cycle and self._plans and rng.random() < self.plan_cycle:
+            # A seed plan again (plan_cycle), the next of this cycle's random order.
+            if not self._cycle_order:
+                self._cycle_order = [int(i) for i in rng.permutation(len(self._plans))]
+            self._start_plan(env, self._cycle_order.pop())
+            self.plans_replayed += 1
         elif self.fault_triage or self.explore_max is not None:
             # A purely random episode (the adaptive rate :meth:`explore_rate`), else a
             # queued fault-injection job (with probability triage_prob), else a child.
@@ -660,6 +690,15 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self._parent_child(env, rng)
         self._feats.update(self.tracker.reset(env.kernel))
         self._ev_pos = self._fc_ev = len(env.kernel.events)
+
+    def _start_plan(self, env: CowEnv, i: int) -> None:
+        """Make this episode a play of seed plan ``i``, mapped onto ``env``'s tables."""
+        assert self._plans is not None
+        self._from_plan, plan = self._plans[i]
+        self.episode_kind = "plan"
+        self._plan = list(plan)
+        self._plan_budget = _PLAN_STEP_LIMIT
+        self._map_pmds(env)
 
     def explore_rate(self) -> float:
         """Probability of a purely random episode now.
@@ -733,7 +772,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         # one): a call failing early tests no race (README "Greybox", measured on
         # gup-fast-fork-race); not in the seed plans nor in a window's violation played.
         if self.fault_contexts and self._job is None and not self._race_phase \
-                and not self._win_playing and self.episode_kind != "plan":
+                and not self._win_playing and (self.episode_kind != "plan" or (
+                    self.plan_tail_faults and self._plan_pos >= len(self._plan))):
             f = self._fc_arm(env, mask, a)
             if f is not None:
                 self._fc_queued = a

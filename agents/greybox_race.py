@@ -84,8 +84,9 @@ class RacePairs:
         its pin check and its sharing), only the groups and starts that address a
         populated entry of that range (:func:`cowenv.greybox.meets_walk`), if any.
         With ``race_kthreads``, the kernel thread (reclaim, compaction) may be ``A``
-        or ``B`` too; with ``race_kthread_b``, ``B`` only. The scores and the
-        operation lengths live as long as the agent.
+        or ``B`` too; with ``race_kthread_b``, ``B`` only; with ``race_kthread_a``
+        (a probability), it is ``A`` that often, and such a pair is nested 1 in 2.
+        The scores and the operation lengths live as long as the agent.
         """
         ci = self._ci
         assert ci is not None
@@ -226,6 +227,12 @@ class RacePairs:
             self._race_phase, self._race_tid, self._race_left = 3, u, self.race_len - 1
             return ci.run[u]
         u = ready[int(rng.integers(len(ready)))]
+        if (self.race_kthread_a and kt is not None and kt.gen is None and not kt.exited
+                and KSWAPD_TID in ci.ops_of and idle - {KSWAPD_TID}
+                and rng.random() < self.race_kthread_a):
+            # race_kthread_a: the kernel thread's reclaim or compaction is A (every
+            # user thread is related to it: its rmap walk reaches every mm).
+            u = KSWAPD_TID
         own = self._starts_of.get(u)
         if own is None:
             own = np.array([i for op in ci.ops_of.get(u, ()) for i in ci.by_tid_op[(u, op)]],
@@ -333,8 +340,12 @@ class RacePairs:
             # entry (meets_entries), if any.
             c = [i for i in c if meets_entries(k, ci, i, tables)] or c
         b = c[int(self.rng.integers(len(c)))]
-        self._race_nested = (self.race_nest > 0 and self.race_settle
-                             and self.rng.random() < self.race_nest)
+        # A pair of the kernel thread as A (race_kthread_a) is nested 1 in 2: its
+        # walk paused, B runs to its end or a block (a fork blocked in anon_vma_fork
+        # on the anon_vma lock kswapd holds), or B is preempted too and the walk
+        # completes under it (a migration completing while a fork is half done).
+        nest = 0.5 if u == KSWAPD_TID and self.race_kthread_a else self.race_nest
+        self._race_nested = (nest > 0 and self.race_settle and self.rng.random() < nest)
         self._race_phase, self._race_tid = 2, ci.catalogue[b].tid
         self._race_left = self.race_len
         return b

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cowenv_agents as ca
 import gymnasium as gym
 import numpy as np
@@ -1127,6 +1129,40 @@ def test_kernel_thread_as_b_only(kb):
     assert any(b == KSWAPD_TID for _a, b in pairs) == kb, pairs
 
 
+@pytest.mark.parametrize("ka", [0.0, 1.0])
+def test_kernel_thread_is_a_with_race_kthread_a(ka):
+    """``race_kthread_a``: the kernel thread's reclaim or compaction is a pair's *A*
+    (with 1.0 every pair's while it is idle), half of those pairs nested; off, never."""
+    from cowenv.kernel import KSWAPD_TID
+
+    h = _bench_harness("fork-shares-migration-entry")
+    ag = ca.make_agent("greybox", seeds=[], race_episodes=1.0, race_kthread_a=ka)
+    real = ag._race_b
+    pairs: list[tuple[int, int, str]] = []
+
+    def spy(env, mask, u):
+        op = env.kernel.threads[u].op
+        b = real(env, mask, u)
+        if b is not None:
+            pairs.append((u, ag._ci.catalogue[b].tid, op))
+        return b
+
+    ag._race_b = spy
+    for e in range(16):
+        rng, rs = ca.episode_rng(0, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+    kt = [(a, b, op) for a, b, op in pairs if a == KSWAPD_TID]
+    assert len(pairs) > 20 and all(b != KSWAPD_TID for _a, b, _op in pairs)
+    if ka:
+        assert len(kt) > len(pairs) // 2, pairs
+        assert {op for _a, _b, op in kt} <= {"reclaim", "compact"}
+        assert ag.race_nested_pairs > 0
+    else:
+        assert not kt and ag.race_nested_pairs == 0
+    with pytest.raises(ValueError, match="race_kthread_a"):
+        ca.make_agent("greybox", race_kthread_a=-0.1)
+
+
 def test_a_paused_fork_names_the_entries_it_will_share():
     """``Thread.walk`` while fork's ``copy_pte_entries`` is paused between its pin check
     and its sharing, and ``meets_walk``: a pin of a page in that range meets it, one
@@ -1703,3 +1739,64 @@ def test_bug_finding_combine_keeps_every_seed_block_and_counts_the_tail(tmp_path
     assert d["summary"]["tail"]["greybox"] == {"runs": 4, "found": 3, "over_50k": 3,
                                                "over_70k": 2}
     assert "| 3/4 / 3 / 2 |" in (tmp_path / "out" / "bug_finding.md").read_text()
+
+
+@pytest.mark.parametrize("cycle", [0.0, 1.0])
+def test_plan_cycle_replays_every_seed_plan_once_per_cycle(cycle):
+    """``plan_cycle``: after the first pass over the seed plans, (non-race) episodes
+    replay them, each cycle every plan once in a new random order, deterministically;
+    off, no plan is played twice."""
+    h = Harness(**SMALL_KW, preset="as-posted", terminate_on_violation=False)
+    seeds = ["scenarios/flaws/free-pmd-deferred-flush.yaml",
+             "scenarios/flaws/zap-partial-shared.yaml",
+             "scenarios/flaws/fork-late-wrprotect.yaml"]
+
+    def played():
+        ag = ca.make_agent("greybox", seeds=seeds, window_prob=0.0, race_episodes=0.0,
+                           plan_cycle=cycle, plan_tail=4.0)
+        out = []
+        for e in range(3 + 6):
+            rng, rs = ca.episode_rng(7, 0, e)
+            ca.run_episode(h, ag, rng, rs, teardown=32)
+            out.append(ag._from_plan if ag.episode_kind == "plan" else "")
+        return out, ag.plans_replayed
+
+    out, replayed = played()
+    assert (out, replayed) == played()
+    first, later = out[:3], out[3:]
+    names = sorted(Path(s).stem for s in seeds)
+    assert sorted(first) == names
+    if cycle:
+        assert replayed == 6
+        assert sorted(later[:3]) == names == sorted(later[3:])
+    else:
+        assert replayed == 0 and not any(later)
+    with pytest.raises(ValueError, match="plan_cycle"):
+        ca.make_agent("greybox", plan_cycle=1.5)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_plan_tail_faults_arms_fault_tries_after_the_plan_only(on):
+    """``plan_tail_faults``: a seed plan's random continuation gets fault-context tries,
+    the plan's own steps never; off, a plan's episode gets none."""
+    h = Harness(**SMALL_KW, preset="as-posted", terminate_on_violation=False)
+    ag = ca.make_agent("greybox", seeds=["scenarios/conformance"], window_prob=0.0,
+                       race_episodes=0.0, plan_tail=64.0, plan_tail_faults=on)
+    real = ag._fc_arm
+    armed: list[bool] = []  # per armed try: was the plan played to its end?
+
+    def spy(env, mask, a):
+        f = real(env, mask, a)
+        if f is not None and ag.episode_kind == "plan":
+            armed.append(ag._plan_pos >= len(ag._plan))
+        return f
+
+    ag._fc_arm = spy
+    for e in range(12):
+        rng, rs = ca.episode_rng(9, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+        assert ag.episode_kind == "plan"
+    if on:
+        assert len(armed) >= 3 and all(armed), armed
+    else:
+        assert armed == []
