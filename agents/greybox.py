@@ -222,11 +222,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             plans (and not a race episode) replays one of them, with a fresh random
             continuation (``plan_tail``) and fresh tie-breaks of its mapping: AFL's
             queue cycles. The plans are replayed in cycles, each in a new random order
-            of all of them. 0: each plan is played once (round 13).
+            of all of them. Default 0.3 (round 14, with ``plan_tail_faults``); 0:
+            each plan is played once (round 13).
         plan_tail_faults: Whether the random continuation after a seed plan
             (``plan_tail``) gets context-sensitive fault tries (``fault_contexts``)
-            like the random part of other episodes; the plan itself never does. Off:
-            none in a plan's episode (round 13).
+            like the random part of other episodes; the plan itself never does. On
+            by default from round 14; off: none in a plan's episode (round 13).
         race_kthread_b: The kernel thread's reclaim and compaction may be a race pair's
             ``B`` (aimed at a page mapped through ``A``'s tables, or untargeted), not its
             ``A`` (``race_kthreads`` makes it both): a fork paused after sharing a PMD,
@@ -363,8 +364,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_whole_release: bool = True, race_settle: bool = True,
                  race_walk: bool = True, race_nest: float = 0.0,
                  race_kthread_b: bool = False, fault_n_context: bool = False,
-                 plan_cycle: float = 0.0, race_kthread_a: float = 0.0,
-                 plan_tail_faults: bool = False) -> None:
+                 plan_cycle: float = 0.3, race_kthread_a: float = 0.0,
+                 plan_tail_faults: bool = True) -> None:
         super().__init__()
         if tail < 0:
             raise ValueError("tail: expected >= 0")
