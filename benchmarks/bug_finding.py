@@ -171,6 +171,7 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-pc15": ("greybox", {"plan_cycle": 0.15, "plan_tail_faults": False}),
     "greybox-pc30": ("greybox", {"plan_cycle": 0.3, "plan_tail_faults": False}),
     "greybox-pc30-ptf": ("greybox", {"plan_cycle": 0.3, "plan_tail_faults": True}),
+    "greybox-pc50": ("greybox", {"plan_cycle": 0.5}),
     "greybox-pc30-ka10": ("greybox", {"plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,
