@@ -367,6 +367,15 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  plan_cycle: float = 0.3, race_kthread_a: float = 0.0,
                  plan_tail_faults: bool = True) -> None:
         super().__init__()
+        for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
+                      ("fault_prob", fault_prob), ("use_prob", use_prob),
+                      ("triage_prob", triage_prob), ("cut_fault", cut_fault),
+                      ("state_pick", state_pick), ("extend", extend),
+                      ("race_nest", race_nest), ("race_kthread_a", race_kthread_a),
+                      ("plan_cycle", plan_cycle), ("aim_shared", aim_shared),
+                      ("fault_shared", fault_shared)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{nm}: expected 0..1")
         if tail < 0:
             raise ValueError("tail: expected >= 0")
         self.tail = float(tail)
@@ -374,8 +383,6 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         if plan_tail < 0:
             raise ValueError("plan_tail: expected >= 0")
         self.plan_tail = float(plan_tail)
-        if not 0.0 <= state_pick <= 1.0:
-            raise ValueError("state_pick: expected 0..1")
         self.state_pick = float(state_pick)
         self._state_pos: dict[int, int] = {}  # state feature -> action count first at
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
@@ -400,18 +407,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.race_kthreads = bool(race_kthreads)
         self.race_settle = bool(race_settle)
         self.race_walk = bool(race_walk)
-        if not 0.0 <= race_nest <= 1.0:
-            raise ValueError("race_nest: expected 0..1")
         self.race_nest = float(race_nest)
         self._race_nested = False  # this pair's B stops early (race_nest)
         self.race_nested_pairs = 0  # pairs whose B was preempted (race_nest), so far
         self.race_kthread_b = bool(race_kthread_b)
-        if not 0.0 <= race_kthread_a <= 1.0:
-            raise ValueError("race_kthread_a: expected 0..1")
         self.race_kthread_a = float(race_kthread_a)
         self.fault_n_context = bool(fault_n_context)
-        if not 0.0 <= plan_cycle <= 1.0:
-            raise ValueError("plan_cycle: expected 0..1")
         self.plan_cycle = float(plan_cycle)
         self.plan_tail_faults = bool(plan_tail_faults)
         self._cycle_order: list[int] = []  # this cycle's plans still to replay
@@ -425,18 +426,11 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._op_cur: dict[int, tuple[str, int]] = {}  # tid -> (operation, points so far)
         #: (pause label, operation, variant) -> race pairs tried (fewest first).
         self._race_tries: dict[tuple[str, str, str], int] = {}
-        if not 0.0 <= extend <= 1.0:
-            raise ValueError("extend: expected 0..1")
         self.extend = float(extend)
         if choice != "thread" and choice not in CHOICES:
             raise ValueError(f"choice: expected thread or one of {', '.join(CHOICES)}")
         self.choice = choice
         self._chooser: KindChooser | None = None
-        for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
-                      ("fault_prob", fault_prob), ("use_prob", use_prob),
-                      ("triage_prob", triage_prob), ("cut_fault", cut_fault)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{nm}: expected 0..1")
         if explore_max is not None and not explore <= explore_max <= 1.0:
             raise ValueError("explore_max: expected explore..1")
         if explore_window < 1:
@@ -474,11 +468,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.fault_contexts = int(fault_contexts)
         self.fault_ranges = bool(fault_ranges)
         self.fault_split_pmd = bool(fault_split_pmd)
-        if not 0.0 <= aim_shared <= 1.0:
-            raise ValueError("aim_shared: expected 0..1")
         self.aim_shared = float(aim_shared)
-        if not 0.0 <= fault_shared <= 1.0:
-            raise ValueError("fault_shared: expected 0..1")
         self.fault_shared = float(fault_shared)
         #: Call context -> tries so far; (context, template) -> the fail_nth n its
         #: next try arms (absent: 1).

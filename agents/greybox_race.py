@@ -22,6 +22,12 @@ from cowenv.greybox import (
 )
 from cowenv.kernel import KSWAPD_TID
 
+#: Share of the pairs whose *A* is the kernel thread (``race_kthread_a``) that are
+#: nested: its walk paused, *B* runs to its end or a block (a fork blocked in
+#: anon_vma_fork on the anon_vma lock kswapd holds), or *B* is preempted too and the walk
+#: completes under it (a migration completing while a fork is half done).
+KTHREAD_A_NEST = 0.5
+
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
 
@@ -340,11 +346,8 @@ class RacePairs:
             # entry (meets_entries), if any.
             c = [i for i in c if meets_entries(k, ci, i, tables)] or c
         b = c[int(self.rng.integers(len(c)))]
-        # A pair of the kernel thread as A (race_kthread_a) is nested 1 in 2: its
-        # walk paused, B runs to its end or a block (a fork blocked in anon_vma_fork
-        # on the anon_vma lock kswapd holds), or B is preempted too and the walk
-        # completes under it (a migration completing while a fork is half done).
-        nest = 0.5 if u == KSWAPD_TID and self.race_kthread_a else self.race_nest
+        nest = (KTHREAD_A_NEST if u == KSWAPD_TID and self.race_kthread_a
+                else self.race_nest)
         self._race_nested = (nest > 0 and self.race_settle and self.rng.random() < nest)
         self._race_phase, self._race_tid = 2, ci.catalogue[b].tid
         self._race_left = self.race_len
