@@ -222,12 +222,18 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             plans (and not a race episode) replays one of them, with a fresh random
             continuation (``plan_tail``) and fresh tie-breaks of its mapping: AFL's
             queue cycles. The plans are replayed in cycles, each in a new random order
-            of all of them. Default 0.3 (round 14, with ``plan_tail_faults``); 0:
-            each plan is played once (round 13).
+            of all of them. Default 0.5 (round 15; round 14 had 0.3, with
+            ``plan_tail_faults``); 0: each plan is played once (round 13).
         plan_tail_faults: Whether the random continuation after a seed plan
             (``plan_tail``) gets context-sensitive fault tries (``fault_contexts``)
             like the random part of other episodes; the plan itself never does. On
             by default from round 14; off: none in a plan's episode (round 13).
+        plan_race: Probability that a seed plan's random continuation (``plan_tail``)
+            is played as race pairs (:meth:`_race`, as in a race episode) from the
+            state the plan left: Razzer's pairs run from the states its seeds reach,
+            and a plan's end state is one a scenario author chose (two VMAs of
+            different anon_vmas in a COW-shared PMD, a migration entry in a shared
+            table). Counter ``plan_races``. 0: off.
         race_kthread_b: The kernel thread's reclaim and compaction may be a race pair's
             ``B`` (aimed at a page mapped through ``A``'s tables, or untargeted), not its
             ``A`` (``race_kthreads`` makes it both): a fork paused after sharing a PMD,
@@ -364,15 +370,16 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_whole_release: bool = True, race_settle: bool = True,
                  race_walk: bool = True, race_nest: float = 0.0,
                  race_kthread_b: bool = False, fault_n_context: bool = False,
-                 plan_cycle: float = 0.3, race_kthread_a: float = 0.0,
-                 plan_tail_faults: bool = True) -> None:
+                 plan_cycle: float = 0.5, race_kthread_a: float = 0.0,
+                 plan_tail_faults: bool = True, plan_race: float = 0.0) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),
                       ("triage_prob", triage_prob), ("cut_fault", cut_fault),
                       ("state_pick", state_pick), ("extend", extend),
                       ("race_nest", race_nest), ("race_kthread_a", race_kthread_a),
-                      ("plan_cycle", plan_cycle), ("aim_shared", aim_shared),
+                      ("plan_cycle", plan_cycle), ("plan_race", plan_race),
+                      ("aim_shared", aim_shared),
                       ("fault_shared", fault_shared)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{nm}: expected 0..1")
@@ -417,6 +424,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.plan_tail_faults = bool(plan_tail_faults)
         self._cycle_order: list[int] = []  # this cycle's plans still to replay
         self.plans_replayed = 0  # seed plans replayed after the first pass, so far
+        self.plan_race = float(plan_race)
+        self.plan_races = 0  # seed plans' continuations played as race pairs, so far
         self._race_blockkey: tuple[str, str] = ("", "")
         self._race_held: list[str] = []
         self._race_a = -1  # A's thread (phase 4 resumes it)
@@ -754,8 +763,13 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         a = self._next_planned(env, mask)
         if a is None:
             if self.episode_kind == "plan" and self._tail_left < 0 and self.plan_tail:
-                # The seed plan has been played: a geometric continuation (plan_tail).
+                # The seed plan has been played: a geometric continuation (plan_tail),
+                # made of race pairs from the plan's end state with probability
+                # plan_race.
                 self._tail_left = int(self.rng.geometric(1.0 / (1.0 + self.plan_tail)))
+                if self.plan_race and self.rng.random() < self.plan_race:
+                    self._race_now = True
+                    self.plan_races += 1
             a = self._random(env, mask)
             if self._tail_left > 0:
                 self._tail_left -= 1

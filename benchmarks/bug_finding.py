@@ -64,9 +64,12 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
+#: Round 14's default (session 16): seed plans replayed in 3 of 10 episodes after the
+#: first pass (round 15, session 17, replays them in 5 of 10). Every earlier round pins it.
+R14: dict[str, Any] = {"plan_cycle": 0.3}
 #: Round 13's default (rounds 12 and 13, sessions 14-15): round 14's plan cycles and
-#: fault tries in a seed plan's continuation off. Every earlier round pins it.
-R13: dict[str, Any] = {"plan_cycle": 0.0, "plan_tail_faults": False}
+#: fault tries in a seed plan's continuation off.
+R13: dict[str, Any] = {**R14, "plan_cycle": 0.0, "plan_tail_faults": False}
 #: Round 11's default (session 13): round 12's early-played windows, whole-table
 #: releases, settled race pairs and race pairs aimed at a paused walk's range off.
 R11: dict[str, Any] = {**R13, "window_early": False, "window_whole_release": False,
@@ -165,13 +168,18 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-rn25": ("greybox", {**R13, "race_nest": 0.25}),
     "greybox-kb": ("greybox", {**R13, "race_kthread_b": True}),
     "greybox-kb-fnc": ("greybox", {**R13, "race_kthread_b": True, "fault_n_context": True}),
-    # Round 14 (the default): plan_cycle=0.3 with plan_tail_faults; greybox-r13 is the
-    # agent before it, greybox-pc15/-pc30 plan cycles without the tails' fault tries.
+    # Round 14: plan_cycle=0.3 with plan_tail_faults; greybox-r13 is the agent before
+    # it, greybox-pc15/-pc30 plan cycles without the tails' fault tries. Round 15 (the
+    # default): plan_cycle=0.5 (greybox-pc50); greybox-r14 is the agent before it.
     "greybox-r13": ("greybox", R13),
+    "greybox-r14": ("greybox", R14),
     "greybox-pc15": ("greybox", {"plan_cycle": 0.15, "plan_tail_faults": False}),
     "greybox-pc30": ("greybox", {"plan_cycle": 0.3, "plan_tail_faults": False}),
     "greybox-pc30-ptf": ("greybox", {"plan_cycle": 0.3, "plan_tail_faults": True}),
     "greybox-pc50": ("greybox", {"plan_cycle": 0.5}),
+    "greybox-pc70": ("greybox", {"plan_cycle": 0.7}),
+    "greybox-pr30": ("greybox", {"plan_race": 0.3}),
+    "greybox-pr30-kt": ("greybox", {"plan_race": 0.3, "race_kthreads": True}),
     "greybox-pc30-ka10": ("greybox", {"plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

@@ -1452,7 +1452,7 @@ def test_episode_kinds_and_the_benchmarks_stage_table():
         rng, rs = ca.episode_rng(0, 0, e)
         ca.run_episode(h, ag, rng, rs, teardown=32)
         kinds.append(ag.episode_kind)
-    # The one plan first; later plans are its replays (plan_cycle, round 14).
+    # The one plan first; later plans are its replays (plan_cycle, rounds 14-15).
     assert kinds[0] == "plan" and kinds[1:].count("plan") == ag.plans_replayed > 0
     assert {"mutate", "extend", "random", "race"} <= set(kinds)
     runs = [{"agent": "greybox", "flaw": "f", "found": True, "stage": "window"},
@@ -1803,3 +1803,37 @@ def test_plan_tail_faults_arms_fault_tries_after_the_plan_only(on):
         assert len(armed) >= 3 and all(armed), armed
     else:
         assert armed == []
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_plan_race_plays_the_plan_then_race_pairs_from_its_end_state(p):
+    """``plan_race``: a seed plan is played as written, then (with probability
+    ``plan_race``) its continuation runs race pairs from the state the plan left; the
+    plan's own steps never start a pair. Off, a plan's episode has no race pair."""
+    h = Harness(**SMALL_KW, preset="as-posted", terminate_on_violation=False)
+    ag = ca.make_agent("greybox", seeds=["scenarios/conformance"], window_prob=0.0,
+                       race_episodes=0.0, plan_tail=64.0, plan_race=p)
+    real = ag._race_setup
+    started: list[bool] = []  # per race pair set up: was the plan played to its end?
+
+    def spy(env, mask, coin=True):
+        phase = ag._race_phase
+        a = real(env, mask, coin)
+        if a is not None and phase == 0 and ag._race_phase == 1:
+            started.append(ag._plan_pos >= len(ag._plan))
+        return a
+
+    ag._race_setup = spy
+    n = 10
+    for e in range(n):
+        rng, rs = ca.episode_rng(5, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+        assert ag.episode_kind == "plan"
+    if p:
+        assert ag.plan_races == n
+        # (A plan that ends with its processes exited leaves no two related threads.)
+        assert len(started) >= 3 and all(started), started
+    else:
+        assert ag.plan_races == 0 and started == []
+    with pytest.raises(ValueError, match="plan_race"):
+        ca.make_agent("greybox", plan_race=-0.1)
