@@ -233,8 +233,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             state the plan left: Razzer's pairs run from the states its seeds reach,
             and a plan's end state is one a scenario author chose (two VMAs of
             different anon_vmas in a COW-shared PMD, a migration entry in a shared
-            table). Counter ``plan_races``. 0: off (0.3 measured: the same runs
-            found, a 15 % higher geometric mean; README "Greybox, round 15").
+            table). Counter ``plan_races``. Only in the replays after the first pass
+            (``plan_cycle``), unless ``plan_race_first``. 0: off (0.3 with
+            ``plan_race_first`` measured: the same runs found, a 15 % higher
+            geometric mean; README "Greybox, round 15").
+        plan_race_first: Whether ``plan_race`` applies to the first pass over the
+            seed plans too (their plain continuations find many rows early).
         race_kthread_b: The kernel thread's reclaim and compaction may be a race pair's
             ``B`` (aimed at a page mapped through ``A``'s tables, or untargeted), not its
             ``A`` (``race_kthreads`` makes it both): a fork paused after sharing a PMD,
@@ -372,7 +376,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  race_walk: bool = True, race_nest: float = 0.0,
                  race_kthread_b: bool = False, fault_n_context: bool = False,
                  plan_cycle: float = 0.5, race_kthread_a: float = 0.0,
-                 plan_tail_faults: bool = True, plan_race: float = 0.0) -> None:
+                 plan_tail_faults: bool = True, plan_race: float = 0.0,
+                 plan_race_first: bool = False) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),
@@ -427,6 +432,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.plans_replayed = 0  # seed plans replayed after the first pass, so far
         self.plan_race = float(plan_race)
         self.plan_races = 0  # seed plans' continuations played as race pairs, so far
+        self.plan_race_first = bool(plan_race_first)
+        self._replay = False
         self._race_blockkey: tuple[str, str] = ("", "")
         self._race_held: list[str] = []
         self._race_a = -1  # A's thread (phase 4 resumes it)
@@ -638,6 +645,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._skip_clone, self._rank = -1, {}
         self._race_now = False
         self._tail_left = -1
+        self._replay = False  # this episode replays a seed plan (plan_cycle)
         self.episode_kind = "random"
         self._job, self._job_state, self._job_fired = None, 0, False
         self._call_of, self._novel_calls, self._ep_code = {}, {}, set()
@@ -676,6 +684,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                 self._cycle_order = [int(i) for i in rng.permutation(len(self._plans))]
             self._start_plan(env, self._cycle_order.pop())
             self.plans_replayed += 1
+            self._replay = True
         elif self.fault_triage or self.explore_max is not None:
             # A purely random episode (the adaptive rate :meth:`explore_rate`), else a
             # queued fault-injection job (with probability triage_prob), else a child.
@@ -768,7 +777,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                 # made of race pairs from the plan's end state with probability
                 # plan_race.
                 self._tail_left = int(self.rng.geometric(1.0 / (1.0 + self.plan_tail)))
-                if self.plan_race and self.rng.random() < self.plan_race:
+                if (self.plan_race and (self._replay or self.plan_race_first)
+                        and self.rng.random() < self.plan_race):
                     self._race_now = True
                     self.plan_races += 1
             a = self._random(env, mask)

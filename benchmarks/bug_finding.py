@@ -179,7 +179,8 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-pc50": ("greybox", {"plan_cycle": 0.5}),
     # Measured on round 15 and left off (README "Greybox, round 15").
     "greybox-pc70": ("greybox", {"plan_cycle": 0.7}),
-    "greybox-pr30": ("greybox", {"plan_race": 0.3}),
+    "greybox-pr30": ("greybox", {"plan_race": 0.3, "plan_race_first": True}),
+    "greybox-prr30": ("greybox", {"plan_race": 0.3}),
     "greybox-pc30-ka10": ("greybox", {"plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

@@ -1805,14 +1805,16 @@ def test_plan_tail_faults_arms_fault_tries_after_the_plan_only(on):
         assert armed == []
 
 
-@pytest.mark.parametrize("p", [0.0, 1.0])
-def test_plan_race_plays_the_plan_then_race_pairs_from_its_end_state(p):
+@pytest.mark.parametrize(("p", "first"), [(0.0, True), (1.0, True), (1.0, False)])
+def test_plan_race_plays_the_plan_then_race_pairs_from_its_end_state(p, first):
     """``plan_race``: a seed plan is played as written, then (with probability
     ``plan_race``) its continuation runs race pairs from the state the plan left; the
-    plan's own steps never start a pair. Off, a plan's episode has no race pair."""
+    plan's own steps never start a pair. Off, or in the first pass over the plans
+    without ``plan_race_first``, a plan's episode has no race pair."""
     h = Harness(**SMALL_KW, preset="as-posted", terminate_on_violation=False)
     ag = ca.make_agent("greybox", seeds=["scenarios/conformance"], window_prob=0.0,
-                       race_episodes=0.0, plan_tail=64.0, plan_race=p)
+                       race_episodes=0.0, plan_tail=64.0, plan_race=p,
+                       plan_race_first=first)
     real = ag._race_setup
     started: list[bool] = []  # per race pair set up: was the plan played to its end?
 
@@ -1829,7 +1831,7 @@ def test_plan_race_plays_the_plan_then_race_pairs_from_its_end_state(p):
         rng, rs = ca.episode_rng(5, 0, e)
         ca.run_episode(h, ag, rng, rs, teardown=32)
         assert ag.episode_kind == "plan"
-    if p:
+    if p and first:
         assert ag.plan_races == n
         # (A plan that ends with its processes exited leaves no two related threads.)
         assert len(started) >= 3 and all(started), started
@@ -1837,3 +1839,22 @@ def test_plan_race_plays_the_plan_then_race_pairs_from_its_end_state(p):
         assert ag.plan_races == 0 and started == []
     with pytest.raises(ValueError, match="plan_race"):
         ca.make_agent("greybox", plan_race=-0.1)
+
+
+def test_plan_race_in_the_replays_only_by_default():
+    """``plan_race`` without ``plan_race_first``: the first pass over the seed plans
+    plays their plain continuations; the replays (``plan_cycle``) race from their end."""
+    h = Harness(**SMALL_KW, preset="as-posted", terminate_on_violation=False)
+    seeds = ["scenarios/flaws/free-pmd-deferred-flush.yaml",
+             "scenarios/flaws/zap-partial-shared.yaml",
+             "scenarios/flaws/fork-late-wrprotect.yaml"]
+    ag = ca.make_agent("greybox", seeds=seeds, window_prob=0.0, race_episodes=0.0,
+                       plan_cycle=1.0, plan_tail=16.0, plan_race=1.0)
+    races = []
+    for e in range(3 + 4):
+        rng, rs = ca.episode_rng(3, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+        races.append(ag.plan_races)
+    assert races[:3] == [0, 0, 0]
+    # (A replay whose episode ends inside the plan has no continuation.)
+    assert races[-1] >= 2 and ag.plans_replayed == 4
