@@ -336,6 +336,17 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             (AFLGo's patch targets, with FIFUZZ's unit). Loads, stores and pins are
             left alone: failing them on shared tables (a first version) starves the
             flaws that need those calls to succeed. Default 0.1 (round 11); 0: off.
+        aim_untried: Whether an aimed choice (``aim_shared``) takes, among the
+            templates of the operation on a COW-shared table, one whose fault-injection
+            context has had the fewest tries (:meth:`_fc_untried`): the contexts not
+            yet failed first. Off by default.
+        fault_kthreads: Whether the kernel thread's calls (compaction, reclaim) get
+            context-sensitive fault tries too (``fault_contexts``), armed with the
+            kernel-wide ``pressure_fail_nth`` n right before the call (the kernel thread
+            has no ``fail-nth`` file of its own; :meth:`_fc_fails`): the allocations of
+            migration and of the rmap walks' ``break_cow_pte`` (v4 04/14's
+            ``PVMW_BREAK_COW_PTE``) failed one after another per context, as a user
+            call's are. Off by default.
         window_early: A window's search stops at the end of its first run that shows a
             violation this agent has not seen, and the episode it opened in ends there
             (the harness teardown), so that the violation is played at once as the
@@ -379,7 +390,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  race_kthread_b: bool = False, fault_n_context: bool = False,
                  plan_cycle: float = 0.5, race_kthread_a: float = 0.0,
                  plan_tail_faults: bool = True, plan_race: float = 0.0,
-                 plan_race_first: bool = False) -> None:
+                 plan_race_first: bool = False, fault_kthreads: bool = False,
+                 aim_untried: bool = False) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),
@@ -489,6 +501,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.fault_split_pmd = bool(fault_split_pmd)
         self.aim_shared = float(aim_shared)
         self.fault_shared = float(fault_shared)
+        self.fault_kthreads = bool(fault_kthreads)
+        self.aim_untried = bool(aim_untried)
         #: Call context -> tries so far; (context, template) -> the fail_nth n its
         #: next try arms (absent: 1).
         self._fc_tries: dict[Context, int] = {}
@@ -1219,6 +1233,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         if not shared or self.rng.random() >= self.aim_shared:
             return cands
         on = [i for i in cands if not shared.isdisjoint(ci.span[i])]
+        if on and self.aim_untried and self.fault_contexts:
+            on = self._fc_untried(k, on)
         return on or cands
 
     def observe(self, env: CowEnv, action: int, obs: np.ndarray, reward: float,  # noqa: D102

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cowenv.greybox import call_context, range_class
+from cowenv.kernel import KSWAPD_TID
 
 if TYPE_CHECKING:
     from cowenv.env import CowEnv
@@ -37,7 +38,8 @@ class FaultContexts:
     def _fc_arm(self, env: CowEnv, mask: np.ndarray, a: int) -> int | None:
         """The ``fail_nth`` event to take before start ``a``, or None.
 
-        Armed when ``a`` is a user thread's start whose context has had fewer than
+        Armed when ``a`` is a user thread's start (with ``fault_kthreads``, the kernel
+        thread's too, while no kernel-wide fault is pending) whose context has had fewer than
         ``fault_contexts`` tries (:attr:`_fc_tries`), no try of that thread is pending,
         and the thread has no fault armed already (the random part's ``fault_prob``).
         The try's n is :attr:`_fc_n` of the call (the context with the template: the
@@ -55,15 +57,12 @@ class FaultContexts:
         sp = ci.catalogue[a]
         if sp.kind != "start" or sp.tid in self._fc_pending:
             return None
-        fails = ci.fail_of.get(sp.tid)
+        fails = self._fc_fails(sp.tid)
         t = env.kernel.threads.get(sp.tid)
-        if not fails or t is None or t.fail_nth_next:
+        if not fails or t is None or t.fail_nth_next or (
+                sp.tid == KSWAPD_TID and env.kernel.fail_nth):
             return None
-        ctx: Context = call_context(env.kernel, sp)
-        rc = range_class(env.kernel, sp, self.fault_split_pmd) \
-            if self.fault_ranges or self.fault_shared else ""
-        if self.fault_ranges:
-            ctx = (*ctx, rc)
+        ctx, rc = self._fc_context(env.kernel, sp)
         tries = self._fc_tries.get(ctx, 0)
         extra = tries >= self.fault_contexts
         if extra and (not self.fault_shared or rc not in ("split", "split-pmd", "whole")
@@ -84,6 +83,55 @@ class FaultContexts:
         self._fc_pending[sp.tid] = (key, n, False, False)
         self.fc_stats["armed"] += 1
         return ev
+
+    def _fc_context(self, k: Any, sp: Any) -> tuple[Context, str]:
+        """A start's call context and range class.
+
+        With ``fault_ranges`` the context holds the range class too; the class is
+        computed only when ``fault_ranges`` or ``fault_shared`` use it (else ``""``).
+        """
+        ctx: Context = call_context(k, sp)
+        rc = range_class(k, sp, self.fault_split_pmd) \
+            if self.fault_ranges or self.fault_shared else ""
+        if self.fault_ranges:
+            ctx = (*ctx, rc)
+        return ctx, rc
+
+    def _fc_untried(self, k: Any, cands: list[int]) -> list[int]:
+        """``aim_untried``: the templates of ``cands`` whose context had fewest tries.
+
+        Tries so far: :attr:`_fc_tries`, capped at ``fault_contexts``.
+
+        FIFUZZ's goal, every allocation failed in every calling context, turned into the
+        choice of the call: where the aimed choice picks among the templates of one
+        operation on a COW-shared table, the one in a context not yet tried comes first
+        (measured: over 100k steps of ``mprotect-ignores-break-failure`` seed 29, the
+        round-15 agent made one ``mprotect(PROT_NONE)`` of whole VMAs over a shared
+        table with present pages, against 60 other ``mprotect`` calls on shared tables).
+        """
+        ci = self._ci
+        assert ci is not None
+        tries = [self._fc_tries.get(self._fc_context(k, ci.catalogue[i])[0], 0)
+                 for i in cands]
+        low = min(tries)
+        return [i for i, n in zip(cands, tries, strict=True) if n == low]
+
+    def _fc_fails(self, tid: int) -> list[int]:
+        """The ``fail_nth`` events (catalogue indices) that arm a try of ``tid``'s call.
+
+        A user thread's own (``/proc/thread-self/fail-nth``); with ``fault_kthreads``,
+        for the kernel thread (kcompactd's compaction, kswapd's reclaim), which has no
+        ``fail-nth`` file, the kernel-wide ``pressure_fail_nth`` events: the n-th
+        allocation of any thread from then fails (``fail_page_alloc`` without a task
+        filter), so a try fires inside the kernel thread's call only if no other
+        thread allocates first (checked as for the others: an ``alloc_fail`` of the
+        thread within the call).
+        """
+        ci = self._ci
+        assert ci is not None
+        if tid == KSWAPD_TID and self.fault_kthreads:
+            return ci.fail_of.get(-1, [])
+        return ci.fail_of.get(tid, [])
 
     def _fc_observe(self, env: CowEnv, sp: Any) -> None:
         """After a step: follow each armed try to the end of its call.
@@ -122,6 +170,6 @@ class FaultContexts:
                 self.fc_stats["fired"] += 1
                 ci = self._ci
                 assert ci is not None
-                if any(ci.catalogue[e].n == n + 1 for e in ci.fail_of.get(tid, ())):
+                if any(ci.catalogue[e].n == n + 1 for e in self._fc_fails(tid)):
                     n_next = n + 1
             self._fc_n[ctx] = n_next

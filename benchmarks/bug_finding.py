@@ -64,10 +64,14 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``ql-fine-kind`` with Q over action kinds. ``greybox-race`` / ``greybox-race20``:
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
+#: Round 15's settings (session 17): seed plans replayed in 5 of 10 episodes after the
+#: first pass, ``plan_race``, ``fault_kthreads`` and ``aim_untried`` off. Every earlier
+#: round pins them.
+R15: dict[str, Any] = {"plan_cycle": 0.5, "plan_race": 0.0, "fault_kthreads": False,
+                       "aim_untried": False}
 #: Round 14's default (session 16): seed plans replayed in 3 of 10 episodes after the
-#: first pass (round 15, session 17, replays them in 5 of 10). ``plan_race`` (off by
-#: default) is pinned off too. Every earlier round pins it.
-R14: dict[str, Any] = {"plan_cycle": 0.3, "plan_race": 0.0}
+#: first pass.
+R14: dict[str, Any] = {**R15, "plan_cycle": 0.3}
 #: Round 13's default (rounds 12 and 13, sessions 14-15): round 14's plan cycles and
 #: fault tries in a seed plan's continuation off.
 R13: dict[str, Any] = {**R14, "plan_cycle": 0.0, "plan_tail_faults": False}
@@ -177,12 +181,16 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-pc15": ("greybox", {**R14, "plan_cycle": 0.15, "plan_tail_faults": False}),
     "greybox-pc30": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False}),
     "greybox-pc30-ptf": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": True}),
-    "greybox-pc50": ("greybox", {"plan_cycle": 0.5, "plan_race": 0.0}),
+    "greybox-pc50": ("greybox", R15),
+    "greybox-r15": ("greybox", R15),
     # Measured on greybox-pc50 and left off (README "Greybox, round 15").
-    "greybox-pc70": ("greybox", {"plan_cycle": 0.7, "plan_race": 0.0}),
-    "greybox-pr30": ("greybox", {"plan_cycle": 0.5, "plan_race": 0.3,
-                                 "plan_race_first": True}),
-    "greybox-prr30": ("greybox", {"plan_cycle": 0.5, "plan_race": 0.3}),
+    "greybox-pc70": ("greybox", {**R15, "plan_cycle": 0.7}),
+    "greybox-pr30": ("greybox", {**R15, "plan_race": 0.3, "plan_race_first": True}),
+    "greybox-prr30": ("greybox", {**R15, "plan_race": 0.3}),
+    # Round 16 candidates: the kernel thread's calls get fault tries too; the aimed
+    # choice takes the least-tried fault context.
+    "greybox-fk": ("greybox", {**R15, "fault_kthreads": True}),
+    "greybox-au": ("greybox", {**R15, "aim_untried": True}),
     "greybox-pc30-ka10": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

@@ -794,7 +794,8 @@ class CatalogueIndex:
         self.by_tid_op: dict[tuple[int, str], list[int]] = {}
         self.ops_of: dict[int, list[str]] = {}
         self.events: list[int] = []
-        #: Per-thread ``fail_nth`` events (``/proc/thread-self/fail-nth``) by thread.
+        #: ``fail_nth`` events by thread (``/proc/thread-self/fail-nth``); under -1 the
+        #: kernel-wide ``pressure_fail_nth`` ones.
         self.fail_of: dict[int, list[int]] = {}
         self.index_of: dict[ActionSpec, int] = {}
         for i, sp in enumerate(self.catalogue):
@@ -823,8 +824,8 @@ class CatalogueIndex:
                         self.dev_read_of[(sp.tid, sp.pin_slot)] = i
             elif sp.kind == "event":
                 self.events.append(i)
-                if sp.tid >= 0:
-                    self.fail_of.setdefault(sp.tid, []).append(i)
+                # tid -1: the kernel-wide pressure_fail_nth events.
+                self.fail_of.setdefault(sp.tid, []).append(i)
         self.tids = sorted(self.run)
         self.user_tids = [t for t in self.tids if t != KSWAPD_TID and t in self.ops_of]
 

@@ -1858,3 +1858,89 @@ def test_plan_race_in_the_replays_only_by_default():
     assert races[:3] == [0, 0, 0]
     # (A replay whose episode ends inside the plan has no continuation.)
     assert races[-1] >= 2 and ag.plans_replayed == 4
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_fault_kthreads_arms_the_kernel_wide_fail_nth_before_a_compaction(on):
+    """``fault_kthreads``: a kernel-thread call (here kcompactd's compaction of a mapped
+    page) gets a fault try too, armed with the kernel-wide ``pressure_fail_nth`` (the
+    thread has no ``fail-nth`` of its own); it fires inside the call (the migration
+    target's allocation), so the context's next try is n = 2. Off: never armed."""
+    from cowenv.kernel import KSWAPD_TID
+
+    h, ag = _fc_agent(fault_contexts=2, fault_kthreads=on)
+    ci = ag._ci
+    w = next(i for i in ci.by_tid_op[(1, "write")]
+             if dict(ci.catalogue[i].args).get("addr") == 0x80000)
+    c = next(i for i in ci.by_tid_op[(KSWAPD_TID, "compact")]
+             if dict(ci.catalogue[i].args).get("addr") == 0x80000
+             and ci.catalogue[i].proc_slot in (-1, 0))
+    run1, run0 = ci.run[1], ci.run[KSWAPD_TID]
+    ag.fault_contexts = 0  # the store itself: no try
+    h.reset(0)
+    ag.begin_episode(h, np.random.default_rng(1))
+    for a in [w, run1, run1, run1]:
+        if h.mask[a]:
+            h.step(a)
+            ag.observe(h, a, None, 0.0, False, False, {})
+    ag.fault_contexts = 2
+    taken = []
+    ag._child, ag._ci_pos = [c], 0
+    for _ in range(2):  # the try's event first, then the start
+        taken.append(ag.act(h, None, h.mask))
+        h.step(taken[-1])
+        ag.observe(h, taken[-1], None, 0.0, False, False, {})
+        if taken[-1] == c:
+            break
+    for _ in range(32):  # the compaction to its end
+        if not h.mask[run0]:
+            break
+        h.step(run0)
+        ag.observe(h, run0, None, 0.0, False, False, {})
+    ag.end_episode(h)
+    fails = [e for e in h.kernel.events if e.kind == "event" and e.label == "alloc_fail"]
+    if not on:
+        assert taken[0] == c and not fails and not ag._fc_n
+        return
+    ev = ci.catalogue[taken[0]]
+    assert ev.kind == "event" and ev.tid == -1 and ev.n == 1 and taken[1] == c
+    assert fails and fails[0].tid == KSWAPD_TID
+    assert [n for (_ctx, a), n in ag._fc_n.items() if a == c] == [2]
+    assert ag.fc_stats["fired"] == 1
+
+
+@pytest.mark.parametrize("untried", [False, True])
+def test_aim_untried_takes_the_least_tried_fault_context(untried):
+    """``aim_untried``: among an operation's templates on a COW-shared table, the aimed
+    choice takes those whose fault-injection context had the fewest tries; with every
+    context but one tried, only that one is drawn. Off: the others too."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("mprotect-ignores-break-failure"))
+    ag = ca.make_agent("greybox", seeds=[], aim_shared=1.0, aim_untried=untried)
+    h.reset(0)
+    ag.begin_episode(h, np.random.default_rng(3))
+    ci = ag._ci
+    for op, kw in (("prctl_cow_pte", {}), ("fork", {})):
+        h.step(h.find_actions(op, tid=1, **kw)[0])
+        while h.kernel.threads[1].gen is not None:
+            h.step(h.run_action(1))
+    k = h.kernel
+    shared = ag._shared_pmds(k, 1)
+    cands = [i for i in ci.by_tid_op[(1, "mprotect")]
+             if h.mask[i] and not shared.isdisjoint(ci.span[i])]
+    ctxs = {ag._fc_context(k, ci.catalogue[i])[0] for i in cands}
+    assert len(ctxs) > 2
+    left = sorted(ctxs)[0]
+    for c in ctxs - {left}:
+        ag._fc_tries[c] = 4
+    got = {ag._fc_context(k, ci.catalogue[a])[0]
+           for a in (ag._aim(k, 1, cands) for _ in range(20)) for a in a}
+    assert got == ({left} if untried else ctxs)
+    # Equal tries: no preference (every template on the shared tables).
+    ag._fc_tries.clear()
+    assert sorted(ag._aim(k, 1, cands)) == sorted(cands)
