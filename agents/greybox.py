@@ -340,6 +340,12 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             templates of the operation on a COW-shared table, one whose fault-injection
             context has had the fewest tries (:meth:`_fc_untried`): the contexts not
             yet failed first. Off by default.
+        plan_fault_scope: Whether a seed plan's continuation (``plan_tail_faults``) has
+            fault-injection tries of its own: the plan is part of the call context
+            (each plan's continuation gets ``fault_contexts`` tries, and its own n, in
+            every context), so a replayed plan's continuation tries faults again where
+            the first pass already used the context's tries up. syzkaller triages the
+            fault injection of each program's calls on their own. Off by default.
         fault_kthreads: Whether the kernel thread's calls (compaction, reclaim) get
             context-sensitive fault tries too (``fault_contexts``), armed with the
             kernel-wide ``pressure_fail_nth`` n right before the call (the kernel thread
@@ -391,7 +397,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  plan_cycle: float = 0.5, race_kthread_a: float = 0.0,
                  plan_tail_faults: bool = True, plan_race: float = 0.0,
                  plan_race_first: bool = False, fault_kthreads: bool = False,
-                 aim_untried: bool = False) -> None:
+                 aim_untried: bool = False, plan_fault_scope: bool = False) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),
@@ -503,6 +509,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self.fault_shared = float(fault_shared)
         self.fault_kthreads = bool(fault_kthreads)
         self.aim_untried = bool(aim_untried)
+        self.plan_fault_scope = bool(plan_fault_scope)
         #: Call context -> tries so far; (context, template) -> the fail_nth n its
         #: next try arms (absent: 1).
         self._fc_tries: dict[Context, int] = {}

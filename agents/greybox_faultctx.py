@@ -63,6 +63,10 @@ class FaultContexts:
                 sp.tid == KSWAPD_TID and env.kernel.fail_nth):
             return None
         ctx, rc = self._fc_context(env.kernel, sp)
+        if self.plan_fault_scope and self.episode_kind == "plan":
+            # The seed plan is part of the calling context: each plan's continuation
+            # has its own tries (and n) in every context.
+            ctx = ("plan:" + self._from_plan, *ctx)
         tries = self._fc_tries.get(ctx, 0)
         extra = tries >= self.fault_contexts
         if extra and (not self.fault_shared or rc not in ("split", "split-pmd", "whole")

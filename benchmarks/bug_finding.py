@@ -65,10 +65,10 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: greybox with race episodes (Razzer/Snowboard-style race pairs, README "Greybox") in
 #: 3 / 2 of 10 episodes after the seed replays.
 #: Round 15's settings (session 17): seed plans replayed in 5 of 10 episodes after the
-#: first pass, ``plan_race``, ``fault_kthreads`` and ``aim_untried`` off. Every earlier
-#: round pins them.
+#: first pass, ``plan_race``, ``fault_kthreads``, ``aim_untried`` and
+#: ``plan_fault_scope`` off. Every earlier round pins them.
 R15: dict[str, Any] = {"plan_cycle": 0.5, "plan_race": 0.0, "fault_kthreads": False,
-                       "aim_untried": False}
+                       "aim_untried": False, "plan_fault_scope": False}
 #: Round 14's default (session 16): seed plans replayed in 3 of 10 episodes after the
 #: first pass.
 R14: dict[str, Any] = {**R15, "plan_cycle": 0.3}
@@ -191,6 +191,7 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     # choice takes the least-tried fault context.
     "greybox-fk": ("greybox", {**R15, "fault_kthreads": True}),
     "greybox-au": ("greybox", {**R15, "aim_untried": True}),
+    "greybox-pfs": ("greybox", {**R15, "plan_fault_scope": True}),
     "greybox-pc30-ka10": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

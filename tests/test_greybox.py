@@ -1944,3 +1944,33 @@ def test_aim_untried_takes_the_least_tried_fault_context(untried):
     # Equal tries: no preference (every template on the shared tables).
     ag._fc_tries.clear()
     assert sorted(ag._aim(k, 1, cands)) == sorted(cands)
+
+
+@pytest.mark.parametrize("scoped", [False, True])
+def test_plan_fault_scope_gives_each_plan_continuation_its_own_tries(scoped):
+    """``plan_fault_scope``: in a seed plan's continuation the plan is part of the call
+    context, so a context whose tries the other episodes used up is tried again there
+    (n from 1); off, the context is used up there too."""
+    from cowenv.greybox import call_context
+
+    h, ag = _fc_agent(fault_contexts=2, plan_fault_scope=scoped)
+    ci = ag._ci
+    k = h.kernel
+    w = next(i for i in ci.by_tid_op[(1, "write")]
+             if call_context(k, ci.catalogue[i])[2:] == ("private", "none"))
+    ctx = (*call_context(k, ci.catalogue[w]), "")
+    ag._fc_tries[ctx] = 2  # used up outside the plans
+    ag._fc_n[(ctx, w)] = 3
+    h.reset(0)
+    ag.begin_episode(h, np.random.default_rng(1))
+    ag.episode_kind, ag._from_plan, ag._plan, ag._plan_pos = "plan", "basic", [], 0
+    f = ag._fc_arm(h, h.mask, w)
+    if not scoped:
+        assert f is None
+        return
+    assert ci.catalogue[f].kind == "event" and ci.catalogue[f].n == 1
+    assert ag._fc_tries[("plan:basic", *ctx)] == 1 and ag._fc_tries[ctx] == 2
+    # Outside a plan the global context is still used up.
+    ag._fc_pending.clear()
+    ag.episode_kind = "mutate"
+    assert ag._fc_arm(h, h.mask, w) is None
