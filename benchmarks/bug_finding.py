@@ -187,8 +187,9 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-pc70": ("greybox", {**R15, "plan_cycle": 0.7}),
     "greybox-pr30": ("greybox", {**R15, "plan_race": 0.3, "plan_race_first": True}),
     "greybox-prr30": ("greybox", {**R15, "plan_race": 0.3}),
-    # Round 16 candidates: the kernel thread's calls get fault tries too; the aimed
-    # choice takes the least-tried fault context.
+    # Round 16, measured on round 15 and left off (README "Greybox, round 16"): the
+    # kernel thread's calls get fault tries too; the aimed choice takes the least-tried
+    # fault context; each seed plan's continuation has fault tries of its own.
     "greybox-fk": ("greybox", {**R15, "fault_kthreads": True}),
     "greybox-au": ("greybox", {**R15, "aim_untried": True}),
     "greybox-pfs": ("greybox", {**R15, "plan_fault_scope": True}),
