@@ -191,6 +191,15 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             0-55 of that flaw and ``mremap-ignores-break-failure`` (``greybox-rb2``
             with round 12's other settings) no better than bound 1 (README "Greybox,
             round 12").
+        window_kthread: Probability that a step ending an operation at a quiescent
+            point, in a state that has one, opens a *kernel-thread window*
+            (:meth:`cowenv_agents.greybox_window.WindowStage._kthread_observe`): the
+            kernel thread's reclaim or compaction of a page against a ``fork`` of the
+            page's process (COW PTE on), searched with ``window_bound`` preemptions.
+            0: off.
+        window_kthread_share: Kernel-thread windows open only while their steps are at
+            most this share of all steps (default 0.15); ``window_share`` then bounds
+            the other windows' steps alone.
         window_whole_release: The other holder's release in a window is its ``exit``
             or a ``munmap`` covering the whole table (``free_pgtables`` drops its
             reference), as the release window's own ``munmap`` is; off (round 11), any
@@ -402,7 +411,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  plan_cycle: float = 0.5, race_kthread_a: float = 0.0,
                  plan_tail_faults: bool = True, plan_race: float = 0.0,
                  plan_race_first: bool = False, fault_kthreads: bool = False,
-                 aim_untried: bool = False, plan_fault_scope: bool = False) -> None:
+                 aim_untried: bool = False, plan_fault_scope: bool = False,
+                 window_kthread: float = 0.0, window_kthread_share: float = 0.15) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),
@@ -425,7 +435,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._state_pos: dict[int, int] = {}  # state feature -> action count first at
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
                           window_share, window_release, window_early, window_release_bound,
-                          window_whole_release)
+                          window_whole_release, window_kthread, window_kthread_share)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)
@@ -1272,9 +1282,13 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self._fc_observe(env, sp)
         if self.window_prob:
             self._window_observe(env, sp)
-            if self.window_release:
+            if self.window_release or self.window_kthread:
                 mask = info.get("action_mask")
-                self._release_observe(env, sp, env.action_masks() if mask is None else mask)
+                mask = env.action_masks() if mask is None else mask
+                if self.window_release:
+                    self._release_observe(env, sp, mask)
+                if self.window_kthread:
+                    self._kthread_observe(env, sp, mask)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cowenv.explore import OpItem, Run, explore, state_fingerprint
-from cowenv.greybox import paused_tables, spec_variant
+from cowenv.greybox import kthread_window_candidates, paused_tables, spec_variant
 from cowenv.harness import Harness
 from cowenv.kernel import KSWAPD_TID
 from cowenv.kernel.pgtable import PTE_PRESENT
@@ -70,7 +70,9 @@ class WindowStage:
                      window_uses: int, window_decay: float, window_share: float,
                      window_release: float = 0.0, window_early: bool = False,
                      window_release_bound: int | None = None,
-                     window_whole_release: bool = False) -> None:
+                     window_whole_release: bool = False,
+                     window_kthread: float = 0.0,
+                     window_kthread_share: float = 0.15) -> None:
         if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
                 or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
             raise ValueError("window_prob: expected 0..1; window_bound, window_uses, "
@@ -87,6 +89,15 @@ class WindowStage:
         #: Preemption bound of a table-release window's search (None: ``window_bound``).
         self.window_release_bound = window_release_bound
         self.window_whole_release = bool(window_whole_release)
+        if not 0.0 <= window_kthread <= 1.0:
+            raise ValueError("window_kthread: expected 0..1")
+        self.window_kthread = float(window_kthread)
+        if not 0.0 < window_kthread_share <= 1.0:
+            raise ValueError("window_kthread_share: expected 0 < share <= 1")
+        #: Kernel-thread windows open only while their steps are at most this share of
+        #: all steps; the other windows' ``window_share`` does not count them.
+        self.window_kthread_share = float(window_kthread_share)
+        self._kt_offline = 0  # offline steps of kernel-thread windows
         #: (operation, variant) of A -> windows searched around it (:meth:`_window_observe`).
         self._win_tries: dict[tuple[str, str], int] = {}
         self._env_steps = 0  # env steps this agent took (the share's denominator)
@@ -98,7 +109,7 @@ class WindowStage:
         #: them to the env's steps.
         self.offline_steps = 0
         self.window_stats = {"triggers": 0, "windows": 0, "transitions": 0, "found": 0,
-                             "played": 0, "release": 0}
+                             "played": 0, "release": 0, "kthread": 0}
         self._win_cut: dict[int, int] = {}  # tid -> index in _taken of its quiescent start
         self._win_next: list[int] | None = None  # the next episode's actions
         #: Signatures windows showed, in order (each played as the next episode).
@@ -148,7 +159,8 @@ class WindowStage:
         # its time between stages likewise), and an operation kind searched n times
         # before opens a window with probability prob * d / (d + n) (uncommon first,
         # as Snowboard orders its pairs).
-        if self.offline_steps > self.window_share * (self._env_steps + self.offline_steps):
+        if self.offline_steps - self._kt_offline > self.window_share * (
+                self._env_steps + self.offline_steps):
             return
         a_sp = self._ci.catalogue[self._taken[cut]]
         cls = (a_sp.op, spec_variant(a_sp))
@@ -167,6 +179,21 @@ class WindowStage:
         self._win_tries[cls] = n + 1
         self._window(env, cut, sp.tid, idxs[int(self.rng.integers(len(idxs)))])
 
+    def _op_ended_quiescent(self, env: CowEnv, sp: Any) -> bool:
+        """Whether step ``sp`` ended an operation at a quiescent point where a window may open.
+
+        After the seed plans, with no window's violation to play next (nor, with
+        ``window_early``, one being played).
+        """
+        if sp.kind != "run" or self._win_next is not None or (
+                self.window_early and self._win_playing):
+            return False
+        k = env.kernel
+        t = k.threads.get(sp.tid)
+        if t is None or t.gen is not None or not k.quiescent():
+            return False
+        return self.episodes - self._win_plan_skips >= len(self._plans or ())
+
     def _release_observe(self, env: CowEnv, sp: Any, mask: np.ndarray) -> None:
         """Maybe open a *table-release window* the episode did not reach by itself.
 
@@ -183,15 +210,9 @@ class WindowStage:
         choosing a rare operation in a rare state (once in a missed 100k-step run of
         the benchmark, seed 9 of ``free-pmd-deferred-flush``, with no page to load).
         """
-        if sp.kind != "run" or self._win_next is not None or (
-                self.window_early and self._win_playing):
+        if not self._op_ended_quiescent(env, sp):
             return
         k = env.kernel
-        t = k.threads.get(sp.tid)
-        if t is None or t.gen is not None or not k.quiescent():
-            return
-        if self.episodes - self._win_plan_skips < len(self._plans or ()):
-            return
         rng = self.rng
         ci = self._ci
         P = k.config.ptrs_per_pte
@@ -227,10 +248,51 @@ class WindowStage:
         if not cands or rng.random() >= self.window_release:
             return
         u, pmd, a = cands[int(rng.integers(len(cands)))]
-        if self.offline_steps > self.window_share * (self._env_steps + self.offline_steps):
+        if self.offline_steps - self._kt_offline > self.window_share * (
+                self._env_steps + self.offline_steps):
             return
         self.window_stats["release"] += 1
         self._window(env, len(self._taken), u, pmd, a)
+
+    def _kthread_observe(self, env: CowEnv, sp: Any, mask: np.ndarray) -> None:
+        """Maybe open a *kernel-thread window* (``window_kthread``).
+
+        After a step that ended an operation at a quiescent point (after the seed
+        plans), in a state that has one (:func:`cowenv.greybox.kthread_window_candidates`:
+        an idle thread whose mm fork would share tables from, the kernel thread's
+        reclaim or compaction aimed at a page that mm maps), with probability
+        ``window_kthread``: the window of that reclaim or compaction and the thread's
+        ``fork`` is searched (``window_bound`` preemptions, sleep sets) from the state
+        now. The rmap walkers against the operation that rewrites what they walk: a
+        migration paused with its entry in the table while fork shares it and blocks in
+        ``anon_vma_fork`` on the anon_vma lock the walk holds, or a reclaim paused after
+        its ``break_cow_pte`` while fork shares the table again; an episode reaches such
+        a pair only as a race pair whose *A* is the kernel thread and whose *B* is a
+        fork out of ~15 operation kinds (README "Greybox, round 14": none in 100k
+        steps of ``rmap-stale-table`` seed 53).
+        """
+        if not self._op_ended_quiescent(env, sp):
+            return
+        k = env.kernel
+        cands = kthread_window_candidates(k, self._ci, mask)
+        # The generator is drawn from only in such a state.
+        if not cands or self.rng.random() >= self.window_kthread:
+            return
+        u, f, a = cands[int(self.rng.integers(len(cands)))]
+        if self._kt_offline > self.window_kthread_share * (
+                self._env_steps + self.offline_steps):
+            return
+        cut = len(self._taken)
+        off0 = self.offline_steps
+        h = self._window_rebuild(env, cut)
+        if h is not None:
+            self.window_stats["kthread"] += 1
+            ci = self._ci
+            progs = {KSWAPD_TID: [self._op_item(h, ci.catalogue[a])],
+                     u: [self._op_item(h, ci.catalogue[f])]}
+            self._window_search(env, h, cut, progs, {KSWAPD_TID: [a], u: [f]},
+                                self.window_bound)
+        self._kt_offline += self.offline_steps - off0
 
     def _use_pages(self) -> dict[int, set[int]]:
         """PMD index -> pages some :data:`WINDOW_USES` template addresses (cached)."""
@@ -256,26 +318,11 @@ class WindowStage:
             a = self._taken[cut]
         rng = self.rng
         k_env = env.kernel
-        base = getattr(env, "harness", env)
-        h = self._win_h
+        h = self._window_rebuild(env, cut)
         if h is None:
-            h = self._win_h = Harness(**base.init_kwargs)
-        room = self.step_room
-        if room is not None and cut >= room:
-            # The rebuild alone would spend the rest of the budget: it is cut off there
-            # (nothing after it could count).
-            self.offline_steps += room  # (>= 0: run_episode stops at the budget)
-            self.step_room = 0
             return
-        h.reset(base.episode_seed)
-        for x in self._taken[:cut]:
-            h.step(x)
-        self.offline_steps += cut
-        if room is not None:
-            room -= cut
-            self.step_room = room
         k = h.kernel
-        if not k.quiescent() or u not in k.threads:
+        if u not in k.threads:
             return
         tu = k.threads[u]
         a_sp = ci.catalogue[a]
@@ -340,6 +387,47 @@ class WindowStage:
                     acts[t] = [i]
         if len(progs) < 2:
             return
+        bound = self.window_bound
+        if release and self.window_release_bound is not None:
+            bound = self.window_release_bound
+        self._window_search(env, h, cut, progs, acts, bound)
+
+    def _window_rebuild(self, env: CowEnv, cut: int) -> Harness | None:
+        """The state after ``_taken[:cut]``, rebuilt in the agent's own harness.
+
+        The replay counts in ``offline_steps`` (cut off at the budget's end, where
+        nothing after it could count). None when the budget ends first or the rebuilt
+        kernel is not quiescent.
+        """
+        base = getattr(env, "harness", env)
+        h = self._win_h
+        if h is None:
+            h = self._win_h = Harness(**base.init_kwargs)
+        room = self.step_room
+        if room is not None and cut >= room:
+            self.offline_steps += room  # (>= 0: run_episode stops at the budget)
+            self.step_room = 0
+            return None
+        h.reset(base.episode_seed)
+        for x in self._taken[:cut]:
+            h.step(x)
+        self.offline_steps += cut
+        if room is not None:
+            self.step_room = room - cut
+        return h if h.kernel.quiescent() else None
+
+    def _window_search(self, env: CowEnv, h: Harness, cut: int,
+                       progs: dict[int, list[OpItem]], acts: dict[int, list[int]],
+                       bound: int) -> None:
+        """Search the window ``progs`` from ``h``'s state (after ``_taken[:cut]``).
+
+        Each thread's operations (``acts``: their catalogue starts) are explored with at
+        most ``bound`` preemptions and sleep sets; the first violation signature not
+        seen before by this agent is played as the next episode.
+        """
+        ci = self._ci
+        k = h.kernel
+        room = self.step_room
         key = (state_fingerprint(k), tuple(sorted((t, tuple(v)) for t, v in acts.items())))
         if key in self._win_seen:
             return
@@ -354,9 +442,6 @@ class WindowStage:
         # the rest of its cap on a state whose news is already in hand.
         stop = None if not self.window_early else (
             lambda s: s.split("@", 1)[0] != "simulator" and s not in self._win_sigs)
-        bound = self.window_bound
-        if release and self.window_release_bound is not None:
-            bound = self.window_release_bound
         res = explore(sc, bound, start=Run.start_snapshot(k, progs), progs=progs,
                       max_transitions=cap, stop_on=stop)
         self.window_stats["transitions"] += res.transitions

@@ -66,9 +66,10 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: 3 / 2 of 10 episodes after the seed replays.
 #: Round 15's settings (session 17): seed plans replayed in 5 of 10 episodes after the
 #: first pass, ``plan_race``, ``fault_kthreads``, ``aim_untried`` and
-#: ``plan_fault_scope`` off. Every earlier round pins them.
+#: ``plan_fault_scope`` and ``window_kthread`` off. Every earlier round pins them.
 R15: dict[str, Any] = {"plan_cycle": 0.5, "plan_race": 0.0, "fault_kthreads": False,
-                       "aim_untried": False, "plan_fault_scope": False}
+                       "aim_untried": False, "plan_fault_scope": False,
+                       "window_kthread": 0.0}
 #: Round 14's default (session 16): seed plans replayed in 3 of 10 episodes after the
 #: first pass.
 R14: dict[str, Any] = {**R15, "plan_cycle": 0.3}
@@ -193,6 +194,10 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-fk": ("greybox", {**R15, "fault_kthreads": True}),
     "greybox-au": ("greybox", {**R15, "aim_untried": True}),
     "greybox-pfs": ("greybox", {**R15, "plan_fault_scope": True}),
+    # Round 17: kernel-thread windows (reclaim or compaction of a page against its
+    # process's fork, searched systematically), in every state that has one / 1 in 2.
+    "greybox-wk100": ("greybox", {**R15, "window_kthread": 1.0}),
+    "greybox-wk50": ("greybox", {**R15, "window_kthread": 0.5}),
     "greybox-pc30-ka10": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

@@ -1188,6 +1188,48 @@ def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
     return out
 
 
+def kthread_window_candidates(k: Kernel, ci: CatalogueIndex,
+                              mask: np.ndarray) -> list[tuple[int, int, int]]:
+    """Kernel-thread windows possible now: (user thread, its ``fork``, a kthread start).
+
+    Snowboard's memory-communication pairs (Gong et al., SOSP 2021) for the rmap: the
+    kernel thread's reclaim or compaction of a page walks that page's rmap
+    (``rmap_walk_anon``: the anon_vma's VMAs, each VMA's PMD and table, v4 04/14's
+    ``break_cow_pte`` in ``page_vma_mapped_walk``), and ``fork`` of the page's process
+    writes what that walk reads (``copy_cow_pte_range`` shares the tables, 02/14;
+    ``anon_vma_fork`` links the child's VMAs into the anon_vma). A candidate is an idle
+    user thread ``u`` with a legal ``fork`` start whose mm fork would share tables from
+    (``MMF_COW_PTE``, or ``MMF_COW_PTE_READY``, which the next fork turns into it), and
+    a legal targeted reclaim or compaction start of the idle kernel thread aimed at a
+    page ``u``'s mm maps at a present entry.
+    """
+    kt = k.threads.get(KSWAPD_TID)
+    if kt is None or kt.gen is not None or kt.exited or KSWAPD_TID not in ci.ops_of:
+        return []
+    P = k.P
+    out: list[tuple[int, int, int]] = []
+    kstarts = [i for op in ci.ops_of[KSWAPD_TID] for i in ci.by_tid_op[(KSWAPD_TID, op)]
+               if mask[i] and ci.catalogue[i].proc_slot >= 0]
+    for u in ci.user_tids:
+        t = k.threads.get(u)
+        if t is None or t.exited or t.gen is not None or t.pid not in k.procs:
+            continue
+        mm = k.procs[t.pid].mm
+        if not mm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY):
+            continue
+        forks = [i for i in ci.by_tid_op.get((u, "fork"), ()) if mask[i]]
+        if not forks:
+            continue
+        for i in kstarts:
+            tgt = _template_target(k, ci.catalogue[i])
+            if tgt is None or tgt[0] is not mm:
+                continue
+            if any((e := mm.pmd.get(v // P)) is not None
+                   and int(e.table.entries[v % P]) & PTE_PRESENT for v in tgt[1]):
+                out.extend((u, f, i) for f in forks)
+    return out
+
+
 def meets_entries(k: Kernel, ci: CatalogueIndex, i: int, tables: set[int]) -> bool:
     """Whether start template ``i`` addresses a populated entry of one of ``tables``.
 

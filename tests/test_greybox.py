@@ -1973,3 +1973,58 @@ def test_plan_fault_scope_gives_each_plan_continuation_its_own_tries(scoped):
     ag._fc_pending.clear()
     ag.episode_kind = "mutate"
     assert ag._fc_arm(h, h.mask, w) is None
+
+
+def test_kthread_windows_show_fork_shares_migration_entry():
+    """A kernel-thread window (``window_kthread``): the kernel thread's compaction of a
+    page against a fork of its process (COW PTE on), searched from a quiescent state an
+    episode reached; the search shows fork-shares-migration-entry (the child's migration
+    entry left behind by ``remove_migration_ptes``) and it is played as a window
+    episode. Every window opened in a state with a candidate (an idle thread whose mm
+    fork would share, a kernel-thread start aimed at a present page of it). Off (0),
+    none opens."""
+    import sys
+    from pathlib import Path
+
+    from cowenv.greybox import kthread_window_candidates
+    from cowenv.kernel.mm import MMF_COW_PTE, MMF_COW_PTE_READY
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("fork-shares-migration-entry"))
+    ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0)
+    seen: list[tuple[int, int, int]] = []
+    real = ag._window_search
+
+    def search(env, hh, cut, progs, acts, bound):
+        if 0 in acts:  # a kernel-thread window: its candidate held in the state searched
+            k = hh.kernel
+            (u,) = (t for t in acts if t != 0)
+            assert k.procs[k.threads[u].pid].mm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY)
+            assert (u, acts[u][0], acts[0][0]) in kthread_window_candidates(
+                k, ag._ci, hh.action_masks())
+            assert ag._ci.catalogue[acts[u][0]].op == "fork"
+            assert ag._ci.catalogue[acts[0][0]].op in ("reclaim", "compact")
+            seen.append((u, acts[u][0], acts[0][0]))
+        real(env, hh, cut, progs, acts, bound)
+
+    ag._window_search = search
+    for e in range(60):
+        rng, rs = ca.episode_rng(0, 0, e)
+        res = ca.run_episode(h, ag, rng, rs, teardown=32)
+        if "accounting@remove_migration_ptes" in res.signatures:
+            break
+    else:
+        raise AssertionError(f"not shown in 60 episodes: {ag.window_stats}")
+    assert ag.episode_kind == "window"
+    assert ag.window_stats["kthread"] == len(seen) >= 1
+    off = ca.make_agent("greybox", seeds=[], window_kthread=0.0)
+    _play(off, h, 0, 40)
+    assert off.window_stats["kthread"] == 0
+    # Their steps are counted apart (window_kthread_share), within all offline steps.
+    assert 0 < ag._kt_offline <= ag.offline_steps
+    with pytest.raises(ValueError, match="window_kthread"):
+        ca.make_agent("greybox", window_kthread=1.5)
+    with pytest.raises(ValueError, match="window_kthread_share"):
+        ca.make_agent("greybox", window_kthread_share=0.0)
