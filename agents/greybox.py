@@ -200,6 +200,15 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         window_kthread_share: Kernel-thread windows open only while their steps are at
             most this share of all steps (default 0.15); ``window_share`` then bounds
             the other windows' steps alone.
+        window_faults: Probability that a step ending an operation at a quiescent
+            point, in a state that has calls meeting a COW-shared table, opens a
+            *fault window* (:meth:`cowenv_agents.greybox_window.WindowStage._fault_observe`):
+            up to ``window_fault_calls`` of those calls, each run alone from that
+            state with ``fail_nth`` n = 1 .. ``window_fault_n``. 0: off.
+        window_faults_share: Fault windows open only while their steps are at most this
+            share of all steps (default 0.1); ``window_share`` does not count them.
+        window_fault_calls: Calls tried per fault window (default 12).
+        window_fault_n: ``fail_nth`` values tried per call (default 2: 1 and 2).
         window_whole_release: The other holder's release in a window is its ``exit``
             or a ``munmap`` covering the whole table (``free_pgtables`` drops its
             reference), as the release window's own ``munmap`` is; off (round 11), any
@@ -412,7 +421,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  plan_tail_faults: bool = True, plan_race: float = 0.0,
                  plan_race_first: bool = False, fault_kthreads: bool = False,
                  aim_untried: bool = False, plan_fault_scope: bool = False,
-                 window_kthread: float = 0.0, window_kthread_share: float = 0.15) -> None:
+                 window_kthread: float = 0.0, window_kthread_share: float = 0.15,
+                 window_faults: float = 0.0, window_faults_share: float = 0.1,
+                 window_fault_calls: int = 12, window_fault_n: int = 2) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),
@@ -435,7 +446,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         self._state_pos: dict[int, int] = {}  # state feature -> action count first at
         self._window_init(window_prob, window_bound, window_cap, window_uses, window_decay,
                           window_share, window_release, window_early, window_release_bound,
-                          window_whole_release, window_kthread, window_kthread_share)
+                          window_whole_release, window_kthread, window_kthread_share,
+                          window_faults, window_faults_share, window_fault_calls,
+                          window_fault_n)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)
@@ -1282,13 +1295,15 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self._fc_observe(env, sp)
         if self.window_prob:
             self._window_observe(env, sp)
-            if self.window_release or self.window_kthread:
+            if self.window_release or self.window_kthread or self.window_faults:
                 mask = info.get("action_mask")
                 mask = env.action_masks() if mask is None else mask
                 if self.window_release:
                     self._release_observe(env, sp, mask)
                 if self.window_kthread:
                     self._kthread_observe(env, sp, mask)
+                if self.window_faults:
+                    self._fault_observe(env, sp, mask)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1

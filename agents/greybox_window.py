@@ -43,7 +43,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cowenv.explore import OpItem, Run, explore, state_fingerprint
-from cowenv.greybox import kthread_window_candidates, paused_tables, spec_variant
+from cowenv.greybox import (
+    fault_window_calls,
+    kthread_window_candidates,
+    paused_tables,
+    spec_variant,
+)
 from cowenv.harness import Harness
 from cowenv.kernel import KSWAPD_TID
 from cowenv.kernel.pgtable import PTE_PRESENT
@@ -72,7 +77,9 @@ class WindowStage:
                      window_release_bound: int | None = None,
                      window_whole_release: bool = False,
                      window_kthread: float = 0.0,
-                     window_kthread_share: float = 0.15) -> None:
+                     window_kthread_share: float = 0.15, window_faults: float = 0.0,
+                     window_faults_share: float = 0.1, window_fault_calls: int = 12,
+                     window_fault_n: int = 2) -> None:
         if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
                 or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
             raise ValueError("window_prob: expected 0..1; window_bound, window_uses, "
@@ -98,6 +105,16 @@ class WindowStage:
         #: all steps; the other windows' ``window_share`` does not count them.
         self.window_kthread_share = float(window_kthread_share)
         self._kt_offline = 0  # offline steps of kernel-thread windows
+        if not 0.0 <= window_faults <= 1.0 or not 0.0 < window_faults_share <= 1.0 \
+                or window_fault_calls < 1 or window_fault_n < 1:
+            raise ValueError("window_faults: expected 0..1; window_faults_share: expected "
+                             "0 < share <= 1; window_fault_calls, window_fault_n: "
+                             "expected >= 1")
+        self.window_faults = float(window_faults)
+        self.window_faults_share = float(window_faults_share)
+        self.window_fault_calls = int(window_fault_calls)
+        self.window_fault_n = int(window_fault_n)
+        self._ft_offline = 0  # offline steps of fault windows
         #: (operation, variant) of A -> windows searched around it (:meth:`_window_observe`).
         self._win_tries: dict[tuple[str, str], int] = {}
         self._env_steps = 0  # env steps this agent took (the share's denominator)
@@ -109,7 +126,7 @@ class WindowStage:
         #: them to the env's steps.
         self.offline_steps = 0
         self.window_stats = {"triggers": 0, "windows": 0, "transitions": 0, "found": 0,
-                             "played": 0, "release": 0, "kthread": 0}
+                             "played": 0, "release": 0, "kthread": 0, "fault": 0}
         self._win_cut: dict[int, int] = {}  # tid -> index in _taken of its quiescent start
         self._win_next: list[int] | None = None  # the next episode's actions
         #: Signatures windows showed, in order (each played as the next episode).
@@ -159,7 +176,7 @@ class WindowStage:
         # its time between stages likewise), and an operation kind searched n times
         # before opens a window with probability prob * d / (d + n) (uncommon first,
         # as Snowboard orders its pairs).
-        if self.offline_steps - self._kt_offline > self.window_share * (
+        if self.offline_steps - self._kt_offline - self._ft_offline > self.window_share * (
                 self._env_steps + self.offline_steps):
             return
         a_sp = self._ci.catalogue[self._taken[cut]]
@@ -248,7 +265,7 @@ class WindowStage:
         if not cands or rng.random() >= self.window_release:
             return
         u, pmd, a = cands[int(rng.integers(len(cands)))]
-        if self.offline_steps - self._kt_offline > self.window_share * (
+        if self.offline_steps - self._kt_offline - self._ft_offline > self.window_share * (
                 self._env_steps + self.offline_steps):
             return
         self.window_stats["release"] += 1
@@ -293,6 +310,54 @@ class WindowStage:
             self._window_search(env, h, cut, progs, {KSWAPD_TID: [a], u: [f]},
                                 self.window_bound)
         self._kt_offline += self.offline_steps - off0
+
+    def _fault_observe(self, env: CowEnv, sp: Any, mask: np.ndarray) -> None:
+        """Maybe open a *fault window* (``window_faults``).
+
+        After a step that ended an operation at a quiescent point (after the seed
+        plans), in a state with calls that meet a COW-shared table
+        (:func:`cowenv.greybox.fault_window_calls`), with probability ``window_faults``:
+        up to ``window_fault_calls`` of those calls (at random, distinct templates) are
+        each run alone from the state now, with the thread's ``fail_nth`` n = 1, 2, ...
+        (the catalogue's, at most ``window_fault_n`` of them): syzkaller's fault-
+        injection loop over every call of one state, offline, in place of one call
+        and one n per context online (:mod:`cowenv_agents.greybox_faultctx`). The first
+        violation not seen before is played as the next episode (the ``fail_nth``
+        event, the call, its runs). Measured before it: over 100k steps of
+        ``mprotect-ignores-break-failure`` seed 29 (missed by round 15), one
+        ``mprotect(PROT_NONE)`` of whole VMAs over a shared table with present pages
+        against 60 other ``mprotect`` calls on shared tables (README "Greybox, round
+        16").
+        """
+        if not self._op_ended_quiescent(env, sp):
+            return
+        k = env.kernel
+        ci = self._ci
+        calls = fault_window_calls(k, ci, mask)
+        # The generator is drawn from only in such a state.
+        if not calls or self.rng.random() >= self.window_faults:
+            return
+        if self._ft_offline > self.window_faults_share * (
+                self._env_steps + self.offline_steps):
+            return
+        pick = [calls[int(i)] for i in
+                self.rng.permutation(len(calls))[:self.window_fault_calls]]
+        cut = len(self._taken)
+        off0 = self.offline_steps
+        h = self._window_rebuild(env, cut)
+        if h is not None:
+            self.window_stats["fault"] += 1
+            for u, a in pick:
+                ns = sorted(ci.catalogue[e].n for e in ci.fail_of.get(u, ()))
+                for n in ns[:self.window_fault_n]:
+                    it = self._op_item(h, ci.catalogue[a])
+                    it.thread_fail_nth = n
+                    self._window_search(env, h, cut, {u: [it]}, {u: [a]}, 0)
+                    if self._win_next is not None or self.step_room == 0:
+                        break
+                if self._win_next is not None or self.step_room == 0:
+                    break
+        self._ft_offline += self.offline_steps - off0
 
     def _use_pages(self) -> dict[int, set[int]]:
         """PMD index -> pages some :data:`WINDOW_USES` template addresses (cached)."""
@@ -428,7 +493,9 @@ class WindowStage:
         ci = self._ci
         k = h.kernel
         room = self.step_room
-        key = (state_fingerprint(k), tuple(sorted((t, tuple(v)) for t, v in acts.items())))
+        key = (state_fingerprint(k), tuple(sorted((t, tuple(v)) for t, v in acts.items())),
+               tuple(sorted((t, tuple(it.thread_fail_nth for it in p))
+                            for t, p in progs.items())))
         if key in self._win_seen:
             return
         self._win_seen.add(key)
@@ -483,7 +550,15 @@ class WindowStage:
         for s in steps:
             tid = s.get("tid")
             if tid is None or tid not in acts:
-                return None  # (a fail_nth event: windows have none)
+                return None  # (a kernel-wide fail_nth event: windows have none)
+            if s.get("event") == "fail_nth":
+                # A fault window's per-thread fail_nth: the thread's catalogue event.
+                e = next((e for e in ci.fail_of.get(tid, ())
+                          if ci.catalogue[e].n == int(s["n"])), None)
+                if e is None:
+                    return None
+                out.append(e)
+                continue
             if "start" in s:
                 if pos[tid] >= len(acts[tid]):
                     return None

@@ -69,7 +69,7 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: ``plan_fault_scope`` and ``window_kthread`` off. Every earlier round pins them.
 R15: dict[str, Any] = {"plan_cycle": 0.5, "plan_race": 0.0, "fault_kthreads": False,
                        "aim_untried": False, "plan_fault_scope": False,
-                       "window_kthread": 0.0}
+                       "window_kthread": 0.0, "window_faults": 0.0}
 #: Round 14's default (session 16): seed plans replayed in 3 of 10 episodes after the
 #: first pass.
 R14: dict[str, Any] = {**R15, "plan_cycle": 0.3}
@@ -198,6 +198,9 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     # process's fork, searched systematically), in every state that has one / 1 in 2.
     "greybox-wk100": ("greybox", {**R15, "window_kthread": 1.0}),
     "greybox-wk50": ("greybox", {**R15, "window_kthread": 0.5}),
+    # Round 17: fault windows (the calls on a COW-shared table, each failed offline at
+    # fail_nth 1 and 2 from one state), with the kernel-thread windows.
+    "greybox-wk-fw": ("greybox", {**R15, "window_kthread": 1.0, "window_faults": 1.0}),
     "greybox-pc30-ka10": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

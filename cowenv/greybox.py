@@ -1230,6 +1230,36 @@ def kthread_window_candidates(k: Kernel, ci: CatalogueIndex,
     return out
 
 
+def fault_window_calls(k: Kernel, ci: CatalogueIndex,
+                       mask: np.ndarray) -> list[tuple[int, int]]:
+    """Calls a fault window may fail now: (user thread, start template).
+
+    FIFUZZ's context-sensitive fault injection (Jiang et al., USENIX Security 2020)
+    applied to one state: the error paths COW PTE adds are those of the calls that meet
+    a COW-shared table, each of which must break it (``break_cow_pte``, v4 03/14 and
+    its callers in 04/14-09/14: faults, ``mprotect``, ``madvise``, ``mremap``, the zap)
+    or share it again (``fork``, 02/14) and may fail to allocate there. A candidate is
+    a legal start of an idle user thread that has ``fail_nth`` events, whose mm maps a
+    table another mm maps too (``refcount > 1``), and whose range meets a PMD of such a
+    table, or that has no range (``fork``, ``exit``: the whole mm).
+    """
+    out: list[tuple[int, int]] = []
+    for u in ci.user_tids:
+        t = k.threads.get(u)
+        if t is None or t.exited or t.gen is not None or t.pid not in k.procs \
+                or not ci.fail_of.get(u):
+            continue
+        shared = {i for i, e in k.procs[t.pid].mm.pmd.items() if e.table.refcount > 1}
+        if not shared:
+            continue
+        for op in ci.ops_of.get(u, ()):
+            for a in ci.by_tid_op[(u, op)]:
+                r = ci.span[a]
+                if mask[a] and (not r or any(j in shared for j in r)):
+                    out.append((u, a))
+    return out
+
+
 def meets_entries(k: Kernel, ci: CatalogueIndex, i: int, tables: set[int]) -> bool:
     """Whether start template ``i`` addresses a populated entry of one of ``tables``.
 

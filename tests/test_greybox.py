@@ -1975,6 +1975,15 @@ def test_plan_fault_scope_gives_each_plan_continuation_its_own_tries(scoped):
     assert ag._fc_arm(h, h.mask, w) is None
 
 
+def _play_until(agent, h, signature, episodes):
+    """Play seed 0's episodes until one reports ``signature`` (at most ``episodes``)."""
+    for e in range(episodes):
+        rng, rs = ca.episode_rng(0, 0, e)
+        if signature in ca.run_episode(h, agent, rng, rs, teardown=32).signatures:
+            return
+    raise AssertionError(f"not shown in {episodes} episodes: {agent.window_stats}")
+
+
 def test_kthread_windows_show_fork_shares_migration_entry():
     """A kernel-thread window (``window_kthread``): the kernel thread's compaction of a
     page against a fork of its process (COW PTE on), searched from a quiescent state an
@@ -2010,13 +2019,7 @@ def test_kthread_windows_show_fork_shares_migration_entry():
         real(env, hh, cut, progs, acts, bound)
 
     ag._window_search = search
-    for e in range(60):
-        rng, rs = ca.episode_rng(0, 0, e)
-        res = ca.run_episode(h, ag, rng, rs, teardown=32)
-        if "accounting@remove_migration_ptes" in res.signatures:
-            break
-    else:
-        raise AssertionError(f"not shown in 60 episodes: {ag.window_stats}")
+    _play_until(ag, h, "accounting@remove_migration_ptes", 60)
     assert ag.episode_kind == "window"
     assert ag.window_stats["kthread"] == len(seen) >= 1
     off = ca.make_agent("greybox", seeds=[], window_kthread=0.0)
@@ -2028,3 +2031,50 @@ def test_kthread_windows_show_fork_shares_migration_entry():
         ca.make_agent("greybox", window_kthread=1.5)
     with pytest.raises(ValueError, match="window_kthread_share"):
         ca.make_agent("greybox", window_kthread_share=0.0)
+
+
+def test_fault_windows_show_mprotect_ignores_break_failure():
+    """A fault window (``window_faults``): from a quiescent state with a COW-shared
+    table, calls that meet it are each run alone with their thread's ``fail_nth`` n = 1,
+    2; the search shows mprotect-ignores-break-failure (v4's ``return 0`` after a failed
+    ``break_cow_pte``) and the played episode holds the thread's ``fail_nth`` event
+    right before its ``mprotect``. Off (0), none opens."""
+    import sys
+    from pathlib import Path
+
+    from cowenv.greybox import fault_window_calls
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("mprotect-ignores-break-failure"))
+    ag = ca.make_agent("greybox", seeds=[], window_faults=1.0)
+    tried: list[tuple[int, int, int]] = []
+    real = ag._window_search
+
+    def search(env, hh, cut, progs, acts, bound):
+        if any(it.thread_fail_nth is not None for p in progs.values() for it in p):
+            ((u, (it,)),) = progs.items()  # a fault window: one call, failed
+            assert bound == 0 and it.thread_fail_nth in (1, 2)
+            assert (u, acts[u][0]) in fault_window_calls(hh.kernel, ag._ci,
+                                                         hh.action_masks())
+            tried.append((u, acts[u][0], it.thread_fail_nth))
+        real(env, hh, cut, progs, acts, bound)
+
+    ag._window_search = search
+    _play_until(ag, h, "syscall-contract@mprotect", 60)
+    assert ag.episode_kind == "window" and ag.window_stats["fault"] >= 1
+    assert len(tried) >= 2
+    cat = ag._ci.catalogue
+    sched = [cat[a] for a in ag._taken]
+    i = max(j for j, sp in enumerate(sched) if sp.kind == "start" and sp.op == "mprotect")
+    assert sched[i - 1].kind == "event" and sched[i - 1].op == "fail_nth" \
+        and sched[i - 1].tid == sched[i].tid
+    assert 0 < ag._ft_offline <= ag.offline_steps
+    off = ca.make_agent("greybox", seeds=[], window_faults=0.0)
+    _play(off, h, 0, 40)
+    assert off.window_stats["fault"] == 0
+    for bad in ({"window_faults": 2.0}, {"window_faults_share": 0.0},
+                {"window_fault_calls": 0}, {"window_fault_n": 0}):
+        with pytest.raises(ValueError, match="window_fault"):
+            ca.make_agent("greybox", **bad)
