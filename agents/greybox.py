@@ -198,7 +198,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             page's process (COW PTE on), searched with ``window_bound`` preemptions.
             0: off.
         window_kthread_share: Kernel-thread windows open only while their steps are at
-            most this share of all steps (default 0.15); ``window_share`` then bounds
+            most this share of all steps (default 0.1); ``window_share`` then bounds
             the other windows' steps alone.
         window_faults: Probability that a step ending an operation at a quiescent
             point, in a state that has calls meeting a COW-shared table, opens a
@@ -206,7 +206,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             up to ``window_fault_calls`` of those calls, each run alone from that
             state with ``fail_nth`` n = 1 .. ``window_fault_n``. 0: off.
         window_faults_share: Fault windows open only while their steps are at most this
-            share of all steps (default 0.1); ``window_share`` does not count them.
+            share of all steps (default 0.05); ``window_share`` does not count them.
         window_fault_calls: Calls tried per fault window (default 12).
         window_fault_n: ``fail_nth`` values tried per call (default 2: 1 and 2).
         window_whole_release: The other holder's release in a window is its ``exit``
@@ -421,8 +421,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  plan_tail_faults: bool = True, plan_race: float = 0.0,
                  plan_race_first: bool = False, fault_kthreads: bool = False,
                  aim_untried: bool = False, plan_fault_scope: bool = False,
-                 window_kthread: float = 0.0, window_kthread_share: float = 0.15,
-                 window_faults: float = 0.0, window_faults_share: float = 0.1,
+                 window_kthread: float = 0.0, window_kthread_share: float = 0.1,
+                 window_faults: float = 0.0, window_faults_share: float = 0.05,
                  window_fault_calls: int = 12, window_fault_n: int = 2) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),

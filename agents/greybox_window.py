@@ -77,8 +77,8 @@ class WindowStage:
                      window_release_bound: int | None = None,
                      window_whole_release: bool = False,
                      window_kthread: float = 0.0,
-                     window_kthread_share: float = 0.15, window_faults: float = 0.0,
-                     window_faults_share: float = 0.1, window_fault_calls: int = 12,
+                     window_kthread_share: float = 0.1, window_faults: float = 0.0,
+                     window_faults_share: float = 0.05, window_fault_calls: int = 12,
                      window_fault_n: int = 2) -> None:
         if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
                 or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
@@ -299,16 +299,16 @@ class WindowStage:
         if self._kt_offline > self.window_kthread_share * (
                 self._env_steps + self.offline_steps):
             return
-        cut = len(self._taken)
+        # The window starts from the state now: the env's own kernel, snapshotted
+        # (nothing to rebuild, unlike a window cut before an operation in flight).
+        h = getattr(env, "harness", env)
         off0 = self.offline_steps
-        h = self._window_rebuild(env, cut)
-        if h is not None:
-            self.window_stats["kthread"] += 1
-            ci = self._ci
-            progs = {KSWAPD_TID: [self._op_item(h, ci.catalogue[a])],
-                     u: [self._op_item(h, ci.catalogue[f])]}
-            self._window_search(env, h, cut, progs, {KSWAPD_TID: [a], u: [f]},
-                                self.window_bound)
+        self.window_stats["kthread"] += 1
+        ci = self._ci
+        progs = {KSWAPD_TID: [self._op_item(h, ci.catalogue[a])],
+                 u: [self._op_item(h, ci.catalogue[f])]}
+        self._window_search(env, h, len(self._taken), progs, {KSWAPD_TID: [a], u: [f]},
+                            self.window_bound)
         self._kt_offline += self.offline_steps - off0
 
     def _fault_observe(self, env: CowEnv, sp: Any, mask: np.ndarray) -> None:
@@ -342,21 +342,19 @@ class WindowStage:
             return
         pick = [calls[int(i)] for i in
                 self.rng.permutation(len(calls))[:self.window_fault_calls]]
-        cut = len(self._taken)
+        h = getattr(env, "harness", env)  # the state now, as a kernel-thread window's
         off0 = self.offline_steps
-        h = self._window_rebuild(env, cut)
-        if h is not None:
-            self.window_stats["fault"] += 1
-            for u, a in pick:
-                ns = sorted(ci.catalogue[e].n for e in ci.fail_of.get(u, ()))
-                for n in ns[:self.window_fault_n]:
-                    it = self._op_item(h, ci.catalogue[a])
-                    it.thread_fail_nth = n
-                    self._window_search(env, h, cut, {u: [it]}, {u: [a]}, 0)
-                    if self._win_next is not None or self.step_room == 0:
-                        break
+        self.window_stats["fault"] += 1
+        for u, a in pick:
+            ns = sorted(ci.catalogue[e].n for e in ci.fail_of.get(u, ()))
+            for n in ns[:self.window_fault_n]:
+                it = self._op_item(h, ci.catalogue[a])
+                it.thread_fail_nth = n
+                self._window_search(env, h, len(self._taken), {u: [it]}, {u: [a]}, 0)
                 if self._win_next is not None or self.step_room == 0:
                     break
+            if self._win_next is not None or self.step_room == 0:
+                break
         self._ft_offline += self.offline_steps - off0
 
     def _use_pages(self) -> dict[int, set[int]]:

@@ -195,12 +195,11 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "greybox-au": ("greybox", {**R15, "aim_untried": True}),
     "greybox-pfs": ("greybox", {**R15, "plan_fault_scope": True}),
     # Round 17: kernel-thread windows (reclaim or compaction of a page against its
-    # process's fork, searched systematically), in every state that has one / 1 in 2.
-    "greybox-wk100": ("greybox", {**R15, "window_kthread": 1.0}),
-    "greybox-wk50": ("greybox", {**R15, "window_kthread": 0.5}),
-    # Round 17: fault windows (the calls on a COW-shared table, each failed offline at
-    # fail_nth 1 and 2 from one state), with the kernel-thread windows.
-    "greybox-wk-fw": ("greybox", {**R15, "window_kthread": 1.0, "window_faults": 1.0}),
+    # process's fork) and fault windows (the calls on a COW-shared table, each failed at
+    # fail_nth 1 and 2), searched from the state an episode reached; 10 % / 5 % of the
+    # steps at most.
+    "greybox-wkfw": ("greybox", {**R15, "window_kthread": 1.0, "window_kthread_share": 0.1,
+                                 "window_faults": 1.0, "window_faults_share": 0.05}),
     "greybox-pc30-ka10": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,
