@@ -2002,7 +2002,7 @@ def test_kthread_windows_show_fork_shares_migration_entry():
     import bug_finding as bf
 
     h = Harness(**bf.env_kwargs("fork-shares-migration-entry"))
-    ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0)
+    ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0)
     seen: list[tuple[int, int, int]] = []
     real = ag._window_search
 
@@ -2020,7 +2020,7 @@ def test_kthread_windows_show_fork_shares_migration_entry():
         real(env, hh, cut, progs, acts, bound)
 
     ag._window_search = search
-    _play_until(ag, h, "accounting@remove_migration_ptes", 60)
+    _play_until(ag, h, "accounting@remove_migration_ptes", 60, seed=0)
     assert ag.episode_kind == "window"
     assert ag.window_stats["kthread"] == len(seen) >= 1
     off = ca.make_agent("greybox", seeds=[], window_kthread=0.0)
@@ -2049,7 +2049,7 @@ def test_fault_windows_show_mprotect_ignores_break_failure():
     import bug_finding as bf
 
     h = Harness(**bf.env_kwargs("mprotect-ignores-break-failure"))
-    ag = ca.make_agent("greybox", seeds=[], window_faults=1.0)
+    ag = ca.make_agent("greybox", seeds=[], window_faults=1.0, window_faults_share=1.0)
     tried: list[tuple[int, int, int]] = []
     real = ag._window_search
 
