@@ -196,7 +196,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             (:meth:`cowenv_agents.greybox_window.WindowStage._kthread_observe`): the
             kernel thread's reclaim or compaction of a page against a ``fork`` of the
             page's process (COW PTE on), searched with ``window_bound`` preemptions.
-            0: off.
+            Default 1 (round 17: README "Greybox, round 17"); 0: off (rounds 1-16).
         window_kthread_share: Kernel-thread windows open only while their steps are at
             most this share of all steps (default 0.1); ``window_share`` then bounds
             the other windows' steps alone.
@@ -204,7 +204,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             point, in a state that has calls meeting a COW-shared table, opens a
             *fault window* (:meth:`cowenv_agents.greybox_window.WindowStage._fault_observe`):
             up to ``window_fault_calls`` of those calls, each run alone from that
-            state with ``fail_nth`` n = 1 .. ``window_fault_n``. 0: off.
+            state with ``fail_nth`` n = 1 .. ``window_fault_n``. Default 1 (round 17);
+            0: off (rounds 1-16).
         window_faults_share: Fault windows open only while their steps are at most this
             share of all steps (default 0.05); ``window_share`` does not count them.
         window_fault_calls: Calls tried per fault window (default 12).
@@ -421,8 +422,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  plan_tail_faults: bool = True, plan_race: float = 0.0,
                  plan_race_first: bool = False, fault_kthreads: bool = False,
                  aim_untried: bool = False, plan_fault_scope: bool = False,
-                 window_kthread: float = 0.0, window_kthread_share: float = 0.1,
-                 window_faults: float = 0.0, window_faults_share: float = 0.05,
+                 window_kthread: float = 1.0, window_kthread_share: float = 0.1,
+                 window_faults: float = 1.0, window_faults_share: float = 0.05,
                  window_fault_calls: int = 12, window_fault_n: int = 2) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),

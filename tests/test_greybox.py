@@ -640,7 +640,10 @@ def test_arg_state_tells_a_shared_table_from_a_private_one():
 
 def _triage_agent(**kw):
     h = Harness(**SMALL_KW, terminate_on_violation=False)
-    ag = ca.make_agent("greybox", seeds=[], fault_triage=True, **kw)
+    # The kernel-thread and fault windows off: these tests follow the online fault tries
+    # call by call (a fault window searches offline at each quiescent point).
+    ag = ca.make_agent("greybox", seeds=[], fault_triage=True, window_kthread=0.0,
+                       window_faults=0.0, **kw)
     h.reset(0)
     ag.begin_episode(h, np.random.default_rng(0))  # builds the catalogue index
     return h, ag
@@ -716,7 +719,8 @@ def test_adaptive_explore_rises_while_no_new_code_is_found():
 
 def _fc_agent(**kw):
     h = Harness(**SMALL_KW, terminate_on_violation=False)
-    ag = ca.make_agent("greybox", seeds=[], explore=1.0, race_episodes=0.0, **kw)
+    ag = ca.make_agent("greybox", seeds=[], explore=1.0, race_episodes=0.0,
+                       window_kthread=0.0, window_faults=0.0, **kw)  # (as _triage_agent)
     h.reset(0)
     ag.begin_episode(h, np.random.default_rng(0))  # builds the catalogue index
     ag.end_episode(h)
@@ -1554,8 +1558,9 @@ def test_release_windows_search_at_their_own_bound(monkeypatch, rbound):
 
     monkeypatch.setattr(gw, "explore", spy)
     h = Harness(**bf.env_kwargs("free-pmd-deferred-flush"))
+    # (the kernel-thread and fault windows, at their own bounds, off)
     ag = ca.make_agent("greybox", seeds=[], window_release=1.0, window_share=1.0,
-                       window_release_bound=rbound)
+                       window_release_bound=rbound, window_kthread=0.0, window_faults=0.0)
     release = [False]
     real_window = ag._window
 
