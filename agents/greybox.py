@@ -210,6 +210,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             share of all steps (default 0.05); ``window_share`` does not count them.
         window_fault_calls: Calls tried per fault window (default 12).
         window_fault_n: ``fail_nth`` values tried per call (default 2: 1 and 2).
+        window_kthread_multi: Kernel-thread windows aim only at pages whose PMD spans two
+            or more VMAs, where there are any (off; measured on two rows only: README
+            "Greybox, round 17").
         window_whole_release: The other holder's release in a window is its ``exit``
             or a ``munmap`` covering the whole table (``free_pgtables`` drops its
             reference), as the release window's own ``munmap`` is; off (round 11), any
@@ -424,7 +427,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  aim_untried: bool = False, plan_fault_scope: bool = False,
                  window_kthread: float = 1.0, window_kthread_share: float = 0.1,
                  window_faults: float = 1.0, window_faults_share: float = 0.05,
-                 window_fault_calls: int = 12, window_fault_n: int = 2) -> None:
+                 window_fault_calls: int = 12, window_fault_n: int = 2,
+                 window_kthread_multi: bool = False) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),
@@ -449,7 +453,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                           window_share, window_release, window_early, window_release_bound,
                           window_whole_release, window_kthread, window_kthread_share,
                           window_faults, window_faults_share, window_fault_calls,
-                          window_fault_n)
+                          window_fault_n, window_kthread_multi)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)

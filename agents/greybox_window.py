@@ -79,7 +79,7 @@ class WindowStage:
                      window_kthread: float = 0.0,
                      window_kthread_share: float = 0.1, window_faults: float = 0.0,
                      window_faults_share: float = 0.05, window_fault_calls: int = 12,
-                     window_fault_n: int = 2) -> None:
+                     window_fault_n: int = 2, window_kthread_multi: bool = False) -> None:
         if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
                 or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
             raise ValueError("window_prob: expected 0..1; window_bound, window_uses, "
@@ -105,6 +105,8 @@ class WindowStage:
         #: all steps; the other windows' ``window_share`` does not count them.
         self.window_kthread_share = float(window_kthread_share)
         self._kt_offline = 0  # offline steps of kernel-thread windows
+        #: Kernel-thread windows aim at pages in PMDs of two or more VMAs, where any.
+        self.window_kthread_multi = bool(window_kthread_multi)
         if not 0.0 <= window_faults <= 1.0 or not 0.0 < window_faults_share <= 1.0 \
                 or window_fault_calls < 1 or window_fault_n < 1:
             raise ValueError("window_faults: expected 0..1; window_faults_share: expected "
@@ -291,7 +293,7 @@ class WindowStage:
         if not self._op_ended_quiescent(env, sp):
             return
         k = env.kernel
-        cands = kthread_window_candidates(k, self._ci, mask)
+        cands = kthread_window_candidates(k, self._ci, mask, self.window_kthread_multi)
         # The generator is drawn from only in such a state.
         if not cands or self.rng.random() >= self.window_kthread:
             return

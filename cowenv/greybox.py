@@ -1188,8 +1188,8 @@ def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
     return out
 
 
-def kthread_window_candidates(k: Kernel, ci: CatalogueIndex,
-                              mask: np.ndarray) -> list[tuple[int, int, int]]:
+def kthread_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
+                              multi_vma: bool = False) -> list[tuple[int, int, int]]:
     """Kernel-thread windows possible now: (user thread, its ``fork``, a kthread start).
 
     Snowboard's memory-communication pairs (Gong et al., SOSP 2021) for the rmap: the
@@ -1201,7 +1201,10 @@ def kthread_window_candidates(k: Kernel, ci: CatalogueIndex,
     user thread ``u`` with a legal ``fork`` start whose mm fork would share tables from
     (``MMF_COW_PTE``, or ``MMF_COW_PTE_READY``, which the next fork turns into it), and
     a legal targeted reclaim or compaction start of the idle kernel thread aimed at a
-    page ``u``'s mm maps at a present entry.
+    page ``u``'s mm maps at a present entry. ``multi_vma``: only pages whose PMD spans
+    two or more VMAs of that mm, if there are any (v4 shares a PMD whole, at its first
+    VMA, while the rmap and ``dup_mmap`` go VMA by VMA: the seam a walk and a fork can
+    see differently).
     """
     kt = k.threads.get(KSWAPD_TID)
     if kt is None or kt.gen is not None or kt.exited or KSWAPD_TID not in ci.ops_of:
@@ -1227,6 +1230,15 @@ def kthread_window_candidates(k: Kernel, ci: CatalogueIndex,
             if any((e := mm.pmd.get(v // P)) is not None
                    and int(e.table.entries[v % P]) & PTE_PRESENT for v in tgt[1]):
                 out.extend((u, f, i) for f in forks)
+    if multi_vma and out:
+
+        def multi(c: tuple[int, int, int]) -> bool:
+            tgt = _template_target(k, ci.catalogue[c[2]])
+            assert tgt is not None and tgt[0] is not None
+            lo = tgt[1][0] // P * P  # (VMAs are in page numbers)
+            return sum(1 for v in tgt[0].vmas if v.start < lo + P and v.end > lo) >= 2
+
+        out = [c for c in out if multi(c)] or out
     return out
 
 

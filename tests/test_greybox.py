@@ -2085,3 +2085,41 @@ def test_fault_windows_show_mprotect_ignores_break_failure():
                 {"window_fault_calls": 0}, {"window_fault_n": 0}):
         with pytest.raises(ValueError, match="window_fault"):
             ca.make_agent("greybox", **bad)
+
+
+def test_kthread_window_candidates_aim_at_multi_vma_pmds():
+    """``multi_vma``: the kernel-thread windows' candidates whose page's PMD spans two or
+    more VMAs of the mm, where there are any; else all of them."""
+    import sys
+    from pathlib import Path
+
+    from cowenv.greybox import kthread_window_candidates
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    h = Harness(**bf.env_kwargs("fork-shares-migration-entry"))
+    ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0)
+    narrowed = [0, 0]
+    real = ag._kthread_observe
+
+    def observe(env, sp, mask):
+        k = env.kernel
+        every = kthread_window_candidates(k, ag._ci, mask)
+        some = kthread_window_candidates(k, ag._ci, mask, multi_vma=True)
+        assert set(some) <= set(every) and bool(some) == bool(every)
+        P = k.P
+        for _u, _f, a in some:
+            sp_a = ag._ci.catalogue[a]
+            pid = k.procs[k.threads[_u].pid]
+            lo = dict(sp_a.args)["addr"] // k.config.page_size // P * P
+            n = sum(1 for v in pid.mm.vmas if v.start < lo + P and v.end > lo)
+            if some != every:
+                assert n >= 2
+        narrowed[0] += some != every
+        narrowed[1] += bool(every)
+        real(env, sp, mask)
+
+    ag._kthread_observe = observe
+    _play(ag, h, 0, 40)
+    assert narrowed[1] and narrowed[0], narrowed
