@@ -38,6 +38,7 @@ episode.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -178,8 +179,8 @@ class WindowStage:
         # its time between stages likewise), and an operation kind searched n times
         # before opens a window with probability prob * d / (d + n) (uncommon first,
         # as Snowboard orders its pairs).
-        if self.offline_steps - self._kt_offline - self._ft_offline > self.window_share * (
-                self._env_steps + self.offline_steps):
+        if self._over_share(self.offline_steps - self._kt_offline - self._ft_offline,
+                            self.window_share):
             return
         a_sp = self._ci.catalogue[self._taken[cut]]
         cls = (a_sp.op, spec_variant(a_sp))
@@ -197,6 +198,16 @@ class WindowStage:
             return
         self._win_tries[cls] = n + 1
         self._window(env, cut, sp.tid, idxs[int(self.rng.integers(len(idxs)))])
+
+    def _over_share(self, used: int, share: float) -> bool:
+        """Whether ``used`` offline steps exceed ``share`` of all steps so far.
+
+        AFL shares its time between stages likewise: each kind of window opens only
+        while its own steps are within its share (``window_share`` for the windows cut
+        before an operation and the release windows, ``window_kthread_share``,
+        ``window_faults_share``).
+        """
+        return used > share * (self._env_steps + self.offline_steps)
 
     def _op_ended_quiescent(self, env: CowEnv, sp: Any) -> bool:
         """Whether step ``sp`` ended an operation at a quiescent point where a window may open.
@@ -267,8 +278,8 @@ class WindowStage:
         if not cands or rng.random() >= self.window_release:
             return
         u, pmd, a = cands[int(rng.integers(len(cands)))]
-        if self.offline_steps - self._kt_offline - self._ft_offline > self.window_share * (
-                self._env_steps + self.offline_steps):
+        if self._over_share(self.offline_steps - self._kt_offline - self._ft_offline,
+                            self.window_share):
             return
         self.window_stats["release"] += 1
         self._window(env, len(self._taken), u, pmd, a)
@@ -298,8 +309,7 @@ class WindowStage:
         if not cands or self.rng.random() >= self.window_kthread:
             return
         u, f, a = cands[int(self.rng.integers(len(cands)))]
-        if self._kt_offline > self.window_kthread_share * (
-                self._env_steps + self.offline_steps):
+        if self._over_share(self._kt_offline, self.window_kthread_share):
             return
         # The window starts from the state now: the env's own kernel, snapshotted
         # (nothing to rebuild, unlike a window cut before an operation in flight).
@@ -339,24 +349,20 @@ class WindowStage:
         # The generator is drawn from only in such a state.
         if not calls or self.rng.random() >= self.window_faults:
             return
-        if self._ft_offline > self.window_faults_share * (
-                self._env_steps + self.offline_steps):
+        if self._over_share(self._ft_offline, self.window_faults_share):
             return
         pick = [calls[int(i)] for i in
                 self.rng.permutation(len(calls))[:self.window_fault_calls]]
         h = getattr(env, "harness", env)  # the state now, as a kernel-thread window's
         off0 = self.offline_steps
         self.window_stats["fault"] += 1
-        for u, a in pick:
-            ns = sorted(ci.catalogue[e].n for e in ci.fail_of.get(u, ()))
-            for n in ns[:self.window_fault_n]:
-                it = self._op_item(h, ci.catalogue[a])
-                it.thread_fail_nth = n
-                self._window_search(env, h, len(self._taken), {u: [it]}, {u: [a]}, 0)
-                if self._win_next is not None or self.step_room == 0:
-                    break
+        tries = [(u, a, n) for u, a in pick
+                 for n in sorted(ci.catalogue[e].n for e in ci.fail_of[u])[:self.window_fault_n]]
+        for u, a, n in tries:
+            it = replace(self._op_item(h, ci.catalogue[a]), thread_fail_nth=n)
+            self._window_search(env, h, len(self._taken), {u: [it]}, {u: [a]}, 0)
             if self._win_next is not None or self.step_room == 0:
-                break
+                break  # a finding to play, or the budget's end
         self._ft_offline += self.offline_steps - off0
 
     def _use_pages(self) -> dict[int, set[int]]:

@@ -1171,8 +1171,8 @@ def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
                        for i in ci.by_tid_op[(KSWAPD_TID, op)]
                        if mask[i] and _meets(k, ci.catalogue[i], tables, populated=False))
     for t in ci.user_tids:
-        th = k.threads.get(t)
-        if t == u or th is None or th.exited or th.gen is not None or th.pid not in k.procs:
+        th = _idle_user(k, t)
+        if t == u or th is None:
             continue
         mm = k.procs[th.pid].mm
         idxs = {i for i, e in mm.pmd.items() if e.table.pfn in tables}
@@ -1206,16 +1206,17 @@ def kthread_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
     VMA, while the rmap and ``dup_mmap`` go VMA by VMA: the seam a walk and a fork can
     see differently).
     """
-    kt = k.threads.get(KSWAPD_TID)
+    kt = k.threads.get(KSWAPD_TID)  # (no process: not an _idle_user)
     if kt is None or kt.gen is not None or kt.exited or KSWAPD_TID not in ci.ops_of:
         return []
     P = k.P
     out: list[tuple[int, int, int]] = []
+    multi: list[tuple[int, int, int]] = []  # those whose page's PMD spans 2+ VMAs
     kstarts = [i for op in ci.ops_of[KSWAPD_TID] for i in ci.by_tid_op[(KSWAPD_TID, op)]
                if mask[i] and ci.catalogue[i].proc_slot >= 0]
     for u in ci.user_tids:
-        t = k.threads.get(u)
-        if t is None or t.exited or t.gen is not None or t.pid not in k.procs:
+        t = _idle_user(k, u)
+        if t is None:
             continue
         mm = k.procs[t.pid].mm
         if not mm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY):
@@ -1230,16 +1231,22 @@ def kthread_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
             if any((e := mm.pmd.get(v // P)) is not None
                    and int(e.table.entries[v % P]) & PTE_PRESENT for v in tgt[1]):
                 out.extend((u, f, i) for f in forks)
-    if multi_vma and out:
+                lo = tgt[1][0] // P * P  # the PMD's first page (VMAs are in pages)
+                if multi_vma and sum(1 for v in mm.vmas
+                                     if v.start < lo + P and v.end > lo) >= 2:
+                    multi.extend((u, f, i) for f in forks)
+    return multi or out
 
-        def multi(c: tuple[int, int, int]) -> bool:
-            tgt = _template_target(k, ci.catalogue[c[2]])
-            assert tgt is not None and tgt[0] is not None
-            lo = tgt[1][0] // P * P  # (VMAs are in page numbers)
-            return sum(1 for v in tgt[0].vmas if v.start < lo + P and v.end > lo) >= 2
 
-        out = [c for c in out if multi(c)] or out
-    return out
+def _idle_user(k: Kernel, tid: int) -> Any:
+    """User thread ``tid`` if it is alive, between operations and its process exists.
+
+    None otherwise (the kernel thread has no process: never one).
+    """
+    t = k.threads.get(tid)
+    if t is None or t.exited or t.gen is not None or t.pid not in k.procs:
+        return None
+    return t
 
 
 def fault_window_calls(k: Kernel, ci: CatalogueIndex,
@@ -1248,18 +1255,19 @@ def fault_window_calls(k: Kernel, ci: CatalogueIndex,
 
     FIFUZZ's context-sensitive fault injection (Jiang et al., USENIX Security 2020)
     applied to one state: the error paths COW PTE adds are those of the calls that meet
-    a COW-shared table, each of which must break it (``break_cow_pte``, v4 03/14 and
-    its callers in 04/14-09/14: faults, ``mprotect``, ``madvise``, ``mremap``, the zap)
-    or share it again (``fork``, 02/14) and may fail to allocate there. A candidate is
+    a COW-shared table, which may break it (``break_cow_pte``, v4 03/14, called from
+    write and swap-in faults, ``mprotect``, ``madvise``, ``mremap`` and the rmap walks
+    in 04/14-09/14), drop their reference to it (the zap of ``munmap`` and ``exit``,
+    ``free_pmd_range``) or share it again (``fork``, 02/14), and allocate on the way
+    (a failed break, a failed ``copy_cow_pte_range``). A candidate is
     a legal start of an idle user thread that has ``fail_nth`` events, whose mm maps a
     table another mm maps too (``refcount > 1``), and whose range meets a PMD of such a
     table, or that has no range (``fork``, ``exit``: the whole mm).
     """
     out: list[tuple[int, int]] = []
     for u in ci.user_tids:
-        t = k.threads.get(u)
-        if t is None or t.exited or t.gen is not None or t.pid not in k.procs \
-                or not ci.fail_of.get(u):
+        t = _idle_user(k, u)
+        if t is None or not ci.fail_of.get(u):
             continue
         shared = {i for i, e in k.procs[t.pid].mm.pmd.items() if e.table.refcount > 1}
         if not shared:

@@ -1980,6 +1980,17 @@ def test_plan_fault_scope_gives_each_plan_continuation_its_own_tries(scoped):
     assert ag._fc_arm(h, h.mask, w) is None
 
 
+def _flaw_harness(flaw):
+    """The bug-finding benchmark's harness of ``flaw`` (its env arguments)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bug_finding as bf
+
+    return Harness(**bf.env_kwargs(flaw))
+
+
 def _play_until(agent, h, signature, episodes, seed=1):
     """Play ``seed``'s episodes until one reports ``signature`` (at most ``episodes``)."""
     for e in range(episodes):
@@ -1997,16 +2008,10 @@ def test_kthread_windows_show_fork_shares_migration_entry():
     episode. Every window opened in a state with a candidate (an idle thread whose mm
     fork would share, a kernel-thread start aimed at a present page of it). Off (0),
     none opens."""
-    import sys
-    from pathlib import Path
-
     from cowenv.greybox import kthread_window_candidates
     from cowenv.kernel.mm import MMF_COW_PTE, MMF_COW_PTE_READY
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
-
-    h = Harness(**bf.env_kwargs("fork-shares-migration-entry"))
+    h = _flaw_harness("fork-shares-migration-entry")
     ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0)
     seen: list[tuple[int, int, int]] = []
     real = ag._window_search
@@ -2045,15 +2050,9 @@ def test_fault_windows_show_mprotect_ignores_break_failure():
     2; the search shows mprotect-ignores-break-failure (v4's ``return 0`` after a failed
     ``break_cow_pte``) and the played episode holds the thread's ``fail_nth`` event
     right before its ``mprotect``. Off (0), none opens."""
-    import sys
-    from pathlib import Path
-
     from cowenv.greybox import fault_window_calls
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
-
-    h = Harness(**bf.env_kwargs("mprotect-ignores-break-failure"))
+    h = _flaw_harness("mprotect-ignores-break-failure")
     ag = ca.make_agent("greybox", seeds=[], window_faults=1.0, window_faults_share=1.0)
     tried: list[tuple[int, int, int]] = []
     real = ag._window_search
@@ -2090,15 +2089,9 @@ def test_fault_windows_show_mprotect_ignores_break_failure():
 def test_kthread_window_candidates_aim_at_multi_vma_pmds():
     """``multi_vma``: the kernel-thread windows' candidates whose page's PMD spans two or
     more VMAs of the mm, where there are any; else all of them."""
-    import sys
-    from pathlib import Path
-
     from cowenv.greybox import kthread_window_candidates
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
-
-    h = Harness(**bf.env_kwargs("fork-shares-migration-entry"))
+    h = _flaw_harness("fork-shares-migration-entry")
     ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0)
     narrowed = [0, 0]
     real = ag._kthread_observe
@@ -2111,9 +2104,9 @@ def test_kthread_window_candidates_aim_at_multi_vma_pmds():
         P = k.P
         for _u, _f, a in some:
             sp_a = ag._ci.catalogue[a]
-            pid = k.procs[k.threads[_u].pid]
+            proc = k.procs[k.threads[_u].pid]
             lo = dict(sp_a.args)["addr"] // k.config.page_size // P * P
-            n = sum(1 for v in pid.mm.vmas if v.start < lo + P and v.end > lo)
+            n = sum(1 for v in proc.mm.vmas if v.start < lo + P and v.end > lo)
             if some != every:
                 assert n >= 2
         narrowed[0] += some != every
