@@ -213,6 +213,16 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         window_kthread_multi: Kernel-thread windows aim only at pages whose PMD spans two
             or more VMAs, where there are any (off; measured on two rows only: README
             "Greybox, round 17").
+        window_kthread_gup: Kernel-thread windows may also put a sibling thread's
+            GUP-fast ``pin`` of a page against the ``fork`` (the other lockless walker
+            of the mm; the kind, kernel thread or GUP-fast, chosen first, alike). Off.
+        window_forks: Probability that a step ending an operation at a quiescent point,
+            where an idle thread's mm is in a corner fork layout with data, opens a
+            *fork-layout window*
+            (:meth:`cowenv_agents.greybox_window.WindowStage._fork_observe`): that
+            thread's ``fork`` run alone from the state now. 0: off.
+        window_forks_share: Fork-layout windows open only while their steps are at
+            most this share of all steps (default 0.03).
         window_whole_release: The other holder's release in a window is its ``exit``
             or a ``munmap`` covering the whole table (``free_pgtables`` drops its
             reference), as the release window's own ``munmap`` is; off (round 11), any
@@ -428,7 +438,9 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_kthread: float = 1.0, window_kthread_share: float = 0.1,
                  window_faults: float = 1.0, window_faults_share: float = 0.05,
                  window_fault_calls: int = 12, window_fault_n: int = 2,
-                 window_kthread_multi: bool = False) -> None:
+                 window_kthread_multi: bool = False,
+                 window_kthread_gup: bool = False, window_forks: float = 0.0,
+                 window_forks_share: float = 0.03) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),
@@ -453,7 +465,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                           window_share, window_release, window_early, window_release_bound,
                           window_whole_release, window_kthread, window_kthread_share,
                           window_faults, window_faults_share, window_fault_calls,
-                          window_fault_n, window_kthread_multi)
+                          window_fault_n, window_kthread_multi, window_kthread_gup,
+                          window_forks, window_forks_share)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)
@@ -1300,7 +1313,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             self._fc_observe(env, sp)
         if self.window_prob:
             self._window_observe(env, sp)
-            if self.window_release or self.window_kthread or self.window_faults:
+            if (self.window_release or self.window_kthread or self.window_faults
+                    or self.window_forks):
                 mask = info.get("action_mask")
                 mask = env.action_masks() if mask is None else mask
                 if self.window_release:
@@ -1309,6 +1323,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                     self._kthread_observe(env, sp, mask)
                 if self.window_faults:
                     self._fault_observe(env, sp, mask)
+                if self.window_forks:
+                    self._fork_observe(env, sp, mask)
 
     def end_episode(self, env: CowEnv) -> None:  # noqa: D102
         self.episodes += 1

@@ -46,6 +46,7 @@ import numpy as np
 from cowenv.explore import OpItem, Run, explore, state_fingerprint
 from cowenv.greybox import (
     fault_window_calls,
+    fork_window_candidates,
     kthread_window_candidates,
     paused_tables,
     spec_variant,
@@ -80,7 +81,9 @@ class WindowStage:
                      window_kthread: float = 0.0,
                      window_kthread_share: float = 0.1, window_faults: float = 0.0,
                      window_faults_share: float = 0.05, window_fault_calls: int = 12,
-                     window_fault_n: int = 2, window_kthread_multi: bool = False) -> None:
+                     window_fault_n: int = 2, window_kthread_multi: bool = False,
+                     window_kthread_gup: bool = False, window_forks: float = 0.0,
+                     window_forks_share: float = 0.03) -> None:
         if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
                 or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
             raise ValueError("window_prob: expected 0..1; window_bound, window_uses, "
@@ -108,6 +111,8 @@ class WindowStage:
         self._kt_offline = 0  # offline steps of kernel-thread windows
         #: Kernel-thread windows aim at pages in PMDs of two or more VMAs, where any.
         self.window_kthread_multi = bool(window_kthread_multi)
+        #: Kernel-thread windows may take a sibling's GUP-fast pin as the fork's other side.
+        self.window_kthread_gup = bool(window_kthread_gup)
         if not 0.0 <= window_faults <= 1.0 or not 0.0 < window_faults_share <= 1.0 \
                 or window_fault_calls < 1 or window_fault_n < 1:
             raise ValueError("window_faults: expected 0..1; window_faults_share: expected "
@@ -118,6 +123,12 @@ class WindowStage:
         self.window_fault_calls = int(window_fault_calls)
         self.window_fault_n = int(window_fault_n)
         self._ft_offline = 0  # offline steps of fault windows
+        if not 0.0 <= window_forks <= 1.0 or not 0.0 < window_forks_share <= 1.0:
+            raise ValueError("window_forks: expected 0..1; window_forks_share: expected "
+                             "0 < share <= 1")
+        self.window_forks = float(window_forks)
+        self.window_forks_share = float(window_forks_share)
+        self._fw_offline = 0  # offline steps of fork-layout windows
         #: (operation, variant) of A -> windows searched around it (:meth:`_window_observe`).
         self._win_tries: dict[tuple[str, str], int] = {}
         self._env_steps = 0  # env steps this agent took (the share's denominator)
@@ -129,7 +140,8 @@ class WindowStage:
         #: them to the env's steps.
         self.offline_steps = 0
         self.window_stats = {"triggers": 0, "windows": 0, "transitions": 0, "found": 0,
-                             "played": 0, "release": 0, "kthread": 0, "fault": 0}
+                             "played": 0, "release": 0, "kthread": 0, "fault": 0,
+                             "fork": 0}
         self._win_cut: dict[int, int] = {}  # tid -> index in _taken of its quiescent start
         self._win_next: list[int] | None = None  # the next episode's actions
         #: Signatures windows showed, in order (each played as the next episode).
@@ -179,7 +191,7 @@ class WindowStage:
         # its time between stages likewise), and an operation kind searched n times
         # before opens a window with probability prob * d / (d + n) (uncommon first,
         # as Snowboard orders its pairs).
-        if self._over_share(self.offline_steps - self._kt_offline - self._ft_offline,
+        if self._over_share(self._own_offline(),
                             self.window_share):
             return
         a_sp = self._ci.catalogue[self._taken[cut]]
@@ -278,11 +290,18 @@ class WindowStage:
         if not cands or rng.random() >= self.window_release:
             return
         u, pmd, a = cands[int(rng.integers(len(cands)))]
-        if self._over_share(self.offline_steps - self._kt_offline - self._ft_offline,
+        if self._over_share(self._own_offline(),
                             self.window_share):
             return
         self.window_stats["release"] += 1
         self._window(env, len(self._taken), u, pmd, a)
+
+    def _own_offline(self) -> int:
+        """Offline steps of the windows ``window_share`` bounds.
+
+        Kernel-thread, fault and fork-layout windows have shares of their own.
+        """
+        return self.offline_steps - self._kt_offline - self._ft_offline - self._fw_offline
 
     def _kthread_observe(self, env: CowEnv, sp: Any, mask: np.ndarray) -> None:
         """Maybe open a *kernel-thread window* (``window_kthread``).
@@ -304,10 +323,20 @@ class WindowStage:
         if not self._op_ended_quiescent(env, sp):
             return
         k = env.kernel
-        cands = kthread_window_candidates(k, self._ci, mask, self.window_kthread_multi)
+        cands = kthread_window_candidates(k, self._ci, mask, self.window_kthread_multi,
+                                          self.window_kthread_gup)
         # The generator is drawn from only in such a state.
         if not cands or self.rng.random() >= self.window_kthread:
             return
+        if self.window_kthread_gup:
+            # The kind first (the kernel thread's walks, a sibling's GUP-fast), each
+            # present one alike, then a candidate of it: the pins (40 templates per
+            # thread) would otherwise outnumber the reclaim and compaction starts.
+            ci = self._ci
+            kinds = [c for c in ([x for x in cands if ci.catalogue[x[2]].tid == KSWAPD_TID],
+                                 [x for x in cands if ci.catalogue[x[2]].tid != KSWAPD_TID])
+                     if c]
+            cands = kinds[int(self.rng.integers(len(kinds)))] if len(kinds) > 1 else kinds[0]
         u, f, a = cands[int(self.rng.integers(len(cands)))]
         if self._over_share(self._kt_offline, self.window_kthread_share):
             return
@@ -317,9 +346,10 @@ class WindowStage:
         off0 = self.offline_steps
         self.window_stats["kthread"] += 1
         ci = self._ci
-        progs = {KSWAPD_TID: [self._op_item(h, ci.catalogue[a])],
+        b = ci.catalogue[a].tid  # the kernel thread, or the pinning sibling
+        progs = {b: [self._op_item(h, ci.catalogue[a])],
                  u: [self._op_item(h, ci.catalogue[f])]}
-        self._window_search(env, h, len(self._taken), progs, {KSWAPD_TID: [a], u: [f]},
+        self._window_search(env, h, len(self._taken), progs, {b: [a], u: [f]},
                             self.window_bound)
         self._kt_offline += self.offline_steps - off0
 
@@ -364,6 +394,38 @@ class WindowStage:
             if self._win_next is not None or self.step_room == 0:
                 break  # a finding to play, or the budget's end
         self._ft_offline += self.offline_steps - off0
+
+    def _fork_observe(self, env: CowEnv, sp: Any, mask: np.ndarray) -> None:
+        """Maybe open a *fork-layout window* (``window_forks``).
+
+        After a step that ended an operation at a quiescent point (after the seed
+        plans), in a state where an idle thread's mm is in a corner fork layout with
+        data (:func:`cowenv.greybox.fork_window_candidates`: a ``VM_DONTCOPY`` or
+        ``VM_WIPEONFORK`` VMA in a PMD with another populated VMA), with probability
+        ``window_forks``: that thread's ``fork`` is run alone from the state now (bound
+        0: one run; the quiescent point after it runs the shadow sweep over the child).
+        The layouts are coverage features already (``layout_states``), and children
+        start from them, but the fork must come from that state, before the layout's
+        data or pins change (measured before it, a probe not kept:
+        ``wipeonfork-shared`` seed 34, missed by ``greybox-wkfw-mv-gup``: a wipe-on-fork
+        VMA holding data in 33 of 414 episodes, 19 forks of its own thread from a
+        state with a non-zero-frame page in it, none of them sharing a written page).
+        """
+        if not self._op_ended_quiescent(env, sp):
+            return
+        cands = fork_window_candidates(env.kernel, self._ci, mask)
+        # The generator is drawn from only in such a state.
+        if not cands or self.rng.random() >= self.window_forks:
+            return
+        if self._over_share(self._fw_offline, self.window_forks_share):
+            return
+        u, f = cands[int(self.rng.integers(len(cands)))]
+        h = getattr(env, "harness", env)  # the state now, as a kernel-thread window's
+        off0 = self.offline_steps
+        self.window_stats["fork"] += 1
+        self._window_search(env, h, len(self._taken),
+                            {u: [self._op_item(h, self._ci.catalogue[f])]}, {u: [f]}, 0)
+        self._fw_offline += self.offline_steps - off0
 
     def _use_pages(self) -> dict[int, set[int]]:
         """PMD index -> pages some :data:`WINDOW_USES` template addresses (cached)."""

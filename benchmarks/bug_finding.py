@@ -70,7 +70,8 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 R15: dict[str, Any] = {"plan_cycle": 0.5, "plan_race": 0.0, "fault_kthreads": False,
                        "aim_untried": False, "plan_fault_scope": False,
                        "window_kthread": 0.0, "window_faults": 0.0,
-                       "window_kthread_multi": False}
+                       "window_kthread_multi": False, "window_kthread_gup": False,
+                       "window_forks": 0.0}
 #: Round 14's default (session 16): seed plans replayed in 3 of 10 episodes after the
 #: first pass.
 R14: dict[str, Any] = {**R15, "plan_cycle": 0.3}
@@ -205,6 +206,18 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
                                     "window_kthread_share": 0.1, "window_faults": 1.0,
                                     "window_faults_share": 0.05,
                                     "window_kthread_multi": True}),
+    "greybox-wkfw-mv-gup": ("greybox", {**R15, "window_kthread": 1.0,
+                                        "window_kthread_share": 0.1, "window_faults": 1.0,
+                                        "window_faults_share": 0.05,
+                                        "window_kthread_multi": True,
+                                        "window_kthread_gup": True}),
+    "greybox-wkfw-mv-gup-fl": ("greybox", {**R15, "window_kthread": 1.0,
+                                           "window_kthread_share": 0.1,
+                                           "window_faults": 1.0,
+                                           "window_faults_share": 0.05,
+                                           "window_kthread_multi": True,
+                                           "window_kthread_gup": True,
+                                           "window_forks": 1.0}),
     "greybox-pc30-ka10": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

@@ -214,6 +214,16 @@ def _fork_layouts(k: Kernel, data: bool = False) -> set[str]:
     zero-filled; the test of the flaw with and without a store shows the rule).
     """
     out: set[str] = set()
+    for p in k.live_procs():
+        out |= fork_layouts_of(k, p.mm, data)
+    return out
+
+
+def fork_layouts_of(k: Kernel, mm: Any, data: bool = False) -> set[str]:
+    """:func:`_fork_layouts` of one mm (empty unless it has ``MMF_COW_PTE[_READY]``)."""
+    out: set[str] = set()
+    if not mm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY):
+        return out
     P = k.config.ptrs_per_pte
     content = k.pool.content
 
@@ -221,42 +231,38 @@ def _fork_layouts(k: Kernel, data: bool = False) -> set[str]:
         pres = (e & PTE_PRESENT) != 0
         return bool(pres.any() and content[e[pres] >> PFN_SHIFT].any())
 
-    for p in k.live_procs():
-        mm = p.mm
-        if not mm.flags & (MMF_COW_PTE | MMF_COW_PTE_READY):
+    for idx, e in mm.pmd.items():
+        ents = e.table.entries
+        if not ents.any():
             continue
-        for idx, e in mm.pmd.items():
-            ents = e.table.entries
-            if not ents.any():
-                continue
-            lo, hi = idx * P, (idx + 1) * P
-            vmas = mm.vmas_in(lo, hi)
-            if not any(v.flags & (VM_DONTCOPY | VM_WIPEONFORK) for v in vmas):
-                continue
-            seen_pop = seen_data = False
-            refusing: list[str] = []
-            for v in vmas:
-                ve = ents[max(v.start, lo) - lo:min(v.end, hi) - lo]
-                pop = bool(ve.any())
-                dat = data and pop and holds_data(ve)
-                flag = ("dontcopy" if v.flags & VM_DONTCOPY else
-                        "wipeonfork" if v.flags & VM_WIPEONFORK else "")
-                if flag:
-                    if pop:
-                        out.add(f"fork:{flag}-populated")
-                    if dat:
-                        out.add(f"fork:{flag}-populated-data")
-                    if seen_pop:
-                        out.add(f"fork:{flag}-after")
-                    if seen_data:
-                        out.add(f"fork:{flag}-after-data")
-                    refusing.append(flag)
-                elif pop:
-                    seen_pop = True
-                    out.update(f"fork:{f}-before" for f in refusing)
-                    if dat:
-                        seen_data = True
-                        out.update(f"fork:{f}-before-data" for f in refusing)
+        lo, hi = idx * P, (idx + 1) * P
+        vmas = mm.vmas_in(lo, hi)
+        if not any(v.flags & (VM_DONTCOPY | VM_WIPEONFORK) for v in vmas):
+            continue
+        seen_pop = seen_data = False
+        refusing: list[str] = []
+        for v in vmas:
+            ve = ents[max(v.start, lo) - lo:min(v.end, hi) - lo]
+            pop = bool(ve.any())
+            dat = data and pop and holds_data(ve)
+            flag = ("dontcopy" if v.flags & VM_DONTCOPY else
+                    "wipeonfork" if v.flags & VM_WIPEONFORK else "")
+            if flag:
+                if pop:
+                    out.add(f"fork:{flag}-populated")
+                if dat:
+                    out.add(f"fork:{flag}-populated-data")
+                if seen_pop:
+                    out.add(f"fork:{flag}-after")
+                if seen_data:
+                    out.add(f"fork:{flag}-after-data")
+                refusing.append(flag)
+            elif pop:
+                seen_pop = True
+                out.update(f"fork:{f}-before" for f in refusing)
+                if dat:
+                    seen_data = True
+                    out.update(f"fork:{f}-before-data" for f in refusing)
     return out
 
 
@@ -1189,7 +1195,8 @@ def race_candidates(k: Kernel, ci: CatalogueIndex, u: int, tables: set[int],
 
 
 def kthread_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
-                              multi_vma: bool = False) -> list[tuple[int, int, int]]:
+                              multi_vma: bool = False,
+                              gup_fast: bool = False) -> list[tuple[int, int, int]]:
     """Kernel-thread windows possible now: (user thread, its ``fork``, a kthread start).
 
     Snowboard's memory-communication pairs (Gong et al., SOSP 2021) for the rmap: the
@@ -1205,15 +1212,25 @@ def kthread_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
     two or more VMAs of that mm, if there are any (v4 shares a PMD whole, at its first
     VMA, while the rmap and ``dup_mmap`` go VMA by VMA: the seam a walk and a fork can
     see differently).
+
+    ``gup_fast``: the other operation may also be a GUP-fast ``pin`` (``fast``) of an
+    idle sibling thread (same process) aimed at such a page: the other walker ``fork``
+    does not exclude (``gup_fast`` takes no lock, ``mmap_lock`` held for write by
+    ``dup_mmap`` blocks every other call of the process; mm/gup.c, 6.2,
+    ``lockless_pages_from_mm`` backs off only on ``write_protect_seq``, which v4's
+    sharing does not take: review R8, ``gup-fast-fork-race``). Its tuples name the
+    pin's start; the caller tells the kinds apart by the start's thread.
     """
     kt = k.threads.get(KSWAPD_TID)  # (no process: not an _idle_user)
-    if kt is None or kt.gen is not None or kt.exited or KSWAPD_TID not in ci.ops_of:
+    kt_idle = not (kt is None or kt.gen is not None or kt.exited
+                   or KSWAPD_TID not in ci.ops_of)
+    if not kt_idle and not gup_fast:
         return []
     P = k.P
     out: list[tuple[int, int, int]] = []
     multi: list[tuple[int, int, int]] = []  # those whose page's PMD spans 2+ VMAs
     kstarts = [i for op in ci.ops_of[KSWAPD_TID] for i in ci.by_tid_op[(KSWAPD_TID, op)]
-               if mask[i] and ci.catalogue[i].proc_slot >= 0]
+               if mask[i] and ci.catalogue[i].proc_slot >= 0] if kt_idle else []
     for u in ci.user_tids:
         t = _idle_user(k, u)
         if t is None:
@@ -1224,7 +1241,14 @@ def kthread_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
         forks = [i for i in ci.by_tid_op.get((u, "fork"), ()) if mask[i]]
         if not forks:
             continue
-        for i in kstarts:
+        others = kstarts
+        if gup_fast:
+            others = kstarts + [
+                i for s in ci.user_tids if s != u
+                and (ts := _idle_user(k, s)) is not None and ts.pid == t.pid
+                for i in ci.by_tid_op.get((s, "pin"), ())
+                if mask[i] and dict(ci.catalogue[i].args).get("fast")]
+        for i in others:
             tgt = _template_target(k, ci.catalogue[i])
             if tgt is None or tgt[0] is not mm:
                 continue
@@ -1277,6 +1301,35 @@ def fault_window_calls(k: Kernel, ci: CatalogueIndex,
                 r = ci.span[a]
                 if mask[a] and (not r or any(j in shared for j in r)):
                     out.append((u, a))
+    return out
+
+
+def fork_window_candidates(k: Kernel, ci: CatalogueIndex,
+                           mask: np.ndarray) -> list[tuple[int, int]]:
+    """Forks a fork-layout window may run now: (user thread, its ``fork`` start).
+
+    v4 02/14 ``copy_cow_pte_range`` decides per PMD, at its first VMA, whether the
+    whole table is shared: the corner layouts of :func:`fork_layouts_of` (a
+    ``VM_DONTCOPY`` or ``VM_WIPEONFORK`` VMA in a PMD with another populated VMA) are
+    where as-posted and the fixed design part (``recover_pte_range``'s fallback, the
+    wipe-on-fork check), and a fork is one step from each. A candidate is an idle user
+    thread with a legal ``fork`` start whose mm (``MMF_COW_PTE``, or ``_READY``) is in
+    such a layout (``-before`` or ``-after``) with a page holding data in one of its
+    layouts (``-data``: the shadow compares contents, a zero-filled page shows
+    nothing).
+    """
+    out: list[tuple[int, int]] = []
+    for u in ci.user_tids:
+        t = _idle_user(k, u)
+        if t is None:
+            continue
+        forks = [i for i in ci.by_tid_op.get((u, "fork"), ()) if mask[i]]
+        if not forks:
+            continue
+        lay = fork_layouts_of(k, k.procs[t.pid].mm, data=True)
+        if (any(x.endswith("-data") for x in lay)
+                and any(x.endswith(("-before", "-after")) for x in lay)):
+            out.extend((u, f) for f in forks)
     return out
 
 

@@ -842,13 +842,10 @@ def test_fault_ranges_give_a_whole_vma_call_its_own_tries(fault_ranges, fault_sh
     ``fault_ranges`` (the range class in the context: a try of its own) or
     ``fault_shared`` (a call on a shared table armed past its context's tries), and
     then the flaw shows."""
-    import sys
-    from pathlib import Path
 
     from cowenv.greybox import call_context
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     h = Harness(**bf.env_kwargs("mprotect-ignores-break-failure"))
     ag = ca.make_agent("greybox", seeds=[], explore=1.0, race_episodes=0.0,
@@ -898,11 +895,8 @@ def test_aim_shared_draws_templates_on_shared_tables():
     """``aim_shared=1``: a ranged start the operation-level choice draws for a thread
     whose mm shares a table addresses a shared table (when the operation has such a
     template); 0: the templates elsewhere too; nothing shared: no effect."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     h = Harness(**bf.env_kwargs("mprotect-ignores-break-failure"))
 
@@ -950,11 +944,8 @@ def test_window_stage_counts_its_steps_and_plays_what_it_finds(fault_contexts):
     """A systematic window's search counts as offline steps; the violation it shows is
     played as the next episode, in which the env reports it (an ordinary schedule). With
     fault-context tries on as well, none is armed while that episode plays."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     flaw = "table-free-no-deferral"
     h = Harness(**bf.env_kwargs(flaw))
@@ -991,11 +982,8 @@ def test_window_early_stops_at_the_finding_and_plays_it_next():
     violation and the episode ends there; the next episode plays it as found (no window
     opens while it does). Off (round 11), the same window is found in the same episode,
     its search runs on to its cap and the episode to its end."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     h = Harness(**bf.env_kwargs("table-free-no-deferral"))
 
@@ -1023,15 +1011,20 @@ def test_window_early_stops_at_the_finding_and_plays_it_next():
     assert played1.offline_steps == 0
 
 
+def _bench(module):
+    """``benchmarks/<module>.py``, imported (the benchmarks are scripts, not a package)."""
+    import importlib
+    import sys
+
+    path = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(module)
+
+
 def _bench_harness(flaw):
     """The bug-finding benchmark's env of ``flaw`` (``benchmarks/bug_finding.py``)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
-
-    return Harness(**bf.env_kwargs(flaw))
+    return Harness(**_bench("bug_finding").env_kwargs(flaw))
 
 
 def _settled(ag, k, mask):
@@ -1206,11 +1199,8 @@ def test_window_searches_stop_at_the_budget():
     steps a window executes outside the env as well as the env's: a campaign loop's
     env + offline steps land exactly on the budget, wherever in a window it ends (a
     2-worker campaign once ran 4,303 steps of a 4,000-step budget)."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     kw = bf.env_kwargs("table-free-no-deferral")
 
@@ -1442,11 +1432,9 @@ def test_plan_tail_ends_a_seed_plans_episode_soon_after_the_plan():
 def test_episode_kinds_and_the_benchmarks_stage_table():
     """Each greybox episode says what it is (seed plan first, then children, random
     episodes, race episodes); the bug-finding benchmark tabulates the detections' kinds."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     h = Harness(**SMALL_KW, terminate_on_violation=False)
     ag = ca.make_agent("greybox", seeds=[str(Path(bf.ROOT) / "scenarios" / "flaws" /
@@ -1472,13 +1460,10 @@ def test_episode_kinds_and_the_benchmarks_stage_table():
 def test_race_pairs_tool_records_the_pairs_of_a_benchmark_run(capsys):
     """``benchmarks/race_pairs.py``: the pairs a run's race episodes tried, per A label,
     and what the entry a B start addresses holds; a non-greybox agent is refused."""
-    import sys
-    from pathlib import Path
 
     from cowenv.greybox import meets_walk
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import race_pairs as rp
+    rp = _bench("race_pairs")
 
     h = _fork_paused_at_checked()
     P = h.config.ptrs_per_pte
@@ -1510,11 +1495,8 @@ def test_release_windows_show_the_free_pmd_flaw_the_episodes_miss():
     table with loads by the sibling and the other mm's release, searched from a
     quiescent state the episode reached; its finding (free-pmd-deferred-flush's stale
     paging-structure-cache walk) is played as a window episode. Off (0), none opens."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     flaw = "free-pmd-deferred-flush"
     h = Harness(**bf.env_kwargs(flaw))
@@ -1541,13 +1523,10 @@ def test_release_windows_show_the_free_pmd_flaw_the_episodes_miss():
 def test_release_windows_search_at_their_own_bound(monkeypatch, rbound):
     """``window_release_bound``: a table-release window's search runs at that bound,
     the other windows at ``window_bound`` (None: every window at ``window_bound``)."""
-    import sys
-    from pathlib import Path
 
     import cowenv_agents.greybox_window as gw
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     bounds: list[tuple[bool, int]] = []
     real = gw.explore
@@ -1585,13 +1564,10 @@ def test_release_windows_search_at_their_own_bound(monkeypatch, rbound):
 def test_window_releases_cover_the_whole_table(monkeypatch, whole):
     """``window_whole_release``: the other holder's ``munmap`` in a window covers a whole
     table (a release); off (round 11), a part of one is drawn too."""
-    import sys
-    from pathlib import Path
 
     import cowenv_agents.greybox_window as gw
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     releases: list[bool] = []
     real = gw.explore
@@ -1625,11 +1601,8 @@ def test_states_tool_counts_the_sharing_states_a_benchmark_run_reached(capsys):
     """``benchmarks/states.py``: per kind of entry a COW-shared table held, the first
     episode and the episodes (by kind) that reached it; agents without the states are
     refused."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import states
+    states = _bench("states")
 
     # Round 13's agent (the counts below are its run's).
     assert states.main(["--flaw", "numa-fault-writes-shared", "--budget", "3000",
@@ -1647,11 +1620,8 @@ def test_fault_calls_tool_counts_the_calls_on_shared_tables(capsys):
     """``benchmarks/fault_calls.py``: the calls of one operation on a COW-shared table by
     variant, range class, armed fault, failed allocation site and return value; a split
     ``mprotect`` whose break failed returns -ENOMEM (``__split_vma``'s break)."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import fault_calls
+    fault_calls = _bench("fault_calls")
 
     assert fault_calls.main(["--flaw", "mprotect-ignores-break-failure", "--seed", "6",
                              "--agent", "greybox-r10", "--budget", "15000"]) == 0
@@ -1725,11 +1695,8 @@ def test_bug_finding_combine_keeps_every_seed_block_and_counts_the_tail(tmp_path
     both (a run is agent, flaw, seed), with the runs found and those above 50k / 70k
     steps, not-found runs included."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     def run(seed, steps):
         return {"agent": "greybox", "flaw": "nr-ptes-on-oom", "seed": seed,
@@ -1919,11 +1886,8 @@ def test_aim_untried_takes_the_least_tried_fault_context(untried):
     """``aim_untried``: among an operation's templates on a COW-shared table, the aimed
     choice takes those whose fault-injection context had the fewest tries; with every
     context but one tried, only that one is drawn. Off: the others too."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
+    bf = _bench("bug_finding")
 
     h = Harness(**bf.env_kwargs("mprotect-ignores-break-failure"))
     ag = ca.make_agent("greybox", seeds=[], aim_shared=1.0, aim_untried=untried)
@@ -1980,17 +1944,6 @@ def test_plan_fault_scope_gives_each_plan_continuation_its_own_tries(scoped):
     assert ag._fc_arm(h, h.mask, w) is None
 
 
-def _flaw_harness(flaw):
-    """The bug-finding benchmark's harness of ``flaw`` (its env arguments)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bug_finding as bf
-
-    return Harness(**bf.env_kwargs(flaw))
-
-
 def _play_until(agent, h, signature, episodes, seed=1):
     """Play ``seed``'s episodes until one reports ``signature`` (at most ``episodes``)."""
     for e in range(episodes):
@@ -2011,7 +1964,7 @@ def test_kthread_windows_show_fork_shares_migration_entry():
     from cowenv.greybox import kthread_window_candidates
     from cowenv.kernel.mm import MMF_COW_PTE, MMF_COW_PTE_READY
 
-    h = _flaw_harness("fork-shares-migration-entry")
+    h = _bench_harness("fork-shares-migration-entry")
     ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0)
     seen: list[tuple[int, int, int]] = []
     real = ag._window_search
@@ -2052,7 +2005,7 @@ def test_fault_windows_show_mprotect_ignores_break_failure():
     right before its ``mprotect``. Off (0), none opens."""
     from cowenv.greybox import fault_window_calls
 
-    h = _flaw_harness("mprotect-ignores-break-failure")
+    h = _bench_harness("mprotect-ignores-break-failure")
     ag = ca.make_agent("greybox", seeds=[], window_faults=1.0, window_faults_share=1.0)
     tried: list[tuple[int, int, int]] = []
     real = ag._window_search
@@ -2091,7 +2044,7 @@ def test_kthread_window_candidates_aim_at_multi_vma_pmds():
     more VMAs of the mm, where there are any; else all of them."""
     from cowenv.greybox import kthread_window_candidates
 
-    h = _flaw_harness("fork-shares-migration-entry")
+    h = _bench_harness("fork-shares-migration-entry")
     ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0)
     narrowed = [0, 0]
     real = ag._kthread_observe
@@ -2116,3 +2069,110 @@ def test_kthread_window_candidates_aim_at_multi_vma_pmds():
     ag._kthread_observe = observe
     _play(ag, h, 0, 40)
     assert narrowed[1] and narrowed[0], narrowed
+
+
+def test_kthread_windows_put_a_sibling_gup_fast_pin_against_fork():
+    """``window_kthread_gup``: a kernel-thread window may put an idle sibling thread's
+    GUP-fast ``pin`` of a present page of the mm against the thread's ``fork`` (the
+    other walker fork's ``mmap_lock`` does not exclude); the search shows
+    gup-fast-fork-race (a pin taken while v4 shares the table outside the
+    ``write_protect_seq`` section) and it is played. Without the option the other side
+    is always the kernel thread."""
+    from cowenv.greybox import kthread_window_candidates
+    from cowenv.kernel import KSWAPD_TID
+
+    h = _bench_harness("gup-fast-fork-race")
+
+    def spied(agent, kinds):
+        cat = agent._ci.catalogue if agent._ci else None
+        real_obs, real_search = agent._kthread_observe, agent._window_search
+        inside = [False]
+
+        def observe(env, sp, mask):
+            inside[0] = True
+            try:
+                real_obs(env, sp, mask)
+            finally:
+                inside[0] = False
+
+        def search(env, hh, cut, progs, acts, bound):
+            if inside[0]:  # a kernel-thread window
+                cat = agent._ci.catalogue
+                ((u, (f,)),) = ((t, v) for t, v in acts.items() if cat[v[0]].op == "fork")
+                ((b, (x,)),) = ((t, v) for t, v in acts.items() if t != u)
+                k = hh.kernel
+                assert (u, f, x) in kthread_window_candidates(
+                    k, agent._ci, hh.action_masks(), gup_fast=agent.window_kthread_gup)
+                if b == KSWAPD_TID:
+                    kinds["kthread"] += 1
+                else:
+                    assert cat[x].op == "pin" and dict(cat[x].args)["fast"]
+                    assert k.threads[b].pid == k.threads[u].pid  # a sibling
+                    kinds["gup"] += 1
+            real_search(env, hh, cut, progs, acts, bound)
+
+        del cat
+        agent._kthread_observe, agent._window_search = observe, search
+
+    ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0,
+                       window_kthread_gup=True)
+    on = {"kthread": 0, "gup": 0}
+    spied(ag, on)
+    _play_until(ag, h, "pin-coherence@sanity_check_pinned_pages", 20, seed=4)
+    assert ag.episode_kind == "window" and on["gup"] >= 1, on
+    off = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0)
+    no = {"kthread": 0, "gup": 0}
+    spied(off, no)
+    _play(off, h, 4, 6)
+    assert no["kthread"] >= 1 and no["gup"] == 0, no
+
+
+@pytest.mark.parametrize("flaw", ["recover-skips-vma", "wipeonfork-shared"])
+def test_fork_layout_windows_show_the_corner_layout_flaws(flaw):
+    """A fork-layout window (``window_forks``): where an idle thread's mm is in a corner
+    fork layout with data (a ``VM_DONTCOPY`` or ``VM_WIPEONFORK`` VMA in a PMD with
+    another populated VMA, a page holding data), that thread's ``fork`` runs alone from
+    the state now (bound 0); the shadow sweep after it shows the flaw (the later VMA's
+    pages lost by v4's recover fallback; the wipe-on-fork range shared) and the window's
+    finding is played. Off (0), none opens; bad values raise."""
+    from cowenv.greybox import fork_layouts_of, fork_window_candidates
+
+    h = _bench_harness(flaw)
+    ag = ca.make_agent("greybox", seeds=[], window_kthread=0.0, window_faults=0.0,
+                       window_forks=1.0, window_forks_share=1.0)
+    found_by: list[str] = []
+    real_obs, real_search = ag._fork_observe, ag._window_search
+    inside = [False]
+
+    def observe(env, sp, mask):
+        inside[0] = True
+        try:
+            real_obs(env, sp, mask)
+        finally:
+            inside[0] = False
+
+    def search(env, hh, cut, progs, acts, bound):
+        n = len(ag.window_found)
+        if inside[0]:
+            ((u, (f,)),) = acts.items()  # the fork alone, one run
+            k = hh.kernel
+            assert hh is getattr(env, "harness", env) and bound == 0
+            assert ag._ci.catalogue[f].op == "fork"
+            assert (u, f) in fork_window_candidates(k, ag._ci, hh.action_masks())
+            lay = fork_layouts_of(k, k.procs[k.threads[u].pid].mm, data=True)
+            assert any(x.endswith("-data") for x in lay)
+        real_search(env, hh, cut, progs, acts, bound)
+        if len(ag.window_found) > n:
+            found_by.append("fork" if inside[0] else "other")
+
+    ag._fork_observe, ag._window_search = observe, search
+    _play_until(ag, h, "isolation@shadow_sweep", 20, seed=7 if flaw == "recover-skips-vma"
+                else 3)
+    assert ag.episode_kind == "window" and found_by[-1] == "fork", found_by
+    assert 0 < ag._fw_offline <= ag.offline_steps
+    off = ca.make_agent("greybox", seeds=[], window_forks=0.0)
+    _play(off, h, 0, 10)
+    assert off.window_stats["fork"] == 0
+    for bad in ({"window_forks": 1.5}, {"window_forks_share": 0.0}):
+        with pytest.raises(ValueError, match="window_forks"):
+            ca.make_agent("greybox", **bad)
