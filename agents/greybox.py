@@ -211,16 +211,18 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
         window_fault_calls: Calls tried per fault window (default 12).
         window_fault_n: ``fail_nth`` values tried per call (default 2: 1 and 2).
         window_kthread_multi: Kernel-thread windows aim only at pages whose PMD spans two
-            or more VMAs, where there are any (off; measured on two rows only: README
-            "Greybox, round 17").
+            or more VMAs, where there are any. On by default from round 18 (README
+            "Greybox, round 18"); off: round 17.
         window_kthread_gup: Kernel-thread windows may also put a sibling thread's
             GUP-fast ``pin`` of a page against the ``fork`` (the other lockless walker
-            of the mm; the kind, kernel thread or GUP-fast, chosen first, alike). Off.
+            of the mm; the kind, kernel thread or GUP-fast, chosen first, alike). On by
+            default from round 18; off: round 17.
         window_forks: Probability that a step ending an operation at a quiescent point,
             where an idle thread's mm is in a corner fork layout with data, opens a
             *fork-layout window*
             (:meth:`cowenv_agents.greybox_window.WindowStage._fork_observe`): that
-            thread's ``fork`` run alone from the state now. 0: off.
+            thread's ``fork`` run alone from the state now. Default 1 (round 18); 0:
+            off (rounds 1-17).
         window_forks_share: Fork-layout windows open only while their steps are at
             most this share of all steps (default 0.03).
         window_whole_release: The other holder's release in a window is its ``exit``
@@ -438,8 +440,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_kthread: float = 1.0, window_kthread_share: float = 0.1,
                  window_faults: float = 1.0, window_faults_share: float = 0.05,
                  window_fault_calls: int = 12, window_fault_n: int = 2,
-                 window_kthread_multi: bool = False,
-                 window_kthread_gup: bool = False, window_forks: float = 0.0,
+                 window_kthread_multi: bool = True,
+                 window_kthread_gup: bool = True, window_forks: float = 1.0,
                  window_forks_share: float = 0.03) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),

@@ -318,7 +318,10 @@ class WindowStage:
         its ``break_cow_pte`` while fork shares the table again; an episode reaches such
         a pair only as a race pair whose *A* is the kernel thread and whose *B* is a
         fork out of ~15 operation kinds (README "Greybox, round 14": none in 100k
-        steps of ``rmap-stale-table`` seed 53).
+        steps of ``rmap-stale-table`` seed 53). With ``window_kthread_multi`` the
+        pages are those of PMDs spanning two or more VMAs, where any; with
+        ``window_kthread_gup`` the other side may instead be an idle sibling's
+        GUP-fast ``pin`` of such a page (the kind drawn first, then a candidate).
         """
         if not self._op_ended_quiescent(env, sp):
             return

@@ -66,7 +66,9 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: 3 / 2 of 10 episodes after the seed replays.
 #: Round 15's settings (session 17): seed plans replayed in 5 of 10 episodes after the
 #: first pass, ``plan_race``, ``fault_kthreads``, ``aim_untried`` and
-#: ``plan_fault_scope`` and ``window_kthread`` off. Every earlier round pins them.
+#: ``plan_fault_scope`` and every window of rounds 17-18 (``window_kthread``,
+#: ``window_faults``, ``window_kthread_multi``, ``window_kthread_gup``,
+#: ``window_forks``) off. Every earlier round pins them.
 R15: dict[str, Any] = {"plan_cycle": 0.5, "plan_race": 0.0, "fault_kthreads": False,
                        "aim_untried": False, "plan_fault_scope": False,
                        "window_kthread": 0.0, "window_faults": 0.0,
@@ -206,6 +208,10 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
                                     "window_kthread_share": 0.1, "window_faults": 1.0,
                                     "window_faults_share": 0.05,
                                     "window_kthread_multi": True}),
+    # Round 18 (the default now: greybox-wkfw-mv-gup-fl): kernel-thread windows aimed at
+    # PMDs of two or more VMAs (-mv), a sibling's GUP-fast pin as their other side
+    # (-gup), fork-layout windows (-fl; 3 % of the steps at most). greybox-wkfw pins
+    # round 17 (R15 holds the three off).
     "greybox-wkfw-mv-gup": ("greybox", {**R15, "window_kthread": 1.0,
                                         "window_kthread_share": 0.1, "window_faults": 1.0,
                                         "window_faults_share": 0.05,

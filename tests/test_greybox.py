@@ -640,10 +640,10 @@ def test_arg_state_tells_a_shared_table_from_a_private_one():
 
 def _triage_agent(**kw):
     h = Harness(**SMALL_KW, terminate_on_violation=False)
-    # The kernel-thread and fault windows off: these tests follow the online fault tries
-    # call by call (a fault window searches offline at each quiescent point).
+    # The kernel-thread, fault and fork-layout windows off: these tests follow the
+    # online fault tries call by call (those windows search offline at quiescent points).
     ag = ca.make_agent("greybox", seeds=[], fault_triage=True, window_kthread=0.0,
-                       window_faults=0.0, **kw)
+                       window_faults=0.0, window_forks=0.0, **kw)
     h.reset(0)
     ag.begin_episode(h, np.random.default_rng(0))  # builds the catalogue index
     return h, ag
@@ -720,7 +720,8 @@ def test_adaptive_explore_rises_while_no_new_code_is_found():
 def _fc_agent(**kw):
     h = Harness(**SMALL_KW, terminate_on_violation=False)
     ag = ca.make_agent("greybox", seeds=[], explore=1.0, race_episodes=0.0,
-                       window_kthread=0.0, window_faults=0.0, **kw)  # (as _triage_agent)
+                       window_kthread=0.0, window_faults=0.0, window_forks=0.0,
+                       **kw)  # (as _triage_agent)
     h.reset(0)
     ag.begin_episode(h, np.random.default_rng(0))  # builds the catalogue index
     ag.end_episode(h)
@@ -1537,9 +1538,10 @@ def test_release_windows_search_at_their_own_bound(monkeypatch, rbound):
 
     monkeypatch.setattr(gw, "explore", spy)
     h = Harness(**bf.env_kwargs("free-pmd-deferred-flush"))
-    # (the kernel-thread and fault windows, at their own bounds, off)
+    # (the kernel-thread, fault and fork-layout windows, at their own bounds, off)
     ag = ca.make_agent("greybox", seeds=[], window_release=1.0, window_share=1.0,
-                       window_release_bound=rbound, window_kthread=0.0, window_faults=0.0)
+                       window_release_bound=rbound, window_kthread=0.0, window_faults=0.0,
+                       window_forks=0.0)
     release = [False]
     real_window = ag._window
 
@@ -1965,7 +1967,9 @@ def test_kthread_windows_show_fork_shares_migration_entry():
     from cowenv.kernel.mm import MMF_COW_PTE, MMF_COW_PTE_READY
 
     h = _bench_harness("fork-shares-migration-entry")
-    ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0)
+    # (round 17's kernel-thread windows: the kernel thread always the other side)
+    ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0,
+                       window_kthread_gup=False, window_forks=0.0)
     seen: list[tuple[int, int, int]] = []
     real = ag._window_search
 
@@ -2120,7 +2124,8 @@ def test_kthread_windows_put_a_sibling_gup_fast_pin_against_fork():
     spied(ag, on)
     _play_until(ag, h, "pin-coherence@sanity_check_pinned_pages", 20, seed=4)
     assert ag.episode_kind == "window" and on["gup"] >= 1, on
-    off = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0)
+    off = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0,
+                        window_kthread_gup=False)
     no = {"kthread": 0, "gup": 0}
     spied(off, no)
     _play(off, h, 4, 6)
