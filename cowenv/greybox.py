@@ -1216,10 +1216,11 @@ def kthread_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
     ``gup_fast``: the other operation may also be a GUP-fast ``pin`` (``fast``) of an
     idle sibling thread (same process) aimed at such a page: the other walker ``fork``
     does not exclude (``gup_fast`` takes no lock, ``mmap_lock`` held for write by
-    ``dup_mmap`` blocks every other call of the process; mm/gup.c, 6.2,
-    ``lockless_pages_from_mm`` backs off only on ``write_protect_seq``, which v4's
-    sharing does not take: review R8, ``gup-fast-fork-race``). Its tuples name the
-    pin's start; the caller tells the kinds apart by the start's thread.
+    ``dup_mmap`` blocks the process's calls that take it; mm/gup.c, 6.2,
+    ``lockless_pages_from_mm`` backs off only on ``write_protect_seq``; the seeded
+    flaw ``gup-fast-fork-race``, review R8, shares outside that section, v4 inside it).
+    Its tuples name the pin's start; the caller tells the kinds apart by the start's
+    thread.
     """
     kt = k.threads.get(KSWAPD_TID)  # (no process: not an _idle_user)
     kt_idle = not (kt is None or kt.gen is not None or kt.exited

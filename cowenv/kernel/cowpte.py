@@ -83,12 +83,15 @@ class CowPteKernel(Kernel):
     def cow_fork_seq_brackets_sharing(self, src_mm: MmStruct) -> bool:
         """Whether ``copy_page_range``'s seqcount section covers table sharing.
 
-        Flaw ``gup-fast-fork-race`` (review R8, DH: "GUP-fast can race with pretty much
-        anything, even with concurrent fork"): v4 shares tables without the
-        ``write_protect_seq`` handshake, so GUP-fast does not back off while fork clears
-        PageAnonExclusive and write-protects the shared entries; a pin taken in that
-        window ends up in a shared table. Fixed: the seqcount brackets the COW PTE path
-        exactly as it brackets ``copy_pte_range`` upstream.
+        Flaw ``gup-fast-fork-race``, *seeded* (review R8, DH: "GUP-fast can race with
+        pretty much anything, even with concurrent fork"; v4 02/14 shares from
+        ``copy_pmd_range``, inside ``copy_page_range``'s
+        ``raw_write_seqcount_begin(&src_mm->write_protect_seq)``, so as-posted does not
+        have it): the sharing outside the ``write_protect_seq`` handshake, so GUP-fast
+        does not back off while fork clears PageAnonExclusive and write-protects the
+        shared entries; a pin taken in that window ends up in a shared table. Fixed (and
+        v4): the seqcount brackets the COW PTE path exactly as it brackets
+        ``copy_pte_range`` upstream.
         """
         return not (src_mm.flags & MMF_COW_PTE and self.config.has("gup-fast-fork-race"))
 
