@@ -74,6 +74,10 @@ R15: dict[str, Any] = {"plan_cycle": 0.5, "plan_race": 0.0, "fault_kthreads": Fa
                        "window_kthread": 0.0, "window_faults": 0.0,
                        "window_kthread_multi": False, "window_kthread_gup": False,
                        "window_forks": 0.0}
+#: Round 17's default (session 19): kernel-thread windows and fault windows on, at
+#: 10 % / 5 % of the steps; round 18's three options off (as in R15).
+R17: dict[str, Any] = {**R15, "window_kthread": 1.0, "window_kthread_share": 0.1,
+                       "window_faults": 1.0, "window_faults_share": 0.05}
 #: Round 14's default (session 16): seed plans replayed in 3 of 10 episodes after the
 #: first pass.
 R14: dict[str, Any] = {**R15, "plan_cycle": 0.3}
@@ -202,26 +206,15 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     # process's fork) and fault windows (the calls on a COW-shared table, each failed at
     # fail_nth 1 and 2), searched from the state an episode reached; 10 % / 5 % of the
     # steps at most.
-    "greybox-wkfw": ("greybox", {**R15, "window_kthread": 1.0, "window_kthread_share": 0.1,
-                                 "window_faults": 1.0, "window_faults_share": 0.05}),
-    "greybox-wkfw-mv": ("greybox", {**R15, "window_kthread": 1.0,
-                                    "window_kthread_share": 0.1, "window_faults": 1.0,
-                                    "window_faults_share": 0.05,
-                                    "window_kthread_multi": True}),
+    "greybox-wkfw": ("greybox", R17),
+    "greybox-wkfw-mv": ("greybox", {**R17, "window_kthread_multi": True}),
     # Round 18 (the default now: greybox-wkfw-mv-gup-fl): kernel-thread windows aimed at
     # PMDs of two or more VMAs (-mv), a sibling's GUP-fast pin as their other side
     # (-gup), fork-layout windows (-fl; 3 % of the steps at most). greybox-wkfw pins
     # round 17 (R15 holds the three off).
-    "greybox-wkfw-mv-gup": ("greybox", {**R15, "window_kthread": 1.0,
-                                        "window_kthread_share": 0.1, "window_faults": 1.0,
-                                        "window_faults_share": 0.05,
-                                        "window_kthread_multi": True,
+    "greybox-wkfw-mv-gup": ("greybox", {**R17, "window_kthread_multi": True,
                                         "window_kthread_gup": True}),
-    "greybox-wkfw-mv-gup-fl": ("greybox", {**R15, "window_kthread": 1.0,
-                                           "window_kthread_share": 0.1,
-                                           "window_faults": 1.0,
-                                           "window_faults_share": 0.05,
-                                           "window_kthread_multi": True,
+    "greybox-wkfw-mv-gup-fl": ("greybox", {**R17, "window_kthread_multi": True,
                                            "window_kthread_gup": True,
                                            "window_forks": 1.0}),
     "greybox-pc30-ka10": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False,
@@ -500,8 +493,22 @@ def summarise(runs: list[dict[str, Any]], flaws: list[str], agents: list[str],
                 "over_50k": sum(not r["found"] or r["steps"] > 50_000 for r in rs),
                 "over_70k": sum(not r["found"] or r["steps"] > 70_000 for r in rs)}
             for a in agents if (rs := [r for r in runs if r["agent"] == a])}
+    # "Every flaw in 8 of 8 seeds" per block of 8 consecutive seeds (whole blocks only,
+    # counted from each agent's lowest seed): the flaws found in every seed of the block.
+    blocks_of: dict[str, list[int]] = {}
+    for a in tail:
+        rs = [r for r in runs if r["agent"] == a]
+        lo = min(r["seed"] for r in rs)
+        blocks = []
+        for b0 in range(lo, max(r["seed"] for r in rs) + 1, 8):
+            blk = [r for r in rs if b0 <= r["seed"] < b0 + 8]
+            per = {f: [r["found"] for r in blk if r["flaw"] == f] for f in flaws}
+            if all(len(v) == 8 for v in per.values()):
+                blocks.append(sum(all(v) for v in per.values()))
+        blocks_of[a] = blocks
     return {"cells": cells, "geomean_steps": geo, "found_by_any": found_by_any,
-            "common_flaws": common, "geomean_common": geo_common, "tail": tail}
+            "common_flaws": common, "geomean_common": geo_common, "tail": tail,
+            "blocks": blocks_of}
 
 
 def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budget: int,
@@ -545,6 +552,11 @@ def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budge
                  "| | " + " | ".join(
                      f"{tail[a]['found']}/{tail[a]['runs']} / {tail[a]['over_50k']} / "
                      f"{tail[a]['over_70k']}" if a in tail else "-" for a in agents) + " |")
+    blocks = summary.get("blocks") or {}
+    if any(blocks.get(a) for a in agents):
+        lines.append(f"| **flaws in 8/8 per block of 8 seeds (of {len(flaws)})** | | "
+                     + " | ".join(" / ".join(map(str, blocks[a])) if blocks.get(a) else "-"
+                                  for a in agents) + " |")
     ppo = sorted(geo[a] for a in agents if a.startswith("ppo-t") and a in geo)
     if len(ppo) > 1:
         lines.append("")

@@ -1314,12 +1314,13 @@ def fork_window_candidates(k: Kernel, ci: CatalogueIndex,
     ``VM_DONTCOPY`` or ``VM_WIPEONFORK`` VMA in a PMD with another populated VMA) are
     where as-posted and the fixed design part (``recover_pte_range``'s fallback, the
     wipe-on-fork check), and a fork is one step from each. A candidate is an idle user
-    thread with a legal ``fork`` start whose mm (``MMF_COW_PTE``, or ``_READY``) is in
-    such a layout (``-before`` or ``-after``) with a page holding data in one of its
-    layouts (``-data``: the shadow compares contents, a zero-filled page shows
-    nothing).
+    thread with a legal ``fork`` start whose mm (``MMF_COW_PTE``, or ``_READY``) has
+    such a layout (``-before`` or ``-after``) and a layout with a page holding data
+    (``-data``: the shadow compares contents, a zero-filled page shows nothing) — per
+    mm, not necessarily in the same PMD (a coarse test; the fork's own run decides).
     """
     out: list[tuple[int, int]] = []
+    corner: dict[int, bool] = {}  # pid -> its mm qualifies (threads of a process share it)
     for u in ci.user_tids:
         t = _idle_user(k, u)
         if t is None:
@@ -1327,9 +1328,11 @@ def fork_window_candidates(k: Kernel, ci: CatalogueIndex,
         forks = [i for i in ci.by_tid_op.get((u, "fork"), ()) if mask[i]]
         if not forks:
             continue
-        lay = fork_layouts_of(k, k.procs[t.pid].mm, data=True)
-        if (any(x.endswith("-data") for x in lay)
-                and any(x.endswith(("-before", "-after")) for x in lay)):
+        if t.pid not in corner:
+            lay = fork_layouts_of(k, k.procs[t.pid].mm, data=True)
+            corner[t.pid] = (any(x.endswith("-data") for x in lay)
+                             and any(x.endswith(("-before", "-after")) for x in lay))
+        if corner[t.pid]:
             out.extend((u, f) for f in forks)
     return out
 

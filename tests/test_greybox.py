@@ -1955,6 +1955,35 @@ def _play_until(agent, h, signature, episodes, seed=1):
     raise AssertionError(f"not shown in {episodes} episodes: {agent.window_stats}")
 
 
+def _spy_window(agent, observer, check):
+    """Watch the windows one kind opens (``observer``: the agent's ``_<kind>_observe``).
+
+    ``check(env, hh, progs, acts, bound)`` runs before each search that kind opens.
+    Returns the list of every search's (opened by that kind, gave a finding to play).
+    """
+    real_obs, real_search = getattr(agent, observer), agent._window_search
+    inside = [False]
+    out: list[tuple[bool, bool]] = []
+
+    def observe(env, sp, mask):
+        inside[0] = True
+        try:
+            real_obs(env, sp, mask)
+        finally:
+            inside[0] = False
+
+    def search(env, hh, cut, progs, acts, bound):
+        n = len(agent.window_found)
+        if inside[0]:
+            check(env, hh, progs, acts, bound)
+        real_search(env, hh, cut, progs, acts, bound)
+        out.append((inside[0], len(agent.window_found) > n))
+
+    setattr(agent, observer, observe)
+    agent._window_search = search
+    return out
+
+
 def test_kthread_windows_show_fork_shares_migration_entry():
     """A kernel-thread window (``window_kthread``): the kernel thread's compaction of a
     page against a fork of its process (COW PTE on), searched from a quiescent state an
@@ -2088,35 +2117,21 @@ def test_kthread_windows_put_a_sibling_gup_fast_pin_against_fork():
     h = _bench_harness("gup-fast-fork-race")
 
     def spied(agent, kinds):
-        cat = agent._ci.catalogue if agent._ci else None
-        real_obs, real_search = agent._kthread_observe, agent._window_search
-        inside = [False]
+        def check(env, hh, progs, acts, bound):
+            cat = agent._ci.catalogue
+            ((u, (f,)),) = ((t, v) for t, v in acts.items() if cat[v[0]].op == "fork")
+            ((b, (x,)),) = ((t, v) for t, v in acts.items() if t != u)
+            k = hh.kernel
+            assert (u, f, x) in kthread_window_candidates(
+                k, agent._ci, hh.action_masks(), gup_fast=agent.window_kthread_gup)
+            if b == KSWAPD_TID:
+                kinds["kthread"] += 1
+            else:
+                assert cat[x].op == "pin" and dict(cat[x].args)["fast"]
+                assert k.threads[b].pid == k.threads[u].pid  # a sibling
+                kinds["gup"] += 1
 
-        def observe(env, sp, mask):
-            inside[0] = True
-            try:
-                real_obs(env, sp, mask)
-            finally:
-                inside[0] = False
-
-        def search(env, hh, cut, progs, acts, bound):
-            if inside[0]:  # a kernel-thread window
-                cat = agent._ci.catalogue
-                ((u, (f,)),) = ((t, v) for t, v in acts.items() if cat[v[0]].op == "fork")
-                ((b, (x,)),) = ((t, v) for t, v in acts.items() if t != u)
-                k = hh.kernel
-                assert (u, f, x) in kthread_window_candidates(
-                    k, agent._ci, hh.action_masks(), gup_fast=agent.window_kthread_gup)
-                if b == KSWAPD_TID:
-                    kinds["kthread"] += 1
-                else:
-                    assert cat[x].op == "pin" and dict(cat[x].args)["fast"]
-                    assert k.threads[b].pid == k.threads[u].pid  # a sibling
-                    kinds["gup"] += 1
-            real_search(env, hh, cut, progs, acts, bound)
-
-        del cat
-        agent._kthread_observe, agent._window_search = observe, search
+        _spy_window(agent, "_kthread_observe", check)
 
     ag = ca.make_agent("greybox", seeds=[], window_kthread=1.0, window_kthread_share=1.0,
                        window_kthread_gup=True)
@@ -2145,35 +2160,20 @@ def test_fork_layout_windows_show_the_corner_layout_flaws(flaw):
     h = _bench_harness(flaw)
     ag = ca.make_agent("greybox", seeds=[], window_kthread=0.0, window_faults=0.0,
                        window_forks=1.0, window_forks_share=1.0)
-    found_by: list[str] = []
-    real_obs, real_search = ag._fork_observe, ag._window_search
-    inside = [False]
+    def check(env, hh, progs, acts, bound):
+        ((u, (f,)),) = acts.items()  # the fork alone, one run
+        k = hh.kernel
+        assert hh is getattr(env, "harness", env) and bound == 0
+        assert ag._ci.catalogue[f].op == "fork"
+        assert (u, f) in fork_window_candidates(k, ag._ci, hh.action_masks())
+        lay = fork_layouts_of(k, k.procs[k.threads[u].pid].mm, data=True)
+        assert any(x.endswith("-data") for x in lay)
 
-    def observe(env, sp, mask):
-        inside[0] = True
-        try:
-            real_obs(env, sp, mask)
-        finally:
-            inside[0] = False
-
-    def search(env, hh, cut, progs, acts, bound):
-        n = len(ag.window_found)
-        if inside[0]:
-            ((u, (f,)),) = acts.items()  # the fork alone, one run
-            k = hh.kernel
-            assert hh is getattr(env, "harness", env) and bound == 0
-            assert ag._ci.catalogue[f].op == "fork"
-            assert (u, f) in fork_window_candidates(k, ag._ci, hh.action_masks())
-            lay = fork_layouts_of(k, k.procs[k.threads[u].pid].mm, data=True)
-            assert any(x.endswith("-data") for x in lay)
-        real_search(env, hh, cut, progs, acts, bound)
-        if len(ag.window_found) > n:
-            found_by.append("fork" if inside[0] else "other")
-
-    ag._fork_observe, ag._window_search = observe, search
+    searches = _spy_window(ag, "_fork_observe", check)
     _play_until(ag, h, "isolation@shadow_sweep", 20, seed=7 if flaw == "recover-skips-vma"
                 else 3)
-    assert ag.episode_kind == "window" and found_by[-1] == "fork", found_by
+    found_by = [fork for fork, found in searches if found]  # the windows that found one
+    assert ag.episode_kind == "window" and found_by[-1], found_by
     assert 0 < ag._fw_offline <= ag.offline_steps
     off = ca.make_agent("greybox", seeds=[], window_forks=0.0)
     _play(off, h, 0, 10)
@@ -2181,3 +2181,15 @@ def test_fork_layout_windows_show_the_corner_layout_flaws(flaw):
     for bad in ({"window_forks": 1.5}, {"window_forks_share": 0.0}):
         with pytest.raises(ValueError, match="window_forks"):
             ca.make_agent("greybox", **bad)
+
+
+def test_bug_finding_counts_flaws_found_in_every_seed_of_each_block():
+    """The report's "every flaw in 8 of 8 seeds" per block of 8 consecutive seeds: a
+    flaw missed once in a block drops it; a partial block (fewer than 8 seeds) is not
+    counted."""
+    bf = _bench("bug_finding")
+    runs = [{"agent": "greybox", "flaw": f, "seed": s, "found": not (f == "b" and s == 9),
+             "steps": 10, "seconds": 0.1, "unattributed": {}}
+            for f in ("a", "b") for s in range(20)]
+    summ = bf.summarise(runs, ["a", "b"], ["greybox"], 100)
+    assert summ["blocks"] == {"greybox": [2, 1]}  # seeds 0-7, 8-15; 16-19 partial
