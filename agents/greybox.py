@@ -225,6 +225,11 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             off (rounds 1-17).
         window_forks_share: Fork-layout windows open only while their steps are at
             most this share of all steps (default 0.03).
+        window_release_nosplit: Table-release windows take a ``munmap`` that splits no
+            VMA at a COW-protected PMD, where there is one
+            (:func:`cowenv.greybox.release_window_candidates`): the split's
+            ``break_cow_pte`` flushes the sibling's cached walk before the drop, and
+            the stale walk then needs a second preemption. Off: rounds 7-18.
         window_whole_release: The other holder's release in a window is its ``exit``
             or a ``munmap`` covering the whole table (``free_pgtables`` drops its
             reference), as the release window's own ``munmap`` is; off (round 11), any
@@ -442,7 +447,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_fault_calls: int = 12, window_fault_n: int = 2,
                  window_kthread_multi: bool = True,
                  window_kthread_gup: bool = True, window_forks: float = 1.0,
-                 window_forks_share: float = 0.03) -> None:
+                 window_forks_share: float = 0.03,
+                 window_release_nosplit: bool = False) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),
@@ -468,7 +474,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                           window_whole_release, window_kthread, window_kthread_share,
                           window_faults, window_faults_share, window_fault_calls,
                           window_fault_n, window_kthread_multi, window_kthread_gup,
-                          window_forks, window_forks_share)
+                          window_forks, window_forks_share,
+                          window_release_nosplit)
         if not 0.0 <= race_prob <= 1.0 or not 0.0 <= race_episodes <= 1.0 or race_len < 1:
             raise ValueError("race_prob, race_episodes: expected 0..1; race_len: expected >= 1")
         self.race_prob = float(race_prob)

@@ -49,6 +49,7 @@ from cowenv.greybox import (
     fork_window_candidates,
     kthread_window_candidates,
     paused_tables,
+    release_window_candidates,
     spec_variant,
 )
 from cowenv.harness import Harness
@@ -83,7 +84,8 @@ class WindowStage:
                      window_faults_share: float = 0.05, window_fault_calls: int = 12,
                      window_fault_n: int = 2, window_kthread_multi: bool = False,
                      window_kthread_gup: bool = False, window_forks: float = 0.0,
-                     window_forks_share: float = 0.03) -> None:
+                     window_forks_share: float = 0.03,
+                     window_release_nosplit: bool = False) -> None:
         if not 0.0 <= window_prob <= 1.0 or window_bound < 0 or window_cap < 1 \
                 or window_uses < 0 or window_decay < 0 or not 0.0 < window_share <= 1.0:
             raise ValueError("window_prob: expected 0..1; window_bound, window_uses, "
@@ -129,6 +131,8 @@ class WindowStage:
         self.window_forks = float(window_forks)
         self.window_forks_share = float(window_forks_share)
         self._fw_offline = 0  # offline steps of fork-layout windows
+        #: Release windows prefer a ``munmap`` that splits no VMA at a COW-protected PMD.
+        self.window_release_nosplit = bool(window_release_nosplit)
         #: (operation, variant) of A -> windows searched around it (:meth:`_window_observe`).
         self._win_tries: dict[tuple[str, str], int] = {}
         self._env_steps = 0  # env steps this agent took (the share's denominator)
@@ -254,37 +258,9 @@ class WindowStage:
         """
         if not self._op_ended_quiescent(env, sp):
             return
-        k = env.kernel
         rng = self.rng
-        ci = self._ci
-        P = k.config.ptrs_per_pte
-        holders: dict[int, set[int]] = {}
-        for p in k.live_procs():
-            for e in p.mm.pmd.values():
-                if e.table.refcount > 1:
-                    holders.setdefault(e.table.pfn, set()).add(p.pid)
-        if not any(len(v) > 1 for v in holders.values()):
-            return
-        pages = self._use_pages()
-        span = P * k.config.page_size
-        live = [u for u in ci.user_tids if u in k.threads and not k.threads[u].exited
-                and k.threads[u].gen is None]
-        cands: list[tuple[int, int, int]] = []
-        for u in live:
-            pid = k.threads[u].pid
-            if not any(v != u and k.threads[v].pid == pid for v in live):
-                continue
-            muns = [(a, dict(ci.catalogue[a].args)) for a in ci.by_tid_op.get((u, "munmap"), ())
-                    if mask[a]]
-            if not muns:
-                continue
-            for i, e in sorted(k.procs[pid].mm.pmd.items()):
-                if len(holders.get(e.table.pfn, ())) < 2 or not any(
-                        int(e.table.entries[v % P]) & PTE_PRESENT for v in pages.get(i, ())):
-                    continue
-                lo, hi = i * span, (i + 1) * span
-                cands.extend((u, i, a) for a, ar in muns
-                             if ar["addr"] <= lo and ar["addr"] + ar["length"] >= hi)
+        cands = release_window_candidates(env.kernel, self._ci, mask, self._use_pages(),
+                                          self.window_release_nosplit)
         # The generator is drawn from only in such a state: elsewhere the episode's
         # choices are the agent's without this stage.
         if not cands or rng.random() >= self.window_release:

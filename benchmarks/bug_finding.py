@@ -68,16 +68,21 @@ DEFAULT_AGENTS = ("random", "random-template", "pct", "ql", "ppo", "greybox")
 #: first pass, ``plan_race``, ``fault_kthreads``, ``aim_untried`` and
 #: ``plan_fault_scope`` and every window of rounds 17-18 (``window_kthread``,
 #: ``window_faults``, ``window_kthread_multi``, ``window_kthread_gup``,
-#: ``window_forks``) off. Every earlier round pins them.
+#: ``window_forks``) and round 19's ``window_release_nosplit`` off. Every earlier round
+#: pins them.
 R15: dict[str, Any] = {"plan_cycle": 0.5, "plan_race": 0.0, "fault_kthreads": False,
                        "aim_untried": False, "plan_fault_scope": False,
                        "window_kthread": 0.0, "window_faults": 0.0,
                        "window_kthread_multi": False, "window_kthread_gup": False,
-                       "window_forks": 0.0}
+                       "window_forks": 0.0, "window_release_nosplit": False}
 #: Round 17's default (session 19): kernel-thread windows and fault windows on, at
 #: 10 % / 5 % of the steps; round 18's three options off (as in R15).
 R17: dict[str, Any] = {**R15, "window_kthread": 1.0, "window_kthread_share": 0.1,
                        "window_faults": 1.0, "window_faults_share": 0.05}
+#: Round 18's default (session 20): round 17 with kernel-thread windows aimed at PMDs of
+#: two or more VMAs, a sibling's GUP-fast pin as their other side, fork-layout windows.
+R18: dict[str, Any] = {**R17, "window_kthread_multi": True, "window_kthread_gup": True,
+                       "window_forks": 1.0}
 #: Round 14's default (session 16): seed plans replayed in 3 of 10 episodes after the
 #: first pass.
 R14: dict[str, Any] = {**R15, "plan_cycle": 0.3}
@@ -214,9 +219,10 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     # round 17 (R15 holds the three off).
     "greybox-wkfw-mv-gup": ("greybox", {**R17, "window_kthread_multi": True,
                                         "window_kthread_gup": True}),
-    "greybox-wkfw-mv-gup-fl": ("greybox", {**R17, "window_kthread_multi": True,
-                                           "window_kthread_gup": True,
-                                           "window_forks": 1.0}),
+    "greybox-wkfw-mv-gup-fl": ("greybox", R18),
+    # Round 19: table-release windows take a munmap that splits no VMA at a
+    # COW-protected PMD, where there is one (-ns).
+    "greybox-wkfw-mv-gup-fl-ns": ("greybox", {**R18, "window_release_nosplit": True}),
     "greybox-pc30-ka10": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
     "greybox-aim30-fsr10": ("greybox", {**R10, "fault_ranges": True, "aim_shared": 0.3,

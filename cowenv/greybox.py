@@ -1274,6 +1274,79 @@ def _idle_user(k: Kernel, tid: int) -> Any:
     return t
 
 
+def release_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
+                               pages: dict[int, set[int]],
+                               no_split: bool = False) -> list[tuple[int, int, int]]:
+    """Table releases a release window may search now: (user thread, PMD, ``munmap``).
+
+    The lifetime of a refcounted page table shared between mms is what COW PTE adds
+    (v4 03/14: ``free_pmd_range`` drops this mm's reference, the last sharer frees the
+    table): KRace's and Razzer's use-after-free triangle, free / use / free. A
+    candidate is an idle user thread ``u`` with an idle sibling (same process: the
+    other CPU whose cached walk may outlive the drop), a legal ``munmap`` start of
+    ``u`` covering a whole PMD of its mm whose table another live mm maps too, the
+    table holding a present entry at a page of ``pages`` (PMD index -> pages a load or
+    pin template addresses).
+
+    ``no_split``: only the ``munmap`` starts that split no VMA at a COW-protected PMD,
+    where there are any. ``__split_vma`` breaks the table of the split address first
+    (v4 03/14 ``mm/mmap.c``: ``err = break_cow_pte(vma, NULL, addr);``), and the break
+    flushes this mm's TLBs, paging-structure caches included (x86's ``INVLPG`` drops
+    every paging-structure-cache entry of the PCID): a sibling's walk cached before such
+    a ``munmap`` is gone before the drop, and the triangle needs a second preemption
+    of the ``munmap`` (the sibling's first load after the split, its second after the
+    other mm's free).
+    """
+    P = k.P
+    holders: dict[int, set[int]] = {}
+    for p in k.live_procs():
+        for e in p.mm.pmd.values():
+            if e.table.refcount > 1:
+                holders.setdefault(e.table.pfn, set()).add(p.pid)
+    if not any(len(v) > 1 for v in holders.values()):
+        return []
+    span = P * k.config.page_size
+    live = [u for u in ci.user_tids if u in k.threads and not k.threads[u].exited
+            and k.threads[u].gen is None]
+    out: list[tuple[int, int, int]] = []
+    whole: list[tuple[int, int, int]] = []  # those that split no VMA at a COW PMD
+    for u in live:
+        pid = k.threads[u].pid
+        if not any(v != u and k.threads[v].pid == pid for v in live):
+            continue
+        muns = [(a, dict(ci.catalogue[a].args)) for a in ci.by_tid_op.get((u, "munmap"), ())
+                if mask[a]]
+        if not muns:
+            continue
+        mm = k.procs[pid].mm
+        for i, e in sorted(mm.pmd.items()):
+            if len(holders.get(e.table.pfn, ())) < 2 or not any(
+                    int(e.table.entries[v % P]) & PTE_PRESENT for v in pages.get(i, ())):
+                continue
+            lo, hi = i * span, (i + 1) * span
+            for a, ar in muns:
+                if ar["addr"] <= lo and ar["addr"] + ar["length"] >= hi:
+                    out.append((u, i, a))
+                    if no_split and not _splits_cow_pmd(k, mm, ar["addr"], ar["length"]):
+                        whole.append((u, i, a))
+    return whole or out
+
+
+def _splits_cow_pmd(k: Kernel, mm: Any, addr: int, length: int) -> bool:
+    """Whether ``munmap(addr, length)`` splits a VMA at a COW-protected PMD of ``mm``.
+
+    A boundary strictly inside a VMA is a ``__split_vma``; its PMD entry not writable
+    (``!pmd_write``: a table COW PTE shares or shared) makes v4's ``break_cow_pte`` of
+    it do work.
+    """
+    ps = k.config.page_size
+    for b in (addr // ps, (addr + length) // ps):
+        e = mm.pmd.get(b // k.P)
+        if e is not None and not e.write and any(v.start < b < v.end for v in mm.vmas):
+            return True
+    return False
+
+
 def fault_window_calls(k: Kernel, ci: CatalogueIndex,
                        mask: np.ndarray) -> list[tuple[int, int]]:
     """Calls a fault window may fail now: (user thread, start template).

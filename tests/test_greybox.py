@@ -2193,3 +2193,97 @@ def test_bug_finding_counts_flaws_found_in_every_seed_of_each_block():
             for f in ("a", "b") for s in range(20)]
     summ = bf.summarise(runs, ["a", "b"], ["greybox"], 100)
     assert summ["blocks"] == {"greybox": [2, 1]}  # seeds 0-7, 8-15; 16-19 partial
+
+
+def _cow_shared_threads(length_pages=16):
+    """A COW PTE kernel (``free-pmd-deferred-flush`` on): process 1 maps and writes
+    ``length_pages`` pages at 0x100000 (two tables of 8), has a second thread (tid 2)
+    and forks (child thread 3): both tables COW-shared, process 1's PMDs read-only."""
+    from cowenv.kernel import make_kernel
+    from cowenv.kernel.config import KernelConfig
+
+    k = make_kernel(KernelConfig(ptrs_per_pte=8, nr_frames=256, variant="cowpte",
+                                 flaws=("free-pmd-deferred-flush",)))
+    base = 0x100000
+    _kdo(k, 1, "mmap", addr=base, length=length_pages * 4096)
+    for i in range(length_pages):
+        _kdo(k, 1, "write", addr=base + i * 4096)
+    assert _kdo(k, 1, "clone") == 2
+    _kdo(k, 1, "prctl_cow_pte")
+    _kdo(k, 1, "fork")
+    return k, base
+
+
+def _kdo(k, tid, op, **args):
+    """Run ``op`` of thread ``tid`` to its end; its result."""
+    k.start(tid, op, dict(args))
+    while k.threads[tid].gen is not None:
+        k.step(tid)
+    return k.threads[tid].result
+
+
+@pytest.mark.parametrize("pages", [16, 8])
+def test_a_munmap_splitting_a_cow_table_flushes_the_siblings_cached_walk(pages):
+    """Why ``window_release_nosplit``: a ``munmap`` of the whole VMA (16 pages) leaves
+    the sibling's paging-structure-cache entry of the shared table until its
+    ``tlb_finish_mmu``, so paused there, after the child frees the table, the sibling's
+    next walk is ``free-pmd-deferred-flush``'s stale walk (one preemption). One of 8
+    pages splits the VMA inside the other COW-shared table: v4's ``__split_vma`` breaks
+    it first and the break's flush drops the sibling's cached walk (INVLPG: the whole
+    paging-structure cache), so the same schedule shows nothing."""
+    from cowenv.greybox import _splits_cow_pmd
+
+    k, base = _cow_shared_threads()
+    mm = k.procs[1].mm
+    assert all(not e.write and e.table.refcount == 2 for e in mm.pmd.values())
+    assert _splits_cow_pmd(k, mm, base, pages * 4096) == (pages != 16)
+    assert _splits_cow_pmd(k, mm, base, 4 * 4096)
+    _kdo(k, 2, "read", addr=base + 4096)
+    assert 32 in k.threads[2].psc
+    k.start(1, "munmap", {"addr": base, "length": pages * 4096})
+    while k.threads[1].label != "unmap_region:pgtables_freed":
+        k.step(1)
+    assert (32 in k.threads[2].psc) == (pages == 16)
+    _kdo(k, 3, "exit")  # the child, the table's last holder, frees it
+    _kdo(k, 2, "read", addr=base + 2 * 4096)
+    while k.threads[1].gen is not None:
+        k.step(1)
+    assert ("memory-safety@tlb_stale_table" in k.signatures) == (pages == 16)
+
+
+@pytest.mark.parametrize("nosplit", [False, True])
+def test_release_windows_prefer_a_munmap_that_splits_no_cow_table(nosplit):
+    """``window_release_nosplit``: a table-release window takes a ``munmap`` that splits
+    no VMA at a COW-protected PMD whenever the state has one
+    (:func:`cowenv.greybox.release_window_candidates`); off, the split ones are drawn
+    too. Bad values of the other release options still raise."""
+    from cowenv.greybox import _splits_cow_pmd, release_window_candidates
+
+    h = _bench_harness("free-pmd-deferred-flush")
+    ag = ca.make_agent("greybox", seeds=[], window_release=1.0, window_share=1.0,
+                       window_kthread=0.0, window_faults=0.0, window_forks=0.0,
+                       window_release_nosplit=nosplit)
+    picks: list[tuple[bool, bool]] = []  # (a no-split one existed, the pick splits)
+
+    def check(env, hh, progs, acts, bound):
+        k = env.kernel
+        u = next(iter(acts))  # (the window's own munmap comes first)
+        a = acts[u][0]
+        mask = env.action_masks()
+        alls = release_window_candidates(k, ag._ci, mask, ag._use_pages())
+        ns = release_window_candidates(k, ag._ci, mask, ag._use_pages(), no_split=True)
+        assert (u, a) in {(x[0], x[2]) for x in (ns if nosplit else alls)}
+        args = dict(ag._ci.catalogue[a].args)
+        split = _splits_cow_pmd(k, k.procs[k.threads[u].pid].mm, args["addr"],
+                                args["length"])
+        picks.append((ns != alls, split))
+
+    _spy_window(ag, "_release_observe", check)
+    for e in range(300):
+        rng, rs = ca.episode_rng(0, 0, e)
+        ca.run_episode(h, ag, rng, rs, teardown=32)
+        if sum(d for d, _ in picks) >= 6:
+            break
+    mixed = [s for d, s in picks if d]  # states with both kinds of candidate
+    assert len(mixed) >= 6, picks
+    assert not any(mixed) if nosplit else any(mixed)
