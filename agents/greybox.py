@@ -229,7 +229,8 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
             VMA at a COW-protected PMD, where there is one
             (:func:`cowenv.greybox.release_window_candidates`): the split's
             ``break_cow_pte`` flushes the sibling's cached walk before the drop, and
-            the stale walk then needs a second preemption. Off: rounds 7-18.
+            the stale walk then needs a second preemption. On by default from round
+            19 (README "Greybox, round 19"); off: rounds 7-18.
         window_whole_release: The other holder's release in a window is its ``exit``
             or a ``munmap`` covering the whole table (``free_pgtables`` drops its
             reference), as the release window's own ``munmap`` is; off (round 11), any
@@ -448,7 +449,7 @@ class GreyboxAgent(RacePairs, FaultTriage, FaultContexts, WindowStage, Agent):
                  window_kthread_multi: bool = True,
                  window_kthread_gup: bool = True, window_forks: float = 1.0,
                  window_forks_share: float = 0.03,
-                 window_release_nosplit: bool = False) -> None:
+                 window_release_nosplit: bool = True) -> None:
         super().__init__()
         for nm, p in (("explore", explore), ("run_prob", run_prob), ("event_prob", event_prob),
                       ("fault_prob", fault_prob), ("use_prob", use_prob),

@@ -255,6 +255,12 @@ class WindowStage:
         (KRace's and Razzer's use-after-free pairs), which an episode reaches only by
         choosing a rare operation in a rare state (once in a missed 100k-step run of
         the benchmark, seed 9 of ``free-pmd-deferred-flush``, with no page to load).
+        The candidates: :func:`cowenv.greybox.release_window_candidates`; with
+        ``window_release_nosplit`` only the ``munmap`` starts that split no VMA at a
+        COW-protected PMD, where any (the split's break flushes the sibling's cached
+        walk: measured before it, on ``free-pmd-deferred-flush`` seed 55, missed by
+        round 18, none of its 10 release windows showed the stale walk at bound 1; at
+        bound 2 two did, each with the sibling's first load after the split).
         """
         if not self._op_ended_quiescent(env, sp):
             return
@@ -266,8 +272,7 @@ class WindowStage:
         if not cands or rng.random() >= self.window_release:
             return
         u, pmd, a = cands[int(rng.integers(len(cands)))]
-        if self._over_share(self._own_offline(),
-                            self.window_share):
+        if self._over_share(self._own_offline(), self.window_share):
             return
         self.window_stats["release"] += 1
         self._window(env, len(self._taken), u, pmd, a)

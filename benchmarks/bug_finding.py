@@ -213,15 +213,16 @@ AGENT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     # steps at most.
     "greybox-wkfw": ("greybox", R17),
     "greybox-wkfw-mv": ("greybox", {**R17, "window_kthread_multi": True}),
-    # Round 18 (the default now: greybox-wkfw-mv-gup-fl): kernel-thread windows aimed at
+    # Round 18 (greybox-wkfw-mv-gup-fl): kernel-thread windows aimed at
     # PMDs of two or more VMAs (-mv), a sibling's GUP-fast pin as their other side
     # (-gup), fork-layout windows (-fl; 3 % of the steps at most). greybox-wkfw pins
     # round 17 (R15 holds the three off).
     "greybox-wkfw-mv-gup": ("greybox", {**R17, "window_kthread_multi": True,
                                         "window_kthread_gup": True}),
     "greybox-wkfw-mv-gup-fl": ("greybox", R18),
-    # Round 19: table-release windows take a munmap that splits no VMA at a
-    # COW-protected PMD, where there is one (-ns).
+    # Round 19 (the default now): table-release windows take a munmap that splits no
+    # VMA at a COW-protected PMD, where there is one (-ns). greybox-wkfw-mv-gup-fl pins
+    # round 18.
     "greybox-wkfw-mv-gup-fl-ns": ("greybox", {**R18, "window_release_nosplit": True}),
     "greybox-pc30-ka10": ("greybox", {**R14, "plan_cycle": 0.3, "plan_tail_faults": False,
                                       "race_kthread_a": 0.1}),
