@@ -1309,7 +1309,7 @@ def release_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
     live = [u for u in ci.user_tids if u in k.threads and not k.threads[u].exited
             and k.threads[u].gen is None]
     out: list[tuple[int, int, int]] = []
-    whole: list[tuple[int, int, int]] = []  # those that split no VMA at a COW PMD
+    nosplit: list[tuple[int, int, int]] = []  # those that split no VMA at a COW PMD
     for u in live:
         pid = k.threads[u].pid
         if not any(v != u and k.threads[v].pid == pid for v in live):
@@ -1327,12 +1327,12 @@ def release_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
             for a, ar in muns:
                 if ar["addr"] <= lo and ar["addr"] + ar["length"] >= hi:
                     out.append((u, i, a))
-                    if no_split and not _splits_cow_pmd(k, mm, ar["addr"], ar["length"]):
-                        whole.append((u, i, a))
-    return whole or out
+                    if no_split and not munmap_splits_cow_pmd(k, mm, ar["addr"], ar["length"]):
+                        nosplit.append((u, i, a))
+    return nosplit or out
 
 
-def _splits_cow_pmd(k: Kernel, mm: Any, addr: int, length: int) -> bool:
+def munmap_splits_cow_pmd(k: Kernel, mm: Any, addr: int, length: int) -> bool:
     """Whether ``munmap(addr, length)`` splits a VMA at a COW-protected PMD of ``mm``.
 
     A boundary strictly inside a VMA is a ``__split_vma``; its PMD entry not writable

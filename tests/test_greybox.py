@@ -2231,13 +2231,13 @@ def test_a_munmap_splitting_a_cow_table_flushes_the_siblings_cached_walk(pages):
     pages splits the VMA inside the other COW-shared table: v4's ``__split_vma`` breaks
     it first and the break's flush drops the sibling's cached walk (INVLPG: the whole
     paging-structure cache), so the same schedule shows nothing."""
-    from cowenv.greybox import _splits_cow_pmd
+    from cowenv.greybox import munmap_splits_cow_pmd
 
     k, base = _cow_shared_threads()
     mm = k.procs[1].mm
     assert all(not e.write and e.table.refcount == 2 for e in mm.pmd.values())
-    assert _splits_cow_pmd(k, mm, base, pages * 4096) == (pages != 16)
-    assert _splits_cow_pmd(k, mm, base, 4 * 4096)
+    assert munmap_splits_cow_pmd(k, mm, base, pages * 4096) == (pages != 16)
+    assert munmap_splits_cow_pmd(k, mm, base, 4 * 4096)
     _kdo(k, 2, "read", addr=base + 4096)
     assert 32 in k.threads[2].psc
     k.start(1, "munmap", {"addr": base, "length": pages * 4096})
@@ -2256,8 +2256,8 @@ def test_release_windows_prefer_a_munmap_that_splits_no_cow_table(nosplit):
     """``window_release_nosplit``: a table-release window takes a ``munmap`` that splits
     no VMA at a COW-protected PMD whenever the state has one
     (:func:`cowenv.greybox.release_window_candidates`); off, the split ones are drawn
-    too. Bad values of the other release options still raise."""
-    from cowenv.greybox import _splits_cow_pmd, release_window_candidates
+    too."""
+    from cowenv.greybox import munmap_splits_cow_pmd, release_window_candidates
 
     h = _bench_harness("free-pmd-deferred-flush")
     ag = ca.make_agent("greybox", seeds=[], window_release=1.0, window_share=1.0,
@@ -2274,7 +2274,7 @@ def test_release_windows_prefer_a_munmap_that_splits_no_cow_table(nosplit):
         ns = release_window_candidates(k, ag._ci, mask, ag._use_pages(), no_split=True)
         assert (u, a) in {(x[0], x[2]) for x in (ns if nosplit else alls)}
         args = dict(ag._ci.catalogue[a].args)
-        split = _splits_cow_pmd(k, k.procs[k.threads[u].pid].mm, args["addr"],
+        split = munmap_splits_cow_pmd(k, k.procs[k.threads[u].pid].mm, args["addr"],
                                 args["length"])
         picks.append((ns != alls, split))
 
