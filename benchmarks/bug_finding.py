@@ -486,36 +486,45 @@ def summarise(runs: list[dict[str, Any]], flaws: list[str], agents: list[str],
     for a in agents:
         vals = [cells[f"{f}|{a}"]["median_steps"] for f in flaws if f"{f}|{a}" in cells]
         if vals:
-            geo[a] = float(math.exp(np.mean([math.log(max(v, 1.0)) for v in vals])))
+            geo[a] = _geomean(vals)
     found_by_any = {f: any(cells.get(f"{f}|{a}", {}).get("found", 0) for a in agents)
                     for f in flaws}
     common = [f for f in flaws if all(f"{f}|{a}" in cells for a in agents)]
     geo_common = {}
     if common and len(common) < len(flaws):
         for a in agents:
-            vals = [cells[f"{f}|{a}"]["median_steps"] for f in common]
-            geo_common[a] = float(math.exp(np.mean([math.log(max(v, 1.0)) for v in vals])))
+            geo_common[a] = _geomean([cells[f"{f}|{a}"]["median_steps"] for f in common])
     # The tail: runs found late or not at all (what decides "every flaw in every seed").
     tail = {a: {"runs": len(rs), "found": sum(r["found"] for r in rs),
                 "over_50k": sum(not r["found"] or r["steps"] > 50_000 for r in rs),
                 "over_70k": sum(not r["found"] or r["steps"] > 70_000 for r in rs)}
             for a in agents if (rs := [r for r in runs if r["agent"] == a])}
     # "Every flaw in 8 of 8 seeds" per block of 8 consecutive seeds (whole blocks only,
-    # counted from each agent's lowest seed): the flaws found in every seed of the block.
+    # counted from each agent's lowest seed): the flaws found in every seed of the block,
+    # and the block's geometric mean of the flaws' median steps.
     blocks_of: dict[str, list[int]] = {}
+    block_geo: dict[str, list[float]] = {}
     for a in tail:
         rs = [r for r in runs if r["agent"] == a]
         lo = min(r["seed"] for r in rs)
-        blocks = []
+        blocks, bgeo = [], []
         for b0 in range(lo, max(r["seed"] for r in rs) + 1, 8):
             blk = [r for r in rs if b0 <= r["seed"] < b0 + 8]
-            per = {f: [r["found"] for r in blk if r["flaw"] == f] for f in flaws}
+            per = {f: [r for r in blk if r["flaw"] == f] for f in flaws}
             if all(len(v) == 8 for v in per.values()):
-                blocks.append(sum(all(v) for v in per.values()))
+                blocks.append(sum(all(r["found"] for r in v) for v in per.values()))
+                bgeo.append(_geomean([float(np.median(
+                    [r["steps"] if r["found"] else budget for r in v])) for v in per.values()]))
         blocks_of[a] = blocks
+        block_geo[a] = bgeo
     return {"cells": cells, "geomean_steps": geo, "found_by_any": found_by_any,
             "common_flaws": common, "geomean_common": geo_common, "tail": tail,
-            "blocks": blocks_of}
+            "blocks": blocks_of, "block_geomean": block_geo}
+
+
+def _geomean(vals: list[float]) -> float:
+    """Geometric mean of step counts (each at least 1)."""
+    return float(math.exp(np.mean([math.log(max(v, 1.0)) for v in vals])))
 
 
 def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budget: int,
@@ -564,6 +573,10 @@ def markdown(summary: dict[str, Any], flaws: list[str], agents: list[str], budge
         lines.append(f"| **flaws in 8/8 per block of 8 seeds (of {len(flaws)})** | | "
                      + " | ".join(" / ".join(map(str, blocks[a])) if blocks.get(a) else "-"
                                   for a in agents) + " |")
+        bgeo = summary.get("block_geomean") or {}
+        lines.append("| **geometric mean per block of 8 seeds** | | "
+                     + " | ".join(" / ".join(f"{g:,.0f}" for g in bgeo[a]) if bgeo.get(a)
+                                  else "-" for a in agents) + " |")
     ppo = sorted(geo[a] for a in agents if a.startswith("ppo-t") and a in geo)
     if len(ppo) > 1:
         lines.append("")

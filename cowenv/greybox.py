@@ -1306,8 +1306,7 @@ def release_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
     if not any(len(v) > 1 for v in holders.values()):
         return []
     span = P * k.config.page_size
-    live = [u for u in ci.user_tids if u in k.threads and not k.threads[u].exited
-            and k.threads[u].gen is None]
+    live = [u for u in ci.user_tids if _idle_user(k, u) is not None]
     out: list[tuple[int, int, int]] = []
     nosplit: list[tuple[int, int, int]] = []  # those that split no VMA at a COW PMD
     for u in live:
@@ -1319,6 +1318,9 @@ def release_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
         if not muns:
             continue
         mm = k.procs[pid].mm
+        whole = ({a for a, ar in muns
+                  if not munmap_splits_cow_pmd(k, mm, ar["addr"], ar["length"])}
+                 if no_split else set())
         for i, e in sorted(mm.pmd.items()):
             if len(holders.get(e.table.pfn, ())) < 2 or not any(
                     int(e.table.entries[v % P]) & PTE_PRESENT for v in pages.get(i, ())):
@@ -1327,7 +1329,7 @@ def release_window_candidates(k: Kernel, ci: CatalogueIndex, mask: np.ndarray,
             for a, ar in muns:
                 if ar["addr"] <= lo and ar["addr"] + ar["length"] >= hi:
                     out.append((u, i, a))
-                    if no_split and not munmap_splits_cow_pmd(k, mm, ar["addr"], ar["length"]):
+                    if a in whole:
                         nosplit.append((u, i, a))
     return nosplit or out
 
@@ -1337,7 +1339,9 @@ def munmap_splits_cow_pmd(k: Kernel, mm: Any, addr: int, length: int) -> bool:
 
     A boundary strictly inside a VMA is a ``__split_vma``; its PMD entry not writable
     (``!pmd_write``: a table COW PTE shares or shared) makes v4's ``break_cow_pte`` of
-    it do work.
+    it do work. A coarse test: with the table's other holders gone
+    (``cow_pte_count == 1``) ``handle_cow_pte_fault``'s fast path only makes the PMD
+    writable, without the flush, and counts as a split here all the same.
     """
     ps = k.config.page_size
     for b in (addr // ps, (addr + length) // ps):

@@ -2193,6 +2193,16 @@ def test_bug_finding_counts_flaws_found_in_every_seed_of_each_block():
             for f in ("a", "b") for s in range(20)]
     summ = bf.summarise(runs, ["a", "b"], ["greybox"], 100)
     assert summ["blocks"] == {"greybox": [2, 1]}  # seeds 0-7, 8-15; 16-19 partial
+    # Each block's geometric mean of the flaws' median steps (a miss counts as the budget).
+    fl = ["fork-ptl-nesting", "zap-partial-shared"]  # (markdown reads their origins)
+    runs = [{"agent": "greybox", "flaw": f, "seed": s, "found": not (f == fl[1] and s >= 11),
+             "steps": 10 if f == fl[0] else 1000, "seconds": 0.1, "unattributed": {}}
+            for f in fl for s in range(16)]
+    summ = bf.summarise(runs, fl, ["greybox"], 100_000)
+    # sqrt(10 * 1,000); sqrt(10 * 100,000): 5 of 8 missed, the median is the budget
+    assert summ["block_geomean"]["greybox"] == pytest.approx([100.0, 1000.0])
+    assert "geometric mean per block of 8 seeds** | | 100 / 1,000 |" in bf.markdown(
+        summ, fl, ["greybox"], 100_000, 16)
 
 
 def _cow_shared_threads(length_pages=16):
